@@ -1,0 +1,38 @@
+"""attnlower: a torch.compile backend that finds attention however it is spelled and lowers it
+to one fused op (flash, sliding-window or paged) with generated Triton kernels.
+
+    model = torch.compile(model, backend="attnlower")
+    reports = attnlower.inspect(model, *inputs)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .compiler.report import CompileReport, Site  # noqa: E402
+
+
+def inspect(fn, *args, options=None, dynamic=None, **kwargs):
+    """Compile `fn` (a function or module) with the attnlower backend, run it once on the given
+    arguments, and return the CompileReports of the graphs it made (what was found, chosen, refused)."""
+    import torch
+
+    from .compiler import backend
+
+    start = len(backend._REPORTS)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="attnlower", options=options, dynamic=dynamic)
+    compiled(*args, **kwargs)
+    return backend._REPORTS[start:]
+
+
+def __getattr__(name):
+    # Lazy: importing attnlower (e.g. through the entry point) must not register ops or import triton.
+    if name == "ops":
+        from . import ops
+
+        return ops
+    if name == "PagedKVCache":
+        from .cache import PagedKVCache
+
+        return PagedKVCache
+    raise AttributeError(f"module 'attnlower' has no attribute {name!r}")

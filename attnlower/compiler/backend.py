@@ -1,0 +1,222 @@
+"""The attnlower torch.compile backend: canonicalize → passes → inner compiler.
+
+    torch.compile(model, backend="attnlower", options={"inner": "eager", "explain": True})
+
+The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> None`,
+each recording what it did in the graph's CompileReport. If any pass raises, the backend logs a
+warning with a repro file and compiles the unmodified graph (`strict=True` re-raises).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..passes.analyze import Refused, analyze_site
+from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
+from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
+from .canonicalize import fake_mode_for, to_aten
+from .dump import kernel_plan, memory_estimate
+from .hardware import Target, target_for
+from .options import Options
+from .report import CompileReport, Site
+
+log = logging.getLogger("attnlower")
+
+_graph_ids = itertools.count()
+_REPORTS: list[CompileReport] = []
+
+
+def reports() -> list[CompileReport]:
+    """Every CompileReport made in this process, oldest first."""
+    return list(_REPORTS)
+
+
+@dataclass
+class Context:
+    """What the passes share for one graph."""
+
+    options: Options
+    target: Target
+    report: CompileReport
+    fake_mode: object
+    found: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# the passes
+
+def detect(gm: fx.GraphModule, ctx: Context) -> str:
+    """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
+    ctx.found = find_attention_sites(gm)
+    for i, f in enumerate(ctx.found):
+        site = Site(index=i, location=f.location, spelling=f.spelling)
+        if isinstance(f, Refusal):
+            site.reason = f.reason
+            site.region = [f.anchor.name]
+        else:
+            site.region = [n.name for n in f.region]
+            site.shapes = {
+                "q": _shape_str(f.q.source), "k": _shape_str(f.k.source), "v": _shape_str(f.v.source),
+            }
+        ctx.report.sites.append(site)
+    n_ok = sum(isinstance(f, AttentionMatch) for f in ctx.found)
+    return f"{len(ctx.found)} candidate(s), {n_ok} proven"
+
+
+def analyze_and_rewrite(gm: fx.GraphModule, ctx: Context) -> str:
+    """Classify masks, choose the op, check convexity, and rewrite each proven site."""
+    dg = graph_digraph(gm)
+    done = 0
+    for f, site in zip(ctx.found, ctx.report.sites):
+        if not isinstance(f, AttentionMatch):
+            continue
+        site.memory = memory_estimate(f)
+        try:
+            decision = analyze_site(f, ctx.target, ctx.options.ops)
+            site.mask = f"{decision.mask.kind}"
+            check_convex(dg, f.region, f.output)
+        except (Refused, NotConvex) as e:
+            site.reason = str(e)
+            continue
+        site.nodes = rewrite_site(gm, f, decision, ctx.fake_mode)
+        site.op = decision.spec.op
+        site.spec = decision.spec.as_dict()
+        site.reason = decision.reason
+        if ctx.options.dump_dir:  # the kernel plan imports the launchers (triton): only for the dump
+            site.kernel = kernel_plan(decision.spec, ctx.target, f.q_len)
+        done += 1
+    return f"{done} rewritten"
+
+
+def dead_code_eliminate(gm: fx.GraphModule, ctx: Context) -> str:
+    """Drop the replaced regions and whatever only fed them (repeats, mask builders)."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return f"{before - len(gm.graph.nodes)} node(s) removed"
+
+
+PASSES: list[tuple[str, Callable[[fx.GraphModule, Context], str]]] = [
+    ("detect", detect),
+    ("analyze+rewrite", analyze_and_rewrite),
+    ("dead-code-eliminate", dead_code_eliminate),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# the backend
+
+def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], options=None, **kwargs):
+    """The torch.compile backend. `options` is the dict given to torch.compile(options=...)."""
+    if kwargs:
+        options = {**(options or {}), **kwargs}
+    opts = Options.from_mapping(options)
+    graph_id = next(_graph_ids)
+    device = _device_of(example_inputs)
+    target = target_for(device)
+    report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner)
+    _REPORTS.append(report)
+
+    aten_gm = to_aten(gm, example_inputs)
+    before_gm = aten_gm  # the passes work on a copy: this stays the graph they started from
+    before_text = aten_gm.print_readable(print_output=False) if opts.dump_dir else None
+    snapshots: list[tuple[str, str]] = []
+    if opts.enable:
+        ctx = Context(opts, target, report, fake_mode_for(example_inputs))
+        work = _copy(aten_gm)
+        t0 = time.perf_counter()
+        try:
+            for name, fn in PASSES:
+                t = time.perf_counter()
+                summary = fn(work, ctx)
+                report.passes.append({"name": name, "seconds": time.perf_counter() - t, "summary": summary})
+                if opts.dump_dir:
+                    snapshots.append((name, work.print_readable(print_output=False)))
+            aten_gm = work
+        except Exception as e:
+            if opts.strict:
+                raise
+            report.error = f"{type(e).__name__}: {e}"
+            report.repro = _write_repro(aten_gm, example_inputs, e, opts)
+            for s in report.sites:
+                s.op, s.reason = None, f"passes failed: {report.error}"
+            log.warning("attnlower: a pass failed on graph %d (%s); compiling it unmodified. Repro: %s",
+                        graph_id, report.error, report.repro)
+        report.seconds_in_passes = time.perf_counter() - t0
+    if opts.explain:
+        print(report.table())
+    if opts.dump_dir:
+        from .dump import write_graph_dump
+
+        write_graph_dump(opts.dump_dir, report, gm, before_text, snapshots, aten_gm,
+                         before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)
+    if opts.inner == "eager":
+        return aten_gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(aten_gm, example_inputs)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    import copy
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    # deepcopy keeps node.meta (FakeTensors are shared, which is what we want)
+    return new
+
+
+def _device_of(example_inputs) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _shape_str(n: fx.Node) -> str:
+    v = n.meta.get("val")
+    if v is None or not hasattr(v, "shape"):
+        return "?"
+    return "[" + ", ".join(str(s) for s in v.shape) + "]"
+
+
+def _write_repro(gm: fx.GraphModule, example_inputs, err: Exception, opts: Options) -> str:
+    """A file holding the aten graph, the inputs' shapes and the traceback, to replay the failure."""
+    folder = opts.repro_dir or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="attnlower_repro_", suffix=".py", dir=folder)
+    shapes = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            shapes.append(f"torch.randn({list(x.shape)}, dtype={x.dtype}).to({str(x.device)!r})"
+                          if x.is_floating_point() else f"torch.zeros({list(x.shape)}, dtype={x.dtype})")
+        else:
+            shapes.append(repr(int(x)) if isinstance(x, (int, torch.SymInt)) else repr(x))
+    with os.fdopen(fd, "w") as f:
+        f.write("# attnlower repro: the aten graph a pass failed on.\n")
+        f.write("# Run: python this_file.py  (replays the passes with strict=True)\n")
+        # each formatted chunk may hold several lines (frame + source line): comment every one
+        f.write("".join("# " + ln + "\n" for chunk in traceback.format_exception(err)
+                        for ln in chunk.rstrip("\n").splitlines()))
+        f.write("import torch\nfrom torch import device\nfrom math import inf, nan  # printed graphs spell them bare\n"
+                "import attnlower\n")
+        f.write("from attnlower.compiler.backend import attnlower_backend\n\n")
+        f.write(gm.print_readable(print_output=False).replace("class <lambda>", "class Repro"))
+        f.write("\n\nif __name__ == '__main__':\n")
+        f.write(f"    inputs = [{', '.join(shapes)}]\n")
+        # through Dynamo, as the original graph came: static shapes and stack traces, as the passes saw them
+        dynamic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+        f.write(f"    compiled = torch.compile(Repro(), backend=attnlower_backend, fullgraph=True, dynamic={dynamic},\n"
+                "                             options={'strict': True, 'inner': 'eager', 'explain': True})\n")
+        f.write("    compiled(*inputs)\n")
+        f.write("    print('attnlower repro: the passes and the rewritten graph ran without error')\n")
+    return path

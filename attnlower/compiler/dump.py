@@ -1,0 +1,464 @@
+"""The graph dump: what attnlower did to each compiled graph, as files a person can read.
+
+Per graph, under `DIR/graph_NNN/`:
+
+    00_dynamo.txt          the graph Dynamo handed the backend
+    01_aten.txt            the same graph traced to pre-dispatch aten (what the passes see)
+    02_<pass>.txt, ...     the graph after each pass of backend.PASSES
+    final.txt              the graph handed to the inner compiler
+    sites.md               one row per site: source location, shapes, mask, op, kernel config,
+                           memory of the fused op vs the unfused subgraph, why (or why not)
+    kernels/siteNN_<op>.py the @triton.jit sources the chosen op launches, headed by the
+                           constexprs the site's AttentionSpec fixes and the tile config
+    report.json            the CompileReport, with counts and the list of files written
+    final.mlir             (dump_mlir) the rewritten graph in MLIR's torch dialect, via torch-mlir's
+                           FX importer: attnlower ops appear as `torch.operator "attnlower.<op>"`
+    regions/siteNN.dot     (dump_dot) the site's region in the aten graph, its inputs and users;
+    regions/siteNN.svg     rendered when Graphviz's `dot` is on PATH
+
+`memory_estimate` and `kernel_plan` are called by the backend's passes to fill `Site.memory` and
+`Site.kernel`. Nothing here changes a graph.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .report import CompileReport, Site
+
+log = logging.getLogger("attnlower")
+
+MLIR_EXTRA_HINT = ("--mlir needs torch-mlir, the optional extra attnlower[mlir]: "
+                   "pip install 'attnlower[mlir]' (or pip install torch-mlir)")
+
+# Ops whose result shares its input's storage in practice: they allocate no intermediate.
+# (`_unsafe_view` and `reshape` of the contiguous scores are views; aten marks only true views is_view.)
+_NO_COPY = {torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default}
+
+
+# --------------------------------------------------------------------------------------------
+# what the passes record per site
+
+def _hint(size) -> int | None:
+    """An int size, or the example value's hint of a symbolic one (None when there is neither)."""
+    try:
+        return int(size)
+    except (TypeError, ValueError, RuntimeError):
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        return int(hint) if hint is not None else None
+
+
+def _tensor_bytes(val) -> int | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    numel = 1
+    for s in val.shape:
+        h = _hint(s)
+        if h is None:
+            return None
+        numel *= h
+    return numel * val.dtype.itemsize
+
+
+def _shape(val) -> str:
+    return "[" + ", ".join(str(s) for s in val.shape) + "]"
+
+
+def memory_estimate(match) -> dict[str, Any]:
+    """Bytes the site's unfused subgraph materializes vs what the fused op writes.
+
+    unfused: every tensor a node of the region (other than its output) allocates: the [B, H, Tq, Tk]
+    scores, scaled / masked scores, probabilities, in their dtypes; views allocate nothing.
+    fused: the op's output [B, Hq, Tq, Dv] plus, for the dense ops, its fp32 logsumexp [B, Hq, Tq].
+    Sizes are the example inputs' (symbolic sizes at their hints). For an SDPA call the
+    intermediates are inside aten's SDPA (its backend decides), so `unfused_bytes` is None.
+    """
+    out_val = match.output.meta.get("val") if match.output is not None else None
+    out_bytes = _tensor_bytes(out_val)
+    lse_bytes = None
+    if match.paged is None:
+        dims = [_hint(d) for d in (match.batch, match.q_heads, match.q_len)]
+        lse_bytes = None if None in dims else dims[0] * dims[1] * dims[2] * 4
+    fused = None if out_bytes is None else out_bytes + (lse_bytes or 0)
+    tensors, unfused, note = [], 0, ""
+    for node in match.region:
+        if node is match.output or node.op != "call_function":
+            continue
+        if getattr(node.target, "is_view", False) or node.target in _NO_COPY:
+            continue
+        val = node.meta.get("val")
+        nbytes = _tensor_bytes(val)
+        if nbytes is None:
+            continue
+        tensors.append({"node": node.name, "shape": _shape(val), "dtype": str(val.dtype).replace("torch.", ""),
+                        "bytes": nbytes})
+        unfused += nbytes
+    if not tensors and match.spelling == "sdpa":
+        unfused, note = None, "intermediates are inside aten's scaled_dot_product_attention (its backend decides)"
+    return {"unfused_bytes": unfused, "fused_bytes": fused, "fused_output_bytes": out_bytes,
+            "fused_lse_bytes": lse_bytes, "unfused_tensors": tensors, "note": note}
+
+
+# The @triton.jit entry points each op launches: (module, kernel names, when).
+_OP_KERNELS = {
+    "flash_attention": [
+        ("attnlower.lowering.kernels.flash_fwd", ("_flash_fwd_kernel",), "forward"),
+        ("attnlower.lowering.kernels.flash_bwd",
+         ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"), "backward"),
+    ],
+    "paged_attention": [
+        ("attnlower.lowering.kernels.paged_decode", ("_paged_attn_kernel", "_paged_reduce_kernel"), "forward"),
+    ],
+}
+_OP_KERNELS["sliding_window_attention"] = _OP_KERNELS["flash_attention"]
+
+
+def _runs(target) -> str:
+    if target.kind == "cuda":
+        return "triton"
+    if target.kind == "interpret":
+        return "triton (interpreter, ATTNLOWER_CPU_KERNELS=triton)"
+    return ("reference (plain PyTorch on CPU); the Triton kernels below run on CUDA tensors, "
+            "or on CPU with ATTNLOWER_CPU_KERNELS=triton")
+
+
+def kernel_plan(spec, target, q_len=None) -> dict[str, Any]:
+    """The kernels `spec.op` launches on `target`, their tile config and the constexprs the spec fixes.
+
+    Mirrors what the launchers (lowering/launch.py, lowering/launch_paged.py) pass: constexprs
+    that depend on runtime values the spec does not hold (the paged split count) are named, not valued.
+    """
+    from attnlower.lowering import configs
+
+    dtype = getattr(torch, spec.dtype)
+    plan: dict[str, Any] = {"runs": _runs(target),
+                            "kernels": [k for _, names, _ in _OP_KERNELS.get(spec.op, ()) for k in names]}
+    head_dim = _hint(spec.head_dim)
+    heads = (_hint(spec.q_heads), _hint(spec.kv_heads))
+    if head_dim is None or None in heads:
+        plan["constexprs"] = {}
+        plan["note"] = "symbolic head_dim or head counts: constexprs are fixed at launch"
+        return plan
+    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
+    device = torch.device("cuda" if target.kind == "cuda" else "cpu")
+    if spec.op in ("flash_attention", "sliding_window_attention"):
+        cfg = configs.flash_config(target.arch, head_dim, dtype, spec.causal, spec.window, "fwd")
+        try:
+            from attnlower.lowering import launch
+        except ImportError as e:  # no triton: the config is still known, the constexpr mapping is not
+            plan["note"] = f"constexprs unavailable: {e}"
+            constexprs = {}
+        else:
+            bias_kind = {"none": launch._BIAS_NONE, "bool": launch._BIAS_BOOL, "float": launch._BIAS_FLOAT}
+            q = torch.empty(0, dtype=dtype, device=device)
+            constexprs = launch._specialization(q, bias_kind[spec.bias_kind], spec.causal, spec.window,
+                                                spec.softcap, None, spec.dropout_p, head_dim)
+            constexprs["EMPTY_ROWS_NAN"] = bool(spec.empty_rows_nan)
+        constexprs.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    else:
+        group = heads[0] // heads[1]
+        tq = _hint(q_len) if q_len is not None else None
+        cfg = configs.paged_config(target.arch, head_dim, dtype, spec.paged_block_size or 16, group, tq or 1)
+        dot_fp32_inputs = target.kind != "cuda" and dtype != torch.float32   # as launch_paged.paged_forward
+        constexprs = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                          BLOCK_SIZE=spec.paged_block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          IS_CAUSAL=bool(spec.causal), HAS_WINDOW=spec.window > 0, HAS_SOFTCAP=spec.softcap > 0,
+                          HAS_ALIBI=False, SPLIT="chosen at launch (paged_num_splits: SM count, table width)",
+                          DOT_PRECISION="ieee" if dtype == torch.float32 or dot_fp32_inputs else "tf32",
+                          DOT_FP32_INPUTS=dot_fp32_inputs)
+        if tq is None:
+            plan["note"] = "Tq unknown: BLOCK_M shown for Tq=1"
+    plan.update(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                constexprs=constexprs)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Triton sources
+
+def _jit_closure(kernels: list) -> list:
+    """The kernels and every @triton.jit function / module constexpr they reach, callees first."""
+    order: list = []
+    seen: set[int] = set()
+
+    def visit(obj, name):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if _is_jit(obj):
+            g = obj.fn.__globals__
+            for dep in obj.fn.__code__.co_names:
+                if dep in g and (_is_jit(g[dep]) or _is_constexpr(g[dep])):
+                    visit(g[dep], dep)
+            order.append((name, obj))
+        else:
+            order.append((name, obj))
+
+    for k in kernels:
+        visit(k, k.fn.__name__)
+    return order
+
+
+def _is_jit(x) -> bool:
+    """A @triton.jit function: JITFunction, or InterpretedFunction under TRITON_INTERPRET=1."""
+    return type(x).__module__.startswith("triton.") and inspect.isfunction(getattr(x, "fn", None))
+
+
+def _is_constexpr(x) -> bool:
+    import triton.language as tl
+
+    return isinstance(x, tl.constexpr)
+
+
+def _constexpr_source(name: str, value, modules) -> str:
+    """The module line defining a constexpr (`LOG2E: tl.constexpr = ...`), else one rebuilt from its value."""
+    for mod in modules:
+        for line in inspect.getsource(mod).splitlines():
+            s = line.split("#")[0]
+            if s.startswith((f"{name}:", f"{name} =", f"{name}=")):
+                return line
+    return f"{name} = tl.constexpr({value.value!r})"
+
+
+def triton_source(site: Site, graph_id: int, grad: bool) -> str:
+    """A Python file holding the @triton.jit sources `site.op` launches, headed by what the spec fixes."""
+    import importlib
+
+    plan = site.kernel or {}
+    lines = [f'"""Triton kernels of attnlower::{site.op} for site {site.index} of graph {graph_id}.',
+             "",
+             f"Site: {site.location}",
+             f"Runs: {plan.get('runs', '?')}",
+             f"Tiles (lowering/configs.py): BLOCK_M={plan.get('block_m')}, BLOCK_N={plan.get('block_n')}, "
+             f"num_warps={plan.get('num_warps')}, num_stages={plan.get('num_stages')}",
+             "",
+             "Constexprs the site's AttentionSpec fixes (the kernel is compiled for these values):"]
+    lines += [f"    {k} = {v!r}" for k, v in (plan.get("constexprs") or {}).items()]
+    if plan.get("note"):
+        lines += ["", f"Note: {plan['note']}"]
+    lines += ["", "Everything else (pointers, strides, sizes, scale, softcap, window, seeds) is a runtime argument.",
+              "Sources copied from the modules named above each function; these are all @triton.jit functions",
+              "(grid, strides and config choice live in the launchers, lowering/launch*.py).", '"""',
+              "import triton", "import triton.language as tl", ""]
+    for module_name, names, when in _OP_KERNELS[site.op]:
+        if when == "backward" and not grad:
+            lines += [f"# {when} kernels ({', '.join(names)}, {module_name}) are launched only when gradients",
+                      "# are needed; this graph's inputs do not require grad.", ""]
+            continue
+        mod = importlib.import_module(module_name)
+        lines += [f"# ---- {when}: {', '.join(names)} ({module_name}) " + "-" * 20, ""]
+        written = set()
+        for name, obj in _jit_closure([getattr(mod, n) for n in names]):
+            if name in written:
+                continue
+            written.add(name)
+            if _is_constexpr(obj):
+                lines += [_constexpr_source(name, obj, [mod, sys.modules.get("attnlower.lowering.kernels.flash_fwd")]),
+                          ""]
+            else:
+                lines += [f"# from {obj.fn.__module__}", inspect.getsource(obj.fn).rstrip(), "", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# DOT
+
+def _dot_quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def region_dot(gm: fx.GraphModule, site: Site) -> str:
+    """DOT text of the site's region: its nodes (filled), the nodes feeding it and the users of its output."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    region = [by_name[n] for n in site.region if n in by_name]
+    inside = set(region)
+    title = f"site {site.index}: {site.op or '(unfused)'} at {site.location}"
+    lines = [f"digraph site{site.index} {{",
+             f"  label={_dot_quote(title)};",
+             "  labelloc=t; rankdir=TB; node [fontname=monospace, fontsize=10];"]
+    drawn: set[str] = set()
+
+    def node_line(n: fx.Node, role: str) -> str:
+        val = n.meta.get("val")
+        shape = f"\n{str(val.dtype).replace('torch.', '')}{_shape(val)}" if isinstance(val, torch.Tensor) else ""
+        target = n.target if n.op != "call_function" else getattr(n.target, "__name__", str(n.target))
+        style = {"region": "shape=box, style=filled, fillcolor=lightblue",
+                 "input": "shape=ellipse, style=dashed", "user": "shape=ellipse, style=dotted"}[role]
+        return f"  {_dot_quote(n.name)} [label={_dot_quote(f'{n.name}: {target}{shape}')}, {style}];"
+
+    for n in region:
+        lines.append(node_line(n, "region"))
+        drawn.add(n.name)
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in inside and a.name not in drawn:
+                lines.append(node_line(a, "input"))
+                drawn.add(a.name)
+            lines.append(f"  {_dot_quote(a.name)} -> {_dot_quote(n.name)};")
+        for u in n.users:
+            if u not in inside:
+                if u.name not in drawn:
+                    lines.append(node_line(u, "user"))
+                    drawn.add(u.name)
+                lines.append(f"  {_dot_quote(n.name)} -> {_dot_quote(u.name)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# MLIR
+
+def torch_mlir_available() -> bool:
+    try:
+        import torch_mlir.fx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def graph_mlir(gm: fx.GraphModule) -> str:
+    """The graph in MLIR's torch dialect (torch-mlir's FX importer, no lowering): custom ops such
+    as attnlower::flash_attention become `torch.operator "attnlower.flash_attention"`."""
+    try:
+        from torch_mlir import fx as torch_mlir_fx
+    except ImportError as e:
+        raise RuntimeError(f"{MLIR_EXTRA_HINT} ({e})") from e
+    module = torch_mlir_fx.stateless_fx_import(gm, output_type="raw", model_name="attnlower_graph")
+    return str(module)
+
+
+# --------------------------------------------------------------------------------------------
+# the site table and the writer
+
+def _bytes_str(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _kernel_str(plan: dict | None) -> str:
+    if not plan:
+        return "-"
+    head = f"{plan['kernels'][0]} {plan.get('block_m')}x{plan.get('block_n')}, " \
+           f"{plan.get('num_warps')} warps, {plan.get('num_stages')} stages" if plan.get("kernels") else ""
+    return head + ("; runs the reference on CPU" if plan.get("runs", "").startswith("reference") else "")
+
+
+def _memory_str(mem: dict | None) -> str:
+    if not mem:
+        return "-"
+    s = f"{_bytes_str(mem['fused_bytes'])} vs {_bytes_str(mem['unfused_bytes'])}"
+    return s + (f" ({mem['note']})" if mem.get("note") else "")
+
+
+def site_table_markdown(report: CompileReport) -> str:
+    """sites.md: one row per site (location, shapes, mask, op, kernel, memory, why)."""
+    lines = [f"# graph {report.graph_id} ({report.target}, inner={report.inner})", "",
+             f"{len(report.sites)} site(s), {report.count()} rewritten, {len(report.refused)} left unfused.", ""]
+    if report.error:
+        lines += [f"**passes failed, graph compiled unmodified:** {report.error}", f"repro: `{report.repro}`", ""]
+    lines += ["memory: bytes the fused op writes (output + lse) vs the intermediates of the unfused subgraph "
+              "(scores, probabilities) at the example sizes.", "",
+              "| # | location | q | k | v | spelling | mask | op | kernel | memory fused vs unfused | why |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in report.sites:
+        cells = [str(s.index), s.location, s.shapes.get("q", "?"), s.shapes.get("k", "?"), s.shapes.get("v", "?"),
+                 s.spelling, s.mask, s.op or "(unfused)", _kernel_str(s.kernel), _memory_str(s.memory), s.reason]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_counts(report: CompileReport) -> dict[str, Any]:
+    by_op: dict[str, int] = {}
+    for s in report.rewritten:
+        by_op[s.op] = by_op.get(s.op, 0) + 1
+    return {"sites": len(report.sites), "rewritten": report.count(), "refused": len(report.refused), "by_op": by_op}
+
+
+def _needs_grad(gm: fx.GraphModule | None) -> bool:
+    if gm is None or not torch.is_grad_enabled():
+        return False
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor) and val.requires_grad:
+            return True
+    return False
+
+
+def write_graph_dump(folder: str, report: CompileReport, dynamo_gm: fx.GraphModule, aten_before: str | None,
+                     snapshots: list[tuple[str, str]], final_gm: fx.GraphModule, *,
+                     before_gm: fx.GraphModule | None = None, mlir: bool = False, dot: bool = False) -> str:
+    """Write one graph's files under `folder/graph_<id>/` and return that path.
+
+    A part that cannot be written (a kernel source, the MLIR import, `dot`) is reported in
+    `dump_errors.txt` and in the log, and the rest is still written; `attnlower dump` exits non-zero.
+    """
+    out = os.path.join(folder, f"graph_{report.graph_id:03d}")
+    os.makedirs(out, exist_ok=True)
+    files: list[str] = []
+    errors: list[str] = []
+
+    def write(name: str, text: str) -> None:
+        path = os.path.join(out, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        files.append(name)
+
+    write("00_dynamo.txt", dynamo_gm.print_readable(print_output=False))
+    if aten_before is not None:
+        write("01_aten.txt", aten_before)
+    for i, (name, text) in enumerate(snapshots):
+        write(f"{i + 2:02d}_{name.replace('+', '_').replace('-', '_')}.txt", text)
+    write("final.txt", final_gm.print_readable(print_output=False))
+    write("sites.md", site_table_markdown(report))
+
+    grad = _needs_grad(before_gm)
+    for s in report.rewritten:
+        try:
+            write(f"kernels/site{s.index:02d}_{s.op}.py", triton_source(s, report.graph_id, grad))
+        except (ImportError, OSError, KeyError) as e:
+            errors.append(f"kernel source of site {s.index} ({s.op}): {type(e).__name__}: {e}")
+    if dot:
+        if before_gm is None:
+            errors.append("--dot: the aten graph before the passes was not passed to the dump")
+        else:
+            dot_bin = shutil.which("dot")
+            for s in report.sites:
+                name = f"regions/site{s.index:02d}.dot"
+                write(name, region_dot(before_gm, s))
+                if dot_bin:
+                    svg = os.path.join(out, f"regions/site{s.index:02d}.svg")
+                    r = subprocess.run([dot_bin, "-Tsvg", os.path.join(out, name), "-o", svg],
+                                       capture_output=True, text=True)
+                    if r.returncode == 0:
+                        files.append(os.path.relpath(svg, out))
+                    else:
+                        errors.append(f"dot -Tsvg {name}: {r.stderr.strip()}")
+    if mlir:
+        try:
+            write("final.mlir", graph_mlir(final_gm))
+        except Exception as e:  # noqa: BLE001 - any importer failure is reported, the rest still written
+            errors.append(f"--mlir: torch-mlir could not import the rewritten graph: {type(e).__name__}: {e}")
+    if errors:
+        write("dump_errors.txt", "\n".join(errors) + "\n")
+        for e in errors:
+            log.warning("attnlower dump (graph %d): %s", report.graph_id, e)
+    files.append("report.json")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({**report.to_dict(), "counts": report_counts(report), "files": sorted(files),
+                   "dump_errors": errors}, f, indent=2, default=str)
+    return out

@@ -1,0 +1,207 @@
+"""Triton kernels for `attnlower::paged_attention`: decode (Tq = 1) and chunked prefill (Tq > 1).
+
+Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
+  B            batch (sequences);        b = program's sequence
+  Hq, Hkv      query / KV heads;         GROUP = Hq // Hkv query heads share one KV head
+  Tq           queries per sequence;     query i sits at position pos = seq_len - Tq + i
+  D            head dim (HEAD_DIM), padded to the power of two HEAD_DIM_PAD for the tiles
+  M            rows of one KV head's problem = GROUP * Tq; row r is query head
+               kvh * GROUP + r // Tq, query r % Tq. All GROUP heads of a KV head are packed
+               into the M dimension so every K/V tile loaded is shared by all of them, and
+               row r's output sits at contiguous offset r * D of out[b, kvh * GROUP:, :, :].
+  BLOCK_M      rows of M per program (>= 16: tl.dot's minimum)
+  BLOCK_N      key tokens per inner-loop tile; independent of the cache's BLOCK_SIZE, so one
+               tile may cover part of a cache block or span several
+  BLOCK_SIZE   tokens per cache block: token t of sequence b lives in physical block
+               block_table[b, t // BLOCK_SIZE] at slot t % BLOCK_SIZE
+  k_cache, v_cache   [num_blocks, Hkv, BLOCK_SIZE, D]
+  scale        softmax scale applied to q.k; SOFTCAP > 0 then applies softcap * tanh(s / softcap)
+  alibi        s += slope[b?, h] * (t - pos)
+  visible      t < seq_len and (not IS_CAUSAL or t <= pos) and (not HAS_WINDOW or t > pos - window)
+  m, l, acc    online-softmax running max (log2 units), running sum, unnormalized output
+  NUM_SPLITS   split-KV (flash-decoding): the key range of one program's rows is cut into
+               num_splits contiguous, BLOCK_N-aligned chunks; each writes its partial (m, l, acc)
+               to a workspace of R = B * Hq * Tq rows, and `_paged_reduce_kernel` combines them.
+
+  DOT_FP32_INPUTS  upcast q, k, v (and P after its rounding to v's dtype) to fp32 before tl.dot:
+               set on CPU, where Triton's interpreter computes bf16 x bf16 dots wrongly
+               (triton 3.9 returns garbage); the products of the rounded values are the same.
+
+Scores are fp32 and use exp2 (scores are scaled by LOG2E after softcap/alibi). An empty row
+(no visible key) keeps m = -inf and l = 0 and is written as 0.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp: portable across the compiled backend and the interpreter (libdevice's
+    # tanh is CUDA-only). exp overflow to inf for large |x| still yields exactly +-1.
+    e = tl.exp(2.0 * x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr,
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kn, stride_kh, stride_kt, stride_kd,
+    stride_vn, stride_vh, stride_vt, stride_vd,
+    stride_btb, stride_btn,
+    stride_sl,
+    stride_ab, stride_ah,
+    Hq, Hkv, Tq, rows_total,
+    scale, softcap, window, num_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
+    tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "HEAD_DIM_PAD must cover HEAD_DIM")
+
+    pid_bh = tl.program_id(0)           # b * Hkv + kvh
+    pid_m = tl.program_id(1)            # tile of M rows
+    pid_s = tl.program_id(2)            # split index (0 when not SPLIT)
+    b = pid_bh // Hkv
+    kvh = pid_bh % Hkv
+    rows_m = GROUP * Tq
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < rows_m
+    d_ok = offs_d < HEAD_DIM
+    g = offs_m // Tq
+    qi = offs_m % Tq
+    head = kvh * GROUP + g
+
+    seq_len = tl.load(seq_lens_ptr + b * stride_sl).to(tl.int32)
+    pos = seq_len - Tq + qi                                  # [BLOCK_M]
+
+    # load q: it stays in registers for the whole key loop (int64: large q views overflow int32)
+    q_off = (b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+             + qi.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32_INPUTS:
+        q = q.to(tl.float32)
+
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0).to(tl.float32)
+
+    # Key range this tile of rows can see: [lo, hi). Visiting only it is what makes sliding
+    # windows and causal prefill skip whole cache blocks instead of masking them.
+    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
+    pos_min = tl.min(tl.where(row_ok, pos, seq_len), axis=0)
+    hi = seq_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, pos_max + 1)
+    lo = pos_min * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos_min - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N                        # tiles aligned to BLOCK_N
+    n_tiles = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
+    if SPLIT:
+        tiles_per_split = tl.cdiv(n_tiles, num_splits)
+        start = lo + pid_s * tiles_per_split * BLOCK_N
+        end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
+    else:
+        start = lo
+        end = lo + n_tiles * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    kv_head_off_k = kvh.to(tl.int64) * stride_kh
+    kv_head_off_v = kvh.to(tl.int64) * stride_vh
+    bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
+
+    for start_n in range(start, end, BLOCK_N):
+        tok = start_n + offs_n                                 # [BLOCK_N] token positions
+        tok_ok = tok < seq_len
+        # physical block of every token (BLOCK_SIZE is constexpr: // and % are cheap)
+        phys = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0).to(tl.int64)
+        slot = (tok % BLOCK_SIZE).to(tl.int64)
+        # K loaded already transposed, [HEAD_DIM_PAD, BLOCK_N]
+        k_off = phys[None, :] * stride_kn + kv_head_off_k + slot[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        k = tl.load(k_ptr + k_off, mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_FP32_INPUTS:
+            k = k.to(tl.float32)
+
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        if HAS_ALIBI:
+            s += slope[:, None] * (tok[None, :] - pos[:, None]).to(tl.float32)
+        visible = tok_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            visible &= tok[None, :] <= pos[:, None]
+        if HAS_WINDOW:
+            visible &= tok[None, :] > pos[:, None] - window
+        s = tl.where(visible, s * LOG2E, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # an all-masked row so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+
+        v_off = phys[:, None] * stride_vn + kv_head_off_v + slot[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptr + v_off, mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+        p_low = p.to(v.dtype)           # P rounded to V's dtype, as the tensor-core dot takes it
+        if DOT_FP32_INPUTS:
+            acc = tl.dot(p_low.to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(p_low, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # global row (b, h, i) = (b * Hkv + kvh) * M + r, contiguous in r
+    row_global = pid_bh.to(tl.int64) * rows_m + offs_m
+    if SPLIT:
+        ws_row = pid_s.to(tl.int64) * rows_total + row_global
+        tl.store(m_ws_ptr + ws_row, m_i, mask=row_ok)
+        tl.store(l_ws_ptr + ws_row, l_i, mask=row_ok)
+        tl.store(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
+        tl.store(out_ptr + row_global[:, None] * HEAD_DIM + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_reduce_kernel(
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
+    rows_total, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Combine the num_splits partial (m, l, acc) of one output row into softmax(s) @ v."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    d_ok = offs_d < HEAD_DIM
+    ws_row = offs_s.to(tl.int64) * rows_total + row
+
+    m = tl.load(m_ws_ptr + ws_row, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)    # all splits empty: weights 0
+    w = tl.exp2(m - m_safe)
+    l_sum = tl.sum(l * w, axis=0)
+    acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)

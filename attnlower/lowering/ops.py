@@ -1,0 +1,438 @@
+"""The attnlower IR ops: `torch.library` custom ops in namespace `attnlower`.
+
+One op per attention family (docs/INTERFACES.md section 1):
+
+    attnlower::flash_attention           dense attention (prefill / training), autograd
+    attnlower::sliding_window_attention  causal attention over the `window` most recent keys, autograd
+    attnlower::paged_attention           attention over a paged KV cache (inference)
+    attnlower::flash_attention_backward  the backward of both dense ops
+
+Inputs are validated here, once, for every implementation (including the fake one, so bad
+shapes fail at trace time). Then CUDA tensors run the Triton launchers (`lowering/launch.py`,
+`lowering/launch_paged.py`) and CPU tensors the reference (`lowering/reference.py`), unless
+`ATTNLOWER_CPU_KERNELS=triton` asks for the launchers on CPU too (Triton's interpreter).
+Tensors on other devices run the reference, which is plain PyTorch.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from attnlower.lowering.reference import (
+    default_scale,
+    reference_flash_backward,
+    reference_flash_forward,
+    reference_paged_forward,
+)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Seeds stay below 2**31 so a Triton kernel can take them as an int32 argument.
+_SEED_LIMIT = 2**31 - 1
+# The dense ops draw their dropout seed: tagged nondeterministic_seeded, AOTAutograd's partitioner
+# never recomputes them in the backward (a recompute would draw a different seed).
+_SEEDED = torch.Tag.nondeterministic_seeded
+
+FLASH_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? alibi_slopes=None, "
+    "float? scale=None, bool causal=False, bool bottom_right=False, float softcap=0.0, "
+    "float dropout_p=0.0, bool empty_rows_nan=False) -> (Tensor out, Tensor lse, Tensor rng_state)"
+)
+SLIDING_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, int window, Tensor? bias=None, Tensor? alibi_slopes=None, "
+    "float? scale=None, bool bottom_right=False, float softcap=0.0, float dropout_p=0.0, "
+    "bool empty_rows_nan=False) -> (Tensor out, Tensor lse, Tensor rng_state)"
+)
+PAGED_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+    "Tensor? alibi_slopes=None, float? scale=None, bool causal=True, int window=0, "
+    "float softcap=0.0) -> Tensor out"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
+    "Tensor out, Tensor lse, Tensor rng_state, float? scale, bool causal, bool bottom_right, "
+    "float softcap, float dropout_p, int window, bool empty_rows_nan, bool bias_requires_grad) "
+    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor? dbias)"
+)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _cpu_runs_kernels() -> bool:
+    mode = os.environ.get("ATTNLOWER_CPU_KERNELS", "")
+    if mode in ("", "reference"):
+        return False
+    if mode == "triton":
+        return True
+    raise ValueError(f"ATTNLOWER_CPU_KERNELS: expected 'triton' or 'reference' (or unset), got "
+                     f"{mode!r}; set it to 'triton' to run the Triton kernels on CPU tensors "
+                     f"through the interpreter")
+
+
+def _runs_kernels(device: torch.device) -> bool:
+    """Whether tensors on `device` run the Triton launchers (True) or the reference (False)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return _cpu_runs_kernels()
+    return False
+
+
+def _launcher(module_name: str, function_name: str, op_name: str) -> Callable:
+    """Import a launcher lazily: the launchers import triton, which CPU-only users never need."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:  # the launcher exists but one of its imports is missing
+            raise
+        module = None
+    launcher = getattr(module, function_name, None)
+    if launcher is None:
+        raise NotImplementedError(
+            f"attnlower::{op_name} has no Triton kernel yet for CUDA tensors (or CPU tensors with "
+            f"ATTNLOWER_CPU_KERNELS=triton): {module_name}.{function_name} does not exist. Run on "
+            f"CPU tensors without ATTNLOWER_CPU_KERNELS to use the reference implementation.")
+    return launcher
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def _check_float_dtype(op: str, name: str, t: Tensor, runs_kernels: bool) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"attnlower::{op}: expected {name} of dtype float16, bfloat16, float32 or "
+                         f"float64, got {t.dtype}; cast it with {name}.to(torch.float16) (or another "
+                         f"float dtype)")
+    if runs_kernels and t.dtype == torch.float64:
+        where = "CUDA tensors" if t.device.type == "cuda" else "ATTNLOWER_CPU_KERNELS=triton"
+        raise ValueError(f"attnlower::{op}: expected {name} of dtype float16, bfloat16 or float32 "
+                         f"for the Triton kernels ({where}), got float64; compute in float32, or "
+                         f"run float64 on CPU tensors through the reference implementation")
+
+
+def _check_devices(op: str, named: dict[str, Tensor | None]) -> None:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"attnlower::{op}: expected every tensor on one device, got "
+                             f"{first_name} on {first} and {name} on {device}; move them with "
+                             f".to({str(first)!r})")
+
+
+def _check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        hint = (" (a [B, T, H, D] tensor needs .transpose(1, 2))" if rank == 4 and "B" in layout
+                else "")
+        raise ValueError(f"attnlower::{op}: expected {name} of rank {rank} {layout}, got shape "
+                         f"{_shape(t)}{hint}")
+
+
+def _check_heads(op: str, q_heads, kv_heads) -> None:
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"attnlower::{op}: expected the query head count to be a multiple of the "
+                         f"KV head count (GQA: query head h reads KV head h // (Hq // Hkv)), got "
+                         f"Hq={q_heads} and Hkv={kv_heads}; repeat the KV heads or fix the head split")
+
+
+def _check_alibi(op: str, alibi_slopes: Tensor | None, batch, q_heads) -> None:
+    if alibi_slopes is None:
+        return
+    shape = _shape(alibi_slopes)
+    if shape != [q_heads] and shape != [batch, q_heads]:
+        raise ValueError(f"attnlower::{op}: expected alibi_slopes of shape [Hq]={[q_heads]} or "
+                         f"[B, Hq]={[batch, q_heads]}, got {shape}; pass one slope per query head")
+    if alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"attnlower::{op}: expected alibi_slopes of dtype float32, got "
+                         f"{alibi_slopes.dtype}; pass alibi_slopes.float()")
+
+
+def _check_scalars(op: str, scale: float | None, softcap: float, dropout_p: float) -> None:
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attnlower::{op}: expected a finite scale (or None for 1/sqrt(D)), got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"attnlower::{op}: expected softcap >= 0 (0 disables it), got {softcap}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attnlower::{op}: expected dropout_p in [0, 1), got {dropout_p}; pass 0.0 "
+                         f"outside training")
+
+
+def _check_bias(op: str, bias: Tensor | None, target: list) -> None:
+    if bias is None:
+        return
+    if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+        raise ValueError(f"attnlower::{op}: expected bias of dtype bool (True = keep) or a float "
+                         f"dtype (added to the scores), got {bias.dtype}; convert an integer mask "
+                         f"with mask.bool()")
+    shape = _shape(bias)
+    broadcastable = len(shape) <= 4 and all(
+        size == 1 or size == want for size, want in zip(reversed(shape), reversed(target)))
+    if not broadcastable:
+        raise ValueError(f"attnlower::{op}: expected bias broadcastable to [B, Hq, Tq, Tk]={target}, "
+                         f"got shape {shape}; each dim must equal the target's or be 1")
+
+
+def validate_dense(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                   alibi_slopes: Tensor | None, scale: float | None, softcap: float,
+                   dropout_p: float) -> bool:
+    """Check the inputs of a dense op; returns whether they run the Triton kernels.
+
+    Raises ValueError saying what was expected, what came, and what to do.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_rank(op, name, t, 4, "[B, H, T, D]")
+    _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes})
+    runs_kernels = _runs_kernels(q.device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float_dtype(op, name, t, runs_kernels)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attnlower::{op}: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}; cast k and v to q.dtype")
+    batch, q_heads, tq, head_dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"attnlower::{op}: expected q, k, v with one batch size, got q {_shape(q)}, "
+                         f"k {_shape(k)}, v {_shape(v)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"attnlower::{op}: expected k and v with the same heads and length "
+                         f"[B, Hkv, Tk, *], got k {_shape(k)} and v {_shape(v)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"attnlower::{op}: expected k's head_dim to equal q's ({head_dim}), got "
+                         f"q {_shape(q)} and k {_shape(k)}")
+    if runs_kernels and v.shape[3] != head_dim:
+        raise ValueError(f"attnlower::{op}: the Triton kernels expect v's head_dim to equal q's "
+                         f"({head_dim}), got v {_shape(v)}; pad v, or run on CPU through the reference")
+    _check_heads(op, q_heads, k.shape[1])
+    _check_bias(op, bias, [batch, q_heads, tq, k.shape[2]])
+    _check_alibi(op, alibi_slopes, batch, q_heads)
+    _check_scalars(op, scale, softcap, dropout_p)
+    return runs_kernels
+
+
+def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                   seq_lens: Tensor, alibi_slopes: Tensor | None, scale: float | None,
+                   window: int, softcap: float) -> bool:
+    """Check the inputs of `paged_attention`; returns whether they run the Triton kernel."""
+    op = "paged_attention"
+    _check_rank(op, "q", q, 4, "[B, Hq, Tq, D]")
+    _check_rank(op, "k_cache", k_cache, 4, "[num_blocks, Hkv, block_size, D]")
+    _check_rank(op, "v_cache", v_cache, 4, "[num_blocks, Hkv, block_size, D]")
+    _check_devices(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
+                        "seq_lens": seq_lens, "alibi_slopes": alibi_slopes})
+    runs_kernels = _runs_kernels(q.device)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float_dtype(op, name, t, runs_kernels)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"attnlower::{op}: expected q, k_cache, v_cache of one dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}; cast q to the cache's dtype")
+    batch, q_heads, _, head_dim = q.shape
+    if list(k_cache.shape[:3]) != list(v_cache.shape[:3]):
+        raise ValueError(f"attnlower::{op}: expected k_cache and v_cache with the same "
+                         f"[num_blocks, Hkv, block_size], got {_shape(k_cache)} and {_shape(v_cache)}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"attnlower::{op}: expected k_cache's head_dim to equal q's ({head_dim}), "
+                         f"got q {_shape(q)} and k_cache {_shape(k_cache)}")
+    if runs_kernels and v_cache.shape[3] != head_dim:
+        raise ValueError(f"attnlower::{op}: the Triton kernel expects v_cache's head_dim to equal "
+                         f"q's ({head_dim}), got v_cache {_shape(v_cache)}")
+    _check_heads(op, q_heads, k_cache.shape[1])
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"attnlower::{op}: expected block_table int32 [B, max_blocks] with B={batch}, "
+                         f"got {block_table.dtype} {_shape(block_table)}; build it with "
+                         f"PagedKVCache.block_table(...) or .to(torch.int32)")
+    if seq_lens.dtype != torch.int32 or _shape(seq_lens) != [batch]:
+        raise ValueError(f"attnlower::{op}: expected seq_lens int32 [B]={[batch]}, got "
+                         f"{seq_lens.dtype} {_shape(seq_lens)}; build it with "
+                         f"PagedKVCache.seq_lens(...) or .to(torch.int32)")
+    if window < 0:
+        raise ValueError(f"attnlower::{op}: expected window >= 0 (0 = no window), got {window}")
+    _check_alibi(op, alibi_slopes, batch, q_heads)
+    _check_scalars(op, scale, softcap, 0.0)
+    return runs_kernels
+
+
+def _check_window(window: int) -> None:
+    if window <= 0:
+        raise ValueError(f"attnlower::sliding_window_attention: expected window > 0 (keys visible "
+                         f"from query i: i - window < j <= i), got {window}; use flash_attention "
+                         f"with causal=True for no window")
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+def _draw_rng_state(q: Tensor, dropout_p: float) -> Tensor:
+    """int64 [2] (seed, offset) on CPU, drawn from the default generator of q's device."""
+    if dropout_p == 0:
+        return torch.empty(0, dtype=torch.int64)
+    # Drawn on q's device so torch.cuda.manual_seed governs CUDA runs; costs one sync per forward.
+    seed = int(torch.randint(0, _SEED_LIMIT, (1,), dtype=torch.int64, device=q.device))
+    return torch.tensor([seed, 0], dtype=torch.int64)
+
+
+def _dense_forward(op: str, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap,
+                   dropout_p, window, empty_rows_nan):
+    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    rng_state = _draw_rng_state(q, dropout_p)
+    forward = (_launcher("attnlower.lowering.launch", "flash_forward", op) if runs_kernels
+               else reference_flash_forward)
+    out, lse = forward(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap,
+                       dropout_p, window, empty_rows_nan, rng_state)
+    return out, lse, rng_state
+
+
+def _dense_fake(op: str, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p):
+    validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+    batch, q_heads, tq, _ = q.shape
+    out = q.new_empty((batch, q_heads, tq, v.shape[3]))
+    lse = q.new_empty((batch, q_heads, tq), dtype=torch.float32)
+    rng_state = torch.empty(2 if dropout_p > 0 else 0, dtype=torch.int64, device="cpu")
+    return out, lse, rng_state
+
+
+@torch.library.custom_op("attnlower::flash_attention", mutates_args=(), schema=FLASH_SCHEMA,
+                         tags=_SEEDED)
+def flash_attention(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
+                    bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+    """Dense attention; returns (out, lse, rng_state). See docs/INTERFACES.md section 1."""
+    return _dense_forward("flash_attention", q, k, v, bias, alibi_slopes, scale, causal,
+                          bottom_right, softcap, dropout_p, 0, empty_rows_nan)
+
+
+@flash_attention.register_fake
+def _flash_attention_fake(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
+                          bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+    return _dense_fake("flash_attention", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+
+
+@torch.library.custom_op("attnlower::sliding_window_attention", mutates_args=(),
+                         schema=SLIDING_SCHEMA, tags=_SEEDED)
+def sliding_window_attention(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
+                             bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+    """Causal attention over the `window` most recent keys; returns (out, lse, rng_state)."""
+    _check_window(window)
+    return _dense_forward("sliding_window_attention", q, k, v, bias, alibi_slopes, scale, True,
+                          bottom_right, softcap, dropout_p, window, empty_rows_nan)
+
+
+@sliding_window_attention.register_fake
+def _sliding_window_attention_fake(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
+                                   bottom_right=False, softcap=0.0, dropout_p=0.0,
+                                   empty_rows_nan=False):
+    _check_window(window)
+    return _dense_fake("sliding_window_attention", q, k, v, bias, alibi_slopes, scale, softcap,
+                       dropout_p)
+
+
+@torch.library.custom_op("attnlower::flash_attention_backward", mutates_args=(),
+                         schema=BACKWARD_SCHEMA)
+def flash_attention_backward(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, scale,
+                             causal, bottom_right, softcap, dropout_p, window, empty_rows_nan,
+                             bias_requires_grad):
+    """Gradients (dq, dk, dv, dbias) of flash_attention / sliding_window_attention."""
+    op = "flash_attention_backward"
+    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    backward = (_launcher("attnlower.lowering.launch", "flash_backward", op) if runs_kernels
+                else reference_flash_backward)
+    return backward(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, scale, causal,
+                    bottom_right, softcap, dropout_p, window, empty_rows_nan, bias_requires_grad)
+
+
+@flash_attention_backward.register_fake
+def _flash_attention_backward_fake(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state,
+                                   scale, causal, bottom_right, softcap, dropout_p, window,
+                                   empty_rows_nan, bias_requires_grad):
+    validate_dense("flash_attention_backward", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+    dbias = None
+    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
+        dbias = bias.new_empty(bias.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+@torch.library.custom_op("attnlower::paged_attention", mutates_args=(), schema=PAGED_SCHEMA)
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
+                    causal=True, window=0, softcap=0.0):
+    """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv]. Inference only."""
+    runs_kernels = validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale,
+                                  window, softcap)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    forward = (_launcher("attnlower.lowering.launch_paged", "paged_forward", "paged_attention")
+               if runs_kernels else reference_paged_forward)
+    return forward(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window,
+                   softcap)
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None,
+                          scale=None, causal=True, window=0, softcap=0.0):
+    validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap)
+    batch, q_heads, tq, _ = q.shape
+    return q.new_empty((batch, q_heads, tq, v_cache.shape[3]))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
+                window, empty_rows_nan, output, bias_index: int, alibi_index: int) -> None:
+    out, lse, rng_state = output
+    ctx.mark_non_differentiable(lse, rng_state)
+    ctx.save_for_backward(q, k, v, bias, alibi_slopes, out, lse, rng_state)
+    ctx.scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    ctx.causal, ctx.bottom_right, ctx.window = causal, bottom_right, window
+    ctx.softcap, ctx.dropout_p, ctx.empty_rows_nan = softcap, dropout_p, empty_rows_nan
+    ctx.bias_requires_grad = bool(ctx.needs_input_grad[bias_index])
+    ctx.alibi_index = alibi_index
+
+
+def _dense_grads(ctx, grad_out) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    if ctx.needs_input_grad[ctx.alibi_index]:
+        raise NotImplementedError("attnlower: the gradient with respect to alibi_slopes is not "
+                                  "implemented; pass alibi_slopes.detach() (slopes are constants "
+                                  "in ALiBi models)")
+    q, k, v, bias, alibi_slopes, out, lse, rng_state = ctx.saved_tensors
+    return torch.ops.attnlower.flash_attention_backward(
+        grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, ctx.scale, ctx.causal,
+        ctx.bottom_right, ctx.softcap, ctx.dropout_p, ctx.window, ctx.empty_rows_nan,
+        ctx.bias_requires_grad)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    (q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
+     empty_rows_nan) = inputs
+    _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
+                0, empty_rows_nan, output, bias_index=3, alibi_index=4)
+
+
+def _flash_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
+    dq, dk, dv, dbias = _dense_grads(ctx, grad_out)
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+def _sliding_setup_context(ctx, inputs, output):
+    (q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p,
+     empty_rows_nan) = inputs
+    _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, True, bottom_right, softcap, dropout_p,
+                window, empty_rows_nan, output, bias_index=4, alibi_index=5)
+
+
+def _sliding_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
+    dq, dk, dv, dbias = _dense_grads(ctx, grad_out)
+    return dq, dk, dv, None, dbias, None, None, None, None, None, None
+
+
+torch.library.register_autograd("attnlower::flash_attention", _flash_backward,
+                                setup_context=_flash_setup_context)
+torch.library.register_autograd("attnlower::sliding_window_attention", _sliding_backward,
+                                setup_context=_sliding_setup_context)

@@ -1,0 +1,321 @@
+"""Plain-PyTorch reference of every attnlower op: the CPU implementation and the kernels' oracle.
+
+Semantics are exactly those of docs/INTERFACES.md section 1. Everything is computed in fp32
+(fp64 for fp64 inputs) and chunked over queries, so a long sequence never holds the whole
+`[B, Hq, Tq, Tk]` score tensor: one chunk's scores stay under `SCORE_CHUNK_BYTES`.
+GQA is handled by folding the query heads of one KV head into the row dimension
+(`[B, Hq, c, D] -> [B, Hkv, G * c, D]`), so K and V are never repeated.
+
+These functions take already-validated inputs (validation lives in `lowering/ops.py`) and a
+resolved float `scale`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# One query chunk's fp32 score tensor is kept under this many bytes. The chunk also holds a few
+# temporaries of that size (probabilities, mask, dropout keep), so peak extra memory is ~4x this:
+# ~1 GB, which fits a CPU test box and leaves a GPU (when the reference runs there as an oracle)
+# room for the inputs. Tests shrink it to force many chunks.
+SCORE_CHUNK_BYTES = 256 * 2**20
+
+_MASK32 = 0xFFFFFFFF
+# Multiplier of the well-known 32-bit integer mixer `x = ((x >> 16) ^ x) * 0x45d9f3b` (good
+# avalanche, and small enough that a 32-bit value times it stays far below int64 overflow).
+_HASH_MULTIPLIER = 0x45D9F3B
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where queries sit relative to keys, and which keys exist.
+
+    query_offset: position of query 0 in key coordinates: an int for dense attention
+        (`Tk - Tq` bottom-right, 0 top-left), or an int64 `[B, 1, 1, 1]` tensor for paged
+        attention, where each sequence has its own length.
+    key_lens: None (all `Tk` keys exist) or int64 `[B, 1, 1, 1]`: keys at or past it are padding.
+    """
+
+    query_offset: int | Tensor
+    causal: bool
+    window: int
+    key_lens: Tensor | None = None
+
+
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _query_chunks(batch: int, heads: int, tq: int, tk: int, dtype: torch.dtype):
+    """Slices of query rows whose score tensor `[batch, heads, rows, tk]` fits SCORE_CHUNK_BYTES."""
+    row_bytes = max(1, batch * heads * tk * torch.finfo(dtype).bits // 8)
+    rows = max(1, SCORE_CHUNK_BYTES // row_bytes)
+    for start in range(0, tq, rows):
+        yield slice(start, min(start + rows, tq))
+
+
+def _fold_heads(x: Tensor, kv_heads: int) -> Tensor:
+    """[B, Hq, c, X] -> [B, Hkv, G * c, X]: the G query heads sharing a KV head become rows."""
+    b, hq, c, last = x.shape
+    return x.reshape(b, kv_heads, (hq // kv_heads) * c, last)
+
+
+def _unfold_heads(x: Tensor, q_heads: int) -> Tensor:
+    """[B, Hkv, G * c, X] -> [B, Hq, c, X] (inverse of `_fold_heads`)."""
+    b, hkv, gc, last = x.shape
+    return x.reshape(b, q_heads, gc // (q_heads // hkv), last)
+
+
+def _bias_as_4d(bias: Tensor | None) -> Tensor | None:
+    if bias is None:
+        return None
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+
+
+def _bias_rows(bias4: Tensor, rows: slice) -> Tensor:
+    return bias4 if bias4.shape[2] == 1 else bias4[:, :, rows]
+
+
+def _mix32(x):
+    """32-bit integer hash of an int64 tensor (or Python int) holding values below 2**32."""
+    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _MASK32
+    x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _MASK32
+    return (x >> 16) ^ x
+
+
+def _dropout_keep(rng_state: Tensor, dropout_p: float, shape: tuple[int, int, int, int],
+                  rows: slice, device: torch.device) -> Tensor:
+    """Keep-mask of rows `rows` of the `[B, Hq, Tq, Tk]` dropout pattern named by rng_state.
+
+    A counter-based hash of (seed, offset + flat element index): the same element always gets
+    the same draw, whatever the chunking, so forward and backward agree. This is the reference's
+    own stream; the Triton kernels use Philox and draw a different (equally valid) pattern.
+    """
+    seed, offset = (int(x) for x in rng_state.tolist())
+    seed_key = _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
+    b, h, tq, tk = shape
+    ar = lambda n, start=0: torch.arange(start, start + n, device=device, dtype=torch.int64)  # noqa: E731
+    counter = (((ar(b).view(b, 1, 1, 1) * h + ar(h).view(1, h, 1, 1)) * tq
+                + ar(rows.stop - rows.start, rows.start).view(1, 1, -1, 1)) * tk
+               + ar(tk).view(1, 1, 1, tk) + offset)
+    bits = _mix32((counter & _MASK32) ^ _mix32(((counter >> 32) & _MASK32) ^ seed_key))
+    uniform = (bits >> 8).to(torch.float64) * 2.0**-24  # 24 random bits -> [0, 1)
+    return uniform >= dropout_p
+
+
+def dropout_keep_mask(rng_state: Tensor, dropout_p: float, shape: tuple[int, int, int, int],
+                      device: torch.device | str = "cpu") -> Tensor:
+    """The whole bool keep-mask `[B, Hq, Tq, Tk]` the reference applies for `rng_state`.
+
+    For tests and debugging: lets an oracle apply the very dropout pattern the reference used.
+    """
+    return _dropout_keep(rng_state, dropout_p, tuple(shape), slice(0, shape[2]), torch.device(device))
+
+
+def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, scale: float,
+                  softcap: float, alibi_slopes: Tensor | None, bias4: Tensor | None,
+                  geometry: _Geometry) -> tuple[Tensor, Tensor | None]:
+    """Masked scores `[B, Hq, c, Tk]` of query rows `rows` (steps 1-5 of the contract).
+
+    Returns the scores and, when softcap > 0, `tanh(scale * q.k / softcap)` for the backward.
+    """
+    cd = k.dtype
+    s = _unfold_heads(torch.matmul(q_folded, k.transpose(-1, -2)), q_heads) * scale
+    tanh_term = None
+    if softcap > 0:
+        tanh_term = torch.tanh(s / softcap)
+        s = softcap * tanh_term
+
+    tk = k.shape[2]
+    key_pos = torch.arange(tk, device=k.device).view(1, 1, 1, tk)
+    query_pos = torch.arange(rows.start, rows.stop, device=k.device).view(1, 1, -1, 1) + geometry.query_offset
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(cd).reshape(-1 if alibi_slopes.dim() == 2 else 1, q_heads, 1, 1)
+        s = s + slopes * (key_pos - query_pos).to(cd)
+    if bias4 is not None:
+        bias_rows = _bias_rows(bias4, rows)
+        if bias_rows.dtype == torch.bool:
+            s = s.masked_fill(~bias_rows, float("-inf"))
+        else:
+            s = s + bias_rows.to(cd)
+
+    hidden = None
+    if geometry.causal:
+        hidden = key_pos > query_pos
+    if geometry.window > 0:
+        outside = key_pos <= query_pos - geometry.window
+        hidden = outside if hidden is None else hidden | outside
+    if geometry.key_lens is not None:
+        padding = key_pos >= geometry.key_lens
+        hidden = padding if hidden is None else hidden | padding
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
+    return s, tanh_term
+
+
+def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
+                       empty_rows_nan, geometry: _Geometry) -> tuple[Tensor, Tensor]:
+    batch, q_heads, tq, _ = q.shape
+    kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    cd = _compute_dtype(q)
+    out = torch.empty((batch, q_heads, tq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
+    if tk == 0:  # no keys at all: every row is empty
+        out.fill_(float("nan") if empty_rows_nan else 0.0)
+        lse.fill_(float("-inf"))
+        return out, lse
+
+    k_c, v_c, bias4 = k.to(cd), v.to(cd), _bias_as_4d(bias)
+    for rows in _query_chunks(batch, q_heads, tq, tk, cd):
+        q_folded = _fold_heads(q[:, :, rows].to(cd), kv_heads)
+        s, _ = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale, softcap=softcap,
+                             alibi_slopes=alibi_slopes, bias4=bias4, geometry=geometry)
+        row_max = s.amax(dim=-1, keepdim=True)
+        empty = row_max == float("-inf")
+        # Empty rows: subtract 0 instead of -inf so exp gives 0 (not NaN) and lse gives -inf.
+        exp_s = torch.exp(s - torch.where(empty, 0.0, row_max))
+        row_sum = exp_s.sum(dim=-1, keepdim=True)
+        p = torch.where(empty, 0.0, exp_s / row_sum)
+        lse[:, :, rows] = (torch.where(empty, 0.0, row_max) + torch.log(row_sum)).squeeze(-1).float()
+        if dropout_p > 0:
+            keep = _dropout_keep(rng_state, dropout_p, (batch, q_heads, tq, tk), rows, q.device)
+            p = p * keep / (1.0 - dropout_p)
+        out_rows = _unfold_heads(torch.matmul(_fold_heads(p, kv_heads), v_c), q_heads)
+        if empty_rows_nan:
+            out_rows = out_rows.masked_fill(empty, float("nan"))
+        out[:, :, rows] = out_rows.to(q.dtype)
+    return out, lse
+
+
+def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                            alibi_slopes: Tensor | None, scale: float, causal: bool,
+                            bottom_right: bool, softcap: float, dropout_p: float, window: int,
+                            empty_rows_nan: bool, rng_state: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
+
+    out: `[B, Hq, Tq, Dv]` in q's dtype, contiguous. lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
+    rows. `window > 0` restricts each query to the `window` most recent keys (sliding op).
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    geometry = _Geometry(query_offset=tk - tq if bottom_right else 0, causal=causal, window=window)
+    return _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
+                              empty_rows_nan, geometry)
+
+
+def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
+    """Sum a `[B, Hq, c, Tk]` gradient over the dims (other than rows) where the bias broadcasts."""
+    dims = [d for d in (0, 1, 3) if bias4.shape[d] == 1 and ds.shape[d] != 1]
+    return ds.sum(dim=dims, keepdim=True) if dims else ds
+
+
+def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                             alibi_slopes: Tensor | None, out: Tensor, lse: Tensor,
+                             rng_state: Tensor, scale: float, causal: bool, bottom_right: bool,
+                             softcap: float, dropout_p: float, window: int, empty_rows_nan: bool,
+                             bias_requires_grad: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients `(dq, dk, dv, dbias)` of the dense forward, recomputing P from `lse` per chunk.
+
+    With Z = P * keep / (1 - dropout_p) (Z = P without dropout), O = Z V:
+    dV = Zᵀ dO;  dZ = dO Vᵀ;  dP = dZ * keep / (1 - dropout_p);  dS = P * (dP - rowsum(dO * O));
+    dbias = dS (reduced to the bias's shape); through softcap, dX = dS * (1 - tanh²(X / softcap));
+    dQ = scale * dX K;  dK = scale * dXᵀ Q (summed over the GQA group). Empty rows get 0.
+    `dbias` is None unless `bias_requires_grad` (and the bias is float).
+    """
+    batch, q_heads, tq, _ = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
+    cd = _compute_dtype(q)
+    geometry = _Geometry(query_offset=tk - tq if bottom_right else 0, causal=causal, window=window)
+    k_c, v_c, bias4 = k.to(cd), v.to(cd), _bias_as_4d(bias)
+    want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
+
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    dbias4 = torch.zeros(bias4.shape, dtype=cd, device=q.device) if want_dbias else None
+    for rows in _query_chunks(batch, q_heads, tq, tk, cd) if tk > 0 else ():
+        q_folded = _fold_heads(q[:, :, rows].to(cd), kv_heads)
+        s, tanh_term = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale,
+                                     softcap=softcap, alibi_slopes=alibi_slopes, bias4=bias4,
+                                     geometry=geometry)
+        lse_rows = lse[:, :, rows].to(cd).unsqueeze(-1)
+        empty = lse_rows == float("-inf")
+        p = torch.exp(s - torch.where(empty, 0.0, lse_rows))  # empty rows: s is all -inf -> 0
+        grad_rows = grad_out[:, :, rows].to(cd)
+        # rowsum(dO * O); empty rows' O may be NaN (empty_rows_nan) and must not leak.
+        delta = torch.where(empty, 0.0, (grad_rows * out[:, :, rows].to(cd)).sum(-1, keepdim=True))
+        grad_folded = _fold_heads(grad_rows, kv_heads)
+        dp = _unfold_heads(torch.matmul(grad_folded, v_c.transpose(-1, -2)), q_heads)
+        z = p
+        if dropout_p > 0:
+            keep = _dropout_keep(rng_state, dropout_p, (batch, q_heads, tq, tk), rows, q.device)
+            keep_scaled = keep.to(cd) / (1.0 - dropout_p)
+            z = p * keep_scaled
+            dp = dp * keep_scaled
+        dv += torch.matmul(_fold_heads(z, kv_heads).transpose(-1, -2), grad_folded)
+        ds = p * (dp - delta)
+        if dbias4 is not None:
+            reduced = _reduce_to_bias_shape(ds, bias4)
+            if bias4.shape[2] == 1:
+                dbias4 += reduced.sum(dim=2, keepdim=True)
+            else:
+                dbias4[:, :, rows] = reduced
+        dx = ds if tanh_term is None else ds * (1.0 - tanh_term * tanh_term)
+        dx_folded = _fold_heads(dx, kv_heads)
+        dq[:, :, rows] = _unfold_heads(torch.matmul(dx_folded, k_c), q_heads) * scale
+        dk += torch.matmul(dx_folded.transpose(-1, -2), q_folded) * scale
+
+    dbias = None
+    if dbias4 is not None:
+        dbias = dbias4.reshape(bias.shape).to(bias.dtype).contiguous()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                            seq_lens: Tensor, alibi_slopes: Tensor | None, scale: float,
+                            causal: bool, window: int, softcap: float) -> Tensor:
+    """Attention of `q [B, Hq, Tq, D]` over a paged KV cache; returns `out [B, Hq, Tq, Dv]`.
+
+    Gathers each sequence's blocks through `block_table` into a dense `[B, Hkv, L, D]` (L the
+    longest sequence), zeroes positions past each sequence's length (pool memory there may hold
+    anything, even NaN, and `0 * NaN` would leak through P V), then runs the dense reference with
+    query `i` at position `seq_lens[b] - Tq + i`. Empty rows give 0.
+    """
+    batch, _, tq, _ = q.shape
+    num_blocks, kv_heads, block_size, _ = k_cache.shape
+    lens = seq_lens.to(device=q.device, dtype=torch.int64)
+    longest = int(lens.max()) if batch > 0 else 0
+    blocks_used = -(-longest // block_size)
+    table = block_table[:, :blocks_used].to(device=q.device, dtype=torch.int64)
+    # Table entries past a sequence's own blocks are padding (any value): read block 0 instead.
+    block_pos = torch.arange(blocks_used, device=q.device).view(1, -1)
+    in_use = block_pos < (-(-lens // block_size)).view(-1, 1)
+    bad = in_use & ((table < 0) | (table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"paged_attention: block_table[{b}, {j}] = {int(table[b, j])} is not a block "
+                         f"of the cache (expected 0 <= id < num_blocks={num_blocks}); check the "
+                         f"block table against seq_lens[{b}] = {int(lens[b])}")
+    table = torch.where(in_use, table, 0)
+
+    def gather(cache: Tensor) -> Tensor:
+        dense = cache[table]  # [B, blocks, Hkv, block_size, X]
+        dense = dense.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, blocks_used * block_size, -1)
+        dense = dense[:, :, :longest]
+        valid = torch.arange(longest, device=q.device).view(1, 1, -1, 1) < lens.view(-1, 1, 1, 1)
+        return torch.where(valid, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))
+
+    geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=causal, window=window,
+                         key_lens=lens.view(-1, 1, 1, 1))
+    no_rng = torch.empty(0, dtype=torch.int64)
+    out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, scale,
+                                softcap, 0.0, no_rng, False, geometry)
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale used when `scale=None`: 1 / sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,196 @@
+"""Shapes + masks + Target → an AttentionSpec and the op to run, or a refusal with a reason."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..compiler.hardware import Target
+from .detect import AttentionMatch, ScoreTerm
+from .kv import PagedRef, length_mask_lengths
+from .layout import _shape, _val
+from .masks import MaskInfo, classify_mask
+
+MAX_HEAD_DIM = 256          # the kernels pad D to a power of two up to this
+MASKED = -1e30              # a fill/bias at or below this masks a key exactly as -inf would (exp underflows)
+
+
+class Refused(Exception):
+    """The site stays unfused; the message is the report's reason."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything a kernel is specialized on. Kernels are generated from this, never from the graph."""
+
+    op: str
+    q_heads: object
+    kv_heads: object
+    head_dim: object
+    dtype: str
+    causal: bool = False
+    bottom_right: bool = False
+    window: int = 0
+    mask_kind: str = "none"
+    bias_kind: str = "none"            # none | bool | float
+    softcap: float = 0.0
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    empty_rows_nan: bool = False
+    paged_block_size: int | None = None
+    target: str = "cpu"
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if not isinstance(v, (bool, int, float, str, type(None))) else v)
+                for k, v in asdict(self).items()}
+
+
+@dataclass
+class BiasPlan:
+    """How to build the op's `bias` from the site's terms: a list of (term, as_bool) to combine."""
+
+    kind: str = "none"                       # none | bool | float
+    terms: list[ScoreTerm] = field(default_factory=list)
+
+
+@dataclass
+class PagedPlan:
+    """Read K/V from their pools: `seq_lens` None means every gathered key is visible."""
+
+    k: PagedRef
+    v: PagedRef
+    seq_lens: fx.Node | None
+    nan_for_empty: bool      # the source gives NaN for a sequence of length 0 (eager softmax of -inf)
+
+
+@dataclass
+class Decision:
+    spec: AttentionSpec
+    bias: BiasPlan
+    mask: MaskInfo
+    reason: str
+    paged: PagedPlan | None = None
+
+
+def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Decision | None, str]:
+    """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
+    pk, pv = m.paged
+    if "paged_attention" not in allowed_ops:
+        return None, "paged_attention is not among the enabled ops"
+    if m.dropout_p:
+        return None, "dropout on a paged cache"
+    if m.is_causal:
+        return None, "is_causal on a gathered cache (top-left causal is not the paged op's alignment)"
+    if not (bool(pk.block_size == pv.block_size) and bool(pk.heads == pv.heads)):
+        return None, "K and V pools differ in block size or heads"
+    seq_lens, nan_for_empty, kind = None, False, "none"
+    if len(m.terms) > 1:
+        return None, "more than one mask term"
+    if m.terms:
+        t = m.terms[0]
+        if t.kind not in ("keep", "fill"):
+            return None, "an additive mask"
+        seq_lens = length_mask_lengths(t.node, t.kind, m.k_len)
+        if seq_lens is None:
+            return None, "the mask is not `key position < seq_lens[b]`"
+        if t.value != float("-inf") and not m.safe_softmax:
+            return None, "a finite fill gives a uniform average for empty sequences, which the paged op does not"
+        nan_for_empty = not m.safe_softmax
+        kind = "length"
+    dtype = _val(m.q.source).dtype
+    spec = AttentionSpec(
+        op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
+        dtype=str(dtype).replace("torch.", ""), mask_kind=kind, softcap=m.softcap, scale=m.paged_scale,
+        paged_block_size=pk.block_size, target=target.describe())
+    why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
+           f"read in place, no gather" + (f"; lengths from {seq_lens.name}" if seq_lens is not None else
+                                          "; every gathered key visible"))
+    return Decision(spec=spec, bias=BiasPlan(), mask=MaskInfo(kind=kind, reason=why), reason=why,
+                    paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
+
+
+def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]) -> Decision:
+    """Choose the op for a proven site, or raise Refused with the reason."""
+    qv = _val(m.q.source)
+    dtype = qv.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise Refused(f"q is {dtype}; the fused ops take floating point")
+    if dtype == torch.float64 and target.kind == "cuda":
+        raise Refused("float64 on CUDA: the Triton kernels compute in fp16/bf16/fp32")
+    for name, ref in (("k", m.k), ("v", m.v)):
+        if _val(ref.source).dtype != dtype:
+            raise Refused(f"{name} is {_val(ref.source).dtype} but q is {dtype}")
+    if isinstance(m.head_dim, int) and m.head_dim > MAX_HEAD_DIM:
+        raise Refused(f"head_dim {m.head_dim} > {MAX_HEAD_DIM}: the kernels keep a whole head in registers")
+    if not bool(m.head_dim == m.v_head_dim):
+        raise Refused(f"V head dim {m.v_head_dim} differs from Q/K head dim {m.head_dim}")
+    if not bool(m.q_heads % m.kv_heads == 0):
+        raise Refused(f"{m.q_heads} query heads are not a multiple of {m.kv_heads} K/V heads")
+    if not math.isfinite(m.scale) or m.scale <= 0:
+        raise Refused(f"scale {m.scale} is not a positive finite number")
+
+    paged_note = ""
+    if m.paged is not None:
+        decision, paged_note = _paged_decision(m, target, allowed_ops)
+        if decision is not None:
+            return decision
+        paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
+
+    causal, bottom_right, window = m.is_causal, False, 0
+    mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
+                    reason="SDPA is_causal=True (top-left)" if causal else "no mask")
+    bias = BiasPlan()
+    terms = [t for t in m.terms]
+    for t in terms:
+        if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED):
+            raise Refused(f"a mask fills scores with {t.value}, which does not mask them out "
+                          "(only -inf or values <= -1e30 are equivalent to masking)")
+        if t.score_rank != 4 and len(_shape(t.node)) > 2 and any(not bool(s == 1) for s in _shape(t.node)[:-2]):
+            raise Refused("a mask/bias is applied to the scores while they are flattened to [B*H, Tq, Tk]")
+    if causal and terms:
+        raise Refused("SDPA with both is_causal and attn_mask")
+    if len(terms) == 1:
+        t = terms[0]
+        polarity = {"bias": "additive", "fill": "fill", "keep": "keep"}[t.kind]
+        info = classify_mask(t.node, polarity, m.q_len, m.k_len)
+        if t.kind == "bias" and t.value <= 0:
+            info = MaskInfo(kind="tensor", reason="bias enters with a negative factor")
+        mask = info
+        pure = info.kind in ("none", "causal", "band") and not info.data_dependent
+        # A pure causal/band mask never empties a row when every query sees its diagonal key.
+        diagonal_visible = not info.bottom_right or bool(m.q_len <= m.k_len)
+        if pure and info.kind == "none":
+            terms = []
+        elif pure and diagonal_visible:
+            causal, bottom_right, window = True, info.bottom_right, info.window
+            terms = []
+    elif terms:
+        mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
+    if terms:
+        as_bool = len(terms) == 1 and terms[0].kind in ("fill", "keep") and terms[0].value == float("-inf")
+        bias = BiasPlan(kind="bool" if as_bool else "float", terms=terms)
+
+    op = "sliding_window_attention" if window > 0 else "flash_attention"
+    if op not in allowed_ops:
+        raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
+    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
+    spec = AttentionSpec(
+        op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=str(dtype).replace("torch.", ""),
+        causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
+        softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
+        target=target.describe(),
+    )
+    why = _why(spec, mask) + paged_note
+    return Decision(spec=spec, bias=bias, mask=mask, reason=why)
+
+
+def _why(spec: AttentionSpec, mask: MaskInfo) -> str:
+    if spec.op == "sliding_window_attention":
+        return f"causal band of {spec.window} keys: visits only in-window key blocks ({mask.reason})"
+    if spec.causal:
+        return f"causal ({'bottom-right' if spec.bottom_right else 'top-left'}), blocks above the diagonal skipped ({mask.reason})"
+    if spec.bias_kind != "none":
+        return f"{mask.kind} mask passed as a {spec.bias_kind} bias tensor ({mask.reason})"
+    return "dense attention, no mask"

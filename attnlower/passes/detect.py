@@ -1,0 +1,637 @@
+"""Find attention sites: anchor on a softmax, grow out through the dataflow to the two matmuls.
+
+No templates: from the softmax we walk *up* the score chain (views, casts, scalar scales, mask
+adds / masked_fill / where, a tanh softcap) to the Q·Kᵀ product, and *down* the probability
+chain (casts, dropout, views) to the P·V product; the operands of both products are then traced
+to their sources through any chain of views (`kv.resolve_operand`), which also sees through GQA
+repeats. Calls of `scaled_dot_product_attention` (and its device-specific forms) are sites too.
+A walk that meets anything it cannot prove equivalent stops and records why.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .kv import OperandRef, PagedRef, resolve_operand, resolve_paged
+from .layout import Layout, NotAView, _eq, _shape, _val, layout_of
+
+aten = torch.ops.aten
+
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+SDPA_OPS = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+# Ops on the score or probability chain that move or copy values without changing them.
+PASS_THROUGH = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+}
+
+
+class NotAttention(Exception):
+    """The walk from an anchor met something it cannot prove; the message is the report's reason."""
+
+
+@dataclass
+class ScoreTerm:
+    """One mask/bias applied to the scores.
+
+    kind "bias": `scores += coef * node`; "fill": `scores = value` where node is True;
+    "keep": `scores = value` where node is False. Values and coefs already include every scalar
+    multiplier applied after the term, so they are in the units of the softmax input.
+    """
+
+    kind: str
+    node: fx.Node
+    value: float
+    score_rank: int = 4   # rank of the scores where the term is applied (broadcasting is per rank)
+
+
+@dataclass
+class AttentionMatch:
+    """A proven attention site, ready for the analyzer.
+
+    The softmax input equals `softcap(scale * q·kᵀ) (+/fill) terms`, with q/k/v given as views of
+    nodes that stay in the graph; `output` is the node whose value the fused op replaces, and
+    `output_steps` turn the op's `[B, Hq, Tq, Dv]` result into that node's layout.
+    """
+
+    anchor: fx.Node
+    spelling: str
+    q: OperandRef
+    k: OperandRef
+    v: OperandRef
+    batch: object
+    q_heads: object
+    kv_heads: object
+    q_len: object
+    k_len: object
+    head_dim: object
+    v_head_dim: object
+    scale: float
+    softcap: float = 0.0
+    terms: list[ScoreTerm] = field(default_factory=list)
+    is_causal: bool = False           # SDPA's is_causal (top-left)
+    dropout_p: float = 0.0
+    safe_softmax: bool = False        # fully masked rows give 0 in the source (SDPA / _safe_softmax)
+    output: fx.Node | None = None
+    output_steps: tuple[tuple[str, object], ...] = ()
+    region: list[fx.Node] = field(default_factory=list)
+    paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
+    paged_scale: float = 0.0                          # the score scale when reading K paged
+
+    @property
+    def location(self) -> str:
+        return source_location(self.anchor)
+
+
+def _paged_pair(k_op, k_logical, v_op, v_logical, score_scale_without_k):
+    pk = resolve_paged(k_op, k_logical)
+    pv = resolve_paged(v_op, v_logical)
+    if pk is None or pv is None or pk.table is not pv.table or pv.scale != 1.0:
+        return None, 0.0
+    return (pk, pv), score_scale_without_k * pk.scale
+
+
+@dataclass
+class Refusal:
+    """An anchor that looked like attention but could not be proven; `reason` goes to the report."""
+
+    anchor: fx.Node
+    spelling: str
+    reason: str
+
+    @property
+    def location(self) -> str:
+        return source_location(self.anchor)
+
+
+def source_location(node: fx.Node) -> str:
+    """The user's source line for a node, from Dynamo's stack trace ("file.py:12 in f: code")."""
+    st = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            head = lines[i]
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            try:
+                fname = head.split('"')[1].rsplit("/", 1)[-1]
+                rest = head.split('"', 2)[2]
+                lineno = rest.split("line ")[1].split(",")[0]
+                func = rest.split(" in ")[-1]
+                return f"{fname}:{lineno} in {func}: {code}"[:160]
+            except IndexError:
+                return head[:160]
+    return node.name
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionMatch | Refusal]:
+    """Every softmax and SDPA call of the graph, as a proven match or a refusal with a reason."""
+    out: list[AttentionMatch | Refusal] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        try:
+            if node.target in SOFTMAX_OPS or _is_manual_softmax(node):
+                out.append(_match_softmax(node))
+            elif node.target in SDPA_OPS:
+                out.append(_match_sdpa(node))
+        except (NotAttention, NotAView) as e:
+            spelling = "sdpa" if node.target in SDPA_OPS else "softmax"
+            out.append(Refusal(node, spelling, str(e)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+def _users(n: fx.Node) -> list[fx.Node]:
+    return list(n.users)
+
+
+def _only_user(n: fx.Node, what: str) -> fx.Node:
+    users = _users(n)
+    if len(users) != 1:
+        raise NotAttention(f"the {what} ({n.name}) is used {len(users)} times; a fused op would hide the other uses")
+    return users[0]
+
+
+def _constant_value(x) -> float | None:
+    """A python number, or a node that is a scalar constant (`scalar_tensor`, `full([], c)`, ...)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node) and x.op == "call_function":
+        t = x.target
+        if t is aten.scalar_tensor.default:
+            return float(x.args[0])
+        if t in (aten.full.default,) and len(_shape(x)) == 0 or (t is aten.full.default and all(
+                _eq(s, 1) for s in _shape(x))):
+            return float(x.args[1])
+        if t in (aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default, aten.to.dtype,
+                 aten.expand.default, aten.to.dtype_layout, aten.detach.default):
+            return _constant_value(x.args[0])
+        if t is aten.zeros.default and all(_eq(s, 1) for s in _shape(x)):
+            return 0.0
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        return None
+    return None
+
+
+def _softmax_dim_is_last(node: fx.Node) -> bool:
+    dim = node.args[1]
+    rank = len(_shape(node))
+    return dim in (-1, rank - 1)
+
+
+def _is_manual_softmax(node: fx.Node) -> bool:
+    """`e / e.sum(-1, keepdim=True)` with `e = exp(x - x.amax(-1, keepdim=True))` (or `exp(x)`)."""
+    if node.target not in (aten.div.Tensor,) or len(node.args) != 2:
+        return False
+    e, s = node.args
+    if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)):
+        return False
+    if e.target is not aten.exp.default or s.target not in (aten.sum.dim_IntList,):
+        return False
+    if s.args[0] is not e or list(s.args[1]) not in ([-1], [len(_shape(e)) - 1]):
+        return False
+    return bool(s.args[2] if len(s.args) > 2 else s.kwargs.get("keepdim", False))
+
+
+def _manual_softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    e = node.args[0]
+    x = e.args[0]
+    inner = [node.args[1], e]
+    if x.target is aten.sub.Tensor:
+        a, m = x.args
+        if isinstance(m, fx.Node) and m.target in (aten.amax.default, aten.max.dim) and m.args[0] is a:
+            inner += [x, m] + ([] if m.target is aten.amax.default else [])
+            return a, inner
+    return x, inner
+
+
+def _leads_to_product(n: fx.Node, depth: int = 12) -> bool:
+    """Does `n` come from a matmul-like product through score-chain ops (a few steps)?"""
+    seen = 0
+    frontier = [n]
+    while frontier and seen < depth * 4:
+        x = frontier.pop()
+        seen += 1
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            continue
+        if x.target in MATMUL_OPS:
+            return True
+        if x.target in PASS_THROUGH or x.target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
+                                                    aten.sub.Tensor, aten.masked_fill.Scalar,
+                                                    aten.masked_fill.Tensor, aten.tanh.default,
+                                                    aten.where.self, aten.mul.Scalar, aten.div.Scalar):
+            frontier.extend(a for a in x.args if isinstance(a, fx.Node))
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# softmax-anchored sites
+
+def _match_softmax(sm: fx.Node) -> AttentionMatch:
+    manual = sm.target not in SOFTMAX_OPS
+    if manual:
+        x, inner = _manual_softmax_input(sm)
+        for n in inner:
+            for u in n.users:
+                if u is not sm and u not in inner:
+                    raise NotAttention("a node of the hand-written softmax is used elsewhere")
+    else:
+        if not _softmax_dim_is_last(sm):
+            raise NotAttention("softmax is not over the last dim")
+        x, inner = sm.args[0], []
+    shape = _shape(sm)
+    if len(shape) < 2:
+        raise NotAttention("softmax over a vector")
+    lead = shape[:-2]
+    if len(lead) == 2:
+        batch, heads = lead
+    elif len(lead) == 1:
+        batch, heads = lead[0], 1
+    elif len(lead) == 0:
+        batch, heads = 1, 1
+    else:
+        raise NotAttention(f"scores have {len(lead)} batch dims; expected [B, H, Tq, Tk]")
+    q_len, k_len = shape[-2], shape[-1]
+
+    # ---- up the score chain
+    region: list[fx.Node] = [sm] + inner
+    terms: list[ScoreTerm] = []
+    post = 1.0
+    softcap = 0.0
+    inside_tanh = False
+    cur = x
+    prev = inner[-1] if inner else sm
+    while True:
+        region.append(cur)  # every region node's users are checked once the region is whole
+        t = cur.target
+        if cur.op != "call_function":
+            raise NotAttention(f"the scores come from {cur.op} {cur.name}, not a matmul")
+        if t in MATMUL_OPS:
+            product = cur
+            break
+        args = cur.args
+        if t in PASS_THROUGH:
+            src = args[0]
+            if list(_shape(src))[-2:] != list(_shape(cur))[-2:] or len(_shape(src)) < 2:
+                raise NotAttention(f"{t} changes the [Tq, Tk] dims of the scores")
+            if t is aten.expand.default and list(_shape(src)) != list(_shape(cur)):
+                raise NotAttention("the scores are broadcast")
+            cur = src
+            continue
+        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            a, b = args[0], args[1]
+            if not isinstance(a, fx.Node):
+                a, b = b, a
+            c = b if isinstance(b, (int, float)) and not isinstance(b, bool) else _constant_value(b)
+            if c is None:
+                raise NotAttention(f"the scores are multiplied by a tensor ({getattr(b, 'name', b)}) whose value is data")
+            post = post * c if t in (aten.mul.Tensor, aten.mul.Scalar) else post / c
+            cur = a
+            continue
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            a, b = args[0], args[1]
+            alpha = cur.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+            a_is = isinstance(a, fx.Node) and _leads_to_product(a)
+            b_is = isinstance(b, fx.Node) and _leads_to_product(b)
+            if a_is == b_is:
+                raise NotAttention("cannot tell the scores from the bias in an add")
+            if inside_tanh:
+                raise NotAttention("a bias is added inside the softcap's tanh")
+            sign = -1.0 if t is aten.sub.Tensor else 1.0
+            if b_is:
+                if t is aten.sub.Tensor:
+                    raise NotAttention("the scores are negated")
+                a, b = b, a
+                alpha, sign = 1, 1.0
+            if isinstance(b, fx.Node):
+                cv = _constant_value(b)
+                if cv is None:
+                    terms.append(ScoreTerm("bias", b, post * sign * alpha, len(_shape(cur))))
+            # adding a constant shifts every score of a row equally: softmax does not change
+            cur = a
+            continue
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            s, m, val = args[0], args[1], args[2]
+            v = _constant_value(val)
+            if v is None:
+                raise NotAttention("masked_fill with a value that is data")
+            if inside_tanh:
+                raise NotAttention("a mask is applied inside the softcap's tanh")
+            terms.append(ScoreTerm("fill", m, v * post if math.isfinite(v) else v * (1 if post > 0 else -1),
+                                   len(_shape(cur))))
+            cur = s
+            continue
+        if t is aten.where.self:
+            m, a, b = args
+            a_is = isinstance(a, fx.Node) and _leads_to_product(a)
+            b_is = isinstance(b, fx.Node) and _leads_to_product(b)
+            if a_is == b_is:
+                raise NotAttention("cannot tell the scores from the fill value in a where")
+            other = b if a_is else a
+            v = _constant_value(other)
+            if v is None:
+                raise NotAttention("where() fills with a tensor that is data")
+            if inside_tanh:
+                raise NotAttention("a mask is applied inside the softcap's tanh")
+            value = v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
+            terms.append(ScoreTerm("keep" if a_is else "fill", m, value, len(_shape(cur))))
+            cur = a if a_is else b
+            continue
+        if t is aten.tanh.default:
+            if softcap or inside_tanh:
+                raise NotAttention("two tanh on the scores")
+            if terms:
+                # softcap(s) + terms is the op's order; terms already recorded are outside the tanh
+                pass
+            softcap = post
+            inside_tanh = True
+            cur = args[0]
+            continue
+        raise NotAttention(f"the scores pass through {getattr(t, '__name__', t)} before the softmax")
+
+    if post <= 0:
+        raise NotAttention("the scores are scaled by a non-positive factor")
+    if inside_tanh and softcap <= 0:
+        raise NotAttention("softcap with a non-positive cap")
+
+    # ---- the Q·Kᵀ product
+    q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha = _product_operands(product, "qk")
+    for node_, coef in extra_terms:
+        terms.append(ScoreTerm("bias", node_, coef * post, len(_shape(product))))
+    post *= alpha
+    pshape = _shape(product)
+    if not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
+        raise NotAttention("the product's [Tq, Tk] differ from the softmax's")
+
+    # ---- down the probability chain to P·V
+    p_chain: list[fx.Node] = []
+    dropout_p = 0.0
+    cur = sm
+    while True:
+        u = _only_user(cur, "attention probabilities")
+        if u.op != "call_function":
+            raise NotAttention("the probabilities are an output of the graph")
+        t = u.target
+        if t in MATMUL_OPS:
+            pv = u
+            break
+        if t in PASS_THROUGH:
+            p_chain.append(u)
+            cur = u
+            continue
+        if t is aten.dropout.default:
+            p, train = u.args[1], u.args[2]
+            if train and p > 0:
+                if dropout_p:
+                    raise NotAttention("two dropouts on the probabilities")
+                dropout_p = float(p)
+            p_chain.append(u)
+            cur = u
+            continue
+        if t is aten.native_dropout.default:
+            p, train = u.args[1], u.args[2]
+            getitems = list(u.users)
+            if not all(g.target is operator.getitem for g in getitems) or any(g.args[1] != 0 for g in getitems):
+                raise NotAttention("the dropout mask is used elsewhere")
+            if train and p > 0:
+                dropout_p = float(p)
+            p_chain += [u] + getitems
+            if len(getitems) != 1:
+                raise NotAttention("dropout output used several times")
+            cur = getitems[0]
+            continue
+        raise NotAttention(f"the probabilities pass through {getattr(t, '__name__', t)} before the matmul with V")
+    region += p_chain
+    region.append(pv)
+    inside = set(region)
+    for n in region[:-1]:
+        outside = [u for u in n.users if u not in inside]
+        if outside:
+            what = "attention probabilities" if n in p_chain or n is sm else "scores"
+            raise NotAttention(f"the {what} ({n.name}) are also used by {outside[0].name}; "
+                               "a fused op would hide that use")
+    p_op, v_op, spelling_pv, pv_batch_shape, pv_extra, pv_alpha = _product_operands(pv, "pv")
+    if pv_extra or pv_alpha != 1.0:
+        raise NotAttention("the P·V product adds or scales")
+    (p_op, p_perm), (v_op, v_perm) = _split(p_op), _split(v_op)
+    (q_op, q_perm), (kt_op, k_perm) = _split(q_op), _split(kt_op)
+    if p_op is not (p_chain[-1] if p_chain else sm):
+        raise NotAttention("the probabilities are not the first operand of the P·V product")
+
+    # probabilities must reach P·V with their [B, H, Tq, Tk] layout unchanged
+    _check_probabilities_layout(p_op, p_perm, sm, p_chain, pv_batch_shape, batch, heads, q_len, k_len)
+
+    logical_qk = _logical(qk_batch_shape, batch, heads)
+    q_ref = resolve_operand(q_op, lambda lay: logical_qk(_in_order(q_perm)(lay)), "q")
+    k_ref = resolve_operand(kt_op, lambda lay: logical_qk(_in_order(k_perm)(lay)).transpose(2, 3), "kv")
+    logical_pv = _logical(pv_batch_shape, batch, heads)
+    v_ref = resolve_operand(v_op, lambda lay: logical_pv(_in_order(v_perm)(lay)), "v")
+
+    scale = post * q_ref.scale * k_ref.scale
+    if not _eq(k_ref.heads, v_ref.heads):
+        raise NotAttention(f"K has {k_ref.heads} heads and V {v_ref.heads}")
+    head_dim = _shape(q_op)[q_perm[-1] if q_perm else -1]
+    v_head_dim = _shape(pv)[-1]
+
+    out_steps = _output_steps(pv, pv_batch_shape)
+    paged, paged_scale = _paged_pair(
+        kt_op, lambda lay: logical_qk(_in_order(k_perm)(lay)).transpose(2, 3),
+        v_op, lambda lay: logical_pv(_in_order(v_perm)(lay)), post * q_ref.scale)
+    return AttentionMatch(
+        anchor=sm, spelling=("manual-softmax " if manual else "") + spelling, q=q_ref, k=k_ref, v=v_ref,
+        batch=batch, q_heads=heads, kv_heads=k_ref.heads, q_len=q_len, k_len=k_len,
+        head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, softcap=softcap, terms=terms,
+        dropout_p=dropout_p, safe_softmax=sm.target is aten._safe_softmax.default,
+        output=pv, output_steps=out_steps, region=region, paged=paged, paged_scale=paged_scale,
+    )
+
+
+def _einsum_perms(eq: str):
+    """Permutations that bring einsum 'xyz,xwz->...' operands to matmul form, or NotAttention."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        raise NotAttention(f"einsum '{eq}' is not a batched matmul this pass understands")
+    ins, out = eq.split("->")
+    a, b = ins.split(",")
+    contracted = [c for c in a if c in b and c not in out]
+    if len(contracted) != 1:
+        raise NotAttention(f"einsum '{eq}' does not contract exactly one index")
+    d = contracted[0]
+    m = [c for c in a if c not in b]
+    n = [c for c in b if c not in a]
+    batch = [c for c in out if c in a and c in b]
+    if len(m) != 1 or len(n) != 1 or list(out) != batch + m + n or set(a) != set(batch + m + [d]) \
+            or set(b) != set(batch + n + [d]):
+        raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> [batch, m, n]")
+    perm_a = [a.index(c) for c in batch + m + [d]]
+    perm_b = [b.index(c) for c in batch + [d] + n]
+    return perm_a, perm_b
+
+
+def _product_operands(node: fx.Node, which: str):
+    """(left operand, right operand, spelling, batch shape, extra bias terms, alpha) of a product.
+
+    For einsum the operands are wrapped so that their layouts are read in matmul order.
+    """
+    t = node.target
+    shape = _shape(node)
+    batch_shape = shape[:-2]
+    if t is aten.matmul.default:
+        a, b = node.args
+        if len(_shape(a)) < 2 or len(_shape(b)) < 2:
+            raise NotAttention("matmul with a vector")
+        return a, b, "matmul", batch_shape, [], 1.0
+    if t is aten.bmm.default:
+        a, b = node.args
+        return a, b, "bmm", batch_shape, [], 1.0
+    if t is aten.baddbmm.default:
+        inp, a, b = node.args[:3]
+        beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+        alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+        extra = [] if beta == 0 else [(inp, float(beta))]
+        return a, b, "baddbmm", batch_shape, extra, float(alpha)
+    if t is aten.einsum.default:
+        eq, operands = node.args[0], node.args[1]
+        if len(operands) != 2:
+            raise NotAttention("einsum of more than two operands")
+        perm_a, perm_b = _einsum_perms(eq)
+        return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0
+    raise NotAttention(f"{t} is not a product")
+
+
+def _split(operand):
+    """(node, permutation to matmul order or None): einsum operands carry their permutation."""
+    if isinstance(operand, tuple):
+        return operand
+    return operand, None
+
+
+def _in_order(perm):
+    return (lambda lay: lay) if perm is None else (lambda lay: lay.permute(perm))
+
+
+def _logical(batch_shape, batch, heads):
+    """Map an operand layout [pbatch..., X, Y] (already in product order) to [B, H, X, Y]."""
+
+    def to_logical(lay: Layout) -> Layout:
+        dims = lay.dims
+        n_op_batch = len(dims) - 2
+        n_batch = len(batch_shape)
+        if n_op_batch > n_batch:
+            raise NotAView("operand has more batch dims than the product")
+        xy = lay.shape[-2:]
+        lay = lay.expand(list(batch_shape) + list(xy))
+        return lay.reshape([batch, heads] + list(xy))
+
+    return to_logical
+
+
+def _check_probabilities_layout(p_op, p_perm, sm, p_chain, pv_batch_shape, batch, heads, q_len, k_len):
+    chain = [n for n in p_chain if n.target not in (aten.dropout.default, aten.native_dropout.default)
+             and n.target is not operator.getitem]
+    lay = layout_of(p_op, sm, chain) if p_op is not sm else Layout.contiguous(_shape(sm))
+    lay = _logical(pv_batch_shape, batch, heads)(_in_order(p_perm)(lay))
+    ref = Layout.contiguous([batch, heads, q_len, k_len])
+    for k in range(4):
+        got, want = lay.clean(k), ref.clean(k)
+        if len(got) != len(want) or any(not (_eq(g[0], w[0]) and _eq(g[1], w[1])) for g, w in zip(got, want)):
+            raise NotAttention("the probabilities reach the P·V product rearranged")
+
+
+def _output_steps(pv: fx.Node, pv_batch_shape) -> tuple[tuple[str, object], ...]:
+    n = len(pv_batch_shape)
+    if n == 2:
+        return ()
+    if n == 1:
+        return (("flatten", (0, 1)),)
+    if n == 0:
+        return (("squeeze", 0), ("squeeze", 0))
+    raise NotAttention("the P·V product has more than two batch dims")
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA calls
+
+def _sdpa_args(node: fx.Node):
+    """Normalize the SDPA op family to (q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)."""
+    t = node.target
+    a, kw = list(node.args), dict(node.kwargs)
+
+    def get(i, name, default):
+        if name in kw:
+            return kw[name]
+        return a[i] if len(a) > i else default
+
+    q, k, v = a[0], a[1], a[2]
+    if t is aten.scaled_dot_product_attention.default:
+        return (q, k, v, get(3, "attn_mask", None), get(4, "dropout_p", 0.0), get(5, "is_causal", False),
+                get(6, "scale", None), get(7, "enable_gqa", False))
+    if t is aten._scaled_dot_product_flash_attention_for_cpu.default:
+        return (q, k, v, kw.get("attn_mask"), get(3, "dropout_p", 0.0), get(4, "is_causal", False),
+                kw.get("scale"), False)
+    if t is aten._scaled_dot_product_flash_attention.default:
+        return (q, k, v, None, get(3, "dropout_p", 0.0), get(4, "is_causal", False), get(6, "scale", None), False)
+    if t is aten._scaled_dot_product_efficient_attention.default:
+        return (q, k, v, get(3, "attn_bias", None), get(5, "dropout_p", 0.0), get(6, "is_causal", False),
+                get(7, "scale", None), False)
+    if t is aten._scaled_dot_product_cudnn_attention.default:
+        return (q, k, v, get(3, "attn_bias", None), get(5, "dropout_p", 0.0), get(6, "is_causal", False),
+                get(8, "scale", None), False)
+    raise NotAttention(f"unknown SDPA op {t}")
+
+
+def _match_sdpa(node: fx.Node) -> AttentionMatch:
+    q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(node)
+    output = node
+    region = [node]
+    if node.target is not aten.scaled_dot_product_attention.default:
+        users = list(node.users)
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in users) or len(users) != 1:
+            raise NotAttention("the SDPA call's log-sum-exp or other outputs are used")
+        output = users[0]
+        region.append(output)
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise NotAttention(f"SDPA with {len(qs)}-D inputs; the fused ops take [B, H, T, D]")
+    batch, heads, q_len, head_dim = qs
+    k_len = ks[2]
+    ident = lambda lay: lay  # noqa: E731  SDPA operands are already [B, H, T, D]
+    q_ref = resolve_operand(q, ident, "q")
+    k_ref = resolve_operand(k, ident, "kv")
+    v_ref = resolve_operand(v, ident, "v")
+    if not enable_gqa and not _eq(ks[1], heads):
+        raise NotAttention("SDPA with fewer K/V heads than query heads but enable_gqa=False")
+    terms = []
+    if mask is not None:
+        mv = _val(mask)
+        if mv.dtype == torch.bool:
+            terms.append(ScoreTerm("keep", mask, float("-inf")))
+        else:
+            terms.append(ScoreTerm("bias", mask, 1.0))
+    scale_v = (1.0 / math.sqrt(head_dim)) if scale is None else float(scale)
+    if not isinstance(head_dim, int) and scale is None:
+        raise NotAttention("symbolic head_dim with the default scale")
+    paged, paged_scale = _paged_pair(k, ident, v, ident, scale_v * q_ref.scale)
+    return AttentionMatch(
+        anchor=node, spelling="sdpa", q=q_ref, k=k_ref, v=v_ref, batch=batch, q_heads=heads,
+        kv_heads=k_ref.heads, q_len=q_len, k_len=k_len, head_dim=head_dim, v_head_dim=vs[-1],
+        scale=scale_v * q_ref.scale * k_ref.scale, terms=terms, is_causal=bool(is_causal),
+        dropout_p=float(dropout_p), safe_softmax=True, output=output, output_steps=(), region=region,
+        paged=paged, paged_scale=paged_scale,
+    )

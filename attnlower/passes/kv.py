@@ -1,0 +1,344 @@
+"""See through the producers of Q, K and V: views, casts, GQA repeats, scale multiplies.
+
+The fused ops want q `[B, Hq, T, D]` and k/v `[B, Hkv, T, D]` *before* any repeat: a model's
+`repeat_kv` (unsqueeze → expand → reshape) or `repeat_interleave` materializes `Hq/Hkv` copies
+that the kernel does not need. `resolve_operand` walks up the chain of layout ops from a matmul
+operand, and returns the farthest tensor of which the operand is provably a view
+(`layout.Layout`), with the size-free steps (squeeze, unsqueeze, permute) that turn it into the
+4-D form and the GQA group it was repeated by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.fx as fx
+
+from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, is_scale_node, layout_chain, layout_of
+
+
+@dataclass(frozen=True)
+class OperandRef:
+    """`source` after `steps` is the 4-D `[B, heads, T, D]` operand; its values times `scale`."""
+
+    source: fx.Node
+    steps: tuple[tuple[str, object], ...]
+    heads: int
+    scale: float
+    seen_through: int  # how many nodes between the operand and its source were looked through
+
+    def describe(self) -> str:
+        return f"{self.source.name}" + "".join(f".{k}({v})" for k, v in self.steps)
+
+
+def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], role: str) -> OperandRef:
+    """The farthest source of which `operand` is a view, fitted to `[B, H, T, D]`.
+
+    `to_logical` maps the operand's own layout to the logical `[B, H, T, D]` order (it transposes
+    kᵀ back, splits a flattened `B*H` batch, broadcasts a matmul batch). `role` is "q", "kv" or
+    "v": K and V may be a head-broadcast (GQA/MQA) of their source; V may not be scaled on the
+    way (the scale of the scores does not apply to it), so its walk stops at a multiply.
+    """
+    chain, _ = layout_chain(operand)
+    if role == "v":
+        for i, n in enumerate(chain):
+            if is_scale_node(n):
+                chain = chain[:i + 1]
+                break
+        role = "kv"
+    last_error = "no candidate"
+    for idx in range(len(chain) - 1, -1, -1):
+        src = chain[idx]
+        if len(_shape(src)) > 5:
+            continue
+        down = list(reversed(chain[:idx]))
+        try:
+            lay = to_logical(layout_of(operand, src, down))
+            steps, heads = _fit(src, lay, role)
+        except NotAView as e:
+            last_error = str(e)
+            continue
+        scale = 1.0
+        for n in chain[:idx]:
+            if is_scale_node(n):
+                x, c = n.args
+                if not isinstance(c, (int, float)):
+                    c = x
+                scale = scale * c if "mul" in str(n.target) else scale / c
+        return OperandRef(src, tuple(steps), heads, scale, idx)
+    raise NotAView(f"{role} operand {operand.name} is not a view of a [B, H, T, D] tensor ({last_error})")
+
+
+def _fit(src: fx.Node, lay: Layout, role: str):
+    """Match the logical dims to dims of `src`; return (steps, heads of the prepared tensor)."""
+    shape = _shape(src)
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc = acc * s
+    strides.reverse()
+    if len(lay.dims) != 4:
+        raise NotAView("logical operand is not 4-D")
+
+    wanted: list[tuple[object, object] | None] = []   # per logical dim: (size, stride) in src, or None = size 1
+    heads = None
+    for k in range(4):
+        subs = lay.clean(k)
+        if k == 1 and role == "kv":
+            if len(subs) == 2 and not _eq(subs[0][1], 0) and _eq(subs[1][1], 0):
+                heads = subs[0][0]           # GQA: head h reads source head h // group
+                subs = subs[:1]
+            elif len(subs) == 1 and _eq(subs[0][1], 0):
+                heads = 1                    # MQA: every head reads the one source head
+                subs = []
+        if len(subs) > 1:
+            raise NotAView(f"logical dim {k} mixes several source dims")
+        if subs and _eq(subs[0][1], 0):
+            raise NotAView(f"logical dim {k} is a broadcast")
+        wanted.append(subs[0] if subs else None)
+    if heads is None:
+        heads = lay.shape[1]
+
+    used: dict[int, int] = {}
+    for k, w in enumerate(wanted):
+        if w is None:
+            continue
+        for d, (s, st) in enumerate(zip(shape, strides)):
+            if d not in used.values() and not _is_one(s) and _eq(s, w[0]) and _eq(st, w[1]):
+                used[k] = d
+                break
+        else:
+            raise NotAView(f"logical dim {k} is not a whole dim of {src.name}")
+    spare = [d for d in range(len(shape)) if d not in used.values()]
+    for d in spare:
+        if not _is_one(shape[d]):
+            raise NotAView(f"{src.name} has a dim of size {shape[d]} the operand does not use")
+    for k in range(4):
+        if k not in used and spare:
+            used[k] = spare.pop(0)
+    steps: list[tuple[str, object]] = []
+    for d in sorted(spare, reverse=True):   # size-1 dims nobody needs
+        steps.append(("squeeze", d))
+        for k in used:
+            if used[k] > d:
+                used[k] -= 1
+    rank = len(shape) - len(spare)
+    for k in range(4):
+        if k not in used:
+            steps.append(("unsqueeze", rank))
+            used[k] = rank
+            rank += 1
+    perm = [used[k] for k in range(4)]
+    if perm != list(range(4)):
+        steps.append(("permute", perm))
+    return steps, heads
+
+
+# --------------------------------------------------------------------------------------------
+# paged caches: K/V gathered from a block pool through a block table
+
+import torch  # noqa: E402
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class PagedRef:
+    """K or V read from `pool` (after `pool_perm`: `[num_blocks, Hkv, block_size, D]`) via `table`."""
+
+    pool: fx.Node
+    pool_perm: tuple[int, ...]
+    table: fx.Node            # [B, max_blocks] integer
+    heads: object
+    block_size: object
+    length: object            # max_blocks * block_size: the gathered length
+    scale: float
+
+
+def _gather_parts(node: fx.Node):
+    """(pool, index node, index is flattened) for a gather along the pool's first dim, else None."""
+    t = node.target
+    if t is aten.index.Tensor:
+        pool, indices = node.args
+        if len(indices) == 1 and isinstance(indices[0], fx.Node):
+            return pool, indices[0]
+    if t is aten.index_select.default and node.args[1] == 0:
+        return node.args[0], node.args[2]
+    if t is aten.embedding.default:
+        return node.args[0], node.args[1]
+    return None
+
+
+def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
+    """The [B, max_blocks] table an index tensor is (or is a flatten of)."""
+    shape = _shape(index)
+    if len(shape) == 2 and _eq(shape[0], batch) and _eq(shape[1], max_blocks):
+        return index
+    chain, _ = layout_chain(index)
+    for cand in chain[1:]:
+        cs = _shape(cand)
+        if len(cs) == 2 and _eq(cs[0], batch) and _eq(cs[1], max_blocks):
+            try:
+                lay = layout_of(index, cand, list(reversed(chain[:chain.index(cand)])))
+            except NotAView:
+                continue
+            if [lay.clean(0)] == [[(s, st) for s, st in Layout.contiguous(cs).reshape([batch * max_blocks]).clean(0)]]:
+                return _uncast_index(cand)
+    return None
+
+
+def _uncast_index(index: fx.Node) -> fx.Node:
+    """Look through integer-to-integer casts of an index (`table.long()`): K and V then share a table."""
+    while (index.op == "call_function" and index.target in (aten._to_copy.default, aten.to.dtype)
+           and isinstance(index.args[0], fx.Node) and not _val(index.args[0]).dtype.is_floating_point
+           and _val(index.args[0]).dtype != torch.bool):
+        index = index.args[0]
+    return index
+
+
+def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> PagedRef | None:
+    """If the K/V operand is a view of `pool[table]` (any gather spelling), how to read it paged."""
+    chain, _ = layout_chain(operand)
+    gather = chain[-1]
+    parts = _gather_parts(gather) if gather.op == "call_function" else None
+    if parts is None:
+        return None
+    pool, index = parts
+    pshape = _shape(pool)
+    ishape = _shape(index)
+    try:
+        lay = to_logical(layout_of(operand, gather, list(reversed(chain[:-1]))))
+    except NotAView:
+        return None
+    if gather.target is aten.embedding.default:
+        return None  # a 2-D weight: the pool's [Hkv, block, D] structure is flattened away
+    if len(pshape) != 4 or len(ishape) not in (1, 2):
+        return None
+    gshape = list(ishape) + list(pshape[1:])
+    strides = [st for (_, st), in Layout.contiguous(gshape).dims]
+    batch = lay.shape[0]
+    if len(ishape) == 2:
+        b_sub = [(ishape[0], strides[0])]
+        blk_sub = [(ishape[1], strides[1])]
+        max_blocks = ishape[1]
+        pool_dim0 = 2  # gathered dims 2..4 are the pool's dims 1..3
+    else:
+        if not _eq(ishape[0] % batch, 0):
+            return None
+        max_blocks = ishape[0] // batch
+        b_sub = [(batch, strides[0] * max_blocks)]
+        blk_sub = [(max_blocks, strides[0])]
+        pool_dim0 = 1
+    pool_sub = {j: (gshape[j], strides[j]) for j in range(pool_dim0, pool_dim0 + 3)}
+
+    def clean(subs):
+        return [(s, st) for s, st in subs if not _is_one(s)]
+
+    def same(a, b):
+        return len(a) == len(b) and all(_eq(x[0], y[0]) and _eq(x[1], y[1]) for x, y in zip(a, b))
+
+    if not same(lay.clean(0), clean(b_sub)):
+        return None
+    head_subs = lay.clean(1)
+    heads_src = None
+    if len(head_subs) == 2 and _eq(head_subs[1][1], 0):
+        head_subs = head_subs[:1]
+    elif len(head_subs) == 1 and _eq(head_subs[0][1], 0):
+        head_subs = []
+    t_subs, d_subs = lay.clean(2), lay.clean(3)
+    if len(t_subs) == 0 or len(t_subs) > 2 or len(d_subs) != 1 or len(head_subs) > 1:
+        return None
+    if len(t_subs) == 2:
+        if not same(t_subs[:1], clean(blk_sub)):
+            return None
+        offset = t_subs[1]
+    else:
+        if not _is_one(max_blocks):
+            return None
+        offset = t_subs[0]
+
+    def find(sub):
+        for j, ps in pool_sub.items():
+            if not _is_one(ps[0]) and _eq(ps[0], sub[0]) and _eq(ps[1], sub[1]):
+                return j
+        return None
+
+    j_blk, j_d = find(offset), find(d_subs[0])
+    j_h = find(head_subs[0]) if head_subs else None
+    used = {j for j in (j_blk, j_d, j_h) if j is not None}
+    if j_blk is None or j_d is None or (head_subs and j_h is None) or len(used) != len(
+            [x for x in (j_blk, j_d, j_h) if x is not None]):
+        return None
+    if j_h is None:
+        rest = [j for j in pool_sub if j not in used]
+        if len(rest) != 1 or not _is_one(pool_sub[rest[0]][0]):
+            return None
+        j_h = rest[0]
+    heads_src = pool_sub[j_h][0]
+    table = _table_2d(_uncast_index(index), batch, max_blocks)
+    if table is None:
+        return None
+    perm = (0, j_h - pool_dim0 + 1, j_blk - pool_dim0 + 1, j_d - pool_dim0 + 1)
+    scale = 1.0
+    for n in chain[:-1]:
+        if is_scale_node(n):
+            x, c = n.args
+            if not isinstance(c, (int, float)):
+                c = x
+            scale = scale * c if "mul" in str(n.target) else scale / c
+    return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
+                    block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
+
+
+def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
+    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
+    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
+
+    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
+    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
+    """
+    t = mask.target
+    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
+    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
+    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
+    if t not in table or len(_shape(mask)) != 4:
+        return None
+    a, b = mask.args
+    if table[t]:
+        a, b = b, a
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    # a: positions along the key dim
+    chain_a, _ = layout_chain(a)
+    src_a = chain_a[-1]
+    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
+        chain_a2, _ = layout_chain(src_a.args[0])
+        chain_a = chain_a + chain_a2
+        src_a = chain_a[-1]
+    if src_a.target not in (aten.arange.default, aten.arange.start):
+        return None
+    if src_a.target is aten.arange.start and src_a.args[0] != 0:
+        return None
+    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
+        return None
+    try:
+        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
+    except NotAView:
+        return None
+    if lay_a.clean(len(lay_a.dims) - 1) != [(_shape(src_a)[0], 1)] or not _eq(_shape(src_a)[0], k_len):
+        return None
+    if any(lay_a.clean(k) and not all(_eq(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
+        return None
+    # b: one length per batch row
+    chain_b, _ = layout_chain(b)
+    src_b = chain_b[-1]
+    if len(_shape(src_b)) != 1 or _val(src_b).dtype.is_floating_point:
+        return None
+    try:
+        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
+    except NotAView:
+        return None
+    nb = len(lay_b.dims)
+    if nb != 4 or lay_b.clean(0) != [(_shape(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
+        return None
+    return src_b

@@ -1,0 +1,246 @@
+"""Layout algebra: prove that a tensor is a view of another one, whatever chain of views made it.
+
+A chain of layout ops (view, reshape, permute, transpose, expand, unsqueeze, clone, ...) never
+changes values, only which source element sits at which index. We track that map exactly, in the
+style of CuTe layouts: every logical dim of the current tensor is a row-major list of *sub-dims*
+`(size, stride)` into the source's virtual contiguous index space (stride 0 = broadcast).
+A reshape regroups the flat sequence of sub-dims (splitting one where a new size divides it);
+if it cannot, the chain is not a view of the source and we say so instead of guessing.
+
+Sizes may be SymInts (dynamic shapes): comparisons go through `bool(...)`, which evaluates with
+the traced hint and records a guard, so the proof holds for every size the graph is reused for.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+SubDim = tuple[object, object]  # (size, stride); both int or SymInt
+
+
+class NotAView(Exception):
+    """The chain cannot be expressed as a view of the source."""
+
+
+def _is_one(x) -> bool:
+    return isinstance(x, int) and x == 1 or (not isinstance(x, int) and bool(x == 1))
+
+
+def _eq(a, b) -> bool:
+    return bool(a == b)
+
+
+@dataclass
+class Layout:
+    """`dims[k]` is the row-major list of (size, stride) sub-dims of logical dim k."""
+
+    dims: list[list[SubDim]]
+
+    @classmethod
+    def contiguous(cls, shape: Sequence[object]) -> "Layout":
+        strides, acc = [], 1
+        for s in reversed(list(shape)):
+            strides.append(acc)
+            acc = acc * s
+        strides.reverse()
+        return cls([[(s, st)] for s, st in zip(shape, strides)])
+
+    @property
+    def shape(self) -> list[object]:
+        return [math.prod(s for s, _ in d) if d else 1 for d in self.dims]
+
+    def clean(self, k: int) -> list[SubDim]:
+        """Sub-dims of dim k without size-1 entries."""
+        return [(s, st) for s, st in self.dims[k] if not _is_one(s)]
+
+    # -- the view ops ---------------------------------------------------------------------------
+    def permute(self, perm: Sequence[int]) -> "Layout":
+        n = len(self.dims)
+        return Layout([self.dims[p % n] for p in perm])
+
+    def transpose(self, a: int, b: int) -> "Layout":
+        n = len(self.dims)
+        perm = list(range(n))
+        perm[a % n], perm[b % n] = perm[b % n], perm[a % n]
+        return self.permute(perm)
+
+    def unsqueeze(self, d: int) -> "Layout":
+        n = len(self.dims) + 1
+        dims = list(self.dims)
+        dims.insert(d % n, [])
+        return Layout(dims)
+
+    def squeeze(self, ds: Sequence[int] | None) -> "Layout":
+        n = len(self.dims)
+        shape = self.shape
+        drop = set(range(n)) if ds is None else {d % n for d in ds}
+        return Layout([d for k, d in enumerate(self.dims) if not (k in drop and _is_one(shape[k]))])
+
+    def expand(self, sizes: Sequence[object]) -> "Layout":
+        new = len(sizes) - len(self.dims)
+        if new < 0:
+            raise NotAView("expand to fewer dims")
+        dims = [[(sizes[k], 0)] for k in range(new)]
+        shape = self.shape
+        for k, d in enumerate(self.dims):
+            target = sizes[new + k]
+            if isinstance(target, int) and target == -1 or _eq(target, shape[k]):
+                dims.append(d)
+            elif _is_one(shape[k]):
+                dims.append([(target, 0)])
+            else:
+                raise NotAView(f"expand of a dim of size {shape[k]} to {target}")
+        return Layout(dims)
+
+    def reshape(self, sizes: Sequence[object]) -> "Layout":
+        queue = [sd for d in self.dims for sd in d if not _is_one(sd[0])]
+        out: list[list[SubDim]] = []
+        for n in sizes:
+            taken: list[SubDim] = []
+            rem = n
+            while not _is_one(rem):
+                if not queue:
+                    raise NotAView("reshape needs more elements than there are")
+                s, st = queue.pop(0)
+                if _eq(rem % s, 0):
+                    taken.append((s, st))
+                    rem = rem // s
+                elif _eq(s % rem, 0):
+                    taken.append((rem, st * (s // rem)))
+                    queue.insert(0, (s // rem, st))
+                    rem = 1
+                else:
+                    raise NotAView(f"reshape to {list(sizes)} splits a dim of size {s} unevenly")
+            out.append(taken)
+        if queue:
+            raise NotAView("reshape leaves elements over")
+        return Layout(out)
+
+    def repeat_interleave(self, repeats: object, dim: int) -> "Layout":
+        dims = list(self.dims)
+        d = dim % len(dims)
+        dims[d] = list(dims[d]) + [(repeats, 0)]
+        return Layout(dims)
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _shape(node: fx.Node) -> list[object]:
+    return list(_val(node).shape)
+
+
+# Ops that keep every value and only move them; the handler maps (layout, node) -> layout.
+def _apply(layout: Layout, node: fx.Node) -> Layout:
+    t = node.target
+    a = node.args
+    if t in (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+             aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+             aten.to.device, aten.type_as.default):
+        return layout
+    if t in (aten.permute.default,):
+        return layout.permute(a[1])
+    if t in (aten.transpose.int, aten.swapaxes.default, aten.swapdims.default):
+        return layout.transpose(a[1], a[2])
+    if t is aten.t.default:
+        return layout.transpose(0, 1) if len(layout.dims) == 2 else layout
+    if t is aten.unsqueeze.default:
+        return layout.unsqueeze(a[1])
+    if t in (aten.squeeze.dim, aten.squeeze.dims):
+        ds = a[1] if isinstance(a[1], (list, tuple)) else [a[1]]
+        return layout.squeeze(ds)
+    if t is aten.squeeze.default:
+        return layout.squeeze(None)
+    if t in (aten.expand.default, aten.expand_as.default):
+        return layout.expand(_shape(node))
+    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.unflatten.int, aten.view_as.default, aten.reshape_as.default):
+        return layout.reshape(_shape(node))
+    if t in (aten.repeat_interleave.self_int,):
+        if len(a) < 3 and "dim" not in node.kwargs:
+            raise NotAView("repeat_interleave without dim flattens")
+        dim = a[2] if len(a) > 2 else node.kwargs["dim"]
+        return layout.repeat_interleave(a[1], dim)
+    if t is aten.slice.Tensor:
+        dim = a[1] if len(a) > 1 else 0
+        start = a[2] if len(a) > 2 else None
+        end = a[3] if len(a) > 3 else None
+        step = a[4] if len(a) > 4 else 1
+        size = _shape(a[0])[dim]
+        if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
+                                                   or _eq(end, size)):
+            return layout
+        raise NotAView("a real slice")
+    raise NotAView(f"{t} is not a layout op")
+
+
+LAYOUT_OPS = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten.type_as.default, aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.swapdims.default,
+    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default,
+    aten._unsafe_view.default, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default,
+    aten.reshape_as.default, aten.repeat_interleave.self_int, aten.slice.Tensor,
+}
+
+# Casts keep positions but change values' precision: a chain that casts to a lower precision
+# between the source and the use is not a view for our purposes (the kernel would see more bits).
+_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+
+
+def layout_of(use: fx.Node, source: fx.Node, chain: Sequence[fx.Node]) -> Layout:
+    """The layout of `use` in terms of `source`, applying `chain` (source's consumers down to use)."""
+    lay = Layout.contiguous(_shape(source))
+    for n in chain:
+        if not is_scale_node(n):  # scalar multiplies move no element
+            lay = _apply(lay, n)
+    if len(lay.dims) != len(_shape(use)):
+        raise NotAView("rank mismatch after the chain")
+    return lay
+
+
+def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], list[float]]:
+    """Walk up from `node` through layout ops and scalar multiplies.
+
+    Returns (ancestors, scale): `ancestors[0]` is `node`, each next one the tensor input of the
+    previous; `scale` is the product of python-scalar mul/div found on the way (they commute with
+    layout). The walk stops at anything else, including casts to a different float dtype.
+    """
+    chain = [node]
+    scale = 1.0
+    cur = node
+    while True:
+        t = cur.target
+        if cur.op != "call_function":
+            break
+        if t in LAYOUT_OPS and isinstance(cur.args[0], fx.Node):
+            if t in _CASTS:
+                src_dt, dst_dt = _val(cur.args[0]).dtype, _val(cur).dtype
+                if src_dt != dst_dt:
+                    break
+            cur = cur.args[0]
+            chain.append(cur)
+            continue
+        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and len(cur.args) == 2:
+            x, c = cur.args
+            if isinstance(c, fx.Node) and not isinstance(x, fx.Node) and t in (aten.mul.Tensor, aten.mul.Scalar):
+                x, c = c, x
+            if isinstance(x, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool):
+                scale = scale * c if t in (aten.mul.Tensor, aten.mul.Scalar) else scale / c
+                cur = x
+                chain.append(cur)
+                continue
+        break
+    return chain, [scale]
+
+
+def is_scale_node(n: fx.Node) -> bool:
+    return n.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)

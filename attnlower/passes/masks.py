@@ -1,0 +1,828 @@
+"""Classify an attention mask by what it computes as a function of (query index, key index).
+
+Models spell masks in many ways (`tril` of ones, `triu(1)` as a fill, `arange` comparisons with
+offsets, HF's `masking_utils` and-chains over batch/q/kv index vectors, `where(mask, 0, finfo.min)`,
+registered buffers). Instead of matching templates, `classify_mask`:
+
+1. factors the mask into a conjunction of visibility factors (`&`, `*` of bools, `|` of fill masks,
+   sums of additive masks, `where` / `masked_fill` with a masking constant, views and casts);
+2. sorts the factors into *data-free* ones, whose value depends only on sizes, and *data-dependent*
+   ones, which read tensor data (an input, a parameter or buffer, a constant attribute, random numbers);
+3. evaluates the data-free factors concretely on CPU with an `fx.Interpreter`, at the traced sizes and,
+   when sizes are symbolic, at other sizes the shape guards allow, and compares the resulting
+   [Tq, Tk] visibility with the patterns the kernels implement (none, causal, causal band);
+4. accepts a data-dependent factor only as a padding mask ([B|1, 1, 1, Tk]: depends on batch and key).
+
+A static graph is specialized to its sizes, so one evaluation there proves the pattern for that graph.
+A symbolic graph is checked at several consistent sizes, which catches masks that only look like a
+fixed band at the traced size (a window of T // 2). Anything unproven is kind "tensor" with a reason:
+the analyzer then passes the mask on as a bias, which is always exact.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+__all__ = ["MaskInfo", "classify_mask", "MAX_EVAL_ELEMENTS", "POLARITIES"]
+
+POLARITIES = ("keep", "fill", "additive")
+
+# Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
+# pattern is 64M elements (64 MiB); beyond that the evaluation costs more than the proof is worth.
+MAX_EVAL_ELEMENTS = 64 * 2**20
+
+# Additive masks: values at or below this are "masked" (HF uses finfo(dtype).min; -1e30 covers
+# fp32/bf16/fp64 mins and the common "large negative" constants); see `_additive_threshold` for fp16.
+ADDITIVE_MASKED_AT_OR_BELOW = -1e30
+
+# Sizes tried besides the traced ones (hints), applied to every backed symbol of the shape env at once
+# so that relations between sizes (Tk = Tq + past, equal dims) are kept; each must satisfy the guards.
+_SIZE_VARIATIONS: tuple[tuple[str, Callable[[int], int]], ...] = (
+    ("hint", lambda h: h),
+    ("hint+5", lambda h: h + 5),
+    ("2*hint+3", lambda h: 2 * h + 3),
+    ("3", lambda h: 3),
+)
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What a mask does to the scores, as far as it could be proven.
+
+    kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor".
+    causal: key j > i + off is masked (kinds "causal"/"band" and their "+padding" forms); for the
+        kinds without padding nothing else is masked.
+    bottom_right: the causal/band diagonal is aligned bottom-right (off = Tk - Tq); always False when
+        Tq == Tk at every evaluated size.
+    window: band width (kinds "band", "band+padding"): key j visible iff i + off - window < j <= i + off.
+    data_dependent: the mask reads tensor data (an input, parameter, buffer or constant), not only sizes.
+    reason: one line for the report: what was proven, or why nothing could be.
+
+    Only kinds "none", "causal" and "band" with data_dependent=False let the analyzer drop the mask
+    tensor and use the kernel's own causal/window logic; every other kind is passed on as a bias.
+    """
+
+    kind: str
+    causal: bool = False
+    bottom_right: bool = False
+    window: int = 0
+    data_dependent: bool = False
+    reason: str = ""
+
+
+def classify_mask(mask: fx.Node, polarity: str, q_len, k_len) -> MaskInfo:
+    """Classify the mask produced by `mask` for an attention site with Tq=`q_len`, Tk=`k_len`.
+
+    `polarity` says how the site uses the mask's value: "keep" (bool, True = visible), "fill"
+    (bool, True = masked) or "additive" (float added to the scores: 0 = visible, -inf or a value
+    <= -1e30 / finfo(dtype).min = masked). `q_len`/`k_len` are ints or SymInts.
+
+    Never raises on odd graphs: anything that cannot be proven comes back as kind "tensor" with a
+    reason. Raises ValueError / TypeError only for misuse (unknown polarity, `mask` not an fx.Node).
+    """
+    if polarity not in POLARITIES:
+        raise ValueError(
+            f"classify_mask: polarity must be one of {POLARITIES}, got {polarity!r}; use 'keep' for a "
+            "bool mask where True is visible, 'fill' where True is masked, 'additive' for a float mask"
+        )
+    if not isinstance(mask, fx.Node):
+        raise TypeError(f"classify_mask: expected the fx.Node producing the mask, got {type(mask).__name__}")
+    facts = _GraphFacts(mask, (q_len, k_len))
+    try:
+        return _classify(mask, polarity, q_len, k_len, facts)
+    except _Refusal as refusal:
+        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=str(refusal))
+
+
+# --------------------------------------------------------------------------------------------------
+# Op vocabulary. Names are overload-packet names (`aten.bitwise_and.Tensor` -> "bitwise_and") or, for
+# Python-level targets (`operator.and_`), the function name, so torch-level graphs read the same.
+
+# Conjunction of visibility per polarity: the result is visible iff every operand is visible.
+_CONJUNCTIONS = {
+    "keep": {"bitwise_and", "logical_and", "__and__", "and_", "mul", "minimum"},
+    "fill": {"bitwise_or", "logical_or", "__or__", "or_", "add", "maximum"},  # masked iff any is masked
+    "additive": {"add", "minimum"},  # 0 + 0 = 0; anything plus a masking value stays masking
+}
+_NEGATIONS = {"bitwise_not", "logical_not", "__invert__", "invert"}  # keep <-> fill
+# Ops whose output is the input's value, right-aligned and maybe broadcast (checked on the shapes).
+_PASS_THROUGH = {
+    "expand", "expand_as", "broadcast_to", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+    "_to_copy", "to", "type_as", "view", "view_as", "reshape", "_unsafe_view", "unsqueeze", "squeeze",
+}
+# Ops that read only the size (and dtype/device) of their first argument, never its data.
+_SHAPE_ONLY = {
+    "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
+    "sym_size", "sym_numel", "size", "numel", "dim",
+}
+# In-place ops that change autograd metadata only, never the values (pre-dispatch graphs `detach_`
+# every lifted tensor literal).
+_METADATA_ONLY_WRITES = {"detach_", "requires_grad_"}
+# Ops whose result is uninitialized memory: as unknowable as data.
+_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"}
+
+
+class _Refusal(Exception):
+    """Internal: the mask cannot be proven to be anything but a tensor; the message is the reason."""
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def _describe(node: fx.Node) -> str:
+    return f"`{node.name}` ({_op_name(node)})" if node.op == "call_function" else f"`{node.name}`"
+
+
+def _tensor_val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _is_sym(value: Any) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph facts: value ancestors, data dependence, mutation, symbolic sizes.
+
+
+class _GraphFacts:
+    """What the classifier needs to know about the graph around one mask node."""
+
+    def __init__(self, mask: fx.Node, sizes: Iterable[Any]):
+        self.graph = mask.graph
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self.ancestors = self._value_ancestors([mask])
+        self.data_reason: dict[fx.Node, str | None] = {}
+        for node in sorted(self.ancestors, key=self.order.__getitem__):
+            self.data_reason[node] = self._own_data_reason(node)
+        self.data_dependent_seen = False  # set once a data-dependent factor is found
+        self.shape_env = self._find_shape_env(list(self.ancestors) + list(sizes))
+
+    @staticmethod
+    def _value_inputs(node: fx.Node) -> list[fx.Node]:
+        """Inputs whose *value* `node` reads: a shape-only op's first argument is read for its size only."""
+        inputs = node.all_input_nodes
+        first = node.args[0] if node.args else None
+        if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and isinstance(first, fx.Node):
+            others = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+            others += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
+            return others if first not in others else inputs
+        return inputs
+
+    def _value_ancestors(self, roots: list[fx.Node]) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(self._value_inputs(node))
+        return seen
+
+    def _own_data_reason(self, node: fx.Node) -> str | None:
+        """Why `node`'s value depends on tensor data, or None when it depends on sizes only."""
+        if node.op == "placeholder":
+            if "val" not in node.meta:
+                return f"input `{node.name}` has no metadata (treated as tensor data)"
+            return f"reads tensor input `{node.name}`" if isinstance(node.meta["val"], torch.Tensor) else None
+        if node.op == "get_attr":
+            owner = self.graph.owning_module
+            try:
+                value = operator.attrgetter(str(node.target))(owner) if owner is not None else None
+            except AttributeError:
+                value = None
+            # Submodules (higher-order op bodies) are code, not data.
+            if isinstance(value, torch.nn.Module):
+                return None
+            # A tensor literal of the traced code (`torch.tensor(-inf)` in forward): make_fx stores it as
+            # a constant read only through `lift_fresh_copy`; it is rebuilt with the same value on every
+            # call, so it is as fixed as the code. Any other stored tensor (a parameter, a buffer) is data.
+            if node.users and all(_op_name(u) == "lift_fresh_copy" for u in node.users):
+                return None
+            return f"reads attribute `{node.target}` (its content can change without a recompile)"
+        if node.op == "call_module":
+            return f"calls module `{node.target}`, whose result is opaque"
+        if node.op == "call_function":
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
+                return f"draws random numbers ({_describe(node)})"
+            if _op_name(node) in _UNINITIALIZED:
+                return f"reads uninitialized memory ({_describe(node)})"
+        for inp in self._value_inputs(node):
+            reason = self.data_reason.get(inp)
+            if reason:
+                return reason
+        return None
+
+    def mutation_reason(self) -> str | None:
+        """A reason when some op writes in place to (a view of) what the mask reads, else None."""
+        mutated: dict[fx.Node, fx.Node] = {}
+        for node in self.graph.nodes:
+            target = node.target
+            if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+                continue
+            if _op_name(node) in _METADATA_ONLY_WRITES:
+                continue
+            for index, arg in enumerate(target._schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = node.args[index] if index < len(node.args) else node.kwargs.get(arg.name)
+                if isinstance(value, fx.Node):
+                    mutated.setdefault(self._storage_root(value), node)
+        for node in self.ancestors:
+            writer = mutated.get(self._storage_root(node))
+            if writer is not None:
+                return f"`{node.name}` is written in place by {_describe(writer)}, so its value is not its producer's"
+        return None
+
+    @staticmethod
+    def _storage_root(node: fx.Node) -> fx.Node:
+        """Follow views (ops whose result aliases their first input) back to the node that owns the storage."""
+        while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+            target = node.target
+            aliasing = target is operator.getitem or (
+                isinstance(target, torch._ops.OpOverload)
+                and any(r.alias_info is not None for r in target._schema.returns)
+            )
+            if not aliasing:
+                break
+            node = node.args[0]
+        return node
+
+    @staticmethod
+    def _find_shape_env(values: Iterable[Any]):
+        for value in values:
+            if isinstance(value, fx.Node):
+                value = value.meta.get("val")
+            if _is_sym(value):
+                return value.node.shape_env
+            fake_mode = getattr(value, "fake_mode", None)
+            if fake_mode is not None and fake_mode.shape_env is not None:
+                return fake_mode.shape_env
+        return None
+
+    # ---- symbolic sizes ----
+
+    def expr(self, size: Any) -> sympy.Expr:
+        """The sympy expression of an int / SymInt size, with the shape env's replacements applied."""
+        if _is_sym(size):
+            expr = size.node.expr
+            env = size.node.shape_env
+            return env.replace(expr) if env is not None else expr
+        if isinstance(size, (bool, int, float)):
+            return sympy.sympify(size)
+        raise _Refusal(f"size {size!r} is neither an int nor a SymInt")
+
+    def same_size(self, a: Any, b: Any) -> bool:
+        difference = self.expr(a) - self.expr(b)
+        return difference == 0 or sympy.expand(difference) == 0
+
+    def concrete(self, size: Any, subs: dict) -> int:
+        """`size` evaluated at one substitution of the shape symbols."""
+        value = self.expr(size).xreplace(subs)
+        if not value.is_number:
+            raise _Refusal(f"size {size} does not become a number at {_show_subs(subs)}")
+        return int(value)
+
+    def substitutions(self, symbols: set[sympy.Symbol]) -> list[dict]:
+        """Concrete values for every shape symbol: the traced sizes first, then the variations that
+        satisfy the shape guards and value ranges (so they are sizes this graph may really run at)."""
+        if not symbols:
+            return [{}]
+        env = self.shape_env
+        if env is None:
+            raise _Refusal("sizes are symbolic but no shape environment was found to read their hints")
+        hints = getattr(env, "backed_var_to_val", None)
+        if hints is None:  # torch < 2.12 keeps hints in var_to_val only
+            hints = env.var_to_val
+        missing = sorted(str(s) for s in symbols if s not in hints)
+        if missing:
+            raise _Refusal(f"size {', '.join(missing)} has no hint (a data-dependent size)")
+        chosen: list[dict] = []
+        for _, vary in _SIZE_VARIATIONS:
+            # Only integer symbols are sizes; SymFloats (a scale read from a config) keep their value.
+            subs = {s: sympy.Integer(vary(int(h))) if s.is_integer else sympy.sympify(h) for s, h in hints.items()}
+            if chosen and not self._allowed(subs):
+                continue
+            if subs not in chosen:
+                chosen.append(subs)
+        return chosen
+
+    def _allowed(self, subs: dict) -> bool:
+        env = self.shape_env
+        for symbol, value in subs.items():
+            bounds = env.var_to_range.get(symbol)
+            try:
+                if bounds is not None and not (bool(value >= bounds.lower) and bool(value <= bounds.upper)):
+                    return False
+            except TypeError:  # a bound sympy cannot compare to a number: don't guess
+                return False
+        for guard in env.guards:
+            if guard.expr.xreplace(subs) is not sympy.true:
+                return False
+        return True
+
+
+def _show_subs(subs: dict) -> str:
+    return ", ".join(f"{s}={v}" for s, v in sorted(subs.items(), key=lambda kv: str(kv[0]))) or "the traced sizes"
+
+
+# --------------------------------------------------------------------------------------------------
+# Factoring into a conjunction of visibility factors.
+
+
+@dataclass(frozen=True)
+class _Factor:
+    """One conjunct: `value` (a node or a Python number) read with `polarity`; `dtypes` are the float
+    dtypes the value passed through on its way to the mask (an fp16 cast makes -65504 a masking value)."""
+
+    value: Any
+    polarity: str
+    dtypes: frozenset = frozenset()
+
+
+def _dtype_of(value: Any) -> torch.dtype | None:
+    val = _tensor_val(value)
+    return val.dtype if val is not None else None
+
+
+def _additive_threshold(dtypes: Iterable[torch.dtype]) -> float:
+    """Largest value still read as masking: -1e30, or finfo(dtype).min when a dtype on the path is
+    coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
+    threshold = ADDITIVE_MASKED_AT_OR_BELOW
+    for dtype in dtypes:
+        if dtype is not None and dtype.is_floating_point:
+            threshold = max(threshold, torch.finfo(dtype).min)
+    return threshold
+
+
+def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _GraphFacts) -> bool:
+    """True when `value` is a constant that masks under `polarity` (False for keep, True for fill,
+    -inf / finfo.min for additive): the branch of a `where` / the fill of a `masked_fill`."""
+    constant = _static_scalar(value, facts)
+    if constant is None:
+        return False
+    if polarity == "keep":
+        return constant == 0
+    if polarity == "fill":
+        return constant != 0
+    return constant == -math.inf or constant <= _additive_threshold(dtypes | {_dtype_of(value)})
+
+
+def _static_scalar(value: Any, facts: _GraphFacts) -> float | None:
+    """The value of a Python number, or of a one-element data-free node with no symbolic inputs."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    val = _tensor_val(value)
+    if val is None or facts.data_reason.get(value) or any(not isinstance(d, int) or d != 1 for d in val.shape):
+        return None
+    evaluator = _Evaluator([value], facts)
+    if evaluator.symbols:
+        return None
+    (result,) = evaluator.run({})
+    return float(result.reshape(()).item())
+
+
+def _right_aligned(source: Any, result: Any, facts: _GraphFacts) -> bool:
+    """True when `result`'s value is `source`'s value right-aligned (leading 1s added or dropped,
+    size-1 dims broadcast), so a factor of `source` is a factor of `result` under broadcasting."""
+    src, dst = _tensor_val(source), _tensor_val(result)
+    if src is None or dst is None:
+        return False
+    src_dims = list(src.shape)
+    while src_dims and facts.same_size(src_dims[0], 1):
+        src_dims.pop(0)
+    dst_dims = list(dst.shape)
+    if len(src_dims) > len(dst_dims):
+        return False
+    for s, d in zip(reversed(src_dims), reversed(dst_dims)):
+        if not (facts.same_size(s, d) or facts.same_size(s, 1)):
+            return False
+    return True
+
+
+def _same_dtype_class(a: torch.dtype | None, b: torch.dtype | None) -> bool:
+    if a is None or b is None:
+        return False
+    return (a == torch.bool) == (b == torch.bool) and a.is_floating_point == b.is_floating_point
+
+
+def _split(factor: _Factor, facts: _GraphFacts) -> list[_Factor] | None:
+    """The conjuncts `factor` splits into, or None when it is a leaf to evaluate or inspect."""
+    node, polarity, dtypes = factor.value, factor.polarity, factor.dtypes
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    name = _op_name(node)
+    out_dtype = _dtype_of(node)
+    args = node.args
+
+    def sub(value, pol=polarity):
+        return _Factor(value, pol, dtypes | {_dtype_of(value), out_dtype} - {None} if pol == "additive" else frozenset())
+
+    if name in _CONJUNCTIONS[polarity] and len(args) >= 2 and out_dtype is not None:
+        boolean = out_dtype == torch.bool
+        if polarity != "additive" and not boolean:
+            return None  # `mul`/`add` of non-bools is arithmetic, not a conjunction
+        if polarity == "additive" and (not out_dtype.is_floating_point or node.kwargs.get("alpha", 1) != 1):
+            return None
+        return [sub(args[0]), sub(args[1])]
+    if name in _NEGATIONS and polarity != "additive" and out_dtype == torch.bool and args:
+        return [sub(args[0], "fill" if polarity == "keep" else "keep")]
+    if name in ("eq", "ne") and polarity != "additive" and len(args) == 2 and _dtype_of(args[0]) == torch.bool:
+        if isinstance(args[1], (bool, int)) and args[1] in (0, 1):
+            same = (name == "eq") == bool(args[1])  # x == True / x != False is x itself
+            flipped = "fill" if polarity == "keep" else "keep"
+            return [sub(args[0], polarity if same else flipped)]
+        return None
+    if name == "where" and len(args) == 3 and _dtype_of(args[0]) == torch.bool:
+        cond, then_value, else_value = args
+        if _masks_everything(else_value, polarity, dtypes, facts):
+            return [sub(cond, "keep"), sub(then_value)]
+        if _masks_everything(then_value, polarity, dtypes, facts):
+            return [sub(cond, "fill"), sub(else_value)]
+        return None
+    if name == "masked_fill" and len(args) == 3 and _dtype_of(args[1]) == torch.bool:
+        if _masks_everything(args[2], polarity, dtypes, facts):
+            return [sub(args[0]), sub(args[1], "fill")]
+        return None
+    if name in _PASS_THROUGH and args and isinstance(args[0], fx.Node):
+        source = args[0]
+        if _same_dtype_class(_dtype_of(source), out_dtype) and _right_aligned(source, node, facts):
+            return [sub(source)]
+    return None
+
+
+def _factorize(mask: fx.Node, polarity: str, facts: _GraphFacts) -> list[_Factor]:
+    """Split the mask into conjuncts until each one is a leaf (worklist: mask graphs can be deep)."""
+    work = [_Factor(mask, polarity, frozenset({_dtype_of(mask)} - {None}))]
+    seen: set[tuple[Any, str]] = set()
+    leaves: list[_Factor] = []
+    while work:
+        factor = work.pop()
+        if isinstance(factor.value, fx.Node):
+            key = (factor.value, factor.polarity)
+            if key in seen:
+                continue  # the same conjunct reached twice (a diamond): and-ing it again changes nothing
+            seen.add(key)
+        parts = _split(factor, facts)
+        if parts is None:
+            leaves.append(factor)
+        else:
+            work.extend(parts)
+    return leaves
+
+
+# --------------------------------------------------------------------------------------------------
+# Concrete evaluation of the data-free part.
+
+
+def _on_cpu(value: Any) -> Any:
+    return torch.device("cpu") if isinstance(value, torch.device) else value
+
+
+class _CpuInterpreter(fx.Interpreter):
+    """Runs an extracted mask subgraph on CPU whatever device it was traced for."""
+
+    def call_function(self, target, args, kwargs):
+        args, kwargs = tree_map(_on_cpu, (args, kwargs))
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
+        return target(*args, **kwargs)
+
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except _Refusal:
+            raise
+        except Exception as error:  # noqa: BLE001 - any op may reject concrete sizes; the mask then stays a tensor
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise _Refusal(f"evaluating {_describe(n)} failed: {type(error).__name__}: {message[:200]}") from error
+
+
+class _Evaluator:
+    """The data-free subgraph computing `outputs`, runnable at any concrete sizes.
+
+    Placeholders of the subgraph are the SymInt inputs it uses and *stand-ins* for the tensors whose
+    size (never data) it reads through shape-only ops; a stand-in is a zero-stride expanded scalar,
+    so it costs no memory whatever its size.
+    """
+
+    def __init__(self, outputs: list[fx.Node], facts: _GraphFacts):
+        self.facts = facts
+        needed = facts._value_ancestors(outputs)
+        for node in needed:
+            if facts.data_reason.get(node):
+                raise _Refusal(f"internal: data-free factor depends on {_describe(node)}")
+        stand_in_for = set()
+        for node in needed:
+            if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and node.args:
+                first = node.args[0]
+                if isinstance(first, fx.Node) and first not in needed:
+                    stand_in_for.add(first)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[tuple[fx.Node, Any]] = []  # (placeholder in the original graph or stand-in, its meta value)
+        ordered = sorted(needed | stand_in_for, key=facts.order.__getitem__)
+        for node in ordered:
+            if node.op == "placeholder" or node in stand_in_for:
+                if "val" not in node.meta:
+                    raise _Refusal(f"input {_describe(node)} of the mask has no metadata")
+                env[node] = graph.placeholder(f"in_{node.name}")
+                self.inputs.append((node, node.meta["val"]))
+        for node in ordered:
+            if node not in env:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        graph.output(tuple(env[n] for n in outputs))
+        owner = facts.graph.owning_module or torch.nn.Module()
+        self.module = fx.GraphModule(owner, graph)
+        self.sized_nodes = [n for n in ordered if n not in stand_in_for and _tensor_val(n) is not None]
+        self.symbols: set[sympy.Symbol] = set()
+        for _, value in self.inputs:
+            for size in _sizes_of(value):
+                self.symbols |= facts.expr(size).free_symbols
+
+    def largest_numel(self, subs: dict) -> int:
+        """The most elements any evaluated node holds at these sizes (stand-ins hold none)."""
+        largest = 1
+        for node in self.sized_nodes:
+            numel = 1
+            for size in _tensor_val(node).shape:
+                numel *= self.facts.concrete(size, subs)
+            largest = max(largest, numel)
+        return largest
+
+    def run(self, subs: dict) -> list[torch.Tensor]:
+        args = [self._concrete_input(node, value, subs) for node, value in self.inputs]
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        # Real tensors even when called under the backend's fake mode; no autograd bookkeeping.
+        with unset_fake_temporarily(), torch.no_grad():
+            results = _CpuInterpreter(self.module).run(*args)
+        return [r if isinstance(r, torch.Tensor) else torch.tensor(r) for r in results]
+
+    def _concrete_input(self, node: fx.Node, value: Any, subs: dict) -> Any:
+        if isinstance(value, torch.Tensor):
+            shape = [self.facts.concrete(s, subs) for s in value.shape]
+            return torch.zeros((), dtype=value.dtype).expand(shape)
+        if _is_sym(value):
+            concrete = self.facts.expr(value).xreplace(subs)
+            if not concrete.is_number:
+                raise _Refusal(f"input `{node.name}` = {value} does not become a number at {_show_subs(subs)}")
+            if isinstance(value, torch.SymBool):
+                return bool(concrete)
+            return int(concrete) if isinstance(value, torch.SymInt) else float(concrete)
+        return value
+
+
+def _sizes_of(value: Any) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return list(value.shape)
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return [value]
+    return []
+
+
+def _visibility(value: torch.Tensor, factor: _Factor) -> torch.Tensor:
+    """Bool tensor, True where the factor leaves the score visible; refuses values that are not a mask."""
+    if factor.polarity in ("keep", "fill"):
+        if value.dtype != torch.bool:
+            raise _Refusal(f"a {factor.polarity} mask factor has dtype {value.dtype}, expected bool")
+        return value if factor.polarity == "keep" else ~value
+    if value.dtype == torch.bool:
+        raise _Refusal("a bool tensor is added to the scores: a 0/1 bias, not a mask")
+    value = value if value.is_floating_point() else value.to(torch.float64)
+    visible = value == 0
+    masked = (value == -math.inf) | (value <= _additive_threshold(factor.dtypes | {value.dtype}))
+    other = ~(visible | masked)
+    if other.any():
+        example = value[other].reshape(-1)[0].item()
+        raise _Refusal(f"additive mask holds {example!r} besides 0 and -inf/finfo.min: a general bias, not a mask")
+    return visible
+
+
+def _query_key_matrix(visible: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
+    """The [Tq, Tk] visibility shared by every batch/head slice of the broadcast mask."""
+    if visible.dim() < 2:
+        visible = visible.reshape((1,) * (2 - visible.dim()) + tuple(visible.shape))
+    rows, cols = visible.shape[-2:]
+    if rows not in (1, tq) or cols not in (1, tk):
+        raise _Refusal(f"mask has shape {list(visible.shape)} but the site has Tq={tq}, Tk={tk}")
+    slices = visible.reshape(-1, rows, cols)
+    if slices.shape[0] > 1 and not bool((slices == slices[0]).all()):
+        raise _Refusal("mask differs across batch/head slices")
+    return slices[0].expand(tq, tk)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pattern models: what the kernels implement.
+
+
+@dataclass(frozen=True)
+class _Model:
+    kind: str  # "none" | "causal" | "band"
+    bottom_right: bool = False
+    window: int = 0
+
+    def visible(self, tq: int, tk: int) -> torch.Tensor:
+        """Key j visible from query i, per docs/INTERFACES.md (off = Tk - Tq when bottom-right)."""
+        if self.kind == "none":
+            return torch.ones(tq, tk, dtype=torch.bool)
+        i = torch.arange(tq).unsqueeze(1)
+        j = torch.arange(tk).unsqueeze(0)
+        off = tk - tq if self.bottom_right else 0
+        visible = j <= i + off
+        if self.kind == "band":
+            visible &= j > i + off - self.window
+        return visible
+
+    def describe(self) -> str:
+        align = "bottom-right" if self.bottom_right else "top-left"
+        if self.kind == "none":
+            return "every key visible"
+        if self.kind == "causal":
+            return f"causal ({align})"
+        return f"causal band of width {self.window} ({align})"
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """The evaluated [Tq, Tk] visibility at one substitution of the sizes."""
+
+    tq: int
+    tk: int
+    visible: torch.Tensor
+
+    @property
+    def where(self) -> str:
+        return f"Tq=Tk={self.tq}" if self.tq == self.tk else f"Tq={self.tq}, Tk={self.tk}"
+
+
+def _inferred_windows(sample: _Sample) -> set[int]:
+    """Band widths worth trying: the longest visible run of a row is the width unless the band covers
+    everything behind the diagonal (then the sample also fits plain causal, which is tried first)."""
+    widest = int(sample.visible.sum(dim=1).max()) if sample.tq and sample.tk else 0
+    return {widest} if widest >= 1 else set()
+
+
+def _best_model(samples: list[_Sample]) -> _Model:
+    """The first model (none, causal, band; top-left before bottom-right) matching every sample."""
+    candidates = [_Model("none"), _Model("causal", False), _Model("causal", True)]
+    for sample in samples:
+        for width in sorted(_inferred_windows(sample)):
+            for bottom_right in (False, True):
+                candidates.append(_Model("band", bottom_right, width))
+    seen: set[_Model] = set()
+    for model in candidates:
+        if model in seen:
+            continue
+        seen.add(model)
+        if all(torch.equal(s.visible, model.visible(s.tq, s.tk)) for s in samples):
+            return model
+    raise _Refusal(_explain_mismatch(samples))
+
+
+def _explain_mismatch(samples: list[_Sample]) -> str:
+    """Why no single model fits: a size-dependent window, a non-causal band, or another pattern."""
+    per_sample: list[_Model | None] = []
+    for sample in samples:
+        fitting = None
+        for model in [_Model("none"), _Model("causal", False), _Model("causal", True)] + [
+            _Model("band", br, w) for w in sorted(_inferred_windows(sample)) for br in (False, True)
+        ]:
+            if torch.equal(sample.visible, model.visible(sample.tq, sample.tk)):
+                fitting = model
+                break
+        per_sample.append(fitting)
+    if all(m is not None for m in per_sample):
+        shown = "; ".join(f"{m.describe()} at {s.where}" for m, s in zip(per_sample, samples))
+        if any(m.kind == "band" for m in per_sample):
+            return f"the window changes with the sizes ({shown}): only a fixed window is a band"
+        return f"the pattern changes with the sizes ({shown})"
+    sample = samples[per_sample.index(None)]
+    return f"{_describe_pattern(sample)} at {sample.where}"
+
+
+def _describe_pattern(sample: _Sample) -> str:
+    visible = sample.visible
+    if not bool(visible.any()):
+        return "mask hides every key"
+    distance = torch.arange(sample.tk).unsqueeze(0) - torch.arange(sample.tq).unsqueeze(1)  # j - i
+    lowest, highest = int(distance[visible].min()), int(distance[visible].max())
+    if torch.equal(visible, (distance >= lowest) & (distance <= highest)):
+        if highest > max(0, sample.tk - sample.tq):
+            return f"band is not causal: keys up to {highest} positions after the query are visible"
+        return (
+            f"diagonal band j - i in [{lowest}, {highest}] matches neither the top-left nor the "
+            "bottom-right causal alignment"
+        )
+    return "mask pattern is neither full, causal nor a causal band"
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier.
+
+
+def _padding_shape(node: fx.Node, k_len: Any, facts: _GraphFacts) -> bool:
+    """True when the value broadcasts as [B|1, 1, 1, Tk]: it depends on batch and key only."""
+    val = _tensor_val(node)
+    if val is None:
+        return False
+    dims = list(val.shape)
+    while len(dims) > 4:
+        if not facts.same_size(dims.pop(0), 1):
+            return False
+    if not dims or not facts.same_size(dims[-1], k_len):
+        return False
+    return all(facts.same_size(d, 1) for d in dims[-3:-1])
+
+
+def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
+    mutated = facts.mutation_reason()
+    if mutated:
+        facts.data_dependent_seen = any(facts.data_reason.values())
+        raise _Refusal(mutated)
+    factors = _factorize(mask, polarity, facts)
+    data_factors = [f for f in factors if isinstance(f.value, fx.Node) and facts.data_reason.get(f.value)]
+    free_factors = [f for f in factors if f not in data_factors]
+    facts.data_dependent_seen = bool(data_factors)
+    for factor in data_factors:
+        if not _padding_shape(factor.value, k_len, facts):
+            val = _tensor_val(factor.value)
+            shape = list(val.shape) if val is not None else "unknown"
+            raise _Refusal(
+                f"{_describe(factor.value)} {facts.data_reason[factor.value]}; its shape {shape} is not "
+                "a [B|1, 1, 1, Tk] padding mask"
+            )
+    model, checked = _prove_pattern(free_factors, q_len, k_len, facts)
+    padding = ""
+    if data_factors:
+        sources = "; ".join(f"{_describe(f.value)} {facts.data_reason[f.value]}" for f in data_factors)
+        padding = f"; padding: {sources}"
+    if data_factors and model.kind == "none":
+        return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}")
+    kind = model.kind + ("+padding" if data_factors else "")
+    return MaskInfo(
+        kind,
+        causal=model.kind in ("causal", "band"),
+        bottom_right=model.bottom_right,
+        window=model.window,
+        data_dependent=bool(data_factors),
+        reason=f"{checked}{padding}",
+    )
+
+
+def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str]:
+    """Evaluate the data-free factors at every allowed substitution and find the one model they all fit."""
+    if not factors:
+        return _Model("none"), "no shape-only factor: every key visible"
+    nodes = [f.value for f in factors if isinstance(f.value, fx.Node)]
+    evaluator = _Evaluator(nodes, facts)
+    symbols = set(evaluator.symbols)
+    for size in (q_len, k_len):
+        symbols |= facts.expr(size).free_symbols
+    substitutions = facts.substitutions(symbols)
+    samples: list[_Sample] = []
+    for index, subs in enumerate(substitutions):
+        tq, tk = facts.concrete(q_len, subs), facts.concrete(k_len, subs)
+        needed = max(evaluator.largest_numel(subs), tq * tk)
+        if needed > MAX_EVAL_ELEMENTS:
+            if index == 0:
+                raise _Refusal(
+                    f"evaluating the mask needs {needed} elements at {_show_subs(subs)}, over the "
+                    f"{MAX_EVAL_ELEMENTS} limit"
+                )
+            continue  # a larger variation; the others still test the sizes
+        values = iter(evaluator.run(subs))
+        visible = None
+        for factor in factors:
+            value = next(values) if isinstance(factor.value, fx.Node) else torch.tensor(factor.value)
+            part = _visibility(value, factor)
+            try:
+                visible = part if visible is None else visible & part
+            except RuntimeError as error:
+                raise _Refusal(f"mask factors do not broadcast together: {error}") from error
+        samples.append(_Sample(tq, tk, _query_key_matrix(visible, tq, tk).contiguous()))
+    if symbols and len(samples) < 2:
+        raise _Refusal(
+            "sizes are symbolic but only the traced sizes satisfy the shape guards: the pattern "
+            "cannot be shown not to depend on them"
+        )
+    model = _best_model(samples)
+    sizes = ", ".join(dict.fromkeys(s.where for s in samples))
+    how = f"checked at {len(samples)} sizes within the shape guards ({sizes})" if symbols else f"at {sizes}"
+    return model, f"{model.describe()}, {how}"

@@ -1,0 +1,161 @@
+"""Dense-attention benchmark: attnlower's Triton flash kernels against SDPA (each backend) and FlexAttention.
+
+    python bench/flash.py            # GPU only; writes $OUT/flash.json when OUT is set
+
+bf16, D in {64, 128}, H * D = 2048, N in {512 .. 16384} with B * N = 16384 tokens, causal and not,
+forward ("fwd") and forward + backward ("fwd+bwd"). Each candidate's output is first checked against
+SDPA's (math backend for small N, flash otherwise); then timed with triton.testing.do_bench (median):
+
+  attnlower       launch.flash_forward (+ flash_backward), the kernels alone
+  sdpa-flash / sdpa-cudnn / sdpa-efficient   F.scaled_dot_product_attention under sdpa_kernel(backend)
+  flex            torch.compile(flex_attention), with a causal BlockMask when causal
+
+TFLOP/s counts 4 * B * H * N^2 * D for the forward (half of it when causal) and 2.5x that for the
+backward. Ratio: each candidate's time over attnlower's (> 1: attnlower is faster). A candidate
+that refuses a shape (or gives a wrong answer) is reported with its error instead of a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit("bench/flash.py needs a CUDA GPU (it times compiled Triton kernels); none is visible here. "
+             "For the CPU correctness checks run: pytest tests/lowering/test_flash_kernel.py")
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+
+DTYPE = torch.bfloat16
+TOKENS = 16384
+MODEL_DIM = 2048
+SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384]
+HEAD_DIMS = [64, 128]
+NO_RNG = torch.empty(0, dtype=torch.int64)
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def attnlower_fns(q, k, v, causal, scale):
+    def fwd():
+        return flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)[0]
+
+    out, lse = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
+    grad_out = torch.randn_like(out)
+
+    def fwd_bwd():
+        o, l = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
+        flash_backward(grad_out, q, k, v, None, None, o, l, NO_RNG, scale, causal, False, 0.0, 0.0, 0,
+                       False, False)
+    return fwd, fwd_bwd
+
+
+def autograd_fns(attend, q, k, v):
+    """(forward, forward + backward) of a differentiable attention function."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            return attend(q, k, v)
+
+    def fwd_bwd():
+        for leaf in leaves:
+            leaf.grad = None
+        attend(*leaves).backward(grad_out)
+    return fwd, fwd_bwd
+
+
+def sdpa_fns(backend, q, k, v, causal):
+    def attend(q_, k_, v_):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+    return autograd_fns(attend, q, k, v)
+
+
+def flex_fns(q, k, v, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention)
+    block_mask = None
+    if causal:
+        n = q.shape[2]
+        block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, n, n, device="cuda")
+    return autograd_fns(lambda q_, k_, v_: compiled(q_, k_, v_, block_mask=block_mask), q, k, v)
+
+
+def reference(q, k, v, causal):
+    backend = SDPBackend.MATH if q.shape[2] <= 2048 else SDPBackend.FLASH_ATTENTION
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def flops(batch, heads, n, head_dim, causal, mode):
+    forward = 4.0 * batch * heads * n * n * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def main() -> None:
+    rows = []
+    for head_dim in HEAD_DIMS:
+        heads = MODEL_DIM // head_dim
+        for n in SEQ_LENS:
+            batch = TOKENS // n
+            q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
+            scale = 1.0 / math.sqrt(head_dim)
+            for causal in (False, True):
+                expected = reference(q, k, v, causal)
+                candidates = {"attnlower": lambda: attnlower_fns(q, k, v, causal, scale)}
+                for name, backend in SDPA_BACKENDS.items():
+                    candidates[name] = lambda backend=backend: sdpa_fns(backend, q, k, v, causal)
+                candidates["flex"] = lambda: flex_fns(q, k, v, causal)
+                for name, make in candidates.items():
+                    row = dict(D=head_dim, N=n, B=batch, H=heads, causal=causal, impl=name)
+                    try:
+                        fwd, fwd_bwd = make()
+                        err = (fwd().float() - expected.float()).abs().max().item()
+                        if not err < 3e-2:
+                            raise RuntimeError(f"output differs from SDPA by {err:.3g}")
+                        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                            ms = triton.testing.do_bench(fn, return_mode="median")
+                            rows.append(dict(row, mode=mode, ms=ms, max_err=err,
+                                             tflops=flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9))
+                    except Exception as error:  # a backend refusing a shape is a result, not a crash
+                        for mode in ("fwd", "fwd+bwd"):
+                            rows.append(dict(row, mode=mode, error=f"{type(error).__name__}: {str(error)[:160]}"))
+            del q, k, v
+            torch.cuda.empty_cache()
+
+    by_key = {(r["D"], r["N"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "attnlower" and "ms" in r}
+    for r in rows:
+        mine = by_key.get((r["D"], r["N"], r["causal"], r["mode"]))
+        if mine is not None and "ms" in r:
+            r["speedup_of_attnlower"] = r["ms"] / mine["ms"]
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, "flash.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                               torch=torch.__version__,
+                                                               triton=triton.__version__, rows=rows), indent=1))
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  bf16")
+    print("TFLOP/s (and attnlower's speedup over each: their time / attnlower's time)")
+    impls = ["attnlower", *SDPA_BACKENDS, "flex"]
+    print(f"{'D':>4} {'N':>6} {'causal':>6} {'mode':>8} " + " ".join(f"{i:>20}" for i in impls))
+    for (head_dim, n, causal, mode) in sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows}):
+        cells = []
+        for impl in impls:
+            r = next(x for x in rows if (x["D"], x["N"], x["causal"], x["mode"], x["impl"]) == (head_dim, n, causal, mode, impl))
+            cells.append("error" if "ms" not in r else
+                         f"{r['tflops']:7.1f} ({r.get('speedup_of_attnlower', float('nan')):4.2f}x)")
+        print(f"{head_dim:>4} {n:>6} {str(causal):>6} {mode:>8} " + " ".join(f"{c:>20}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

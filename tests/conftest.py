@@ -1,0 +1,30 @@
+"""Test-session set-up.
+
+Triton decides at decoration time whether a kernel runs compiled or interpreted, so the
+interpreter must be switched on before anything imports triton. CPU tensors still run the
+reference implementation through the ops unless a test opts into the kernels
+(`ATTNLOWER_CPU_KERNELS=triton`, see docs/INTERFACES.md); kernel tests call the launchers directly.
+"""
+import os
+
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,48 @@
+"""A naive float64 full-matrix attention oracle shared by the lowering tests.
+
+It repeats K/V for GQA, builds the whole [B, Hq, Tq, Tk] score matrix and masks it explicitly:
+every semantic rule of docs/INTERFACES.md section 1 is spelled out once more, independently of
+attnlower/lowering/reference.py.
+"""
+import math
+
+import torch
+
+
+def oracle(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_right=False,
+           softcap=0.0, window=0, empty_rows_nan=False, keep=None, dropout_p=0.0):
+    """Naive float64 attention; returns (out, lse). Differentiable (no in-place ops)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    tq, tk = q.shape[2], k.shape[2]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * q @ k.transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    off = tk - tq if bottom_right else 0
+    i = torch.arange(tq).view(-1, 1) + off
+    j = torch.arange(tk).view(1, -1)
+    if alibi is not None:
+        slopes = alibi.double().view(-1 if alibi.dim() == 2 else 1, q.shape[1], 1, 1)
+        s = s + slopes * (j - i)
+    visible = torch.ones(s.shape, dtype=torch.bool)
+    if bias is not None and bias.dtype == torch.bool:
+        visible = visible & bias
+    elif bias is not None:
+        s = s + bias.double()
+    if causal:
+        visible = visible & (j <= i)
+    if window:
+        visible = visible & (j > i - window)
+    visible = visible & (s != -math.inf)
+    s = torch.where(visible, s, -1e300)  # finite, so autograd through empty rows stays NaN-free
+    has_key = visible.any(-1, keepdim=True)
+    p = torch.where(has_key, torch.softmax(s, -1), 0.0)
+    lse = torch.where(has_key, torch.logsumexp(s, -1, keepdim=True), -math.inf).squeeze(-1)
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    out = p @ v
+    if empty_rows_nan:
+        out = torch.where(has_key, out, math.nan)
+    return out, lse

@@ -1,0 +1,259 @@
+"""The paged-attention Triton kernel (`launch_paged.paged_forward`) against a float64 oracle.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small and
+odd: lengths 1/17/37 that are not multiples of the block size, shuffled block tables whose
+unused entries are -1 (a kernel that reads past a sequence's blocks fails), outputs and
+split-KV workspaces allocated NaN-filled (a row or split the kernel forgets to write fails).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnlower.lowering import configs, launch_paged
+from attnlower.lowering.configs import KernelConfig, paged_config, paged_num_splits
+from attnlower.lowering.launch_paged import paged_forward
+
+TOLERANCE = {  # (atol, rtol) against the float64 oracle fed the same (rounded) inputs
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def oracle_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap):
+    """Float64 paged attention: gather each sequence's keys, dense masked attention, empty rows 0."""
+    batch, q_heads, tq, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, q_heads, tq, head_dim, dtype=torch.float64, device=q.device)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        t = torch.arange(length, device=q.device)
+        blocks = block_table[b, t // block_size].long()
+        k = k_cache[blocks, :, t % block_size].double().transpose(0, 1).repeat_interleave(group, 0)
+        v = v_cache[blocks, :, t % block_size].double().transpose(0, 1).repeat_interleave(group, 0)
+        s = scale * (q[b].double() @ k.transpose(-1, -2))                  # [Hq, Tq, L]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        pos = (length - tq + torch.arange(tq, device=q.device))[:, None]   # [Tq, 1]
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+            s = s + slopes.double()[:, None, None] * (t[None, :] - pos)
+        visible = torch.ones(tq, length, dtype=torch.bool, device=q.device)
+        if causal:
+            visible &= t[None, :] <= pos
+        if window > 0:
+            visible &= t[None, :] > pos - window
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                        # empty rows -> 0
+        out[b] = p @ v
+    return out
+
+
+def make_paged_inputs(batch_lens, q_heads, kv_heads, head_dim, tq, block_size, dtype, device="cpu",
+                      spare_columns=2, alibi=None):
+    """Random paged inputs with a shuffled block table; unused table entries are -1.
+
+    q is a transposed BSHD view and the caches are slices of one [num_blocks, 2, ...] KV
+    buffer, so the launcher sees non-contiguous tensors as it does in real models.
+    """
+    batch = len(batch_lens)
+    max_blocks = max(math.ceil(n / block_size) for n in batch_lens) + spare_columns
+    num_blocks = batch * max_blocks + 3
+    kv = torch.randn(num_blocks, 2, kv_heads, block_size, head_dim, device=device).to(dtype)
+    k_cache, v_cache = kv[:, 0], kv[:, 1]
+    perm = torch.randperm(num_blocks, device=device)
+    block_table = torch.full((batch, max_blocks), -1, dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(batch_lens):
+        need = math.ceil(n / block_size)
+        block_table[b, :need] = perm[used:used + need].int()
+        used += need
+    seq_lens = torch.tensor(batch_lens, dtype=torch.int32, device=device)
+    q = torch.randn(batch, tq, q_heads, head_dim, device=device).to(dtype).transpose(1, 2)
+    slopes = None
+    if alibi == "heads":
+        slopes = torch.rand(q_heads, device=device)
+    elif alibi == "batch_heads":
+        slopes = torch.rand(batch, q_heads, device=device)
+    return q, k_cache, v_cache, block_table, seq_lens, slopes
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocations(monkeypatch):
+    """Make torch.empty / empty_like inside the launcher return NaN-filled float tensors."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    class _PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return poison(real_empty(*args, **kwargs))
+
+        @staticmethod
+        def empty_like(*args, **kwargs):
+            return poison(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(launch_paged, "torch", _PoisonedTorch())
+
+
+def run_and_check(inputs, scale, causal, window, softcap, dtype, **overrides):
+    q, k_cache, v_cache, block_table, seq_lens, slopes = inputs
+    out = paged_forward(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, causal, window, softcap,
+                        **overrides)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite output"
+    expected = oracle_paged(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, causal, window, softcap)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
+    return out
+
+
+# (block_size, Hq, Hkv, D, Tq, causal, window, softcap, alibi, block_n override)
+CASES = [
+    pytest.param(16, 4, 4, 64, 1, True, 0, 0.0, None, None, id="decode-mha"),
+    pytest.param(8, 8, 2, 80, 1, True, 0, 0.0, None, None, id="decode-gqa4-d80"),
+    pytest.param(32, 8, 1, 128, 1, True, 0, 0.0, None, None, id="decode-mqa8-d128"),
+    pytest.param(16, 8, 2, 64, 5, True, 0, 0.0, None, None, id="prefill-causal"),
+    pytest.param(16, 8, 2, 64, 5, False, 0, 0.0, None, None, id="prefill-noncausal"),
+    pytest.param(8, 4, 1, 80, 5, True, 0, 0.0, None, None, id="prefill-mqa-d80"),
+    pytest.param(16, 4, 2, 64, 1, True, 13, 0.0, None, None, id="decode-window"),
+    pytest.param(8, 8, 2, 64, 5, True, 10, 0.0, None, 16, id="prefill-window"),
+    pytest.param(8, 4, 2, 64, 5, False, 6, 0.0, None, None, id="noncausal-window"),
+    pytest.param(16, 4, 2, 64, 1, True, 0, 5.0, None, None, id="decode-softcap"),
+    pytest.param(16, 8, 2, 80, 5, True, 0, 0.0, "heads", None, id="prefill-alibi"),
+    pytest.param(32, 8, 8, 64, 5, False, 0, 0.0, "batch_heads", None, id="alibi-per-batch"),
+    pytest.param(8, 16, 2, 64, 5, True, 9, 30.0, "heads", None, id="gqa8-window-softcap-alibi"),
+    pytest.param(32, 4, 2, 64, 5, True, 0, 0.0, None, 16, id="tile-inside-block"),
+    pytest.param(8, 4, 2, 64, 1, True, 0, 0.0, None, 32, id="tile-spans-blocks"),
+    pytest.param(16, 2, 1, 16, 5, True, 0, 0.0, None, None, id="d16"),
+    pytest.param(16, 2, 1, 256, 1, True, 0, 0.0, None, None, id="d256"),
+]
+
+
+@pytest.mark.parametrize("block_size, q_heads, kv_heads, head_dim, tq, causal, window, softcap, alibi, block_n",
+                         CASES)
+def test_paged_fp32_matches_oracle_split_and_not(block_size, q_heads, kv_heads, head_dim, tq, causal, window,
+                                                 softcap, alibi, block_n):
+    inputs = make_paged_inputs([1, 17, 37], q_heads, kv_heads, head_dim, tq, block_size, torch.float32,
+                               alibi=alibi)
+    config = None
+    if block_n is not None:
+        base = paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
+        config = KernelConfig(base.block_m, block_n, base.num_warps, base.num_stages)
+    scale = 1.0 / math.sqrt(head_dim)
+    whole = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=1, config=config)
+    split = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=3, config=config)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("block_size, q_heads, kv_heads, head_dim, tq, causal, window, softcap, alibi", [
+    pytest.param(8, 8, 2, 80, 1, True, 0, 0.0, None, id="decode-gqa4-d80"),
+    pytest.param(16, 8, 2, 128, 5, True, 11, 20.0, "heads", id="prefill-window-softcap-alibi"),
+])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_half_precision(dtype, block_size, q_heads, kv_heads, head_dim, tq, causal, window, softcap,
+                              alibi, num_splits):
+    inputs = make_paged_inputs([5, 37], q_heads, kv_heads, head_dim, tq, block_size, dtype, alibi=alibi)
+    run_and_check(inputs, head_dim ** -0.5, causal, window, softcap, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_empty_rows_are_zero(num_splits):
+    # seq 0 holds no token at all; seq 1 has 2 tokens for 5 queries, so causal queries 0..2 sit
+    # before position 0 and see nothing; with a window of 1, each query sees only itself.
+    inputs = make_paged_inputs([0, 2, 19], 4, 2, 64, 5, 8, torch.float32)
+    out = run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, num_splits=num_splits)
+    assert (out[0] == 0).all()
+    assert (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
+    run_and_check(inputs, 0.125, True, 1, 0.0, torch.float32, num_splits=num_splits)
+
+
+def test_paged_more_splits_than_tiles():
+    # 9 splits over sequences of at most 2 key tiles: most splits are empty and must not
+    # disturb the reduction (their m = -inf, l = 0)
+    inputs = make_paged_inputs([3, 70], 4, 1, 64, 1, 16, torch.float32)
+    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, num_splits=9)
+
+
+def test_paged_heuristic_splits_long_decode(monkeypatch):
+    """With one program and a long table, the launcher splits on its own (and stays correct)."""
+    seen_grids = []
+    real_reduce = launch_paged._paged_reduce_kernel
+
+    class _RecordingKernel:
+        def __getitem__(self, grid):
+            seen_grids.append(grid)
+            return real_reduce[grid]
+
+    monkeypatch.setattr(launch_paged, "_paged_reduce_kernel", _RecordingKernel())
+    inputs = make_paged_inputs([600], 4, 1, 64, 1, 16, torch.float32)
+    expected_splits = paged_num_splits(launch_paged._CPU_SM_COUNT, 1, inputs[3].shape[1] * 16)
+    assert expected_splits > 1
+    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32)
+    assert seen_grids == [(4,)], "expected the split path's reduce over B*Hq*Tq = 4 rows"
+
+
+def test_paged_num_splits_heuristic():
+    assert paged_num_splits(132, 132, 1 << 16) == 1                  # grid already fills the GPU
+    assert paged_num_splits(132, 8, 128) == 1                        # too short to be worth splitting
+    assert paged_num_splits(132, 8, 4096) == 4096 // configs._PAGED_MIN_TOKENS_PER_SPLIT
+    assert paged_num_splits(132, 1, 1 << 20) == configs._PAGED_MAX_SPLITS
+    assert paged_num_splits(132, 64, 1 << 16) == math.ceil(2 * 132 / 64)
+
+
+def test_paged_config_tiles():
+    decode = paged_config(90, 128, torch.bfloat16, 16, 4, 1)
+    assert decode.block_m == 16                                      # tl.dot minimum, 4 rows used
+    prefill = paged_config(90, 80, torch.bfloat16, 16, 8, 5)
+    assert prefill.block_m == 64 and prefill.block_n == 64            # 40 rows -> 64
+    big = paged_config(90, 256, torch.float32, 16, 8, 64)
+    assert big.block_m <= 32 and big.block_n <= 32                     # keeps the D=256 tiles small
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        paged_config(90, 320, torch.float32, 16, 1, 1)
+
+
+def test_paged_rejects_bad_num_splits():
+    inputs = make_paged_inputs([4], 2, 1, 16, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        paged_forward(*inputs, 0.25, True, 0, 0.0, num_splits=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real sizes, compiled kernels
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tq, causal, window, softcap, alibi", [
+    (1, True, 0, 0.0, None),
+    (1, True, 1024, 0.0, None),
+    (16, True, 0, 30.0, "heads"),
+    (16, False, 0, 0.0, None),
+])
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_paged_gpu_real_sizes(dtype, tq, causal, window, softcap, alibi, num_splits):
+    torch.manual_seed(1)
+    lens = torch.randint(tq, 4096, (8,)).tolist() + [4096, tq]
+    inputs = make_paged_inputs(lens, 32, 8, 128, tq, 16, dtype, device="cuda", alibi=alibi)
+    run_and_check(inputs, 128 ** -0.5, causal, window, softcap, dtype, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, block_size, q_heads, kv_heads", [
+    (64, 8, 8, 8), (80, 32, 32, 4), (256, 128, 16, 1), (96, 64, 28, 4),
+])
+def test_paged_gpu_shapes(head_dim, block_size, q_heads, kv_heads):
+    torch.manual_seed(2)
+    lens = torch.randint(1, 3000, (6,)).tolist()
+    inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, 1, block_size, torch.bfloat16, device="cuda")
+    run_and_check(inputs, head_dim ** -0.5, True, 0, 0.0, torch.bfloat16)

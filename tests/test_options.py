@@ -1,0 +1,159 @@
+"""The backend's options as torch.compile(..., options={...}) receives them: validation, explain, strict."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import attnlower
+from attnlower.compiler import backend
+from attnlower.compiler.options import Options
+
+import models as M
+
+VALID = [name for name in ("inner", "explain", "strict", "enable", "ops", "dump_dir")]
+
+
+def _causes(err: BaseException):
+    """`err` and every exception behind it (Dynamo wraps backend errors in BackendCompilerFailed)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+
+
+def _find(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    return next((e for e in _causes(err) if isinstance(e, kind)), None)
+
+
+def _compile_and_call(case: M.Case, options: dict):
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="attnlower", options=options)
+    return compiled(*case.inputs.args, **case.inputs.kwargs)
+
+
+def test_backend_is_found_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("attnlower") is not None
+
+
+def test_unknown_option_raises_value_error_naming_valid_ones():
+    case = M.handwritten("mul")
+    with pytest.raises(Exception) as info:
+        _compile_and_call(case, {"inner": "eager", "explian": True})
+    err = _find(info.value, ValueError)
+    assert err is not None, f"expected a ValueError behind {type(info.value).__name__}: {info.value}"
+    msg = str(err)
+    assert "explian" in msg, f"the message does not name the unknown option: {msg}"
+    missing = [name for name in VALID if name not in msg]
+    assert not missing, f"the message does not name the valid options {missing}: {msg}"
+
+
+def test_unknown_option_through_inspect():
+    case = M.handwritten("mul")
+    with pytest.raises(Exception) as info:
+        attnlower.inspect(case.model, *case.inputs.args, options={"strictt": True})
+    err = _find(info.value, ValueError)
+    assert err is not None and "strictt" in str(err) and "strict" in str(err).replace("strictt", "")
+
+
+@pytest.mark.parametrize("options,word", [({"inner": "tvm"}, "inner"), ({"ops": ["flash", "paged_attention"]}, "ops")])
+def test_bad_option_value_raises_value_error(options, word):
+    with pytest.raises(ValueError, match=word):
+        Options.from_mapping(options)
+    case = M.handwritten("mul")
+    with pytest.raises(Exception) as info:
+        _compile_and_call(case, options)
+    assert _find(info.value, ValueError) is not None
+
+
+def test_explain_prints_the_site_table(capsys, caplog):
+    case = M.nanogpt(flash=False)
+    with caplog.at_level(logging.INFO, logger="attnlower"):
+        _compile_and_call(case, {"inner": "eager", "explain": True})
+    shown = capsys.readouterr().out + caplog.text
+    assert "attnlower graph" in shown, f"no site table in the output: {shown!r}"
+    assert "1 attention site(s), 1 rewritten" in shown, shown
+    assert "flash_attention" in shown, shown
+    assert "models.py" in shown, "the table should name the user's source line"
+
+
+def test_no_explain_prints_nothing(capsys):
+    _compile_and_call(M.nanogpt(flash=False), {"inner": "eager"})
+    assert "attnlower graph" not in capsys.readouterr().out
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def _break_first_pass(monkeypatch):
+    """Make the first pass of the pipeline raise InjectedFailure."""
+    (name, _), *rest = backend.PASSES
+
+    def broken(gm, ctx):
+        raise InjectedFailure(f"pass {name} forced to fail by the test")
+
+    monkeypatch.setattr(backend, "PASSES", [(name, broken), *rest])
+    return name
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_not_strict_logs_and_compiles_unmodified(monkeypatch, caplog, tmp_path, inner):
+    """strict=False: a failing pass is logged as a warning, the graph is compiled unmodified
+    (nothing rewritten, the report says why) and results are eager's."""
+    _break_first_pass(monkeypatch)
+    case = M.nanogpt(flash=False)
+    reference = case.model(*case.inputs.args)
+    results = []
+
+    def call(x):
+        results.append(case.model(x))
+        return results[-1]
+
+    with caplog.at_level(logging.WARNING):
+        reports = attnlower.inspect(call, *case.inputs.args,
+                                    options={"inner": inner, "strict": False, "repro_dir": str(tmp_path)})
+    out = results[-1]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "forced to fail" in r.getMessage()]
+    assert warnings, f"no warning logged for the failed pass: {[r.getMessage() for r in caplog.records]}"
+    assert reports and all(r.error and "forced to fail" in r.error for r in reports)
+    assert all(r.count() == 0 for r in reports), "a graph whose passes failed must not be rewritten"
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, reference) if inner == "eager" else torch.allclose(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_strict_reraises(monkeypatch, tmp_path):
+    _break_first_pass(monkeypatch)
+    case = M.nanogpt(flash=False)
+    with pytest.raises(Exception) as info:
+        _compile_and_call(case, {"inner": "eager", "strict": True, "repro_dir": str(tmp_path)})
+    assert _find(info.value, InjectedFailure) is not None, f"expected the pass's error, got {info.value!r}"
+
+
+def test_default_is_not_strict(monkeypatch, tmp_path):
+    _break_first_pass(monkeypatch)
+    case = M.nanogpt(flash=False)
+    out = _compile_and_call(case, {"inner": "eager", "repro_dir": str(tmp_path)})
+    assert torch.equal(out, case.model(*case.inputs.args))
+
+
+def test_enable_false_rewrites_nothing():
+    case = M.nanogpt(flash=False)
+    torch._dynamo.reset()
+    reports = attnlower.inspect(case.model, *case.inputs.args, options={"inner": "eager", "enable": False})
+    assert reports and sum(r.count() for r in reports) == 0
+
+
+def test_ops_restricts_the_choice():
+    """A site that needs an op not in `ops` stays unfused, with a reason."""
+    case = M.hf_model("mistral", "sdpa", "cache")
+    reports = attnlower.inspect(case.model, *case.inputs.args, options={"inner": "eager", "ops": ["flash_attention"]},
+                                **case.inputs.kwargs)
+    sites = [s for r in reports for s in r.sites]
+    assert sites, "no sites found"
+    assert all(s.op in (None, "flash_attention") for s in sites), [s.op for s in sites]
+    assert all(s.reason for s in sites)
