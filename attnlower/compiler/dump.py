@@ -49,12 +49,18 @@ _NO_COPY = {torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default}
 # what the passes record per site
 
 def _hint(size) -> int | None:
-    """An int size, or the example value's hint of a symbolic one (None when there is neither)."""
+    """An int size, or the example value's hint of a symbolic one (None when there is neither).
+
+    Never `int(symint)`: that installs a guard `Eq(s, hint)` and Dynamo then recompiles for every
+    new length. The report only needs the hint, so it reads it without guarding.
+    """
+    if isinstance(size, torch.SymInt):
+        hint = getattr(size.node, "hint", None)
+        return int(hint) if hint is not None else None
     try:
         return int(size)
     except (TypeError, ValueError, RuntimeError):
-        hint = getattr(getattr(size, "node", None), "hint", None)
-        return int(hint) if hint is not None else None
+        return None
 
 
 def _tensor_bytes(val) -> int | None:

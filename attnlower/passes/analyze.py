@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.fx as fx
@@ -43,8 +43,9 @@ class AttentionSpec:
     target: str = "cpu"
 
     def as_dict(self) -> dict:
-        return {k: (str(v) if not isinstance(v, (bool, int, float, str, type(None))) else v)
-                for k, v in asdict(self).items()}
+        # not dataclasses.asdict: it deep-copies, and a symbolic size cannot be copied outside its graph
+        return {f.name: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
+                for f in fields(self) for v in [getattr(self, f.name)]}
 
 
 @dataclass

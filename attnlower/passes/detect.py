@@ -184,8 +184,11 @@ def _constant_value(x) -> float | None:
             return _constant_value(x.args[0])
         if t is aten.zeros.default and all(_eq(s, 1) for s in _shape(x)):
             return 0.0
-    if isinstance(x, fx.Node) and x.op == "get_attr":
-        return None
+    if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)):
+        # A scalar computed from sizes: `q.size(-1) ** -0.5` under dynamic=True. The op takes a float,
+        # so specialize: float() guards on the symbols it reads (the head dim in practice) and Dynamo
+        # recompiles if they change. Never a silent wrong scale.
+        return float(x.meta["val"])
     return None
 
 
