@@ -162,9 +162,9 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
                          before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)
     if opts.inner == "eager":
         return aten_gm
-    from torch._inductor.compile_fx import compile_fx
+    from .inductor import compile_with_inductor
 
-    return compile_fx(aten_gm, example_inputs)
+    return compile_with_inductor(aten_gm, example_inputs)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
