@@ -301,7 +301,7 @@ def _dense_fake(op: str, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
 
 
 @torch.library.custom_op("attnlower::flash_attention", mutates_args=(), schema=FLASH_SCHEMA,
-                         tags=_SEEDED)
+                         tags=(_SEEDED,))
 def flash_attention(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
                     bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
     """Dense attention; returns (out, lse, rng_state). See docs/INTERFACES.md section 1."""
@@ -316,7 +316,7 @@ def _flash_attention_fake(q, k, v, bias=None, alibi_slopes=None, scale=None, cau
 
 
 @torch.library.custom_op("attnlower::sliding_window_attention", mutates_args=(),
-                         schema=SLIDING_SCHEMA, tags=_SEEDED)
+                         schema=SLIDING_SCHEMA, tags=(_SEEDED,))
 def sliding_window_attention(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
                              bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
     """Causal attention over the `window` most recent keys; returns (out, lse, rng_state)."""
