@@ -4,6 +4,10 @@ Triton decides at decoration time whether a kernel runs compiled or interpreted,
 interpreter must be switched on before anything imports triton. CPU tensors still run the
 reference implementation through the ops unless a test opts into the kernels
 (`ATTNLOWER_CPU_KERNELS=triton`, see docs/INTERFACES.md); kernel tests call the launchers directly.
+
+`ATTNLOWER_TEST_DEVICE=cuda pytest tests/lowering` runs the kernel tests written for the CPU on a GPU
+instead: tensors they create without a device land there (torch.set_default_device), so the same
+odd shapes, masks, dropout and poisoned outputs check the compiled kernels.
 """
 import os
 
@@ -13,6 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if os.environ.get("ATTNLOWER_TEST_DEVICE"):
+    torch.set_default_device(os.environ["ATTNLOWER_TEST_DEVICE"])
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ def oracle_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale
     return out
 
 
-def make_paged_inputs(batch_lens, q_heads, kv_heads, head_dim, tq, block_size, dtype, device="cpu",
+def make_paged_inputs(batch_lens, q_heads, kv_heads, head_dim, tq, block_size, dtype, device=None,
                       spare_columns=2, alibi=None):
     """Random paged inputs with a shuffled block table; unused table entries are -1.
 
