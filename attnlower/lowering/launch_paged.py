@@ -39,6 +39,15 @@ def _arch(device: torch.device) -> int:
     return 0
 
 
+def _dot_mode(q: Tensor) -> tuple[str, bool]:
+    """(DOT_PRECISION, DOT_FP32_INPUTS) of the kernel's tl.dot calls for q's device and dtype."""
+    # Off-GPU the kernel runs in Triton's interpreter, whose bf16 tl.dot is wrong: dot in fp32
+    # from the same rounded values instead (see the kernel header).
+    fp32_inputs = q.device.type != "cuda" and q.dtype != torch.float32
+    # fp32 inputs get IEEE fp32 dots: TF32 would miss the fp32 accuracy users of fp32 expect
+    return ("ieee" if q.dtype == torch.float32 or fp32_inputs else "tf32"), fp32_inputs
+
+
 def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                   alibi_slopes: Tensor | None, scale: float, causal: bool, window: int, softcap: float,
                   *, num_splits: int | None = None, config: KernelConfig | None = None) -> Tensor:
@@ -83,11 +92,7 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     else:
         m_ws = l_ws = acc_ws = None
 
-    # Off-GPU the kernel runs in Triton's interpreter, whose bf16 tl.dot is wrong: dot in fp32
-    # from the same rounded values instead (see the kernel header).
-    dot_fp32_inputs = q.device.type != "cuda" and q.dtype != torch.float32
-    # fp32 inputs get IEEE fp32 dots: TF32 would miss the fp32 accuracy users of fp32 expect
-    dot_precision = "ieee" if q.dtype == torch.float32 or dot_fp32_inputs else "tf32"
+    dot_precision, dot_fp32_inputs = _dot_mode(q)
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         _paged_attn_kernel[(batch * kv_heads, m_tiles, num_splits)](
