@@ -38,7 +38,8 @@ from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E40
 DTYPE = torch.bfloat16
 TOKENS = 16384
 MODEL_DIM = 2048
-SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384]
+# BENCH_SEQ_LENS=1024,4096 narrows the sweep (a device call is limited to 10 minutes)
+SEQ_LENS = [int(n) for n in os.environ.get("BENCH_SEQ_LENS", "512,1024,2048,4096,8192,16384").split(",")]
 HEAD_DIMS = [64, 128]
 NO_RNG = torch.empty(0, dtype=torch.int64)
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -84,6 +85,8 @@ def sdpa_fns(backend, q, k, v, causal):
 
 def flex_fns(q, k, v, causal):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # one shape per compile: without the reset Dynamo's recompile limit (8) sends later shapes to eager
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention)
     block_mask = None
     if causal:

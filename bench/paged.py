@@ -86,6 +86,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}")
+    # one shape per compile: without the reset Dynamo's recompile limit (8) sends later shapes to eager
+    torch._dynamo.reset()
     compiled_gather_sdpa = torch.compile(gather_sdpa, dynamic=False)
     results = []
     for batch, length in SHAPES:

@@ -102,6 +102,8 @@ def flex_fns(q, k, v, window):
     n = q.shape[2]
     block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (j > i - window), None, None, n, n,
                                    device="cuda")
+    # one shape per compile: without the reset Dynamo's recompile limit (8) sends later shapes to eager
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention)
     return autograd_fns(lambda q_, k_, v_: compiled(q_, k_, v_, block_mask=block_mask), q, k, v)
 
