@@ -492,11 +492,23 @@ def _factorize(mask: fx.Node, polarity: str, facts: _GraphFacts) -> list[_Factor
 
 
 def _on_cpu(value: Any) -> Any:
-    return torch.device("cpu") if isinstance(value, torch.device) else value
+    if isinstance(value, torch.device):
+        return torch.device("cpu")
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return value.cpu()
+    return value
 
 
 class _CpuInterpreter(fx.Interpreter):
-    """Runs an extracted mask subgraph on CPU whatever device it was traced for."""
+    """Runs an extracted mask subgraph on CPU whatever device it was traced for.
+
+    Device arguments become "cpu", and tensors the graph holds as constants (`get_attr`: a buffer, or
+    `torch.tensor(finfo.min, device=...)` lifted by the trace) are copied to the CPU: on a GPU model
+    they live on the GPU, and mixing them with the CPU aranges made every mask a bias tensor.
+    """
+
+    def get_attr(self, target, args, kwargs):
+        return _on_cpu(super().get_attr(target, args, kwargs))
 
     def call_function(self, target, args, kwargs):
         args, kwargs = tree_map(_on_cpu, (args, kwargs))
