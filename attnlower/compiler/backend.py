@@ -54,6 +54,10 @@ class Context:
 # --------------------------------------------------------------------------------------------
 # the passes
 
+def _dims(*sizes) -> str:
+    return "[" + ", ".join(str(x) for x in sizes) + "]"
+
+
 def detect(gm: fx.GraphModule, ctx: Context) -> str:
     """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
     ctx.found = find_attention_sites(gm)
@@ -64,8 +68,11 @@ def detect(gm: fx.GraphModule, ctx: Context) -> str:
             site.region = [f.anchor.name]
         else:
             site.region = [n.name for n in f.region]
+            # logical [B, H, T, D] whatever the source layout (BSHD, flattened B*H, repeated KV heads)
             site.shapes = {
-                "q": _shape_str(f.q.source), "k": _shape_str(f.k.source), "v": _shape_str(f.v.source),
+                "q": _dims(f.batch, f.q_heads, f.q_len, f.head_dim),
+                "k": _dims(f.batch, f.kv_heads, f.k_len, f.head_dim),
+                "v": _dims(f.batch, f.kv_heads, f.k_len, f.v_head_dim),
             }
         ctx.report.sites.append(site)
     n_ok = sum(isinstance(f, AttentionMatch) for f in ctx.found)
@@ -180,13 +187,6 @@ def _device_of(example_inputs) -> torch.device:
         if isinstance(x, torch.Tensor):
             return x.device
     return torch.device("cpu")
-
-
-def _shape_str(n: fx.Node) -> str:
-    v = n.meta.get("val")
-    if v is None or not hasattr(v, "shape"):
-        return "?"
-    return "[" + ", ".join(str(s) for s in v.shape) + "]"
 
 
 def _write_repro(gm: fx.GraphModule, example_inputs, err: Exception, opts: Options) -> str:

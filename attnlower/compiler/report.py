@@ -13,7 +13,7 @@ class Site:
     index: int
     location: str                       # "file.py:63 in forward: w = torch.matmul(q, k.transpose(2, 3))"
     spelling: str                       # "matmul-softmax-matmul", "sdpa", "bmm", "einsum", ...
-    shapes: dict[str, Any] = field(default_factory=dict)   # q/k/v shapes as strings
+    shapes: dict[str, Any] = field(default_factory=dict)   # q/k/v as logical [B, H, T, D] strings
     mask: str = "none"                  # what the mask classifier said
     op: str | None = None               # the attnlower op chosen, None when refused
     reason: str = ""                    # why this op (or why refused)
@@ -65,7 +65,7 @@ class CompileReport:
         head = f"attnlower graph {self.graph_id} on {self.target}: {len(self.sites)} attention site(s), {len(self.rewritten)} rewritten"
         if self.error:
             head += f"\n  passes failed, graph left unmodified: {self.error}" + (f" (repro: {self.repro})" if self.repro else "")
-        rows = [("#", "location", "q / k / v", "mask", "op", "why")]
+        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op", "why")]
         for s in self.sites:
             shapes = " ".join(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))
             rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)", s.reason))
