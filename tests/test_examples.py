@@ -37,6 +37,18 @@ def test_example_runs_and_passes(script):
     assert "passes failed" not in out, out[-6000:]
 
 
+def test_paged_decode_example():
+    """Decode steps read the block pool in place (paged_attention), one graph per phase, same tokens as eager."""
+    run = subprocess.run([sys.executable, os.path.join(EXAMPLES, "paged_decode.py"), "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, f"paged_decode.py exited {run.returncode}:\n{out[-6000:]}"
+    assert "generated ids equal eager: True" in run.stdout, out[-6000:]
+    assert "2 rewritten" in run.stdout and "paged_attention  K/V gathered from a block pool" in run.stdout, out[-6000:]
+    assert "graphs compiled: 2 " in run.stdout, out[-6000:]
+    assert "passes failed" not in out, out[-6000:]
+
+
 @pytest.fixture(scope="module")
 def common():
     sys.path.insert(0, EXAMPLES)
