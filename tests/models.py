@@ -433,8 +433,26 @@ def _t5_bias(q, k, v, position_bias):
     return torch.matmul(F.softmax(s.float(), dim=-1).type_as(s), v)
 
 
+def _causal_keep(t: int) -> torch.Tensor:
+    return torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+
+
+def _where_lifted_ninf(q, k, v):
+    # the fill is a tensor the trace lifts into a graph constant (_tensor_constant0), not a python float
+    s = torch.matmul(q, k.mT) * q.shape[-1] ** -0.5
+    s = torch.where(_causal_keep(q.shape[-2]), s, torch.tensor(float("-inf")))
+    return s.softmax(dim=3) @ v
+
+
+def _where_lifted_finfo(q, k, v):
+    s = torch.matmul(q, k.mT) * q.shape[-1] ** -0.5
+    s = torch.where(_causal_keep(q.shape[-2]), s, torch.tensor(torch.finfo(s.dtype).min))
+    return s.softmax(dim=3) @ v
+
+
 HANDWRITTEN = ("div", "mul", "q_scaled", "sqrt_split", "baddbmm", "einsum", "bmm3d", "softcap",
-               "gqa_repeat_interleave", "bf16_fp32_softmax", "t5_bias")
+               "gqa_repeat_interleave", "bf16_fp32_softmax", "t5_bias", "where_lifted_ninf",
+               "where_lifted_finfo")
 
 
 def handwritten(kind: str, seed: int = 0) -> Case:
@@ -442,7 +460,8 @@ def handwritten(kind: str, seed: int = 0) -> Case:
     torch.manual_seed(seed)
     fns = {"div": _div, "mul": _mul, "q_scaled": _q_scaled, "sqrt_split": _sqrt_split, "baddbmm": _baddbmm,
            "einsum": _einsum, "bmm3d": _bmm3d, "softcap": _softcap, "gqa_repeat_interleave": _gqa_repeat_interleave,
-           "bf16_fp32_softmax": _bf16_fp32_softmax, "t5_bias": _t5_bias}
+           "bf16_fp32_softmax": _bf16_fp32_softmax, "t5_bias": _t5_bias,
+           "where_lifted_ninf": _where_lifted_ninf, "where_lifted_finfo": _where_lifted_finfo}
     if kind not in fns:
         raise ValueError(f"expected one of {HANDWRITTEN}, got {kind!r}")
     rtol = RTOL[torch.float32]
@@ -487,14 +506,22 @@ def _cumsum_scores(q, k, v):
     return s.softmax(dim=-1) @ v
 
 
-NEGATIVES = ("softmax_other_dim", "probs_returned", "no_pv_matmul", "cumsum_scores")
+def _finite_fill(q, k, v):
+    # the Annotated Transformer's -1e9: a fully masked row would be uniform, not empty; not -inf
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    s = s.masked_fill(~_causal_keep(q.shape[-2]), -1e9)
+    return s.softmax(dim=-1) @ v
+
+
+NEGATIVES = ("softmax_other_dim", "probs_returned", "no_pv_matmul", "cumsum_scores", "finite_fill")
 
 
 def negative(kind: str, seed: int = 0) -> Case:
     """A softmax that looks like attention but must stay unfused, with the reason it must give."""
     torch.manual_seed(seed)
     table = {"softmax_other_dim": (_softmax_other_dim, ""), "probs_returned": (_probs_returned, PROBS_USED),
-             "no_pv_matmul": (_no_pv_matmul, ""), "cumsum_scores": (_cumsum_scores, "")}
+             "no_pv_matmul": (_no_pv_matmul, ""), "cumsum_scores": (_cumsum_scores, ""),
+             "finite_fill": (_finite_fill, "does not mask them out")}
     if kind not in table:
         raise ValueError(f"expected one of {NEGATIVES}, got {kind!r}")
     fn, reason = table[kind]

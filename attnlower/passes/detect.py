@@ -180,10 +180,25 @@ def _constant_value(x) -> float | None:
                 _eq(s, 1) for s in _shape(x))):
             return float(x.args[1])
         if t in (aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default, aten.to.dtype,
-                 aten.expand.default, aten.to.dtype_layout, aten.detach.default):
-            return _constant_value(x.args[0])
+                 aten.expand.default, aten.to.dtype_layout, aten.detach.default, aten.detach_.default):
+            value = _constant_value(x.args[0])
+            out = x.meta.get("val")
+            if value is not None and isinstance(out, torch.Tensor):
+                value = torch.tensor(value, dtype=out.dtype).item()  # a cast rounds the constant
+            return value
         if t is aten.zeros.default and all(_eq(s, 1) for s in _shape(x)):
             return 0.0
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        # A tensor the trace lifted out of the code (`torch.tensor(float("-inf"))`, finfo.min) is a
+        # constant of the graph. Any other attribute (a buffer) may be written between calls: data.
+        value = getattr(x.graph.owning_module, str(x.target), None)
+        if (str(x.target).startswith("_tensor_constant") and isinstance(value, torch.Tensor)
+                and value.numel() == 1 and value.device.type != "meta"):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return float(value.reshape(()).item())
+        return None
     if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)):
         # A scalar computed from sizes: `q.size(-1) ** -0.5` under dynamic=True. The op takes a float,
         # so specialize: float() guards on the symbols it reads (the head dim in practice) and Dynamo
