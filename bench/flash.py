@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+from bench._common import autograd_fns  # noqa: E402
 
 DTYPE = torch.bfloat16
 TOKENS = 16384
@@ -57,22 +58,6 @@ def attnlower_fns(q, k, v, causal, scale):
         o, l = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
         flash_backward(grad_out, q, k, v, None, None, o, l, NO_RNG, scale, causal, False, 0.0, 0.0, 0,
                        False, False)
-    return fwd, fwd_bwd
-
-
-def autograd_fns(attend, q, k, v):
-    """(forward, forward + backward) of a differentiable attention function."""
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    grad_out = torch.randn_like(q)
-
-    def fwd():
-        with torch.no_grad():
-            return attend(q, k, v)
-
-    def fwd_bwd():
-        for leaf in leaves:
-            leaf.grad = None
-        attend(*leaves).backward(grad_out)
     return fwd, fwd_bwd
 
 

@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+from bench._common import autograd_fns  # noqa: E402
 
 DTYPE = torch.bfloat16
 HEADS, HEAD_DIM = 16, 128
@@ -59,21 +60,6 @@ def attnlower_fns(q, k, v, window, scale):
         o, l = flash_forward(q, k, v, None, None, scale, True, False, 0.0, 0.0, window, False, NO_RNG)
         flash_backward(grad_out, q, k, v, None, None, o, l, NO_RNG, scale, True, False, 0.0, 0.0, window,
                        False, False)
-    return fwd, fwd_bwd
-
-
-def autograd_fns(attend, q, k, v):
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    grad_out = torch.randn_like(q)
-
-    def fwd():
-        with torch.no_grad():
-            return attend(q, k, v)
-
-    def fwd_bwd():
-        for leaf in leaves:
-            leaf.grad = None
-        attend(*leaves).backward(grad_out)
     return fwd, fwd_bwd
 
 
