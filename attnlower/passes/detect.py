@@ -253,7 +253,8 @@ def _leads_to_product(n: fx.Node, depth: int = 12) -> bool:
         if x.target in PASS_THROUGH or x.target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
                                                     aten.sub.Tensor, aten.masked_fill.Scalar,
                                                     aten.masked_fill.Tensor, aten.tanh.default,
-                                                    aten.where.self, aten.mul.Scalar, aten.div.Scalar):
+                                                    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+                                                    aten.mul.Scalar, aten.div.Scalar):
             frontier.extend(a for a in x.args if isinstance(a, fx.Node))
     return False
 
@@ -355,7 +356,7 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
                                    len(_shape(cur))))
             cur = s
             continue
-        if t is aten.where.self:
+        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):  # fill: tensor or number
             m, a, b = args
             a_is = isinstance(a, fx.Node) and _leads_to_product(a)
             b_is = isinstance(b, fx.Node) and _leads_to_product(b)

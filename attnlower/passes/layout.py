@@ -140,7 +140,9 @@ def _shape(node: fx.Node) -> list[object]:
 # Ops that keep every value and only move them; the handler maps (layout, node) -> layout.
 def _apply(layout: Layout, node: fx.Node) -> Layout:
     t = node.target
-    a = node.args
+    # Size arguments may be graph nodes under dynamic shapes (`repeat_interleave(k, s0, 1)`, a slice
+    # to `T`): read them as their SymInt values.
+    a = fx.node.map_arg(node.args, _val)
     if t in (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
              aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
              aten.to.device, aten.type_as.default):
@@ -173,7 +175,7 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         start = a[2] if len(a) > 2 else None
         end = a[3] if len(a) > 3 else None
         step = a[4] if len(a) > 4 else 1
-        size = _shape(a[0])[dim]
+        size = _shape(node.args[0])[dim]
         if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
                                                    or _eq(end, size)):
             return layout

@@ -1,0 +1,243 @@
+"""Random attention spellings, composed from the pieces real models use: compiled must equal eager.
+
+Each example draws sizes (batch, heads, GQA group, query / key lengths, head dim), how Q/K/V arrive
+(BHSD, BSHD transposed, one fused projection split), how K/V heads are repeated, where the scale
+goes, the mask (causal top-left or bottom-right, padding as bool or additive, a sliding band, a data
+bias, fully masked rows), the softmax (functional, method, fp32 upcast, by hand) and the matmuls
+(`@`, einsum), or an SDPA call with the equivalent arguments. The function runs eagerly and through
+`backend="attnlower"` (strict, inner eager, static or dynamic=True shapes): the outputs must agree to 1e-5 (relative to the largest
+output), NaN exactly where eager has NaN, and every site must be rewritten.
+
+CI runs a fixed (derandomized) set; `ATTNLOWER_FUZZ_EXAMPLES=500 pytest tests/test_fuzz_spellings.py`
+searches further with fresh draws.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnlower.compiler import backend
+
+_EXAMPLES = int(os.environ.get("ATTNLOWER_FUZZ_EXAMPLES", "0"))
+_SETTINGS = settings(max_examples=_EXAMPLES or 30, deadline=None, derandomize=not _EXAMPLES,
+                     suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+
+
+@dataclass(frozen=True)
+class Spelling:
+    batch: int
+    kv_heads: int
+    group: int
+    tq: int
+    extra_keys: int          # tk = tq + extra_keys (a KV cache ahead of the queries)
+    head_dim: int
+    layout: str              # bhsd | bshd | fused
+    repeat: str              # repeat_kv | repeat_interleave   (group > 1)
+    scale: str               # mul | div | q_prescale | split_sqrt | after_mask
+    mask: str                # none | causal_tril | causal_bottom_right | pad_bool | pad_additive | band | bias | empty_rows
+    softmax: str             # functional | method | upcast | manual
+    matmul: str              # matmul | einsum | sdpa
+
+    @property
+    def q_heads(self) -> int:
+        return self.kv_heads * self.group
+
+    @property
+    def tk(self) -> int:
+        return self.tq + self.extra_keys
+
+
+def _spellings():
+    def build(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul):
+        if mask == "causal_tril":
+            extra = 0            # tril(ones(T, T)) is square
+        if matmul == "sdpa":
+            softmax = "functional"
+            scale = "mul" if scale != "q_prescale" else scale
+        if scale == "after_mask" and mask in ("pad_additive", "bias"):
+            scale = "mul"         # scaling an additive mask changes the source's own values; both fine, keep simple
+        return Spelling(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul)
+
+    return st.builds(
+        build,
+        st.sampled_from([1, 2]), st.sampled_from([1, 2]), st.sampled_from([1, 2, 3]),
+        st.sampled_from([1, 5, 17, 33]), st.sampled_from([0, 0, 3, 16]), st.sampled_from([8, 16, 24]),
+        st.sampled_from(["bhsd", "bshd", "fused"]), st.sampled_from(["repeat_kv", "repeat_interleave"]),
+        st.sampled_from(["mul", "div", "q_prescale", "split_sqrt", "after_mask"]),
+        st.sampled_from(["none", "causal_tril", "causal_bottom_right", "pad_bool", "pad_additive", "band", "bias",
+                         "empty_rows"]),
+        st.sampled_from(["functional", "method", "upcast", "manual"]),
+        st.sampled_from(["matmul", "matmul", "einsum", "sdpa"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def _split_heads(x, heads, d):
+    """[B, T, heads * D] -> [B, heads, T, D] (a view)."""
+    return x.view(x.shape[0], x.shape[1], heads, d).transpose(1, 2)
+
+
+def _operands(sp: Spelling, x):
+    """q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D] from the drawn layout."""
+    d = sp.head_dim
+    if sp.layout == "fused":
+        q_in, kv_in = x
+        q = _split_heads(q_in, sp.q_heads, d)
+        k, v = kv_in.split(sp.kv_heads * d, dim=-1)
+        return q, _split_heads(k, sp.kv_heads, d), _split_heads(v, sp.kv_heads, d)
+    q, k, v = x
+    if sp.layout == "bshd":
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q, k, v
+
+
+def _repeat(sp: Spelling, x):
+    if sp.group == 1:
+        return x
+    if sp.repeat == "repeat_interleave":
+        return x.repeat_interleave(sp.group, dim=1)
+    b, h, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, sp.group, t, d).reshape(b, h * sp.group, t, d)
+
+
+def _visible(sp: Spelling, pad_keep):
+    """The boolean [., ., Tq, Tk] keep-mask the drawn mask means (None: every key visible)."""
+    tq, tk = sp.tq, sp.tk
+    i = torch.arange(tq)[:, None]
+    j = torch.arange(tk)[None, :]
+    if sp.mask == "causal_tril":
+        return torch.tril(torch.ones(tq, tk)) != 0
+    if sp.mask == "causal_bottom_right":
+        return j <= i + (tk - tq)
+    if sp.mask == "band":
+        off = tk - tq
+        return (j <= i + off) & (j > i + off - 4)
+    if sp.mask in ("pad_bool", "pad_additive", "empty_rows"):
+        return pad_keep[:, None, None, :]
+    return None
+
+
+def make_fn(sp: Spelling):
+    d = sp.head_dim
+    scale = 1.0 / math.sqrt(d)
+
+    def attend(x, pad_keep, bias):
+        q, k, v = _operands(sp, x)
+        if sp.scale == "q_prescale":
+            q = q * scale
+        elif sp.scale == "split_sqrt":
+            q, k = q * math.sqrt(scale), k * math.sqrt(scale)
+        keep = _visible(sp, pad_keep)
+        if sp.matmul == "sdpa":
+            mask = None
+            if sp.mask == "pad_additive":
+                mask = torch.zeros(pad_keep.shape, dtype=q.dtype).masked_fill(~pad_keep, torch.finfo(q.dtype).min)
+                mask = mask[:, None, None, :]
+            elif sp.mask == "bias":
+                mask = bias
+            elif keep is not None:
+                mask = keep
+            k, v = _repeat(sp, k), _repeat(sp, v)
+            sdpa_scale = 1.0 if sp.scale in ("q_prescale", "split_sqrt") else scale
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sdpa_scale)
+        k, v = _repeat(sp, k), _repeat(sp, v)
+        if sp.matmul == "einsum":
+            s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        else:
+            s = q @ k.transpose(-2, -1)
+        if sp.scale == "mul":
+            s = s * scale
+        elif sp.scale == "div":
+            s = s / math.sqrt(d)
+        if sp.mask in ("causal_tril", "band", "pad_bool", "empty_rows"):
+            s = s.masked_fill(~keep, float("-inf"))
+        elif sp.mask == "causal_bottom_right":
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        elif sp.mask == "pad_additive":
+            s = s + (1.0 - pad_keep[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
+        elif sp.mask == "bias":
+            s = s + bias
+        if sp.scale == "after_mask":
+            s = s * scale
+        if sp.softmax == "functional":
+            p = F.softmax(s, dim=-1)
+        elif sp.softmax == "method":
+            p = s.softmax(-1)
+        elif sp.softmax == "upcast":
+            p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+            p = e / e.sum(dim=-1, keepdim=True)
+        if sp.matmul == "einsum":
+            return torch.einsum("bhqk,bhkd->bhqd", p, v)
+        return p @ v
+
+    return attend
+
+
+def make_inputs(sp: Spelling, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    d, b = sp.head_dim, sp.batch
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if sp.layout == "fused":
+        x = (randn(b, sp.tq, sp.q_heads * d), randn(b, sp.tk, 2 * sp.kv_heads * d))
+    elif sp.layout == "bshd":
+        x = (randn(b, sp.tq, sp.q_heads, d), randn(b, sp.tk, sp.kv_heads, d), randn(b, sp.tk, sp.kv_heads, d))
+    else:
+        x = (randn(b, sp.q_heads, sp.tq, d), randn(b, sp.kv_heads, sp.tk, d), randn(b, sp.kv_heads, sp.tk, d))
+    pad_keep = torch.ones(b, sp.tk, dtype=torch.bool)
+    pad_keep[-1, sp.tk - max(1, sp.tk // 3):] = False        # the last sequence is padded
+    if sp.mask == "empty_rows":
+        pad_keep[0] = False                                  # the first sequence sees no key at all
+    bias = randn(1, sp.q_heads, sp.tq, sp.tk)
+    return x, pad_keep, bias
+
+
+def _max_rel_err(got, want) -> float:
+    both = ~torch.isnan(want)
+    scale = want[both].abs().max().clamp_min(1e-30) if both.any() else torch.tensor(1.0)
+    return ((got[both] - want[both]).abs().max() / scale).item() if both.any() else 0.0
+
+
+@_SETTINGS
+@given(sp=_spellings(), seed=st.integers(0, 2**16), dynamic=st.sampled_from([False, False, True]))
+def test_random_spelling_matches_eager(sp, seed, dynamic):
+    torch._dynamo.reset()
+    fn = make_fn(sp)
+    x, pad_keep, bias = make_inputs(sp, seed)
+    expected = fn(x, pad_keep, bias)
+    start = len(backend.reports())
+    compiled = torch.compile(fn, backend="attnlower", dynamic=dynamic, options={"inner": "eager", "strict": True})
+    got = compiled(x, pad_keep, bias)
+    reports = backend.reports()[start:]
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"NaN pattern differs for {sp}"
+    err = _max_rel_err(got, expected)
+    assert err < 1e-5, f"relative error {err:.2e} for {sp}"
+    sites = [s for r in reports for s in r.sites]
+    assert len(sites) == 1, f"expected one attention site, found {len(sites)} for {sp}"
+    assert sites[0].op is not None, f"not rewritten: {sites[0].reason} ({sp})"
+
+
+def test_fuzz_oracle_is_attention():
+    """The composed function itself is attention: check one drawn-by-hand spelling against SDPA."""
+    sp = Spelling(2, 2, 2, 5, 3, 16, "bshd", "repeat_kv", "div", "causal_bottom_right", "manual", "einsum")
+    x, pad_keep, bias = make_inputs(sp, 0)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    keep = torch.arange(sp.tk)[None, :] <= torch.arange(sp.tq)[:, None] + sp.extra_keys
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=keep)
+    torch.testing.assert_close(make_fn(sp)(x, pad_keep, bias), want, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
