@@ -40,10 +40,11 @@ class Spelling:
     head_dim: int
     layout: str              # bhsd | bshd | fused
     repeat: str              # repeat_kv | repeat_interleave   (group > 1)
-    scale: str               # mul | div | q_prescale | split_sqrt | after_mask
+    scale: str               # mul | div | q_prescale | split_sqrt | after_mask | none
     mask: str                # none | causal_tril | causal_bottom_right | pad_bool | pad_additive | band | bias | empty_rows
     softmax: str             # functional | method | upcast | manual
-    matmul: str              # matmul | einsum | sdpa
+    matmul: str              # matmul | einsum | bmm | baddbmm | sdpa
+    softcap: bool = False    # s = 20 * tanh(s / 20) before the mask (Gemma 2)
 
     @property
     def q_heads(self) -> int:
@@ -55,26 +56,33 @@ class Spelling:
 
 
 def _spellings():
-    def build(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul):
+    def build(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul, softcap):
         if mask == "causal_tril":
             extra = 0            # tril(ones(T, T)) is square
         if matmul == "sdpa":
             softmax = "functional"
-            scale = "mul" if scale != "q_prescale" else scale
+            scale = "mul" if scale not in ("q_prescale", "none") else scale
+            softcap = False
+        if matmul == "baddbmm":
+            scale = "mul"         # the scale is baddbmm's alpha
+        if softcap and scale == "after_mask":
+            scale = "mul"
         if scale == "after_mask" and mask in ("pad_additive", "bias"):
             scale = "mul"         # scaling an additive mask changes the source's own values; both fine, keep simple
-        return Spelling(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul)
+        return Spelling(batch, kv_heads, group, tq, extra, head_dim, layout, repeat, scale, mask, softmax, matmul,
+                        softcap)
 
     return st.builds(
         build,
         st.sampled_from([1, 2]), st.sampled_from([1, 2]), st.sampled_from([1, 2, 3]),
         st.sampled_from([1, 5, 17, 33]), st.sampled_from([0, 0, 3, 16]), st.sampled_from([8, 16, 24]),
         st.sampled_from(["bhsd", "bshd", "fused"]), st.sampled_from(["repeat_kv", "repeat_interleave"]),
-        st.sampled_from(["mul", "div", "q_prescale", "split_sqrt", "after_mask"]),
+        st.sampled_from(["mul", "div", "q_prescale", "split_sqrt", "after_mask", "none"]),
         st.sampled_from(["none", "causal_tril", "causal_bottom_right", "pad_bool", "pad_additive", "band", "bias",
                          "empty_rows"]),
         st.sampled_from(["functional", "method", "upcast", "manual"]),
-        st.sampled_from(["matmul", "matmul", "einsum", "sdpa"]),
+        st.sampled_from(["matmul", "matmul", "einsum", "bmm", "baddbmm", "sdpa"]),
+        st.sampled_from([False, False, True]),
     )
 
 
@@ -146,14 +154,24 @@ def make_fn(sp: Spelling):
             elif keep is not None:
                 mask = keep
             k, v = _repeat(sp, k), _repeat(sp, v)
-            sdpa_scale = 1.0 if sp.scale in ("q_prescale", "split_sqrt") else scale
+            sdpa_scale = 1.0 if sp.scale in ("q_prescale", "split_sqrt", "none") else scale
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sdpa_scale)
         k, v = _repeat(sp, k), _repeat(sp, v)
+        b, h = q.shape[0], q.shape[1]
         if sp.matmul == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        elif sp.matmul == "bmm":
+            s = torch.bmm(q.reshape(b * h, sp.tq, d), k.reshape(b * h, sp.tk, d).transpose(1, 2))
+            s = s.view(b, h, sp.tq, sp.tk)
+        elif sp.matmul == "baddbmm":  # Bloom / old GPT-2: the scale rides on alpha, beta=0 ignores the input
+            empty = torch.empty(b * h, sp.tq, sp.tk, dtype=q.dtype)
+            s = torch.baddbmm(empty, q.reshape(b * h, sp.tq, d), k.reshape(b * h, sp.tk, d).transpose(1, 2),
+                              beta=0.0, alpha=scale).view(b, h, sp.tq, sp.tk)
         else:
             s = q @ k.transpose(-2, -1)
-        if sp.scale == "mul":
+        if sp.softcap:
+            s = 20.0 * torch.tanh(s / 20.0)
+        if sp.scale == "mul" and sp.matmul != "baddbmm":
             s = s * scale
         elif sp.scale == "div":
             s = s / math.sqrt(d)
@@ -178,6 +196,8 @@ def make_fn(sp: Spelling):
             p = e / e.sum(dim=-1, keepdim=True)
         if sp.matmul == "einsum":
             return torch.einsum("bhqk,bhkd->bhqd", p, v)
+        if sp.matmul in ("bmm", "baddbmm"):
+            return torch.bmm(p.reshape(b * h, sp.tq, sp.tk), v.reshape(b * h, sp.tk, d)).view(b, h, sp.tq, d)
         return p @ v
 
     return attend

@@ -521,10 +521,13 @@ def _product_operands(node: fx.Node, which: str):
         return a, b, "bmm", batch_shape, [], 1.0
     if t is aten.baddbmm.default:
         inp, a, b = node.args[:3]
-        beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
-        alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
-        extra = [] if beta == 0 else [(inp, float(beta))]
-        return a, b, "baddbmm", batch_shape, extra, float(alpha)
+        # under dynamic=True Dynamo may pass alpha / beta as symbolic floats (graph nodes)
+        beta = _constant_value(node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1))
+        alpha = _constant_value(node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1))
+        if alpha is None or beta is None:
+            raise NotAttention("baddbmm's alpha or beta is data")
+        extra = [] if beta == 0 else [(inp, beta)]
+        return a, b, "baddbmm", batch_shape, extra, alpha
     if t is aten.einsum.default:
         eq, operands = node.args[0], node.args[1]
         if len(operands) != 2:
