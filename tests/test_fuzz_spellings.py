@@ -8,7 +8,8 @@ bias, fully masked rows), the softmax (functional, method, fp32 upcast, by hand)
 `backend="attnlower"` (strict, inner eager, static or dynamic=True shapes): the outputs must agree to 1e-5 (relative to the largest
 output), NaN exactly where eager has NaN, and every site must be rewritten.
 
-CI runs a fixed (derandomized) set; `ATTNLOWER_FUZZ_EXAMPLES=500 pytest tests/test_fuzz_spellings.py`
+CI runs a fixed (derandomized) set, 30 with the eager inner and 6 through Inductor;
+`ATTNLOWER_FUZZ_EXAMPLES=500 pytest tests/test_fuzz_spellings.py` (a tenth of them through Inductor)
 searches further with fresh draws.
 """
 from __future__ import annotations
@@ -257,6 +258,22 @@ def test_fuzz_oracle_is_attention():
     keep = torch.arange(sp.tk)[None, :] <= torch.arange(sp.tq)[:, None] + sp.extra_keys
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=keep)
     torch.testing.assert_close(make_fn(sp)(x, pad_keep, bias), want, rtol=1e-5, atol=1e-5)
+
+
+
+@settings(max_examples=_EXAMPLES // 10 or 6, deadline=None, derandomize=not _EXAMPLES,
+          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+@given(sp=_spellings(), seed=st.integers(0, 2**16))
+def test_random_spelling_through_inductor(sp, seed):
+    """The same, with Inductor compiling what is left (its own attention fusion must not interfere)."""
+    torch._dynamo.reset()
+    fn = make_fn(sp)
+    x, pad_keep, bias = make_inputs(sp, seed)
+    expected = fn(x, pad_keep, bias)
+    got = torch.compile(fn, backend="attnlower", options={"strict": True})(x, pad_keep, bias)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"NaN pattern differs for {sp}"
+    err = _max_rel_err(got, expected)
+    assert err < 1e-5, f"relative error {err:.2e} for {sp}"
 
 
 if __name__ == "__main__":
