@@ -5,8 +5,9 @@ Each example draws sizes (batch, heads, GQA group, query / key lengths, head dim
 goes, the mask (causal top-left or bottom-right, padding as bool or additive, a sliding band, a data
 bias, fully masked rows), the softmax (functional, method, fp32 upcast, by hand) and the matmuls
 (`@`, einsum), or an SDPA call with the equivalent arguments. The function runs eagerly and through
-`backend="attnlower"` (strict, inner eager, static or dynamic=True shapes): the outputs must agree to 1e-5 (relative to the largest
-output), NaN exactly where eager has NaN, and every site must be rewritten.
+`backend="attnlower"` (strict, inner eager, static or dynamic=True shapes): the outputs must agree
+to 1e-5 (relative to the largest output), NaN exactly where eager has NaN, and every site must be
+rewritten.
 
 CI runs a fixed (derandomized) set, 30 with the eager inner and 6 through Inductor;
 `ATTNLOWER_FUZZ_EXAMPLES=500 pytest tests/test_fuzz_spellings.py` (a tenth of them through Inductor)
