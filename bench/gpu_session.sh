@@ -3,6 +3,11 @@
 #
 #   bash bench/gpu_session.sh tests flash        # stages: tests accuracy flash sliding paged examples
 #
+# One device call is limited to 10 minutes, a session to 30: a fresh machine compiles every kernel
+# again (the tests stage alone takes ~200 s on 16 cores). Measured fits, each well under 600 s:
+#   TESTS_TIMEOUT=240 BENCH_SEQ_LENS=1024,4096,16384 bash bench/gpu_session.sh tests accuracy flash
+#   EXAMPLES="gpt2 llama" bash bench/gpu_session.sh sliding paged examples
+#
 # tests:    the CPU kernel tests (odd shapes, masks, dropout, poisoned outputs, fp32/fp16/bf16) rerun on
 #           CUDA through ATTNLOWER_TEST_DEVICE=cuda, plus the tests marked gpu (real sizes).
 # flash / sliding / paged: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
