@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tests flash        # stages: tests accuracy flash sliding paged examples
 #
 # One device call is limited to 10 minutes, a session to 30: a fresh machine compiles every kernel
-# again (the tests stage alone takes ~200 s on 16 cores). Measured fits, each well under 600 s:
+# again (the tests stage alone took ~200 s on 16 cores). Groups estimated from 2026-11-23 runs to fit:
 #   TESTS_TIMEOUT=240 BENCH_SEQ_LENS=1024,4096,16384 bash bench/gpu_session.sh tests accuracy flash
 #   EXAMPLES="gpt2 llama" bash bench/gpu_session.sh sliding paged examples
 #
