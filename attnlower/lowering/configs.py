@@ -30,14 +30,15 @@ _FLASH_INTERPRET = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=
 # Sources: Triton's fused-attention tutorial (06-fused-attention.py: forward 128x64 / 128x128 tiles,
 # backward BLOCK_M1=32, BLOCK_N1=128 for dK/dV and BLOCK_M2=128, BLOCK_N2=32 for dQ) and
 # FlashAttention-2's smaller tiles for head_dim 256 (register pressure of the fp32 accumulators).
-# unmeasured starting point (no GPU this session); autotune/sweep with bench/flash.py
+# Timed, not swept: on H100 (torch 2.11, triton 3.6, 2026-11-23) the D=64 / 128 forward reached
+# 295-475 TFLOP/s bf16, 1.05-1.39x SDPA-flash and 0.68-0.90x cuDNN (bench/RESULTS.md); D=256 untimed.
 _FLASH_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
 # Measured on H100 (torch 2.11, triton 3.6; bench/accuracy.py, 2026-11-23): the tutorial's 32x128
 # tiles with 2-3 stages compiled to a dK that is wrong by 15-30% of max|dK| (dQ and dV right), in
 # bf16, D=64 and 128, causal or not; 64x64 tiles with one stage give SDPA's error (3e-3). The cause
 # (tile shape or pipelining) is not isolated: only the verified shape is used, D=256 included.
 _FLASH_BWD_KV = {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 8, 1)}
-# unmeasured starting point (no GPU this session); autotune/sweep with bench/flash.py
+# dQ tiles: correct on H100 (dQ error = SDPA's, bench/accuracy.py, 2026-11-23); untimed.
 _FLASH_BWD_Q = {64: (128, 32, 4, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)}
 # fp32 tiles hold twice the bytes: halve the key tile (forward, dQ) / the query tile (dK/dV).
 # unmeasured starting point (no GPU this session); autotune/sweep with bench/flash.py
@@ -103,6 +104,8 @@ _PAGED_BLOCK_N = {128: 64, 256: 32}
 _PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192
 _PAGED_NUM_WARPS_LARGE = 8
 _PAGED_NUM_STAGES = 2
+# The paged constants below were timed, not swept, on H100 (2026-11-23, bf16 Hq=32 Hkv=8 D=128,
+# block 16): decode at 0.95-0.98x cuDNN SDPA on a contiguous cache for B >= 8 (bench/RESULTS.md).
 # Split-KV: aim for this many programs per SM so latency of the gathers is hidden,
 # never give a split fewer than _PAGED_MIN_TOKENS_PER_SPLIT keys (the reduce pass and the
 # per-split q load must stay small next to the split's K/V traffic), and keep the split count
