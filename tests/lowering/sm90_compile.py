@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from attnlower.lowering import launch, launch_paged  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on H100 / H200
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1",
             torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
@@ -132,6 +133,9 @@ def main() -> int:
             src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature,
                                             constexprs=launch_.constexprs)
             compiled = triton.compile(src, target=TARGET, options=launch_.options)
+            if compiled.metadata.shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
+                raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, "
+                                   f"an sm_90 block gets at most {SM90_SHARED_BYTES}")
             regs = getattr(compiled, "n_regs", None)
             status = f"ok  {time.perf_counter() - t0:5.1f}s shared={compiled.metadata.shared}"
             status += f" regs={regs}" if regs is not None else ""
