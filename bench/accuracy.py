@@ -26,6 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lowering"))
+from attention_oracle import oracle  # noqa: E402  (the float64 oracle the kernel tests use)
 from attnlower.lowering.configs import KernelConfig  # noqa: E402
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
 
@@ -33,6 +35,7 @@ NO_RNG = torch.empty(0, dtype=torch.int64)
 
 
 def band(n, causal, window, device):
+    """SDPA's bool attn_mask for a sliding window (True = visible)."""
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(n, device=device)[None, :]
     keep = torch.ones(n, n, dtype=torch.bool, device=device)
@@ -43,13 +46,11 @@ def band(n, causal, window, device):
     return keep
 
 
-def oracle(q, k, v, grad_out, causal, window, scale):
+def reference(q, k, v, grad_out, causal, window, scale):
+    """[out, dq, dk, dv] in float64 from tests/lowering/attention_oracle.py."""
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    qd, kd, vd = leaves
-    group = q.shape[1] // k.shape[1]
-    s = scale * qd @ kd.repeat_interleave(group, 1).transpose(-1, -2)
-    s = s.masked_fill(~band(q.shape[2], causal, window, q.device), float("-inf"))
-    out = torch.softmax(s, -1) @ vd.repeat_interleave(group, 1)
+    with torch.device(q.device):  # the oracle's aranges
+        out, _ = oracle(*leaves, scale=scale, causal=causal or window > 0, window=window)
     out.backward(grad_out.double())
     return [out.detach()] + [x.grad for x in leaves]
 
@@ -86,7 +87,7 @@ def main() -> None:
                 k, v = (torch.randn(1, 2, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
                 grad_out = torch.randn_like(q)
                 scale = 1.0 / math.sqrt(head_dim)
-                ref = oracle(q, k, v, grad_out, causal, window, scale)
+                ref = reference(q, k, v, grad_out, causal, window, scale)
                 cands = {"attnlower": lambda: attnlower(q, k, v, grad_out, causal, window, scale),
                          "attnlower-64x64-1stage": lambda: attnlower(q, k, v, grad_out, causal, window, scale, small),
                          "attnlower-fp32": lambda: attnlower(q.float(), k.float(), v.float(), grad_out.float(),

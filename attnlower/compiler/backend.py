@@ -24,7 +24,7 @@ from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
 from .canonicalize import fake_mode_for, to_aten
-from .dump import kernel_plan, memory_estimate
+from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
 from .options import Options
 from .report import CompileReport, Site
@@ -54,10 +54,6 @@ class Context:
 # --------------------------------------------------------------------------------------------
 # the passes
 
-def _dims(*sizes) -> str:
-    return "[" + ", ".join(str(x) for x in sizes) + "]"
-
-
 def detect(gm: fx.GraphModule, ctx: Context) -> str:
     """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
     ctx.found = find_attention_sites(gm)
@@ -70,9 +66,9 @@ def detect(gm: fx.GraphModule, ctx: Context) -> str:
             site.region = [n.name for n in f.region]
             # logical [B, H, T, D] whatever the source layout (BSHD, flattened B*H, repeated KV heads)
             site.shapes = {
-                "q": _dims(f.batch, f.q_heads, f.q_len, f.head_dim),
-                "k": _dims(f.batch, f.kv_heads, f.k_len, f.head_dim),
-                "v": _dims(f.batch, f.kv_heads, f.k_len, f.v_head_dim),
+                "q": format_dims((f.batch, f.q_heads, f.q_len, f.head_dim)),
+                "k": format_dims((f.batch, f.kv_heads, f.k_len, f.head_dim)),
+                "v": format_dims((f.batch, f.kv_heads, f.k_len, f.v_head_dim)),
             }
         ctx.report.sites.append(site)
     n_ok = sum(isinstance(f, AttentionMatch) for f in ctx.found)

@@ -75,8 +75,13 @@ def _tensor_bytes(val) -> int | None:
     return numel * val.dtype.itemsize
 
 
+def format_dims(sizes) -> str:
+    """`[2, 4, s0, 64]`: sizes (ints or SymInts) as the site table and dumps print them."""
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
 def _shape(val) -> str:
-    return "[" + ", ".join(str(s) for s in val.shape) + "]"
+    return format_dims(val.shape)
 
 
 def memory_estimate(match) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _is_sfdp(entry) -> bool:
 
 
 @contextlib.contextmanager
-def without_sfdp() -> Iterator[int]:
+def without_sfdp() -> Iterator[None]:
     """Inductor's joint-graph passes run without the fuse_attention patterns inside this block.
 
     `joint_graph.lazy_init` registers the patterns the first time a graph (per device) reaches the
@@ -50,15 +50,17 @@ def without_sfdp() -> Iterator[int]:
     """
     from torch._inductor.fx_passes import joint_graph
 
-    tables = [joint_graph.patterns, joint_graph.early_patterns, *getattr(joint_graph, "pass_patterns", [])]
-    saved: dict[tuple[int, object], list] = {}
+    # `patterns` is also one of `pass_patterns`: each table once, by identity
+    tables = list({id(t): t for t in (joint_graph.patterns, joint_graph.early_patterns,
+                                      *getattr(joint_graph, "pass_patterns", []))}.values())
+    saved: list[tuple[list, list]] = []   # (the table's entry list, its entries before stripping)
 
     def strip() -> None:
         for table in tables:
-            for key, entries in list(table.patterns.items()):
+            for entries in table.patterns.values():
                 kept = [e for e in entries if not _is_sfdp(e)]
                 if len(kept) != len(entries):
-                    saved.setdefault((id(table), key), list(entries))
+                    saved.append((entries, list(entries)))
                     entries[:] = kept
 
     original_init = joint_graph.lazy_init
@@ -71,12 +73,11 @@ def without_sfdp() -> Iterator[int]:
     joint_graph.lazy_init = lazy_init
     try:
         strip()
-        yield len(saved)
+        yield
     finally:
         joint_graph.lazy_init = original_init
-        by_id = {id(t): t for t in tables}
-        for (table_id, key), entries in saved.items():
-            by_id[table_id].patterns[key][:] = entries
+        for entries, before in reversed(saved):  # reversed: a list stripped twice ends at its first state
+            entries[:] = before
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

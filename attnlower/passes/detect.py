@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .kv import OperandRef, PagedRef, resolve_operand, resolve_paged
 from .layout import Layout, NotAView, _eq, _shape, _val, layout_of
@@ -166,6 +167,16 @@ def _only_user(n: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
+# where(cond, scores, fill) with the fill a tensor or a python number
+_WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
+
+
+def _real_float(make) -> float:
+    """float(make().item()), computed on real tensors even if a fake mode is active."""
+    with unset_fake_temporarily():
+        return float(make().item())
+
+
 def _constant_value(x) -> float | None:
     """A python number, or a node that is a scalar constant (`scalar_tensor`, `full([], c)`, ...)."""
     if isinstance(x, bool):
@@ -184,7 +195,7 @@ def _constant_value(x) -> float | None:
             value = _constant_value(x.args[0])
             out = x.meta.get("val")
             if value is not None and isinstance(out, torch.Tensor):
-                value = torch.tensor(value, dtype=out.dtype).item()  # a cast rounds the constant
+                value = _real_float(lambda: torch.tensor(value, dtype=out.dtype))  # a cast rounds the constant
             return value
         if t is aten.zeros.default and all(_eq(s, 1) for s in _shape(x)):
             return 0.0
@@ -194,10 +205,7 @@ def _constant_value(x) -> float | None:
         value = getattr(x.graph.owning_module, str(x.target), None)
         if (str(x.target).startswith("_tensor_constant") and isinstance(value, torch.Tensor)
                 and value.numel() == 1 and value.device.type != "meta"):
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-            with unset_fake_temporarily():
-                return float(value.reshape(()).item())
+            return _real_float(lambda: value.reshape(()))
         return None
     if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)):
         # A scalar computed from sizes: `q.size(-1) ** -0.5` under dynamic=True. The op takes a float,
@@ -253,8 +261,7 @@ def _leads_to_product(n: fx.Node, depth: int = 12) -> bool:
         if x.target in PASS_THROUGH or x.target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
                                                     aten.sub.Tensor, aten.masked_fill.Scalar,
                                                     aten.masked_fill.Tensor, aten.tanh.default,
-                                                    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
-                                                    aten.mul.Scalar, aten.div.Scalar):
+                                                    *_WHERE, aten.mul.Scalar, aten.div.Scalar):
             frontier.extend(a for a in x.args if isinstance(a, fx.Node))
     return False
 
@@ -356,7 +363,7 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
                                    len(_shape(cur))))
             cur = s
             continue
-        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):  # fill: tensor or number
+        if t in _WHERE:
             m, a, b = args
             a_is = isinstance(a, fx.Node) and _leads_to_product(a)
             b_is = isinstance(b, fx.Node) and _leads_to_product(b)
