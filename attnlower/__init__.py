@@ -8,12 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compiler.report import CompileReport, Site  # noqa: E402
+from .compiler.report import CompileReport, Reports, Site  # noqa: E402
 
 
 def inspect(fn, *args, options=None, dynamic=None, **kwargs):
     """Compile `fn` (a function or module) with the attnlower backend, run it once on the given
-    arguments, and return the CompileReports of the graphs it made (what was found, chosen, refused)."""
+    arguments, and return the CompileReports of the graphs it made (what was found, chosen, refused).
+    `print()` of the result prints each graph's site table."""
     import torch
 
     from .compiler import backend
@@ -22,7 +23,7 @@ def inspect(fn, *args, options=None, dynamic=None, **kwargs):
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="attnlower", options=options, dynamic=dynamic)
     compiled(*args, **kwargs)
-    return backend._REPORTS[start:]
+    return Reports(backend._REPORTS[start:])
 
 
 def __getattr__(name):

@@ -27,7 +27,7 @@ from .canonicalize import fake_mode_for, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
 from .options import Options
-from .report import CompileReport, Site
+from .report import CompileReport, Site, describe_sites
 
 log = logging.getLogger("attnlower")
 
@@ -156,6 +156,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
             log.warning("attnlower: a pass failed on graph %d (%s); compiling it unmodified. Repro: %s",
                         graph_id, report.error, report.repro)
         report.seconds_in_passes = time.perf_counter() - t0
+    describe_sites(report, before_gm, gm, target)   # reasons in the user's names, why this op, what it saves
     if opts.explain:
         print(report.table())
     if opts.dump_dir:

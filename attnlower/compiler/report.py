@@ -22,13 +22,15 @@ class Site:
     nodes: list[str] = field(default_factory=list)  # the names of the nodes the rewrite replaced
     region: list[str] = field(default_factory=list)  # names of the site's nodes in the aten graph (before the passes)
     memory: dict[str, Any] | None = None  # dump.memory_estimate: bytes of the unfused intermediates vs the fused op
+    choice: str = ""                    # why this op and not the others (describe_sites)
+    saves: str = ""                     # bytes not materialized, roofline time fused vs unfused (describe_sites)
 
     @property
     def rewritten(self) -> bool:
         return self.op is not None
 
 
-@dataclass
+@dataclass(repr=False)
 class CompileReport:
     """One graph's report: its sites, what each pass did, and any error that left it unmodified."""
 
@@ -60,20 +62,163 @@ class CompileReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    def __repr__(self) -> str:
+        return (f"<CompileReport graph {self.graph_id} on {self.target}: {len(self.sites)} site(s), "
+                f"{len(self.rewritten)} rewritten{', passes failed' if self.error else ''}>")
+
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
-        """A plain-text table of the sites, one row each."""
-        head = f"attnlower graph {self.graph_id} on {self.target}: {len(self.sites)} attention site(s), {len(self.rewritten)} rewritten"
+        """The site table: one row per site, then what was proven, why this op, and what it saves."""
+        head = (f"attnlower graph {self.graph_id} on {self.target}: {len(self.sites)} attention site(s), "
+                f"{len(self.rewritten)} rewritten")
         if self.error:
             head += f"\n  passes failed, graph left unmodified: {self.error}" + (f" (repro: {self.repro})" if self.repro else "")
-        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op", "why")]
+        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op")]
         for s in self.sites:
             shapes = " ".join(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))
-            rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)", s.reason))
+            rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)"))
         if len(rows) == 1:
             return head
-        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]) - 1)]
+        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]))]
         lines = [head]
-        for r in rows:
-            cells = [c[:w].ljust(w) for c, w in zip(r[:-1], widths)]
-            lines.append("  " + "  ".join(cells) + "  " + r[-1])
+        for i, r in enumerate(rows):
+            lines.append(("  " + "  ".join(c[:w].ljust(w) for c, w in zip(r, widths))).rstrip())
+            if i == 0:
+                continue
+            s = self.sites[i - 1]
+            indent = " " * (4 + widths[0])
+            lines.append(f"{indent}{'why' if s.rewritten else 'unfused'}: {s.reason}")
+            if s.choice:
+                lines.append(f"{indent}op: {s.choice}")
+            if s.saves:
+                lines.append(f"{indent}saves: {s.saves}")
         return "\n".join(lines)
+
+
+class Reports(list):
+    """The CompileReports `attnlower.inspect` returns: a list that prints as the site tables."""
+
+    def __str__(self) -> str:
+        return "\n\n".join(r.table() for r in self) if self else "attnlower: no graph was compiled"
+
+    __repr__ = __str__
+
+
+# --------------------------------------------------------------------------------------------
+# the report in the user's words
+
+def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None) -> None:
+    """Finish each site's text for people: reasons naming what the user wrote (names.humanize, on the
+    aten graph the passes read), no clause said twice, why this op and not the others, what it saves.
+
+    `graph` is the aten graph before the passes (the reasons name its nodes), `dynamo_graph` the
+    graph Dynamo handed the backend (its placeholders carry the user's argument names).
+    """
+    from . import names
+
+    arguments = names.argument_names(graph, dynamo_graph) if graph is not None else {}
+    for s in report.sites:
+        if graph is not None:
+            s.reason = names.humanize(s.reason, graph, arguments)
+        s.reason = names.dedupe(s.reason)
+        s.choice = op_choice(s)
+        s.saves = savings(s, target)
+
+
+def op_choice(site: Site) -> str:
+    """Why this op and not the other two, from the site's spec: "flash; not sliding: no band ..."."""
+    spec = site.spec
+    if not site.rewritten or not spec:
+        return ""
+    not_paged = "not paged: K/V are not gathered from a block pool"
+    if site.op == "paged_attention":
+        return ("paged: K/V are gathered from a block pool, read in place; "
+                "not flash / sliding: they would read the gathered copy")
+    if site.op == "sliding_window_attention":
+        return (f"sliding: only key blocks inside the {spec.get('window')}-key band are visited; "
+                f"not flash: it would visit every key block left of the diagonal; {not_paged}")
+    if spec.get("bias_kind", "none") != "none":
+        return (f"flash with the mask as a {spec.get('bias_kind')} bias; not sliding: no band proven from "
+                f"shapes alone (the mask reads data or is not a band); {not_paged}")
+    if spec.get("causal"):
+        return f"flash; not sliding: causal without a band (sliding needs a window); {not_paged}"
+    return f"flash; not sliding: no mask, no band (sliding needs a window); {not_paged}"
+
+
+# Peak dense throughput (TFLOP/s) and memory bandwidth (TB/s), from NVIDIA's datasheets (SXM parts):
+# H100 SXM 989 bf16/fp16 tensor, 67 fp32, 3.35 TB/s; H200 SXM same compute, 4.8 TB/s;
+# A100 SXM 80GB 312 bf16/fp16, 19.5 fp32, 2.04 TB/s. fp32 attention runs exact ("ieee") dots, not TF32.
+_ROOFLINES = {
+    "H200": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "tb_s": 4.8},
+    "H100": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "tb_s": 3.35},
+    "A100": {"float16": 312.0, "bfloat16": 312.0, "float32": 19.5, "tb_s": 2.04},
+}
+
+
+def roofline(target) -> dict[str, float] | None:
+    """The peaks of a CUDA target the table above knows (by device name), else None."""
+    name = getattr(target, "name", "") if target is not None and getattr(target, "kind", "") == "cuda" else ""
+    for key, peaks in _ROOFLINES.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def _dims(text: str | None) -> list[int] | None:
+    try:
+        return [int(x) for x in str(text).strip("[]").split(",")]
+    except ValueError:   # symbolic sizes
+        return None
+
+
+def _visible_fraction(spec: dict, tq: int, tk: int) -> float:
+    """Share of the Tq x Tk scores the kernel computes (causal / band skip the rest)."""
+    if not spec.get("causal"):
+        return 1.0
+    off = tk - tq if spec.get("bottom_right") else 0
+    window = spec.get("window") or 0
+    total = 0
+    for i in range(tq):
+        hi = min(i + off, tk - 1)
+        lo = max(i + off - window + 1, 0) if window else 0
+        total += max(hi - lo + 1, 0)
+    return total / (tq * tk)
+
+
+def savings(site: Site, target=None) -> str:
+    """`5.0 MiB of scores / probabilities not materialized; roofline on H100: fused ≥ 3 µs, unfused ≥ 9 µs`."""
+    mem = site.memory or {}
+    parts = []
+    unfused = mem.get("unfused_bytes")
+    if site.rewritten and unfused:
+        parts.append(f"{_bytes(unfused)} of intermediates (scores, probabilities) not materialized")
+    elif site.rewritten and mem.get("note"):
+        parts.append(mem["note"])
+    peaks = roofline(target)
+    q, k, v = (_dims(site.shapes.get(n)) for n in ("q", "k", "v"))
+    if site.rewritten and peaks and q and k and v and site.spec:
+        b, hq, tq, d = q
+        tk, dv = k[2], v[3]
+        esize = {"float16": 2, "bfloat16": 2, "float32": 4}.get(site.spec.get("dtype"), 4)
+        io = esize * (b * hq * tq * d + 2 * b * k[1] * tk * d + b * hq * tq * dv) + 4 * b * hq * tq
+        full_flops = 2.0 * b * hq * tq * tk * (d + dv)
+        flops = full_flops * _visible_fraction(site.spec, tq, tk)
+        peak = peaks.get(site.spec.get("dtype"), peaks["float32"]) * 1e12
+        bw = peaks["tb_s"] * 1e12
+        fused_s = max(flops / peak, io / bw)
+        # unfused: every intermediate is written once and read back once, and no block is skipped
+        unfused_s = max(full_flops / peak, (io + 2 * (unfused or 0)) / bw)
+        name = next(key for key in _ROOFLINES if key in target.name)
+        parts.append(f"roofline on {name}: fused >= {fused_s * 1e6:.1f} us, "
+                     + (f"unfused >= {unfused_s * 1e6:.1f} us" if unfused else "unfused: inside aten SDPA"))
+    return "; ".join(parts)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"

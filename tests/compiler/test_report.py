@@ -1,0 +1,166 @@
+"""The report in the user's words: `print()` shows the table, reasons name the user's arguments and
+attributes (not aten node names), say nothing twice, say why this op and what it saves."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnlower
+from attnlower.compiler import names
+from attnlower.compiler.hardware import Target
+from attnlower.compiler.report import CompileReport, Reports, Site, savings
+
+# aten / Dynamo node names a reason must not show: placeholders, lifted constants, numbered nodes.
+INTERNAL = re.compile(r"\barg\d+_\d+\b|\b_tensor_constant\d+\b|`\w+_\d+`|\bL_\w+_\b|`(index|le|eq|lt|ge)`")
+
+
+class BufferMask(nn.Module):
+    """nanoGPT-style attention whose mask is a registered buffer holding data (not provably causal),
+    plus an HF-style additive `attention_mask` argument."""
+
+    def __init__(self, t: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        keep = torch.rand(t, t, generator=g) > 0.3
+        keep |= torch.eye(t, dtype=torch.bool)
+        self.register_buffer("bias", keep.view(1, 1, t, t))
+
+    def forward(self, q, k, v, attention_mask):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        att = att.masked_fill(self.bias == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+
+
+class Wrapper(nn.Module):
+    def __init__(self, t: int):
+        super().__init__()
+        self.attn = BufferMask(t)
+
+    def forward(self, q, k, v, attention_mask):
+        return self.attn(q, k, v, attention_mask)
+
+
+class Causal(nn.Module):
+    def forward(self, q, k, v):
+        t = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+        att = att.masked_fill(torch.tril(torch.ones(t, t, dtype=torch.bool)).logical_not(), float("-inf"))
+        return torch.softmax(att, dim=-1) @ v
+
+
+def _qkv(t=13, d=8):
+    torch.manual_seed(0)
+    return [torch.randn(2, 3, t, d) for _ in range(3)]
+
+
+def test_print_shows_the_table_not_the_dataclass():
+    reports = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager"})
+    assert isinstance(reports, Reports) and len(reports) == 1
+    text = str(reports)
+    assert text.startswith("attnlower graph") and "flash_attention" in text and "Site(" not in text
+    assert str(reports[0]) == reports[0].table()
+    assert repr(reports[0]).startswith("<CompileReport graph") and len(repr(reports[0])) < 120
+    assert str(Reports()) == "attnlower: no graph was compiled"
+
+
+def test_causal_reason_says_each_clause_once():
+    (report,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.op == "flash_attention"
+    assert site.reason.count("top-left") == 1, site.reason
+    assert "not sliding" in site.choice and "not paged" in site.choice
+    assert "not materialized" in site.saves
+
+
+def test_reasons_name_the_users_argument_and_attribute():
+    t = 11
+    q, k, v = _qkv(t)
+    attention_mask = torch.zeros(2, 1, 1, t)
+    (report,) = attnlower.inspect(Wrapper(t), q, k, v, attention_mask, options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.op == "flash_attention" and site.mask == "tensor", str(report)
+    assert "`self.attn.bias`" in site.reason, site.reason
+    assert not INTERNAL.search(site.reason), site.reason
+    assert not INTERNAL.search(str(report)), str(report)
+
+
+def test_hf_padding_reason_names_attention_mask():
+    import pytest
+
+    pytest.importorskip("transformers")
+    import models   # tests/models.py
+
+    case = models.hf_model("llama", "eager", "pad")
+    reports = attnlower.inspect(case.model, *case.inputs.args, options={"inner": "eager"}, **case.inputs.kwargs)
+    reasons = [s.reason for r in reports for s in r.sites]
+    assert reasons and all("`attention_mask`" in r for r in reasons), reasons
+    assert not any(INTERNAL.search(r) for r in reasons), reasons
+
+
+def test_humanize_rewrites_only_node_names():
+    def f(arg0_1, arg1_1):
+        eq = arg0_1 == 0
+        return eq + arg1_1, arg1_1 * 2 * 3   # mul, mul_1
+
+    graph = torch.fx.symbolic_trace(f).graph
+    (eq,) = [n for n in graph.nodes if n.op == "call_function" and n.name == "eq"]
+    eq.meta["stack_trace"] = '  File "/src/model.py", line 12, in forward\n    keep = mask == 0\n'
+    (mul,) = [n for n in graph.nodes if n.name == "mul_1"]
+    args = {"arg0_1": "attention_mask", "arg1_1": "self.attn.bias"}
+    text = (f"`eq` (eq) reads tensor input `arg0_1`; arg1_1 is added; the softmax (eq) is used by {mul.name}; "
+            "mask eq 0")
+    out = names.humanize(text, graph, args)
+    assert out.startswith("`keep = mask == 0` at model.py:12 reads tensor input `attention_mask`; "
+                          "`self.attn.bias` is added"), out
+    assert "the softmax (eq) is used by" in out and out.endswith("mask eq 0")   # prose left alone
+    assert "mul_1" not in out and "used by `mul` (an op with no source line)" in out
+
+
+def test_dedupe_the_issue_example():
+    text = "causal (top-left), blocks above the diagonal skipped (causal (top-left), at Tq=Tk=48)"
+    assert names.dedupe(text) == "causal (top-left), blocks above the diagonal skipped (at Tq=Tk=48)"
+    assert names.dedupe("padding mask (every key visible)") == "padding mask (every key visible)"
+
+
+def test_source_names():
+    assert names.source_name("L_attention_mask_") == "attention_mask"
+    assert names.source_name("L_self_modules_attn_buffers_bias_") == "self.attn.bias"
+    assert names.source_name("L_self_modules_layers_modules_0_modules_q_proj_parameters_weight_") == \
+        "self.layers.0.q_proj.weight"
+
+
+def _site(dtype="bfloat16", causal=True, window=0, t=4096, unfused=None):
+    b, h, d = 4, 32, 128
+    op = "sliding_window_attention" if window else "flash_attention"
+    scores = b * h * t * t * {"bfloat16": 2, "float32": 4}[dtype]
+    return Site(index=0, location="x.py:1", spelling="matmul-softmax-matmul",
+                shapes={n: f"[{b}, {h}, {t}, {d}]" for n in "qkv"}, mask="causal", op=op, reason="",
+                spec={"op": op, "dtype": dtype, "causal": causal, "bottom_right": False, "window": window,
+                      "bias_kind": "none"},
+                memory={"unfused_bytes": unfused if unfused is not None else 3 * scores, "note": ""})
+
+
+def test_savings_roofline_on_a_known_gpu():
+    h100 = Target(kind="cuda", arch=90, sm_count=132, name="NVIDIA H100 80GB HBM3")
+    text = savings(_site(), h100)
+    m = re.search(r"fused >= ([\d.]+) us, unfused >= ([\d.]+) us", text)
+    assert m and "roofline on H100" in text, text
+    fused, unfused = float(m.group(1)), float(m.group(2))
+    # 4x32x4096x4096, D=128, bf16: 4*B*H*T*T*D = 1.1 TFLOP in full, about half of it causal,
+    # at 989 TFLOP/s ~ 0.56 ms; unfused computes all of it and moves 12 GiB of scores twice
+    assert 500 < fused < 620 and unfused > 2 * fused, text
+    band = float(re.search(r"fused >= ([\d.]+)", savings(_site(window=256), h100)).group(1))
+    assert band < fused / 8, (band, fused)
+    assert "roofline" not in savings(_site(), Target(kind="cpu"))   # no peaks known for a CPU
+    assert "roofline" not in savings(_site(), Target(kind="cuda", arch=75, name="Tesla T4"))
+
+
+def test_report_to_json_keeps_the_new_fields():
+    r = CompileReport(graph_id=0, sites=[_site()])
+    r.sites[0].choice, r.sites[0].saves = "flash; not sliding", "1 MiB"
+    d = r.to_dict()
+    assert d["sites"][0]["choice"] == "flash; not sliding" and d["sites"][0]["saves"] == "1 MiB"
