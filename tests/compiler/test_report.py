@@ -154,7 +154,8 @@ def test_savings_roofline_on_a_known_gpu():
     # at 989 TFLOP/s ~ 0.56 ms; unfused computes all of it and moves 12 GiB of scores twice
     assert 500 < fused < 620 and unfused > 2 * fused, text
     band = float(re.search(r"fused >= ([\d.]+)", savings(_site(window=256), h100)).group(1))
-    assert band < fused / 8, (band, fused)
+    # a 256-key band computes 1/8 of the causal scores and becomes bound by reading q, k, v (537 MB at 3.35 TB/s)
+    assert 155 < band < 165, (band, fused)
     assert "roofline" not in savings(_site(), Target(kind="cpu"))   # no peaks known for a CPU
     assert "roofline" not in savings(_site(), Target(kind="cuda", arch=75, name="Tesla T4"))
 
