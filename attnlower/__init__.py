@@ -29,11 +29,20 @@ def inspect(fn, *args, options=None, dynamic=None, **kwargs):
 def __getattr__(name):
     # Lazy: importing attnlower (e.g. through the entry point) must not register ops or import triton.
     if name == "ops":
-        from . import ops
+        # import_module, not `from . import ops`: that form looks the name up on this package first,
+        # which calls this __getattr__ again (RecursionError on a bare `attnlower.ops.flash_attention`)
+        import importlib
 
-        return ops
+        return importlib.import_module(".ops", __name__)
     if name == "PagedKVCache":
         from .cache import PagedKVCache
 
         return PagedKVCache
     raise AttributeError(f"module 'attnlower' has no attribute {name!r}")
+
+
+# `from_pretrained(..., attn_implementation="attnlower")`: registered once transformers is imported
+# (an import hook; imports neither transformers nor triton now). See attnlower/integrations/.
+from .integrations import register_with_transformers_when_loaded as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()
