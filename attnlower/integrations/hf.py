@@ -1,0 +1,216 @@
+"""Hugging Face transformers without torch.compile: `attn_implementation="attnlower"` and a paged KV cache.
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attnlower")
+    cache = attnlower.integrations.hf.PagedCache(model.config, num_blocks=256, block_size=16)
+    model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+
+`import attnlower` registers the implementation once transformers is loaded
+(attnlower/integrations/__init__.py); `register()` does it explicitly. The attention function is
+called by every HF model that dispatches through `ALL_ATTENTION_FUNCTIONS` (Llama, Mistral,
+Gemma-2, Qwen2, ...) with the model's own query / key / value `[B, H, T, D]` and mask, and runs
+attnlower's ops on them directly:
+
+- the mask HF builds for "attnlower" is the one it builds for "sdpa" (a bool keep-mask
+  `[B, 1, Tq, Tk]`, or None when HF proves the mask is plain causal or empty). A mask is passed
+  to `flash_attention` as its bool bias: it already holds causal, padding and sliding-window
+  structure, so the op is exact whatever the cache layout;
+- with no mask, the call is causal exactly as HF's SDPA integration makes it (top-left, only
+  when Tq > 1 and the module is causal); a `sliding_window` then runs `sliding_window_attention`;
+- `scaling`, `softcap` (Gemma-2's attn_logit_softcapping), `dropout` and GQA (Hkv < Hq, no
+  repeat_kv) come from the model's attention module;
+- keys / values from a `PagedCache` are read in place by `paged_attention`.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "attnlower"
+
+
+def register(name: str = NAME) -> None:
+    """Register attnlower with transformers' AttentionInterface (and its mask with AttentionMaskInterface)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(name, attention_forward)
+    # The "sdpa" mask builder: a bool keep-mask, or None where plain causal (or nothing) is exact.
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None, position_bias: torch.Tensor | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """The AttentionInterface function: `query [B, Hq, Tq, D]`, `key`/`value [B, Hkv, Tk, D]` ->
+    (`[B, Tq, Hq, D]`, None). Attention weights are never materialized, so none are returned."""
+    from attnlower import ops
+
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which the attnlower "
+                                  "ops do not compute; use attn_implementation='eager' for this model")
+    paged = getattr(key, "_attnlower_paged", None)
+    if paged is not None:
+        return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' SDPA integration: causal only without a mask and for more than one query,
+    # aligned top-left, on the first Tq keys when HF hands over more (a static cache's prefill).
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if causal and kv_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    bias = attention_mask
+    if position_bias is not None:   # T5-style learned bias, combined with the mask
+        if bias is None:
+            bias = position_bias
+        elif bias.dtype == torch.bool:
+            bias = position_bias.masked_fill(~bias, float("-inf"))
+        else:
+            bias = position_bias + bias
+    common = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0))
+    window = int(sliding_window or 0)
+    if causal and window and key.shape[2] > window:
+        out = ops.sliding_window_attention(query, key, value, window, bias, **common)
+    else:
+        out = ops.flash_attention(query, key, value, bias, causal=causal, **common)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ------------------------------------------------------------------------------------------------
+# the paged cache
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    return Cache, DynamicLayer
+
+
+def PagedCache(config, num_blocks: int, block_size: int = 16, **kwargs):
+    """A transformers `Cache` whose layers keep K/V in `attnlower.PagedKVCache` block pools.
+
+    Args:
+        config: the model's config (its text config gives the layer count); the model must use
+            `attn_implementation="attnlower"`, which reads the pools in place with `paged_attention`.
+        num_blocks, block_size: each layer's pool; a sequence takes blocks from the free list as it
+            grows (`CacheFullError` when the pool is exhausted).
+    One sequence per batch row, created at the first forward. Every token of a row is stored, so a
+    row must not carry padding (equal-length prompts): a mask that hides keys the paged op would
+    show raises ValueError. Beam search and cropping (which reorder or cut rows) are not supported.
+    """
+    return _paged_cache_class()(config, num_blocks, block_size, **kwargs)
+
+
+_CLASS = None
+
+
+def _paged_cache_class():
+    """Build the Cache subclass on first use (transformers is imported only then)."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    Cache, DynamicLayer = _cache_classes()
+
+    class PagedLayer(DynamicLayer):
+        """One layer's K/V in a PagedKVCache; `keys`/`values` are its pools, tagged for attention_forward."""
+
+        def __init__(self, owner, layer_idx: int, num_blocks: int, block_size: int):
+            super().__init__()
+            self.owner, self.layer_idx = owner, layer_idx
+            self.num_blocks, self.block_size = num_blocks, block_size
+            self.pool = None
+            self.seq_ids: list[int] = []
+
+        def lazy_initialization(self, key_states, *args, **kwargs):
+            from attnlower.cache import PagedKVCache
+
+            b, heads, _, dim = key_states.shape
+            self.pool = PagedKVCache(self.num_blocks, self.block_size, heads, dim, dtype=key_states.dtype,
+                                     device=key_states.device)
+            self.seq_ids = [self.pool.add_sequence() for _ in range(b)]
+            self.device = key_states.device
+            self.keys, self.values = self.pool.k_pool, self.pool.v_pool
+            # attention_forward recognizes the pools by this tag and reads them with paged_attention
+            self.keys._attnlower_paged = self.values._attnlower_paged = self
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if key_states.shape[0] != len(self.seq_ids):
+                raise ValueError(f"PagedCache layer {self.layer_idx}: expected a batch of {len(self.seq_ids)} rows "
+                                 f"(the first forward's), got {key_states.shape[0]}; build a new PagedCache per batch")
+            if self.layer_idx == 0:
+                self.owner._checked_masks.clear()   # a new forward: its masks are new tensors
+            self.pool.append(self.seq_ids, key_states, value_states)
+            self.block_table = self.pool.block_table(self.seq_ids)
+            self.seq_lens = self.pool.seq_lens(self.seq_ids)
+            return self.keys, self.values
+
+        def get_seq_length(self, *args, **kwargs) -> int:
+            return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
+
+        def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout):
+            from attnlower import ops
+
+            if dropout:
+                raise ValueError(f"PagedCache: paged_attention is an inference op, got dropout={dropout}; "
+                                 "call model.eval() before generate()")
+            causal = bool(getattr(module, "is_causal", True))
+            window = int(sliding_window or 0)
+            if attention_mask is not None:
+                self._check_mask(attention_mask, query.shape[2], causal, window)
+            out = ops.paged_attention(query, self.keys, self.values, self.block_table, self.seq_lens,
+                                      scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0))
+            return out.transpose(1, 2).contiguous(), None
+
+        def _check_mask(self, mask, q_len: int, causal: bool, window: int) -> None:
+            """The paged op computes visibility from positions; HF's mask must agree (no padding).
+            Checked once per mask tensor (all layers of one forward share it): one host sync a step."""
+            key = (id(mask), causal, window)
+            if key in self.owner._checked_masks:
+                return
+            length = self.get_seq_length()
+            if mask.dtype != torch.bool or mask.shape[-1] != length:
+                raise ValueError(f"PagedCache: expected HF's bool attention mask over the {length} cached keys, got "
+                                 f"{mask.dtype} {list(mask.shape)}; load the model with attn_implementation='attnlower'")
+            pos = torch.arange(length, device=mask.device)
+            query_pos = pos[length - q_len:, None]
+            visible = torch.ones(q_len, length, dtype=torch.bool, device=mask.device)
+            if causal:
+                visible &= pos[None, :] <= query_pos
+            if window:
+                visible &= pos[None, :] > query_pos - window
+            if not bool((mask == visible).all()):
+                raise ValueError("PagedCache: the attention mask hides keys the paged op would attend to (padding?). "
+                                 "The cache stores every token of each row, so prompts must have equal lengths "
+                                 "without padding; for padded batches use transformers' DynamicCache")
+            self.owner._checked_masks[key] = mask   # keeps the tensor alive, so its id is not reused
+
+        def _unsupported(self, *args, **kwargs):
+            raise NotImplementedError("PagedCache does not reorder, crop or repeat rows (beam search, assisted or "
+                                      "contrastive decoding); use greedy or sampled generate(), or DynamicCache")
+
+        crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+        def reset(self) -> None:
+            if self.is_initialized:
+                for seq_id in self.seq_ids:
+                    self.pool.free_sequence(seq_id)
+                self.seq_ids = [self.pool.add_sequence() for _ in self.seq_ids]
+
+    class _PagedCache(Cache):
+        __doc__ = PagedCache.__doc__
+
+        def __init__(self, config, num_blocks: int, block_size: int = 16):
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            impl = getattr(text, "_attn_implementation", None)
+            if impl != NAME:
+                raise ValueError(f"PagedCache: expected a model loaded with attn_implementation='{NAME}', got "
+                                 f"{impl!r}; other implementations would read the block pools as dense K/V")
+            self._checked_masks: dict = {}
+            super().__init__(layers=[PagedLayer(self, i, num_blocks, block_size)
+                                     for i in range(text.num_hidden_layers)])
+
+    _PagedCache.__name__ = _PagedCache.__qualname__ = "PagedCache"
+    _CLASS = _PagedCache
+    return _CLASS

@@ -1,0 +1,161 @@
+"""Hugging Face transformers without torch.compile: `attn_implementation="attnlower"` matches eager
+attention (causal, padding, GQA, sliding window, softcap), and `PagedCache` decodes through
+`paged_attention` with blocks taken as sequences grow, giving eager's tokens. Tiny random models on CPU,
+as transformers' own model tests build them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnlower  # noqa: E402
+
+# transformers 5.24 prefers generate(cache=...); 5.17 (the GPU machine) knows only past_key_values
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+from attnlower.integrations import hf  # noqa: E402
+
+VOCAB, T, B = 96, 24, 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
+              bos_token_id=2)
+
+
+def _configs():
+    out = {"llama": transformers.LlamaConfig(**COMMON),
+           "mistral": transformers.MistralConfig(sliding_window=7, **COMMON)}
+    if hasattr(transformers, "Gemma2Config"):   # softcap + alternating sliding layers + query_pre_attn_scalar
+        out["gemma2"] = transformers.Gemma2Config(sliding_window=6, attn_logit_softcapping=5.0,
+                                                  query_pre_attn_scalar=12, final_logit_softcapping=None, **COMMON)
+    return out
+
+
+CONFIGS = _configs()
+CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each tiny random model saved once, loaded per implementation through from_pretrained."""
+    paths = {}
+    for name, cfg in CONFIGS.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, CLASSES[name])(cfg)
+        paths[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(paths[name])
+    return paths
+
+
+def _load(checkpoints, name, impl):
+    cls = getattr(transformers, CLASSES[name])
+    return cls.from_pretrained(checkpoints[name], attn_implementation=impl, dtype=torch.float32).eval()
+
+
+def _inputs(pad: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        mask[0, :5] = 0    # left padding, as generate() batches prompts
+        ids[0, :5] = 0
+    return ids, mask
+
+
+def test_import_attnlower_registers_lazily():
+    code = ("import sys, attnlower\n"
+            "assert 'transformers' not in sys.modules and 'triton' not in sys.modules, 'imported too early'\n"
+            "assert 'attnlower.lowering.ops' not in sys.modules\n"
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+            "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
+            "assert ALL_ATTENTION_FUNCTIONS['attnlower'].__module__ == 'attnlower.integrations.hf'\n"
+            "assert 'attnlower' in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping\n"
+            "assert 'attnlower.lowering.ops' not in sys.modules   # nor did registering load the ops\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_matches_eager(checkpoints, name, pad):
+    ids, mask = _inputs(pad)
+    eager = _load(checkpoints, name, "eager")
+    ours = _load(checkpoints, name, "attnlower")
+    assert ours.config._attn_implementation == "attnlower"
+    calls = []
+    real = attnlower.ops.flash_attention, attnlower.ops.sliding_window_attention
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask).logits
+        attnlower.ops.flash_attention = lambda *a, **k: calls.append("flash") or real[0](*a, **k)
+        attnlower.ops.sliding_window_attention = lambda *a, **k: calls.append("sliding") or real[1](*a, **k)
+        try:
+            out = ours(input_ids=ids, attention_mask=mask).logits
+        finally:
+            attnlower.ops.flash_attention, attnlower.ops.sliding_window_attention = real
+    assert len(calls) == COMMON["num_hidden_layers"], calls   # every layer went through attnlower's ops
+    keep = mask.bool()    # padded query rows are not compared (eager averages them, SDPA zeroes them)
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_backward_matches_eager(checkpoints):
+    ids, mask = _inputs(pad=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 5] = -100   # predicted from the last pad position, whose output eager and SDPA define differently
+    grads = {}
+    for impl in ("eager", "attnlower"):
+        model = _load(checkpoints, "llama", impl).train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if "self_attn" in n}
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["attnlower"][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_paged_cache_generate_matches_eager(checkpoints, name, monkeypatch):
+    ids, mask = _inputs(pad=False)
+    prompt, new = 10, 12
+    eager = _load(checkpoints, name, "eager")
+    ours = _load(checkpoints, name, "attnlower")
+    block = 4
+    cache = hf.PagedCache(ours.config, num_blocks=64, block_size=block)
+    paged_calls = []
+    real = attnlower.ops.paged_attention
+    monkeypatch.setattr(attnlower.ops, "paged_attention", lambda *a, **k: paged_calls.append(a[0].shape[2]) or real(*a, **k))
+    kw = dict(max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    with torch.no_grad():
+        ref = eager.generate(ids[:, :prompt], attention_mask=mask[:, :prompt], **kw)
+        out = ours.generate(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, **kw)
+    assert torch.equal(out, ref), (out, ref)
+    layers = COMMON["num_hidden_layers"]
+    # prefill (Tq = prompt) then one-token decode steps, every layer through paged_attention
+    assert paged_calls[:layers] == [prompt] * layers and set(paged_calls[layers:]) == {1}, paged_calls
+    length = prompt + new - 1      # the last token is sampled, never fed back
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == length
+    per_seq = -(-length // block)
+    assert [len(layer.pool.blocks_of(s)) for s in layer.seq_ids] == [per_seq] * B
+    assert layer.pool.num_free_blocks == 64 - B * per_seq
+
+
+def test_paged_cache_refuses_padding_and_other_implementations(checkpoints):
+    ids, mask = _inputs(pad=True)
+    eager = _load(checkpoints, "llama", "eager")
+    with pytest.raises(ValueError, match="attn_implementation='attnlower'"):
+        hf.PagedCache(eager.config, num_blocks=16)
+    ours = _load(checkpoints, "llama", "attnlower")
+    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
+        ours.generate(ids, attention_mask=mask, past_key_values=hf.PagedCache(ours.config, num_blocks=64),
+                      max_new_tokens=2, do_sample=False)
+
+
+def test_cache_full_is_a_clear_error(checkpoints):
+    from attnlower.cache import CacheFullError
+
+    ids, _ = _inputs(pad=False)
+    ours = _load(checkpoints, "llama", "attnlower")
+    with torch.no_grad(), pytest.raises(CacheFullError, match="free"):
+        ours.generate(ids, past_key_values=hf.PagedCache(ours.config, num_blocks=3, block_size=4),
+                      max_new_tokens=4, do_sample=False)
