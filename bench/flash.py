@@ -143,6 +143,10 @@ def main() -> None:
             cells.append("error" if "ms" not in r else
                          f"{r['tflops']:7.1f} ({r.get('speedup_of_attnlower', float('nan')):4.2f}x)")
         print(f"{head_dim:>4} {n:>6} {str(causal):>6} {mode:>8} " + " ".join(f"{c:>20}" for c in cells))
+    if os.environ.get("OUT"):   # the chart next to the table (bench/plots.py)
+        from bench.plots import plot_file
+
+        plot_file(Path(os.environ["OUT"]) / "flash.json")
 
 
 if __name__ == "__main__":

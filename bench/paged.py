@@ -147,6 +147,10 @@ def main() -> None:
         cells = [f"x{row['speedup_vs'][n]:.2f}" if row["speedup_vs"][n] else "n/a" for n in others]
         print(f"{row['batch']:>4} {row['seq_len']:>6} {ms:7.3f} {row['kv_gb_per_s']['attnlower']:6.0f} "
               + " ".join(f"{c:>20}" for c in cells))
+    if os.environ.get("OUT"):   # the chart next to the table (bench/plots.py)
+        from bench.plots import plot_file
+
+        plot_file(Path(os.environ["OUT"]) / "paged.json")
 
 
 if __name__ == "__main__":
