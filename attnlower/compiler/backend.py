@@ -156,7 +156,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
             log.warning("attnlower: a pass failed on graph %d (%s); compiling it unmodified. Repro: %s",
                         graph_id, report.error, report.repro)
         report.seconds_in_passes = time.perf_counter() - t0
-    describe_sites(report, before_gm, gm, target)   # reasons in the user's names, why this op, what it saves
+    describe_sites(report, before_gm, gm, target, explain=opts.explain)   # the user's names, why this op, savings
     if opts.explain:
         print(report.table())
     if opts.dump_dir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
+import shutil
 import sys
 import traceback
 
@@ -87,6 +88,12 @@ def _dump(args) -> int:
         return 2
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    if args.dot and shutil.which("dot") is None:
+        from attnlower.compiler.dump import _say_once
+
+        _say_once("no_graphviz", "attnlower dump: Graphviz's `dot` is not on PATH: --dot writes regions/siteNN.dot "
+                                 "only, no SVG (install Graphviz, e.g. apt-get install graphviz, for the SVGs)")
+    print(f"attnlower dump: running {args.script}; one line per compiled graph as it is written", file=sys.stderr)
 
     torch._dynamo.reset()   # compile every graph afresh, so each one is dumped
     real_compile = torch.compile

@@ -287,11 +287,46 @@ def _dot_quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+_MASK_ARG = {"masked_fill": 1, "where": 0, "add": None, "scaled_dot_product_attention": 3}
+_STYLES = {"region": "shape=box, style=filled, fillcolor=lightblue",
+           "mask": "shape=box, style=filled, fillcolor=orange",
+           "input": "shape=ellipse, style=dashed", "user": "shape=ellipse, style=dotted"}
+
+
+def _mask_inputs(n: fx.Node, inside: set) -> list[fx.Node]:
+    """The mask / bias a region node applies to the scores: masked_fill's mask, where's condition,
+    the addend of an add that comes from outside the region, SDPA's attn_mask."""
+    op = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+    if op not in _MASK_ARG or n.op != "call_function":
+        return []
+    if op == "scaled_dot_product_attention":
+        m = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        return [m] if isinstance(m, fx.Node) else []
+    if op == "add":
+        return [a for a in n.args if isinstance(a, fx.Node) and a not in inside and _is_mask_like(a)]
+    i = _MASK_ARG[op]
+    m = n.args[i] if len(n.args) > i else None
+    return [m] if isinstance(m, fx.Node) and m not in inside else []
+
+
+def _is_mask_like(n: fx.Node) -> bool:
+    """A bool tensor, or a float one broadcast over some score dims (a bias, not a second score tensor)."""
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    return val.dtype == torch.bool or any(_hint(s) == 1 for s in val.shape)
+
+
 def region_dot(gm: fx.GraphModule, site: Site) -> str:
-    """DOT text of the site's region: its nodes (filled), the nodes feeding it and the users of its output."""
+    """DOT text of the site's region: its nodes (filled), the mask it applies (orange, labelled with what
+    the classifier proved), the nodes feeding it, the users of its output, and a legend."""
     by_name = {n.name: n for n in gm.graph.nodes}
     region = [by_name[n] for n in site.region if n in by_name]
     inside = set(region)
+    masks = {m for n in region for m in _mask_inputs(n, inside)}
+    proven = site.mask if site.mask and site.mask != "none" else "not classified"
+    fate = ("dropped: the kernel applies it itself" if site.rewritten and site.spec and site.spec.get("bias_kind") == "none"
+            else "passed to the op as its bias" if site.rewritten else "left in the graph (site unfused)")
     title = f"site {site.index}: {site.op or '(unfused)'} at {site.location}"
     lines = [f"digraph site{site.index} {{",
              f"  label={_dot_quote(title)};",
@@ -302,13 +337,17 @@ def region_dot(gm: fx.GraphModule, site: Site) -> str:
         val = n.meta.get("val")
         shape = f"\n{str(val.dtype).replace('torch.', '')}{_shape(val)}" if isinstance(val, torch.Tensor) else ""
         target = n.target if n.op != "call_function" else getattr(n.target, "__name__", str(n.target))
-        style = {"region": "shape=box, style=filled, fillcolor=lightblue",
-                 "input": "shape=ellipse, style=dashed", "user": "shape=ellipse, style=dotted"}[role]
-        return f"  {_dot_quote(n.name)} [label={_dot_quote(f'{n.name}: {target}{shape}')}, {style}];"
+        label = f"{n.name}: {target}{shape}"
+        if role == "mask":
+            label += f"\nmask, proven: {proven}\n({fate})"
+        return f"  {_dot_quote(n.name)} [label={_dot_quote(label)}, {_STYLES[role]}];"
 
     for n in region:
         lines.append(node_line(n, "region"))
         drawn.add(n.name)
+    for m in masks:
+        lines.append(node_line(m, "mask"))
+        drawn.add(m.name)
     for n in region:
         for a in n.all_input_nodes:
             if a not in inside and a.name not in drawn:
@@ -321,7 +360,14 @@ def region_dot(gm: fx.GraphModule, site: Site) -> str:
                     lines.append(node_line(u, "user"))
                     drawn.add(u.name)
                 lines.append(f"  {_dot_quote(n.name)} -> {_dot_quote(u.name)};")
-    lines.append("}")
+    legend = [("legend_region", "the site's region (replaced by the op)" if site.rewritten else "the site's region",
+               "region"),
+              ("legend_mask", f"the mask it applies (proven: {proven})", "mask"),
+              ("legend_input", "a value feeding the region", "input"),
+              ("legend_user", "a user of the region's output", "user")]
+    lines += ["  subgraph cluster_legend {", '    label="legend"; fontsize=10; style=rounded;']
+    lines += [f"    {_dot_quote(name)} [label={_dot_quote(text)}, {_STYLES[role]}];" for name, text, role in legend]
+    lines += ["    " + " -> ".join(_dot_quote(name) for name, _, _ in legend) + " [style=invis];", "  }", "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +494,9 @@ def write_graph_dump(folder: str, report: CompileReport, dynamo_gm: fx.GraphModu
             errors.append("--dot: the aten graph before the passes was not passed to the dump")
         else:
             dot_bin = shutil.which("dot")
+            if dot_bin is None:
+                _say_once("no_graphviz", "attnlower dump: Graphviz's `dot` is not on PATH: writing regions/siteNN.dot "
+                                         "only, no SVG (install Graphviz, e.g. apt-get install graphviz, for the SVGs)")
             for s in report.sites:
                 name = f"regions/site{s.index:02d}.dot"
                 write(name, region_dot(before_gm, s))
@@ -472,4 +521,18 @@ def write_graph_dump(folder: str, report: CompileReport, dynamo_gm: fx.GraphModu
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({**report.to_dict(), "counts": report_counts(report), "files": sorted(files),
                    "dump_errors": errors}, f, indent=2, default=str)
+    # progress: a large model makes many graphs, and each one takes its compile time
+    print(f"attnlower dump: graph {report.graph_id}: {len(report.sites)} site(s), {report.count()} rewritten, "
+          f"passes {report.seconds_in_passes:.2f} s, {len(files)} file(s) -> {out}"
+          + (f" ({len(errors)} not written)" if errors else ""), file=sys.stderr, flush=True)
     return out
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(key: str, text: str) -> None:
+    """Print a note to stderr once per process (not once per graph)."""
+    if key not in _SAID:
+        _SAID.add(key)
+        print(text, file=sys.stderr, flush=True)

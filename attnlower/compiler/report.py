@@ -42,6 +42,7 @@ class CompileReport:
     repro: str | None = None
     seconds_in_passes: float = 0.0
     inner: str = "inductor"
+    kernels: str = ""          # with explain: which Triton kernels the first call compiles
 
     @property
     def rewritten(self) -> list[Site]:
@@ -94,6 +95,8 @@ class CompileReport:
                 lines.append(f"{indent}op: {s.choice}")
             if s.saves:
                 lines.append(f"{indent}saves: {s.saves}")
+        if self.kernels:
+            lines.append("  " + self.kernels)
         return "\n".join(lines)
 
 
@@ -109,7 +112,7 @@ class Reports(list):
 # --------------------------------------------------------------------------------------------
 # the report in the user's words
 
-def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None) -> None:
+def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None, explain: bool = False) -> None:
     """Finish each site's text for people: reasons naming what the user wrote (names.humanize, on the
     aten graph the passes read), no clause said twice, why this op and not the others, what it saves.
 
@@ -125,6 +128,47 @@ def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None)
         s.reason = names.dedupe(s.reason)
         s.choice = op_choice(s)
         s.saves = savings(s, target)
+    if explain:
+        global _EXPLAINING
+        _EXPLAINING = True
+        report.kernels = kernels_to_compile(report, target)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels compiled on first call (explain)
+
+_EXPLAINING = False     # an explain=True compile happened in this process: report kernel compiles
+KERNEL_COMPILES: list[dict[str, Any]] = []
+
+
+def kernels_to_compile(report: CompileReport, target=None) -> str:
+    """Which Triton kernels the graph's first call compiles (one per configuration), or why none."""
+    from .dump import _OP_KERNELS
+
+    if not report.rewritten:
+        return ""
+    kind = getattr(target, "kind", "cpu")
+    if kind == "cpu":
+        return ("kernels: none compiled; on CPU tensors the ops run the plain-PyTorch reference "
+                "(ATTNLOWER_CPU_KERNELS=triton runs the Triton kernels through the interpreter)")
+    by_kernel: dict[str, list[int]] = {}
+    for s in report.rewritten:
+        for _, names, when in _OP_KERNELS.get(s.op, ()):
+            if when == "forward":
+                for name in names:
+                    by_kernel.setdefault(name, []).append(s.index)
+    listed = "; ".join(f"{k} (site{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for k, v in by_kernel.items())
+    return (f"kernels: the first call compiles {listed} (one compile per configuration; the backward "
+            "kernels on the first backward); each compile is reported as it finishes")
+
+
+def record_kernel_compile(kernel: str, config: str, seconds: float) -> None:
+    """Hook for the launchers (lowering/launch*.py): call it after a launch that compiled `kernel` for a
+    new configuration, with the time that first launch took. Kept in KERNEL_COMPILES; printed when a
+    graph was compiled with explain=True in this process."""
+    KERNEL_COMPILES.append({"kernel": kernel, "config": config, "seconds": seconds})
+    if _EXPLAINING:
+        print(f"attnlower: compiled Triton kernel {kernel} ({config}) in {seconds:.2f} s", flush=True)
 
 
 def op_choice(site: Site) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -191,3 +192,30 @@ def test_console_script(tmp_path):
     assert "2 attention site(s) rewritten, 1 left unfused" in run.stdout
     (graph,) = _graph_dirs(tmp_path)
     assert json.loads((graph / "report.json").read_text())["counts"] == EXPECTED
+
+
+def test_progress_per_graph_and_no_graphviz_note(monkeypatch, tmp_path, capsys):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "dot" else real_which(name, *a, **k))
+    monkeypatch.setattr(dump, "_SAID", set())
+    rc = cli.main(["dump", SCRIPT, "--out", str(tmp_path), "--dot"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("Graphviz's `dot` is not on PATH") == 1, err      # said once, not once per graph
+    (graph,) = _graph_dirs(tmp_path)
+    n = int(graph.name.split("_")[1])
+    assert re.search(rf"attnlower dump: graph {n}: 3 site\(s\), 2 rewritten, passes [\d.]+ s, \d+ file\(s\) -> ", err), err
+    assert not list(graph.glob("regions/*.svg")) and len(list(graph.glob("regions/*.dot"))) == 3
+
+
+def test_region_dot_has_a_legend_and_marks_the_proven_mask(dumped):
+    _, _, graph = dumped
+    causal = (graph / "regions" / "site00.dot").read_text()
+    band = (graph / "regions" / "site01.dot").read_text()
+    refused = (graph / "regions" / "site02.dot").read_text()
+    for text in (causal, band, refused):
+        assert "subgraph cluster_legend" in text and "fillcolor=orange" in text   # the legend's mask entry
+    # the tril mask feeding masked_fill, and SDPA's attn_mask, are drawn as the mask with what was proven
+    assert "mask, proven: causal" in causal and "dropped: the kernel applies it itself" in causal
+    assert "mask, proven: band" in band
+    assert "mask, proven" not in refused.split("subgraph cluster_legend")[0]    # the gate has no mask

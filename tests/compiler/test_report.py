@@ -165,3 +165,16 @@ def test_report_to_json_keeps_the_new_fields():
     r.sites[0].choice, r.sites[0].saves = "flash; not sliding", "1 MiB"
     d = r.to_dict()
     assert d["sites"][0]["choice"] == "flash; not sliding" and d["sites"][0]["saves"] == "1 MiB"
+
+
+def test_explain_says_which_kernels_the_first_call_compiles(monkeypatch, capsys):
+    from attnlower.compiler import backend, report
+
+    (cpu,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager", "explain": True})
+    assert "kernels: none compiled" in cpu.kernels and cpu.kernels in capsys.readouterr().out
+    monkeypatch.setattr(backend, "target_for", lambda device: Target(kind="interpret"))
+    (interp,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager", "explain": True})
+    assert "the first call compiles _flash_fwd_kernel (site 0)" in interp.kernels, interp.kernels
+    report.record_kernel_compile("_flash_fwd_kernel", "BLOCK_M=64, BLOCK_N=64", 1.25)
+    assert "compiled Triton kernel _flash_fwd_kernel (BLOCK_M=64, BLOCK_N=64) in 1.25 s" in capsys.readouterr().out
+    assert report.KERNEL_COMPILES[-1]["seconds"] == 1.25
