@@ -99,8 +99,8 @@ def main(inner: str = "inductor", seq_len: int = 48, batch: int = 2) -> int:
         out = compiled(idx)
     print(f"attnlower {attnlower.__version__} demo: TinyGPT (2 blocks: hand-written causal attention, "
           f"GQA through SDPA), batch {batch}, seq {seq_len}, on CPU, inner={inner}\n")
+    print(reports)   # the site tables
     for r in reports:
-        print(r.table())
         for s in r.sites:
             if s.spec:
                 keys = ("q_heads", "kv_heads", "head_dim", "causal", "bottom_right", "window", "bias_kind", "scale")

@@ -134,6 +134,8 @@ def dedupe(text: str) -> str:
         inner = text[i + 1:end]
         before = "".join(out)   # only what was already said: a later clause may restate this one
         kept = [c for c in _clauses(inner) if c.rstrip(",;").strip() and c.rstrip(",;").strip() not in before]
+        # and a nested "(top-left)" the text already said: "SDPA is_causal=True (top-left)" -> "SDPA is_causal=True"
+        kept = [re.sub(r" \(([^()]*)\)", lambda m: "" if m.group(1) in before else m.group(0), c) for c in kept]
         if kept:
             out.append("(" + " ".join(kept).rstrip(",;").strip() + ")")
         elif out and out[-1] == " ":

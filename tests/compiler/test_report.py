@@ -124,6 +124,8 @@ def test_dedupe_the_issue_example():
     text = "causal (top-left), blocks above the diagonal skipped (causal (top-left), at Tq=Tk=48)"
     assert names.dedupe(text) == "causal (top-left), blocks above the diagonal skipped (at Tq=Tk=48)"
     assert names.dedupe("padding mask (every key visible)") == "padding mask (every key visible)"
+    assert names.dedupe("causal (top-left), blocks above the diagonal skipped (SDPA is_causal=True (top-left))") \
+        == "causal (top-left), blocks above the diagonal skipped (SDPA is_causal=True)"
 
 
 def test_source_names():
