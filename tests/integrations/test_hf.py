@@ -13,10 +13,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attnlower  # noqa: E402
+from attnlower.integrations import hf  # noqa: E402
 
 # transformers 5.24 prefers generate(cache=...); 5.17 (the GPU machine) knows only past_key_values
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-from attnlower.integrations import hf  # noqa: E402
 
 VOCAB, T, B = 96, 24, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -159,3 +159,49 @@ def test_cache_full_is_a_clear_error(checkpoints):
     with torch.no_grad(), pytest.raises(CacheFullError, match="free"):
         ours.generate(ids, past_key_values=hf.PagedCache(ours.config, num_blocks=3, block_size=4),
                       max_new_tokens=4, do_sample=False)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def _eager(q, k, v, keep, scale, bias=None):
+    """softmax(scale q kᵀ + bias, masked by keep) v, with K/V repeated to the query heads (HF's repeat_kv)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = scale * q @ k.transpose(-2, -1) + (0 if bias is None else bias)
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def test_no_mask_with_a_window_runs_the_sliding_op(monkeypatch):
+    """Where HF hands over no mask, a sliding_window kwarg (Mistral) means the band, as HF's flash path reads it."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 11, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    used = []
+    real = attnlower.ops.sliding_window_attention
+    monkeypatch.setattr(attnlower.ops, "sliding_window_attention", lambda *a, **kw: used.append(a[3]) or real(*a, **kw))
+    out, weights = hf.attention_forward(_Module(), q, k, v, None, scaling=0.3, sliding_window=4)
+    i = torch.arange(11)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 4)
+    torch.testing.assert_close(out, _eager(q, k, v, band, 0.3).transpose(1, 2))
+    assert used == [4] and weights is None
+
+
+def test_position_bias_joins_the_mask():
+    """T5-style: a learned [1, H, Tq, Tk] bias added to the scores, a bool keep-mask on top."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    bias = torch.randn(1, 4, 7, 7)
+    keep = torch.rand(2, 1, 7, 7) > 0.3
+    keep[..., 0] = True
+    module = _Module()
+    module.is_causal = False
+    out, _ = hf.attention_forward(module, q, k, v, keep, scaling=1.0, position_bias=bias)
+    torch.testing.assert_close(out, _eager(q, k, v, keep, 1.0, bias).transpose(1, 2))
+
+
+def test_attention_sinks_are_refused():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="sinks"):
+        hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2))
+
