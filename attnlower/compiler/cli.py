@@ -20,7 +20,10 @@ and write, for each compiled graph, under OUT/graph_NNN/:
   kernels/siteNN_<op>.py   the @triton.jit sources the chosen op launches, with the constexprs fixed
   report.json              the report (sites, passes, counts, files written)
   final.mlir               with --mlir
-  regions/siteNN.dot/.svg  with --dot
+  regions/siteNN.dot       with --dot: each site's region, the mask it applies, a legend;
+  regions/siteNN.svg       rendered only where Graphviz's `dot` is installed (the tool says when not)
+
+One line per graph is printed to stderr as it is written (a large model makes many graphs).
 
 Arguments after SCRIPT go to the script, except --out/--mlir/--dot, which attnlower takes
 wherever they appear; put the script's own arguments of those names after `--`:

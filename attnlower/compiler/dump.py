@@ -7,14 +7,18 @@ Per graph, under `DIR/graph_NNN/`:
     02_<pass>.txt, ...     the graph after each pass of backend.PASSES
     final.txt              the graph handed to the inner compiler
     sites.md               one row per site: source location, shapes, mask, op, kernel config,
-                           memory of the fused op vs the unfused subgraph, why (or why not)
+                           memory of the fused op vs the unfused subgraph, why (or why not),
+                           why this op and not the others, what it saves
     kernels/siteNN_<op>.py the @triton.jit sources the chosen op launches, headed by the
                            constexprs the site's AttentionSpec fixes and the tile config
     report.json            the CompileReport, with counts and the list of files written
     final.mlir             (dump_mlir) the rewritten graph in MLIR's torch dialect, via torch-mlir's
                            FX importer: attnlower ops appear as `torch.operator "attnlower.<op>"`
-    regions/siteNN.dot     (dump_dot) the site's region in the aten graph, its inputs and users;
-    regions/siteNN.svg     rendered when Graphviz's `dot` is on PATH
+    regions/siteNN.dot     (dump_dot) the site's region in the aten graph, the mask it applies (with
+                           what was proven about it), its inputs and users, and a legend;
+    regions/siteNN.svg     rendered when Graphviz's `dot` is on PATH (the dump says once when it is not)
+
+Each graph written prints one progress line to stderr (`attnlower dump: graph 3: ...`).
 
 `memory_estimate` and `kernel_plan` are called by the backend's passes to fill `Site.memory` and
 `Site.kernel`. Nothing here changes a graph.
@@ -429,11 +433,13 @@ def site_table_markdown(report: CompileReport) -> str:
         lines += [f"**passes failed, graph compiled unmodified:** {report.error}", f"repro: `{report.repro}`", ""]
     lines += ["memory: bytes the fused op writes (output + lse) vs the intermediates of the unfused subgraph "
               "(scores, probabilities) at the example sizes.", "",
-              "| # | location | q | k | v | spelling | mask | op | kernel | memory fused vs unfused | why |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| # | location | q | k | v | spelling | mask | op | kernel | memory fused vs unfused | why | "
+              "why this op | saves |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in report.sites:
         cells = [str(s.index), s.location, s.shapes.get("q", "?"), s.shapes.get("k", "?"), s.shapes.get("v", "?"),
-                 s.spelling, s.mask, s.op or "(unfused)", _kernel_str(s.kernel), _memory_str(s.memory), s.reason]
+                 s.spelling, s.mask, s.op or "(unfused)", _kernel_str(s.kernel), _memory_str(s.memory), s.reason,
+                 s.choice or "-", s.saves or "-"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

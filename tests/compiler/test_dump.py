@@ -95,6 +95,7 @@ def test_sites_md_has_one_row_per_site(dumped):
     assert "sliding_window_attention" in rows[1]
     assert "(unfused)" in rows[2] and "not a matmul" in rows[2]
     assert "KiB vs" in rows[0]
+    assert "not sliding" in rows[0] and "not flash" in rows[1] and "not materialized" in rows[0]
 
 
 def test_kernel_sources_load_and_name_their_constexprs(dumped):
