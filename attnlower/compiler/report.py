@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +133,8 @@ def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None,
         global _EXPLAINING
         _EXPLAINING = True
         report.kernels = kernels_to_compile(report, target)
+        if getattr(target, "kind", "cpu") == "cuda" and report.rewritten:
+            watch_triton_compiles()
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +162,48 @@ def kernels_to_compile(report: CompileReport, target=None) -> str:
                     by_kernel.setdefault(name, []).append(s.index)
     listed = "; ".join(f"{k} (site{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for k, v in by_kernel.items())
     return (f"kernels: the first call compiles {listed} (one compile per configuration; the backward "
-            "kernels on the first backward); each compile is reported as it finishes")
+            "kernels on the first backward)" + ("; each compile is reported as it finishes" if kind == "cuda" else
+                                                 "; the interpreter runs them without compiling"))
+
+
+def watch_triton_compiles() -> bool:
+    """Time every compile of an attnlower kernel through Triton's JIT hooks (`triton.knobs.runtime`:
+    `jit_cache_hook` runs before a compile, `jit_post_compile_hook` after it) and report each with
+    record_kernel_compile. Hooks someone else installed keep running. False where this Triton has no
+    such hooks (before 3.4); the interpreter compiles nothing, so nothing is reported there."""
+    global _WATCHING
+    if _WATCHING:
+        return True
+    try:
+        from triton import knobs
+        runtime = knobs.runtime
+        before, after = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+    except (ImportError, AttributeError):
+        return False
+    started: dict = {}
+
+    def _ours(fn) -> bool:
+        return str(getattr(fn, "module", "")).startswith("attnlower.")
+
+    def cache_hook(*args, **kwargs):
+        if _ours(kwargs.get("fn")):
+            started[str(kwargs.get("key"))] = time.perf_counter()
+        return before(*args, **kwargs) if before else None   # truthy would skip the compile: pass theirs on
+
+    def post_compile_hook(*args, **kwargs):
+        t0 = started.pop(str(kwargs.get("key")), None)
+        if t0 is not None:
+            compile_kw = kwargs.get("compile") or {}
+            config = ", ".join(f"{k}={compile_kw[k]}" for k in ("num_warps", "num_stages") if k in compile_kw)
+            record_kernel_compile(kwargs["fn"].name, config, time.perf_counter() - t0)
+        return after(*args, **kwargs) if after else None
+
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = cache_hook, post_compile_hook
+    _WATCHING = True
+    return True
+
+
+_WATCHING = False
 
 
 def record_kernel_compile(kernel: str, config: str, seconds: float) -> None:

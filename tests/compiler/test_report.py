@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -89,8 +90,6 @@ def test_reasons_name_the_users_argument_and_attribute():
 
 
 def test_hf_padding_reason_names_attention_mask():
-    import pytest
-
     pytest.importorskip("transformers")
     import models   # tests/models.py
 
@@ -180,3 +179,30 @@ def test_explain_says_which_kernels_the_first_call_compiles(monkeypatch, capsys)
     report.record_kernel_compile("_flash_fwd_kernel", "BLOCK_M=64, BLOCK_N=64", 1.25)
     assert "compiled Triton kernel _flash_fwd_kernel (BLOCK_M=64, BLOCK_N=64) in 1.25 s" in capsys.readouterr().out
     assert report.KERNEL_COMPILES[-1]["seconds"] == 1.25
+
+
+def test_triton_compiles_of_attnlower_kernels_are_timed(monkeypatch, capsys):
+    """On CUDA, explain times each kernel compile through Triton's JIT hooks (the interpreter never
+    compiles, so the hooks are driven here the way triton.runtime.jit calls them)."""
+    import types
+
+    knobs = pytest.importorskip("triton").knobs
+    from attnlower.compiler import report
+
+    theirs = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: theirs.append(kw["key"]))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
+    monkeypatch.setattr(report, "_WATCHING", False)
+    monkeypatch.setattr(report, "_EXPLAINING", True)
+    assert report.watch_triton_compiles()
+    ours = types.SimpleNamespace(module="attnlower.lowering.kernels.flash_fwd", name="_flash_fwd_kernel")
+    other = types.SimpleNamespace(module="user.kernels", name="my_kernel")
+    compile_kw = {"num_warps": 4, "num_stages": 3}
+    for key, fn in (("k1", ours), ("k2", other)):
+        assert not knobs.runtime.jit_cache_hook(key=key, repr="", fn=fn, compile=compile_kw,
+                                                 is_manual_warmup=False, already_compiled=False)
+        knobs.runtime.jit_post_compile_hook(key=key, repr="", fn=fn, compile=compile_kw,
+                                            is_manual_warmup=False, already_compiled=False)
+    out = capsys.readouterr().out
+    assert re.search(r"compiled Triton kernel _flash_fwd_kernel \(num_warps=4, num_stages=3\) in [\d.]+ s", out), out
+    assert "my_kernel" not in out and theirs == ["k1", "k2"]    # the user's hook still runs, for every kernel
