@@ -23,6 +23,9 @@ attnlower's ops on them directly:
 from __future__ import annotations
 
 import torch
+# Imported only with transformers loaded: by the import hook (attnlower/integrations/__init__.py)
+# right after transformers.modeling_utils, or by a user who uses transformers.
+from transformers.cache_utils import Cache, DynamicLayer
 
 NAME = "attnlower"
 
@@ -79,13 +82,98 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 # ------------------------------------------------------------------------------------------------
 # the paged cache
 
-def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicLayer
 
-    return Cache, DynamicLayer
+class PagedLayer(DynamicLayer):
+    """One layer's K/V in a PagedKVCache; `keys` / `values` are its pools, tagged for attention_forward."""
+
+    def __init__(self, owner: "PagedCache", layer_idx: int, num_blocks: int, block_size: int):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.pool = None
+        self.seq_ids: list[int] = []
+
+    def lazy_initialization(self, key_states, *args, **kwargs):
+        from attnlower.cache import PagedKVCache
+
+        b, heads, _, dim = key_states.shape
+        self.pool = PagedKVCache(self.num_blocks, self.block_size, heads, dim, dtype=key_states.dtype,
+                                 device=key_states.device)
+        self.seq_ids = [self.pool.add_sequence() for _ in range(b)]
+        self.device = key_states.device
+        self.keys, self.values = self.pool.k_pool, self.pool.v_pool
+        # attention_forward recognizes the pools by this tag and reads them with paged_attention
+        self.keys._attnlower_paged = self.values._attnlower_paged = self
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != len(self.seq_ids):
+            raise ValueError(f"PagedCache layer {self.layer_idx}: expected a batch of {len(self.seq_ids)} rows "
+                             f"(the first forward's), got {key_states.shape[0]}; build a new PagedCache per batch")
+        if self.layer_idx == 0:
+            self.owner._checked_masks.clear()   # a new forward: its masks are new tensors
+        self.pool.append(self.seq_ids, key_states, value_states)
+        self.block_table = self.pool.block_table(self.seq_ids)
+        self.seq_lens = self.pool.seq_lens(self.seq_ids)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
+
+    def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout):
+        """attention_forward on this layer's pools: paged_attention with the module's options."""
+        from attnlower import ops
+
+        if dropout:
+            raise ValueError(f"PagedCache: paged_attention is an inference op, got dropout={dropout}; "
+                             "call model.eval() before generate()")
+        causal = bool(getattr(module, "is_causal", True))
+        window = int(sliding_window or 0)
+        if attention_mask is not None:
+            self._check_mask(attention_mask, query.shape[2], causal, window)
+        out = ops.paged_attention(query, self.keys, self.values, self.block_table, self.seq_lens,
+                                  scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0))
+        return out.transpose(1, 2).contiguous(), None
+
+    def _check_mask(self, mask, q_len: int, causal: bool, window: int) -> None:
+        """The paged op computes visibility from positions; HF's mask must agree (no padding).
+        Checked once per mask tensor (all layers of one forward share it): one host sync a step."""
+        key = (id(mask), causal, window)
+        if key in self.owner._checked_masks:
+            return
+        length = self.get_seq_length()
+        if mask.dtype != torch.bool or mask.shape[-1] != length:
+            raise ValueError(f"PagedCache: expected HF's bool attention mask over the {length} cached keys, got "
+                             f"{mask.dtype} {list(mask.shape)}; load the model with attn_implementation='attnlower'")
+        pos = torch.arange(length, device=mask.device)
+        query_pos = pos[length - q_len:, None]
+        visible = torch.ones(q_len, length, dtype=torch.bool, device=mask.device)
+        if causal:
+            visible &= pos[None, :] <= query_pos
+        if window:
+            visible &= pos[None, :] > query_pos - window
+        if not bool((mask == visible).all()):
+            raise ValueError("PagedCache: the attention mask hides keys the paged op would attend to (padding?). "
+                             "The cache stores every token of each row, so prompts must have equal lengths "
+                             "without padding; for padded batches use transformers' DynamicCache")
+        self.owner._checked_masks[key] = mask   # keeps the tensor alive, so its id is not reused
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("PagedCache does not reorder, crop or repeat rows (beam search, assisted or "
+                                  "contrastive decoding); use greedy or sampled generate(), or DynamicCache")
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for seq_id in self.seq_ids:
+                self.pool.free_sequence(seq_id)
+            self.seq_ids = [self.pool.add_sequence() for _ in self.seq_ids]
 
 
-def PagedCache(config, num_blocks: int, block_size: int = 16, **kwargs):
+class PagedCache(Cache):
     """A transformers `Cache` whose layers keep K/V in `attnlower.PagedKVCache` block pools.
 
     Args:
@@ -97,120 +185,12 @@ def PagedCache(config, num_blocks: int, block_size: int = 16, **kwargs):
     row must not carry padding (equal-length prompts): a mask that hides keys the paged op would
     show raises ValueError. Beam search and cropping (which reorder or cut rows) are not supported.
     """
-    return _paged_cache_class()(config, num_blocks, block_size, **kwargs)
 
-
-_CLASS = None
-
-
-def _paged_cache_class():
-    """Build the Cache subclass on first use (transformers is imported only then)."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
-    Cache, DynamicLayer = _cache_classes()
-
-    class PagedLayer(DynamicLayer):
-        """One layer's K/V in a PagedKVCache; `keys`/`values` are its pools, tagged for attention_forward."""
-
-        def __init__(self, owner, layer_idx: int, num_blocks: int, block_size: int):
-            super().__init__()
-            self.owner, self.layer_idx = owner, layer_idx
-            self.num_blocks, self.block_size = num_blocks, block_size
-            self.pool = None
-            self.seq_ids: list[int] = []
-
-        def lazy_initialization(self, key_states, *args, **kwargs):
-            from attnlower.cache import PagedKVCache
-
-            b, heads, _, dim = key_states.shape
-            self.pool = PagedKVCache(self.num_blocks, self.block_size, heads, dim, dtype=key_states.dtype,
-                                     device=key_states.device)
-            self.seq_ids = [self.pool.add_sequence() for _ in range(b)]
-            self.device = key_states.device
-            self.keys, self.values = self.pool.k_pool, self.pool.v_pool
-            # attention_forward recognizes the pools by this tag and reads them with paged_attention
-            self.keys._attnlower_paged = self.values._attnlower_paged = self
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            if key_states.shape[0] != len(self.seq_ids):
-                raise ValueError(f"PagedCache layer {self.layer_idx}: expected a batch of {len(self.seq_ids)} rows "
-                                 f"(the first forward's), got {key_states.shape[0]}; build a new PagedCache per batch")
-            if self.layer_idx == 0:
-                self.owner._checked_masks.clear()   # a new forward: its masks are new tensors
-            self.pool.append(self.seq_ids, key_states, value_states)
-            self.block_table = self.pool.block_table(self.seq_ids)
-            self.seq_lens = self.pool.seq_lens(self.seq_ids)
-            return self.keys, self.values
-
-        def get_seq_length(self, *args, **kwargs) -> int:
-            return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
-
-        def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout):
-            from attnlower import ops
-
-            if dropout:
-                raise ValueError(f"PagedCache: paged_attention is an inference op, got dropout={dropout}; "
-                                 "call model.eval() before generate()")
-            causal = bool(getattr(module, "is_causal", True))
-            window = int(sliding_window or 0)
-            if attention_mask is not None:
-                self._check_mask(attention_mask, query.shape[2], causal, window)
-            out = ops.paged_attention(query, self.keys, self.values, self.block_table, self.seq_lens,
-                                      scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0))
-            return out.transpose(1, 2).contiguous(), None
-
-        def _check_mask(self, mask, q_len: int, causal: bool, window: int) -> None:
-            """The paged op computes visibility from positions; HF's mask must agree (no padding).
-            Checked once per mask tensor (all layers of one forward share it): one host sync a step."""
-            key = (id(mask), causal, window)
-            if key in self.owner._checked_masks:
-                return
-            length = self.get_seq_length()
-            if mask.dtype != torch.bool or mask.shape[-1] != length:
-                raise ValueError(f"PagedCache: expected HF's bool attention mask over the {length} cached keys, got "
-                                 f"{mask.dtype} {list(mask.shape)}; load the model with attn_implementation='attnlower'")
-            pos = torch.arange(length, device=mask.device)
-            query_pos = pos[length - q_len:, None]
-            visible = torch.ones(q_len, length, dtype=torch.bool, device=mask.device)
-            if causal:
-                visible &= pos[None, :] <= query_pos
-            if window:
-                visible &= pos[None, :] > query_pos - window
-            if not bool((mask == visible).all()):
-                raise ValueError("PagedCache: the attention mask hides keys the paged op would attend to (padding?). "
-                                 "The cache stores every token of each row, so prompts must have equal lengths "
-                                 "without padding; for padded batches use transformers' DynamicCache")
-            self.owner._checked_masks[key] = mask   # keeps the tensor alive, so its id is not reused
-
-        def _unsupported(self, *args, **kwargs):
-            raise NotImplementedError("PagedCache does not reorder, crop or repeat rows (beam search, assisted or "
-                                      "contrastive decoding); use greedy or sampled generate(), or DynamicCache")
-
-        crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
-
-        def reset(self) -> None:
-            if self.is_initialized:
-                for seq_id in self.seq_ids:
-                    self.pool.free_sequence(seq_id)
-                self.seq_ids = [self.pool.add_sequence() for _ in self.seq_ids]
-
-    class _PagedCache(Cache):
-        __doc__ = PagedCache.__doc__
-
-        def __init__(self, config, num_blocks: int, block_size: int = 16):
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            impl = getattr(text, "_attn_implementation", None)
-            if impl != NAME:
-                raise ValueError(f"PagedCache: expected a model loaded with attn_implementation='{NAME}', got "
-                                 f"{impl!r}; other implementations would read the block pools as dense K/V")
-            self._checked_masks: dict = {}
-            super().__init__(layers=[PagedLayer(self, i, num_blocks, block_size)
-                                     for i in range(text.num_hidden_layers)])
-
-    _PagedCache.__name__ = _PagedCache.__qualname__ = "PagedCache"
-    _CLASS = _PagedCache
-    return _CLASS
+    def __init__(self, config, num_blocks: int, block_size: int = 16):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        impl = getattr(text, "_attn_implementation", None)
+        if impl != NAME:
+            raise ValueError(f"PagedCache: expected a model loaded with attn_implementation='{NAME}', got "
+                             f"{impl!r}; other implementations would read the block pools as dense K/V")
+        self._checked_masks: dict = {}
+        super().__init__(layers=[PagedLayer(self, i, num_blocks, block_size) for i in range(text.num_hidden_layers)])
