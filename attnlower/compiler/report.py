@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,13 +123,18 @@ def describe_sites(report: CompileReport, graph, dynamo_graph=None, target=None,
     """
     from . import names
 
-    arguments = names.argument_names(graph, dynamo_graph) if graph is not None else {}
-    for s in report.sites:
-        if graph is not None:
-            s.reason = names.humanize(s.reason, graph, arguments)
-        s.reason = names.dedupe(s.reason)
-        s.choice = op_choice(s)
-        s.saves = savings(s, target)
+    try:
+        arguments = names.argument_names(graph, dynamo_graph) if graph is not None else {}
+        for s in report.sites:
+            if graph is not None:
+                s.reason = names.humanize(s.reason, graph, arguments)
+            s.reason = names.dedupe(s.reason)
+            s.choice = op_choice(s)
+            s.saves = savings(s, target)
+    except Exception as e:  # noqa: BLE001 - the report's wording must never fail a compile
+        logging.getLogger("attnlower").warning(
+            "attnlower: could not word the report of graph %d (%s: %s); its reasons stay as the passes wrote them",
+            report.graph_id, type(e).__name__, e)
     if explain:
         global _EXPLAINING
         _EXPLAINING = True
