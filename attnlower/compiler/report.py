@@ -78,24 +78,22 @@ class CompileReport:
                 f"{len(self.rewritten)} rewritten")
         if self.error:
             head += f"\n  passes failed, graph left unmodified: {self.error}" + (f" (repro: {self.repro})" if self.repro else "")
-        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op")]
+        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op", "why")]
         for s in self.sites:
             shapes = " ".join(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))
-            rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)"))
+            rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)", s.reason))
         if len(rows) == 1:
             return head
-        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]))]
+        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]) - 1)]
         lines = [head]
         for i, r in enumerate(rows):
-            lines.append(("  " + "  ".join(c[:w].ljust(w) for c, w in zip(r, widths))).rstrip())
-            if i == 0:
-                continue
-            s = self.sites[i - 1]
+            cells = [c[:w].ljust(w) for c, w in zip(r[:-1], widths)]
+            lines.append("  " + "  ".join(cells) + "  " + r[-1])
+            s = self.sites[i - 1] if i else None
             indent = " " * (4 + widths[0])
-            lines.append(f"{indent}{'why' if s.rewritten else 'unfused'}: {s.reason}")
-            if s.choice:
+            if s is not None and s.choice:
                 lines.append(f"{indent}op: {s.choice}")
-            if s.saves:
+            if s is not None and s.saves:
                 lines.append(f"{indent}saves: {s.saves}")
         if self.kernels:
             lines.append("  " + self.kernels)
@@ -226,7 +224,8 @@ def op_choice(site: Site) -> str:
     spec = site.spec
     if not site.rewritten or not spec:
         return ""
-    not_paged = "not paged: K/V are not gathered from a block pool"
+    not_paged = ("not paged: K/V are gathered from a block pool, but the paged op does not fit (see why)"
+                 if "paged gather was seen" in site.reason else "not paged: K/V are not gathered from a block pool")
     if site.op == "paged_attention":
         return ("paged: K/V are gathered from a block pool, read in place; "
                 "not flash / sliding: they would read the gathered copy")
@@ -292,10 +291,13 @@ def savings(site: Site, target=None) -> str:
         parts.append(mem["note"])
     peaks = roofline(target)
     q, k, v = (_dims(site.shapes.get(n)) for n in ("q", "k", "v"))
+    esize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get((site.spec or {}).get("dtype"), 4)
+    if site.op == "paged_attention" and k and v:
+        gathered = esize * (k[0] * k[1] * k[2] * k[3] + v[0] * v[1] * v[2] * v[3])
+        parts.insert(0, f"the gathered K/V copy ({_bytes(gathered)}) is not made: the op reads the pools in place")
     if site.rewritten and peaks and q and k and v and site.spec:
         b, hq, tq, d = q
         tk, dv = k[2], v[3]
-        esize = {"float16": 2, "bfloat16": 2, "float32": 4}.get(site.spec.get("dtype"), 4)
         io = esize * (b * hq * tq * d + 2 * b * k[1] * tk * d + b * hq * tq * dv) + 4 * b * hq * tq
         full_flops = 2.0 * b * hq * tq * tk * (d + dv)
         flops = full_flops * _visible_fraction(site.spec, tq, tk)

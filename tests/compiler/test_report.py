@@ -161,6 +161,13 @@ def test_savings_roofline_on_a_known_gpu():
     assert "roofline" not in savings(_site(), Target(kind="cuda", arch=75, name="Tesla T4"))
 
 
+def test_paged_site_saves_the_gather():
+    site = _site(t=64)
+    site.op, site.spec["op"], site.memory = "paged_attention", "paged_attention", {"unfused_bytes": None, "note": ""}
+    # K and V [4, 32, 64, 128] bf16: 2 x 2 MiB the gather would have written
+    assert savings(site).startswith("the gathered K/V copy (4.0 MiB) is not made")
+
+
 def test_report_to_json_keeps_the_new_fields():
     r = CompileReport(graph_id=0, sites=[_site()])
     r.sites[0].choice, r.sites[0].saves = "flash; not sliding", "1 MiB"
