@@ -42,7 +42,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: Sequence[object]) -> fx.GraphMod
     # Run through an fx.Interpreter so each traced aten node inherits the Dynamo node's
     # stack_trace (the user's source line), which the report shows.
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        return _KeepSubclassCalls(gm).run(*args)
 
     with mode, _preserve_source_info():
         aten = make_fx(run, pre_dispatch=True, tracing_mode="real")(*fake_inputs)
@@ -58,3 +58,78 @@ def _preserve_source_info():
 
     with fx_traceback.preserve_node_meta():
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# tensor subclasses (DTensor): kept as Dynamo's calls, traced around
+
+class _KeepSubclassCalls(fx.Interpreter):
+    """Runs Dynamo's graph under make_fx, copying calls on tensor subclasses into the trace unchanged.
+
+    Pre-dispatch tracing cannot see through a wrapper subclass such as DTensor: its ops dispatch
+    below autograd, so the pre-dispatch proxy mode answers `NotImplemented` and the trace dies
+    ("Unable to cast NotImplemented to Tensor"). Under tensor parallelism the subclass calls are
+    the sharded linears and their hooks (`from_local`, `redistribute`, `to_local`); the attention
+    between them runs on plain local tensors with the local head count. So a node that takes or
+    makes a subclass value is copied as Dynamo wrote it (its value computed under the fake mode,
+    not traced), and the plain tensors it returns are tracked like any traced value: attention
+    sites are found on the local tensors, and the inner compiler (AOTAutograd) desugars the
+    subclass calls as it does for `aot_eager`, autograd included.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._copied: dict[fx.Node, fx.Node] = {}   # Dynamo node -> its copy in the trace
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("call_function", "call_method") and self._on_subclass(n):
+            return self._copy_call(n)
+        return super().run_node(n)
+
+    def _on_subclass(self, n: fx.Node) -> bool:
+        inputs = [self.env[a] for a in n.all_input_nodes]
+        if any(a in self._copied and not isinstance(self.env[a], torch.Tensor) for a in n.all_input_nodes):
+            return True   # e.g. getitem of a copied call's tuple
+        # Dynamo's `example_value` says whether the call makes one (`DTensor.from_local` takes plain x)
+        return _holds_subclass(inputs) or _holds_subclass(n.meta.get("example_value"))
+
+    def _copy_call(self, n: fx.Node):
+        from torch.fx.experimental.proxy_tensor import (disable_proxy_modes_tracing, get_proxy_mode,
+                                                        get_proxy_slot, track_tensor_tree)
+
+        tracer = get_proxy_mode().tracer
+        with disable_proxy_modes_tracing():
+            out = super().run_node(n)
+        placeholders = [p for p in tracer.graph.nodes if p.op == "placeholder"]
+        dynamo_placeholders = [p for p in self.graph.nodes if p.op == "placeholder"]
+
+        def traced(a: fx.Node) -> fx.Node:
+            if a in self._copied:
+                return self._copied[a]
+            value = self.env[a]
+            if isinstance(value, torch.Tensor):
+                return get_proxy_slot(value, tracer).proxy.node
+            if a.op == "placeholder":   # a DeviceMesh, a process group: stays an input
+                return placeholders[dynamo_placeholders.index(a)]
+            raise NotImplementedError(
+                f"attnlower: the call {n.format_node()} on a tensor subclass reads {a.name} "
+                f"({type(value).__name__}), which is neither a tensor nor a graph input; expected "
+                "tensors, inputs and constants only. The graph is compiled without attnlower's passes.")
+
+        copy = tracer.graph.create_node(n.op, n.target, fx.node.map_arg(n.args, traced),
+                                        fx.node.map_arg(n.kwargs, traced), name=n.name)
+        copy.meta["stack_trace"] = n.meta.get("stack_trace")
+        self._copied[n] = copy
+        if isinstance(out, torch.Tensor) and not _holds_subclass(out):
+            track_tensor_tree(out, fx.Proxy(copy, tracer), constant=None, tracer=tracer)
+        else:
+            copy.meta["val"] = out
+        return out
+
+
+def _holds_subclass(value) -> bool:
+    """Whether `value` (a tensor, or a nest of them) holds a wrapper subclass such as DTensor."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from torch.utils._pytree import tree_leaves
+
+    return any(is_traceable_wrapper_subclass(x) for x in tree_leaves(value))
