@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
-from .canonicalize import fake_mode_for, to_aten
+from .canonicalize import fake_mode_for, subclass_attention_refusals, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
 from .options import Options
@@ -57,7 +57,7 @@ class Context:
 
 def detect(gm: fx.GraphModule, ctx: Context) -> str:
     """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
-    ctx.found = find_attention_sites(gm)
+    ctx.found = find_attention_sites(gm) + subclass_attention_refusals(gm)  # + attention left to DTensor
     for i, f in enumerate(ctx.found):
         site = Site(index=i, location=f.location, spelling=f.spelling)
         if isinstance(f, Refusal):

@@ -119,12 +119,47 @@ class _KeepSubclassCalls(fx.Interpreter):
         copy = tracer.graph.create_node(n.op, n.target, fx.node.map_arg(n.args, traced),
                                         fx.node.map_arg(n.kwargs, traced), name=n.name)
         copy.meta["stack_trace"] = n.meta.get("stack_trace")
+        if _attention_spelling(n):
+            copy.meta[SUBCLASS_ATTENTION] = (_attention_spelling(n), type(out).__name__)
         self._copied[n] = copy
         if isinstance(out, torch.Tensor) and not _holds_subclass(out):
             track_tensor_tree(out, fx.Proxy(copy, tracer), constant=None, tracer=tracer)
         else:
             copy.meta["val"] = out
         return out
+
+
+SUBCLASS_ATTENTION = "attnlower_subclass_attention"   # node.meta key: (spelling, subclass name)
+
+
+def _attention_spelling(n: fx.Node) -> str | None:
+    """'sdpa' / 'softmax' for the torch-level calls that anchor attention sites, else None."""
+    import torch.nn.functional as F
+
+    if n.target in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+        return "sdpa"
+    if n.target in (torch.softmax, F.softmax, torch.special.softmax, "softmax"):
+        return "softmax"
+    return None
+
+
+def subclass_attention_refusals(gm: fx.GraphModule) -> list:
+    """The attention anchors `to_aten` copied on subclass values, as detector refusals for the report.
+
+    The passes see only plain tensors; attention computed on DTensors (q/k/v kept as DTensors with
+    `use_local_output=False`, or a DTensor-aware model) is DTensor's to run, and says so.
+    """
+    from ..passes.detect import Refusal
+
+    out = []
+    for n in gm.graph.nodes:
+        if SUBCLASS_ATTENTION in n.meta:
+            spelling, subclass = n.meta[SUBCLASS_ATTENTION]
+            out.append(Refusal(n, spelling, (
+                f"attention on {subclass} values: attnlower rewrites attention on plain (local) tensors "
+                f"and leaves this one to {subclass}; to fuse it, hand attention local tensors (for tensor "
+                "parallelism: ColwiseParallel's default use_local_output=True on q/k/v)")))
+    return out
 
 
 def _holds_subclass(value) -> bool:

@@ -88,6 +88,22 @@ class Attention(nn.Module):
         return (out, weights) if self.return_weights else out
 
 
+class BidirectionalAttention(nn.Module):
+    """timm's ViT attention (no mask, `q @ k.transpose(-2, -1) * scale`, softmax, `@ v`)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.o_proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -256,7 +272,8 @@ def fsdp_llama() -> dict:
 
 
 def tp_fallbacks() -> dict:
-    """Inside a TP graph: a site attnlower must refuse, a failing pass, a failing canonicalization.
+    """Inside a TP graph: a site attnlower must refuse, attention on DTensors, a failing pass, a failing
+    canonicalization.
 
     Each must give the sharded model's own results (the refused site's probabilities are checked
     against the unsharded model's, restricted to this rank's heads) and say why in the report.
@@ -285,7 +302,18 @@ def tp_fallbacks() -> dict:
     result["refused"] = {"sites": _sites(start), "out_vs_unsharded": _max_diff(out, ref_out),
                          "weights_vs_unsharded": _max_diff(weights, ref_weights[:, local_heads])}
 
-    # 2. a pass that raises (here: the rewrite), and 3. a canonicalization that raises
+    # 2. attention computed on DTensors (q/k/v colwise with use_local_output=False, as a ViT's
+    # unmasked attention): DTensor runs it, the report says why it is not fused
+    ref = BidirectionalAttention(48, heads=4)
+    dtensor_plan = {**{n: ColwiseParallel(use_local_output=False) for n in ("q_proj", "k_proj", "v_proj")},
+                    "o_proj": RowwiseParallel()}
+    sharded = parallelize_module(copy.deepcopy(ref), mesh, dtensor_plan)
+    torch._dynamo.reset()
+    start = _n_reports()
+    out = torch.compile(sharded, backend="attnlower", options={"inner": "eager"})(x)
+    result["on_dtensor"] = {"sites": _sites(start), "out_vs_unsharded": _max_diff(out, ref(x))}
+
+    # 3. a pass that raises (here: the rewrite), and 4. a canonicalization that raises
     def broken_rewrite(gm, ctx):
         raise RuntimeError("injected failure in analyze+rewrite")
 

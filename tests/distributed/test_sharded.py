@@ -51,12 +51,18 @@ def test_fsdp2_llama(tmp_path):
 
 
 def test_tensor_parallel_fallbacks(tmp_path):
-    """A refused site, a failing pass, a failing canonicalization: the sharded model's results, and why."""
+    """A refused site, attention on DTensors, a failing pass, a failing canonicalization: the sharded
+    model's results, and why."""
     for rank, r in enumerate(run_ranks("tp_fallbacks", tmp_path)):
         refused = r["refused"]
         assert [s["op"] for s in refused["sites"]] == [None], f"rank {rank}: {refused['sites']}"
         assert "used 2 times" in refused["sites"][0]["reason"], refused["sites"][0]
         assert refused["out_vs_unsharded"] <= TOL and refused["weights_vs_unsharded"] <= TOL, (rank, refused)
+
+        on_dtensor = r["on_dtensor"]
+        assert [s["op"] for s in on_dtensor["sites"]] == [None], f"rank {rank}: {on_dtensor['sites']}"
+        assert on_dtensor["sites"][0]["reason"].startswith("attention on DTensor values"), on_dtensor["sites"][0]
+        assert on_dtensor["out_vs_unsharded"] <= TOL, (rank, on_dtensor)
 
         failed = r["pass_failure"]
         assert failed["errors"] == ["RuntimeError: injected failure in analyze+rewrite"], (rank, failed)
