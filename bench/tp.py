@@ -162,7 +162,8 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module):
     def __init__(self, a):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(a.dim, a.heads, a.kv_heads, a.ffn, a.attention) for _ in range(a.layers))
+        self.layers = nn.ModuleList(DecoderLayer(a.dim, a.heads, a.kv_heads, a.ffn, a.attention)
+                                    for _ in range(a.layers))
         self.norm = RMSNorm(a.dim)
         head_dim = a.dim // a.heads
         self.register_buffer("inv_freq", 1.0 / (500000 ** (torch.arange(0, head_dim, 2).float() / head_dim)))
@@ -288,8 +289,8 @@ def run(a) -> dict:
         results["candidates"][name] = row
     c = results["candidates"]
     if "attnlower" in c and "inductor" in c:
-        results["attnlower_over_inductor"] = {w: c["attnlower"][f"{w}_tokens_per_s"] / c["inductor"][f"{w}_tokens_per_s"]
-                                              for w in ("prefill", "train")}
+        results["attnlower_over_inductor"] = {
+            w: c["attnlower"][f"{w}_tokens_per_s"] / c["inductor"][f"{w}_tokens_per_s"] for w in ("prefill", "train")}
     return results
 
 

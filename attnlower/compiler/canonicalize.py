@@ -95,7 +95,7 @@ class _KeepSubclassCalls(fx.Interpreter):
 
     def _copy_call(self, n: fx.Node):
         from torch.fx.experimental.proxy_tensor import (disable_proxy_modes_tracing, get_proxy_mode,
-                                                        get_proxy_slot, track_tensor_tree)
+                                                        get_proxy_slot, has_proxy_slot, track_tensor_tree)
 
         tracer = get_proxy_mode().tracer
         with disable_proxy_modes_tracing():
@@ -107,20 +107,22 @@ class _KeepSubclassCalls(fx.Interpreter):
             if a in self._copied:
                 return self._copied[a]
             value = self.env[a]
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and has_proxy_slot(value, tracer):
                 return get_proxy_slot(value, tracer).proxy.node
             if a.op == "placeholder":   # a DeviceMesh, a process group: stays an input
                 return placeholders[dynamo_placeholders.index(a)]
             raise NotImplementedError(
                 f"attnlower: the call {n.format_node()} on a tensor subclass reads {a.name} "
-                f"({type(value).__name__}), which is neither a tensor nor a graph input; expected "
-                "tensors, inputs and constants only. The graph is compiled without attnlower's passes.")
+                f"({type(value).__name__}), which is neither a traced tensor nor a graph input; expected "
+                "tensors computed by the graph, inputs and constants. The graph is compiled without "
+                "attnlower's passes.")
 
         copy = tracer.graph.create_node(n.op, n.target, fx.node.map_arg(n.args, traced),
                                         fx.node.map_arg(n.kwargs, traced), name=n.name)
         copy.meta["stack_trace"] = n.meta.get("stack_trace")
-        if _attention_spelling(n):
-            copy.meta[SUBCLASS_ATTENTION] = (_attention_spelling(n), type(out).__name__)
+        spelling = _attention_spelling(n)
+        if spelling:   # reported as a site left to the subclass (subclass_attention_refusals)
+            copy.meta[SUBCLASS_ATTENTION] = (spelling, type(out).__name__)
         self._copied[n] = copy
         if isinstance(out, torch.Tensor) and not _holds_subclass(out):
             track_tensor_tree(out, fx.Proxy(copy, tracer), constant=None, tracer=tracer)

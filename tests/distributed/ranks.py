@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenario: str, out_dir: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
+def run_ranks(scenario: str, out_dir: Path, world_size: int = 2, timeout: float = 180.0) -> list[dict]:
     """Start `world_size` ranks running `scenarios.<scenario>`; return each rank's result dict, rank order."""
     port = free_port()
     env = {**os.environ, **DIST_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
