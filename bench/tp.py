@@ -216,7 +216,7 @@ def median_seconds(fn, device, warmup: int, iters: int) -> float:
         _sync(device)
         times.append(time.perf_counter() - t)
     # every rank's median, the slowest one counts (a TP step is as fast as its slowest rank)
-    m = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    m = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)   # NCCL: a GPU tensor
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
     return m.item()
 
