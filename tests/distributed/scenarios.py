@@ -164,6 +164,47 @@ def tensor_parallel(model: Llama, mesh) -> Llama:
     return model
 
 
+def sequence_parallel(model: Llama, mesh) -> nn.Module:
+    """TP with sequence-parallel norms: torch's fsdp_tp_example.py plan (the residual stream is
+    sharded over the sequence; attention all-gathers it, then runs colwise / rowwise as above)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    for layer in model.layers:
+        parallelize_module(layer, mesh, {
+            "input_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    # the example's embedding hands the first layer its sequence shard; the final norm's output is gathered
+    parallelize_module(model, mesh, {
+        "layers.0": PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                       desired_input_layouts=(Shard(1), None, None), use_local_output=True),
+        "norm": SequenceParallel(use_local_output=False)})
+    return model
+
+
+class FullOutput(nn.Module):
+    """`model(x)` as one plain tensor (a DTensor output gathered), the same parameter names for both models."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor
+
+        y = self.model(x)
+        return y.full_tensor() if isinstance(y, DTensor) else y
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -242,11 +283,20 @@ def _ref_name(name: str) -> str:
 
 def tp_llama() -> dict:
     """TP=2 over two Llama layers (4 query heads, 2 KV heads: 2 and 1 per rank), forward and backward."""
+    return _tp_llama(tensor_parallel, seq=7)
+
+
+def tp_sp_llama() -> dict:
+    """As tp_llama, with sequence-parallel norms (the sequence must divide by the TP degree)."""
+    return _tp_llama(sequence_parallel, seq=8)
+
+
+def _tp_llama(parallelize, seq: int) -> dict:
     mesh = _mesh()
     torch.manual_seed(0)
-    ref = Llama()
-    sharded = tensor_parallel(copy.deepcopy(ref), mesh)
-    x = torch.randn(2, 7, 48)   # the same on every rank: TP ranks see the same batch
+    ref = FullOutput(Llama())
+    sharded = FullOutput(parallelize(copy.deepcopy(ref.model), mesh))
+    x = torch.randn(2, seq, 48)   # the same on every rank: TP ranks see the same batch
     start = _n_reports()
     inner = os.environ.get("ATTNLOWER_TEST_INNER", "eager")   # test_sharded.py says why eager
     compiled = torch.compile(sharded, backend="attnlower", options={"inner": inner})

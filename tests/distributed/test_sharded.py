@@ -41,9 +41,11 @@ def _assert_rewritten(sites: list[dict], rank: int, q_heads: int, kv_heads: int)
             f"rank {rank}: expected the rank's own {q_heads} query / {kv_heads} KV heads, got {s}")
 
 
-def test_tensor_parallel_llama_gqa(tmp_path):
-    """Colwise q/k/v, rowwise o (torch's Llama TP plan), 4 query / 2 KV heads: 2 / 1 per rank."""
-    for rank, r in enumerate(run_ranks("tp_llama", tmp_path)):
+@pytest.mark.parametrize("scenario", ["tp_llama", "tp_sp_llama"])
+def test_tensor_parallel_llama_gqa(tmp_path, scenario):
+    """Colwise q/k/v, rowwise o (torch's Llama TP plan, with and without sequence-parallel norms),
+    4 query / 2 KV heads: 2 / 1 per rank."""
+    for rank, r in enumerate(run_ranks(scenario, tmp_path)):
         _assert_rewritten(r["sites"], rank, q_heads=2, kv_heads=1)
         _assert_parity(r["diffs"], rank)
 
