@@ -262,20 +262,18 @@ def _train_step_diffs(ref: nn.Module, sharded: nn.Module, compiled, xs_ref: list
     x_comp = x.clone().requires_grad_()
     out_comp = compiled(x_comp)
     (out_comp * g).sum().backward()
+    missing = [n for n, p in sharded.named_parameters() if p.grad is None]
+    if missing:
+        raise AssertionError(f"the compiled model's backward gave no gradient to {missing}")
     comp_grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
     return {
         "out_vs_unsharded": _max_diff(out_comp, out_ref),
         "out_vs_eager": _max_diff(out_comp, out_eager),
         "input_grad_vs_unsharded": _max_diff(x_comp.grad, xs_leaf[rank].grad),
-        "param_grad_vs_unsharded": max(_max_diff(comp_grads[n], ref_grads[_ref_name(n)]) for n in comp_grads),
+        "param_grad_vs_unsharded": max(_max_diff(comp_grads[n], ref_grads[n]) for n in comp_grads),
         "param_grad_vs_eager": max(_max_diff(comp_grads[n], eager_grads[n]) for n in comp_grads),
         "n_param_grads": len(comp_grads),
     }
-
-
-def _ref_name(name: str) -> str:
-    # torch.compile(module) and FSDP2 keep parameter names; activation checkpointing wrappers would not
-    return name.replace("_orig_mod.", "")
 
 
 # --------------------------------------------------------------------------------------------
