@@ -4,7 +4,8 @@
 
 The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> None`,
 each recording what it did in the graph's CompileReport. If any pass raises, the backend logs a
-warning with a repro file and compiles the unmodified graph (`strict=True` re-raises).
+warning with a repro file and compiles the unmodified graph (`strict=True` re-raises); so does a
+failure to trace Dynamo's graph to aten, which compiles Dynamo's graph itself.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.fx as fx
 from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
-from .canonicalize import fake_mode_for, to_aten
+from .canonicalize import fake_mode_for, subclass_attention_refusals, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
 from .options import Options
@@ -56,7 +57,7 @@ class Context:
 
 def detect(gm: fx.GraphModule, ctx: Context) -> str:
     """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
-    ctx.found = find_attention_sites(gm)
+    ctx.found = find_attention_sites(gm) + subclass_attention_refusals(gm)  # + attention left to DTensor
     for i, f in enumerate(ctx.found):
         site = Site(index=i, location=f.location, spelling=f.spelling)
         if isinstance(f, Refusal):
@@ -130,7 +131,12 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner)
     _REPORTS.append(report)
 
-    aten_gm = to_aten(gm, example_inputs)
+    try:
+        aten_gm = to_aten(gm, example_inputs)
+    except Exception as e:
+        if opts.strict:
+            raise
+        return _compile_untraced(gm, example_inputs, opts, report, e)
     before_gm = aten_gm  # the passes work on a copy: this stays the graph they started from
     before_text = aten_gm.print_readable(print_output=False) if opts.dump_dir else None
     snapshots: list[tuple[str, str]] = []
@@ -169,6 +175,24 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     from .inductor import compile_with_inductor
 
     return compile_with_inductor(aten_gm, example_inputs)
+
+
+def _compile_untraced(gm: fx.GraphModule, example_inputs, opts: Options, report: CompileReport, err: Exception):
+    """Canonicalization failed: Dynamo's graph goes to the inner compiler as it came, no site rewritten.
+
+    The passes need the aten graph, so none ran; the error (and a repro of Dynamo's graph) is in the report.
+    """
+    report.error = f"canonicalization to aten failed, {type(err).__name__}: {err}"
+    report.repro = _write_repro(gm, example_inputs, err, opts)
+    log.warning("attnlower: could not trace graph %d to aten (%s); compiling it unmodified. Repro: %s",
+                report.graph_id, report.error, report.repro)
+    if opts.explain:
+        print(report.table())
+    if opts.inner == "eager":
+        return gm
+    from .inductor import compile_with_inductor
+
+    return compile_with_inductor(gm, example_inputs)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -42,7 +42,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: Sequence[object]) -> fx.GraphMod
     # Run through an fx.Interpreter so each traced aten node inherits the Dynamo node's
     # stack_trace (the user's source line), which the report shows.
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        return _KeepSubclassCalls(gm).run(*args)
 
     with mode, _preserve_source_info():
         aten = make_fx(run, pre_dispatch=True, tracing_mode="real")(*fake_inputs)
@@ -58,3 +58,115 @@ def _preserve_source_info():
 
     with fx_traceback.preserve_node_meta():
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# tensor subclasses (DTensor): kept as Dynamo's calls, traced around
+
+class _KeepSubclassCalls(fx.Interpreter):
+    """Runs Dynamo's graph under make_fx, copying calls on tensor subclasses into the trace unchanged.
+
+    Pre-dispatch tracing cannot see through a wrapper subclass such as DTensor: its ops dispatch
+    below autograd, so the pre-dispatch proxy mode answers `NotImplemented` and the trace dies
+    ("Unable to cast NotImplemented to Tensor"). Under tensor parallelism the subclass calls are
+    the sharded linears and their hooks (`from_local`, `redistribute`, `to_local`); the attention
+    between them runs on plain local tensors with the local head count. So a node that takes or
+    makes a subclass value is copied as Dynamo wrote it (its value computed under the fake mode,
+    not traced), and the plain tensors it returns are tracked like any traced value: attention
+    sites are found on the local tensors, and the inner compiler (AOTAutograd) desugars the
+    subclass calls as it does for `aot_eager`, autograd included.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._copied: dict[fx.Node, fx.Node] = {}   # Dynamo node -> its copy in the trace
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("call_function", "call_method") and self._on_subclass(n):
+            return self._copy_call(n)
+        return super().run_node(n)
+
+    def _on_subclass(self, n: fx.Node) -> bool:
+        inputs = [self.env[a] for a in n.all_input_nodes]
+        if any(a in self._copied and not isinstance(self.env[a], torch.Tensor) for a in n.all_input_nodes):
+            return True   # e.g. getitem of a copied call's tuple
+        # Dynamo's `example_value` says whether the call makes one (`DTensor.from_local` takes plain x)
+        return _holds_subclass(inputs) or _holds_subclass(n.meta.get("example_value"))
+
+    def _copy_call(self, n: fx.Node):
+        from torch.fx.experimental.proxy_tensor import (disable_proxy_modes_tracing, get_proxy_mode,
+                                                        get_proxy_slot, has_proxy_slot, track_tensor_tree)
+
+        tracer = get_proxy_mode().tracer
+        with disable_proxy_modes_tracing():
+            out = super().run_node(n)
+        placeholders = [p for p in tracer.graph.nodes if p.op == "placeholder"]
+        dynamo_placeholders = [p for p in self.graph.nodes if p.op == "placeholder"]
+
+        def traced(a: fx.Node) -> fx.Node:
+            if a in self._copied:
+                return self._copied[a]
+            value = self.env[a]
+            if isinstance(value, torch.Tensor) and has_proxy_slot(value, tracer):
+                return get_proxy_slot(value, tracer).proxy.node
+            if a.op == "placeholder":   # a DeviceMesh, a process group: stays an input
+                return placeholders[dynamo_placeholders.index(a)]
+            raise NotImplementedError(
+                f"attnlower: the call {n.format_node()} on a tensor subclass reads {a.name} "
+                f"({type(value).__name__}), which is neither a traced tensor nor a graph input; expected "
+                "tensors computed by the graph, inputs and constants. The graph is compiled without "
+                "attnlower's passes.")
+
+        copy = tracer.graph.create_node(n.op, n.target, fx.node.map_arg(n.args, traced),
+                                        fx.node.map_arg(n.kwargs, traced), name=n.name)
+        copy.meta["stack_trace"] = n.meta.get("stack_trace")
+        spelling = _attention_spelling(n)
+        if spelling:   # reported as a site left to the subclass (subclass_attention_refusals)
+            copy.meta[SUBCLASS_ATTENTION] = (spelling, type(out).__name__)
+        self._copied[n] = copy
+        if isinstance(out, torch.Tensor) and not _holds_subclass(out):
+            track_tensor_tree(out, fx.Proxy(copy, tracer), constant=None, tracer=tracer)
+        else:
+            copy.meta["val"] = out
+        return out
+
+
+SUBCLASS_ATTENTION = "attnlower_subclass_attention"   # node.meta key: (spelling, subclass name)
+
+
+def _attention_spelling(n: fx.Node) -> str | None:
+    """'sdpa' / 'softmax' for the torch-level calls that anchor attention sites, else None."""
+    import torch.nn.functional as F
+
+    if n.target in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+        return "sdpa"
+    if n.target in (torch.softmax, F.softmax, torch.special.softmax, "softmax"):
+        return "softmax"
+    return None
+
+
+def subclass_attention_refusals(gm: fx.GraphModule) -> list:
+    """The attention anchors `to_aten` copied on subclass values, as detector refusals for the report.
+
+    The passes see only plain tensors; attention computed on DTensors (q/k/v kept as DTensors with
+    `use_local_output=False`, or a DTensor-aware model) is DTensor's to run, and says so.
+    """
+    from ..passes.detect import Refusal
+
+    out = []
+    for n in gm.graph.nodes:
+        if SUBCLASS_ATTENTION in n.meta:
+            spelling, subclass = n.meta[SUBCLASS_ATTENTION]
+            out.append(Refusal(n, spelling, (
+                f"attention on {subclass} values: attnlower rewrites attention on plain (local) tensors "
+                f"and leaves this one to {subclass}; to fuse it, hand attention local tensors (for tensor "
+                "parallelism: ColwiseParallel's default use_local_output=True on q/k/v)")))
+    return out
+
+
+def _holds_subclass(value) -> bool:
+    """Whether `value` (a tensor, or a nest of them) holds a wrapper subclass such as DTensor."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from torch.utils._pytree import tree_leaves
+
+    return any(is_traceable_wrapper_subclass(x) for x in tree_leaves(value))
