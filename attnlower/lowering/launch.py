@@ -117,7 +117,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *out.stride(),
         q_heads, q_heads // kv_heads, tq, tk,
         params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
-        **fwd.launch_kwargs(),
+        **fwd.launch_kwargs,
     )
     return out, lse
 
@@ -171,7 +171,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
     delta = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     kernel(flash_bwd, pre.kernel)[pre.grid](
-        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq, **pre.launch_kwargs(),
+        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq, **pre.launch_kwargs,
     )
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
@@ -180,13 +180,13 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,
-        WRITE_DS=ds_full is not None, **dkdv.launch_kwargs(),
+        WRITE_DS=ds_full is not None, **dkdv.launch_kwargs,
     )
     kernel(flash_bwd, dq_launch.kernel)[dq_launch.grid](
         q, k, v, bias_t, slopes, grad_out, lse, delta, dq, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(), *dq.stride(),
         q_heads, group, tq, tk, *runtime,
-        **dq_launch.launch_kwargs(),
+        **dq_launch.launch_kwargs,
     )
     if ds_full is not None:
         dbias = ds_full if ds_full.dtype == bias.dtype and tuple(bias.shape) == ds_full.shape \

@@ -73,12 +73,12 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
             stride_ab, stride_ah,
             q_heads, kv_heads, tq, rows_total,
             params.scale, params.softcap, params.window, plan.num_splits, num_blocks, block_table.shape[1],
-            **attn.launch_kwargs(),
+            **attn.launch_kwargs,
         )
         if plan.num_splits > 1:
             reduce = plan.launches[1]
             _paged_reduce_kernel[reduce.grid](
-                out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits, **reduce.launch_kwargs(),
+                out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits, **reduce.launch_kwargs,
             )
         if flags is not None:
             flags.after_launch()

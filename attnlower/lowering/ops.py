@@ -28,6 +28,7 @@ import functools
 import importlib
 import math
 import os
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -99,8 +100,13 @@ def _runs_kernels(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _launcher(module_name: str, function_name: str, op_name: str) -> Callable:
     """Import a launcher lazily: the launchers import triton, which CPU-only users never need."""
+    module = sys.modules.get(module_name)  # once imported: a dict lookup, not the import machinery
+    if module is not None:
+        launcher = getattr(module, function_name, None)
+        if launcher is not None:
+            return launcher
     try:
-        module = importlib.import_module(module_name)  # a dict lookup once imported
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name != module_name:  # the launcher exists but one of its imports is missing
             raise
@@ -140,10 +146,11 @@ def _cached_validation(fn):
     @functools.wraps(fn)
     def validate(*args):
         try:
-            hash(args)
-        except TypeError:
+            return cached(*args)
+        except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
+            if "unhashable" not in str(error):
+                raise
             return fn(*args)
-        return cached(*args)
 
     validate.cache_info = cached.cache_info
     validate.cache_clear = cached.cache_clear

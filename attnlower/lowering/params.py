@@ -15,11 +15,10 @@ How the planned variants land here without another signature change:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class AttentionParams:
+class AttentionParams(NamedTuple):
     """The scalar semantics of one attention call (docs/INTERFACES.md section 1).
 
     scale:          softmax scale, already resolved (`1 / sqrt(D)` when the op got None).
@@ -30,7 +29,9 @@ class AttentionParams:
     dropout_p:      attention dropout probability (dense ops, training).
     empty_rows_nan: rows with no visible key give NaN (eager softmax) instead of 0.
 
-    Frozen and hashable: it is part of the key of the launch-plan cache (`lowering/plan.py`).
+    Immutable and hashable: it is part of the key of the launch-plan cache (`lowering/plan.py`). A
+    NamedTuple rather than a frozen dataclass: its hash and equality run in C, and every op call
+    hashes it (a dataclass's generated __hash__ cost more than the rest of the cache lookup).
     """
 
     scale: float

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,8 +32,8 @@ MAX_HEAD_DIM = 256
 BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Meta:
+# Meta and Target are NamedTuples: they are hashed on every call (the cache key), in C.
+class Meta(NamedTuple):
     """What the plan reads from a tensor: its shape and dtype."""
 
     shape: tuple
@@ -41,11 +41,10 @@ class Meta:
 
     @classmethod
     def of(cls, t: torch.Tensor | None) -> "Meta | None":
-        return None if t is None else cls(tuple(t.shape), t.dtype)
+        return None if t is None else cls(t.shape, t.dtype)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """Where the kernels run: "cuda" (compiled) or "interpret" (Triton's interpreter on CPU).
 
     arch: SM version (90 = Hopper), 0 off-GPU; sm_count: SMs (the paged split-KV heuristic);
@@ -67,8 +66,9 @@ class KernelLaunch:
     config: KernelConfig
     constexprs: tuple[tuple[str, Any], ...]
 
+    @functools.cached_property
     def launch_kwargs(self) -> dict[str, Any]:
-        """The constexprs plus num_warps / num_stages, as the kernel's launch takes them."""
+        """The constexprs plus num_warps / num_stages, as the kernel's launch takes them (built once)."""
         return dict(self.constexprs, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
 
 
@@ -97,10 +97,11 @@ def _cached(fn):
     @functools.wraps(fn)
     def plan(*args):
         try:
-            hash(args)
-        except TypeError:
+            return cached(*args)
+        except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
+            if "unhashable" not in str(error):
+                raise
             return fn(*args)
-        return cached(*args)
 
     plan.cache_info = cached.cache_info
     plan.cache_clear = cached.cache_clear
@@ -254,18 +255,16 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
     return PagedPlan((attn, reduce), num_splits)
 
 
-@functools.lru_cache(maxsize=64)
-def _device_properties(device: torch.device) -> tuple[str, int, int]:
+@functools.lru_cache(maxsize=64)  # one entry per (device, TF32 flag): bounded by the device count
+def _target(device: torch.device, allow_tf32: bool) -> Target:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return "cuda", props.major * 10 + props.minor, props.multi_processor_count
+        return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, allow_tf32)
     # Triton's interpreter: no SMs; a small count keeps the split decision meaningful in tests
     # without launching many interpreted programs.
-    return "interpret", 0, 4
+    return Target("interpret", 0, 4, False)
 
 
 def target_of(device: torch.device) -> Target:
-    """The Target of tensors on `device` (device properties cached; the TF32 flag read per call)."""
-    kind, arch, sm_count = _device_properties(device)
-    allow_tf32 = kind == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return Target(kind, arch, sm_count, allow_tf32)
+    """The Target of tensors on `device` (cached; the TF32 flag is read per call, it may change)."""
+    return _target(device, device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
