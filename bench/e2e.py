@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnlower  # noqa: E402
 import attnlower.ops as attn_ops  # noqa: E402
 from attnlower.cache import gather_blocks, length_mask  # noqa: E402
+from attnlower.compiler.backend import attnlower_backend  # noqa: E402  (no entry point needed)
 
 MODES = ["eager", "inductor", "inductor+cg", "attnlower", "attnlower+cg"]
 DTYPE = torch.bfloat16
@@ -63,7 +64,7 @@ def compiled(fn, mode: str):
         return torch.compile(fn)
     if mode == "inductor+cg":
         return torch.compile(fn, mode="reduce-overhead")
-    inner = torch.compile(fn, backend="attnlower")
+    inner = torch.compile(fn, backend=attnlower_backend)
     if mode == "attnlower":
         return inner
 

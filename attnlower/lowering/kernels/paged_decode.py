@@ -148,6 +148,8 @@ def _paged_attn_kernel(
     kv_head_off_v = kvh.to(tl.int64) * stride_vh
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
 
+    if CHECK_BOUNDS:
+        bad_seen = tl.zeros([BLOCK_N], dtype=tl.int32)
     for start_n in range(start, end, BLOCK_N):
         tok = start_n + offs_n                                 # [BLOCK_N] token positions
         tok_ok = tok < seq_len
@@ -155,8 +157,7 @@ def _paged_attn_kernel(
         phys = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0).to(tl.int64)
         bad_block = tok_ok & ((phys < 0) | (phys >= num_blocks))
         if CHECK_BOUNDS:
-            if (tl.sum(bad_block.to(tl.int32), axis=0) > 0) & len_ok & (pid_m == 0) & (kvh == 0):
-                _flag(err_ptr, 1, b, num_blocks, capacity)
+            bad_seen |= bad_block.to(tl.int32)                 # reported once, after the loop
         tok_ok = tok_ok & ~bad_block                           # a bad block's tokens are never loaded
         phys = tl.where(bad_block, 0, phys)
         slot = (tok % BLOCK_SIZE).to(tl.int64)
@@ -194,6 +195,10 @@ def _paged_attn_kernel(
         else:
             acc = tl.dot(p_low, v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+
+    if CHECK_BOUNDS:
+        if (tl.max(bad_seen, axis=0) > 0) & len_ok & (pid_m == 0) & (kvh == 0):
+            _flag(err_ptr, 1, b, num_blocks, capacity)
 
     # global row (b, h, i) = (b * Hkv + kvh) * M + r, contiguous in r
     row_global = pid_bh.to(tl.int64) * rows_m + offs_m
