@@ -24,8 +24,8 @@ from attnlower.lowering.kernels.flash_fwd import (
     LOG2E,
     _dot,
     _dropout_keep,
-    _load_rng,
     _kv_block_range,
+    _load_rng,
     _load_tile,
     _scores,
 )
