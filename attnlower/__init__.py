@@ -28,12 +28,16 @@ def inspect(fn, *args, options=None, dynamic=None, **kwargs):
 
 def __getattr__(name):
     # Lazy: importing attnlower (e.g. through the entry point) must not register ops or import triton.
+    # import_module, not `from . import ops`: that spelling looks the attribute up on this package
+    # first, which calls this __getattr__ again (infinite recursion).
     if name == "ops":
-        # import_module, not `from . import ops`: that form looks the name up on this package first,
-        # which calls this __getattr__ again (RecursionError on a bare `attnlower.ops.flash_attention`)
         import importlib
 
-        return importlib.import_module(".ops", __name__)
+        return importlib.import_module(f"{__name__}.ops")
+    if name in ("check_errors", "set_paged_checks", "PagedInputError"):
+        from .lowering import errors
+
+        return getattr(errors, name)
     if name == "PagedKVCache":
         from .cache import PagedKVCache
 

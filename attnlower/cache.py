@@ -77,6 +77,9 @@ class PagedKVCache:
         # reads a whole block never meets uninitialised NaN/inf.
         self.k_pool = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=self.device)
+        # The pool's own device is the canonical one: "cuda" becomes "cuda:0" (the current device),
+        # so tensors on cuda:0 compare equal to it (torch.device("cuda") != torch.device("cuda:0")).
+        self.device = self.k_pool.device
         self._free_blocks: deque[int] = deque(range(num_blocks))
         self._sequences: dict[int, _SequenceState] = {}
         self._next_id = 0

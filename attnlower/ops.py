@@ -10,9 +10,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import attnlower.lowering.ops  # noqa: F401  (registers torch.ops.attnlower.*)
+from attnlower.lowering import ops as _impl  # importing it registers torch.ops.attnlower.*
+from attnlower.lowering.ops import check_window_type
 
 __all__ = ["flash_attention", "sliding_window_attention", "paged_attention"]
+
+
+def _direct(*tensors) -> bool:
+    """Whether this call may skip the dispatcher and run the op's implementation itself.
+
+    Only for plain eager tensors needing no gradient: nothing traces (torch.compile, FX, export),
+    no dispatch mode or functorch transform is active, no tensor subclass (FakeTensor, DTensor).
+    Then the dispatcher would only add its own host cost (issue 10: a repeat call must cost at
+    most 1.5x SDPA's); everything else goes through `torch.ops.attnlower.*` as before.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
@@ -32,9 +51,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
         dropout_p: attention dropout probability (training); pass 0.0 in eval.
         empty_rows_nan: rows with every key masked give NaN (eager softmax) instead of 0.
     """
-    return torch.ops.attnlower.flash_attention(
-        q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
-        empty_rows_nan)[0]
+    op = _impl.flash_attention if _direct(q, k, v, bias, alibi_slopes) else torch.ops.attnlower.flash_attention
+    return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
@@ -45,11 +63,12 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     """Causal attention over the `window` most recent keys: query `i` sees `i - window < j <= i`.
 
     With `bottom_right`, `i` is shifted by `Tk - Tq` (queries are the last Tq positions).
-    `window` must be > 0; the other arguments are as in `flash_attention`.
+    `window` must be an int > 0; the other arguments are as in `flash_attention`.
     """
-    return torch.ops.attnlower.sliding_window_attention(
-        q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p,
-        empty_rows_nan)[0]
+    check_window_type("sliding_window_attention", window)
+    op = (_impl.sliding_window_attention if _direct(q, k, v, bias, alibi_slopes)
+          else torch.ops.attnlower.sliding_window_attention)
+    return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
@@ -67,6 +86,13 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
         window: when > 0, also only keys `t > p - window`.
         alibi_slopes, scale, softcap: as in `flash_attention`.
     Rows with no visible key give 0. No autograd.
+
+    A block id outside `[0, num_blocks)` or a length outside `[0, max_blocks * block_size]` raises
+    `PagedInputError`: on CPU at once; on CUDA, without a host sync, at the next paged call or at
+    `attnlower.check_errors()` (the kernel never reads outside its tensors either way).
+    `attnlower.set_paged_checks(False)` skips the reports for loops that validate their tables.
     """
-    return torch.ops.attnlower.paged_attention(
-        q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap)
+    check_window_type("paged_attention", window)
+    op = (_impl.paged_attention_impl if _direct(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes)
+          else torch.ops.attnlower.paged_attention)
+    return op(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap)

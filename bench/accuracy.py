@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lowering
 from attention_oracle import oracle  # noqa: E402  (the float64 oracle the kernel tests use)
 from attnlower.lowering.configs import KernelConfig  # noqa: E402
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+from attnlower.lowering.params import AttentionParams  # noqa: E402
 
-NO_RNG = torch.empty(0, dtype=torch.int64)
 
 
 def band(n, causal, window, device):
@@ -57,10 +57,9 @@ def reference(q, k, v, grad_out, causal, window, scale):
 
 def attnlower(q, k, v, grad_out, causal, window, scale, configs=None):
     fwd_cfg, kv_cfg, q_cfg = configs or (None, None, None)
-    out, lse = flash_forward(q, k, v, None, None, scale, causal or window > 0, False, 0.0, 0.0, window, False,
-                             NO_RNG, config=fwd_cfg)
-    dq, dk, dv, _ = flash_backward(grad_out, q, k, v, None, None, out, lse, NO_RNG, scale, causal or window > 0,
-                                   False, 0.0, 0.0, window, False, False, config_kv=kv_cfg, config_q=q_cfg)
+    params = AttentionParams(scale, causal or window > 0, window=window)
+    out, lse = flash_forward(q, k, v, params, config=fwd_cfg)
+    dq, dk, dv, _ = flash_backward(grad_out, q, k, v, out, lse, params, config_kv=kv_cfg, config_q=q_cfg)
     return [out, dq, dk, dv]
 
 

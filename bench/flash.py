@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+from attnlower.lowering.params import AttentionParams  # noqa: E402
 from bench._common import autograd_fns  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -42,22 +43,22 @@ MODEL_DIM = 2048
 # BENCH_SEQ_LENS=1024,4096 narrows the sweep (a device call is limited to 10 minutes)
 SEQ_LENS = [int(n) for n in os.environ.get("BENCH_SEQ_LENS", "512,1024,2048,4096,8192,16384").split(",")]
 HEAD_DIMS = [64, 128]
-NO_RNG = torch.empty(0, dtype=torch.int64)
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def attnlower_fns(q, k, v, causal, scale):
-    def fwd():
-        return flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)[0]
+    params = AttentionParams(scale, causal)
 
-    out, lse = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
+    def fwd():
+        return flash_forward(q, k, v, params)[0]
+
+    out, lse = flash_forward(q, k, v, params)
     grad_out = torch.randn_like(out)
 
     def fwd_bwd():
-        o, l = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
-        flash_backward(grad_out, q, k, v, None, None, o, l, NO_RNG, scale, causal, False, 0.0, 0.0, 0,
-                       False, False)
+        o, l = flash_forward(q, k, v, params)
+        flash_backward(grad_out, q, k, v, o, l, params)
     return fwd, fwd_bwd
 
 

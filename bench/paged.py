@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlower.lowering.launch_paged import paged_forward  # noqa: E402
+from attnlower.lowering.params import AttentionParams  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -93,8 +94,8 @@ def main() -> None:
     for batch, length in SHAPES:
         torch.manual_seed(0)
         q, k_cache, v_cache, block_table, seq_lens = make_inputs(batch, length)
-        run = lambda **kw: paged_forward(q, k_cache, v_cache, block_table, seq_lens, None, SCALE,  # noqa: E731
-                                         True, 0, 0.0, **kw)
+        run = lambda **kw: paged_forward(q, k_cache, v_cache, block_table, seq_lens,  # noqa: E731
+                                         AttentionParams(SCALE, True), **kw)
         # correctness before timing: both kernel paths against eager gather + SDPA
         reference = gather_sdpa(q, k_cache, v_cache, block_table).float()
         for name, out in (("attnlower", run()), ("attnlower-nosplit", run(num_splits=1))):

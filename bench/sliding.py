@@ -35,12 +35,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnlower.lowering.launch import flash_backward, flash_forward  # noqa: E402
+from attnlower.lowering.params import AttentionParams  # noqa: E402
 from bench._common import autograd_fns  # noqa: E402
 
 DTYPE = torch.bfloat16
 HEADS, HEAD_DIM = 16, 128
 CASES = [(4096, 1024), (16384, 4096), (32768, 4096)]
-NO_RNG = torch.empty(0, dtype=torch.int64)
 
 
 def useful_flops(n, window, mode):
@@ -50,16 +50,16 @@ def useful_flops(n, window, mode):
 
 
 def attnlower_fns(q, k, v, window, scale):
-    out, lse = flash_forward(q, k, v, None, None, scale, True, False, 0.0, 0.0, window, False, NO_RNG)
+    params = AttentionParams(scale, True, window=window)
+    out, lse = flash_forward(q, k, v, params)
     grad_out = torch.randn_like(out)
 
     def fwd():
-        return flash_forward(q, k, v, None, None, scale, True, False, 0.0, 0.0, window, False, NO_RNG)[0]
+        return flash_forward(q, k, v, params)[0]
 
     def fwd_bwd():
-        o, l = flash_forward(q, k, v, None, None, scale, True, False, 0.0, 0.0, window, False, NO_RNG)
-        flash_backward(grad_out, q, k, v, None, None, o, l, NO_RNG, scale, True, False, 0.0, 0.0, window,
-                       False, False)
+        o, l = flash_forward(q, k, v, params)
+        flash_backward(grad_out, q, k, v, o, l, params)
     return fwd, fwd_bwd
 
 

@@ -8,7 +8,12 @@ K/V and attends over its sequence's blocks. The model reads the cache through
 It compiles once per phase: the block table has a fixed width (`max_blocks`), so every decode step
 has the same shapes and only tensor *values* change (table entries, lengths, write slots).
 
-    python examples/paged_decode.py [--steps 16] [--inner eager|inductor] [--device cpu|cuda]
+    python examples/paged_decode.py [--steps 16] [--inner eager|inductor] [--device cpu|cuda] [--cuda-graphs]
+
+--cuda-graphs (with --inner inductor, on CUDA) turns on Inductor's CUDA graphs for the graphs
+attnlower hands it, which is what `mode="reduce-overhead"` does for Inductor itself:
+`torch._inductor.config.triton.cudagraphs = True`. Inductor may still skip a graph (its log says
+why: this model writes its K/V pools, which are graph inputs).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -119,7 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--inner", choices=["eager", "inductor"], default="eager")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", action="store_true", help="Inductor CUDA graphs (needs --inner inductor)")
     a = p.parse_args(argv)
+    if a.cuda_graphs:
+        if a.inner != "inductor" or not a.device.startswith("cuda"):
+            p.error("--cuda-graphs needs --inner inductor and a CUDA device")
+        torch._inductor.config.triton.cudagraphs = True
     torch.manual_seed(0)
     model = TinyLlama().to(a.device).eval()
     max_blocks = -(-(a.prompt_len + a.steps) // a.block_size)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import attnlower.ops as public
 from attnlower.cache import CacheFullError, PagedKVCache
+from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.reference import reference_paged_forward
 
 HKV, D, BLOCK = 2, 8, 4
@@ -98,7 +99,7 @@ def test_paged_reference_over_cache_equals_dense_attention(tq, window):
     q = torch.randn(3, 4, tq, D)  # GQA: 4 query heads on 2 KV heads
     lens = cache.seq_lens(ids)
     out = reference_paged_forward(q, cache.k_pool, cache.v_pool, cache.block_table(ids), lens,
-                                  None, 0.35, True, window, 0.0)
+                                  AttentionParams(0.35, True, window=window))
     keys, values = cache.gather(ids)
     for b, length in enumerate(lens.tolist()):
         pos = torch.arange(length - tq, length).view(-1, 1)

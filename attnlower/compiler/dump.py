@@ -149,10 +149,12 @@ def _runs(target) -> str:
 def kernel_plan(spec, target, q_len=None) -> dict[str, Any]:
     """The kernels `spec.op` launches on `target`, their tile config and the constexprs the spec fixes.
 
-    Mirrors what the launchers (lowering/launch.py, lowering/launch_paged.py) pass: constexprs
-    that depend on runtime values the spec does not hold (the paged split count) are named, not valued.
+    Computed by the launchers' own planner (lowering/plan.py: `dense_plan`, `paged_plan`), for one
+    sequence of `q_len` queries (1 when unknown); the grid shown is for batch 1. What depends on
+    runtime values the spec does not hold (the paged split count) is named, not valued.
     """
-    from attnlower.lowering import configs
+    from attnlower.lowering import plan as planning
+    from attnlower.lowering.params import AttentionParams
 
     dtype = getattr(torch, spec.dtype)
     plan: dict[str, Any] = {"runs": _runs(target),
@@ -163,37 +165,35 @@ def kernel_plan(spec, target, q_len=None) -> dict[str, Any]:
         plan["constexprs"] = {}
         plan["note"] = "symbolic head_dim or head counts: constexprs are fixed at launch"
         return plan
-    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
-    device = torch.device("cuda" if target.kind == "cuda" else "cpu")
-    if spec.op in ("flash_attention", "sliding_window_attention"):
-        cfg = configs.flash_config(target.arch, head_dim, dtype, spec.causal, spec.window, "fwd")
-        try:
-            from attnlower.lowering import launch
-        except ImportError as e:  # no triton: the config is still known, the constexpr mapping is not
-            plan["note"] = f"constexprs unavailable: {e}"
-            constexprs = {}
+    where = planning.Target("cuda" if target.kind == "cuda" else "interpret", target.arch,
+                            target.sm_count or 4, False)
+    tq = (_hint(q_len) if q_len is not None else None) or 1
+    q = planning.Meta((1, heads[0], tq, head_dim), dtype)
+    params = AttentionParams(spec.scale, causal=spec.causal, bottom_right=spec.bottom_right, window=spec.window,
+                             softcap=spec.softcap, dropout_p=spec.dropout_p, empty_rows_nan=spec.empty_rows_nan)
+    try:
+        if spec.op in ("flash_attention", "sliding_window_attention"):
+            kv = planning.Meta((1, heads[1], tq, head_dim), dtype)
+            bias = {"none": None, "bool": planning.Meta((1,), torch.bool), "float": planning.Meta((1,), dtype)}
+            launches = planning.dense_plan(params, "fwd", q, kv, kv, bias[spec.bias_kind], False, where).launches
         else:
-            bias_kind = {"none": launch._BIAS_NONE, "bool": launch._BIAS_BOOL, "float": launch._BIAS_FLOAT}
-            q = torch.empty(0, dtype=dtype, device=device)
-            constexprs = launch._specialization(q, bias_kind[spec.bias_kind], spec.causal, spec.window,
-                                                spec.softcap, None, spec.dropout_p, head_dim)
-            constexprs["EMPTY_ROWS_NAN"] = bool(spec.empty_rows_nan)
-        constexprs.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-    else:
-        group = heads[0] // heads[1]
-        tq = _hint(q_len) if q_len is not None else None
-        cfg = configs.paged_config(target.arch, head_dim, dtype, spec.paged_block_size or 16, group, tq or 1)
-        dot_fp32_inputs = target.kind != "cuda" and dtype != torch.float32   # as launch_paged.paged_forward
-        constexprs = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-                          BLOCK_SIZE=spec.paged_block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          IS_CAUSAL=bool(spec.causal), HAS_WINDOW=spec.window > 0, HAS_SOFTCAP=spec.softcap > 0,
-                          HAS_ALIBI=False, SPLIT="chosen at launch (paged_num_splits: SM count, table width)",
-                          DOT_PRECISION="ieee" if dtype == torch.float32 or dot_fp32_inputs else "tf32",
-                          DOT_FP32_INPUTS=dot_fp32_inputs)
-        if tq is None:
-            plan["note"] = "Tq unknown: BLOCK_M shown for Tq=1"
+            block_size = spec.paged_block_size or 16
+            pool = planning.Meta((1, heads[1], block_size, head_dim), dtype)
+            table = planning.Meta((1, 1), torch.int32)
+            launches = planning.paged_plan(params, q, pool, table, False, where, True, 1).launches
+            if q_len is None or _hint(q_len) is None:
+                plan["note"] = "Tq unknown: BLOCK_M shown for Tq=1"
+    except (NotImplementedError, ValueError) as e:  # a limit of the kernels: no plan to show
+        plan["constexprs"] = {}
+        plan["note"] = f"no launch plan: {e}"
+        return plan
+    first = launches[0]
+    constexprs = dict(first.constexprs)
+    if spec.op == "paged_attention":
+        constexprs["SPLIT"] = "chosen at launch (paged_num_splits: SM count, table width)"
+    cfg = first.config
     plan.update(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                constexprs=constexprs)
+                grid_for_batch_1=list(first.grid), constexprs=constexprs)
     return plan
 
 

@@ -7,24 +7,37 @@ One op per attention family (docs/INTERFACES.md section 1):
     attnlower::paged_attention           attention over a paged KV cache (inference)
     attnlower::flash_attention_backward  the backward of both dense ops
 
-Inputs are validated here, once, for every implementation (including the fake one, so bad
-shapes fail at trace time). Then CUDA tensors run the Triton launchers (`lowering/launch.py`,
+Inputs are validated here, once per signature (shapes, dtypes, devices, flags: a bounded cache),
+for every implementation (including the fake one, so bad shapes fail at trace time). The flat
+schema arguments become one `AttentionParams` (`lowering/params.py`) right here; below this file
+everything takes params + tensors. Then CUDA tensors run the Triton launchers (`lowering/launch.py`,
 `lowering/launch_paged.py`) and CPU tensors the reference (`lowering/reference.py`), unless
-`ATTNLOWER_CPU_KERNELS=triton` asks for the launchers on CPU too (Triton's interpreter).
-Tensors on other devices run the reference, which is plain PyTorch.
-"""
-from __future__ import annotations
+`ATTNLOWER_CPU_KERNELS=triton` asks for the launchers on CPU too (Triton's interpreter). float64
+always runs the reference on CPU (the translation validator relies on it). Tensors on other
+devices run the reference, which is plain PyTorch.
 
+How torch.compile sees the ops. The dense ops (and their backward) are `torch.library.triton_op`s:
+with ATTNLOWER_INDUCTOR_KERNELS=1 (opt-in, see INDUCTOR_KERNELS), when AOTAutograd traces them on
+CUDA tensors they decompose into their launcher, so Inductor receives `triton_kernel_wrapper_functional`
+calls and launches the Triton kernels from its own generated code (no Python op dispatch per call).
+Otherwise, and on tensors that run the reference, they stay one opaque op (the reference reads seeds
+on the host). paged_attention
+stays an opaque custom op: its bounds flags live in a per-device buffer (`lowering/errors.py`)
+that a traced graph could not hold; it is graph-safe all the same (no host sync).
+"""
+import functools
 import importlib
 import math
 import os
-from typing import Callable
+import sys
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from attnlower.lowering.params import AttentionParams, default_scale
+from attnlower.lowering.plan import PLAN_CACHE_SIZE
 from attnlower.lowering.reference import (
-    default_scale,
     reference_flash_backward,
     reference_flash_forward,
     reference_paged_forward,
@@ -34,9 +47,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Seeds stay below 2**31 so a Triton kernel can take them as an int32 argument.
 _SEED_LIMIT = 2**31 - 1
-# The dense ops draw their dropout seed: tagged nondeterministic_seeded, AOTAutograd's partitioner
-# never recomputes them in the backward (a recompute would draw a different seed).
-_SEEDED = torch.Tag.nondeterministic_seeded
 
 FLASH_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? alibi_slopes=None, "
@@ -57,8 +67,16 @@ BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
     "Tensor out, Tensor lse, Tensor rng_state, float? scale, bool causal, bool bottom_right, "
     "float softcap, float dropout_p, int window, bool empty_rows_nan, bool bias_requires_grad) "
-    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor? dbias)"
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
+# Test hook: Inductor cannot compile Triton kernels for CPU tensors, so under the interpreter the
+# dense ops stay opaque when traced; tests set this to inspect the decomposition on CPU.
+TRACE_CPU_KERNELS = False
+# Opt-in for now: on an H200 (torch 2.11, triton 3.6, 2026-12-01) Inductor's own compile of the traced
+# _flash_fwd_kernel failed (an AssertionError in tl.dot's input_precision, reached through the
+# DOT_PRECISION string constexpr), so by default CUDA calls stay one opaque op, as before.
+# ATTNLOWER_INDUCTOR_KERNELS=1 turns the decomposition on (tests/lowering/test_cuda.py).
+INDUCTOR_KERNELS = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "0") == "1"
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -75,17 +93,24 @@ def _cpu_runs_kernels() -> bool:
                      f"through the interpreter")
 
 
-def _runs_kernels(device: torch.device) -> bool:
+def _runs_kernels(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether tensors on `device` run the Triton launchers (True) or the reference (False)."""
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return _cpu_runs_kernels()
+        # float64 on CPU is the reference's, whatever ATTNLOWER_CPU_KERNELS says (the invariant
+        # the translation validator relies on); the variable is still validated.
+        return _cpu_runs_kernels() and dtype != torch.float64
     return False
 
 
 def _launcher(module_name: str, function_name: str, op_name: str) -> Callable:
     """Import a launcher lazily: the launchers import triton, which CPU-only users never need."""
+    module = sys.modules.get(module_name)  # once imported: a dict lookup, not the import machinery
+    if module is not None:
+        launcher = getattr(module, function_name, None)
+        if launcher is not None:
+            return launcher
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -104,11 +129,45 @@ def _launcher(module_name: str, function_name: str, op_name: str) -> Callable:
 # --------------------------------------------------------------------------- validation
 
 
-def _shape(t: Tensor) -> list:
+class _Meta(NamedTuple):
+    """What validation reads from a tensor; hashable (the validation cache's key) for static shapes."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _meta(t: Tensor | None) -> _Meta | None:
+    return None if t is None else _Meta(t.shape, t.dtype, t.device)
+
+
+def _cached_validation(fn):
+    """Run `fn` (which raises or returns) once per hashable argument tuple; symbolic shapes
+    (tracing) are not hashable and are validated uncached. Failures are never cached."""
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
+
+    @functools.wraps(fn)
+    def validate(*args):
+        try:
+            return cached(*args)
+        except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
+            if "unhashable" not in str(error):
+                raise
+            return fn(*args)
+
+    validate.cache_info = cached.cache_info
+    validate.cache_clear = cached.cache_clear
+    return validate
+
+
+def _shape(t) -> list:
     return list(t.shape)
 
 
-def _check_float_dtype(op: str, name: str, t: Tensor, runs_kernels: bool) -> None:
+def _check_float_dtype(op: str, name: str, t: _Meta, runs_kernels: bool) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"attnlower::{op}: expected {name} of dtype float16, bfloat16, float32 or "
                          f"float64, got {t.dtype}; cast it with {name}.to(torch.float16) (or another "
@@ -187,12 +246,20 @@ def validate_dense(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
                    dropout_p: float) -> bool:
     """Check the inputs of a dense op; returns whether they run the Triton kernels.
 
-    Raises ValueError saying what was expected, what came, and what to do.
+    Raises ValueError saying what was expected, what came, and what to do. Cached per
+    (shapes, dtypes, devices, scalars): a repeat call costs one lookup.
     """
+    runs_kernels = _runs_kernels(q.device, q.dtype)
+    _validate_dense(op, _meta(q), _meta(k), _meta(v), _meta(bias), _meta(alibi_slopes), scale, softcap,
+                    dropout_p, runs_kernels)
+    return runs_kernels
+
+
+@_cached_validation
+def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, runs_kernels) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(op, name, t, 4, "[B, H, T, D]")
     _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes})
-    runs_kernels = _runs_kernels(q.device)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k.dtype == v.dtype):
@@ -215,20 +282,38 @@ def validate_dense(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     _check_bias(op, bias, [batch, q_heads, tq, k.shape[2]])
     _check_alibi(op, alibi_slopes, batch, q_heads)
     _check_scalars(op, scale, softcap, dropout_p)
-    return runs_kernels
+
+
+def check_window_type(op: str, window) -> None:
+    """A window is a Python int (not a float, bool or tensor): say so before the schema's raw error."""
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise ValueError(f"attnlower::{op}: expected window as an int (a number of keys), got "
+                         f"{type(window).__name__} {window!r}; pass int(window)")
 
 
 def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                    seq_lens: Tensor, alibi_slopes: Tensor | None, scale: float | None,
                    window: int, softcap: float) -> bool:
-    """Check the inputs of `paged_attention`; returns whether they run the Triton kernel."""
+    """Check the inputs of `paged_attention`; returns whether they run the Triton kernel.
+
+    Checks what the host knows (shapes, dtypes, devices, scalars), cached per signature. The
+    values of block_table and seq_lens live on the device: the kernel checks them (lowering/errors.py).
+    """
+    runs_kernels = _runs_kernels(q.device, q.dtype)
+    _validate_paged(_meta(q), _meta(k_cache), _meta(v_cache), _meta(block_table), _meta(seq_lens),
+                    _meta(alibi_slopes), scale, window, softcap, runs_kernels)
+    return runs_kernels
+
+
+@_cached_validation
+def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap,
+                    runs_kernels) -> None:
     op = "paged_attention"
     _check_rank(op, "q", q, 4, "[B, Hq, Tq, D]")
     _check_rank(op, "k_cache", k_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_rank(op, "v_cache", v_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_devices(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
                         "seq_lens": seq_lens, "alibi_slopes": alibi_slopes})
-    runs_kernels = _runs_kernels(q.device)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
@@ -257,7 +342,6 @@ def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Ten
         raise ValueError(f"attnlower::{op}: expected window >= 0 (0 = no window), got {window}")
     _check_alibi(op, alibi_slopes, batch, q_heads)
     _check_scalars(op, scale, softcap, 0.0)
-    return runs_kernels
 
 
 def _check_window(window: int) -> None:
@@ -270,24 +354,33 @@ def _check_window(window: int) -> None:
 # --------------------------------------------------------------------------- implementations
 
 
-def _draw_rng_state(q: Tensor, dropout_p: float) -> Tensor:
-    """int64 [2] (seed, offset) on CPU, drawn from the default generator of q's device."""
+def draw_rng_state(q: Tensor, dropout_p: float) -> Tensor:
+    """int64 [2] (seed, base counter) on q's device; empty without dropout.
+
+    Drawn on the device from its default generator (torch.cuda.manual_seed governs CUDA runs) and
+    read there by the kernels: no host sync, and CUDA graphs capture the draw the way they capture
+    any random op (graph-safe philox state), so each replay draws a fresh mask.
+    """
     if dropout_p == 0:
-        return torch.empty(0, dtype=torch.int64)
-    # Drawn on q's device so torch.cuda.manual_seed governs CUDA runs; costs one sync per forward.
-    seed = int(torch.randint(0, _SEED_LIMIT, (1,), dtype=torch.int64, device=q.device))
-    return torch.tensor([seed, 0], dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=q.device)
+    return torch.randint(0, _SEED_LIMIT, (2,), dtype=torch.int64, device=q.device)
+
+
+def _dense_params(q: Tensor, scale, causal, bottom_right, softcap, dropout_p, window,
+                  empty_rows_nan) -> AttentionParams:
+    return AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), bottom_right=bool(bottom_right),
+                                   window=int(window), softcap=float(softcap), dropout_p=float(dropout_p),
+                                   empty_rows_nan=bool(empty_rows_nan))
 
 
 def _dense_forward(op: str, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap,
                    dropout_p, window, empty_rows_nan):
     runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    rng_state = _draw_rng_state(q, dropout_p)
+    params = _dense_params(q, scale, causal, bottom_right, softcap, dropout_p, window, empty_rows_nan)
+    rng_state = draw_rng_state(q, dropout_p)
     forward = (_launcher("attnlower.lowering.launch", "flash_forward", op) if runs_kernels
                else reference_flash_forward)
-    out, lse = forward(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap,
-                       dropout_p, window, empty_rows_nan, rng_state)
+    out, lse = forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state)
     return out, lse, rng_state
 
 
@@ -296,36 +389,118 @@ def _dense_fake(op: str, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
     batch, q_heads, tq, _ = q.shape
     out = q.new_empty((batch, q_heads, tq, v.shape[3]))
     lse = q.new_empty((batch, q_heads, tq), dtype=torch.float32)
-    rng_state = torch.empty(2 if dropout_p > 0 else 0, dtype=torch.int64, device="cpu")
+    rng_state = q.new_empty((2 if dropout_p > 0 else 0,), dtype=torch.int64)
     return out, lse, rng_state
 
 
-@torch.library.custom_op("attnlower::flash_attention", mutates_args=(), schema=FLASH_SCHEMA,
-                         tags=(_SEEDED,))
-def flash_attention(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
-                    bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+def _traces_into_kernels(args) -> bool:
+    """Whether a traced call on these arguments decomposes into its Triton kernel launches."""
+    t = next(a for a in args if isinstance(a, Tensor))
+    if t.device.type == "cuda":
+        return INDUCTOR_KERNELS
+    return TRACE_CPU_KERNELS and _runs_kernels(t.device, t.dtype)
+
+
+def _decompose_when_traced(op_def, body: Callable) -> None:
+    """Under FunctionalTensorMode (AOTAutograd), inline the op's launcher where it runs kernels.
+
+    This replaces the rule `triton_op` registers, which would trace every call into its body: the
+    reference path reads dropout seeds on the host, so it must stay one opaque op when traced.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    try:  # torch.export keeps triton ops whole (serializable); absent on older torch
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        def custom_triton_ops_decomposition_disabled():
+            return False
+
+    def decompose(mode, op, types, args, kwargs):
+        if any(not issubclass(t, FakeTensor) and t not in (Tensor, FunctionalTensor) for t in types):
+            return NotImplemented
+        if custom_triton_ops_decomposition_disabled() or not _traces_into_kernels(list(args) + list(kwargs.values())):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        from attnlower.lowering.launch import traced_launches
+
+        with mode, traced_launches():
+            return body(*args, **kwargs)
+
+    op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                    alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
+                    causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
+                    dropout_p: float = 0.0, empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Dense attention; returns (out, lse, rng_state). See docs/INTERFACES.md section 1."""
     return _dense_forward("flash_attention", q, k, v, bias, alibi_slopes, scale, causal,
                           bottom_right, softcap, dropout_p, 0, empty_rows_nan)
 
 
-@flash_attention.register_fake
-def _flash_attention_fake(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
-                          bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
-    return _dense_fake("flash_attention", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-
-
-@torch.library.custom_op("attnlower::sliding_window_attention", mutates_args=(),
-                         schema=SLIDING_SCHEMA, tags=(_SEEDED,))
-def sliding_window_attention(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
-                             bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, bias: Optional[Tensor] = None,
+                             alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
+                             bottom_right: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
+                             empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Causal attention over the `window` most recent keys; returns (out, lse, rng_state)."""
     _check_window(window)
     return _dense_forward("sliding_window_attention", q, k, v, bias, alibi_slopes, scale, True,
                           bottom_right, softcap, dropout_p, window, empty_rows_nan)
 
 
-@sliding_window_attention.register_fake
+def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                             alibi_slopes: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor,
+                             scale: Optional[float], causal: bool, bottom_right: bool, softcap: float,
+                             dropout_p: float, window: int, empty_rows_nan: bool,
+                             bias_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of flash_attention / sliding_window_attention.
+
+    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no
+    optional tensors).
+    """
+    op = "flash_attention_backward"
+    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+    params = _dense_params(q, scale, causal, bottom_right, softcap, dropout_p, window, empty_rows_nan)
+    backward = (_launcher("attnlower.lowering.launch", "flash_backward", op) if runs_kernels
+                else reference_flash_backward)
+    dq, dk, dv, dbias = backward(grad_out, q, k, v, out, lse, params, bias=bias, alibi_slopes=alibi_slopes,
+                                 rng_state=rng_state, bias_requires_grad=bias_requires_grad)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty((0,)))
+
+
+def _signature(schema) -> tuple:
+    """Argument names, types and defaults and the return types of a schema (return names aside)."""
+    return (tuple((a.name, str(a.type), a.default_value) for a in schema.arguments),
+            tuple(str(r.type) for r in schema.returns))
+
+
+def _register_dense_ops():
+    """Register the dense ops as triton_ops (schema inferred from the annotations, checked here)."""
+    ops = {}
+    for name, fn, schema in (("flash_attention", flash_attention, FLASH_SCHEMA),
+                             ("sliding_window_attention", sliding_window_attention, SLIDING_SCHEMA),
+                             ("flash_attention_backward", flash_attention_backward, BACKWARD_SCHEMA)):
+        op_def = torch.library.triton_op(f"attnlower::{name}", fn, mutates_args=())
+        got = op_def._opoverload._schema
+        want = torch._C.parse_schema(f"attnlower::{name}{schema}")
+        if _signature(got) != _signature(want):
+            raise RuntimeError(f"attnlower::{name}: the inferred schema ({got}) drifted from the "
+                               f"documented one ({schema}); fix the annotations in lowering/ops.py")
+        _decompose_when_traced(op_def, fn)
+        ops[name] = op_def
+    return ops["flash_attention"], ops["sliding_window_attention"], ops["flash_attention_backward"]
+
+
+_flash_op, _sliding_op, _backward_op = _register_dense_ops()
+
+
+@_flash_op.register_fake
+def _flash_attention_fake(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
+                          bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
+    return _dense_fake("flash_attention", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
+
+
+@_sliding_op.register_fake
 def _sliding_window_attention_fake(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
                                    bottom_right=False, softcap=0.0, dropout_p=0.0,
                                    empty_rows_nan=False):
@@ -334,43 +509,32 @@ def _sliding_window_attention_fake(q, k, v, window, bias=None, alibi_slopes=None
                        dropout_p)
 
 
-@torch.library.custom_op("attnlower::flash_attention_backward", mutates_args=(),
-                         schema=BACKWARD_SCHEMA)
-def flash_attention_backward(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, scale,
-                             causal, bottom_right, softcap, dropout_p, window, empty_rows_nan,
-                             bias_requires_grad):
-    """Gradients (dq, dk, dv, dbias) of flash_attention / sliding_window_attention."""
-    op = "flash_attention_backward"
-    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    backward = (_launcher("attnlower.lowering.launch", "flash_backward", op) if runs_kernels
-                else reference_flash_backward)
-    return backward(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, scale, causal,
-                    bottom_right, softcap, dropout_p, window, empty_rows_nan, bias_requires_grad)
-
-
-@flash_attention_backward.register_fake
+@_backward_op.register_fake
 def _flash_attention_backward_fake(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state,
                                    scale, causal, bottom_right, softcap, dropout_p, window,
                                    empty_rows_nan, bias_requires_grad):
     validate_dense("flash_attention_backward", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    dbias = None
     if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
         dbias = bias.new_empty(bias.shape)
+    else:
+        dbias = q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-@torch.library.custom_op("attnlower::paged_attention", mutates_args=(), schema=PAGED_SCHEMA)
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
-                    causal=True, window=0, softcap=0.0):
+def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
+                         causal=True, window=0, softcap=0.0):
     """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv]. Inference only."""
     runs_kernels = validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale,
                                   window, softcap)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    params = AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), window=int(window),
+                                     softcap=float(softcap))
     forward = (_launcher("attnlower.lowering.launch_paged", "paged_forward", "paged_attention")
                if runs_kernels else reference_paged_forward)
-    return forward(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window,
-                   softcap)
+    return forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=alibi_slopes)
+
+
+paged_attention = torch.library.custom_op("attnlower::paged_attention", paged_attention_impl, mutates_args=(),
+                                          schema=PAGED_SCHEMA)
 
 
 @paged_attention.register_fake
@@ -384,6 +548,11 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slop
 # --------------------------------------------------------------------------- autograd
 
 
+def _needs_grad(ctx, index: int) -> bool:
+    # needs_input_grad covers only the arguments the call passed: defaults left out are absent
+    return index < len(ctx.needs_input_grad) and bool(ctx.needs_input_grad[index])
+
+
 def _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
                 window, empty_rows_nan, output, bias_index: int, alibi_index: int) -> None:
     out, lse, rng_state = output
@@ -392,20 +561,21 @@ def _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, s
     ctx.scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     ctx.causal, ctx.bottom_right, ctx.window = causal, bottom_right, window
     ctx.softcap, ctx.dropout_p, ctx.empty_rows_nan = softcap, dropout_p, empty_rows_nan
-    ctx.bias_requires_grad = bool(ctx.needs_input_grad[bias_index])
-    ctx.alibi_index = alibi_index
+    ctx.bias_requires_grad = _needs_grad(ctx, bias_index)
+    ctx.alibi_requires_grad = _needs_grad(ctx, alibi_index)
 
 
 def _dense_grads(ctx, grad_out) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    if ctx.needs_input_grad[ctx.alibi_index]:
+    if ctx.alibi_requires_grad:
         raise NotImplementedError("attnlower: the gradient with respect to alibi_slopes is not "
                                   "implemented; pass alibi_slopes.detach() (slopes are constants "
                                   "in ALiBi models)")
     q, k, v, bias, alibi_slopes, out, lse, rng_state = ctx.saved_tensors
-    return torch.ops.attnlower.flash_attention_backward(
+    dq, dk, dv, dbias = torch.ops.attnlower.flash_attention_backward(
         grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, ctx.scale, ctx.causal,
         ctx.bottom_right, ctx.softcap, ctx.dropout_p, ctx.window, ctx.empty_rows_nan,
         ctx.bias_requires_grad)
+    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None)
 
 
 def _flash_setup_context(ctx, inputs, output):
@@ -432,7 +602,5 @@ def _sliding_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
     return dq, dk, dv, None, dbias, None, None, None, None, None, None
 
 
-torch.library.register_autograd("attnlower::flash_attention", _flash_backward,
-                                setup_context=_flash_setup_context)
-torch.library.register_autograd("attnlower::sliding_window_attention", _sliding_backward,
-                                setup_context=_sliding_setup_context)
+_flash_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+_sliding_op.register_autograd(_sliding_backward, setup_context=_sliding_setup_context)

@@ -6,16 +6,18 @@ Semantics are exactly those of docs/INTERFACES.md section 1. Everything is compu
 GQA is handled by folding the query heads of one KV head into the row dimension
 (`[B, Hq, c, D] -> [B, Hkv, G * c, D]`), so K and V are never repeated.
 
-These functions take already-validated inputs (validation lives in `lowering/ops.py`) and a
-resolved float `scale`.
+These functions take already-validated inputs (validation lives in `lowering/ops.py`) and an
+`AttentionParams` (resolved scale and flags), with the launchers' signatures (`lowering/launch*.py`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from attnlower.lowering import errors
+from attnlower.lowering.params import AttentionParams, default_scale  # noqa: F401  (default_scale: re-export)
 
 # One query chunk's fp32 score tensor is kept under this many bytes. The chunk also holds a few
 # temporaries of that size (probabilities, mask, dropout keep), so peak extra memory is ~4x this:
@@ -190,19 +192,19 @@ def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, r
     return out, lse
 
 
-def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                            alibi_slopes: Tensor | None, scale: float, causal: bool,
-                            bottom_right: bool, softcap: float, dropout_p: float, window: int,
-                            empty_rows_nan: bool, rng_state: Tensor) -> tuple[Tensor, Tensor]:
+def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
+                            bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
+                            rng_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
 
     out: `[B, Hq, Tq, Dv]` in q's dtype, contiguous. lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
-    rows. `window > 0` restricts each query to the `window` most recent keys (sliding op).
+    rows. `params.window > 0` restricts each query to the `window` most recent keys (sliding op).
     """
     tq, tk = q.shape[2], k.shape[2]
-    geometry = _Geometry(query_offset=tk - tq if bottom_right else 0, causal=causal, window=window)
-    return _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
-                              empty_rows_nan, geometry)
+    geometry = _Geometry(query_offset=tk - tq if params.bottom_right else 0, causal=params.causal,
+                         window=params.window)
+    return _attention_forward(q, k, v, bias, alibi_slopes, params.scale, params.softcap, params.dropout_p,
+                              rng_state, params.empty_rows_nan, geometry)
 
 
 def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
@@ -211,11 +213,10 @@ def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
     return ds.sum(dim=dims, keepdim=True) if dims else ds
 
 
-def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                             alibi_slopes: Tensor | None, out: Tensor, lse: Tensor,
-                             rng_state: Tensor, scale: float, causal: bool, bottom_right: bool,
-                             softcap: float, dropout_p: float, window: int, empty_rows_nan: bool,
-                             bias_requires_grad: bool
+def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             params: AttentionParams, *, bias: Tensor | None = None,
+                             alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
+                             bias_requires_grad: bool = False
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients `(dq, dk, dv, dbias)` of the dense forward, recomputing P from `lse` per chunk.
 
@@ -225,6 +226,8 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     dQ = scale * dX K;  dK = scale * dXᵀ Q (summed over the GQA group). Empty rows get 0.
     `dbias` is None unless `bias_requires_grad` (and the bias is float).
     """
+    scale, softcap, dropout_p = params.scale, params.softcap, params.dropout_p
+    causal, bottom_right, window = params.causal, params.bottom_right, params.window
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
@@ -275,18 +278,27 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
 
 
 def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-                            seq_lens: Tensor, alibi_slopes: Tensor | None, scale: float,
-                            causal: bool, window: int, softcap: float) -> Tensor:
+                            seq_lens: Tensor, params: AttentionParams, *,
+                            alibi_slopes: Tensor | None = None) -> Tensor:
     """Attention of `q [B, Hq, Tq, D]` over a paged KV cache; returns `out [B, Hq, Tq, Dv]`.
 
     Gathers each sequence's blocks through `block_table` into a dense `[B, Hkv, L, D]` (L the
     longest sequence), zeroes positions past each sequence's length (pool memory there may hold
     anything, even NaN, and `0 * NaN` would leak through P V), then runs the dense reference with
-    query `i` at position `seq_lens[b] - Tq + i`. Empty rows give 0.
+    query `i` at position `seq_lens[b] - Tq + i`. Empty rows give 0. A length outside
+    `[0, max_blocks * block_size]` or a used block id outside `[0, num_blocks)` raises
+    errors.PagedInputError, the kernel's error (raised here at once: the reference reads on the host).
     """
     batch, _, tq, _ = q.shape
     num_blocks, kv_heads, block_size, _ = k_cache.shape
     lens = seq_lens.to(device=q.device, dtype=torch.int64)
+    capacity = block_table.shape[1] * block_size
+    bad_len = (lens < 0) | (lens > capacity)
+    if bool(bad_len.any()):
+        b = int(bad_len.nonzero()[0, 0])
+        kinds = errors.LEN_NEGATIVE if int(lens[b]) < 0 else errors.LEN_TOO_LONG
+        raise errors.PagedInputError(errors.paged_input_message(kinds, b, num_blocks, capacity, lazily=False)
+                                     + f" (seq_lens[{b}] = {int(lens[b])})")
     longest = int(lens.max()) if batch > 0 else 0
     blocks_used = -(-longest // block_size)
     table = block_table[:, :blocks_used].to(device=q.device, dtype=torch.int64)
@@ -296,9 +308,9 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     bad = in_use & ((table < 0) | (table >= num_blocks))
     if bool(bad.any()):
         b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"paged_attention: block_table[{b}, {j}] = {int(table[b, j])} is not a block "
-                         f"of the cache (expected 0 <= id < num_blocks={num_blocks}); check the "
-                         f"block table against seq_lens[{b}] = {int(lens[b])}")
+        raise errors.PagedInputError(
+            errors.paged_input_message(errors.BAD_BLOCK_ID, b, num_blocks, capacity, lazily=False)
+            + f" (block_table[{b}, {j}] = {int(table[b, j])}, seq_lens[{b}] = {int(lens[b])})")
     table = torch.where(in_use, table, 0)
 
     def gather(cache: Tensor) -> Tensor:
@@ -308,14 +320,8 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         valid = torch.arange(longest, device=q.device).view(1, 1, -1, 1) < lens.view(-1, 1, 1, 1)
         return torch.where(valid, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))
 
-    geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=causal, window=window,
-                         key_lens=lens.view(-1, 1, 1, 1))
-    no_rng = torch.empty(0, dtype=torch.int64)
-    out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, scale,
-                                softcap, 0.0, no_rng, False, geometry)
+    geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=params.causal,
+                         window=params.window, key_lens=lens.view(-1, 1, 1, 1))
+    out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, params.scale,
+                                params.softcap, 0.0, None, False, geometry)
     return out
-
-
-def default_scale(head_dim: int) -> float:
-    """The softmax scale used when `scale=None`: 1 / sqrt(head_dim)."""
-    return 1.0 / math.sqrt(head_dim)

@@ -27,7 +27,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from attnlower.lowering import launch, launch_paged  # noqa: E402
+from attnlower.lowering import launch, launch_paged, plan  # noqa: E402
+from attnlower.lowering.params import AttentionParams  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on H100 / H200
@@ -77,21 +78,10 @@ def _record(self, *args, grid, warmup, **kwargs):
     LAUNCHES.setdefault(launch_.key(), launch_)
 
 
-def _hopper(device) -> int:
-    return 90
-
-
-def _dot_precision_cuda(q) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
 def record_launches(quick: bool) -> None:
     """Call the launchers over the feature grid; nothing runs, every launch is recorded."""
-    launch._arch = launch_paged._arch = _hopper
-    launch._dot_precision = _dot_precision_cuda
-    launch_paged._sm_count = lambda device: 132
-    launch_paged._dot_mode = lambda q: ("ieee" if q.dtype == torch.float32 else "tf32", False)
-    no_rng = torch.empty(0, dtype=torch.int64)
+    # plan the launches for an H100 (sm_90, 132 SMs, TF32 off: the dot precisions CUDA gets)
+    plan.target_of = lambda device: plan.Target("cuda", 90, 132, False)
     rng = torch.tensor([1, 2], dtype=torch.int64)
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     head_dims = [64, 128] if quick else [64, 80, 128, 256]
@@ -107,18 +97,18 @@ def record_launches(quick: bool) -> None:
                              dict(dropout_p=0.1, rng=rng)]
             for var in variants:
                 bias, alibi = var.get("bias"), var.get("alibi")
-                common = (var.get("causal", False), False, var.get("softcap", 0.0), var.get("dropout_p", 0.0),
-                          var.get("window", 0), False, var.get("rng", no_rng))
-                out, lse = launch.flash_forward(q, k, v, bias, alibi, d ** -0.5, *common)
-                launch.flash_backward(torch.empty_like(out), q, k, v, bias, alibi, out, lse,
-                                      var.get("rng", no_rng), d ** -0.5, *common[:-1],
-                                      bias is not None and bias.dtype != torch.bool)
+                params = AttentionParams(d ** -0.5, var.get("causal", False), window=var.get("window", 0),
+                                         softcap=var.get("softcap", 0.0), dropout_p=var.get("dropout_p", 0.0))
+                tensors = dict(bias=bias, alibi_slopes=alibi, rng_state=var.get("rng"))
+                out, lse = launch.flash_forward(q, k, v, params, **tensors)
+                launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors,
+                                      bias_requires_grad=bias is not None and bias.dtype != torch.bool)
             for tq, splits in ((1, None), (1, 1), (16, None)):
                 caches = torch.empty(64, 2, 16, d, dtype=dtype)
                 table = torch.zeros(2, 512, dtype=torch.int32)  # 8192 keys wide: the launcher splits KV
                 lens = torch.tensor([100, 7], dtype=torch.int32)
                 launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
-                                           None, d ** -0.5, True, 0, 0.0, num_splits=splits)
+                                           AttentionParams(d ** -0.5, True), num_splits=splits)
 
 
 def main() -> int:

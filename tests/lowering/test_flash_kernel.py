@@ -14,6 +14,7 @@ import torch
 
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.launch import flash_backward, flash_forward
+from attnlower.lowering.params import AttentionParams
 
 # (forward atol/rtol, backward atol/rtol) per dtype; fp32 dots run with input_precision="ieee"
 TOLERANCES = {
@@ -101,8 +102,8 @@ def run_and_check(q, k, v, *, bias=None, alibi_slopes=None, scale=None, causal=F
     dtype = q.dtype
     (fwd_atol, fwd_rtol), (bwd_atol, bwd_rtol) = TOLERANCES[dtype]
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = flash_forward(q, k, v, bias, alibi_slopes, scale_value, causal, bottom_right, softcap, 0.0,
-                             window, empty_rows_nan, NO_RNG, config=config)
+    params = AttentionParams(scale_value, causal, bottom_right, window, softcap, empty_rows_nan=empty_rows_nan)
+    out, lse = flash_forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, config=config)
 
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     bias_leaf = None
@@ -117,9 +118,8 @@ def run_and_check(q, k, v, *, bias=None, alibi_slopes=None, scale=None, causal=F
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=fwd_atol, rtol=fwd_rtol)
 
     grad_out = torch.randn_like(out)
-    dq, dk, dv, dbias = flash_backward(grad_out, q, k, v, bias, alibi_slopes, out, lse, NO_RNG, scale_value,
-                                       causal, bottom_right, softcap, 0.0, window, empty_rows_nan, bias_grad,
-                                       config_kv=config_kv, config_q=config_q)
+    dq, dk, dv, dbias = flash_backward(grad_out, q, k, v, out, lse, params, bias=bias, alibi_slopes=alibi_slopes,
+                                       bias_requires_grad=bias_grad, config_kv=config_kv, config_q=config_q)
     # NaN rows (empty_rows_nan) carry no gradient by contract: the oracle's own where() gives 0 there
     ref_out.backward(torch.nan_to_num(grad_out.double()) * torch.isfinite(ref_out))
     for name, got, leaf in (("dq", dq, leaves[0]), ("dk", dk, leaves[1]), ("dv", dv, leaves[2])):
@@ -200,7 +200,7 @@ def test_finfo_min_bias_is_not_empty():
     bias[..., 2, :] = torch.finfo(torch.float32).min
     bias[..., 3, :] = float("-inf")
     bias[..., 4, 5:] = torch.finfo(torch.float32).min
-    out, lse = flash_forward(q, k, v, bias, None, 0.25, False, False, 0.0, 0.0, 0, False, NO_RNG)
+    out, lse = flash_forward(q, k, v, AttentionParams(0.25), bias=bias)
     ref, _ = oracle(q, k, v, bias=bias, scale=0.25)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out[0, 0, 2], v[0, 0].mean(0), atol=1e-5, rtol=1e-5)
@@ -256,22 +256,22 @@ def test_causal_skips_invisible_key_blocks():
     k[:, :, 16:] = float("nan")
     v[:, :, 16:] = float("nan")
     tiles = KernelConfig(16, 16, 1, 1)  # skipping is per tile: a 64-key tile would hold visible keys too
-    out, lse = flash_forward(q, k, v, None, None, 0.25, True, False, 0.0, 0.0, 0, False, NO_RNG, config=tiles)
+    out, lse = flash_forward(q, k, v, AttentionParams(0.25, causal=True), config=tiles)
     ref, _ = oracle(q[..., :, :], k[:, :, :16], v[:, :, :16], scale=0.25, causal=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
-    dq, dk, dv, _ = flash_backward(torch.ones_like(out), q, k, v, None, None, out, lse, NO_RNG, 0.25, True,
-                                   False, 0.0, 0.0, 0, False, False, config_kv=tiles, config_q=tiles)
+    dq, dk, dv, _ = flash_backward(torch.ones_like(out), q, k, v, out, lse, AttentionParams(0.25, causal=True),
+                                   config_kv=tiles, config_q=tiles)
     assert torch.isfinite(dq).all() and torch.all(dk[:, :, 16:] == 0) and torch.all(dv[:, :, 16:] == 0)
 
 
 def test_kernel_limits_raise():
     q, k, v = make_inputs(1, 1, 1, 16, 16, 16, torch.float32)
     with pytest.raises(NotImplementedError, match="head dim"):
-        flash_forward(q, k, v[..., :8], None, None, 0.25, False, False, 0.0, 0.0, 0, False, NO_RNG)
-    out, lse = flash_forward(q, k, v, None, None, 0.25, False, False, 0.0, 0.0, 0, False, NO_RNG)
+        flash_forward(q, k, v[..., :8], AttentionParams(0.25))
+    out, lse = flash_forward(q, k, v, AttentionParams(0.25))
     with pytest.raises(ValueError, match="float bias"):
-        flash_backward(out, q, k, v, torch.ones(16, 16, dtype=torch.bool), None, out, lse, NO_RNG, 0.25,
-                       False, False, 0.0, 0.0, 0, False, True)
+        flash_backward(out, q, k, v, out, lse, AttentionParams(0.25), bias=torch.ones(16, 16, dtype=torch.bool),
+                       bias_requires_grad=True)
 
 
 # ----------------------------------------------------------------------------------------- dropout
@@ -283,7 +283,7 @@ def recover_keep(q, k, rng_state, dropout_p, causal=False):
     kv_heads, tk = k.shape[1], k.shape[2]
     assert tk == head_dim
     eye = torch.eye(tk, dtype=q.dtype).expand(batch, kv_heads, tk, tk)
-    out, _ = flash_forward(q, k, eye, None, None, 0.5, causal, False, 0.0, dropout_p, 0, False, rng_state)
+    out, _ = flash_forward(q, k, eye, AttentionParams(0.5, causal, dropout_p=dropout_p), rng_state=rng_state)
     p, _ = oracle(q, k, eye, scale=0.5, causal=causal)
     keep = out != 0
     # where kept, the kernel scaled p by exactly 1 / (1 - dropout_p)
@@ -313,14 +313,14 @@ def test_dropout_forward_backward_consistent():
     q, k, v = make_inputs(1, 2, 1, 40, 32, 32, torch.float32)
     rng = torch.tensor([77, 1 << 20], dtype=torch.int64)
     keep = recover_keep(q, k, rng, dropout_p, causal=True)
-    out, lse = flash_forward(q, k, v, None, None, 0.5, True, False, 0.0, dropout_p, 0, False, rng)
+    params = AttentionParams(0.5, True, dropout_p=dropout_p)
+    out, lse = flash_forward(q, k, v, params, rng_state=rng)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref, ref_lse = oracle(*leaves, scale=0.5, causal=True, dropout_p=dropout_p, keep=keep)
     torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=2e-5, rtol=1e-5)
     grad_out = torch.randn_like(out)
-    grads = flash_backward(grad_out, q, k, v, None, None, out, lse, rng, 0.5, True, False, 0.0, dropout_p,
-                           0, False, False)
+    grads = flash_backward(grad_out, q, k, v, out, lse, params, rng_state=rng)
     ref.backward(grad_out.double())
     for got, leaf in zip(grads[:3], leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=5e-5, rtol=1e-5)
@@ -340,14 +340,13 @@ def test_gpu_real_sizes_bf16(seq_len, head_dim, causal):
     k = torch.randn(1, 2, seq_len, head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn(1, 2, seq_len, head_dim, device=device, dtype=torch.bfloat16)
     scale = head_dim ** -0.5
-    out, lse = flash_forward(q, k, v, None, None, scale, causal, False, 0.0, 0.0, 0, False, NO_RNG)
+    out, lse = flash_forward(q, k, v, AttentionParams(scale, causal))
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref, ref_lse = oracle_cuda(*leaves, scale=scale, causal=causal)
     torch.testing.assert_close(out.double(), ref.detach(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=2e-2, rtol=2e-2)
     grad_out = torch.randn_like(out)
-    grads = flash_backward(grad_out, q, k, v, None, None, out, lse, NO_RNG, scale, causal, False, 0.0, 0.0,
-                           0, False, False)
+    grads = flash_backward(grad_out, q, k, v, out, lse, AttentionParams(scale, causal))
     ref.backward(grad_out.double())
     for got, leaf in zip(grads[:3], leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=5e-2, rtol=5e-2)

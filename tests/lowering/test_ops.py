@@ -16,8 +16,8 @@ OPS = torch.ops.attnlower
 F32 = dict(atol=2e-5, rtol=1e-5)
 
 
-def qkv(b=2, hq=4, hkv=2, tq=9, tk=11, d=16, requires_grad=False, dtype=torch.float32):
-    return [torch.randn(b, h, t, d, dtype=dtype, requires_grad=requires_grad)
+def qkv(b=2, hq=4, hkv=2, tq=9, tk=11, d=16, requires_grad=False, dtype=torch.float32, device=None):
+    return [torch.randn(b, h, t, d, dtype=dtype, device=device, requires_grad=requires_grad)
             for h, t in ((hq, tq), (hkv, tk), (hkv, tk))]
 
 
@@ -101,7 +101,7 @@ VALIDATION = {
     "dtype_mix": (_flash(k=torch.randn(2, 2, 11, 16, dtype=torch.float16)),
                   r"one dtype, got torch.float32, torch.float16"),
     "int_dtype": (_flash(q=torch.ones(2, 4, 9, 16, dtype=torch.int32)), r"expected q of dtype float16"),
-    "device": (_flash(k=torch.randn(2, 2, 11, 16, device="meta")), r"one device, got q on cpu and k on meta"),
+    "device": (_flash(k=torch.randn(2, 2, 11, 16, device="meta")), r"one device, got q on \w+(:0)? and k on meta"),
     "bias_shape": (_flash(bias=torch.randn(2, 4, 5, 11)), r"broadcastable to \[B, Hq, Tq, Tk\]=\[2, 4, 9, 11\], got shape \[2, 4, 5, 11\]"),
     "bias_rank": (_flash(bias=torch.randn(1, 2, 4, 9, 11)), r"broadcastable.*got shape \[1, 2, 4, 9, 11\]"),
     "bias_dtype": (_flash(bias=torch.ones(9, 11, dtype=torch.int64)), r"bias of dtype bool .*got torch.int64"),
@@ -166,12 +166,12 @@ def fake_launchers(monkeypatch):
     """Stand-in launcher modules that record their calls (CPU tensors + ATTNLOWER_CPU_KERNELS)."""
     calls = []
 
-    def flash_forward(q, k, v, *rest):
-        calls.append(("flash_forward", rest))
-        return reference_flash_forward(q, k, v, *rest)
+    def flash_forward(q, k, v, params, **tensors):
+        calls.append(("flash_forward", params))
+        return reference_flash_forward(q, k, v, params, **tensors)
 
-    def paged_forward(q, *rest):
-        calls.append(("paged_forward", rest))
+    def paged_forward(q, k_cache, v_cache, block_table, seq_lens, params, **tensors):
+        calls.append(("paged_forward", params))
         return torch.zeros(q.shape)
 
     launch = types.ModuleType("attnlower.lowering.launch")
@@ -188,10 +188,10 @@ def test_cpu_kernels_env_dispatches_to_launchers(fake_launchers):
     q, k, v = qkv()
     public.flash_attention(q, k, v, causal=True)
     public.paged_attention(*paged_inputs())
-    (name, args), (paged_name, paged_args) = fake_launchers
-    assert name == "flash_forward" and isinstance(args[2], float)
-    assert args[2] == pytest.approx(1 / math.sqrt(16))  # scale resolved before the launcher
-    assert paged_name == "paged_forward" and paged_args[5] == pytest.approx(0.25)
+    (name, params), (paged_name, paged_params) = fake_launchers
+    assert name == "flash_forward" and isinstance(params.scale, float) and params.causal
+    assert params.scale == pytest.approx(1 / math.sqrt(16))  # scale resolved before the launcher
+    assert paged_name == "paged_forward" and paged_params.scale == pytest.approx(0.25)
 
 
 def test_missing_kernel_raises_not_implemented(fake_launchers, monkeypatch):
@@ -207,17 +207,27 @@ def test_missing_kernel_module_raises_not_implemented(fake_launchers, monkeypatc
         public.paged_attention(*paged_inputs())
 
 
-def test_kernels_refuse_float64(fake_launchers):
-    q, k, v = qkv(dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"got float64; compute in float32"):
-        public.flash_attention(q, k, v)
+def test_float64_on_cpu_runs_the_reference_whatever_the_env(fake_launchers):
+    # the invariant the translation validator relies on: CPU float64 is the reference's
+    q, k, v = qkv(dtype=torch.float64, device="cpu")
+    out = public.flash_attention(q, k, v, causal=True)
+    paged = [t.double() if t.is_floating_point() else t for t in paged_inputs()]
+    public.paged_attention(*[t.cpu() for t in paged])
     assert fake_launchers == []
+    want, _ = oracle(q, k, v, causal=True)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_refuse_float64_on_cuda():
+    with pytest.raises(ValueError, match=r"got float64; compute in float32"):
+        public.flash_attention(*qkv(dtype=torch.float64, device="cuda"))
 
 
 def test_unknown_cpu_kernels_value(monkeypatch):
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match=r"ATTNLOWER_CPU_KERNELS: expected 'triton' .*got 'fast'"):
-        public.flash_attention(*qkv())
+        public.flash_attention(*qkv(device="cpu"))
 
 
 # ----------------------------------------------------------------------------------- autograd
@@ -256,10 +266,18 @@ def test_lse_is_not_differentiable_and_alibi_grad_refused():
 
 
 def test_dropout_through_op():
-    q, k, v = qkv(requires_grad=True)
+    # on CPU (whatever ATTNLOWER_TEST_DEVICE says): the reference's dropout stream is what
+    # dropout_keep_mask reproduces
+    with torch.device("cpu"):
+        _dropout_through_op()
+
+
+def _dropout_through_op():
+    q, k, v = qkv(requires_grad=True, device="cpu")
     torch.manual_seed(3)
     out, _, rng_state = OPS.flash_attention(q, k, v, None, None, None, True, False, 0.0, 0.25)
-    assert rng_state.dtype == torch.int64 and rng_state.shape == (2,) and rng_state.device.type == "cpu"
+    # on the device of q: the kernels read it there, no host sync (and CUDA graphs capture the draw)
+    assert rng_state.dtype == torch.int64 and rng_state.shape == (2,) and rng_state.device == q.device
     torch.manual_seed(3)
     again, _, again_rng = OPS.flash_attention(q, k, v, None, None, None, True, False, 0.0, 0.25)
     assert torch.equal(rng_state, again_rng) and torch.equal(out, again)
@@ -269,7 +287,7 @@ def test_dropout_through_op():
     keep = dropout_keep_mask(rng_state, 0.25, (2, 4, 9, 11))
     want, _ = oracle(q, k, v, causal=True, keep=keep, dropout_p=0.25)
     torch.testing.assert_close(out.double(), want, **F32)
-    grad_out = torch.randn(out.shape)
+    grad_out = torch.randn(out.shape, device="cpu")
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = torch.autograd.grad(want, (q, k, v), grad_out.double())
     for g, e in zip(got, expected):
@@ -332,3 +350,175 @@ def test_compile_aot_eager_dropout_matches_eager():
     torch.testing.assert_close(compiled, eager, **F32)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **F32)
+
+
+# ------------------------------------------------------------------- the public API, as documented
+
+
+README_SPELLINGS = r"""
+import torch
+import attnlower                                    # the README: attnlower.ops.flash_attention(...)
+q, k, v = (torch.randn(2, 4, 9, 16, requires_grad=True) for _ in range(3))
+out = attnlower.ops.flash_attention(q, k, v)        # every default
+out.sum().backward()                                # the backward of a call with defaults
+assert q.grad is not None and k.grad is not None and v.grad is not None
+from attnlower import ops                           # the other spelling
+assert ops is attnlower.ops
+cache = attnlower.PagedKVCache(num_blocks=4, block_size=4, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+print("ok")
+"""
+
+
+def test_readme_spellings_in_a_fresh_process():
+    # a fresh interpreter: in this one attnlower.ops is already imported, so the package's lazy
+    # attribute (the RecursionError of issue 9, item 6) would not be exercised
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("ATTNLOWER_TEST_DEVICE", None)
+    proc = subprocess.run([sys.executable, "-c", README_SPELLINGS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("wrapper", ["flash", "sliding"])
+@pytest.mark.parametrize("grads", ["qkv", "q only", "k and bias"])
+def test_public_wrappers_defaults_and_backward(wrapper, grads):
+    """Each wrapper with only its required arguments, then backward, for any subset needing grad."""
+    q, k, v = qkv()
+    bias = torch.randn(1, 1, 9, 11)
+    wants = {"qkv": (q, k, v), "q only": (q,), "k and bias": (k, bias)}[grads]
+    for t in wants:
+        t.requires_grad_()
+    if wrapper == "flash":
+        out = public.flash_attention(q, k, v, bias) if bias.requires_grad else public.flash_attention(q, k, v)
+        want, _ = oracle(q, k, v, bias=bias if bias.requires_grad else None)
+    else:
+        out = (public.sliding_window_attention(q, k, v, 4, bias) if bias.requires_grad
+               else public.sliding_window_attention(q, k, v, 4))
+        want, _ = oracle(q, k, v, bias=bias if bias.requires_grad else None, causal=True, window=4)
+    torch.testing.assert_close(out.double(), want, **F32)
+    grad_out = torch.randn(out.shape)
+    got = torch.autograd.grad(out, wants, grad_out)
+    expected = torch.autograd.grad(want, wants, grad_out.double())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e.double(), atol=5e-5, rtol=1e-4)
+
+
+def test_public_paged_defaults():
+    q, k_cache, v_cache, table, lens = paged_inputs()
+    out = public.paged_attention(q, k_cache, v_cache, table, lens)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("window", [2.5, True, torch.tensor(3)])
+def test_window_must_be_an_int(window):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"expected window as an int .*pass int\(window\)"):
+        public.sliding_window_attention(q, k, v, window)
+    with pytest.raises(ValueError, match=r"expected window as an int"):
+        public.paged_attention(*paged_inputs(), window=window)
+
+
+# -------------------------------------------------------------------- the host-cost caches
+
+
+def test_validation_and_plan_are_cached_per_signature(monkeypatch):
+    from attnlower.lowering import ops as lowering_ops
+    from attnlower.lowering import plan as planning
+
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+    lowering_ops._validate_dense.cache_clear()
+    planning.dense_plan.cache_clear()
+    q, k, v = qkv(device="cpu")
+    for _ in range(3):
+        public.flash_attention(q, k, v, causal=True)
+    validation, plans = lowering_ops._validate_dense.cache_info(), planning.dense_plan.cache_info()
+    assert (validation.misses, validation.hits) == (1, 2)
+    assert (plans.misses, plans.hits) == (1, 2)
+    # new strides of the same shapes: same signature (Triton specializes strides itself)
+    public.flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, causal=True)
+    assert planning.dense_plan.cache_info().misses == 1
+    # a new length or new flags: a new entry each
+    public.flash_attention(*qkv(tq=5, device="cpu"), causal=True)
+    public.flash_attention(q, k, v, causal=False)
+    assert planning.dense_plan.cache_info().misses == 3 and lowering_ops._validate_dense.cache_info().misses == 2
+    # bounded: a process that sees many shapes does not grow without end
+    assert planning.dense_plan.cache_info().maxsize == planning.PLAN_CACHE_SIZE
+
+
+def test_failed_validation_is_not_cached():
+    from attnlower.lowering import ops as lowering_ops
+
+    lowering_ops._validate_dense.cache_clear()
+    bad_k = torch.randn(2, 3, 11, 16)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Hq=4 and Hkv=3"):
+            public.flash_attention(qkv()[0], bad_k, bad_k)
+    assert lowering_ops._validate_dense.cache_info().currsize == 0
+
+
+# ------------------------------------------------------------ what Inductor receives (triton_op)
+
+
+TRACE_SCRIPT = r"""
+import os, sys
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+import attnlower.ops as public
+import attnlower.lowering.ops as lowering_ops
+
+lowering_ops.TRACE_CPU_KERNELS = sys.argv[1] == "kernels"
+graphs = []
+
+def capture(gm, example_inputs):
+    graphs.append(gm)
+    raise RuntimeError("captured")          # nothing runs: there is no GPU, the kernels are compiled ones
+
+def backend(gm, example_inputs):
+    return aot_module_simplified(gm, example_inputs, fw_compiler=capture)
+
+q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
+fn = torch.compile(lambda q, k, v: public.flash_attention(q, k, v, causal=True), backend=backend, fullgraph=True)
+try:
+    fn(q, k, v)
+except Exception as error:
+    assert "captured" in str(error), error
+(gm,) = graphs
+for node in gm.graph.nodes:
+    if node.op == "call_function":
+        name = str(node.target)
+        if "triton_kernel_wrapper" in name:
+            name += ":" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        print(name)
+"""
+
+
+@pytest.mark.parametrize("mode", ["kernels", "reference"])
+def test_graph_inductor_receives_holds_the_kernels(mode):
+    """AOTAutograd decomposes the op into its Triton launches where it runs kernels, and keeps the
+    reference opaque. Checked on CPU: the kernels are compiled (not interpreted) kernels traced on CPU
+    tensors (TRACE_CPU_KERNELS); the graph is captured, never run. On a GPU, tests/lowering/test_cuda.py
+    checks Inductor's output code itself."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="0", ATTNLOWER_CPU_KERNELS="triton",
+               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("ATTNLOWER_TEST_DEVICE", None)
+    proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT, mode], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    targets = proc.stdout.split()
+    if mode == "kernels":
+        assert "triton_kernel_wrapper_functional:_flash_fwd_kernel" in targets, targets
+        assert not any(t.startswith("attnlower.") for t in targets), targets
+    else:
+        assert "attnlower.flash_attention.default" in targets, targets
+        assert not any("triton_kernel_wrapper" in t for t in targets), targets

@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from attnlower.lowering import configs, launch_paged
+from attnlower.lowering import configs, launch_paged, plan
 from attnlower.lowering.configs import KernelConfig, paged_config, paged_num_splits
 from attnlower.lowering.launch_paged import paged_forward
+from attnlower.lowering.params import AttentionParams
 
 TOLERANCE = {  # (atol, rtol) against the float64 oracle fed the same (rounded) inputs
     torch.float32: (1e-5, 1e-5),
@@ -107,7 +108,8 @@ def _poison_allocations(monkeypatch):
 
 def run_and_check(inputs, scale, causal, window, softcap, dtype, **overrides):
     q, k_cache, v_cache, block_table, seq_lens, slopes = inputs
-    out = paged_forward(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, causal, window, softcap,
+    out = paged_forward(q, k_cache, v_cache, block_table, seq_lens,
+                        AttentionParams(scale, causal, window=window, softcap=softcap), alibi_slopes=slopes,
                         **overrides)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite output"
@@ -197,10 +199,10 @@ def test_paged_heuristic_splits_long_decode(monkeypatch):
 
     monkeypatch.setattr(launch_paged, "_paged_reduce_kernel", _RecordingKernel())
     inputs = make_paged_inputs([600], 4, 1, 64, 1, 16, torch.float32)
-    expected_splits = paged_num_splits(launch_paged._CPU_SM_COUNT, 1, inputs[3].shape[1] * 16)
+    expected_splits = paged_num_splits(plan.target_of(torch.device("cpu")).sm_count, 1, inputs[3].shape[1] * 16)
     assert expected_splits > 1
     run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32)
-    assert seen_grids == [(4,)], "expected the split path's reduce over B*Hq*Tq = 4 rows"
+    assert seen_grids == [(4, 1, 1)], "expected the split path's reduce over B*Hq*Tq = 4 rows"
 
 
 def test_paged_num_splits_heuristic():
@@ -225,7 +227,7 @@ def test_paged_config_tiles():
 def test_paged_rejects_bad_num_splits():
     inputs = make_paged_inputs([4], 2, 1, 16, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
-        paged_forward(*inputs, 0.25, True, 0, 0.0, num_splits=0)
+        paged_forward(*inputs[:5], AttentionParams(0.25, True), alibi_slopes=inputs[5], num_splits=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,3 +259,102 @@ def test_paged_gpu_shapes(head_dim, block_size, q_heads, kv_heads):
     lens = torch.randint(1, 3000, (6,)).tolist()
     inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, 1, block_size, torch.bfloat16, device="cuda")
     run_and_check(inputs, head_dim ** -0.5, True, 0, 0.0, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad block tables and lengths (issue 9, items 8-11): never a read outside the tensors, always
+# a clear error, from the kernel (interpreter: at once) and from the reference alike
+# ---------------------------------------------------------------------------------------------
+
+def _bad_inputs(case):
+    """Inputs of 2 sequences (lengths 17 and 5, block size 8) broken as `case` says."""
+    q, k_cache, v_cache, table, lens, _ = make_paged_inputs([17, 5], 4, 2, 16, 1, 8, torch.float32)
+    num_blocks, capacity = k_cache.shape[0], table.shape[1] * 8
+    table, lens = table.clone(), lens.clone()
+    if case == "id == num_blocks":
+        table[0, 1] = num_blocks
+    elif case == "id huge":
+        table[1, 0] = 2**31 - 1
+    elif case == "id -1":
+        table[0, 2] = -1                      # the third block of a 17-token sequence is in use
+    elif case == "len > capacity":
+        lens[1] = capacity + 1
+    elif case == "len huge":
+        lens[0] = 2**31 - 1
+    elif case == "len -1":
+        lens[1] = -1
+    return (q, k_cache, v_cache, table, lens), num_blocks, capacity
+
+
+BAD_CASES = {
+    "id == num_blocks": r"sequence 0, a block id outside \[0, num_blocks=\d+\)",
+    "id huge": r"sequence 1, a block id outside \[0, num_blocks=\d+\)",
+    "id -1": r"sequence 0, a block id outside",
+    "len > capacity": r"sequence 1, a seq_len beyond the table's capacity max_blocks \* block_size = \d+",
+    "len huge": r"sequence 0, a seq_len beyond the table's capacity",
+    "len -1": r"sequence 1, a negative seq_len",
+}
+
+
+@pytest.mark.parametrize("path", ["kernel", "op-kernel", "op-reference"])
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_tables_and_lengths_raise(case, path, monkeypatch):
+    from attnlower import PagedInputError, ops
+
+    inputs, _, _ = _bad_inputs(case)
+    with pytest.raises(PagedInputError, match=BAD_CASES[case]) as error:
+        if path == "kernel":
+            paged_forward(*inputs, AttentionParams(0.25, True))
+        else:
+            monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if path == "op-kernel" else "reference")
+            ops.paged_attention(*[t.cpu() for t in inputs])
+    assert "expected 0 <= seq_len <=" in str(error.value) and "PagedKVCache.block_table" in str(error.value)
+    # the error is not sticky: good inputs run again
+    good, _, _ = _bad_inputs("none")
+    assert torch.isfinite(paged_forward(*good, AttentionParams(0.25, True))).all()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_unchecked_kernel_clamps_its_reads(case):
+    """With the checks off, bad inputs still never make the kernel read outside its tensors (the
+    interpreter would crash on such a read); rows come from the clamped reads, finite."""
+    from attnlower.lowering import errors
+
+    inputs, _, _ = _bad_inputs(case)
+    errors.set_paged_checks(False)
+    try:
+        out = paged_forward(*inputs, AttentionParams(0.25, True), num_splits=2)
+    finally:
+        errors.set_paged_checks(True)
+    assert torch.isfinite(out).all()
+    errors.check_errors()  # nothing was recorded
+
+
+@pytest.mark.parametrize("table_dtype, lens_dtype", [(torch.int64, torch.int32), (torch.int32, torch.int64),
+                                                     (torch.float32, torch.int32), (torch.int32, torch.float32)])
+def test_bad_index_dtypes_raise(table_dtype, lens_dtype):
+    from attnlower import ops
+
+    q, k_cache, v_cache, table, lens = _bad_inputs("none")[0]
+    with pytest.raises(ValueError, match=r"expected (block_table|seq_lens) int32"):
+        ops.paged_attention(q, k_cache, v_cache, table.to(table_dtype), lens.to(lens_dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_bad_table_reported_lazily_without_sync():
+    """CUDA: the call returns (no sync), the next paged call or check_errors() raises, and the CUDA
+    context stays usable (no illegal address)."""
+    from attnlower import PagedInputError, check_errors, ops
+
+    inputs, _, _ = _bad_inputs("id == num_blocks")
+    inputs = [t.cuda() for t in inputs]
+    ops.paged_attention(*inputs)
+    torch.cuda.synchronize()
+    with pytest.raises(PagedInputError, match="an earlier call on this device"):
+        check_errors()
+    good = [t.cuda() for t in _bad_inputs("none")[0]]
+    ops.paged_attention(*inputs)
+    torch.cuda.synchronize()
+    with pytest.raises(PagedInputError, match="sequence 0, a block id outside"):
+        ops.paged_attention(*good)
+    assert torch.isfinite(ops.paged_attention(*good)).all()

@@ -6,6 +6,7 @@ import torch
 from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
 
 from attnlower.lowering import reference
+from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.reference import (
     dropout_keep_mask,
     reference_flash_backward,
@@ -38,8 +39,8 @@ def chunking(request, monkeypatch):
 def run_forward(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_right=False,
                 softcap=0.0, window=0, empty_rows_nan=False, dropout_p=0.0, rng_state=NO_RNG):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return reference_flash_forward(q, k, v, bias, alibi, scale, causal, bottom_right, softcap,
-                                   dropout_p, window, empty_rows_nan, rng_state)
+    params = AttentionParams(scale, causal, bottom_right, window, softcap, dropout_p, empty_rows_nan)
+    return reference_flash_forward(q, k, v, params, bias=bias, alibi_slopes=alibi, rng_state=rng_state)
 
 
 B, HQ, HKV, TQ, TK = 2, 4, 2, 37, 37
@@ -185,10 +186,10 @@ def test_backward_matches_autograd(case, chunking):
     with torch.no_grad():
         out, lse = run_forward(q, k, v, **spec)
         scale = spec.get("scale", 1 / math.sqrt(q.shape[-1]))
-        dq, dk, dv, dbias = reference_flash_backward(
-            grad_out, q, k, v, bias, spec.get("alibi"), out, lse, NO_RNG, scale,
-            spec.get("causal", False), spec.get("bottom_right", False), spec.get("softcap", 0.0), 0.0,
-            spec.get("window", 0), False, bias_grad)
+        params = AttentionParams(scale, spec.get("causal", False), spec.get("bottom_right", False),
+                                 spec.get("window", 0), spec.get("softcap", 0.0))
+        dq, dk, dv, dbias = reference_flash_backward(grad_out, q, k, v, out, lse, params, bias=bias,
+                                                     alibi_slopes=spec.get("alibi"), bias_requires_grad=bias_grad)
     tol = dict(atol=5e-5, rtol=1e-4)
     for got, t in ((dq, q), (dk, k), (dv, v)):
         assert got.shape == t.shape and got.dtype == t.dtype
@@ -206,8 +207,8 @@ def test_backward_empty_rows_get_zero_grad(empty_rows_nan):
     out, lse = run_forward(q, k, v, scale=0.1, causal=True, bottom_right=True,
                            empty_rows_nan=empty_rows_nan)
     grad_out = torch.randn(out.shape)
-    dq, dk, dv, _ = reference_flash_backward(grad_out, q, k, v, None, None, out, lse, NO_RNG,
-                                             0.1, True, True, 0.0, 0.0, 0, empty_rows_nan, False)
+    dq, dk, dv, _ = reference_flash_backward(
+        grad_out, q, k, v, out, lse, AttentionParams(0.1, True, True, empty_rows_nan=empty_rows_nan))
     assert torch.equal(dq[:, :, :4], torch.zeros_like(dq[:, :, :4]))
     for g in (dq, dk, dv):
         assert not g.isnan().any()
@@ -224,8 +225,7 @@ def test_backward_half_precision():
     out_want.backward(grad_out.double())
     with torch.no_grad():
         out, lse = run_forward(q, k, v, causal=True, bottom_right=True)
-        grads = reference_flash_backward(grad_out, q, k, v, None, None, out, lse, NO_RNG, 0.125,
-                                         True, True, 0.0, 0.0, 0, False, False)
+        grads = reference_flash_backward(grad_out, q, k, v, out, lse, AttentionParams(0.125, True, True))
     for got, t in zip(grads[:3], (q, k, v)):
         assert got.dtype == torch.float16
         torch.testing.assert_close(got.double(), t.grad.double(), atol=2e-2, rtol=2e-2)
@@ -261,8 +261,9 @@ def test_dropout_forward_backward_consistent(chunking):
     with torch.no_grad():
         out, lse = run_forward(q, k, v, bias=bias, causal=True, bottom_right=True, dropout_p=p,
                                rng_state=rng_state)
-        grads = reference_flash_backward(grad_out, q, k, v, bias, None, out, lse, rng_state,
-                                         1 / math.sqrt(80), True, True, 0.0, p, 0, False, True)
+        grads = reference_flash_backward(grad_out, q, k, v, out, lse,
+                                         AttentionParams(1 / math.sqrt(80), True, True, dropout_p=p),
+                                         bias=bias, rng_state=rng_state, bias_requires_grad=True)
     torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
     for got, t in zip(grads, (q, k, v, bias)):
         torch.testing.assert_close(got.double(), t.grad.double(), atol=5e-5, rtol=1e-4)
@@ -325,7 +326,7 @@ def test_paged_matches_oracle(causal, window, tq, chunking):
     q = torch.randn(len(lens), hq, tq, d)
     alibi = torch.rand(hq)
     out = reference_paged_forward(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32),
-                                  alibi, 0.3, causal, window, 1.5)
+                                  AttentionParams(0.3, causal, window=window, softcap=1.5), alibi_slopes=alibi)
     want = paged_oracle(q, keys, values, lens, causal, window, alibi=alibi, softcap=1.5, scale=0.3)
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
@@ -336,6 +337,6 @@ def test_paged_matches_oracle(causal, window, tq, chunking):
 def test_paged_rejects_table_entry_outside_cache():
     k_cache = torch.zeros(3, 1, 4, 8)
     table = torch.tensor([[0, 7]], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 7 .*num_blocks=3"):
+    with pytest.raises(ValueError, match=r"num_blocks=3.*block_table\[0, 1\] = 7"):
         reference_paged_forward(torch.randn(1, 1, 1, 8), k_cache, k_cache, table,
-                                torch.tensor([6], dtype=torch.int32), None, 1.0, True, 0, 0.0)
+                                torch.tensor([6], dtype=torch.int32), AttentionParams(1.0, True))

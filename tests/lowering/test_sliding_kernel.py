@@ -13,8 +13,8 @@ import torch
 
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.launch import flash_backward, flash_forward
+from attnlower.lowering.params import AttentionParams
 from tests.lowering.test_flash_kernel import (  # noqa: F401  (the fixture poisons fresh outputs here too)
-    NO_RNG,
     _poison_uninitialized,
     make_inputs,
     oracle,
@@ -74,13 +74,12 @@ def test_window_skips_invisible_key_blocks(window):
     q, k, v = make_inputs(1, 1, 1, 16, 96, 16, torch.float32)
     k[:, :, :64] = float("nan")
     v[:, :, :64] = float("nan")
-    args = (None, None, 0.25, True, True, 0.0, 0.0, window, False)
+    params = AttentionParams(0.25, True, True, window)
     tiles = KernelConfig(16, 16, 1, 1)  # skipping is per tile: a 64-key tile would hold visible keys too
-    out, lse = flash_forward(q, k, v, *args, NO_RNG, config=tiles)
+    out, lse = flash_forward(q, k, v, params, config=tiles)
     ref, _ = oracle(q, k[:, :, 64:], v[:, :, 64:], scale=0.25, causal=True, bottom_right=True, window=window)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
-    dq, dk, dv, _ = flash_backward(torch.ones_like(out), q, k, v, None, None, out, lse, NO_RNG, 0.25, True,
-                                   True, 0.0, 0.0, window, False, False, config_kv=tiles, config_q=tiles)
+    dq, dk, dv, _ = flash_backward(torch.ones_like(out), q, k, v, out, lse, params, config_kv=tiles, config_q=tiles)
     assert torch.isfinite(dq).all() and torch.isfinite(dk[:, :, 64:]).all()
     assert torch.all(dk[:, :, :64] == 0) and torch.all(dv[:, :, :64] == 0)
 
@@ -91,15 +90,15 @@ def test_window_dropout_forward_backward_consistent():
     q, k, v = make_inputs(1, 2, 1, 40, 32, 32, torch.float32)
     rng = torch.tensor([4242, 7], dtype=torch.int64)
     eye = torch.eye(32).expand(1, 1, 32, 32)
-    probe, _ = flash_forward(q, k, eye, None, None, 0.5, True, True, 0.0, dropout_p, 11, False, rng)
+    params = AttentionParams(0.5, True, True, 11, dropout_p=dropout_p)
+    probe, _ = flash_forward(q, k, eye, params, rng_state=rng)
     keep = probe != 0  # outside the window p is 0 anyway, so keep there does not matter
-    out, lse = flash_forward(q, k, v, None, None, 0.5, True, True, 0.0, dropout_p, 11, False, rng)
+    out, lse = flash_forward(q, k, v, params, rng_state=rng)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref, _ = oracle(*leaves, scale=0.5, causal=True, bottom_right=True, window=11, dropout_p=dropout_p, keep=keep)
     torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=1e-5)
     grad_out = torch.randn_like(out)
-    grads = flash_backward(grad_out, q, k, v, None, None, out, lse, rng, 0.5, True, True, 0.0, dropout_p,
-                           11, False, False)
+    grads = flash_backward(grad_out, q, k, v, out, lse, params, rng_state=rng)
     ref.backward(grad_out.double())
     for got, leaf in zip(grads[:3], leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=5e-5, rtol=1e-5)
@@ -114,15 +113,14 @@ def test_gpu_sliding_real_sizes_bf16(seq_len, window, head_dim):
     k = torch.randn(1, 2, seq_len, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, 2, seq_len, head_dim, device="cuda", dtype=torch.bfloat16)
     scale = 1.0 / math.sqrt(head_dim)
-    out, lse = flash_forward(q, k, v, None, None, scale, True, False, 0.0, 0.0, window, False, NO_RNG)
+    out, lse = flash_forward(q, k, v, AttentionParams(scale, True, window=window))
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     with torch.device("cuda"):
         ref, ref_lse = oracle(*leaves, scale=scale, causal=True, window=window)
     torch.testing.assert_close(out.double(), ref.detach(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=2e-2, rtol=2e-2)
     grad_out = torch.randn_like(out)
-    grads = flash_backward(grad_out, q, k, v, None, None, out, lse, NO_RNG, scale, True, False, 0.0, 0.0,
-                           window, False, False)
+    grads = flash_backward(grad_out, q, k, v, out, lse, AttentionParams(scale, True, window=window))
     ref.backward(grad_out.double())
     for got, leaf in zip(grads[:3], leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=5e-2, rtol=5e-2)

@@ -25,6 +25,7 @@ from attnlower.lowering.kernels.flash_fwd import (
     _dot,
     _dropout_keep,
     _kv_block_range,
+    _load_rng,
     _load_tile,
     _scores,
 )
@@ -142,7 +143,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, Bias, Slopes, DO, Lse, Delta, DK, DV, DS,
+    Q, K, V, Bias, Slopes, DO, Lse, Delta, DK, DV, DS, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -153,7 +154,7 @@ def _flash_bwd_dkdv_kernel(
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
     stride_dsz, stride_dsh, stride_dsm, stride_dsn,
     H, HKV, GROUP, N_CTX_Q, N_CTX_K,
-    sm_scale, softcap, diag_offset, window, dropout_p, seed, rng_lo, rng_hi,
+    sm_scale, softcap, diag_offset, window, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -168,6 +169,7 @@ def _flash_bwd_dkdv_kernel(
     off_zkv = tl.program_id(1)
     off_z = (off_zkv // HKV).to(tl.int64)
     off_hkv = (off_zkv % HKV).to(tl.int64)
+    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -268,7 +270,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, slope, seed
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, Bias, Slopes, DO, Lse, Delta, DQ,
+    Q, K, V, Bias, Slopes, DO, Lse, Delta, DQ, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -277,7 +279,7 @@ def _flash_bwd_dq_kernel(
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, N_CTX_Q, N_CTX_K,
-    sm_scale, softcap, diag_offset, window, dropout_p, seed, rng_lo, rng_hi,
+    sm_scale, softcap, diag_offset, window, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -293,6 +295,7 @@ def _flash_bwd_dq_kernel(
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP
+    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD

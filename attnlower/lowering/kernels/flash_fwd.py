@@ -10,7 +10,8 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   Bias                 bool keep-mask (BIAS_KIND 1) or float additive bias (BIAS_KIND 2), read through its
                        own 4 strides as if it were [B, Hq, Tq, Tk]
   Slopes               fp32 ALiBi slopes read at b * stride_sz + h * stride_sh (stride_sz = 0 for [Hq])
-  seed, rng_lo, rng_hi Philox key and the low / high 32 bits of the call's base counter (rng_state [seed, offset])
+  Rng                  int64 [2] on the device: (seed, base counter) of the call's dropout (rng_state)
+  seed, rng_lo, rng_hi Philox key and the low / high 32 bits of the base counter, loaded from Rng (_load_rng)
   H, GROUP             Hq and Hq // Hkv: query head h reads kv head h // GROUP (K/V are never repeated)
   N_CTX_Q, N_CTX_K     Tq, Tk
   diag_offset          off = Tk - Tq (bottom-right alignment) or 0: key j is causally visible iff j <= i + off
@@ -70,6 +71,16 @@ def _tanh(x):
     # which is what the scores need (they are later multiplied by softcap, not divided).
     e = tl.math.exp2(x * (2.0 * LOG2E))
     return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _load_rng(Rng, HAS_DROPOUT: tl.constexpr):
+    """(seed, rng_lo, rng_hi) read on the device: no host read of rng_state, so launches stay graph-safe."""
+    if HAS_DROPOUT:
+        base = tl.load(Rng + 1)
+        return tl.load(Rng).to(tl.int32), (base & 0xFFFFFFFF).to(tl.uint32), (base >> 32).to(tl.uint32)
+    else:
+        return 0, 0, 0
 
 
 @triton.jit
@@ -206,7 +217,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Bias, Slopes, Out, Lse,
+    Q, K, V, Bias, Slopes, Out, Lse, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -214,7 +225,7 @@ def _flash_fwd_kernel(
     stride_sz, stride_sh,
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, N_CTX_Q, N_CTX_K,
-    sm_scale, softcap, diag_offset, window, dropout_p, seed, rng_lo, rng_hi,
+    sm_scale, softcap, diag_offset, window, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -231,6 +242,7 @@ def _flash_fwd_kernel(
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP
+    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)

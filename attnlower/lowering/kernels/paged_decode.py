@@ -23,6 +23,13 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                num_splits contiguous, BLOCK_N-aligned chunks; each writes its partial (m, l, acc)
                to a workspace of R = B * Hq * Tq rows, and `_paged_reduce_kernel` combines them.
 
+  num_blocks   blocks in the pool; max_blocks: columns of block_table; capacity = max_blocks * BLOCK_SIZE
+  CHECK_BOUNDS record bad inputs in Err (int32 [4], lowering/errors.py): bit 1 a block id outside
+               [0, num_blocks), bit 2 seq_len > capacity, bit 4 seq_len < 0; Err[1] = smallest such b.
+               Whatever CHECK_BOUNDS says, reads are clamped: seq_len to [0, capacity], and a bad
+               block id's tokens are masked (never loaded), so no input makes the kernel read
+               outside its tensors.
+
   DOT_FP32_INPUTS  upcast q, k, v (and P after its rounding to v's dtype) to fp32 before tl.dot:
                set on CPU, where Triton's interpreter computes bf16 x bf16 dots wrongly
                (triton 3.9 returns garbage); the products of the rounded values are the same.
@@ -45,9 +52,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _flag(err_ptr, kinds, b, num_blocks, capacity):
+    """Record bad inputs of sequence b (lowering/errors.py reads Err lazily, never on the hot path)."""
+    tl.atomic_or(err_ptr, kinds)
+    tl.atomic_min(err_ptr + 1, b)
+    tl.store(err_ptr + 2, num_blocks)
+    tl.store(err_ptr + 3, capacity)
+
+
+@triton.jit
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr,
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, err_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kh, stride_kt, stride_kd,
     stride_vn, stride_vh, stride_vt, stride_vd,
@@ -55,14 +71,14 @@ def _paged_attn_kernel(
     stride_sl,
     stride_ab, stride_ah,
     Hq, Hkv, Tq, rows_total,
-    scale, softcap, window, num_splits,
+    scale, softcap, window, num_splits, num_blocks, max_blocks,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
@@ -85,6 +101,13 @@ def _paged_attn_kernel(
     head = kvh * GROUP + g
 
     seq_len = tl.load(seq_lens_ptr + b * stride_sl).to(tl.int32)
+    capacity = max_blocks * BLOCK_SIZE
+    if CHECK_BOUNDS:
+        bad_len = tl.where(seq_len < 0, 4, 0) | tl.where(seq_len > capacity, 2, 0)
+        if (bad_len != 0) & (pid_m == 0) & (pid_s == 0) & (kvh == 0):  # once per sequence
+            _flag(err_ptr, bad_len, b, num_blocks, capacity)
+        len_ok = bad_len == 0  # a bad length makes the table's padding look used: report the length only
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)   # never index past the table
     pos = seq_len - Tq + qi                                  # [BLOCK_M]
 
     # load q: it stays in registers for the whole key loop (int64: large q views overflow int32)
@@ -125,11 +148,18 @@ def _paged_attn_kernel(
     kv_head_off_v = kvh.to(tl.int64) * stride_vh
     bt_row = block_table_ptr + b.to(tl.int64) * stride_btb
 
+    if CHECK_BOUNDS:
+        bad_seen = tl.zeros([BLOCK_N], dtype=tl.int32)
     for start_n in range(start, end, BLOCK_N):
         tok = start_n + offs_n                                 # [BLOCK_N] token positions
         tok_ok = tok < seq_len
         # physical block of every token (BLOCK_SIZE is constexpr: // and % are cheap)
         phys = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0).to(tl.int64)
+        bad_block = tok_ok & ((phys < 0) | (phys >= num_blocks))
+        if CHECK_BOUNDS:
+            bad_seen |= bad_block.to(tl.int32)                 # reported once, after the loop
+        tok_ok = tok_ok & ~bad_block                           # a bad block's tokens are never loaded
+        phys = tl.where(bad_block, 0, phys)
         slot = (tok % BLOCK_SIZE).to(tl.int64)
         # K loaded already transposed, [HEAD_DIM_PAD, BLOCK_N]
         k_off = phys[None, :] * stride_kn + kv_head_off_k + slot[None, :] * stride_kt + offs_d[:, None] * stride_kd
@@ -165,6 +195,10 @@ def _paged_attn_kernel(
         else:
             acc = tl.dot(p_low, v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+
+    if CHECK_BOUNDS:
+        if (tl.max(bad_seen, axis=0) > 0) & len_ok & (pid_m == 0) & (kvh == 0):
+            _flag(err_ptr, 1, b, num_blocks, capacity)
 
     # global row (b, h, i) = (b * Hkv + kvh) * M + r, contiguous in r
     row_global = pid_bh.to(tl.int64) * rows_m + offs_m

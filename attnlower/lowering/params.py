@@ -1,0 +1,58 @@
+"""What an attention op computes besides its tensors: one frozen object, built once at the op schema.
+
+The ops' schemas (`lowering/ops.py`) keep their flat, named arguments (graphs and users spell them);
+everything below the schema (validation, the launch plan, the launchers, the reference) takes an
+`AttentionParams` and the tensors. Optional tensors travel as keywords of the launchers
+(`bias=`, `alibi_slopes=`, `rng_state=`), so a new input is a new keyword, not a new position.
+
+How the planned variants land here without another signature change:
+  - a fill value for masked scores (issue 12, item 7): a field `mask_fill: float = -inf`; the plan
+    turns it into a constexpr / runtime scalar;
+  - attention sinks (issue 15): a `sinks=` tensor keyword of the launchers and the reference; the
+    plan reads its presence from the tensors' metadata (HAS_SINKS), as it does for alibi today;
+  - a V head dim different from Q/K's (issue 15): nothing here: the plan reads Dv from v's shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class AttentionParams(NamedTuple):
+    """The scalar semantics of one attention call (docs/INTERFACES.md section 1).
+
+    scale:          softmax scale, already resolved (`1 / sqrt(D)` when the op got None).
+    causal:         query i sees keys j <= i (+ Tk - Tq with bottom_right; paged: j <= position).
+    bottom_right:   align the causal diagonal to the last query / key (dense ops only).
+    window:         > 0: also only keys j > i - window (the sliding op; paged: the window option).
+    softcap:        > 0: scores become softcap * tanh(scores / softcap) before bias / alibi.
+    dropout_p:      attention dropout probability (dense ops, training).
+    empty_rows_nan: rows with no visible key give NaN (eager softmax) instead of 0.
+
+    Immutable and hashable: it is part of the key of the launch-plan cache (`lowering/plan.py`). A
+    NamedTuple rather than a frozen dataclass: its hash and equality run in C, and every op call
+    hashes it (a dataclass's generated __hash__ cost more than the rest of the cache lookup).
+    """
+
+    scale: float
+    causal: bool = False
+    bottom_right: bool = False
+    window: int = 0
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    empty_rows_nan: bool = False
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether any causal mask applies (a window is always causal)."""
+        return self.causal or self.window > 0
+
+    @classmethod
+    def resolve(cls, head_dim: int, scale: float | None, **fields) -> "AttentionParams":
+        """Params with `scale=None` resolved to the default `1 / sqrt(head_dim)`."""
+        return cls(scale=default_scale(head_dim) if scale is None else float(scale), **fields)
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale used when `scale=None`: 1 / sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim)

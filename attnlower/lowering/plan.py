@@ -1,0 +1,270 @@
+"""The launch plan: what every kernel of an op is launched with, computed once per signature.
+
+`dense_plan` and `paged_plan` turn (AttentionParams, the tensors' shapes and dtypes, the target)
+into the kernels to launch, each with its grid, tile config and constexprs. The launchers
+(`launch.py`, `launch_paged.py`) only add the tensors and their strides; the dump tool
+(`compiler/dump.py`, `kernel_plan`) calls the same functions, so what it prints is what runs.
+
+Strides are not part of the plan: they are passed to the kernels as they are, and Triton keys its
+own specialization on them (divisibility by 16). Plans are cached in bounded LRU caches
+(`PLAN_CACHE_SIZE` entries each): a repeat call with the same shapes pays one dict lookup.
+Symbolic sizes (while torch.compile traces) are not hashable: those calls are planned uncached.
+
+This module does not import triton, so the dump tool can show plans where triton is missing.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
+from attnlower.lowering.params import AttentionParams
+
+# Bounded: a process that sees many shapes (dynamic serving, many models) must not grow without
+# end (issue 10: host cost must not grow with what a process accumulated). 1024 signatures is far
+# more than one model uses (one per layer shape x direction), each entry is a few hundred bytes.
+PLAN_CACHE_SIZE = 1024
+
+MAX_HEAD_DIM = 256
+BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
+
+
+# Meta and Target are NamedTuples: they are hashed on every call (the cache key), in C.
+class Meta(NamedTuple):
+    """What the plan reads from a tensor: its shape and dtype."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor | None) -> "Meta | None":
+        return None if t is None else cls(t.shape, t.dtype)
+
+
+class Target(NamedTuple):
+    """Where the kernels run: "cuda" (compiled) or "interpret" (Triton's interpreter on CPU).
+
+    arch: SM version (90 = Hopper), 0 off-GPU; sm_count: SMs (the paged split-KV heuristic);
+    allow_tf32: torch.backends.cuda.matmul.allow_tf32 (fp32 dots may use TF32 when True).
+    """
+
+    kind: str
+    arch: int = 0
+    sm_count: int = 4
+    allow_tf32: bool = False
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch: `kernel[grid](*tensors, *strides, *scalars, **constexprs, num_warps=..)`."""
+
+    kernel: str
+    grid: tuple
+    config: KernelConfig
+    constexprs: tuple[tuple[str, Any], ...]
+
+    @functools.cached_property
+    def launch_kwargs(self) -> dict[str, Any]:
+        """The constexprs plus num_warps / num_stages, as the kernel's launch takes them (built once)."""
+        return dict(self.constexprs, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """The kernels of one dense call. `trivial`: "empty" (nothing to compute), "no_keys" (Tk = 0:
+    every row is empty, filled without a kernel) or "" (launch `launches` in order)."""
+
+    launches: tuple[KernelLaunch, ...]
+    trivial: str = ""
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    """The kernels of one paged call: the attention kernel, then the split-KV reduce when split."""
+
+    launches: tuple[KernelLaunch, ...]
+    num_splits: int
+    trivial: str = ""
+
+
+def _cached(fn):
+    """An LRU cache of `fn` that plans uncached when an argument is not hashable (symbolic sizes)."""
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
+
+    @functools.wraps(fn)
+    def plan(*args):
+        try:
+            return cached(*args)
+        except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
+            if "unhashable" not in str(error):
+                raise
+            return fn(*args)
+
+    plan.cache_info = cached.cache_info
+    plan.cache_clear = cached.cache_clear
+    return plan
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _next_power_of_2(n) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """The power of two >= max(head_dim, 16) the tiles use (loads are masked past head_dim)."""
+    return max(16, _next_power_of_2(head_dim))
+
+
+def dense_dot_precision(dtype: torch.dtype, target: Target) -> str:
+    """fp32 dots: exact ("ieee") unless TF32 is allowed for CUDA matmuls. 16-bit inputs use "tf32" (Triton's
+    default; tensor cores multiply fp16/bf16 exactly), except bf16 under the interpreter, whose tl.dot
+    multiplies bf16 as raw integers: "upcast_ieee" converts both operands to fp32 first."""
+    if dtype == torch.bfloat16 and target.kind != "cuda":
+        return "upcast_ieee"
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if target.kind == "cuda" and target.allow_tf32 else "ieee"
+
+
+def bias_kind(bias: Meta | None) -> int:
+    if bias is None:
+        return BIAS_NONE
+    return BIAS_BOOL if bias.dtype == torch.bool else BIAS_FLOAT
+
+
+def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype, bias: int,
+                     has_alibi: bool, target: Target) -> dict[str, Any]:
+    """The constexprs shared by every dense kernel (forward, dK/dV, dQ)."""
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
+        IS_CAUSAL=params.is_causal, HAS_WINDOW=params.window > 0, HAS_SOFTCAP=params.softcap > 0,
+        HAS_ALIBI=has_alibi, BIAS_KIND=bias, HAS_DROPOUT=params.dropout_p > 0,
+        DOT_PRECISION=dense_dot_precision(dtype, target),
+    )
+
+
+def _check_dense_supported(params: AttentionParams, q: Meta, k: Meta, v: Meta) -> None:
+    """Limits of the kernels themselves (ops.py validates what a user can get wrong in general)."""
+    head_dim = q.shape[-1]
+    if v.shape[-1] != head_dim:
+        raise NotImplementedError(f"flash kernels: expected v's head dim equal to q's ({head_dim}), got "
+                                  f"{v.shape[-1]}; the reference implementation handles Dv != D")
+    if head_dim > MAX_HEAD_DIM:
+        raise NotImplementedError(f"flash kernels: expected head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash kernels: expected fp16/bf16/fp32, got {q.dtype}; compute in fp32 or "
+                         f"run on CPU")
+    if params.dropout_p > 0 and q.shape[2] * k.shape[2] >= 2**32:
+        # the Philox counter of a (b, h) holds i * Tk + j in 32 bits (kernels/flash_fwd.py, _dropout_keep)
+        raise NotImplementedError(f"flash kernels: dropout needs Tq * Tk < 2**32, got Tq={q.shape[2]}, "
+                                  f"Tk={k.shape[2]}")
+
+
+@_cached
+def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Meta, bias: Meta | None,
+               has_alibi: bool, target: Target, configs: tuple = ()) -> DensePlan:
+    """The plan of a dense forward (`direction="fwd"`) or backward (`"bwd"`).
+
+    configs: tile overrides, () for the configs.flash_config choice; one KernelConfig for the
+    forward, (dK/dV, dQ) for the backward (either may be None).
+    """
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"dense_plan: expected direction 'fwd' or 'bwd', got {direction!r}")
+    _check_dense_supported(params, q, k, v)
+    batch, q_heads, tq, head_dim = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
+    if batch * q_heads * tq * head_dim == 0:
+        return DensePlan((), "empty")
+    if tk == 0:
+        return DensePlan((), "no_keys")
+    shared = dense_constexprs(params, head_dim, q.dtype, bias_kind(bias), has_alibi, target)
+
+    def config(which: str, override) -> KernelConfig:
+        if override is not None:
+            return override
+        return flash_config(target.arch, head_dim, q.dtype, params.causal, params.window, which)
+
+    if direction == "fwd":
+        cfg = config("fwd", configs[0] if configs else None)
+        fwd = KernelLaunch("_flash_fwd_kernel", (_cdiv(tq, cfg.block_m), batch * q_heads, 1), cfg,
+                           tuple(dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                      EMPTY_ROWS_NAN=params.empty_rows_nan, **shared).items()))
+        return DensePlan((fwd,))
+    cfg_kv = config("bwd_kv", configs[0] if configs else None)
+    cfg_q = config("bwd_q", configs[1] if configs else None)
+    pre_cfg = KernelConfig(cfg_q.block_m, cfg_q.block_n, cfg_q.num_warps, 3)  # 3: Triton's default; no loop to pipeline
+    pre = KernelLaunch("_flash_bwd_preprocess_kernel", (_cdiv(tq, cfg_q.block_m), batch * q_heads, 1), pre_cfg,
+                       (("BLOCK_M", cfg_q.block_m), ("HEAD_DIM", head_dim),
+                        ("HEAD_DIM_PAD", shared["HEAD_DIM_PAD"])))
+    dkdv = KernelLaunch("_flash_bwd_dkdv_kernel", (_cdiv(tk, cfg_kv.block_n), batch * kv_heads, 1), cfg_kv,
+                        tuple(dict(BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, **shared).items()))
+    dq = KernelLaunch("_flash_bwd_dq_kernel", (_cdiv(tq, cfg_q.block_m), batch * q_heads, 1), cfg_q,
+                      tuple(dict(BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, **shared).items()))
+    return DensePlan((pre, dkdv, dq))
+
+
+def paged_dot_mode(dtype: torch.dtype, target: Target) -> tuple[str, bool]:
+    """(DOT_PRECISION, DOT_FP32_INPUTS) of the paged kernel's tl.dot calls."""
+    # Off-GPU the kernel runs in Triton's interpreter, whose bf16 tl.dot is wrong: dot in fp32
+    # from the same rounded values instead (see the kernel header).
+    fp32_inputs = target.kind != "cuda" and dtype != torch.float32
+    # fp32 inputs get IEEE fp32 dots: TF32 would miss the fp32 accuracy users of fp32 expect
+    return ("ieee" if dtype == torch.float32 or fp32_inputs else "tf32"), fp32_inputs
+
+
+@_cached
+def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Meta, has_alibi: bool,
+               target: Target, check_bounds: bool, num_splits: int | None = None,
+               config: KernelConfig | None = None) -> PagedPlan:
+    """The plan of a paged call. num_splits / config: overrides (tests, benchmarks), None = choose.
+
+    The split count is bounded by the table's width (max_blocks * block_size), never by
+    seq_lens.max(): reading it would synchronize the host with the GPU on every decode step.
+    """
+    batch, q_heads, tq, head_dim = q.shape
+    num_blocks, kv_heads, block_size, _ = k_cache.shape
+    if batch * q_heads * tq * head_dim == 0:
+        return PagedPlan((), 1, "empty")
+    group = q_heads // kv_heads
+    cfg = config or paged_config(target.arch, head_dim, q.dtype, block_size, group, tq)
+    m_tiles = _cdiv(group * tq, cfg.block_m)
+    programs = batch * kv_heads * m_tiles
+    if num_splits is None:
+        num_splits = paged_num_splits(target.sm_count, programs, block_table.shape[1] * block_size)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    pad = head_dim_pad(head_dim)
+    precision, fp32_inputs = paged_dot_mode(q.dtype, target)
+    attn = KernelLaunch("_paged_attn_kernel", (batch * kv_heads, m_tiles, num_splits), cfg, tuple(dict(
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=block_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=params.causal, HAS_WINDOW=params.window > 0,
+        HAS_SOFTCAP=params.softcap > 0, HAS_ALIBI=has_alibi, SPLIT=num_splits > 1,
+        CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs).items()))
+    if num_splits == 1:
+        return PagedPlan((attn,), 1)
+    # 4 warps cover a 128-wide row of the reduce; 8 for 256 (unmeasured starting point, as before)
+    reduce_cfg = KernelConfig(1, 1, 4 if pad <= 128 else 8, 1)
+    reduce = KernelLaunch("_paged_reduce_kernel", (batch * q_heads * tq, 1, 1), reduce_cfg, (
+        ("HEAD_DIM", head_dim), ("HEAD_DIM_PAD", pad), ("SPLITS_PAD", max(2, _next_power_of_2(num_splits)))))
+    return PagedPlan((attn, reduce), num_splits)
+
+
+@functools.lru_cache(maxsize=64)  # one entry per (device, TF32 flag): bounded by the device count
+def _target(device: torch.device, allow_tf32: bool) -> Target:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, allow_tf32)
+    # Triton's interpreter: no SMs; a small count keeps the split decision meaningful in tests
+    # without launching many interpreted programs.
+    return Target("interpret", 0, 4, False)
+
+
+def target_of(device: torch.device) -> Target:
+    """The Target of tensors on `device` (cached; the TF32 flag is read per call, it may change)."""
+    return _target(device, device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)

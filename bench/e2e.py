@@ -1,0 +1,331 @@
+"""End-to-end timings of attnlower against eager and Inductor, with and without CUDA graphs (GPU).
+
+Rows (issue 10): HF GPT-2 124M prefill (eager and sdpa attention; B 1/2/8, T 128/1024), a
+nanoGPT-124M training step (B=8, T=1024), a Llama-1B-shaped static-cache decode step (B 1/8),
+the paged decode loop (B 1/8/32, one attention over a block-paged cache of 4096 tokens per
+sequence, as examples/paged_decode.py spells it: gather_blocks + length_mask + SDPA), and the host
+time of one op call against SDPA's. Columns: eager / Inductor / Inductor + CUDA graphs /
+attnlower / attnlower + CUDA graphs, in ms per call (CUDA events, median of `--iters`).
+
+CUDA graphs: Inductor's through `mode="reduce-overhead"`; attnlower's through the same Inductor
+switch, `torch._inductor.config.triton.cudagraphs = True`, around the attnlower backend (what
+reduce-overhead sets). Models are random-initialised (no downloads), bf16.
+
+    python bench/e2e.py                 # the default rows, ~5 min on an H200
+    python bench/e2e.py --rows host gpt2 --full   # every GPT-2 shape
+Prints a table and writes bench/e2e.png (and e2e.json) next to this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnlower  # noqa: E402
+import attnlower.ops as attn_ops  # noqa: E402
+from attnlower.cache import gather_blocks, length_mask  # noqa: E402
+from attnlower.compiler.backend import attnlower_backend  # noqa: E402  (no entry point needed)
+
+MODES = ["eager", "inductor", "inductor+cg", "attnlower", "attnlower+cg"]
+DTYPE = torch.bfloat16
+
+
+def cuda_ms(fn, iters: int) -> float:
+    """Median ms per call of fn() (CUDA events), after warm-up calls that compile and capture."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def compiled(fn, mode: str):
+    """fn as `mode` runs it; the CUDA-graph modes compile inside the switch (compilation is lazy)."""
+    torch._dynamo.reset()
+    if mode == "eager":
+        return fn
+    if mode == "inductor":
+        return torch.compile(fn)
+    if mode == "inductor+cg":
+        return torch.compile(fn, mode="reduce-overhead")
+    inner = torch.compile(fn, backend=attnlower_backend)
+    if mode == "attnlower":
+        return inner
+
+    def with_graphs(*args, **kwargs):
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            torch.compiler.cudagraph_mark_step_begin()
+            return inner(*args, **kwargs)
+    return with_graphs
+
+
+def run_row(name: str, make_fn, iters: int, results: list) -> None:
+    row = {"row": name}
+    for mode in MODES:
+        try:
+            fn = compiled(make_fn(), mode)
+            row[mode] = cuda_ms(fn, iters)
+        except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
+            row[mode] = None
+            row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    results.append(row)
+    print(format_row(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------ rows
+
+
+def gpt2_rows(args, results):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shapes = [(b, t) for b in (1, 2, 8) for t in (128, 1024)] if args.full else [(2, 1024), (8, 128)]
+    for impl in ("eager", "sdpa"):
+        model = GPT2LMHeadModel(GPT2Config(attn_implementation=impl)).to("cuda", DTYPE).eval()
+        for b, t in shapes:
+            ids = torch.randint(0, 50257, (b, t), device="cuda")
+
+            def make(model=model, ids=ids):
+                def prefill():
+                    with torch.no_grad():
+                        return model(input_ids=ids).logits
+                return prefill
+            run_row(f"gpt2 {impl} B={b} T={t}", make, args.iters, results)
+
+
+class _NanoGPTBlock(nn.Module):
+    """nanoGPT's Block (karpathy/nanoGPT model.py): causal SDPA attention, GELU MLP."""
+
+    def __init__(self, dim=768, heads=12):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab=50304, dim=768, layers=12, block=1024):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.blocks = nn.ModuleList(_NanoGPTBlock(dim) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def nanogpt_rows(args, results):
+    model = NanoGPT().to("cuda", DTYPE)
+    idx = torch.randint(0, 50304, (8, 1024), device="cuda")
+    targets = torch.randint(0, 50304, (8, 1024), device="cuda")
+
+    def make():
+        def step():
+            loss = model(idx, targets)
+            loss.backward()
+            return loss
+        return step
+    run_row("nanogpt-124M train B=8 T=1024", make, max(3, args.iters // 4), results)
+
+
+def llama_decode_rows(args, results):
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to("cuda", DTYPE).eval()
+    prompt = 512
+    for b in (1, 8):
+        try:
+            cache = StaticCache(config=config, max_cache_len=prompt + 64)
+        except TypeError:  # older signature
+            cache = StaticCache(config=config, max_batch_size=b, max_cache_len=prompt + 64, device="cuda",
+                                dtype=DTYPE)
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 32000, (b, prompt), device="cuda"), past_key_values=cache,
+                  use_cache=True)
+        token = torch.randint(0, 32000, (b, 1), device="cuda")
+        position = torch.tensor([prompt], device="cuda")
+
+        def make(token=token, position=position, cache=cache):
+            def decode():  # one step at a fixed position: the cache is rewritten in place, shapes static
+                with torch.no_grad():
+                    return model(input_ids=token, past_key_values=cache, cache_position=position,
+                                 use_cache=True).logits
+            return decode
+        run_row(f"llama-1B static-cache decode B={b} L={prompt}", make, args.iters, results)
+
+
+def paged_rows(args, results):
+    length, block_size, hq, hkv, d = 4096, 16, 32, 8, 128
+    for b in (1, 8, 32):
+        max_blocks = length // block_size
+        k_pool = torch.randn(b * max_blocks, hkv, block_size, d, device="cuda", dtype=DTYPE)
+        v_pool = torch.randn_like(k_pool)
+        table = torch.randperm(b * max_blocks, device="cuda", dtype=torch.int32).view(b, max_blocks)
+        lens = torch.full((b,), length, device="cuda", dtype=torch.int32)
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=DTYPE)
+
+        def make():
+            def decode_attention(q, k_pool, v_pool, table, lens):  # examples/paged_decode.py's spelling
+                keys, values = gather_blocks(k_pool, table), gather_blocks(v_pool, table)
+                keep = length_mask(lens, keys.shape[2])
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, enable_gqa=True)
+            return lambda: decode_attention(q, k_pool, v_pool, table, lens)
+        run_row(f"paged decode B={b} L={length}", make, args.iters, results)
+        # the targets' yardstick: cuDNN SDPA on a contiguous cache, in a CUDA graph
+        k, v = (torch.randn(b, hkv, length, d, device="cuda", dtype=DTYPE) for _ in range(2))
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        direct = lambda: attn_ops.paged_attention(q, k_pool, v_pool, table, lens)  # noqa: E731
+        results[-1]["sdpa contiguous (graph)"] = cuda_ms(_graphed(sdpa), args.iters)
+        results[-1]["paged_attention op (graph)"] = cuda_ms(_graphed(direct), args.iters)
+        print(f"    sdpa on a contiguous cache, CUDA graph: {results[-1]['sdpa contiguous (graph)']:.4f} ms; "
+              f"paged_attention op, CUDA graph: {results[-1]['paged_attention op (graph)']:.4f} ms")
+
+
+def _graphed(fn):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def host_rows(args, results):
+    """Host µs per call on tiny inputs (the GPU work is negligible: the host is the bottleneck)."""
+    q, k, v = (torch.randn(1, 2, 16, 64, device="cuda", dtype=DTYPE) for _ in range(3))
+    pool = torch.randn(8, 2, 16, 64, device="cuda", dtype=DTYPE)
+    table = torch.arange(8, device="cuda", dtype=torch.int32).view(1, 8)
+    lens = torch.tensor([100], device="cuda", dtype=torch.int32)
+    q1 = q[:, :, :1]
+    calls = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "attnlower.ops.flash_attention": lambda: attn_ops.flash_attention(q, k, v, causal=True),
+        "torch.ops.attnlower.flash_attention": lambda: torch.ops.attnlower.flash_attention(q, k, v, None, None,
+                                                                                          None, True),
+        "attnlower.ops.paged_attention": lambda: attn_ops.paged_attention(q1, pool, pool, table, lens),
+    }
+    n = 2000
+    row = {"row": "host us per call (tiny inputs)"}
+    for name, fn in calls.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        row[name] = (time.perf_counter() - t0) / n * 1e6
+    results.append(row)
+    print("  ".join(f"{k}: {v:.1f} us" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
+    print(f"    flash / sdpa = {row['attnlower.ops.flash_attention'] / row['sdpa']:.2f}x (target <= 1.5x); "
+          f"paged / sdpa = {row['attnlower.ops.paged_attention'] / row['sdpa']:.2f}x", flush=True)
+
+
+ROWS = {"host": host_rows, "paged": paged_rows, "gpt2": gpt2_rows, "nanogpt": nanogpt_rows,
+        "llama": llama_decode_rows}
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def format_row(row) -> str:
+    cells = [f"{row['row']:<40}"]
+    for mode in MODES:
+        value = row.get(mode)
+        cells.append(f"{mode}={value:.3f}" if isinstance(value, float) else f"{mode}=fail")
+    line = "  ".join(cells)
+    if row.get("attnlower") and row.get("inductor"):
+        line += f"  attnlower/inductor speedup {row['inductor'] / row['attnlower']:.2f}x"
+    if row.get("attnlower+cg") and row.get("inductor+cg"):
+        line += f", with graphs {row['inductor+cg'] / row['attnlower+cg']:.2f}x"
+    for mode, message in row.get("errors", {}).items():
+        line += f"\n    {mode}: {message}"
+    return line
+
+
+def chart(results, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart written")
+        return
+    rows = [r for r in results if any(isinstance(r.get(m), float) for m in MODES)]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.2), 5))
+    width = 0.16
+    for i, mode in enumerate(MODES):
+        # speed relative to eager (higher is better), so rows of different sizes share one axis
+        values = [r["eager"] / r[mode] if r.get(mode) and r.get("eager") else 0 for r in rows]
+        ax.bar([j + (i - 2) * width for j in range(len(rows))], values, width, label=mode)
+    ax.set_xticks(range(len(rows)), [r["row"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("speed vs eager (x)")
+    ax.set_title(f"attnlower end to end ({torch.cuda.get_device_name()}, torch {torch.__version__})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"chart: {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", default=["host", "paged", "gpt2", "nanogpt", "llama"], choices=list(ROWS))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--full", action="store_true", help="every GPT-2 shape (B 1/2/8 x T 128/1024)")
+    p.add_argument("--out", default=str(Path(__file__).with_name("e2e")))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/e2e.py needs a CUDA GPU")
+        return 1
+    import triton
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"attnlower {attnlower.__version__}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results: list = []
+    t0 = time.perf_counter()
+    for name in args.rows:
+        try:
+            ROWS[name](args, results)
+        except Exception as error:  # noqa: BLE001 - e.g. a transformers API change: report, go on
+            print(f"row group {name} failed: {type(error).__name__}: {error}", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    chart(results, Path(args.out + ".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
