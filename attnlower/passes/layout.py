@@ -231,18 +231,47 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             cur = cur.args[0]
             chain.append(cur)
             continue
-        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and len(cur.args) == 2:
-            x, c = cur.args
-            if isinstance(c, fx.Node) and not isinstance(x, fx.Node) and t in (aten.mul.Tensor, aten.mul.Scalar):
-                x, c = c, x
-            if isinstance(x, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool):
-                scale = scale * c if t in (aten.mul.Tensor, aten.mul.Scalar) else scale / c
-                cur = x
-                chain.append(cur)
-                continue
+        found = scale_of(cur)
+        if found is not None:
+            cur, factor = found
+            scale = scale * factor
+            chain.append(cur)
+            continue
         break
     return chain, [scale]
 
 
+def scalar_value(c) -> float | None:
+    """A python number, or a symbolic one (`d ** -0.5` under dynamic=True), as a float; else None.
+
+    A symbolic scalar is specialized: float() guards on the symbols it reads, Dynamo recompiles if they change.
+    """
+    if isinstance(c, bool):
+        return None
+    if isinstance(c, (int, float)):
+        return float(c)
+    if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), (torch.SymInt, torch.SymFloat)):
+        return float(c.meta["val"])
+    return None
+
+
+def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, factor) when `n` multiplies or divides a tensor by a scalar (`x * c`, `c * x`, `x / c`)."""
+    t = n.target
+    if n.op != "call_function" or t not in _SCALE_OPS or len(n.args) != 2:
+        return None
+    x, c = n.args
+    if t in (aten.mul.Tensor, aten.mul.Scalar) and scalar_value(x) is not None and scalar_value(c) is None:
+        x, c = c, x   # c * x
+    value = scalar_value(c)
+    if not isinstance(x, fx.Node) or isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)) or value is None:
+        return None
+    return x, value if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / value
+
+
+_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
 def is_scale_node(n: fx.Node) -> bool:
-    return n.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+    """A multiply or divide by a scalar: it moves no element, so layouts look through it."""
+    return scale_of(n) is not None

@@ -773,6 +773,10 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     free_factors = [f for f in factors if f not in data_factors]
     facts.data_dependent_seen = bool(data_factors)
     for factor in data_factors:
+        dtype = _dtype_of(factor.value)
+        if factor.polarity == "additive" and dtype is not None and not dtype.is_floating_point:
+            # True + s is s + 1: a bool (or int) added to the scores is a number, never a keep-mask
+            raise _Refusal(f"{_describe(factor.value)} is {dtype} added to the scores: a number, not a mask")
         if not _padding_shape(factor.value, k_len, facts):
             val = _tensor_val(factor.value)
             shape = list(val.shape) if val is not None else "unknown"

@@ -87,20 +87,48 @@ def _prepare(emit: _Emitter, ref) -> fx.Node:
     return x
 
 
-def _bias_node(emit: _Emitter, decision: Decision) -> fx.Node | None:
+def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
+    """The term's tensor, broadcastable to the op's [B, Hq, Tq, Tk].
+
+    The term broadcasts against the scores where it was applied (`term.score_shape`). On scores
+    flattened to [B*H, Tq, Tk] (bmm, baddbmm) a term with a full B*H dim is viewed as [B, Hq, ...]:
+    reshape is row-major, exactly as the source's views flattened [B, H] (`analyze.lift_problem`
+    refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
+    """
+    x = term.node
+    shape = list(_val(x).shape)
+    score_shape = list(term.score_shape)
+    extra = len(shape) - len(score_shape)
+    if extra > 0:  # leading dims of size 1 (lift_problem checked)
+        x = emit(aten.squeeze.dims, (x, list(range(extra))))
+        shape = shape[extra:]
+    x_lead = shape[:max(len(shape) - 2, 0)] if len(shape) == len(score_shape) else []
+    if all(bool(d == 1) for d in x_lead) or len(score_shape) == 4:
+        return x
+    # scores [B*H, Tq, Tk], term [B*H, tq|1, tk]: split the flat dim as the op's [B, Hq]
+    tail = [d if isinstance(d, int) else emit(aten.sym_size.int, (x, i)) for i, d in enumerate(shape) if i >= 1]
+    return emit(aten.reshape.default, (x, [-1, int(m.q_heads)] + tail))
+
+
+def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node | None:
     plan = decision.bias
     if plan.kind == "none":
         return None
     if plan.kind == "bool":
         (t,) = plan.terms
-        return t.node if t.kind == "keep" else emit(aten.bitwise_not.default, (t.node,))
+        keep = _term_tensor(emit, t, m)
+        return keep if t.kind == "keep" else emit(aten.bitwise_not.default, (keep,))
     total = None
     for t in plan.terms:
+        x = _term_tensor(emit, t, m)
         if t.kind == "bias":
-            part = t.node if t.value == 1.0 else emit(aten.mul.Tensor, (t.node, t.value))
+            if not _val(x).dtype.is_floating_point:
+                # a bool or int added to the scores is a number (True = 1), never a keep-mask
+                x = emit(aten._to_copy.default, (x,), {"dtype": t.score_dtype or torch.float32})
+            part = x if t.value == 1.0 else emit(aten.mul.Tensor, (x, t.value))
         else:
             # fill/keep as an additive float: 0 where visible, the fill value where masked
-            masked = t.node if t.kind == "fill" else emit(aten.bitwise_not.default, (t.node,))
+            masked = x if t.kind == "fill" else emit(aten.bitwise_not.default, (x,))
             zeros = emit(aten.zeros_like.default, (masked,), {"dtype": torch.float32})
             part = emit(aten.masked_fill.Scalar, (zeros, masked, t.value))
         total = part if total is None else emit(aten.add.Tensor, (total, part))
@@ -122,7 +150,7 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     q = _prepare(emit, m.q)
     k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
-    bias = _bias_node(emit, decision)
+    bias = _bias_node(emit, decision, m)
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
