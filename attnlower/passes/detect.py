@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .kv import OperandRef, PagedRef, resolve_operand, resolve_paged
-from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, layout_of
+from .layout import SCORE_PASS_THROUGH, Layout, NotAView, _eq, _is_one, _shape, _val, layout_of
 
 aten = torch.ops.aten
 
@@ -32,11 +32,7 @@ SDPA_OPS = {
 }
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
 # Ops on the score or probability chain that move or copy values without changing them.
-PASS_THROUGH = {
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-}
+PASS_THROUGH = SCORE_PASS_THROUGH
 
 
 class NotAttention(Exception):
@@ -95,6 +91,8 @@ class AttentionMatch:
     region: list[fx.Node] = field(default_factory=list)
     paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
     paged_scale: float = 0.0                          # the score scale when reading K paged
+    shape_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (user, region node): size reads
+
 
     @property
     def location(self) -> str:
@@ -170,6 +168,50 @@ def _only_user(n: fx.Node, what: str) -> fx.Node:
     if len(users) != 1:
         raise NotAttention(f"the {what} ({n.name}) is used {len(users)} times; a fused op would hide the other uses")
     return users[0]
+
+
+# Ops that read only the size (and dtype / device) of the argument named here, never its values.
+SIZE_READS = {aten.sym_size.int: 0, aten.expand_as.default: 1, aten.zeros_like.default: 0,
+              aten.ones_like.default: 0, aten.full_like.default: 0, aten.empty_like.default: 0}
+
+
+def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """Does `user` read only the size of `node` (`scores.size(0)`, `mask.expand_as(scores)`)?"""
+    if user.op != "call_function" or user.target not in SIZE_READS:
+        return False
+    index = SIZE_READS[user.target]
+    args = list(user.args)
+    return len(args) > index and args[index] is node and all(
+        a is not node for i, a in enumerate(args) if i != index) and node not in user.kwargs.values()
+
+
+def size_sources(shape, before: fx.Node, exclude: set) -> list | None:
+    """For each size of `shape`: the int, or a (node, dim) / SymInt node outside `exclude` and before
+    `before` that holds the same (symbolic) size; None when one has no such source."""
+    graph_nodes = list(before.graph.nodes)
+    earlier = graph_nodes[:graph_nodes.index(before)]
+    out = []
+    for size in shape:
+        if isinstance(size, int):
+            out.append(size)
+            continue
+        found = None
+        for n in earlier:
+            if n in exclude:
+                continue
+            val = n.meta.get("val")
+            if isinstance(val, torch.SymInt) and val.node.expr == size.node.expr:
+                found = n
+                break
+            if isinstance(val, torch.Tensor):
+                dims = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == size.node.expr]
+                if dims:
+                    found = (n, dims[0])
+                    break
+        if found is None:
+            return None
+        out.append(found)
+    return out
 
 
 # where(cond, scores, fill) with the fill a tensor or a python number
@@ -307,9 +349,11 @@ def _score_pass_through(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
 @_rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 def _score_scale(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     a, b = cur.args[0], cur.args[1]
-    if cur.target in (aten.mul.Tensor, aten.mul.Scalar) and not carries_scores(a) and carries_scores(b):
-        a, b = b, a
-    if not carries_scores(a):
+    is_mul = cur.target in (aten.mul.Tensor, aten.mul.Scalar)
+    if is_mul and (not isinstance(a, fx.Node) or _constant_value(a) is not None
+                   or not carries_scores(a) and carries_scores(b)):
+        a, b = b, a   # c * s
+    if not is_mul and not carries_scores(a) and carries_scores(b):
         raise NotAttention(f"{cur.name} divides by the scores")
     c = _constant_value(b)
     if c is None:
@@ -345,13 +389,12 @@ def _score_add(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     if alpha is None:
         raise NotAttention(f"{cur.name} scales by an alpha that is data")
     sign = -1.0 if cur.target in (aten.sub.Tensor, aten.sub.Scalar) else 1.0
+    row_max = _row_max_of(b, a) if sign < 0 and alpha == 1.0 else None
+    if row_max is not None:
+        # s - max_j(s): the same shift for every key of a row, which softmax removes
+        w.region += row_max
+        return a
     a_is, b_is = carries_scores(a), carries_scores(b)
-    if a_is and b_is and sign < 0 and alpha == 1.0:
-        row_max = _row_max_of(b, a)
-        if row_max is not None:
-            # s - max_j(s): the same shift for every key of a row, which softmax removes
-            w.region += row_max
-            return a
     if a_is == b_is:
         raise NotAttention(f"{cur.name}: {'both' if a_is else 'neither'} of its operands reach the Q·Kᵀ product "
                            "through ops that keep the scores' [.., Tq, Tk] layout (views, casts, scales, masks)")
@@ -523,7 +566,7 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         raise NotAttention("softcap with a non-positive cap")
 
     # ---- the Q·Kᵀ product
-    q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha = _product_operands(product, "qk")
+    q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha, _ = _product_operands(product, "qk")
     for node_, coef in extra_terms:
         terms.append(ScoreTerm("bias", node_, coef * post, tuple(_shape(product)), _val(product).dtype))
     post *= alpha
@@ -572,13 +615,25 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     region += p_chain
     region.append(pv)
     inside = set(region)
+    shape_reads: list[tuple[fx.Node, fx.Node]] = []
     for n in region[:-1]:
         outside = [u for u in n.users if u not in inside]
+        for u in [u for u in outside if reads_shape_only(u, n)]:
+            # `mask.expand_as(scores)`, `scores.size(0)`: not a use of the values; the rewrite reads
+            # the same sizes from a tensor that stays in the graph
+            sources = size_sources(_shape(n), u, inside)
+            if u.target is aten.sym_size.int and sources is not None and isinstance(sources[u.args[1]], int):
+                sources = None   # a static size read as a node: nothing to re-point it to
+            if sources is None:
+                raise NotAttention(f"{u.name} reads the size of {n.name}, and no tensor outside the attention "
+                                   "has those sizes")
+            shape_reads.append((u, n))
+            outside.remove(u)
         if outside:
             what = "attention probabilities" if n in p_chain or n is sm else "scores"
             raise NotAttention(f"the {what} ({n.name}) are also used by {outside[0].name}; "
                                "a fused op would hide that use")
-    p_op, v_op, spelling_pv, pv_batch_shape, pv_extra, pv_alpha = _product_operands(pv, "pv")
+    p_op, v_op, spelling_pv, pv_batch_shape, pv_extra, pv_alpha, pv_out_perm = _product_operands(pv, "pv")
     if pv_extra or pv_alpha != 1.0:
         raise NotAttention("the P·V product adds or scales")
     (p_op, p_perm), (v_op, v_perm) = _split(p_op), _split(v_op)
@@ -599,9 +654,11 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     if not _eq(k_ref.heads, v_ref.heads):
         raise NotAttention(f"K has {k_ref.heads} heads and V {v_ref.heads}")
     head_dim = _shape(q_op)[q_perm[-1] if q_perm else -1]
-    v_head_dim = _shape(pv)[-1]
+    v_head_dim = _shape(pv)[-1] if pv_out_perm is None else _shape(pv)[pv_out_perm.index(len(_shape(pv)) - 1)]
 
     out_steps = _output_steps(pv, pv_batch_shape)
+    if pv_out_perm is not None:
+        out_steps += (("permute", tuple(pv_out_perm)),)
     paged, paged_scale = _paged_pair(
         kt_op, lambda lay: logical_qk(_in_order(k_perm)(lay)).transpose(2, 3),
         v_op, lambda lay: logical_pv(_in_order(v_perm)(lay)), post * q_ref.scale)
@@ -611,11 +668,18 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, softcap=softcap, terms=terms,
         dropout_p=dropout_p, safe_softmax=sm.target is aten._safe_softmax.default,
         output=pv, output_steps=out_steps, region=region, paged=paged, paged_scale=paged_scale,
+        shape_reads=shape_reads,
     )
 
 
-def _einsum_perms(eq: str):
-    """Permutations that bring einsum 'xyz,xwz->...' operands to matmul form, or NotAttention."""
+def _einsum_perms(eq: str, which: str):
+    """Permutations that bring einsum operands to matmul form `[batch, m, k] x [batch, k, n]`, and the
+    permutation `out_perm` with `einsum_out = matmul_out.permute(out_perm)` (None when it is the identity).
+
+    Batch dims keep the order of the first operand (`bqhd,bkhd->bhqk` reads q as [b, h, q, d]). The
+    Q·Kᵀ product must write [batch, m, n] (the softmax reads the last dim as the keys); P·V may write
+    any order (`bhqk,bkhd->bqhd` is the BSHD output, a permute of the op's [B, H, Tq, D]).
+    """
     eq = eq.replace(" ", "")
     if "->" not in eq or "..." in eq:
         raise NotAttention(f"einsum '{eq}' is not a batched matmul this pass understands")
@@ -627,19 +691,25 @@ def _einsum_perms(eq: str):
     d = contracted[0]
     m = [c for c in a if c not in b]
     n = [c for c in b if c not in a]
-    batch = [c for c in out if c in a and c in b]
-    if len(m) != 1 or len(n) != 1 or list(out) != batch + m + n or set(a) != set(batch + m + [d]) \
-            or set(b) != set(batch + n + [d]):
-        raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> [batch, m, n]")
+    batch = [c for c in a if c in b and c in out]
+    canonical = batch + m + n
+    if len(m) != 1 or len(n) != 1 or sorted(out) != sorted(canonical) or len(set(out)) != len(out) \
+            or set(a) != set(batch + m + [d]) or set(b) != set(batch + n + [d]):
+        raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> a permutation of [batch, m, n]")
+    out_perm = [canonical.index(c) for c in out]
+    if which == "qk" and out_perm != list(range(len(out))):
+        raise NotAttention(f"einsum '{eq}' writes the scores as {out}, not [{''.join(canonical)}]: "
+                           "the softmax would not run over the keys of each query")
     perm_a = [a.index(c) for c in batch + m + [d]]
     perm_b = [b.index(c) for c in batch + [d] + n]
-    return perm_a, perm_b
+    return perm_a, perm_b, (None if out_perm == list(range(len(out))) else out_perm)
 
 
 def _product_operands(node: fx.Node, which: str):
-    """(left operand, right operand, spelling, batch shape, extra bias terms, alpha) of a product.
+    """(left operand, right operand, spelling, batch shape, extra bias terms, alpha, out_perm) of a product.
 
-    For einsum the operands are wrapped so that their layouts are read in matmul order.
+    For einsum the operands are wrapped so that their layouts are read in matmul order, and `out_perm`
+    says how the einsum's output permutes the matmul-order result (None: not at all).
     """
     t = node.target
     shape = _shape(node)
@@ -648,10 +718,10 @@ def _product_operands(node: fx.Node, which: str):
         a, b = node.args
         if len(_shape(a)) < 2 or len(_shape(b)) < 2:
             raise NotAttention("matmul with a vector")
-        return a, b, "matmul", batch_shape, [], 1.0
+        return a, b, "matmul", batch_shape, [], 1.0, None
     if t is aten.bmm.default:
         a, b = node.args
-        return a, b, "bmm", batch_shape, [], 1.0
+        return a, b, "bmm", batch_shape, [], 1.0, None
     if t is aten.baddbmm.default:
         inp, a, b = node.args[:3]
         # under dynamic=True Dynamo may pass alpha / beta as symbolic floats (graph nodes)
@@ -660,13 +730,16 @@ def _product_operands(node: fx.Node, which: str):
         if alpha is None or beta is None:
             raise NotAttention("baddbmm's alpha or beta is data")
         extra = [] if beta == 0 else [(inp, beta)]
-        return a, b, "baddbmm", batch_shape, extra, alpha
+        return a, b, "baddbmm", batch_shape, extra, alpha, None
     if t is aten.einsum.default:
         eq, operands = node.args[0], node.args[1]
         if len(operands) != 2:
             raise NotAttention("einsum of more than two operands")
-        perm_a, perm_b = _einsum_perms(eq)
-        return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0
+        perm_a, perm_b, out_perm = _einsum_perms(eq, which)
+        if out_perm is not None:   # the matmul-order shape: canonical dim j is written at out_perm.index(j)
+            shape = [shape[out_perm.index(j)] for j in range(len(shape))]
+            batch_shape = shape[:-2]
+        return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0, out_perm
     raise NotAttention(f"{t} is not a product")
 
 
@@ -779,9 +852,10 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
             terms.append(ScoreTerm("keep", mask, float("-inf"), (batch, heads, q_len, k_len), _val(q).dtype))
         else:
             terms.append(ScoreTerm("bias", mask, 1.0, (batch, heads, q_len, k_len), _val(q).dtype))
-    scale_v = (1.0 / math.sqrt(head_dim)) if scale is None else float(scale)
-    if not isinstance(head_dim, int) and scale is None:
-        raise NotAttention("symbolic head_dim with the default scale")
+    # a symbolic head dim (dynamic=True) is specialized: int() guards on it, Dynamo recompiles if it changes
+    scale_v = (1.0 / math.sqrt(int(head_dim))) if scale is None else _constant_value(scale)
+    if scale_v is None:
+        raise NotAttention(f"SDPA's scale {scale} is not a number")
     paged, paged_scale = _paged_pair(k, ident, v, ident, scale_v * q_ref.scale)
     return AttentionMatch(
         anchor=node, spelling="sdpa", q=q_ref, k=k_ref, v=v_ref, batch=batch, q_heads=heads,

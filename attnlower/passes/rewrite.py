@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .analyze import Decision
-from .detect import AttentionMatch
+from .detect import AttentionMatch, reads_shape_only, size_sources
 from .layout import _val
 
 aten = torch.ops.aten
@@ -34,12 +34,13 @@ def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None
     for n in region:
         if n is output:
             continue
-        outside_users = [u for u in dg.successors(n) if u not in inside]
+        # a read of the size only (`mask.expand_as(scores)`) is re-pointed by the rewrite: not a use
+        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_shape_only(u, n)]
         if outside_users:
             raise NotConvex(f"{n.name} is used outside the attention ({outside_users[0].name})")
     for n in region:
         for u in dg.successors(n):
-            if u in inside:
+            if u in inside or reads_shape_only(u, n):
                 continue
             if inside & nx.descendants(dg, u):
                 raise NotConvex(f"a path leaves the region at {u.name} and comes back")
@@ -144,6 +145,7 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
 
     g = gm.graph
+    _repoint_size_reads(m, fake_mode)
     emit = _Emitter(g, m.output, fake_mode)
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
@@ -167,6 +169,34 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     return _finish(emit, m, out)
 
 
+def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
+    """Make each size-only reader of a region node read the same sizes from a tensor outside the region
+    (`detect.size_sources` found one), so the region becomes dead code."""
+    inside = set(m.region)
+    for user, node in m.shape_reads:
+        graph = user.graph
+        emit = _Emitter(graph, user, fake_mode)
+        sizes = []
+        for src in size_sources(_val(node).shape, user, inside):
+            if isinstance(src, tuple):
+                src = emit(aten.sym_size.int, src)
+            sizes.append(src)
+        uv = _val(user)
+        if user.target is aten.sym_size.int:
+            new = sizes[user.args[1]]
+        elif user.target is aten.expand_as.default:
+            new = emit(aten.expand.default, (user.args[0], sizes))
+        elif user.target is aten.full_like.default:
+            new = emit(aten.full.default, (sizes, user.args[1]), {"dtype": uv.dtype, "device": uv.device})
+        else:
+            maker = {aten.zeros_like.default: aten.zeros.default, aten.ones_like.default: aten.ones.default,
+                     aten.empty_like.default: aten.empty.memory_format}[user.target]
+            new = emit(maker, (sizes,), {"dtype": uv.dtype, "device": uv.device})
+        if not isinstance(new, fx.Node):
+            raise ValueError(f"{user.name} reads a static size of {node.name}; detect should have refused it")
+        user.replace_all_uses_with(new)
+
+
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
     """Bring the op's [B, Hq, Tq, Dv] result to the replaced node's shape and strides, reroute users."""
     for kind, arg in m.output_steps:
@@ -174,6 +204,10 @@ def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
             out = emit(aten.flatten.using_ints, (out, *arg))
         elif kind == "squeeze":
             out = emit(aten.squeeze.dim, (out, arg))
+        elif kind == "permute":
+            out = emit(aten.permute.default, (out, list(arg)))
+        else:
+            raise ValueError(f"unknown output step {kind}")
     out = _match_strides(emit, out, _val(m.output))
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]

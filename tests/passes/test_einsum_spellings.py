@@ -1,0 +1,71 @@
+"""einsum with permuted operands or output (issue 12.5).
+
+Q and K read in BSHD order (`bqhd,bkhd->bhqk`), the output written in BSHD order (`bhqk,bkhd->bqhd`),
+other index letters: fused, equal to eager. Scores written in another order than [batch, q, k] stay
+unfused with a reason, and the decode form without a query dim (`bhd,bhsd->bhs`) is refused with one.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _compiled import check_fused, check_unfused
+
+B, H, T, D = 2, 4, 9, 16
+SCALE = D ** -0.5
+
+
+def bshd():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, T, H, D, generator=g) for _ in range(3)]
+
+
+def bshd_in_bhsd_scores_bshd_out(q, k, v):
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * SCALE
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def bshd_in_bhsd_out(q, k, v):
+    s = torch.einsum("bqhd,bkhd->bhqk", q * SCALE, k)
+    return torch.einsum("bhqk,bkhd->bhqd", torch.softmax(s, dim=-1), v)
+
+
+def bhsd_in_bshd_out(q, k, v):
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    s = torch.einsum("bnqd,bnkd->bnqk", q, k) / D ** 0.5
+    s = s.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool)), float("-inf"))
+    return torch.einsum("bnqk,bnkd->bqnd", s.softmax(-1), v)
+
+
+def spaced_equations(q, k, v):
+    s = torch.einsum("b i h d, b j h d -> b h i j", q, k) * SCALE
+    return torch.einsum("b h i j, b j h d -> b i h d", s.softmax(-1), v)
+
+
+def heads_first_output(q, k, v):
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * SCALE
+    return torch.einsum("bhqk,bkhd->hbqd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("fn", [bshd_in_bhsd_scores_bshd_out, bshd_in_bhsd_out, bhsd_in_bshd_out,
+                                spaced_equations, heads_first_output])
+def test_permuted_einsum_is_fused(fn):
+    check_fused(fn, *bshd())
+
+
+def test_scores_written_query_major_stay_unfused():
+    def f(q, k, v):
+        s = torch.einsum("bqhd,bkhd->bqhk", q, k) * SCALE
+        return torch.einsum("bqhk,bkhd->bqhd", s.softmax(-1), v)
+
+    check_unfused(f, *bshd(), reason="writes the scores")
+
+
+def test_decode_einsum_without_query_dim_is_refused_with_a_reason():
+    def f(q, k, v):
+        s = torch.einsum("bhd,bhsd->bhs", q, k) * SCALE
+        return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, H, D, generator=g), torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    check_unfused(f, q, k, v, reason="einsum")
