@@ -196,6 +196,8 @@ def lift_problem(term: ScoreTerm, batch, heads) -> str:
     op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
     """
     shape = list(_shape(term.node))
+    if term.row_inserted and shape:
+        shape = shape[:-1] + [1] + shape[-1:]
     score_shape = list(term.score_shape)
     extra = len(shape) - len(score_shape)
     if extra > 0 and any(not bool(s == 1) for s in shape[:extra]):

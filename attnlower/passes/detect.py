@@ -53,6 +53,7 @@ class ScoreTerm:
     value: float
     score_shape: tuple = ()              # the scores' shape where the term is applied: it broadcasts against it
     score_dtype: torch.dtype | None = None  # the scores' dtype there: a bool / int bias is that kind of number
+    row_inserted: bool = False           # the scores had no Tq dim (decode einsum): unsqueeze(-2) the term first
 
     @property
     def score_rank(self) -> int:
@@ -571,7 +572,17 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         terms.append(ScoreTerm("bias", node_, coef * post, tuple(_shape(product)), _val(product).dtype))
     post *= alpha
     pshape = _shape(product)
-    if not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
+    if _has_row_inserted(q_op):
+        # one query per row (decode's `bhd,bhsd->bhs`): the scores are [.., Tk], Tq = 1 is implied;
+        # terms broadcast against them and get the row dim back in the rewrite
+        q_len, k_len = 1, shape[-1]
+        batch, heads = _heads_split(list(shape[:-1]) + [1, shape[-1]], [])
+        for t in terms:
+            t.row_inserted = True
+            t.score_shape = tuple(t.score_shape[:-1]) + (1, t.score_shape[-1])
+        if not _eq(pshape[-1], k_len):
+            raise NotAttention("the product's Tk differs from the softmax's")
+    elif not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
         raise NotAttention("the product's [Tq, Tk] differ from the softmax's")
 
     # ---- down the probability chain to P·V
@@ -656,7 +667,11 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     head_dim = _shape(q_op)[q_perm[-1] if q_perm else -1]
     v_head_dim = _shape(pv)[-1] if pv_out_perm is None else _shape(pv)[pv_out_perm.index(len(_shape(pv)) - 1)]
 
+    if isinstance(p_perm, _Order) != isinstance(q_perm, _Order):
+        raise NotAttention("one product has a query dim and the other not")
     out_steps = _output_steps(pv, pv_batch_shape)
+    if isinstance(p_perm, _Order):
+        out_steps += (("squeeze", -2),)   # the implied query row
     if pv_out_perm is not None:
         out_steps += (("permute", tuple(pv_out_perm)),)
     paged, paged_scale = _paged_pair(
@@ -693,7 +708,11 @@ def _einsum_perms(eq: str, which: str):
     n = [c for c in b if c not in a]
     batch = [c for c in a if c in b and c in out]
     canonical = batch + m + n
-    if len(m) != 1 or len(n) != 1 or sorted(out) != sorted(canonical) or len(set(out)) != len(out) \
+    row = None
+    if not m and len(n) == 1:
+        row = len(batch)   # no query / row index (decode's `bhd,bhsd->bhs`): a size-1 row is implied
+    if len(m) > 1 or (len(m) == 0 and row is None) or len(n) != 1 or sorted(out) != sorted(canonical) \
+            or len(set(out)) != len(out) \
             or set(a) != set(batch + m + [d]) or set(b) != set(batch + n + [d]):
         raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> a permutation of [batch, m, n]")
     out_perm = [canonical.index(c) for c in out]
@@ -702,6 +721,8 @@ def _einsum_perms(eq: str, which: str):
                            "the softmax would not run over the keys of each query")
     perm_a = [a.index(c) for c in batch + m + [d]]
     perm_b = [b.index(c) for c in batch + [d] + n]
+    if row is not None:
+        perm_a = _Order(perm_a, row)
     return perm_a, perm_b, (None if out_perm == list(range(len(out))) else out_perm)
 
 
@@ -739,8 +760,26 @@ def _product_operands(node: fx.Node, which: str):
         if out_perm is not None:   # the matmul-order shape: canonical dim j is written at out_perm.index(j)
             shape = [shape[out_perm.index(j)] for j in range(len(shape))]
             batch_shape = shape[:-2]
+        if isinstance(perm_a, _Order):   # [batch, n]: every dim but the last is batch
+            batch_shape = shape[:-1]
         return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0, out_perm
     raise NotAttention(f"{t} is not a product")
+
+
+@dataclass(frozen=True)
+class _Order:
+    """An einsum operand's permutation to matmul order, then a size-1 row dim inserted at `row`
+    (the operand has no row index: decode's `q` in `bhd,bhsd->bhs`, `p` in `bhs,bhsd->bhd`)."""
+
+    perm: list
+    row: int
+
+    def __getitem__(self, i):
+        return self.perm[i]
+
+
+def _has_row_inserted(operand) -> bool:
+    return isinstance(operand, tuple) and isinstance(operand[1], _Order)
 
 
 def _split(operand):
@@ -751,6 +790,8 @@ def _split(operand):
 
 
 def _in_order(perm):
+    if isinstance(perm, _Order):
+        return lambda lay: lay.permute(perm.perm).unsqueeze(perm.row)
     return (lambda lay: lay) if perm is None else (lambda lay: lay.permute(perm))
 
 

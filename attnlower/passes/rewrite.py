@@ -99,6 +99,9 @@ def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     x = term.node
     shape = list(_val(x).shape)
     score_shape = list(term.score_shape)
+    if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
+        x = emit(aten.unsqueeze.default, (x, -2))
+        shape = list(_val(x).shape)
     extra = len(shape) - len(score_shape)
     if extra > 0:  # leading dims of size 1 (lift_problem checked)
         x = emit(aten.squeeze.dims, (x, list(range(extra))))
