@@ -168,8 +168,9 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
                     summary = fn(graph, ctx)
                     report.passes.append({"name": name + label, "seconds": time.perf_counter() - t,
                                           "summary": summary})
-                    if opts.dump_dir:
-                        snapshots.append((name + label, work.print_readable(print_output=False)))
+                    if opts.dump_dir:   # a file name: "detect_wrap_body_0" for a checkpoint body
+                        snapshots.append((name + label.replace(" [", "_").replace("]", "").replace(".", "_"),
+                                          work.print_readable(print_output=False)))
             aten_gm = work
         except Exception as e:
             if opts.strict:

@@ -43,9 +43,10 @@ class NotAttention(Exception):
 class ScoreTerm:
     """One mask/bias applied to the scores.
 
-    kind "bias": `scores += coef * node`; "fill": `scores = value` where node is True;
-    "keep": `scores = value` where node is False. Values and coefs already include every scalar
-    multiplier applied after the term, so they are in the units of the softmax input.
+    kind "bias": `scores += coef * node` (a bool or int node is the number it holds, True = 1: only
+    `where`, `masked_fill` and SDPA's `attn_mask` make a bool a mask); "fill": `scores = value` where
+    node is True; "keep": `scores = value` where node is False. Values and coefs already include every
+    scalar multiplier applied after the term, so they are in the units of the softmax input.
     """
 
     kind: str
@@ -54,10 +55,6 @@ class ScoreTerm:
     score_shape: tuple = ()              # the scores' shape where the term is applied: it broadcasts against it
     score_dtype: torch.dtype | None = None  # the scores' dtype there: a bool / int bias is that kind of number
     row_inserted: bool = False           # the scores had no Tq dim (decode einsum): unsqueeze(-2) the term first
-
-    @property
-    def score_rank(self) -> int:
-        return len(self.score_shape)
 
 
 @dataclass
