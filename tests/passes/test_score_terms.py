@@ -239,3 +239,31 @@ def test_bart_flattened_scores_under_dynamic_shapes():
         return torch.bmm(s.softmax(-1), v.reshape(bsz * heads, -1, d))
 
     check_fused(baddbmm_flat, *qkv(), flat, dynamic=True)
+
+
+def test_hf_bloom_alibi_through_baddbmm():
+    # BLOOM: baddbmm(alibi [B*H, 1, T], q, kᵀ, beta=1, alpha=1/sqrt(d)) on [B*H] scores, padding mask in 4-D
+    import transformers
+
+    import attnlower
+    from _compiled import assert_matches_eager
+
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    net = transformers.BloomModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+
+    def run(ids, mask):
+        return net(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    want = run(ids, mask)
+    torch._dynamo.reset()
+    reports = attnlower.inspect(run, ids, mask, options={"inner": "eager", "strict": True})
+    assert [s.op for r in reports for s in r.sites] == ["flash_attention"] * 2, "\n".join(r.table() for r in reports)
+    torch._dynamo.reset()
+    assert_matches_eager(torch.compile(run, backend="attnlower", options={"inner": "eager", "strict": True})(ids, mask),
+                         want)
