@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
-from .canonicalize import fake_mode_for, subclass_attention_refusals, to_aten
+from .canonicalize import checkpoint_bodies, fake_mode_for, subclass_attention_refusals, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
 from .options import Options
@@ -50,6 +50,8 @@ class Context:
     report: CompileReport
     fake_mode: object
     found: list = field(default_factory=list)
+    sites: list = field(default_factory=list)      # the report's sites for `found` (this graph's)
+    in_checkpoint: bool = False                     # the graph is the body of a torch.utils.checkpoint call
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,8 +60,9 @@ class Context:
 def detect(gm: fx.GraphModule, ctx: Context) -> str:
     """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
     ctx.found = find_attention_sites(gm) + subclass_attention_refusals(gm)  # + attention left to DTensor
-    for i, f in enumerate(ctx.found):
-        site = Site(index=i, location=f.location, spelling=f.spelling)
+    ctx.sites = []
+    for f in ctx.found:
+        site = Site(index=len(ctx.report.sites), location=f.location, spelling=f.spelling)
         if isinstance(f, Refusal):
             site.reason = f.reason
             site.region = [f.anchor.name]
@@ -72,6 +75,7 @@ def detect(gm: fx.GraphModule, ctx: Context) -> str:
                 "v": format_dims((f.batch, f.kv_heads, f.k_len, f.v_head_dim)),
             }
         ctx.report.sites.append(site)
+        ctx.sites.append(site)
     n_ok = sum(isinstance(f, AttentionMatch) for f in ctx.found)
     return f"{len(ctx.found)} candidate(s), {n_ok} proven"
 
@@ -80,13 +84,16 @@ def analyze_and_rewrite(gm: fx.GraphModule, ctx: Context) -> str:
     """Classify masks, choose the op, check convexity, and rewrite each proven site."""
     dg = graph_digraph(gm)
     done = 0
-    for f, site in zip(ctx.found, ctx.report.sites):
+    for f, site in zip(ctx.found, ctx.sites):
         if not isinstance(f, AttentionMatch):
             continue
         site.memory = memory_estimate(f)
         try:
             decision = analyze_site(f, ctx.target, ctx.options.ops)
             site.mask = f"{decision.mask.kind}"
+            if ctx.in_checkpoint and decision.spec.dropout_p:
+                # the checkpoint's recomputation would draw a new dropout mask for the op (no RNG replay)
+                raise Refused("dropout inside torch.utils.checkpoint: the recomputation would not replay the mask")
             check_convex(dg, f.region, f.output)
         except (Refused, NotConvex) as e:
             site.reason = str(e)
@@ -145,12 +152,17 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
         work = _copy(aten_gm)
         t0 = time.perf_counter()
         try:
-            for name, fn in PASSES:
-                t = time.perf_counter()
-                summary = fn(work, ctx)
-                report.passes.append({"name": name, "seconds": time.perf_counter() - t, "summary": summary})
-                if opts.dump_dir:
-                    snapshots.append((name, work.print_readable(print_output=False)))
+            # the graph, then the body of every torch.utils.checkpoint call in it (private copies)
+            for label, graph in [("", work)] + [(f" [{path}]", body) for path, body in checkpoint_bodies(work)]:
+                ctx.in_checkpoint = bool(label)
+                for name, fn in PASSES:
+                    t = time.perf_counter()
+                    summary = fn(graph, ctx)
+                    report.passes.append({"name": name + label, "seconds": time.perf_counter() - t,
+                                          "summary": summary})
+                    if opts.dump_dir:   # a file name: "detect_wrap_body_0" for a checkpoint body
+                        snapshots.append((name + label.replace(" [", "_").replace("]", "").replace(".", "_"),
+                                          work.print_readable(print_output=False)))
             aten_gm = work
         except Exception as e:
             if opts.strict:
@@ -174,7 +186,23 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
         return aten_gm
     from .inductor import compile_with_inductor
 
-    return compile_with_inductor(aten_gm, example_inputs)
+    with _checkpoint_remat_off(aten_gm):
+        return compile_with_inductor(aten_gm, example_inputs)
+
+
+def _checkpoint_remat_off(gm: fx.GraphModule):
+    """torch 2.13's AOTAutograd runs a rematerialization pass for forward-loss-backward graphs on
+    inference graphs too, and it rejects ops tagged random (our ops are: they draw the dropout seed)
+    inside a checkpoint body. Our graphs never hold a backward, so that pass has nothing to do: off
+    while a graph with fused checkpoint bodies compiles. Absent on older torch: nothing to turn off."""
+    import contextlib
+
+    fused_in_body = any(n.op == "call_function" and str(n.target).startswith("attnlower.")
+                        for _, body in checkpoint_bodies(gm, copy=False) for n in body.graph.nodes)
+    config = torch._functorch.config
+    if not fused_in_body or not hasattr(config, "remat_using_tags_for_fwd_loss_bwd_graph"):
+        return contextlib.nullcontext()
+    return config.patch(remat_using_tags_for_fwd_loss_bwd_graph=False)
 
 
 def _compile_untraced(gm: fx.GraphModule, example_inputs, opts: Options, report: CompileReport, err: Exception):

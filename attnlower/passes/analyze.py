@@ -148,16 +148,18 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
         if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED):
             raise Refused(f"a mask fills scores with {t.value}, which does not mask them out "
                           "(only -inf or values <= -1e30 are equivalent to masking)")
-        if t.score_rank != 4 and len(_shape(t.node)) > 2 and any(not bool(s == 1) for s in _shape(t.node)[:-2]):
-            raise Refused("a mask/bias is applied to the scores while they are flattened to [B*H, Tq, Tk]")
+        problem = lift_problem(t, m.batch, m.q_heads)
+        if problem:
+            raise Refused(problem)
     if causal and terms:
         raise Refused("SDPA with both is_causal and attn_mask")
     if len(terms) == 1:
         t = terms[0]
         polarity = {"bias": "additive", "fill": "fill", "keep": "keep"}[t.kind]
         info = classify_mask(t.node, polarity, m.q_len, m.k_len)
-        if t.kind == "bias" and t.value <= 0:
-            info = MaskInfo(kind="tensor", reason="bias enters with a negative factor")
+        if t.kind == "bias" and t.value != 1.0:
+            # a factor moves finite masking values (finfo.min * 1e-10 no longer masks): only the sum is exact
+            info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")
         mask = info
         pure = info.kind in ("none", "causal", "band") and not info.data_dependent
         # A pure causal/band mask never empties a row when every query sees its diagonal key.
@@ -185,6 +187,32 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
     )
     why = _why(spec, mask) + paged_note
     return Decision(spec=spec, bias=bias, mask=mask, reason=why)
+
+
+def lift_problem(term: ScoreTerm, batch, heads) -> str:
+    """Why `term` cannot be given to the op as a bias broadcastable to [B, Hq, Tq, Tk], or "".
+
+    A term broadcasts against the scores where it is applied (`term.score_shape`): 4-D scores in the
+    op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
+    """
+    shape = list(_shape(term.node))
+    if term.row_inserted and shape:
+        shape = shape[:-1] + [1] + shape[-1:]
+    score_shape = list(term.score_shape)
+    extra = len(shape) - len(score_shape)
+    if extra > 0 and any(not bool(s == 1) for s in shape[:extra]):
+        return f"a mask/bias of shape {shape} has more dims than the scores {score_shape} it is applied to"
+    shape = shape[max(extra, 0):]
+    lead = score_shape[:-2]
+    x_lead = shape[:len(shape) - 2] if len(shape) == len(score_shape) else []
+    if all(bool(d == 1) for d in x_lead):
+        return ""
+    if len(lead) == 2 and bool(lead[0] == batch) and bool(lead[1] == heads):
+        return ""
+    if len(lead) == 1 and bool(lead[0] == batch * heads) and isinstance(heads, int):
+        return ""
+    return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, whose leading dims are "
+            f"not the attention's [B={batch}, H={heads}] (or [B*H] with a static H)")
 
 
 def _why(spec: AttentionSpec, mask: MaskInfo) -> str:

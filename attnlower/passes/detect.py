@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .kv import OperandRef, PagedRef, resolve_operand, resolve_paged
-from .layout import Layout, NotAView, _eq, _shape, _val, layout_of
+from .layout import SCORE_PASS_THROUGH, Layout, NotAView, _eq, _is_one, _shape, _val, layout_of
 
 aten = torch.ops.aten
 
@@ -32,11 +32,7 @@ SDPA_OPS = {
 }
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
 # Ops on the score or probability chain that move or copy values without changing them.
-PASS_THROUGH = {
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-}
+PASS_THROUGH = SCORE_PASS_THROUGH
 
 
 class NotAttention(Exception):
@@ -47,15 +43,18 @@ class NotAttention(Exception):
 class ScoreTerm:
     """One mask/bias applied to the scores.
 
-    kind "bias": `scores += coef * node`; "fill": `scores = value` where node is True;
-    "keep": `scores = value` where node is False. Values and coefs already include every scalar
-    multiplier applied after the term, so they are in the units of the softmax input.
+    kind "bias": `scores += coef * node` (a bool or int node is the number it holds, True = 1: only
+    `where`, `masked_fill` and SDPA's `attn_mask` make a bool a mask); "fill": `scores = value` where
+    node is True; "keep": `scores = value` where node is False. Values and coefs already include every
+    scalar multiplier applied after the term, so they are in the units of the softmax input.
     """
 
     kind: str
     node: fx.Node
     value: float
-    score_rank: int = 4   # rank of the scores where the term is applied (broadcasting is per rank)
+    score_shape: tuple = ()              # the scores' shape where the term is applied: it broadcasts against it
+    score_dtype: torch.dtype | None = None  # the scores' dtype there: a bool / int bias is that kind of number
+    row_inserted: bool = False           # the scores had no Tq dim (decode einsum): unsqueeze(-2) the term first
 
 
 @dataclass
@@ -90,6 +89,8 @@ class AttentionMatch:
     region: list[fx.Node] = field(default_factory=list)
     paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
     paged_scale: float = 0.0                          # the score scale when reading K paged
+    shape_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (user, region node): size reads
+
 
     @property
     def location(self) -> str:
@@ -167,6 +168,50 @@ def _only_user(n: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
+# Ops that read only the size (and dtype / device) of the argument named here, never its values.
+SIZE_READS = {aten.sym_size.int: 0, aten.expand_as.default: 1, aten.zeros_like.default: 0,
+              aten.ones_like.default: 0, aten.full_like.default: 0, aten.empty_like.default: 0}
+
+
+def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """Does `user` read only the size of `node` (`scores.size(0)`, `mask.expand_as(scores)`)?"""
+    if user.op != "call_function" or user.target not in SIZE_READS:
+        return False
+    index = SIZE_READS[user.target]
+    args = list(user.args)
+    return len(args) > index and args[index] is node and all(
+        a is not node for i, a in enumerate(args) if i != index) and node not in user.kwargs.values()
+
+
+def size_sources(shape, before: fx.Node, exclude: set) -> list | None:
+    """For each size of `shape`: the int, or a (node, dim) / SymInt node outside `exclude` and before
+    `before` that holds the same (symbolic) size; None when one has no such source."""
+    graph_nodes = list(before.graph.nodes)
+    earlier = graph_nodes[:graph_nodes.index(before)]
+    out = []
+    for size in shape:
+        if isinstance(size, int):
+            out.append(size)
+            continue
+        found = None
+        for n in earlier:
+            if n in exclude:
+                continue
+            val = n.meta.get("val")
+            if isinstance(val, torch.SymInt) and val.node.expr == size.node.expr:
+                found = n
+                break
+            if isinstance(val, torch.Tensor):
+                dims = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == size.node.expr]
+                if dims:
+                    found = (n, dims[0])
+                    break
+        if found is None:
+            return None
+        out.append(found)
+    return out
+
+
 # where(cond, scores, fill) with the fill a tensor or a python number
 _WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
 
@@ -215,64 +260,285 @@ def _constant_value(x) -> float | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# the score chain: a table of small rules, one per op family
+#
+# Walking up from the softmax input, each rule reads one node of the chain, records what it does
+# to the scores in the walk (a scale, a mask/bias term, a softcap) and returns the node that holds
+# the scores before it. The walk ends at a product (MATMUL_OPS); any op without a rule stops it.
+
+
+@dataclass
+class _ScoreWalk:
+    """What the rules have read so far, from the softmax input up.
+
+    `post` is the product of every scalar factor between the current node and the softmax: terms
+    recorded now are multiplied by it, so every term is in the units of the softmax input.
+    """
+
+    post: float = 1.0
+    softcap: float = 0.0
+    inside_tanh: bool = False
+    terms: list[ScoreTerm] = field(default_factory=list)
+    region: list[fx.Node] = field(default_factory=list)   # nodes read besides the chain itself
+
+    def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node) -> None:
+        if self.inside_tanh:
+            raise NotAttention("a mask or bias is applied inside the softcap's tanh")
+        val = _val(at)
+        self.terms.append(ScoreTerm(kind, node, value, tuple(_shape(at)), val.dtype))
+
+
+_SCORE_RULES: dict = {}
+
+
+def _rule(*ops):
+    def register(fn):
+        for op in ops:
+            _SCORE_RULES[op] = fn
+        return fn
+    return register
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = _shape(a), _shape(b)
+    return len(sa) == len(sb) and all(_eq(x, y) for x, y in zip(sa, sb))
+
+
+def _scores_operand(node: fx.Node, scores: fx.Node) -> fx.Node:
+    """`scores`, after checking the op did not broadcast them to a larger shape (a term may not add dims)."""
+    if not _same_shape(scores, node):
+        raise NotAttention(f"{node.name} broadcasts the scores from {list(_shape(scores))} to {list(_shape(node))}")
+    return scores
+
+
+def carries_scores(n, _seen=None) -> bool:
+    """Does `n` hold the Q·Kᵀ product, i.e. is a product reachable from it through score-chain ops?
+
+    Decided by dataflow alone (never by operand position or shape): a bias or a mask is computed
+    from other tensors; the scores are the operand through which the walk reaches the product.
+    """
+    seen = set() if _seen is None else _seen
+    stack = [n]
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, fx.Node) or x in seen or x.op != "call_function":
+            continue
+        seen.add(x)
+        if x.target in MATMUL_OPS:
+            return True
+        if x.target in _SCORE_RULES:
+            stack.extend(a for a in x.args if isinstance(a, fx.Node))
+    return False
+
+
+@_rule(*PASS_THROUGH)
+def _score_pass_through(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    src = cur.args[0]
+    if len(_shape(src)) < 2 or list(_shape(src))[-2:] != list(_shape(cur))[-2:]:
+        raise NotAttention(f"{cur.target} changes the [Tq, Tk] dims of the scores")
+    if cur.target is aten.expand.default and not _same_shape(src, cur):
+        raise NotAttention("the scores are broadcast")
+    if _val(cur).dtype in (torch.bool,) or not _val(cur).dtype.is_floating_point:
+        raise NotAttention(f"the scores are cast to {_val(cur).dtype}")
+    return src
+
+
+@_rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+def _score_scale(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    a, b = cur.args[0], cur.args[1]
+    is_mul = cur.target in (aten.mul.Tensor, aten.mul.Scalar)
+    if is_mul and (not isinstance(a, fx.Node) or _constant_value(a) is not None
+                   or not carries_scores(a) and carries_scores(b)):
+        a, b = b, a   # c * s
+    if not is_mul and not carries_scores(a) and carries_scores(b):
+        raise NotAttention(f"{cur.name} divides by the scores")
+    c = _constant_value(b)
+    if c is None:
+        raise NotAttention(f"the scores are multiplied by a tensor ({getattr(b, 'name', b)}) whose value is data")
+    w.post = w.post * c if cur.target in (aten.mul.Tensor, aten.mul.Scalar) else w.post / c
+    return _scores_operand(cur, a)
+
+
+def _row_max_of(m, x: fx.Node) -> list[fx.Node] | None:
+    """The nodes of `x.amax(-1, keepdim=True)` / `x.max(-1, keepdim=True).values` when `m` is one, else None."""
+    if not isinstance(m, fx.Node):
+        return None
+    last = (-1, len(_shape(x)) - 1)
+    if m.target is aten.amax.default and m.args[0] is x:
+        dims = list(m.args[1]) if len(m.args) > 1 else list(m.kwargs.get("dim", []))
+        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+        return [m] if len(dims) == 1 and dims[0] in last and keep else None
+    if m.target is operator.getitem and m.args[1] == 0 and isinstance(m.args[0], fx.Node):
+        mx = m.args[0]
+        if mx.target is aten.max.dim and mx.args[0] is x:
+            dim = mx.args[1]
+            keep = mx.args[2] if len(mx.args) > 2 else mx.kwargs.get("keepdim", False)
+            if dim in last and keep and all(u.target is operator.getitem and u.args[1] == 0 for u in mx.users):
+                return [m, mx]
+    return None
+
+
+@_rule(aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar)
+def _score_add(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    """`a + alpha * b` (`a - alpha * b`): the scores on either side, the other operand a bias term."""
+    a, b = cur.args[0], cur.args[1]
+    alpha = _constant_value(cur.kwargs.get("alpha", cur.args[2] if len(cur.args) > 2 else 1))
+    if alpha is None:
+        raise NotAttention(f"{cur.name} scales by an alpha that is data")
+    sign = -1.0 if cur.target in (aten.sub.Tensor, aten.sub.Scalar) else 1.0
+    row_max = _row_max_of(b, a) if sign < 0 and alpha == 1.0 else None
+    if row_max is not None:
+        # s - max_j(s): the same shift for every key of a row, which softmax removes
+        w.region += row_max
+        return a
+    a_is, b_is = carries_scores(a), carries_scores(b)
+    if a_is == b_is:
+        raise NotAttention(f"{cur.name}: {'both' if a_is else 'neither'} of its operands reach the Q·Kᵀ product "
+                           "through ops that keep the scores' [.., Tq, Tk] layout (views, casts, scales, masks)")
+    scores, other, other_coef, scores_coef = (a, b, sign * alpha, 1.0) if a_is else (b, a, 1.0, sign * alpha)
+    if isinstance(other, fx.Node) and _constant_value(other) is None:
+        # a bool or an int here is a number (0/1, the integer): `ScoreTerm.dtype` says which float it becomes
+        w.add_term("bias", other, w.post * other_coef, cur)
+    # adding a constant shifts every score of a row equally: softmax does not change
+    w.post *= scores_coef
+    return _scores_operand(cur, scores)
+
+
+def _fill_value(v: float, post: float) -> float:
+    return v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
+
+
+@_rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def _score_masked_fill(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    s, m, val = cur.args[0], cur.args[1], cur.args[2]
+    v = _constant_value(val)
+    if v is None:
+        raise NotAttention("masked_fill with a value that is data")
+    w.add_term("fill", m, _fill_value(v, w.post), cur)
+    return _scores_operand(cur, s)
+
+
+@_rule(*_WHERE)
+def _score_where(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    m, a, b = cur.args
+    a_is, b_is = carries_scores(a), carries_scores(b)
+    if a_is == b_is:
+        raise NotAttention("cannot tell the scores from the fill value in a where")
+    v = _constant_value(b if a_is else a)
+    if v is None:
+        raise NotAttention("where() fills with a tensor that is data")
+    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post), cur)
+    return _scores_operand(cur, a if a_is else b)
+
+
+@_rule(aten.tanh.default)
+def _score_tanh(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
+    if w.softcap or w.inside_tanh:
+        raise NotAttention("two tanh on the scores")
+    # terms already recorded are outside the tanh: softcap(s) + terms is the op's order
+    w.softcap = w.post
+    w.inside_tanh = True
+    return cur.args[0]
+
+
+def _walk_scores(x: fx.Node, w: _ScoreWalk) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk up from the softmax input `x` to the product; returns (product, chain nodes)."""
+    chain: list[fx.Node] = []
+    cur = x
+    while True:
+        chain.append(cur)  # every region node's users are checked once the region is whole
+        if cur.op != "call_function":
+            raise NotAttention(f"the scores come from {cur.op} {cur.name}, not a matmul")
+        if cur.target in MATMUL_OPS:
+            return cur, chain
+        rule = _SCORE_RULES.get(cur.target)
+        if rule is None:
+            raise NotAttention(f"the scores pass through {getattr(cur.target, '__name__', cur.target)} "
+                               "before the softmax")
+        cur = rule(cur, w)
+
+
+def _heads_split(shape, chain: list[fx.Node]):
+    """(batch, heads) of the scores: the softmax's own [B, H] or, for scores flattened to [B*H, Tq, Tk],
+    the [B, H] of a 4-D view of them on the chain (BART's `view(bsz, heads, tgt, src) + mask`), so the
+    op runs per head and a mask added in that view keeps its own broadcast."""
+    lead = shape[:-2]
+    if len(lead) == 2:
+        return lead[0], lead[1]
+    if len(lead) == 0:
+        return 1, 1
+    if len(lead) != 1:
+        raise NotAttention(f"scores have {len(lead)} batch dims; expected [B, H, Tq, Tk]")
+    for n in chain:
+        s = _shape(n)
+        if len(s) == 4 and not _is_one(s[0]) and not _is_one(s[1]) and _eq(s[0] * s[1], lead[0]):
+            return s[0], s[1]
+    return lead[0], 1
+
+
+# --------------------------------------------------------------------------------------------
+# softmax-anchored sites
+
 def _softmax_dim_is_last(node: fx.Node) -> bool:
     dim = node.args[1]
     rank = len(_shape(node))
     return dim in (-1, rank - 1)
 
 
+def _is_last_dim(dims, rank: int) -> bool:
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    return len(dims) == 1 and dims[0] in (-1, rank - 1)
+
+
+def _keepdim(node: fx.Node, index: int) -> bool:
+    return bool(node.args[index] if len(node.args) > index else node.kwargs.get("keepdim", False))
+
+
+def _manual_softmax(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(softmax input, the form's inner nodes) when `node` computes softmax over the last dim by hand:
+
+    `e / e.sum(-1, keepdim=True)` with `e = exp(x)` or `exp(x - rowmax(x))`; `exp(x - logsumexp(x, -1,
+    keepdim=True))`; `exp(log_softmax(x, -1))`. Each equals `softmax(x, -1)`, fully masked rows (NaN) included.
+    """
+    if node.op != "call_function":
+        return None
+    if node.target is aten.div.Tensor and len(node.args) == 2:
+        e, s = node.args
+        if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)):
+            return None
+        if e.target is not aten.exp.default or s.target is not aten.sum.dim_IntList or s.args[0] is not e:
+            return None
+        if not _is_last_dim(s.args[1], len(_shape(e))) or not _keepdim(s, 2):
+            return None
+        x, inner = e.args[0], [s, e]
+        if x.target is aten.sub.Tensor and len(x.args) == 2 and x.kwargs.get("alpha", 1) == 1:
+            row_max = _row_max_of(x.args[1], x.args[0])
+            if row_max is not None:
+                return x.args[0], inner + [x] + row_max
+        return x, inner
+    if node.target is aten.exp.default and isinstance(node.args[0], fx.Node):
+        y = node.args[0]
+        if y.target in (aten._log_softmax.default, aten.log_softmax.int) and _is_last_dim(y.args[1], len(_shape(y))):
+            if y.target is aten.log_softmax.int and (len(y.args) > 2 and y.args[2] is not None or y.kwargs.get("dtype")):
+                return None
+            return y.args[0], [y]
+        if y.target is aten.sub.Tensor and len(y.args) == 2 and y.kwargs.get("alpha", 1) == 1:
+            x, lse = y.args
+            if (isinstance(lse, fx.Node) and lse.target is aten.logsumexp.default and lse.args[0] is x
+                    and _is_last_dim(lse.args[1], len(_shape(x))) and _keepdim(lse, 2)):
+                return x, [y, lse]
+    return None
+
+
 def _is_manual_softmax(node: fx.Node) -> bool:
-    """`e / e.sum(-1, keepdim=True)` with `e = exp(x - x.amax(-1, keepdim=True))` (or `exp(x)`)."""
-    if node.target not in (aten.div.Tensor,) or len(node.args) != 2:
-        return False
-    e, s = node.args
-    if not (isinstance(e, fx.Node) and isinstance(s, fx.Node)):
-        return False
-    if e.target is not aten.exp.default or s.target not in (aten.sum.dim_IntList,):
-        return False
-    if s.args[0] is not e or list(s.args[1]) not in ([-1], [len(_shape(e)) - 1]):
-        return False
-    return bool(s.args[2] if len(s.args) > 2 else s.kwargs.get("keepdim", False))
+    return _manual_softmax(node) is not None
 
-
-def _manual_softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    e = node.args[0]
-    x = e.args[0]
-    inner = [node.args[1], e]
-    if x.target is aten.sub.Tensor:
-        a, m = x.args
-        if isinstance(m, fx.Node) and m.target in (aten.amax.default, aten.max.dim) and m.args[0] is a:
-            inner += [x, m] + ([] if m.target is aten.amax.default else [])
-            return a, inner
-    return x, inner
-
-
-def _leads_to_product(n: fx.Node, depth: int = 12) -> bool:
-    """Does `n` come from a matmul-like product through score-chain ops (a few steps)?"""
-    seen = 0
-    frontier = [n]
-    while frontier and seen < depth * 4:
-        x = frontier.pop()
-        seen += 1
-        if not isinstance(x, fx.Node) or x.op != "call_function":
-            continue
-        if x.target in MATMUL_OPS:
-            return True
-        if x.target in PASS_THROUGH or x.target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
-                                                    aten.sub.Tensor, aten.masked_fill.Scalar,
-                                                    aten.masked_fill.Tensor, aten.tanh.default,
-                                                    *_WHERE, aten.mul.Scalar, aten.div.Scalar):
-            frontier.extend(a for a in x.args if isinstance(a, fx.Node))
-    return False
-
-
-# --------------------------------------------------------------------------------------------
-# softmax-anchored sites
 
 def _match_softmax(sm: fx.Node) -> AttentionMatch:
     manual = sm.target not in SOFTMAX_OPS
     if manual:
-        x, inner = _manual_softmax_input(sm)
+        x, inner = _manual_softmax(sm)
         for n in inner:
             for u in n.users:
                 if u is not sm and u not in inner:
@@ -284,125 +550,36 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     shape = _shape(sm)
     if len(shape) < 2:
         raise NotAttention("softmax over a vector")
-    lead = shape[:-2]
-    if len(lead) == 2:
-        batch, heads = lead
-    elif len(lead) == 1:
-        batch, heads = lead[0], 1
-    elif len(lead) == 0:
-        batch, heads = 1, 1
-    else:
-        raise NotAttention(f"scores have {len(lead)} batch dims; expected [B, H, Tq, Tk]")
     q_len, k_len = shape[-2], shape[-1]
 
     # ---- up the score chain
-    region: list[fx.Node] = [sm] + inner
-    terms: list[ScoreTerm] = []
-    post = 1.0
-    softcap = 0.0
-    inside_tanh = False
-    cur = x
-    prev = inner[-1] if inner else sm
-    while True:
-        region.append(cur)  # every region node's users are checked once the region is whole
-        t = cur.target
-        if cur.op != "call_function":
-            raise NotAttention(f"the scores come from {cur.op} {cur.name}, not a matmul")
-        if t in MATMUL_OPS:
-            product = cur
-            break
-        args = cur.args
-        if t in PASS_THROUGH:
-            src = args[0]
-            if list(_shape(src))[-2:] != list(_shape(cur))[-2:] or len(_shape(src)) < 2:
-                raise NotAttention(f"{t} changes the [Tq, Tk] dims of the scores")
-            if t is aten.expand.default and list(_shape(src)) != list(_shape(cur)):
-                raise NotAttention("the scores are broadcast")
-            cur = src
-            continue
-        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
-            a, b = args[0], args[1]
-            if not isinstance(a, fx.Node):
-                a, b = b, a
-            c = b if isinstance(b, (int, float)) and not isinstance(b, bool) else _constant_value(b)
-            if c is None:
-                raise NotAttention(f"the scores are multiplied by a tensor ({getattr(b, 'name', b)}) whose value is data")
-            post = post * c if t in (aten.mul.Tensor, aten.mul.Scalar) else post / c
-            cur = a
-            continue
-        if t in (aten.add.Tensor, aten.sub.Tensor):
-            a, b = args[0], args[1]
-            alpha = cur.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-            a_is = isinstance(a, fx.Node) and _leads_to_product(a)
-            b_is = isinstance(b, fx.Node) and _leads_to_product(b)
-            if a_is == b_is:
-                raise NotAttention("cannot tell the scores from the bias in an add")
-            if inside_tanh:
-                raise NotAttention("a bias is added inside the softcap's tanh")
-            sign = -1.0 if t is aten.sub.Tensor else 1.0
-            if b_is:
-                if t is aten.sub.Tensor:
-                    raise NotAttention("the scores are negated")
-                a, b = b, a
-                alpha, sign = 1, 1.0
-            if isinstance(b, fx.Node):
-                cv = _constant_value(b)
-                if cv is None:
-                    terms.append(ScoreTerm("bias", b, post * sign * alpha, len(_shape(cur))))
-            # adding a constant shifts every score of a row equally: softmax does not change
-            cur = a
-            continue
-        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            s, m, val = args[0], args[1], args[2]
-            v = _constant_value(val)
-            if v is None:
-                raise NotAttention("masked_fill with a value that is data")
-            if inside_tanh:
-                raise NotAttention("a mask is applied inside the softcap's tanh")
-            terms.append(ScoreTerm("fill", m, v * post if math.isfinite(v) else v * (1 if post > 0 else -1),
-                                   len(_shape(cur))))
-            cur = s
-            continue
-        if t in _WHERE:
-            m, a, b = args
-            a_is = isinstance(a, fx.Node) and _leads_to_product(a)
-            b_is = isinstance(b, fx.Node) and _leads_to_product(b)
-            if a_is == b_is:
-                raise NotAttention("cannot tell the scores from the fill value in a where")
-            other = b if a_is else a
-            v = _constant_value(other)
-            if v is None:
-                raise NotAttention("where() fills with a tensor that is data")
-            if inside_tanh:
-                raise NotAttention("a mask is applied inside the softcap's tanh")
-            value = v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
-            terms.append(ScoreTerm("keep" if a_is else "fill", m, value, len(_shape(cur))))
-            cur = a if a_is else b
-            continue
-        if t is aten.tanh.default:
-            if softcap or inside_tanh:
-                raise NotAttention("two tanh on the scores")
-            if terms:
-                # softcap(s) + terms is the op's order; terms already recorded are outside the tanh
-                pass
-            softcap = post
-            inside_tanh = True
-            cur = args[0]
-            continue
-        raise NotAttention(f"the scores pass through {getattr(t, '__name__', t)} before the softmax")
-
+    walk = _ScoreWalk()
+    product, chain = _walk_scores(x, walk)
+    batch, heads = _heads_split(shape, chain)
+    region: list[fx.Node] = [sm] + inner + chain + walk.region
+    terms, post, softcap = walk.terms, walk.post, walk.softcap
     if post <= 0:
         raise NotAttention("the scores are scaled by a non-positive factor")
-    if inside_tanh and softcap <= 0:
+    if walk.inside_tanh and softcap <= 0:
         raise NotAttention("softcap with a non-positive cap")
 
     # ---- the Q·Kᵀ product
-    q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha = _product_operands(product, "qk")
+    q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha, _ = _product_operands(product, "qk")
     for node_, coef in extra_terms:
-        terms.append(ScoreTerm("bias", node_, coef * post, len(_shape(product))))
+        terms.append(ScoreTerm("bias", node_, coef * post, tuple(_shape(product)), _val(product).dtype))
     post *= alpha
     pshape = _shape(product)
-    if not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
+    if _has_row_inserted(q_op):
+        # one query per row (decode's `bhd,bhsd->bhs`): the scores are [.., Tk], Tq = 1 is implied;
+        # terms broadcast against them and get the row dim back in the rewrite
+        q_len, k_len = 1, shape[-1]
+        batch, heads = _heads_split(list(shape[:-1]) + [1, shape[-1]], [])
+        for t in terms:
+            t.row_inserted = True
+            t.score_shape = tuple(t.score_shape[:-1]) + (1, t.score_shape[-1])
+        if not _eq(pshape[-1], k_len):
+            raise NotAttention("the product's Tk differs from the softmax's")
+    elif not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
         raise NotAttention("the product's [Tq, Tk] differ from the softmax's")
 
     # ---- down the probability chain to P·V
@@ -446,13 +623,25 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     region += p_chain
     region.append(pv)
     inside = set(region)
+    shape_reads: list[tuple[fx.Node, fx.Node]] = []
     for n in region[:-1]:
         outside = [u for u in n.users if u not in inside]
+        for u in [u for u in outside if reads_shape_only(u, n)]:
+            # `mask.expand_as(scores)`, `scores.size(0)`: not a use of the values; the rewrite reads
+            # the same sizes from a tensor that stays in the graph
+            sources = size_sources(_shape(n), u, inside)
+            if u.target is aten.sym_size.int and sources is not None and isinstance(sources[u.args[1]], int):
+                sources = None   # a static size read as a node: nothing to re-point it to
+            if sources is None:
+                raise NotAttention(f"{u.name} reads the size of {n.name}, and no tensor outside the attention "
+                                   "has those sizes")
+            shape_reads.append((u, n))
+            outside.remove(u)
         if outside:
             what = "attention probabilities" if n in p_chain or n is sm else "scores"
             raise NotAttention(f"the {what} ({n.name}) are also used by {outside[0].name}; "
                                "a fused op would hide that use")
-    p_op, v_op, spelling_pv, pv_batch_shape, pv_extra, pv_alpha = _product_operands(pv, "pv")
+    p_op, v_op, spelling_pv, pv_batch_shape, pv_extra, pv_alpha, pv_out_perm = _product_operands(pv, "pv")
     if pv_extra or pv_alpha != 1.0:
         raise NotAttention("the P·V product adds or scales")
     (p_op, p_perm), (v_op, v_perm) = _split(p_op), _split(v_op)
@@ -473,9 +662,15 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     if not _eq(k_ref.heads, v_ref.heads):
         raise NotAttention(f"K has {k_ref.heads} heads and V {v_ref.heads}")
     head_dim = _shape(q_op)[q_perm[-1] if q_perm else -1]
-    v_head_dim = _shape(pv)[-1]
+    v_head_dim = _shape(pv)[-1] if pv_out_perm is None else _shape(pv)[pv_out_perm.index(len(_shape(pv)) - 1)]
 
+    if isinstance(p_perm, _Order) != isinstance(q_perm, _Order):
+        raise NotAttention("one product has a query dim and the other not")
     out_steps = _output_steps(pv, pv_batch_shape)
+    if isinstance(p_perm, _Order):
+        out_steps += (("squeeze", -2),)   # the implied query row
+    if pv_out_perm is not None:
+        out_steps += (("permute", tuple(pv_out_perm)),)
     paged, paged_scale = _paged_pair(
         kt_op, lambda lay: logical_qk(_in_order(k_perm)(lay)).transpose(2, 3),
         v_op, lambda lay: logical_pv(_in_order(v_perm)(lay)), post * q_ref.scale)
@@ -485,11 +680,18 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, softcap=softcap, terms=terms,
         dropout_p=dropout_p, safe_softmax=sm.target is aten._safe_softmax.default,
         output=pv, output_steps=out_steps, region=region, paged=paged, paged_scale=paged_scale,
+        shape_reads=shape_reads,
     )
 
 
-def _einsum_perms(eq: str):
-    """Permutations that bring einsum 'xyz,xwz->...' operands to matmul form, or NotAttention."""
+def _einsum_perms(eq: str, which: str):
+    """Permutations that bring einsum operands to matmul form `[batch, m, k] x [batch, k, n]`, and the
+    permutation `out_perm` with `einsum_out = matmul_out.permute(out_perm)` (None when it is the identity).
+
+    Batch dims keep the order of the first operand (`bqhd,bkhd->bhqk` reads q as [b, h, q, d]). The
+    Q·Kᵀ product must write [batch, m, n] (the softmax reads the last dim as the keys); P·V may write
+    any order (`bhqk,bkhd->bqhd` is the BSHD output, a permute of the op's [B, H, Tq, D]).
+    """
     eq = eq.replace(" ", "")
     if "->" not in eq or "..." in eq:
         raise NotAttention(f"einsum '{eq}' is not a batched matmul this pass understands")
@@ -501,19 +703,31 @@ def _einsum_perms(eq: str):
     d = contracted[0]
     m = [c for c in a if c not in b]
     n = [c for c in b if c not in a]
-    batch = [c for c in out if c in a and c in b]
-    if len(m) != 1 or len(n) != 1 or list(out) != batch + m + n or set(a) != set(batch + m + [d]) \
-            or set(b) != set(batch + n + [d]):
-        raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> [batch, m, n]")
+    batch = [c for c in a if c in b and c in out]
+    canonical = batch + m + n
+    row = None
+    if not m and len(n) == 1:
+        row = len(batch)   # no query / row index (decode's `bhd,bhsd->bhs`): a size-1 row is implied
+    if len(m) > 1 or (len(m) == 0 and row is None) or len(n) != 1 or sorted(out) != sorted(canonical) \
+            or len(set(out)) != len(out) \
+            or set(a) != set(batch + m + [d]) or set(b) != set(batch + n + [d]):
+        raise NotAttention(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> a permutation of [batch, m, n]")
+    out_perm = [canonical.index(c) for c in out]
+    if which == "qk" and out_perm != list(range(len(out))):
+        raise NotAttention(f"einsum '{eq}' writes the scores as {out}, not [{''.join(canonical)}]: "
+                           "the softmax would not run over the keys of each query")
     perm_a = [a.index(c) for c in batch + m + [d]]
     perm_b = [b.index(c) for c in batch + [d] + n]
-    return perm_a, perm_b
+    if row is not None:
+        perm_a = _Order(perm_a, row)
+    return perm_a, perm_b, (None if out_perm == list(range(len(out))) else out_perm)
 
 
 def _product_operands(node: fx.Node, which: str):
-    """(left operand, right operand, spelling, batch shape, extra bias terms, alpha) of a product.
+    """(left operand, right operand, spelling, batch shape, extra bias terms, alpha, out_perm) of a product.
 
-    For einsum the operands are wrapped so that their layouts are read in matmul order.
+    For einsum the operands are wrapped so that their layouts are read in matmul order, and `out_perm`
+    says how the einsum's output permutes the matmul-order result (None: not at all).
     """
     t = node.target
     shape = _shape(node)
@@ -522,10 +736,10 @@ def _product_operands(node: fx.Node, which: str):
         a, b = node.args
         if len(_shape(a)) < 2 or len(_shape(b)) < 2:
             raise NotAttention("matmul with a vector")
-        return a, b, "matmul", batch_shape, [], 1.0
+        return a, b, "matmul", batch_shape, [], 1.0, None
     if t is aten.bmm.default:
         a, b = node.args
-        return a, b, "bmm", batch_shape, [], 1.0
+        return a, b, "bmm", batch_shape, [], 1.0, None
     if t is aten.baddbmm.default:
         inp, a, b = node.args[:3]
         # under dynamic=True Dynamo may pass alpha / beta as symbolic floats (graph nodes)
@@ -534,14 +748,35 @@ def _product_operands(node: fx.Node, which: str):
         if alpha is None or beta is None:
             raise NotAttention("baddbmm's alpha or beta is data")
         extra = [] if beta == 0 else [(inp, beta)]
-        return a, b, "baddbmm", batch_shape, extra, alpha
+        return a, b, "baddbmm", batch_shape, extra, alpha, None
     if t is aten.einsum.default:
         eq, operands = node.args[0], node.args[1]
         if len(operands) != 2:
             raise NotAttention("einsum of more than two operands")
-        perm_a, perm_b = _einsum_perms(eq)
-        return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0
+        perm_a, perm_b, out_perm = _einsum_perms(eq, which)
+        if out_perm is not None:   # the matmul-order shape: canonical dim j is written at out_perm.index(j)
+            shape = [shape[out_perm.index(j)] for j in range(len(shape))]
+            batch_shape = shape[:-2]
+        if isinstance(perm_a, _Order):   # [batch, n]: every dim but the last is batch
+            batch_shape = shape[:-1]
+        return (operands[0], perm_a), (operands[1], perm_b), "einsum", batch_shape, [], 1.0, out_perm
     raise NotAttention(f"{t} is not a product")
+
+
+@dataclass(frozen=True)
+class _Order:
+    """An einsum operand's permutation to matmul order, then a size-1 row dim inserted at `row`
+    (the operand has no row index: decode's `q` in `bhd,bhsd->bhs`, `p` in `bhs,bhsd->bhd`)."""
+
+    perm: list
+    row: int
+
+    def __getitem__(self, i):
+        return self.perm[i]
+
+
+def _has_row_inserted(operand) -> bool:
+    return isinstance(operand, tuple) and isinstance(operand[1], _Order)
 
 
 def _split(operand):
@@ -552,6 +787,8 @@ def _split(operand):
 
 
 def _in_order(perm):
+    if isinstance(perm, _Order):
+        return lambda lay: lay.permute(perm.perm).unsqueeze(perm.row)
     return (lambda lay: lay) if perm is None else (lambda lay: lay.permute(perm))
 
 
@@ -650,12 +887,13 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     if mask is not None:
         mv = _val(mask)
         if mv.dtype == torch.bool:
-            terms.append(ScoreTerm("keep", mask, float("-inf")))
+            terms.append(ScoreTerm("keep", mask, float("-inf"), (batch, heads, q_len, k_len), _val(q).dtype))
         else:
-            terms.append(ScoreTerm("bias", mask, 1.0))
-    scale_v = (1.0 / math.sqrt(head_dim)) if scale is None else float(scale)
-    if not isinstance(head_dim, int) and scale is None:
-        raise NotAttention("symbolic head_dim with the default scale")
+            terms.append(ScoreTerm("bias", mask, 1.0, (batch, heads, q_len, k_len), _val(q).dtype))
+    # a symbolic head dim (dynamic=True) is specialized: int() guards on it, Dynamo recompiles if it changes
+    scale_v = (1.0 / math.sqrt(int(head_dim))) if scale is None else _constant_value(scale)
+    if scale_v is None:
+        raise NotAttention(f"SDPA's scale {scale} is not a number")
     paged, paged_scale = _paged_pair(k, ident, v, ident, scale_v * q_ref.scale)
     return AttentionMatch(
         anchor=node, spelling="sdpa", q=q_ref, k=k_ref, v=v_ref, batch=batch, q_heads=heads,

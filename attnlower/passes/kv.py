@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, is_scale_node, layout_chain, layout_of
+from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, is_scale_node, layout_chain, layout_of, scale_of
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
         scale = 1.0
         for n in chain[:idx]:
             if is_scale_node(n):
-                x, c = n.args
-                if not isinstance(c, (int, float)):
-                    c = x
-                scale = scale * c if "mul" in str(n.target) else scale / c
+                scale *= scale_of(n)[1]
         return OperandRef(src, tuple(steps), heads, scale, idx)
     raise NotAView(f"{role} operand {operand.name} is not a view of a [B, H, T, D] tensor ({last_error})")
 
@@ -282,10 +279,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     scale = 1.0
     for n in chain[:-1]:
         if is_scale_node(n):
-            x, c = n.args
-            if not isinstance(c, (int, float)):
-                c = x
-            scale = scale * c if "mul" in str(n.target) else scale / c
+            scale *= scale_of(n)[1]
     return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
                     block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
 

@@ -137,15 +137,42 @@ def _shape(node: fx.Node) -> list[object]:
     return list(_val(node).shape)
 
 
+# --------------------------------------------------------------------------------------------
+# The one vocabulary of ops that move or copy values without changing them, shared by detect (the
+# score and probability chains), layout / kv (operand views) and masks (by overload-packet name, so
+# torch-level graphs read the same). Each family is one set; the users combine them.
+
+COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+          aten.lift_fresh_copy.default}
+# Casts keep positions but change values' precision: a chain that casts to a lower precision
+# between the source and the use is not a view for our purposes (the kernel would see more bits).
+CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+MOVES = {aten.to.device}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+            aten.unflatten.int, aten.view_as.default, aten.reshape_as.default}
+BROADCASTS = {aten.expand.default, aten.expand_as.default}
+PERMUTES = {aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.swapdims.default, aten.t.default}
+SQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+LAYOUT_OPS = (COPIES | CASTS | MOVES | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES
+              | {aten.repeat_interleave.self_int, aten.slice.Tensor})
+# On the score and probability chains: copies, casts and reshapes that keep the [.., Tq, Tk] dims
+# (checked per node), and an expand that broadcasts nothing.
+SCORE_PASS_THROUGH = (COPIES - {aten.lift_fresh_copy.default}) | CASTS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def op_names(ops) -> set[str]:
+    """The overload-packet names of `ops` (`aten.view.default` -> "view"), for name-based matching."""
+    return {op.overloadpacket.__name__ for op in ops}
+
+
 # Ops that keep every value and only move them; the handler maps (layout, node) -> layout.
 def _apply(layout: Layout, node: fx.Node) -> Layout:
     t = node.target
     # Size arguments may be graph nodes under dynamic shapes (`repeat_interleave(k, s0, 1)`, a slice
     # to `T`): read them as their SymInt values.
     a = fx.node.map_arg(node.args, _val)
-    if t in (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-             aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
-             aten.to.device, aten.type_as.default):
+    if t in COPIES or t in CASTS or t in MOVES:
         return layout
     if t in (aten.permute.default,):
         return layout.permute(a[1])
@@ -162,8 +189,7 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         return layout.squeeze(None)
     if t in (aten.expand.default, aten.expand_as.default):
         return layout.expand(_shape(node))
-    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-             aten.unflatten.int, aten.view_as.default, aten.reshape_as.default):
+    if t in RESHAPES:
         return layout.reshape(_shape(node))
     if t in (aten.repeat_interleave.self_int,):
         if len(a) < 3 and "dim" not in node.kwargs:
@@ -182,20 +208,6 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         raise NotAView("a real slice")
     raise NotAView(f"{t} is not a layout op")
 
-
-LAYOUT_OPS = {
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten.type_as.default, aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.swapdims.default,
-    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.expand.default, aten.expand_as.default, aten.view.default, aten.reshape.default,
-    aten._unsafe_view.default, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default,
-    aten.reshape_as.default, aten.repeat_interleave.self_int, aten.slice.Tensor,
-}
-
-# Casts keep positions but change values' precision: a chain that casts to a lower precision
-# between the source and the use is not a view for our purposes (the kernel would see more bits).
-_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
 
 
 def layout_of(use: fx.Node, source: fx.Node, chain: Sequence[fx.Node]) -> Layout:
@@ -224,25 +236,54 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
         if cur.op != "call_function":
             break
         if t in LAYOUT_OPS and isinstance(cur.args[0], fx.Node):
-            if t in _CASTS:
+            if t in CASTS:
                 src_dt, dst_dt = _val(cur.args[0]).dtype, _val(cur).dtype
                 if src_dt != dst_dt:
                     break
             cur = cur.args[0]
             chain.append(cur)
             continue
-        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and len(cur.args) == 2:
-            x, c = cur.args
-            if isinstance(c, fx.Node) and not isinstance(x, fx.Node) and t in (aten.mul.Tensor, aten.mul.Scalar):
-                x, c = c, x
-            if isinstance(x, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool):
-                scale = scale * c if t in (aten.mul.Tensor, aten.mul.Scalar) else scale / c
-                cur = x
-                chain.append(cur)
-                continue
+        found = scale_of(cur)
+        if found is not None:
+            cur, factor = found
+            scale = scale * factor
+            chain.append(cur)
+            continue
         break
     return chain, [scale]
 
 
+def scalar_value(c) -> float | None:
+    """A python number, or a symbolic one (`d ** -0.5` under dynamic=True), as a float; else None.
+
+    A symbolic scalar is specialized: float() guards on the symbols it reads, Dynamo recompiles if they change.
+    """
+    if isinstance(c, bool):
+        return None
+    if isinstance(c, (int, float)):
+        return float(c)
+    if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), (torch.SymInt, torch.SymFloat)):
+        return float(c.meta["val"])
+    return None
+
+
+def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, factor) when `n` multiplies or divides a tensor by a scalar (`x * c`, `c * x`, `x / c`)."""
+    t = n.target
+    if n.op != "call_function" or t not in _SCALE_OPS or len(n.args) != 2:
+        return None
+    x, c = n.args
+    if t in (aten.mul.Tensor, aten.mul.Scalar) and scalar_value(x) is not None and scalar_value(c) is None:
+        x, c = c, x   # c * x
+    value = scalar_value(c)
+    if not isinstance(x, fx.Node) or isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)) or value is None:
+        return None
+    return x, value if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / value
+
+
+_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
 def is_scale_node(n: fx.Node) -> bool:
-    return n.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+    """A multiply or divide by a scalar: it moves no element, so layouts look through it."""
+    return scale_of(n) is not None

@@ -30,6 +30,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from .layout import BROADCASTS, CASTS, COPIES, SQUEEZES, op_names
+
+aten = torch.ops.aten
+
 __all__ = ["MaskInfo", "classify_mask", "MAX_EVAL_ELEMENTS", "POLARITIES"]
 
 POLARITIES = ("keep", "fill", "additive")
@@ -113,10 +117,9 @@ _CONJUNCTIONS = {
 }
 _NEGATIONS = {"bitwise_not", "logical_not", "__invert__", "invert"}  # keep <-> fill
 # Ops whose output is the input's value, right-aligned and maybe broadcast (checked on the shapes).
-_PASS_THROUGH = {
-    "expand", "expand_as", "broadcast_to", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
-    "_to_copy", "to", "type_as", "view", "view_as", "reshape", "_unsafe_view", "unsqueeze", "squeeze",
-}
+# (layout.py's vocabulary: no permutes, no flatten / unflatten, which would move values across dims)
+_PASS_THROUGH = op_names(COPIES | CASTS | BROADCASTS | SQUEEZES | {
+    aten.view.default, aten.view_as.default, aten.reshape.default, aten._unsafe_view.default}) | {"broadcast_to"}
 # Ops that read only the size (and dtype/device) of their first argument, never its data.
 _SHAPE_ONLY = {
     "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
@@ -316,7 +319,10 @@ class _GraphFacts:
         chosen: list[dict] = []
         for _, vary in _SIZE_VARIATIONS:
             # Only integer symbols are sizes; SymFloats (a scale read from a config) keep their value.
-            subs = {s: sympy.Integer(vary(int(h))) if s.is_integer else sympy.sympify(h) for s, h in hints.items()}
+            # only the sizes the mask and the site read vary; the others (a head dim an int() pinned
+            # with a guard) keep their traced value, or every variation would break that guard
+            subs = {s: sympy.Integer(vary(int(h))) if s.is_integer and s in symbols else sympy.sympify(h)
+                    for s, h in hints.items()}
             if chosen and not self._allowed(subs):
                 continue
             if subs not in chosen:
@@ -773,6 +779,10 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     free_factors = [f for f in factors if f not in data_factors]
     facts.data_dependent_seen = bool(data_factors)
     for factor in data_factors:
+        dtype = _dtype_of(factor.value)
+        if factor.polarity == "additive" and dtype is not None and not dtype.is_floating_point:
+            # True + s is s + 1: a bool (or int) added to the scores is a number, never a keep-mask
+            raise _Refusal(f"{_describe(factor.value)} is {dtype} added to the scores: a number, not a mask")
         if not _padding_shape(factor.value, k_len, facts):
             val = _tensor_val(factor.value)
             shape = list(val.shape) if val is not None else "unknown"
@@ -798,10 +808,83 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     )
 
 
+# Ops between a triangle and its use that keep which elements are nonzero, and those that negate it.
+_TRIANGLE_KEEPS = op_names(COPIES | CASTS | {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                                              aten.expand.default, aten.unsqueeze.default})
+_ONES = {"ones", "ones_like", "new_ones"}
+
+
+def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
+    """`(sign, e)` when `node` is nonzero exactly where `j - i <= e` (sign +1) or `j - i >= e` (sign -1), for
+    query i and key j, at every size: a `tril` / `triu` of ones of shape [Tq, Tk], through views, casts and
+    `== 0` / `!= 0` / `~`. Negations turn `<= e` into `>= e + 1` and back. None for anything else."""
+    negated = False
+    while node.op == "call_function":
+        name = _op_name(node)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if src is None:
+            return None
+        val, sval = _tensor_val(node), _tensor_val(src)
+        if val is None or sval is None or val.dim() < 2 or sval.dim() < 2:
+            return None
+        if not all(facts.same_size(a, b) for a, b in zip(val.shape[-2:], sval.shape[-2:])):
+            return None   # the op moves elements across the [Tq, Tk] dims
+        if name in _TRIANGLE_KEEPS:
+            node = src
+        elif name in ("eq", "ne") and len(node.args) == 2 and node.args[1] in (0, 0.0, False):
+            negated ^= name == "eq"
+            node = src
+        elif name in _NEGATIONS and val.dtype == torch.bool:
+            negated = not negated
+            node = src
+        elif name in ("tril", "triu"):
+            base = src
+            if base.op != "call_function" or _op_name(base) not in _ONES and not (
+                    _op_name(base) == "full" and isinstance(base.args[1], (int, float, bool)) and base.args[1] != 0):
+                return None
+            if not (facts.same_size(sval.shape[-2], q_len) and facts.same_size(sval.shape[-1], k_len)):
+                return None
+            diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+            if isinstance(diagonal, fx.Node):
+                diagonal = diagonal.meta.get("val")
+            if not isinstance(diagonal, (int, torch.SymInt)):
+                return None
+            e = facts.expr(diagonal)
+            sign = 1 if name == "tril" else -1      # tril keeps j - i <= d, triu keeps j - i >= d
+            if negated:
+                return (-sign, e + 1 if sign > 0 else e - 1)
+            return (sign, e)
+        else:
+            return None
+    return None
+
+
+def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str] | None:
+    """A single `tril` / `triu` factor proven causal for every size, symbolically (no sampling)."""
+    if len(factors) != 1 or not isinstance(factors[0].value, fx.Node) or factors[0].polarity == "additive":
+        return None
+    found = _triangle_bound(factors[0].value, q_len, k_len, facts)
+    if found is None:
+        return None
+    sign, e = found
+    if factors[0].polarity == "fill":     # visible where the factor is zero: the complement
+        sign, e = -sign, (e + 1 if sign > 0 else e - 1)
+    if sign < 0:
+        return None                        # visible j - i >= e: keys after the query, not causal
+    for model, offset in ((_Model("causal", False), 0), (_Model("causal", True), facts.expr(k_len) - facts.expr(q_len))):
+        if sympy.expand(e - offset) == 0:
+            return model, (f"{model.describe()}, proven for every size: visible iff j - i <= {offset} "
+                           "(a triangle of ones of shape [Tq, Tk])")
+    return None
+
+
 def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str]:
     """Evaluate the data-free factors at every allowed substitution and find the one model they all fit."""
     if not factors:
         return _Model("none"), "no shape-only factor: every key visible"
+    symbolic = _symbolic_triangle(factors, q_len, k_len, facts)
+    if symbolic is not None:
+        return symbolic
     nodes = [f.value for f in factors if isinstance(f.value, fx.Node)]
     evaluator = _Evaluator(nodes, facts)
     symbols = set(evaluator.symbols)

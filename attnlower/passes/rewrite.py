@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .analyze import Decision
-from .detect import AttentionMatch
+from .detect import AttentionMatch, reads_shape_only, size_sources
 from .layout import _val
 
 aten = torch.ops.aten
@@ -34,12 +34,13 @@ def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None
     for n in region:
         if n is output:
             continue
-        outside_users = [u for u in dg.successors(n) if u not in inside]
+        # a read of the size only (`mask.expand_as(scores)`) is re-pointed by the rewrite: not a use
+        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_shape_only(u, n)]
         if outside_users:
             raise NotConvex(f"{n.name} is used outside the attention ({outside_users[0].name})")
     for n in region:
         for u in dg.successors(n):
-            if u in inside:
+            if u in inside or reads_shape_only(u, n):
                 continue
             if inside & nx.descendants(dg, u):
                 raise NotConvex(f"a path leaves the region at {u.name} and comes back")
@@ -87,20 +88,51 @@ def _prepare(emit: _Emitter, ref) -> fx.Node:
     return x
 
 
-def _bias_node(emit: _Emitter, decision: Decision) -> fx.Node | None:
+def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
+    """The term's tensor, broadcastable to the op's [B, Hq, Tq, Tk].
+
+    The term broadcasts against the scores where it was applied (`term.score_shape`). On scores
+    flattened to [B*H, Tq, Tk] (bmm, baddbmm) a term with a full B*H dim is viewed as [B, Hq, ...]:
+    reshape is row-major, exactly as the source's views flattened [B, H] (`analyze.lift_problem`
+    refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
+    """
+    x = term.node
+    shape = list(_val(x).shape)
+    score_shape = list(term.score_shape)
+    if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
+        x = emit(aten.unsqueeze.default, (x, -2))
+        shape = list(_val(x).shape)
+    extra = len(shape) - len(score_shape)
+    if extra > 0:  # leading dims of size 1 (lift_problem checked)
+        x = emit(aten.squeeze.dims, (x, list(range(extra))))
+        shape = shape[extra:]
+    x_lead = shape[:max(len(shape) - 2, 0)] if len(shape) == len(score_shape) else []
+    if all(bool(d == 1) for d in x_lead) or len(score_shape) == 4:
+        return x
+    # scores [B*H, Tq, Tk], term [B*H, tq|1, tk]: split the flat dim as the op's [B, Hq]
+    tail = [d if isinstance(d, int) else emit(aten.sym_size.int, (x, i)) for i, d in enumerate(shape) if i >= 1]
+    return emit(aten.reshape.default, (x, [-1, int(m.q_heads)] + tail))
+
+
+def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node | None:
     plan = decision.bias
     if plan.kind == "none":
         return None
     if plan.kind == "bool":
         (t,) = plan.terms
-        return t.node if t.kind == "keep" else emit(aten.bitwise_not.default, (t.node,))
+        keep = _term_tensor(emit, t, m)
+        return keep if t.kind == "keep" else emit(aten.bitwise_not.default, (keep,))
     total = None
     for t in plan.terms:
+        x = _term_tensor(emit, t, m)
         if t.kind == "bias":
-            part = t.node if t.value == 1.0 else emit(aten.mul.Tensor, (t.node, t.value))
+            if not _val(x).dtype.is_floating_point:
+                # a bool or int added to the scores is a number (True = 1), never a keep-mask
+                x = emit(aten._to_copy.default, (x,), {"dtype": t.score_dtype or torch.float32})
+            part = x if t.value == 1.0 else emit(aten.mul.Tensor, (x, t.value))
         else:
             # fill/keep as an additive float: 0 where visible, the fill value where masked
-            masked = t.node if t.kind == "fill" else emit(aten.bitwise_not.default, (t.node,))
+            masked = x if t.kind == "fill" else emit(aten.bitwise_not.default, (x,))
             zeros = emit(aten.zeros_like.default, (masked,), {"dtype": torch.float32})
             part = emit(aten.masked_fill.Scalar, (zeros, masked, t.value))
         total = part if total is None else emit(aten.add.Tensor, (total, part))
@@ -116,13 +148,14 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
 
     g = gm.graph
+    _repoint_size_reads(m, fake_mode)
     emit = _Emitter(g, m.output, fake_mode)
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
     q = _prepare(emit, m.q)
     k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
-    bias = _bias_node(emit, decision)
+    bias = _bias_node(emit, decision, m)
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
@@ -139,6 +172,34 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     return _finish(emit, m, out)
 
 
+def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
+    """Make each size-only reader of a region node read the same sizes from a tensor outside the region
+    (`detect.size_sources` found one), so the region becomes dead code."""
+    inside = set(m.region)
+    for user, node in m.shape_reads:
+        graph = user.graph
+        emit = _Emitter(graph, user, fake_mode)
+        sizes = []
+        for src in size_sources(_val(node).shape, user, inside):
+            if isinstance(src, tuple):
+                src = emit(aten.sym_size.int, src)
+            sizes.append(src)
+        uv = _val(user)
+        if user.target is aten.sym_size.int:
+            new = sizes[user.args[1]]
+        elif user.target is aten.expand_as.default:
+            new = emit(aten.expand.default, (user.args[0], sizes))
+        elif user.target is aten.full_like.default:
+            new = emit(aten.full.default, (sizes, user.args[1]), {"dtype": uv.dtype, "device": uv.device})
+        else:
+            maker = {aten.zeros_like.default: aten.zeros.default, aten.ones_like.default: aten.ones.default,
+                     aten.empty_like.default: aten.empty.memory_format}[user.target]
+            new = emit(maker, (sizes,), {"dtype": uv.dtype, "device": uv.device})
+        if not isinstance(new, fx.Node):
+            raise ValueError(f"{user.name} reads a static size of {node.name}; detect should have refused it")
+        user.replace_all_uses_with(new)
+
+
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
     """Bring the op's [B, Hq, Tq, Dv] result to the replaced node's shape and strides, reroute users."""
     for kind, arg in m.output_steps:
@@ -146,6 +207,10 @@ def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
             out = emit(aten.flatten.using_ints, (out, *arg))
         elif kind == "squeeze":
             out = emit(aten.squeeze.dim, (out, arg))
+        elif kind == "permute":
+            out = emit(aten.permute.default, (out, list(arg)))
+        else:
+            raise ValueError(f"unknown output step {kind}")
     out = _match_strides(emit, out, _val(m.output))
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]
