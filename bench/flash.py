@@ -3,10 +3,13 @@
     python bench/flash.py            # GPU only; writes $OUT/flash.json when OUT is set
 
 bf16, D in {64, 128}, H * D = 2048, N in {512 .. 16384} with B * N = 16384 tokens, causal and not,
+plus encoder lengths (T = 197, 257, 577 at B = 64, H = 12, D = 64: ViT / BERT-style, B*H = 768),
 forward ("fwd") and forward + backward ("fwd+bwd"). Each candidate's output is first checked against
 SDPA's (math backend for small N, flash otherwise); then timed with triton.testing.do_bench (median):
 
-  attnlower       launch.flash_forward (+ flash_backward), the kernels alone
+  attnlower       launch.flash_forward (+ flash_backward), the kernels alone, tiles as the launcher picks them
+  attnlower-len   the same with the forward tiles configs.flash_config picks from the sequence length
+                  (what the launcher gets once it passes seq_len; identical to attnlower until then)
   sdpa-flash / sdpa-cudnn / sdpa-efficient   F.scaled_dot_product_attention under sdpa_kernel(backend)
   flex            torch.compile(flex_attention), with a causal BlockMask when causal
 
@@ -43,6 +46,8 @@ MODEL_DIM = 2048
 # BENCH_SEQ_LENS=1024,4096 narrows the sweep (a device call is limited to 10 minutes)
 SEQ_LENS = [int(n) for n in os.environ.get("BENCH_SEQ_LENS", "512,1024,2048,4096,8192,16384").split(",")]
 HEAD_DIMS = [64, 128]
+# BENCH_SHORT= (empty) leaves the encoder lengths out; (T, B, H, D), non-causal
+SHORT_SHAPES = [(int(t), 64, 12, 64) for t in os.environ.get("BENCH_SHORT", "197,257,577").split(",") if t]
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -94,34 +99,33 @@ def flops(batch, heads, n, head_dim, causal, mode):
 
 def main() -> None:
     rows = []
-    for head_dim in HEAD_DIMS:
-        heads = MODEL_DIM // head_dim
-        for n in SEQ_LENS:
-            batch = TOKENS // n
-            q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
-            scale = 1.0 / math.sqrt(head_dim)
-            for causal in (False, True):
-                expected = reference(q, k, v, causal)
-                candidates = {"attnlower": lambda: attnlower_fns(q, k, v, causal, scale)}
-                for name, backend in SDPA_BACKENDS.items():
-                    candidates[name] = lambda backend=backend: sdpa_fns(backend, q, k, v, causal)
-                candidates["flex"] = lambda: flex_fns(q, k, v, causal)
-                for name, make in candidates.items():
-                    row = dict(D=head_dim, N=n, B=batch, H=heads, causal=causal, impl=name)
-                    try:
-                        fwd, fwd_bwd = make()
-                        err = (fwd().float() - expected.float()).abs().max().item()
-                        if not err < 3e-2:
-                            raise RuntimeError(f"output differs from SDPA by {err:.3g}")
-                        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                            ms = triton.testing.do_bench(fn, return_mode="median")
-                            rows.append(dict(row, mode=mode, ms=ms, max_err=err,
-                                             tflops=flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9))
-                    except Exception as error:  # a backend refusing a shape is a result, not a crash
-                        for mode in ("fwd", "fwd+bwd"):
-                            rows.append(dict(row, mode=mode, error=f"{type(error).__name__}: {str(error)[:160]}"))
-            del q, k, v
-            torch.cuda.empty_cache()
+    shapes = [(n, TOKENS // n, MODEL_DIM // d, d, (False, True)) for d in HEAD_DIMS for n in SEQ_LENS]
+    shapes += [(t, batch, heads, d, (False,)) for t, batch, heads, d in SHORT_SHAPES]
+    for n, batch, heads, head_dim, causal_modes in shapes:
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
+        scale = 1.0 / math.sqrt(head_dim)
+        for causal in causal_modes:
+            expected = reference(q, k, v, causal)
+            candidates = {"attnlower": lambda: attnlower_fns(q, k, v, causal, scale)}
+            for name, backend in SDPA_BACKENDS.items():
+                candidates[name] = lambda backend=backend: sdpa_fns(backend, q, k, v, causal)
+            candidates["flex"] = lambda: flex_fns(q, k, v, causal)
+            for name, make in candidates.items():
+                row = dict(D=head_dim, N=n, B=batch, H=heads, causal=causal, impl=name)
+                try:
+                    fwd, fwd_bwd = make()
+                    err = (fwd().float() - expected.float()).abs().max().item()
+                    if not err < 3e-2:
+                        raise RuntimeError(f"output differs from SDPA by {err:.3g}")
+                    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                        ms = triton.testing.do_bench(fn, return_mode="median")
+                        rows.append(dict(row, mode=mode, ms=ms, max_err=err,
+                                         tflops=flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9))
+                except Exception as error:  # a backend refusing a shape is a result, not a crash
+                    for mode in ("fwd", "fwd+bwd"):
+                        rows.append(dict(row, mode=mode, error=f"{type(error).__name__}: {str(error)[:160]}"))
+        del q, k, v
+        torch.cuda.empty_cache()
 
     by_key = {(r["D"], r["N"], r["causal"], r["mode"]): r for r in rows if r["impl"] == "attnlower" and "ms" in r}
     for r in rows:
@@ -135,7 +139,7 @@ def main() -> None:
                                                                triton=triton.__version__, rows=rows), indent=1))
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  bf16")
     print("TFLOP/s (and attnlower's speedup over each: their time / attnlower's time)")
-    impls = ["attnlower", *SDPA_BACKENDS, "flex"]
+    impls = ["attnlower", "attnlower-len", *SDPA_BACKENDS, "flex"]
     print(f"{'D':>4} {'N':>6} {'causal':>6} {'mode':>8} " + " ".join(f"{i:>20}" for i in impls))
     for (head_dim, n, causal, mode) in sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows}):
         cells = []

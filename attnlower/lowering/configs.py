@@ -27,16 +27,42 @@ class KernelConfig:
 _FLASH_INTERPRET = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 # GPU tables, keyed by padded head dim upper bound -> (block_m, block_n, num_warps, num_stages).
-# Sources: Triton's fused-attention tutorial (06-fused-attention.py: forward 128x64 / 128x128 tiles,
-# backward BLOCK_M1=32, BLOCK_N1=128 for dK/dV and BLOCK_M2=128, BLOCK_N2=32 for dQ) and
-# FlashAttention-2's smaller tiles for head_dim 256 (register pressure of the fp32 accumulators).
-# Timed, not swept: on H100 (torch 2.11, triton 3.6, 2026-11-23) the D=64 / 128 forward reached
-# 295-475 TFLOP/s bf16, 1.05-1.39x SDPA-flash and 0.68-0.90x cuDNN (bench/RESULTS.md); D=256 untimed.
-_FLASH_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
-# Measured on H100 (torch 2.11, triton 3.6; bench/accuracy.py, 2026-11-23): the tutorial's 32x128
-# tiles with 2-3 stages compiled to a dK that is wrong by 15-30% of max|dK| (dQ and dV right), in
-# bf16, D=64 and 128, causal or not; 64x64 tiles with one stage give SDPA's error (3e-3). The cause
-# (tile shape or pipelining) is not isolated: only the verified shape is used, D=256 included.
+# Forward: measured on an H200 (torch 2.11, triton 3.6, bf16, bench/flash_tune.py, 2026-12-01, one run,
+# bench/RESULTS.md): 9 tile / warp / stage choices per head dim at N = 1024, 4096, 16384 (B*N = 16k
+# tokens, H*D = 2048), causal and not, and at T = 197, 257, 577 (B*H = 768). When the caller does not
+# pass seq_len, 64x64 tiles, 4 warps, 3 stages: within 0.90 (D=64) / 0.81 (D=128, T=197 only; else
+# 0.94) of the best measured choice at every shape, and 0.98-1.16x the previous 128x64 tiles
+# (D=64: 4 warps, D=128: 8 warps) except D=64 N=16384 non-causal (0.95x: 386 vs 407 TFLOP/s).
+# D=256 is untimed: FlashAttention-2's smaller tiles for head_dim 256 (fp32 accumulator pressure).
+_FLASH_FWD = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 8, 2)}
+# Sliding window (window > 0): the tiles bench/sliding.py measured on H100 (torch 2.11, triton 3.6,
+# 2026-11-23, D=128: 0.82-1.09x flex); the 2026-12-01 sweep above covered no window, so they stay.
+_FLASH_FWD_WINDOW = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+# With seq_len (the key length Tk) known, no window, 16-bit inputs (fp32 keeps the table above, whose
+# halved key tile is sure to fit: the 128x128 entry halved to 128x64 fp32 needs 229888 of the 232448
+# bytes of shared memory under triton 3.9, too close to trust on another version): (largest Tk, causal (None: either), tiles), first match wins.
+# Same measurement. Each bucket names the shapes where its entry was the fastest; the boundaries
+# between measured lengths (320 between 257 and 577; 1024 to 4096) are not measured.
+_FLASH_FWD_BY_LEN = {
+    # T=197 / 257: 143 / 173 TFLOP/s (64x64: 136 / 155; cuDNN 156 / 142)
+    # N=1024 and T=577 (577: 270 vs 280 for 128x64x8x3, within one run's noise of ~4%)
+    # N=4096 / 16384: 414 / 424 non-causal, 377 / 405 causal (64x64: 403 / 386, 363 / 395)
+    64: [(320, None, (64, 32, 4, 3)), (1024, None, (64, 64, 4, 3)), (None, None, (128, 64, 8, 3))],
+    # T=197: 177 TFLOP/s (64x64: 143; cuDNN 238); N=1024: 431 / 325 (128x64x8x3: 394 / 289)
+    # N=4096 / 16384 non-causal: 485 / 489 (64x64: 458 / 466); causal 64x64: 415 / 496 (128x128: 417 / 472)
+    128: [(320, None, (128, 32, 8, 3)), (1024, None, (64, 64, 4, 3)), (None, False, (128, 128, 8, 3)),
+          (None, True, (64, 64, 4, 3))],
+}
+# dK/dV tiles. H100 (2026-11-23) gave a wrong dK with the tutorial's 32x128 tiles and 2-3 stages.
+# bench/bwd_tiles_repro.py on an H200 (torch 2.11, triton 3.6, 2026-12-01) isolated it: a race in the
+# software-pipelined code Triton 3.6 emits for this kernel, not the tile shape and not this kernel's
+# indexing. With num_stages=1 every shape tried is right and bit-for-bit deterministic (32x128, 32x64,
+# 64x64, 64x128; D=64 and 128); with 2-3 stages 32x128 gives dK errors of 0.1-0.3 of max|dK| that change
+# from run to run (D=64 4 warps: in key rows 64-127 of each 128-key tile; D=128 causal: with 8
+# warps, not 4), while 64x64 with 2-3 stages stayed right. 64x64 with one stage is also the fastest
+# choice measured (fwd+bwd, B=4 H=16 N=4096: 3.20 ms D=64, 3.36 ms D=128 causal; 32x128: 3.58 / 5.88 ms);
+# 64x64 with 3 stages was 7% faster at D=64 (2.97 ms) but is pipelined code of the kind that raced,
+# so it waits until that race is understood.
 _FLASH_BWD_KV = {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 8, 1)}
 # dQ tiles: correct on H100 (dQ error = SDPA's, bench/accuracy.py, 2026-11-23); untimed.
 _FLASH_BWD_Q = {64: (128, 32, 4, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)}
@@ -53,20 +79,30 @@ _FLASH_PRE_HOPPER_MAX_STAGES = 2
 _FLASH_TABLES = {"fwd": _FLASH_FWD, "bwd_kv": _FLASH_BWD_KV, "bwd_q": _FLASH_BWD_Q}
 
 
-def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, direction: str) -> KernelConfig:
+def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, direction: str,
+                 seq_len: int | None = None) -> KernelConfig:
     """Tiles of the dense kernels.
 
     arch: SM version (90 = Hopper), 0 for Triton's interpreter. direction: "fwd" (forward, also the
     backward preprocess), "bwd_kv" (dK/dV kernel: block_n keys held, block_m queries streamed) or
-    "bwd_q" (dQ kernel: block_m queries held, block_n keys streamed). causal is accepted so that
-    a measured split (causal wants smaller tiles at short N) can land here without changing callers.
+    "bwd_q" (dQ kernel: block_m queries held, block_n keys streamed). seq_len: the key length Tk,
+    when the caller has it (the forward's measured tiles depend on it); None gives tiles chosen to
+    be good across lengths. Any choice computes the same function: tiles only change speed.
     """
     if direction not in _FLASH_TABLES:
         raise ValueError(f"flash_config: expected direction in {sorted(_FLASH_TABLES)}, got {direction!r}")
     if arch == 0:
         return _FLASH_INTERPRET
     head_dim_pad = max(16, _next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _FLASH_TABLES[direction][_by_head_dim_key(head_dim_pad)]
+    key = _by_head_dim_key(head_dim_pad)
+    block_m, block_n, num_warps, num_stages = _FLASH_TABLES[direction][key]
+    if direction == "fwd" and window > 0:
+        block_m, block_n, num_warps, num_stages = _FLASH_FWD_WINDOW[key]
+    elif direction == "fwd" and seq_len is not None and key in _FLASH_FWD_BY_LEN and dtype.itemsize == 2:
+        for max_len, for_causal, tiles in _FLASH_FWD_BY_LEN[key]:
+            if (max_len is None or seq_len <= max_len) and for_causal in (None, bool(causal)):
+                block_m, block_n, num_warps, num_stages = tiles
+                break
     if dtype.itemsize >= 4:
         if direction == "bwd_kv":
             block_m = max(16, block_m // _FLASH_FP32_SHRINK)

@@ -188,7 +188,9 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
     def config(which: str, override) -> KernelConfig:
         if override is not None:
             return override
-        return flash_config(target.arch, head_dim, q.dtype, params.causal, params.window, which)
+        # the forward's tiles depend on the key length (configs._FLASH_FWD_BY_LEN, measured on an H200)
+        seq_len = tk if which == "fwd" else None
+        return flash_config(target.arch, head_dim, q.dtype, params.causal, params.window, which, seq_len=seq_len)
 
     if direction == "fwd":
         cfg = config("fwd", configs[0] if configs else None)

@@ -6,7 +6,8 @@ Triton's interpreter (how the CPU tests run the kernels) accepts programs the re
 (dot shapes, layouts, constexpr misuse, register pressure at launch). This script runs the real
 launchers (`launch.flash_forward`, `launch.flash_backward`, `launch_paged.paged_forward`) on CPU
 tensors with `JITFunction.run` replaced by a recorder, so each launch yields the exact kernel,
-argument types, constexprs, num_warps and num_stages it would use on an SM 9.0 GPU; then it compiles
+argument types, constexprs, num_warps and num_stages it would use on an SM 9.0 GPU (and the forward
+once more with each tile choice configs.flash_config makes from a sequence length); then it compiles
 each distinct one with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas).
 Prints one line per kernel and exits 1 if any fails. tests/lowering/test_sm90_compile.py runs it.
 """
@@ -27,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from attnlower.lowering import launch, launch_paged, plan  # noqa: E402
+from attnlower.lowering import configs, launch, launch_paged, plan  # noqa: E402
 from attnlower.lowering.params import AttentionParams  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -103,6 +104,10 @@ def record_launches(quick: bool) -> None:
                 out, lse = launch.flash_forward(q, k, v, params, **tensors)
                 launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors,
                                       bias_requires_grad=bias is not None and bias.dtype != torch.bool)
+            for seq_len in (197, 1024, 4096):  # the length-keyed forward tiles (configs._FLASH_FWD_BY_LEN)
+                for causal in (False, True):
+                    config = configs.flash_config(90, d, dtype, causal, 0, "fwd", seq_len=seq_len)
+                    launch.flash_forward(q, k, v, AttentionParams(d ** -0.5, causal), config=config)
             for tq, splits in ((1, None), (1, 1), (16, None)):
                 caches = torch.empty(64, 2, 16, d, dtype=dtype)
                 table = torch.zeros(2, 512, dtype=torch.int32)  # 8192 keys wide: the launcher splits KV

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from attnlower.lowering.configs import KernelConfig
+from attnlower.lowering.configs import KernelConfig, flash_config
 from attnlower.lowering.launch import flash_backward, flash_forward
 from attnlower.lowering.params import AttentionParams
 
@@ -248,6 +248,31 @@ def test_rectangular_tiles():
     q, k, v = make_inputs(1, 2, 1, TQ, TK, 40, torch.float32)
     run_and_check(q, k, v, causal=True, bottom_right=True, config=KernelConfig(32, 16, 1, 1),
                   config_kv=KernelConfig(16, 32, 1, 1), config_q=KernelConfig(32, 16, 1, 1))
+
+
+def _hopper_forward_tiles():
+    """Every distinct forward tile configs.flash_config picks on sm_90 for 16-bit inputs."""
+    tiles = set()
+    for head_dim in (64, 128):
+        for seq_len in (None, 197, 577, 1024, 4096, 16384):
+            for causal in (False, True):
+                c = flash_config(90, head_dim, torch.bfloat16, causal, 0, "fwd", seq_len=seq_len)
+                tiles.add((c.block_m, c.block_n))
+    return sorted(tiles)
+
+
+@pytest.mark.parametrize("block_m,block_n", _hopper_forward_tiles())
+def test_hopper_forward_tiles(block_m, block_n):
+    """The GPU's tile shapes, run here: lengths that end mid-tile and span more than one tile both ways,
+    so the masked tail spans, the causal diagonal and the interior span of each shape are all visited."""
+    q, k, v = make_inputs(1, 2, 1, block_m + 37, block_n * 2 + 11, 24, torch.float32)
+    (atol, rtol), _ = TOLERANCES[torch.float32]
+    for causal, bottom_right in ((False, False), (True, True)):
+        out, lse = flash_forward(q, k, v, AttentionParams(0.3, causal, bottom_right=bottom_right),
+                                 config=KernelConfig(block_m, block_n, 1, 1))
+        ref, ref_lse = oracle(q, k, v, scale=0.3, causal=causal, bottom_right=bottom_right)
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=rtol)
 
 
 def test_causal_skips_invisible_key_blocks():

@@ -20,15 +20,8 @@ Symbols: as in flash_fwd.py, plus
 import triton
 import triton.language as tl
 
-from attnlower.lowering.kernels.flash_fwd import (
-    LOG2E,
-    _dot,
-    _dropout_keep,
-    _kv_block_range,
-    _load_rng,
-    _load_tile,
-    _scores,
-)
+from attnlower.lowering.kernels.common import LOG2E, _dot, _load_tile
+from attnlower.lowering.kernels.flash_fwd import _dropout_keep, _kv_block_range, _load_rng, _scores, _span
 
 
 @triton.jit
@@ -197,29 +190,18 @@ def _flash_bwd_dkdv_kernel(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
-        # causal-diagonal blocks (masked), interior blocks (no masks), window-edge / Tq-tail blocks (masked)
-        if IS_CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, ds_base,
-                                     slope, seed, rng_lo, rng_hi, off_hz, start_n, lo, full_lo, offs_n, offs_d,
-                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                     stride_dsm, stride_dsn,
-                                     sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                                     BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                     IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, WRITE_DS, True, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, ds_base,
-                                 slope, seed, rng_lo, rng_hi, off_hz, start_n, full_lo, full_hi, offs_n, offs_d,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                 stride_dsm, stride_dsn,
-                                 sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                                 BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                 IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, WRITE_DS, False, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, ds_base,
-                                 slope, seed, rng_lo, rng_hi, off_hz, start_n, full_hi, hi, offs_n, offs_d,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                 stride_dsm, stride_dsn,
-                                 sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                                 BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                 IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, WRITE_DS, True, DOT_PRECISION)
+        # span 0: causal-diagonal blocks (masked; empty when not causal), 1: interior blocks (no
+        # element masks), 2: window-edge / Tq-tail blocks (masked)
+        for span in tl.static_range(3):
+            if IS_CAUSAL or span != 0:
+                start, end = _span(span, lo, full_lo, full_hi, hi)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, ds_base,
+                                         slope, seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
+                                         stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                                         stride_dsm, stride_dsn,
+                                         sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
+                                         BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
+                                         IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, WRITE_DS, span != 1, DOT_PRECISION)
 
     # the score is sm_scale * q·k (before the soft-cap, whose derivative is already in ds)
     dk = dk * sm_scale
@@ -317,25 +299,16 @@ def _flash_bwd_dq_kernel(
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
-                           lo, full_lo, offs_m, offs_d,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                           sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                           BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                           IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, True, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
-                       full_lo, full_hi, offs_m, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                       BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                       IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, False, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
-                       full_hi, hi, offs_m, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                       BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                       IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, True, DOT_PRECISION)
+    # the forward's spans: window lower-edge (masked), interior (no element masks), diagonal / Tk tail (masked)
+    for span in tl.static_range(3):
+        if HAS_WINDOW or span != 0:
+            start, end = _span(span, lo, full_lo, full_hi, hi)
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
+                               off_hz, start, end, offs_m, offs_d,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                               sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
+                               IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, span != 1, DOT_PRECISION)
 
     dq = dq * sm_scale
     mask = offs_m[:, None] < N_CTX_Q

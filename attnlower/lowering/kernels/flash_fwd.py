@@ -21,56 +21,20 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   BLOCK_M, BLOCK_N     query rows / key rows of one tile
   HEAD_DIM, HEAD_DIM_PAD  D and the power of two >= max(D, 16) the tiles use (loads masked past D)
   offs_m, offs_n, offs_d  query rows, key rows, dims of the current tile
-  DOT_PRECISION        tl.dot input_precision for fp32 ("ieee" / "tf32"), or "upcast_ieee": convert both
-                       operands to fp32 first (Triton's interpreter multiplies bf16 as raw uint16 bits)
-  s                    scores in log2 units: s = log2(e) * score_ij, so exp(score) = exp2(s)
-  m_i, l_i, acc        running row max of s, running sum of exp2(s - m_i), running (unnormalized) out
+  DOT_PRECISION, s, m_i, l_i   as in common.py (the dot-precision policy, log2-unit scores, the
+                       online softmax's running max and sum); acc is the running (unnormalized) out
+  SPAN                 which of the three key spans of _kv_block_range a loop walks (0, 1, 2); only
+                       span 1 is interior (no element masks), see _span
 """
 import triton
 import triton.language as tl
 
-# tl.constexpr(...) values (not just annotations) so that flash_bwd.py can import them: the JIT
-# accepts a global only when the value itself is a constexpr or its own module annotates it so.
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from attnlower.lowering.kernels.common import LN2, LOG2E, _dot, _load_tile, _online_softmax_step, _tanh
+
 # A finite float bias below this is clamped to it so that bias * log2(e) stays finite in fp32:
 # finfo(fp32).min * log2(e) overflows to -inf and would turn a finfo.min-masked row (a uniform
 # average in eager) into an empty one. Every score this low still underflows exp2 to exactly 0.
 BIAS_FLOOR = tl.constexpr(-1.0e38)
-
-
-@triton.jit
-def _load_tile(ptrs, offs_r, offs_c, n_r, n_c, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
-    """Load a 2-D tile, masking rows >= n_r and columns >= n_c only where the constexprs say a
-    tile can cross those bounds (interior tiles load unmasked)."""
-    if MASK_R:
-        if MASK_C:
-            t = tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
-        else:
-            t = tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
-    else:
-        if MASK_C:
-            t = tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
-        else:
-            t = tl.load(ptrs)
-    return t
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """tl.dot(a, b, acc) with fp32 accumulation; see DOT_PRECISION in the header."""
-    if DOT_PRECISION == "upcast_ieee":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp2: overflows cleanly to +-1 for large |x|; absolute error ~1 ulp near 0,
-    # which is what the scores need (they are later multiplied by softcap, not divided).
-    e = tl.math.exp2(x * (2.0 * LOG2E))
-    return 1.0 - 2.0 / (e + 1.0)
 
 
 @triton.jit
@@ -175,6 +139,23 @@ def _kv_block_range(start_m, N_CTX_K, diag_offset, window,
 
 
 @triton.jit
+def _span(SPAN: tl.constexpr, lo, full_lo, full_hi, hi):
+    """[start, end) of span SPAN of a (lo, full_lo, full_hi, hi) block range: 0 -> [lo, full_lo),
+    1 -> [full_lo, full_hi) (interior, unmasked), 2 -> [full_hi, hi)."""
+    tl.static_assert(SPAN >= 0 and SPAN <= 2, "SPAN: 0, 1 or 2")
+    if SPAN == 0:
+        start = lo
+        end = full_lo
+    elif SPAN == 1:
+        start = full_lo
+        end = full_hi
+    else:
+        start = full_hi
+        end = hi
+    return start, end
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
                start_m, lo, hi, offs_m, offs_d,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
@@ -183,7 +164,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax accumulation over key blocks [lo, hi) of one query block."""
+    """Online-softmax accumulation over key blocks [lo, hi) of one query block. The one loop body of
+    the forward: the kernel walks each span of the block range through it, MASK_EDGES off only
+    on the interior span."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -196,13 +179,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
                        bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                        slope, sm_scale, softcap, diag_offset, window, N_CTX_Q, N_CTX_K,
                        HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, MASK_EDGES)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # -inf-safe: a row with nothing visible yet keeps m = -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN that later blocks would carry along
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             # l_i sums the undropped p: dropout applies after the softmax normalization
@@ -211,7 +188,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
         v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        offs_n, offs_d, N_CTX_K, HEAD_DIM, MASK_EDGES, HEAD_DIM != HEAD_DIM_PAD)
         acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -265,26 +241,17 @@ def _flash_fwd_kernel(
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    # window lower-edge blocks (masked), interior blocks (no masks), diagonal / Tk-tail blocks (masked)
-    if HAS_WINDOW:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
-                                   off_hz, start_m, lo, full_lo, offs_m, offs_d,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                                   sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                                   BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                   IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, True, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
-                               off_hz, start_m, full_lo, full_hi, offs_m, offs_d,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                               sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                               IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
-                               off_hz, start_m, full_hi, hi, offs_m, offs_d,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                               sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                               IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, True, DOT_PRECISION)
+    # span 0: window lower-edge blocks (masked; empty without a window), 1: interior blocks (no
+    # element masks), 2: causal-diagonal / Tk-tail blocks (masked)
+    for span in tl.static_range(3):
+        if HAS_WINDOW or span != 0:
+            start, end = _span(span, lo, full_lo, full_hi, hi)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
+                                       off_hz, start_m, start, end, offs_m, offs_d,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                       sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
+                                       BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
+                                       IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, span != 1, DOT_PRECISION)
 
     # epilogue: normalize; rows that saw no visible key (l_i == 0) are "empty"
     empty = l_i == 0.0
