@@ -22,6 +22,8 @@ class Site:
     nodes: list[str] = field(default_factory=list)  # the names of the nodes the rewrite replaced
     region: list[str] = field(default_factory=list)  # names of the site's nodes in the aten graph (before the passes)
     memory: dict[str, Any] | None = None  # dump.memory_estimate: bytes of the unfused intermediates vs the fused op
+    validated: str = ""                 # what translation validation checked the rewrite on, or "not checked: why"
+    validation_repro: str | None = None  # the repro file of a rewrite that failed validation
 
     @property
     def rewritten(self) -> bool:
