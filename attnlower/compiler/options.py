@@ -37,6 +37,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.inner not in ("inductor", "eager"):
             raise ValueError(f"attnlower option 'inner' must be 'inductor' or 'eager', got {self.inner!r}")
+        if not isinstance(self.validate, bool):
+            raise ValueError(f"attnlower option 'validate' must be True or False, got {self.validate!r}")
         known = {"flash_attention", "sliding_window_attention", "paged_attention"}
         unknown = set(self.ops) - known
         if unknown:
