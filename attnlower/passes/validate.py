@@ -180,6 +180,7 @@ class _Input:
     low: int = 0
     high: int = 0                 # inclusive, for index / length
     value: Any = None             # for size / scalar inputs
+    source_dtype: torch.dtype | None = None   # the dtype in the graph (drawn as float64 when a float)
 
     def describe(self) -> str:
         if self.kind in ("size", "scalar"):
@@ -200,24 +201,36 @@ class _Pair:
         anc_old, anc_new = _ancestors(old), _ancestors(new)
         shared = anc_old & anc_new
         self.pure = pure = _size_only(gm)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        root, writers = _aliasing(gm.graph)
         boundary: set[fx.Node] = set()
         computed = {}
-        for side, out in (("old", old), ("new", new)):
-            inside, stack = set(), [out]
+        for side, out, anc in (("old", old, anc_old), ("new", new, anc_new)):
+            inside, replay, stack = set(), set(), [out]
             while stack:
-                n = stack.pop()
-                if n in inside or n in boundary:
-                    continue
-                if n.op == "placeholder" or (n in shared and n not in pure) or (
-                        n.op == "get_attr" and n not in pure):
-                    boundary.add(n)
-                    continue
-                inside.add(n)
-                stack.extend(n.all_input_nodes)
+                while stack:
+                    n = stack.pop()
+                    if n in inside or n in boundary:
+                        continue
+                    own = n in anc and n not in shared
+                    if n.op == "placeholder" or (n.op == "get_attr" and n not in pure) or not (
+                            n in pure or own or n in replay):
+                        boundary.add(n)       # computed outside the region from tensor data
+                        continue
+                    inside.add(n)
+                    stack.extend(n.all_input_nodes)
+                # memory this side computes and something writes into in place (a mask built with
+                # ones() then sliced and filled): replay those writes, in graph order, in the copy
+                for n in list(inside):
+                    for w in writers.get(root[n], ()):
+                        if w not in inside and root[n] in inside and order[w] < order[out]:
+                            replay.add(w)
+                            stack.append(w)
             computed[side] = inside
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.boundary = sorted(boundary, key=order.__getitem__)
         self.computed = computed
+        self.root, self.writers = root, writers
+        self._check_writes(order)
         for n in computed["old"] | computed["new"]:
             if _is_random(n):
                 raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
@@ -247,6 +260,23 @@ class _Pair:
             self._graphs = (self._extract(self.computed["old"], self.old, "Source"),
                             self._extract(self.computed["new"], self.new, "Rewrite"))
         return self._graphs
+
+    def _check_writes(self, order: dict) -> None:
+        """A boundary input is one random value for both sides: sound only if no in-place write
+        into its memory falls between the reads of the source and those of the rewrite (which sit
+        just before the replaced output)."""
+        inside = self.computed["old"] | self.computed["new"]
+        readers: dict[fx.Node, list[fx.Node]] = {}
+        for n in inside:
+            base = self.root[n]
+            if base in self.writers and base not in inside:
+                readers.setdefault(base, []).append(n)
+        for base, nodes in readers.items():
+            first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+            for w in self.writers[base]:
+                if w not in inside and first < order[w] < last:
+                    raise CannotCheck(f"{base.name} is written in place by {w.name} between the reads "
+                                      "of the source and of the rewrite")
 
     # -- sizes ---------------------------------------------------------------------------------
     def _symbols(self) -> set:
@@ -301,7 +331,7 @@ class _Pair:
         stride = tuple(_concrete(s, self.subs) for s in val.stride())
         if val.dtype in _FLOATS:
             kind = "data" if self._feeds_product(b) else "float"
-            return _Input(b, kind, shape, stride, torch.float64)
+            return _Input(b, kind, shape, stride, torch.float64, source_dtype=val.dtype)
         if val.dtype == torch.bool:
             return _Input(b, "bool", shape, stride, torch.bool)
         if val.dtype.is_floating_point or val.dtype.is_complex:
@@ -489,6 +519,25 @@ def _sizes_of(val):
             yield v
 
 
+def _aliasing(graph: fx.Graph) -> tuple[dict, dict]:
+    """(root, writers): each node's alias root through views and in-place ops, and the nodes that
+    write in place into each root's memory."""
+    root: dict[fx.Node, fx.Node] = {}
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        root[n] = n
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None:
+            continue
+        if schema.returns and schema.returns[0].alias_info is not None and n.args and \
+                isinstance(n.args[0], fx.Node):
+            root[n] = root[n.args[0]]
+        for arg, value in zip(schema.arguments, n.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+                writers.setdefault(root[value], []).append(n)
+    return root, writers
+
+
 def _guards_hold(shape_env, subs: dict) -> bool:
     """Whether every guard recorded while tracing holds with the symbols replaced by `subs`."""
     try:
@@ -573,7 +622,7 @@ def _draw(i: _Input, style: int, g: torch.Generator):
         t = torch.randn(base_shape, generator=g, dtype=torch.float64)
         if style == 1:
             pick = torch.randint(0, 5, base_shape, generator=g)
-            lowest = torch.finfo(torch.float32).min
+            lowest = torch.finfo(i.source_dtype or torch.float32).min   # HF's finfo(dtype).min masks
             t = torch.where(pick == 1, 0.0, torch.where(pick == 2, lowest, torch.where(pick == 3, -t.abs() * 1e4, t)))
             if t.numel() and t.shape[-1:] != (0,):
                 _rows(t)[0] = lowest          # a row masked with a finite value: a uniform average

@@ -172,6 +172,33 @@ def test_nan_pattern_mismatch_is_caught(monkeypatch, tmp_path):
     assert "draw" in site.reason
 
 
+def _ones_then_filled(q, k, v):
+    t = q.shape[-2]
+    keep = torch.ones(t, t, dtype=torch.bool)
+    keep[:, t - 3:] = False          # written in place after it was built: the last 3 keys hidden
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def test_in_place_writes_into_a_mask_are_replayed():
+    """The mask's value is its in-place writes, not its producer: the check replays them, so the
+    correct rewrite passes..."""
+    reports, got, want = _compile(M.Case(M.Fn(_ones_then_filled, "ones_then_filled"), M.Inputs(M.qkv()),
+                                         M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated.startswith("float64 CPU"), (site.reason, site.validated)
+    assert _max_rel(got, want) < 1e-5
+
+
+def test_a_rewrite_that_ignores_an_in_place_write_is_refused(monkeypatch, tmp_path):
+    """...and a detector that reads the mask as its all-True producer is caught."""
+    def drop_mask(m):
+        m.terms = []
+    _break_match(monkeypatch, drop_mask)
+    case = M.Case(M.Fn(_ones_then_filled, "ones_then_filled"), M.Inputs(M.qkv()), M.expect(1))
+    _assert_refused(*_compile(case, repro_dir=str(tmp_path)), tmp_path)
+
+
 # ---- correct sites pass, in other projects' spellings ---------------------------------------------
 
 @pytest.mark.parametrize("case", [
@@ -194,6 +221,14 @@ def test_correct_sites_pass(case):
         assert s.validated.startswith("float64 CPU, 3 input draws"), s.validated
         assert "dropout off" in s.validated
     assert _max_rel(got, want) < c.expected.rtol
+
+
+def test_training_dropout_is_checked_with_dropout_off():
+    c = M.sdpa_dropout_train()
+    reports, got, want = _compile(c)
+    (site,) = _sites(reports)
+    assert site.rewritten and site.spec["dropout_p"] == 0.3, (site.reason, site.spec)
+    assert site.validated.startswith("float64 CPU") and site.validated.endswith("dropout off"), site.validated
 
 
 def test_bool_draws_have_all_false_and_all_true_rows():
