@@ -199,6 +199,54 @@ def test_a_rewrite_that_ignores_an_in_place_write_is_refused(monkeypatch, tmp_pa
     _assert_refused(*_compile(case, repro_dir=str(tmp_path)), tmp_path)
 
 
+# ---- the issue-9 spellings: whatever the detector makes of them, the compiled result is eager's ----
+
+def _alpha(q, k, v, mask):
+    s = torch.add(mask, torch.matmul(q, k.transpose(-1, -2)), alpha=1 / math.sqrt(q.size(-1)))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _bool_as_number(q, k, v, keep):
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + keep     # True adds 1.0
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _int_mask(q, k, v, mask):
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + mask     # an int32 bias
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _mbart(q, k, v, mask):
+    """fairseq / HF mBART: scores by bmm on [B*H, T, D], the mask added in a 4-D view."""
+    bh, t, _ = q.shape
+    w = torch.bmm(q, k.transpose(1, 2))
+    w = (w.view(M.B, bh // M.B, t, t) + mask).view(bh, t, t)
+    return torch.bmm(F.softmax(w, dim=-1), v)
+
+
+@pytest.mark.parametrize("fn, extra", [
+    (_alpha, lambda: torch.randn(M.B, 1, M.S, M.S)),
+    (_bool_as_number, lambda: torch.rand(M.B, 1, M.S, M.S) > 0.5),
+    (_int_mask, lambda: torch.randint(-3, 3, (M.B, 1, M.S, M.S), dtype=torch.int32)),
+    (_mbart, lambda: torch.randn(M.B, 1, M.S, M.S)),
+], ids=["add-alpha", "bool-as-number", "int32-bias", "mbart-bmm-4d-mask"])
+def test_issue_9_spellings_give_eager_results(fn, extra):
+    """On 2026-12-01 the detector got the first three wrong (alpha dropped, bool read as a keep-mask,
+    int bias rejected by the op at run time): the validator refused them. Fixed detectors fuse them,
+    and the check passes; either way the compiled result is eager's."""
+    q, k, v = M.qkv()
+    if fn is _mbart:
+        q, k, v = (x.reshape(M.B * M.HEADS, M.S, M.HEAD_DIM) for x in (q, k, v))
+    case = M.Case(M.Fn(fn, fn.__name__), M.Inputs((q, k, v, extra())), M.expect(1))
+    reports, got, want = _compile(case)
+    assert _max_rel(got, want) < 1e-5
+    for s in _sites(reports):
+        if s.rewritten:
+            assert s.validated.startswith("float64 CPU"), s.validated
+        else:
+            assert s.reason, "a site left unfused says why"
+
+
 # ---- correct sites pass, in other projects' spellings ---------------------------------------------
 
 @pytest.mark.parametrize("case", [
