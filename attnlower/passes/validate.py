@@ -30,6 +30,7 @@ import math
 import operator
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -148,10 +149,10 @@ def _is_random(n: fx.Node) -> bool:
             and not _is_attention_op(n))
 
 
-def _size_only(gm: fx.GraphModule) -> set[fx.Node]:
+def _size_only(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value depends only on sizes and constants (mask builders), not on tensor data."""
     pure: set[fx.Node] = set()
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         if n.op == "placeholder":
             if not isinstance(n.meta.get("val"), torch.Tensor):
                 pure.add(n)           # a SymInt / int input: a size, given its concrete value
@@ -162,6 +163,19 @@ def _size_only(gm: fx.GraphModule) -> set[fx.Node]:
             if n.target in _SIZE_OPS or (not _is_random(n) and all(a in pure for a in n.all_input_nodes)):
                 pure.add(n)
     return pure
+
+
+_FACTS: list = []   # [(weakref to graph, node count, facts)]: one graph's facts, shared by its sites
+
+
+def _graph_facts(graph: fx.Graph):
+    """(size-only nodes, node order, alias roots, in-place writers) of a graph, computed once for
+    all the sites of one validation pass (the graph does not change between them)."""
+    if _FACTS and _FACTS[0][0]() is graph and _FACTS[0][1] == len(graph.nodes):
+        return _FACTS[0][2]
+    facts = (_size_only(graph), {n: i for i, n in enumerate(graph.nodes)}, *_aliasing(graph))
+    _FACTS[:] = [(weakref.ref(graph), len(graph.nodes), facts)]
+    return facts
 
 
 def _concrete(x, subs: dict) -> int:
@@ -200,9 +214,8 @@ class _Pair:
         self.gm, self.old, self.new = gm, old, new
         anc_old, anc_new = _ancestors(old), _ancestors(new)
         shared = anc_old & anc_new
-        self.pure = pure = _size_only(gm)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        root, writers = _aliasing(gm.graph)
+        self.pure, order, root, writers = _graph_facts(gm.graph)
+        pure = self.pure
         boundary: set[fx.Node] = set()
         computed = {}
         for side, out, anc in (("old", old, anc_old), ("new", new, anc_new)):
@@ -343,8 +356,7 @@ class _Pair:
         return _Input(b, kind, shape, stride, val.dtype, low, high)
 
     def _users_inside(self, n: fx.Node):
-        inside = self.computed["old"] | self.computed["new"]
-        return [u for u in n.users if u in inside]
+        return [u for u in n.users if u in self.computed["old"] or u in self.computed["new"]]
 
     def _feeds_product(self, b: fx.Node) -> bool:
         """Whether `b` reaches an operand of a product (q, k, v) without passing a softmax.
@@ -360,8 +372,8 @@ class _Pair:
                 if u in seen or u.target in _SOFTMAXES:
                     continue
                 seen.add(u)
-                if u.target in _MATMULS:
-                    return True
+                if u.target in _MATMULS and not (u.target is aten.baddbmm.default and u.args[0] is n):
+                    return True               # (baddbmm's first operand is added, not multiplied)
                 if _is_attention_op(u):
                     if any(a is n for a in u.args[:3]):
                         return True
