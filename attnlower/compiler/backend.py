@@ -2,9 +2,10 @@
 
     torch.compile(model, backend="attnlower", options={"inner": "eager", "explain": True})
 
-The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> str`
-(a one-line summary for the report), each recording what it did in the graph's CompileReport. If any pass raises, the backend logs a
-warning with a repro file and compiles the unmodified graph (`strict=True` re-raises).
+The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> str` (a
+one-line summary for the report), each recording what it did in the graph's CompileReport. If any
+pass raises, the backend logs a warning with a repro file and compiles the unmodified graph
+(`strict=True` re-raises).
 """
 from __future__ import annotations
 

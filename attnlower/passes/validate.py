@@ -32,7 +32,7 @@ import os
 import tempfile
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -41,23 +41,21 @@ from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
 
-# max |source - rewrite| / max(1, max |source|). Both sides run in float64, where reassociating a
-# softmax and two matmuls costs ~1e-15 (measured: 3e-16 .. 2e-15 on the tests' sites); 1e-6 leaves
-# room for the reference op's own ordering while any dropped scale, bias or mask costs >= 1e-2.
+# max |source - rewrite| / max(1, max |source|). Both sides run in float64: over 66 comparisons
+# of correct sites (tests/models.py's hand-written, SDPA and HF cases, 2026-12-01) the largest was
+# 7.5e-16. 1e-6 leaves nine orders of magnitude for other orderings, and every deliberately broken
+# rewrite in tests/passes/test_validate.py is still refused.
 TOLERANCE = 1e-6
-# Largest tensor (elements) either side may create. A float64 [2, 12, 128, 128] score tensor is
-# 393k elements and checks in ~10 ms on the dev box's CPU; 2**23 (8.4M, 64 MB per tensor) keeps a
-# site under ~0.3 s (bench/validation_cost.py). Above it a static graph is left fused and the
-# report says "not validated"; a dynamic one is checked at smaller sizes (`REDUCED_SIZE`).
-MAX_ELEMENTS = 2 ** 23
+# Largest tensor (elements) either side may create. One site's check (3 draws, one thread) took, on
+# the 2-core dev box (2026-12-01, timing the validate pass on an eager causal site, D=64): 0.36 s at
+# 393k score elements, 1.07 s at 1.6M, 5.9 s at 8.4M, i.e. ~0.7 us per element. 2**21 (~1.4 s)
+# keeps a site well under 10% of the compile of a graph that size; above it a static graph is
+# left fused and the report says "not validated", a dynamic one is checked at smaller sizes
+# (`REDUCED_SIZE`).
+MAX_ELEMENTS = 2 ** 21
 # Value substituted for a free symbol (dynamic=True) when the size hints exceed MAX_ELEMENTS:
 # small, yet above Dynamo's 0/1 specialization and larger than a typical head_dim tile.
 REDUCED_SIZE = 17
-
-# Up to this many elements per tensor the check runs on one thread (see _reference_ops; the CPU
-# examples' sites are below it). Above it intra-op threads should pay for themselves (unmeasured:
-# the dev box has 2 shared cores), so the default pool is kept.
-SINGLE_THREAD_ELEMENTS = 2 ** 18
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _VIEWISH = {
@@ -480,7 +478,7 @@ class _Pair:
         return Verdict(True, checked_on)
 
     def _compare(self, inputs: list) -> str:
-        with _reference_ops(self.largest <= SINGLE_THREAD_ELEMENTS), unset_fake_temporarily(), torch.no_grad():
+        with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
             try:
                 want = self.old_gm(*_cloned(inputs))
             except Exception as e:
@@ -596,14 +594,15 @@ def _to_float64_cpu(n: fx.Node) -> None:
 
 
 @contextlib.contextmanager
-def _reference_ops(small: bool):
+def _reference_ops():
     """The attnlower ops run their plain reference on CPU float64 (ATTNLOWER_CPU_KERNELS aside),
-    on one CPU thread when the tensors are small: on a busy 2-core box the default thread pool
-    made a float64 [2, 4, 32, 16] @ [2, 4, 16, 32] take 12.3 ms instead of 0.12 ms (2026-12-01)."""
+    on one CPU thread. On the busy 2-core dev box (2026-12-01) the default thread pool made a float64
+    [2, 4, 32, 16] @ [2, 4, 16, 32] take 12.3 ms instead of 0.12 ms, and whole checks were slower
+    at every size measured (0.96 s vs 0.36 s at 393k elements, 6.4 s vs 5.9 s at 8.4M). An idle
+    many-core host might gain from threads at the largest sizes: unmeasured."""
     saved = os.environ.pop("ATTNLOWER_CPU_KERNELS", None)
     threads = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
