@@ -186,6 +186,7 @@ def _concrete(x, subs: dict) -> int:
 class _Input:
     node: fx.Node
     kind: str                     # "size" | "float" | "data" | "bool" | "index" | "length" | "int" | "scalar"
+                                  # | "fixed" (a guarded number held in a tensor: `value`)
     shape: tuple = ()
     stride: tuple = ()
     dtype: torch.dtype | None = None
@@ -197,6 +198,8 @@ class _Input:
     def describe(self) -> str:
         if self.kind in ("size", "scalar"):
             return f"{self.node.name}={self.value}"
+        if self.kind == "fixed":
+            return f"{self.node.name}={self.value:.6g} (guarded)"
         dims = ",".join(str(s) for s in self.shape)
         extra = f" in [{self.low}, {self.high}]" if self.kind in ("index", "length") else ""
         short = {torch.float64: "f64", torch.bool: "bool", torch.int64: "i64", torch.int32: "i32"}
@@ -247,6 +250,7 @@ class _Pair:
                 raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
             if n.target is aten.view.dtype:
                 raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
+        self.shape_env = shape_env
         self.subs, self.sizes_note = self._sizes(shape_env)
         self.inputs = [self._input(b) for b in self.boundary]
         self.largest = max([self._numel(n) for n in computed["old"] | computed["new"]] + [1])
@@ -340,6 +344,10 @@ class _Pair:
             raise CannotCheck(f"boundary input {b.name} is a {type(val).__name__}, not a tensor or a number")
         shape = tuple(_concrete(s, self.subs) for s in val.shape)
         stride = tuple(_concrete(s, self.subs) for s in val.stride())
+        fixed = self._guarded_value(b)
+        if fixed is not None:
+            return _Input(b, "fixed", shape, stride, torch.float64 if val.dtype in _FLOATS else val.dtype,
+                          value=fixed)
         if val.dtype in _FLOATS:
             kind = "data" if self._feeds_product(b) else "float"
             return _Input(b, kind, shape, stride, torch.float64, source_dtype=val.dtype)
@@ -352,6 +360,27 @@ class _Pair:
             return _Input(b, "int", shape, stride, val.dtype, -2, 3)
         kind, low, high = rng
         return _Input(b, kind, shape, stride, val.dtype, low, high)
+
+    def _guarded_value(self, b: fx.Node):
+        """The value of a one-element tensor that the region reads only through `.item()`, where the
+        trace specialized that number with a guard (a python float Dynamo passed as a tensor under
+        dynamic=True, read by the detector as the scale): the graph only ever runs with that value."""
+        val = b.meta["val"]
+        users = self._users_inside(b)
+        if val.numel() != 1 or not users or any(u.target is not aten.item.default for u in users):
+            return None
+        values = set()
+        for u in users:
+            x = u.meta.get("val")
+            if isinstance(x, (torch.SymFloat, torch.SymInt)):
+                expr = self.shape_env.replace(x.node.expr) if self.shape_env is not None else x.node.expr
+                if not expr.is_number:
+                    return None
+                x = float(expr) if isinstance(x, torch.SymFloat) else int(expr)
+            if not isinstance(x, (int, float)):
+                return None
+            values.add(x)
+        return values.pop() if len(values) == 1 else None
 
     def _users_inside(self, n: fx.Node):
         return [u for u in n.users if u in self.computed["old"] or u in self.computed["new"]]
@@ -624,6 +653,8 @@ def _draw(i: _Input, style: int, g: torch.Generator):
     """One random value for boundary input `i`; style 0 normal, 1 edge values, 2 masked rows."""
     if i.kind in ("size", "scalar"):
         return i.value
+    if i.kind == "fixed":
+        return torch.full(i.shape, i.value, dtype=i.dtype)
     # dims broadcast in the source (stride 0) stay broadcast: draw them once, then expand
     base_shape = [1 if st == 0 else s for s, st in zip(i.shape, i.stride)]
     n = math.prod(base_shape)

@@ -315,6 +315,19 @@ def test_dynamic_graph_is_checked_at_the_size_hints():
     assert "size hints" in site.validated and "=32" in site.validated, site.validated
 
 
+def test_a_python_float_scale_under_dynamic_is_checked_at_its_guarded_value():
+    """dynamic=True passes a python float argument as a 0-dim tensor; the detector reads it with
+    `.item()` and Dynamo guards on its value, so the check uses that value, not a random one."""
+    def scaled(q, k, v, scale):
+        return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+
+    q, k, v = M.qkv()
+    reports = attnlower.inspect(scaled, q, k, v, M.HEAD_DIM ** -0.5, options={"inner": "eager"}, dynamic=True)
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert "=0.25 (guarded)" in site.validated, site.validated
+
+
 def test_dynamic_graph_over_budget_is_checked_at_smaller_sizes(monkeypatch):
     monkeypatch.setattr(V, "MAX_ELEMENTS", 2 * 4 * 16 * 16)
     c = M.handwritten("div")
