@@ -684,7 +684,11 @@ def _draw(i: _Input, style: int, g: torch.Generator):
     elif i.kind in ("index", "length"):
         if i.high < i.low:
             raise CannotCheck(f"{i.node.name} indexes an empty dim")
-        t = torch.randint(i.low, i.high + 1, base_shape, generator=g)
+        # lengths: the normal draw keeps every sequence non-empty and the edge draw empties one.
+        # (A batch where *every* length is 0 is not drawn: on 2026-12-01 the paged reference
+        # crashed on it, a bug of lowering/reference.py reported to its owner, not of a rewrite.)
+        low = max(i.low, 1) if i.kind == "length" and i.high >= 1 else i.low
+        t = torch.randint(low, i.high + 1, base_shape, generator=g)
         if style == 1 and n:
             t.view(-1)[0], t.view(-1)[-1] = i.low, i.high
         elif style == 2:
