@@ -256,9 +256,10 @@ class _Pair:
         self.largest = max([self._numel(n) for n in computed["old"] | computed["new"]] + [1])
         self.too_large = ""
         if self.largest > MAX_ELEMENTS:
+            why = ("smaller sizes were not possible" if self.subs else
+                   "static sizes cannot be reduced soundly")
             self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
-                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and static sizes "
-                              "cannot be reduced soundly")
+                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
         self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
 
     @property
