@@ -12,7 +12,7 @@ from attnlower.compiler.options import Options
 
 import models as M
 
-VALID = [name for name in ("inner", "explain", "strict", "enable", "ops", "dump_dir")]
+VALID = [name for name in ("inner", "explain", "strict", "enable", "ops", "dump_dir", "validate")]
 
 
 def _causes(err: BaseException):
@@ -157,3 +157,25 @@ def test_ops_restricts_the_choice():
     assert sites, "no sites found"
     assert all(s.op in (None, "flash_attention") for s in sites), [s.op for s in sites]
     assert all(s.reason for s in sites)
+
+
+def test_validate_is_on_by_default_and_records_what_each_site_was_checked_on():
+    case = M.nanogpt(flash=False)
+    assert Options().validate is True
+    reports = attnlower.inspect(case.model, *case.inputs.args, options={"inner": "eager"})
+    sites = [s for r in reports for s in r.sites]
+    assert sites and all(s.rewritten and s.validated.startswith("float64 CPU") for s in sites), \
+        [(s.op, s.validated) for s in sites]
+    assert [p["name"] for p in reports[0].passes] == ["detect", "analyze+rewrite", "validate", "dead-code-eliminate"]
+
+
+def test_validate_false_skips_the_check():
+    case = M.nanogpt(flash=False)
+    reports = attnlower.inspect(case.model, *case.inputs.args, options={"inner": "eager", "validate": False})
+    sites = [s for r in reports for s in r.sites]
+    assert sites and all(s.rewritten and s.validated == "not checked: options validate=False" for s in sites)
+
+
+def test_validate_must_be_a_bool():
+    with pytest.raises(ValueError, match="'validate' must be True or False, got 'no'"):
+        Options.from_mapping({"validate": "no"})

@@ -2,10 +2,11 @@
 
     torch.compile(model, backend="attnlower", options={"inner": "eager", "explain": True})
 
-The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> None`,
-each recording what it did in the graph's CompileReport. If any pass raises, the backend logs a
-warning with a repro file and compiles the unmodified graph (`strict=True` re-raises); so does a
-failure to trace Dynamo's graph to aten, which compiles Dynamo's graph itself.
+The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> str` (a
+one-line summary for the report), each recording what it did in the graph's CompileReport. If any
+pass raises, the backend logs a warning with a repro file and compiles the unmodified graph
+(`strict=True` re-raises). So does a failure to trace Dynamo's graph to aten: Dynamo's graph is
+then compiled as it came.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.fx as fx
 from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
+from ..passes.validate import validate_rewrite
 from .canonicalize import checkpoint_bodies, fake_mode_for, subclass_attention_refusals, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
 from .hardware import Target, target_for
@@ -52,6 +54,16 @@ class Context:
     found: list = field(default_factory=list)
     sites: list = field(default_factory=list)      # the report's sites for `found` (this graph's)
     in_checkpoint: bool = False                     # the graph is the body of a torch.utils.checkpoint call
+    rewrites: list = field(default_factory=list)   # Rewrite records, for validation
+
+
+@dataclass
+class Rewrite:
+    """One rewritten site: `old` is the replaced node (in the graph until DCE), `new` its replacement."""
+
+    site: Site
+    old: fx.Node
+    new: fx.Node
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +110,12 @@ def analyze_and_rewrite(gm: fx.GraphModule, ctx: Context) -> str:
         except (Refused, NotConvex) as e:
             site.reason = str(e)
             continue
-        site.nodes = rewrite_site(gm, f, decision, ctx.fake_mode)
+        created: list[fx.Node] = []
+        site.nodes = rewrite_site(gm, f, decision, ctx.fake_mode, created)
+        inserted = set(created)
+        # the replacement: the one inserted node that the replaced node's users now read
+        (new,) = [n for n in created if any(u not in inserted for u in n.users)]
+        ctx.rewrites.append(Rewrite(site, f.output, new))
         site.op = decision.spec.op
         site.spec = decision.spec.as_dict()
         site.reason = decision.reason
@@ -106,6 +123,32 @@ def analyze_and_rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             site.kernel = kernel_plan(decision.spec, ctx.target, f.q_len)
         done += 1
     return f"{done} rewritten"
+
+
+def validate(gm: fx.GraphModule, ctx: Context) -> str:
+    """Translation validation: evaluate each rewrite against the region it replaced, in float64 on
+    CPU on random boundary inputs; undo the rewrites that differ (passes/validate.py)."""
+    if not ctx.options.validate:
+        for r in ctx.rewrites:
+            r.site.validated = "not checked: options validate=False"
+        return "off (validate=False)"
+    shape_env = getattr(ctx.fake_mode, "shape_env", None)
+    refused = cached = unchecked = 0
+    for r in ctx.rewrites:
+        verdict = validate_rewrite(gm, r.old, r.new, shape_env=shape_env, repro_dir=ctx.options.repro_dir)
+        r.site.validated = verdict.checked_on
+        cached += verdict.cached
+        unchecked += verdict.checked_on.startswith("not validated")
+        if not verdict.ok:
+            # undo: the old output is still in the graph; the inserted nodes die in DCE
+            r.new.replace_all_uses_with(r.old)
+            r.site.op, r.site.spec, r.site.kernel, r.site.nodes = None, None, None, []
+            r.site.reason = verdict.reason
+            r.site.validation_repro = verdict.repro
+            refused += 1
+            log.warning("attnlower: site %d (%s) refused: %s", r.site.index, r.site.location, verdict.reason)
+    return (f"{len(ctx.rewrites)} checked ({cached} by an identical earlier site), {refused} refused, "
+            f"{unchecked} too large to check")
 
 
 def dead_code_eliminate(gm: fx.GraphModule, ctx: Context) -> str:
@@ -120,6 +163,7 @@ def dead_code_eliminate(gm: fx.GraphModule, ctx: Context) -> str:
 PASSES: list[tuple[str, Callable[[fx.GraphModule, Context], str]]] = [
     ("detect", detect),
     ("analyze+rewrite", analyze_and_rewrite),
+    ("validate", validate),
     ("dead-code-eliminate", dead_code_eliminate),
 ]
 
@@ -155,6 +199,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
             # the graph, then the body of every torch.utils.checkpoint call in it (private copies)
             for label, graph in [("", work)] + [(f" [{path}]", body) for path, body in checkpoint_bodies(work)]:
                 ctx.in_checkpoint = bool(label)
+                ctx.rewrites = []   # validation checks this graph's rewrites, in this graph
                 for name, fn in PASSES:
                     t = time.perf_counter()
                     summary = fn(graph, ctx)

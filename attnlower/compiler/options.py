@@ -18,6 +18,9 @@ class Options:
     dump_dir: write each graph's before/after text, site table and report JSON there.
     dump_mlir: with dump_dir, also write the rewritten graph in MLIR's torch dialect (needs attnlower[mlir]).
     dump_dot:  with dump_dir, also write a Graphviz DOT file (and an SVG, where `dot` is installed) per site.
+    validate: check every rewritten site against the region it replaced (float64 CPU, random inputs)
+              and undo the rewrites that differ; False skips the check (passes/validate.py).
+    repro_dir: where repro files go (a failed pass, a site that failed validation); default: the temp dir.
     """
 
     inner: str = "inductor"
@@ -29,10 +32,13 @@ class Options:
     repro_dir: str | None = None
     dump_mlir: bool = False
     dump_dot: bool = False
+    validate: bool = True
 
     def __post_init__(self) -> None:
         if self.inner not in ("inductor", "eager"):
             raise ValueError(f"attnlower option 'inner' must be 'inductor' or 'eager', got {self.inner!r}")
+        if not isinstance(self.validate, bool):
+            raise ValueError(f"attnlower option 'validate' must be True or False, got {self.validate!r}")
         known = {"flash_attention", "sliding_window_attention", "paged_attention"}
         unknown = set(self.ops) - known
         if unknown:

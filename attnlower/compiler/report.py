@@ -26,6 +26,8 @@ class Site:
     memory: dict[str, Any] | None = None  # dump.memory_estimate: bytes of the unfused intermediates vs the fused op
     choice: str = ""                    # why this op and not the others (describe_sites)
     saves: str = ""                     # bytes not materialized, roofline time fused vs unfused (describe_sites)
+    validated: str = ""                 # what translation validation checked the rewrite on, or "not checked: why"
+    validation_repro: str | None = None  # the repro file of a rewrite that failed validation
 
     @property
     def rewritten(self) -> bool:

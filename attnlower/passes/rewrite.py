@@ -47,15 +47,19 @@ def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None
 
 
 class _Emitter:
-    """Inserts nodes before a point, giving each a fake value so later passes and dumps see shapes."""
+    """Inserts nodes before a point, giving each a fake value so later passes and dumps see shapes.
 
-    def __init__(self, graph: fx.Graph, before: fx.Node, fake_mode):
+    Every node it creates is appended to `created` (translation validation reads them)."""
+
+    def __init__(self, graph: fx.Graph, before: fx.Node, fake_mode, created: list | None = None):
         self.graph, self.before, self.fake_mode = graph, before, fake_mode
+        self.created = created if created is not None else []
 
     def __call__(self, target, args, kwargs=None, name=None):
         kwargs = kwargs or {}
         with self.graph.inserting_before(self.before):
             n = self.graph.call_function(target, tuple(args), kwargs)
+        self.created.append(n)
         if name:
             n.name = self.graph._graph_namespace.create_name(name, None)
         def fake(x):
@@ -139,17 +143,19 @@ def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node
     return total
 
 
-def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake_mode) -> list[str]:
+def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake_mode,
+                 created: list | None = None) -> list[str]:
     """Insert the op call before the region's output and reroute the output's users to it.
 
     Returns the names of the replaced nodes. The region's other nodes are left for dead-code
-    elimination (they have no other users; `check_convex` proved it).
+    elimination (they have no other users; `check_convex` proved it). The nodes inserted are
+    appended to `created` when given.
     """
     import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
 
     g = gm.graph
     _repoint_size_reads(m, fake_mode)
-    emit = _Emitter(g, m.output, fake_mode)
+    emit = _Emitter(g, m.output, fake_mode, created)
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
     q = _prepare(emit, m.q)

@@ -1,0 +1,749 @@
+"""Translation validation: check every rewritten site against the region it replaced.
+
+A rewrite is only as right as the detector's reasoning; this pass does not reuse any of it. For
+each site it takes the two computations that now coexist in the graph (the replaced output node,
+still there until dead-code elimination, and the node that replaced it), cuts both at the values
+they share, and evaluates the two on random values at that cut, in float64 on CPU:
+
+- the *boundary* is every shared node that depends on tensor data (graph inputs, parameters,
+  buffers, and anything computed from them); it is drawn at random from its dtype, with edge
+  values (zeros, negatives, the dtype's most negative finite value, -inf, all-False and all-True
+  rows, indices at both ends of what their consumer can index);
+- nodes computed only from sizes and constants (arange, tril of ones, full, comparisons of those:
+  mask builders) are recomputed on both sides, so a proven causal mask keeps its real value;
+- float casts (to fp16 / bf16 / fp32) become casts to float64 on both sides and devices become CPU,
+  so the comparison can be tight (`TOLERANCE`); NaN positions must match exactly;
+- dropout is switched off on both sides (p = 0), which the report says.
+
+A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the caller
+reroutes the users of the new output back to the old one, and DCE removes the new nodes.
+Identical sites (same subgraph structure, shapes and constants, e.g. the layers of one model)
+are checked once per process (`_CHECKED`).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import math
+import operator
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+
+# max |source - rewrite| / max(1, max |source|). Both sides run in float64: over 66 comparisons
+# of correct sites (tests/models.py's hand-written, SDPA and HF cases, 2026-12-01) the largest was
+# 7.5e-16. 1e-6 leaves nine orders of magnitude for other orderings, and every deliberately broken
+# rewrite in tests/passes/test_validate.py is still refused.
+TOLERANCE = 1e-6
+# Largest tensor (elements) either side may create. One site's check (3 draws, one thread) took, on
+# the 2-core dev box (2026-12-01, timing the validate pass on an eager causal site, D=64): 0.36 s at
+# 393k score elements, 1.07 s at 1.6M, 5.9 s at 8.4M, i.e. ~0.7 us per element. 2**21 (~1.4 s)
+# keeps a site well under 10% of the compile of a graph that size; above it a static graph is
+# left fused and the report says "not validated", a dynamic one is checked at smaller sizes
+# (`REDUCED_SIZE`).
+MAX_ELEMENTS = 2 ** 21
+# Value substituted for a free symbol (dynamic=True) when the size hints exceed MAX_ELEMENTS:
+# small, yet above Dynamo's 0/1 specialization and larger than a typical head_dim tile.
+REDUCED_SIZE = 17
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_VIEWISH = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.select.int, aten.slice.Tensor,
+    aten.expand.default, aten._to_copy.default, aten.to.dtype, aten.clone.default,
+    aten.contiguous.default, aten.flatten.using_ints, aten.permute.default, aten.t.default,
+    aten.alias.default, aten.transpose.int, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, operator.getitem,
+}
+_COMPARE = {getattr(aten, op).Tensor for op in ("lt", "le", "gt", "ge", "eq", "ne")}
+_MATMULS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default,
+            aten.einsum.default}
+_SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default, aten.exp.default,
+              aten.log_softmax.int, aten._log_softmax.default}
+_SIZE_OPS = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+             aten.sym_storage_offset.default}
+_DROPOUTS = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
+             aten.alpha_dropout.default}
+
+
+@dataclass
+class Verdict:
+    """What validation found for one site.
+
+    ok False means the rewrite must be undone; `checked_on` goes to `Site.validated` either way.
+    """
+
+    ok: bool
+    checked_on: str
+    reason: str = ""          # on failure: "translation validation failed: ..."
+    repro: str | None = None
+    cached: bool = False      # the verdict of an identical site checked earlier in this process
+
+
+class CannotCheck(Exception):
+    """The pair cannot be evaluated (random op, bitcast, ...); the message says why."""
+
+
+_CHECKED: dict[str, Verdict] = {}
+
+
+def clear_cache() -> None:
+    """Forget the verdicts of earlier sites (tests use it to force a fresh check)."""
+    _CHECKED.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+
+def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
+                     repro_dir: str | None = None, draws: int = 3) -> Verdict:
+    """Evaluate `old` (the replaced node) and `new` (its replacement) on random boundary inputs."""
+    try:
+        pair = _Pair(gm, old, new, shape_env)
+    except CannotCheck as e:
+        return Verdict(False, f"not checked: {e}", f"translation validation could not run: {e}; "
+                       "the site stays unfused (set options validate=False to skip the check)")
+    if pair.too_large:
+        return Verdict(True, f"not validated: {pair.too_large}")
+    key = pair.key()
+    if key in _CHECKED:
+        v = _CHECKED[key]
+        return Verdict(v.ok, v.checked_on + " (same structure as a site checked earlier: not re-run)",
+                       v.reason, v.repro, cached=True)
+    verdict = pair.check(draws, repro_dir)
+    _CHECKED[key] = verdict
+    return verdict
+
+
+# --------------------------------------------------------------------------------------------
+# cutting the graph
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_random(n: fx.Node) -> bool:
+    tags = getattr(n.target, "tags", ())
+    # dropout, in ops of its own or inside attention ops, is switched off in the copies (p = 0)
+    return (torch.Tag.nondeterministic_seeded in tags and n.target not in _DROPOUTS
+            and not _is_attention_op(n))
+
+
+def _size_only(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends only on sizes and constants (mask builders), not on tensor data."""
+    pure: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if not isinstance(n.meta.get("val"), torch.Tensor):
+                pure.add(n)           # a SymInt / int input: a size, given its concrete value
+        elif n.op == "get_attr":
+            if n.target.startswith("_tensor_constant"):
+                pure.add(n)           # lifted constants; other attributes may be rewritten between calls
+        elif n.op == "call_function":
+            if n.target in _SIZE_OPS or (not _is_random(n) and all(a in pure for a in n.all_input_nodes)):
+                pure.add(n)
+    return pure
+
+
+_FACTS: list = []   # [(weakref to graph, node count, facts)]: one graph's facts, shared by its sites
+
+
+def _graph_facts(graph: fx.Graph):
+    """(size-only nodes, node order, alias roots, in-place writers) of a graph, computed once for
+    all the sites of one validation pass (the graph does not change between them)."""
+    if _FACTS and _FACTS[0][0]() is graph and _FACTS[0][1] == len(graph.nodes):
+        return _FACTS[0][2]
+    facts = (_size_only(graph), {n: i for i, n in enumerate(graph.nodes)}, *_aliasing(graph))
+    _FACTS[:] = [(weakref.ref(graph), len(graph.nodes), facts)]
+    return facts
+
+
+def _concrete(x, subs: dict) -> int:
+    if isinstance(x, int):
+        return x
+    return int(x.node.expr.xreplace(subs))
+
+
+@dataclass
+class _Input:
+    node: fx.Node
+    kind: str                     # "size" | "float" | "data" | "bool" | "index" | "length" | "int" | "scalar"
+                                  # | "fixed" (a guarded number held in a tensor: `value`)
+    shape: tuple = ()
+    stride: tuple = ()
+    dtype: torch.dtype | None = None
+    low: int = 0
+    high: int = 0                 # inclusive, for index / length
+    value: Any = None             # for size / scalar inputs
+    source_dtype: torch.dtype | None = None   # the dtype in the graph (drawn as float64 when a float)
+
+    def describe(self) -> str:
+        if self.kind in ("size", "scalar"):
+            return f"{self.node.name}={self.value}"
+        if self.kind == "fixed":
+            return f"{self.node.name}={self.value:.6g} (guarded)"
+        dims = ",".join(str(s) for s in self.shape)
+        extra = f" in [{self.low}, {self.high}]" if self.kind in ("index", "length") else ""
+        short = {torch.float64: "f64", torch.bool: "bool", torch.int64: "i64", torch.int32: "i32"}
+        return f"{short.get(self.dtype, str(self.dtype).replace('torch.', ''))}[{dims}]{extra}"
+
+
+class _Pair:
+    """The source computation and its rewrite, as two standalone float64 CPU graphs with one signature."""
+
+    def __init__(self, gm: fx.GraphModule, old: fx.Node, new: fx.Node, shape_env):
+        # the module owning the nodes: a site inside a higher-order op's subgraph is checked there
+        gm = old.graph.owning_module or gm
+        self.gm, self.old, self.new = gm, old, new
+        anc_old, anc_new = _ancestors(old), _ancestors(new)
+        shared = anc_old & anc_new
+        self.pure, order, root, writers = _graph_facts(gm.graph)
+        pure = self.pure
+        boundary: set[fx.Node] = set()
+        computed = {}
+        for side, out, anc in (("old", old, anc_old), ("new", new, anc_new)):
+            inside, replay, stack = set(), set(), [out]
+            while stack:
+                while stack:
+                    n = stack.pop()
+                    if n in inside or n in boundary:
+                        continue
+                    own = n in anc and n not in shared
+                    if n.op == "placeholder" or (n.op == "get_attr" and n not in pure) or not (
+                            n in pure or own or n in replay):
+                        boundary.add(n)       # computed outside the region from tensor data
+                        continue
+                    inside.add(n)
+                    stack.extend(n.all_input_nodes)
+                # memory this side computes and something writes into in place (a mask built with
+                # ones() then sliced and filled): replay those writes, in graph order, in the copy
+                for n in list(inside):
+                    for w in writers.get(root[n], ()):
+                        if w not in inside and root[n] in inside and order[w] < order[out]:
+                            replay.add(w)
+                            stack.append(w)
+            computed[side] = inside
+        self.boundary = sorted(boundary, key=order.__getitem__)
+        self.computed = computed
+        self.root, self.writers = root, writers
+        self._check_writes(order)
+        for n in computed["old"] | computed["new"]:
+            if _is_random(n):
+                raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
+            if n.target is aten.view.dtype:
+                raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
+        self.shape_env = shape_env
+        self.subs, self.sizes_note = self._sizes(shape_env)
+        self.inputs = [self._input(b) for b in self.boundary]
+        self.largest = max([self._numel(n) for n in computed["old"] | computed["new"]] + [1])
+        self.too_large = ""
+        if self.largest > MAX_ELEMENTS:
+            why = ("smaller sizes were not possible" if self.subs else
+                   "static sizes cannot be reduced soundly")
+            self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
+                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
+        self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+
+    @property
+    def old_gm(self) -> fx.GraphModule:
+        return self.graphs()[0]
+
+    @property
+    def new_gm(self) -> fx.GraphModule:
+        return self.graphs()[1]
+
+    def graphs(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """The two standalone graphs, built on first use (a cache hit never needs them)."""
+        if self._graphs is None:
+            self._graphs = (self._extract(self.computed["old"], self.old, "Source"),
+                            self._extract(self.computed["new"], self.new, "Rewrite"))
+        return self._graphs
+
+    def _check_writes(self, order: dict) -> None:
+        """A boundary input is one random value for both sides: sound only if no in-place write
+        into its memory falls between the reads of the source and those of the rewrite (which sit
+        just before the replaced output)."""
+        inside = self.computed["old"] | self.computed["new"]
+        readers: dict[fx.Node, list[fx.Node]] = {}
+        for n in inside:
+            base = self.root[n]
+            if base in self.writers and base not in inside:
+                readers.setdefault(base, []).append(n)
+        for base, nodes in readers.items():
+            first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+            for w in self.writers[base]:
+                if w not in inside and first < order[w] < last:
+                    raise CannotCheck(f"{base.name} is written in place by {w.name} between the reads "
+                                      "of the source and of the rewrite")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def _symbols(self) -> set:
+        syms = set()
+        for n in self.boundary + list(self.computed["old"] | self.computed["new"]):
+            val = n.meta.get("val")
+            for x in _sizes_of(val):
+                if not isinstance(x, int):
+                    syms |= x.node.expr.free_symbols
+        return syms
+
+    def _sizes(self, shape_env) -> tuple[dict, str]:
+        syms = self._symbols()
+        if not syms:
+            return {}, "the traced (static) sizes"
+        if shape_env is None:
+            raise CannotCheck("symbolic sizes without a shape environment to read their hints from")
+        # backed_var_to_val: torch >= 2.13 (var_to_val is deprecated there); var_to_val: 2.11
+        to_val = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+        hints = {s: int(to_val[s]) for s in syms}
+        self.subs = hints
+        largest = max([self._numel(n) for n in self.computed["old"] | self.computed["new"]] + [1])
+        names = lambda subs: ", ".join(f"{s}={v}" for s, v in sorted(subs.items(), key=lambda kv: str(kv[0])))
+        if largest <= MAX_ELEMENTS:
+            return hints, f"the size hints {names(hints)}"
+        reduced = {s: min(v, REDUCED_SIZE) for s, v in hints.items()}
+        if _guards_hold(shape_env, reduced):
+            return reduced, f"reduced sizes {names(reduced)} (hints {names(hints)})"
+        return hints, f"the size hints {names(hints)} (smaller sizes break the graph's guards)"
+
+    def _numel(self, n: fx.Node) -> int:
+        val = n.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        best = 0
+        for v in vals:
+            if isinstance(v, torch.Tensor):
+                best = max(best, math.prod(_concrete(s, self.subs) for s in v.shape))
+        return best
+
+    # -- boundary inputs -----------------------------------------------------------------------
+    def _input(self, b: fx.Node) -> _Input:
+        val = b.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
+                return _Input(b, "size", value=_concrete(val, self.subs))
+            if isinstance(val, (float, bool)):
+                return _Input(b, "scalar", value=val)
+            if isinstance(val, torch.SymFloat):
+                return _Input(b, "scalar", value=float(val.node.hint))
+            raise CannotCheck(f"boundary input {b.name} is a {type(val).__name__}, not a tensor or a number")
+        shape = tuple(_concrete(s, self.subs) for s in val.shape)
+        stride = tuple(_concrete(s, self.subs) for s in val.stride())
+        fixed = self._guarded_value(b)
+        if fixed is not None:
+            return _Input(b, "fixed", shape, stride, torch.float64 if val.dtype in _FLOATS else val.dtype,
+                          value=fixed)
+        if val.dtype in _FLOATS:
+            kind = "data" if self._feeds_product(b) else "float"
+            return _Input(b, kind, shape, stride, torch.float64, source_dtype=val.dtype)
+        if val.dtype == torch.bool:
+            return _Input(b, "bool", shape, stride, torch.bool)
+        if val.dtype.is_floating_point or val.dtype.is_complex:
+            raise CannotCheck(f"boundary input {b.name} is {val.dtype}")
+        rng = self._int_range(b)
+        if rng is None:
+            return _Input(b, "int", shape, stride, val.dtype, -2, 3)
+        kind, low, high = rng
+        return _Input(b, kind, shape, stride, val.dtype, low, high)
+
+    def _guarded_value(self, b: fx.Node):
+        """The value of a one-element tensor that the region reads only through `.item()`, where the
+        trace specialized that number with a guard (a python float Dynamo passed as a tensor under
+        dynamic=True, read by the detector as the scale): the graph only ever runs with that value."""
+        val = b.meta["val"]
+        users = self._users_inside(b)
+        if val.numel() != 1 or not users or any(u.target is not aten.item.default for u in users):
+            return None
+        values = set()
+        for u in users:
+            x = u.meta.get("val")
+            if isinstance(x, (torch.SymFloat, torch.SymInt)):
+                expr = self.shape_env.replace(x.node.expr) if self.shape_env is not None else x.node.expr
+                if not expr.is_number:
+                    return None
+                x = float(expr) if isinstance(x, torch.SymFloat) else int(expr)
+            if not isinstance(x, (int, float)):
+                return None
+            values.add(x)
+        return values.pop() if len(values) == 1 else None
+
+    def _users_inside(self, n: fx.Node):
+        return [u for u in n.users if u in self.computed["old"] or u in self.computed["new"]]
+
+    def _feeds_product(self, b: fx.Node) -> bool:
+        """Whether `b` reaches an operand of a product (q, k, v) without passing a softmax.
+
+        Such inputs are drawn normal only: an extreme q or k makes both sides' rounding (of
+        different but equivalent orderings) differ far beyond any tolerance. Masks and biases,
+        which reach the products only through the softmax, get the edge values.
+        """
+        stack, seen = [b], set()
+        while stack:
+            n = stack.pop()
+            for u in self._users_inside(n):
+                if u in seen or u.target in _SOFTMAXES:
+                    continue
+                seen.add(u)
+                if u.target in _MATMULS and not (u.target is aten.baddbmm.default and u.args[0] is n):
+                    return True               # (baddbmm's first operand is added, not multiplied)
+                if _is_attention_op(u):
+                    if any(a is n for a in u.args[:3]):
+                        return True
+                    continue
+                stack.append(u)
+        return False
+
+    def _int_range(self, b: fx.Node):
+        """(kind, low, high) of an integer input from how the region consumes it, or None for a number."""
+        found = None
+        stack, seen = [b], set()
+        while stack:
+            n = stack.pop()
+            for u in self._users_inside(n):
+                if u in seen:
+                    continue
+                seen.add(u)
+                rng = self._consumer_range(n, u)
+                if rng is not None:
+                    found = rng if found is None else (found[0], max(found[1], rng[1]), min(found[2], rng[2]))
+                elif u.target in _VIEWISH:
+                    stack.append(u)
+        return found
+
+    def _consumer_range(self, n: fx.Node, u: fx.Node):
+        def size(node, dim):
+            return _concrete(node.meta["val"].shape[dim], self.subs)
+        t = u.target
+        if t is aten.index.Tensor and u.args[0] is not n:
+            for dim, idx in enumerate(u.args[1]):
+                if idx is n:
+                    return ("index", 0, size(u.args[0], dim) - 1)
+        if t in (aten.index_select.default, aten.gather.default) and u.args[2] is n:
+            return ("index", 0, size(u.args[0], u.args[1]) - 1)
+        if t is aten.embedding.default and u.args[1] is n:
+            return ("index", 0, size(u.args[0], 0) - 1)
+        if t in (aten.index_put_.default, aten.index_put.default):
+            for dim, idx in enumerate(u.args[1]):
+                if idx is n:
+                    return ("index", 0, size(u.args[0], dim) - 1)
+        if _is_attention_op(u) and "paged" in str(t):
+            table, lens, cache = u.args[3], u.args[4], u.args[1]
+            if n is table:
+                return ("index", 0, size(cache, 0) - 1)
+            if n is lens:
+                return ("length", 0, size(table, 1) * size(cache, 2))
+        if t in _COMPARE:
+            other = u.args[1] if u.args[0] is n else u.args[0]
+            if isinstance(other, fx.Node) and other in self.pure:
+                # a length or position compared with positions: inside what those positions span
+                return ("length", 0, max([_concrete(s, self.subs) for s in other.meta["val"].shape] + [1]))
+        return None
+
+    # -- the standalone graphs -----------------------------------------------------------------
+    def _extract(self, inside: set[fx.Node], out: fx.Node, name: str) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for b in self.boundary:
+            env[b] = g.placeholder(b.name)
+        for n in self.gm.graph.nodes:
+            if n in inside:
+                env[n] = g.node_copy(n, lambda a: env[a])
+                _to_float64_cpu(env[n])
+        g.output(env[out])
+        return fx.GraphModule(self.gm, g, class_name=name)
+
+    def key(self) -> str:
+        """The structure of both sides and their inputs, independent of node names."""
+        parts = [repr([(i.kind, i.shape, i.stride, str(i.dtype), i.low, i.high, i.value) for i in self.inputs])]
+        index = {b: f"in{i}" for i, b in enumerate(self.boundary)}
+        for side, out in (("old", self.old), ("new", self.new)):
+            nodes = [n for n in self.gm.graph.nodes if n in self.computed[side]]
+            index.update({n: f"%{side}{j}" for j, n in enumerate(nodes)})
+            def ref(a):
+                return index[a] if isinstance(a, fx.Node) else a
+            for n in nodes:
+                target = n.target
+                if n.op == "get_attr":
+                    t = getattr(self.gm, target)
+                    if isinstance(t, torch.Tensor):
+                        data = t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                        target = f"const:{t.dtype}:{list(t.shape)}:{hashlib.sha1(data).hexdigest()}"
+                parts.append(repr((n.op, str(target), tree_map(ref, n.args), tree_map(ref, n.kwargs))))
+            parts.append(f"out {index[out]}")
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+    # -- running -------------------------------------------------------------------------------
+    def _draws(self, count: int) -> list[list]:
+        g = torch.Generator().manual_seed(0)
+        return [[_draw(i, d, g) for i in self.inputs] for d in range(count)]
+
+    def check(self, count: int, repro_dir: str | None) -> Verdict:
+        styles = ["normal", "edge values", "masked rows"][:count] + ["normal"] * max(0, count - 3)
+        shapes = " ".join(i.describe() for i in self.inputs if i.kind not in ("size", "scalar"))
+        checked_on = (f"float64 CPU, {count} input draws ({', '.join(styles)}) on inputs {shapes} "
+                      f"at {self.sizes_note}, dropout off")
+        for d, inputs in enumerate(self._draws(count)):
+            failure = self._compare(inputs)
+            if failure:
+                repro = write_repro(self, inputs, failure, repro_dir)
+                reason = (f"translation validation failed: {failure} on random inputs (draw {d}: {styles[d]}) "
+                          f"[{shapes}] at {self.sizes_note}; repro: {repro}")
+                return Verdict(False, checked_on, reason, repro)
+        return Verdict(True, checked_on)
+
+    def _compare(self, inputs: list) -> str:
+        with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
+            try:
+                want = self.old_gm(*_cloned(inputs))
+            except Exception as e:
+                return f"the source region raised {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            try:
+                got = self.new_gm(*_cloned(inputs))
+            except Exception as e:
+                return (f"the rewrite raised {type(e).__name__} where the source computes: "
+                        f"{str(e).splitlines()[0][:200]}")
+            return compare(want, got)
+
+
+def compare(want: torch.Tensor, got: torch.Tensor) -> str:
+    """'' when `got` equals `want` within TOLERANCE (NaN where and only where `want` is NaN), else why not."""
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return f"the source gives {type(want).__name__}, the rewrite {type(got).__name__}"
+    if tuple(want.shape) != tuple(got.shape):
+        return f"shape {list(got.shape)} where the source gives {list(want.shape)}"
+    a, b = want.double(), got.double()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
+                f"{int(nan_b.sum())} in the rewrite, {int((nan_a != nan_b).sum())} position(s) disagree")
+    keep = ~nan_a
+    a, b = a[keep], b[keep]
+    if a.numel() == 0:
+        return ""
+    same = a == b                                 # equal infinities included
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    err = float(diff.max())
+    finite = a[torch.isfinite(a)]
+    scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+    if not err <= TOLERANCE * scale:              # NaN-safe: inf - inf gives NaN, which fails too
+        return f"max abs error {err:.3g} (tolerance {TOLERANCE * scale:.3g})"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+def _sizes_of(val):
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            yield from v.shape
+            yield from v.stride()
+        elif isinstance(v, torch.SymInt):
+            yield v
+
+
+def _aliasing(graph: fx.Graph) -> tuple[dict, dict]:
+    """(root, writers): each node's alias root through views and in-place ops, and the nodes that
+    write in place into each root's memory."""
+    root: dict[fx.Node, fx.Node] = {}
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        root[n] = n
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None:
+            continue
+        if schema.returns and schema.returns[0].alias_info is not None and n.args and \
+                isinstance(n.args[0], fx.Node):
+            root[n] = root[n.args[0]]
+        for arg, value in zip(schema.arguments, n.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+                writers.setdefault(root[value], []).append(n)
+    return root, writers
+
+
+def _guards_hold(shape_env, subs: dict) -> bool:
+    """Whether every guard recorded while tracing holds with the symbols replaced by `subs`."""
+    try:
+        for guard in shape_env.guards:
+            if not bool(guard.expr.xreplace(subs)):
+                return False
+        for sym, r in shape_env.var_to_range.items():
+            if sym in subs and not (r.lower <= subs[sym] <= r.upper):
+                return False
+    except (TypeError, AttributeError):
+        return False
+    return True
+
+
+def _is_attention_op(n: fx.Node) -> bool:
+    ns = getattr(n.target, "namespace", None)
+    return ns == "attnlower" or n.target in (aten.scaled_dot_product_attention.default,
+                                             aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+
+def _to_float64_cpu(n: fx.Node) -> None:
+    """In a copied node: float casts and dtypes become float64, devices CPU, dropout p = 0."""
+    def conv(a):
+        if isinstance(a, torch.dtype) and a in _FLOATS:
+            return torch.float64
+        if isinstance(a, torch.device):
+            return torch.device("cpu")
+        return a
+    n.args, n.kwargs = tree_map(conv, n.args), tree_map(conv, n.kwargs)
+    t = n.target
+    if t in (aten._softmax.default, aten._log_softmax.default):
+        n.args = (*n.args[:2], False)             # half_to_float: the input is float64 now
+    elif t in _DROPOUTS:
+        n.args = (n.args[0], 0.0, *n.args[2:])
+    elif t in (aten.scaled_dot_product_attention.default,
+               aten._scaled_dot_product_flash_attention_for_cpu.default):
+        if "dropout_p" in n.kwargs:
+            n.kwargs = {**n.kwargs, "dropout_p": 0.0}
+        elif len(n.args) > 3 + (t is aten.scaled_dot_product_attention.default):
+            i = 4 if t is aten.scaled_dot_product_attention.default else 3
+            n.args = (*n.args[:i], 0.0, *n.args[i + 1:])
+    elif _is_attention_op(n) and "dropout_p" in n.kwargs:
+        n.kwargs = {**n.kwargs, "dropout_p": 0.0}
+
+
+@contextlib.contextmanager
+def _reference_ops():
+    """The attnlower ops run their plain reference on CPU float64 (ATTNLOWER_CPU_KERNELS aside),
+    on one CPU thread. On the busy 2-core dev box (2026-12-01) the default thread pool made a float64
+    [2, 4, 32, 16] @ [2, 4, 16, 32] take 12.3 ms instead of 0.12 ms, and whole checks were slower
+    at every size measured (0.96 s vs 0.36 s at 393k elements, 6.4 s vs 5.9 s at 8.4M). An idle
+    many-core host might gain from threads at the largest sizes: unmeasured."""
+    saved = os.environ.pop("ATTNLOWER_CPU_KERNELS", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if saved is not None:
+            os.environ["ATTNLOWER_CPU_KERNELS"] = saved
+
+
+def _cloned(inputs: list) -> list:
+    # a region may write into its inputs (a paged cache update): each side gets its own copy
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, t.shape[-1]) if t.dim() else t.view(1, 1)
+
+
+def _draw(i: _Input, style: int, g: torch.Generator):
+    """One random value for boundary input `i`; style 0 normal, 1 edge values, 2 masked rows."""
+    if i.kind in ("size", "scalar"):
+        return i.value
+    if i.kind == "fixed":
+        return torch.full(i.shape, i.value, dtype=i.dtype)
+    # dims broadcast in the source (stride 0) stay broadcast: draw them once, then expand
+    base_shape = [1 if st == 0 else s for s, st in zip(i.shape, i.stride)]
+    n = math.prod(base_shape)
+    if i.kind == "data":
+        t = torch.randn(base_shape, generator=g, dtype=torch.float64)
+    elif i.kind == "float":
+        t = torch.randn(base_shape, generator=g, dtype=torch.float64)
+        if style == 1:
+            pick = torch.randint(0, 5, base_shape, generator=g)
+            lowest = torch.finfo(i.source_dtype or torch.float32).min   # HF's finfo(dtype).min masks
+            t = torch.where(pick == 1, 0.0, torch.where(pick == 2, lowest, torch.where(pick == 3, -t.abs() * 1e4, t)))
+            if t.numel() and t.shape[-1:] != (0,):
+                _rows(t)[0] = lowest          # a row masked with a finite value: a uniform average
+        elif style == 2:
+            pick = torch.randint(0, 10, base_shape, generator=g)
+            t = torch.where(pick < 4, 0.0, torch.where(pick < 7, 1.0, float("-inf")))
+            if t.numel():
+                _rows(t)[0] = float("-inf")   # a fully masked row: NaN in eager softmax
+    elif i.kind == "bool":
+        p = (0.5, 0.15, 0.9)[style % 3]
+        t = torch.rand(base_shape, generator=g) < p
+        if t.numel():
+            rows = _rows(t)
+            rows[0] = False                   # every key masked
+            if rows.shape[0] > 1:
+                rows[1] = True                # none masked
+    elif i.kind in ("index", "length"):
+        if i.high < i.low:
+            raise CannotCheck(f"{i.node.name} indexes an empty dim")
+        # lengths: the normal draw keeps every sequence non-empty and the edge draw empties one.
+        # (A batch where *every* length is 0 is not drawn: on 2026-12-01 the paged reference
+        # crashed on it, a bug of lowering/reference.py reported to its owner, not of a rewrite.)
+        low = max(i.low, 1) if i.kind == "length" and i.high >= 1 else i.low
+        t = torch.randint(low, i.high + 1, base_shape, generator=g)
+        if style == 1 and n:
+            t.view(-1)[0], t.view(-1)[-1] = i.low, i.high
+        elif style == 2:
+            t.fill_(i.high if i.kind == "length" else i.low)
+        t = t.to(i.dtype)
+    else:
+        values = torch.tensor([0, 1, -1, 2, -2, 3], dtype=torch.int64)
+        t = values[torch.randint(0, (2, 6, 3)[style % 3], base_shape, generator=g)].to(i.dtype)
+    if i.kind in ("data", "float"):
+        t = t.to(torch.float64)               # torch.where of python scalars gives the default dtype
+    t = t.expand(i.shape) if list(t.shape) != list(i.shape) else t
+    if t.stride() != i.stride and all(st != 0 for st in i.stride):
+        # the source saw these strides (a transposed view, say): a later .view may depend on them
+        out = torch.empty_strided(i.shape, i.stride, dtype=t.dtype)
+        out.copy_(t)
+        t = out
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# the repro
+
+def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) -> str:
+    """A runnable .py holding both subgraphs and the inputs on which they differ."""
+    folder = repro_dir or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="attnlower_validate_", suffix=".py", dir=folder)
+    consts = {}
+    for gm in (pair.old_gm, pair.new_gm):
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                consts[n.target] = getattr(gm, n.target)
+    buf = io.BytesIO()
+    torch.save({"inputs": inputs, "constants": consts}, buf)
+    blob = base64.b64encode(buf.getvalue()).decode()
+    with os.fdopen(fd, "w") as f:
+        f.write("# attnlower translation validation: the rewrite of a site differs from the region it replaced.\n")
+        f.write(f"# {failure}\n")
+        f.write("# Run: python this_file.py  (evaluates both in float64 on CPU and prints the difference)\n")
+        f.write("import base64\nimport io\n\nimport torch\nfrom torch import device\n"
+                "from math import inf, nan  # printed graphs spell them bare\n\n"
+                "import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower\n"
+                "from attnlower.passes.validate import compare\n\n")
+        for gm in (pair.old_gm, pair.new_gm):
+            f.write(gm.print_readable(print_output=False))
+            f.write("\n\n")
+        f.write(f"DATA = {blob!r}\n\n")
+        f.write("if __name__ == '__main__':\n"
+                "    data = torch.load(io.BytesIO(base64.b64decode(DATA)), weights_only=False)\n"
+                "    source, rewrite = Source(), Rewrite()\n"
+                "    for name, value in data['constants'].items():\n"
+                "        setattr(source, name, value)\n"
+                "        setattr(rewrite, name, value)\n"
+                "    want = source(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    got = rewrite(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    print(compare(want, got) or 'the two agree')\n")
+    return path

@@ -1,0 +1,412 @@
+"""Translation validation (passes/validate.py): a rewrite that changes results is undone.
+
+The detector is broken on purpose (a dropped scale, a flipped mask, a dropped bias, the wrong
+causal alignment, the wrong empty-row convention): the validator must refuse the site, name the
+measured error, write a repro that reproduces it, and the compiled model must then give eager's
+numbers. Correct sites in the spellings other projects use must pass untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnlower
+from attnlower.compiler import backend
+from attnlower.passes import validate as V
+from attnlower.passes.detect import AttentionMatch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models as M  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    # verdicts are cached per process by structure: each test checks its own sites
+    V.clear_cache()
+    yield
+    V.clear_cache()
+
+
+def _break_match(monkeypatch, edit):
+    """Make the detector's matches wrong: `edit(match)` runs on every proven match."""
+    found = backend.find_attention_sites
+
+    def broken(gm):
+        out = found(gm)
+        for f in out:
+            if isinstance(f, AttentionMatch):
+                edit(f)
+        return out
+
+    monkeypatch.setattr(backend, "find_attention_sites", broken)
+
+
+def _break_decision(monkeypatch, **spec_changes):
+    """Make the analyzer's specs wrong: every decision's spec gets `spec_changes`."""
+    analyze = backend.analyze_site
+
+    def broken(m, target, ops):
+        d = analyze(m, target, ops)
+        d.spec = dataclasses.replace(d.spec, **spec_changes)
+        return d
+
+    monkeypatch.setattr(backend, "analyze_site", broken)
+
+
+def _compile(case: M.Case, **options):
+    """(reports, compiled output, eager output) of `case` under attnlower with inner="eager"."""
+    options = {"inner": "eager", **options}
+    model = case.model
+    want = model(*case.inputs.args, **case.inputs.kwargs)
+    out = []
+
+    def call(*args, **kwargs):
+        out.append(model(*args, **kwargs))
+        return out[-1]
+
+    reports = attnlower.inspect(call, *case.inputs.args, options=options, **case.inputs.kwargs)
+    return reports, out[-1], want
+
+
+def _sites(reports):
+    return [s for r in reports for s in r.sites]
+
+
+def _max_rel(got, want):
+    got, want = M.compared_tensors(got), M.compared_tensors(want)
+    return max(float(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).detach()) for g, w in zip(got, want))
+
+
+def _assert_refused(reports, got, want, tmp_path, what=r"max abs error"):
+    sites = _sites(reports)
+    assert sites and all(not s.rewritten for s in sites), [(s.op, s.reason) for s in sites]
+    for s in sites:
+        assert s.reason.startswith("translation validation failed"), s.reason
+        assert what in s.reason, s.reason
+        assert s.validation_repro and s.validation_repro.startswith(str(tmp_path)), s.validation_repro
+        assert f"repro: {s.validation_repro}" in s.reason
+    # undone: the graph computes what eager computes
+    assert _max_rel(got, want) < 1e-6
+    for r in reports:
+        assert "refused" in next(p["summary"] for p in r.passes if p["name"] == "validate")
+    return sites
+
+
+def _run_repro(path) -> str:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+# ---- a broken detector is caught ----------------------------------------------------------------
+
+def test_dropped_scale_is_refused_with_the_error_and_a_repro(monkeypatch, tmp_path):
+    def drop_scale(m):
+        m.scale = 1.0
+    _break_match(monkeypatch, drop_scale)
+    reports, got, want = _compile(M.handwritten("div"), repro_dir=str(tmp_path))
+    (site,) = _assert_refused(reports, got, want, tmp_path)
+    assert "(tolerance " in site.reason
+    assert "f64[2,4,32,16]" in site.reason, "the reason names the shapes it was checked on"
+    shown = _run_repro(site.validation_repro)
+    assert shown.startswith("max abs error"), shown
+
+
+def test_flipped_mask_polarity_is_refused(monkeypatch, tmp_path):
+    def flip(m):
+        m.terms = [dataclasses.replace(t, kind={"keep": "fill", "fill": "keep"}.get(t.kind, t.kind)) for t in m.terms]
+    _break_match(monkeypatch, flip)
+    _assert_refused(*_compile(M.sdpa("bool_mask"), repro_dir=str(tmp_path)), tmp_path, what="")
+
+
+def test_flipped_causal_mask_polarity_in_a_real_model_is_refused(monkeypatch, tmp_path):
+    """nanoGPT's `masked_fill(bias == 0, -inf)` read as a keep-mask: every layer refused."""
+    def flip(m):
+        m.terms = [dataclasses.replace(t, kind={"keep": "fill", "fill": "keep"}.get(t.kind, t.kind)) for t in m.terms]
+    _break_match(monkeypatch, flip)
+    _assert_refused(*_compile(M.nanogpt(flash=False), repro_dir=str(tmp_path)), tmp_path, what="")
+
+
+def test_dropped_bias_term_is_refused(monkeypatch, tmp_path):
+    """T5's learned position bias dropped from the fused op."""
+    def drop_bias(m):
+        m.terms = [t for t in m.terms if t.kind != "bias"]
+    _break_match(monkeypatch, drop_bias)
+    _assert_refused(*_compile(M.handwritten("t5_bias"), repro_dir=str(tmp_path)), tmp_path)
+
+
+def test_wrong_causal_alignment_is_refused(monkeypatch, tmp_path):
+    """SDPA's is_causal is top-left; with Tq < Tk bottom-right shows every query more keys."""
+    _break_decision(monkeypatch, bottom_right=True)
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 16)
+    fn = M.Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "sdpa_causal_tq_lt_tk")
+    _assert_refused(*_compile(M.Case(fn, M.Inputs((q, k, v)), M.expect(1)), repro_dir=str(tmp_path)), tmp_path)
+
+
+def test_nan_pattern_mismatch_is_caught(monkeypatch, tmp_path):
+    """Eager softmax gives NaN for a row with every key masked; a rewrite giving 0 there is wrong,
+    and only the all-False rows of the boundary draws show it."""
+    _break_decision(monkeypatch, empty_rows_nan=False)
+
+    def masked(q, k, v, keep):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+    q, k, v = M.qkv()
+    keep = torch.rand(M.B, 1, M.S, M.S) > 0.3
+    keep[..., 0] = True              # the real input has no empty row: only the validator's draws do
+    case = M.Case(M.Fn(masked, "masked_fill_keep"), M.Inputs((q, k, v, keep)), M.expect(1))
+    reports, got, want = _compile(case, repro_dir=str(tmp_path))
+    (site,) = _assert_refused(reports, got, want, tmp_path, what="NaN pattern differs")
+    assert "draw" in site.reason
+
+
+def _ones_then_filled(q, k, v):
+    t = q.shape[-2]
+    keep = torch.ones(t, t, dtype=torch.bool)
+    keep[:, t - 3:] = False          # written in place after it was built: the last 3 keys hidden
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def test_in_place_writes_into_a_mask_are_replayed():
+    """The mask's value is its in-place writes, not its producer: the check replays them, so the
+    correct rewrite passes..."""
+    reports, got, want = _compile(M.Case(M.Fn(_ones_then_filled, "ones_then_filled"), M.Inputs(M.qkv()),
+                                         M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated.startswith("float64 CPU"), (site.reason, site.validated)
+    assert _max_rel(got, want) < 1e-5
+
+
+def test_a_rewrite_that_ignores_an_in_place_write_is_refused(monkeypatch, tmp_path):
+    """...and a detector that reads the mask as its all-True producer is caught."""
+    def drop_mask(m):
+        m.terms = []
+    _break_match(monkeypatch, drop_mask)
+    case = M.Case(M.Fn(_ones_then_filled, "ones_then_filled"), M.Inputs(M.qkv()), M.expect(1))
+    _assert_refused(*_compile(case, repro_dir=str(tmp_path)), tmp_path)
+
+
+# ---- the issue-9 spellings: whatever the detector makes of them, the compiled result is eager's ----
+
+def _alpha(q, k, v, mask):
+    s = torch.add(mask, torch.matmul(q, k.transpose(-1, -2)), alpha=1 / math.sqrt(q.size(-1)))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _bool_as_number(q, k, v, keep):
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + keep     # True adds 1.0
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _int_mask(q, k, v, mask):
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1)) + mask     # an int32 bias
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _mbart(q, k, v, mask):
+    """fairseq / HF mBART: scores by bmm on [B*H, T, D], the mask added in a 4-D view."""
+    bh, t, _ = q.shape
+    w = torch.bmm(q, k.transpose(1, 2))
+    w = (w.view(M.B, bh // M.B, t, t) + mask).view(bh, t, t)
+    return torch.bmm(F.softmax(w, dim=-1), v)
+
+
+@pytest.mark.parametrize("fn, extra", [
+    (_alpha, lambda: torch.randn(M.B, 1, M.S, M.S)),
+    (_bool_as_number, lambda: torch.rand(M.B, 1, M.S, M.S) > 0.5),
+    (_int_mask, lambda: torch.randint(-3, 3, (M.B, 1, M.S, M.S), dtype=torch.int32)),
+    (_mbart, lambda: torch.randn(M.B, 1, M.S, M.S)),
+], ids=["add-alpha", "bool-as-number", "int32-bias", "mbart-bmm-4d-mask"])
+def test_issue_9_spellings_give_eager_results(fn, extra):
+    """On 2026-12-01 the detector got the first three wrong (alpha dropped, bool read as a keep-mask,
+    int bias rejected by the op at run time): the validator refused them. Fixed detectors fuse them,
+    and the check passes; either way the compiled result is eager's."""
+    q, k, v = M.qkv()
+    if fn is _mbart:
+        q, k, v = (x.reshape(M.B * M.HEADS, M.S, M.HEAD_DIM) for x in (q, k, v))
+    case = M.Case(M.Fn(fn, fn.__name__), M.Inputs((q, k, v, extra())), M.expect(1))
+    reports, got, want = _compile(case)
+    assert _max_rel(got, want) < 1e-5
+    for s in _sites(reports):
+        if s.rewritten:
+            assert s.validated.startswith("float64 CPU"), s.validated
+        else:
+            assert s.reason, "a site left unfused says why"
+
+
+# ---- correct sites pass, in other projects' spellings ---------------------------------------------
+
+@pytest.mark.parametrize("case", [
+    pytest.param(lambda: M.hf_model("llama", "eager", "pad"), id="hf-llama-eager-finfo-min-padding"),
+    pytest.param(lambda: M.hf_model("bert", "sdpa", "pad"), id="hf-bert-sdpa-bool-padding"),
+    pytest.param(lambda: M.sdpa("bool_mask"), id="sdpa-bool-mask"),
+    pytest.param(lambda: M.sdpa("float_mask"), id="sdpa-float-mask"),
+    pytest.param(lambda: M.nanogpt(flash=False), id="nanogpt-tril-buffer"),
+    pytest.param(lambda: M.hf_model("llama", "eager", "nomask"), id="hf-llama-gqa-repeat-kv"),
+    pytest.param(lambda: M.hf_model("mistral", "sdpa", "cache"), id="hf-mistral-sliding"),
+    pytest.param(lambda: M.handwritten("bf16_fp32_softmax"), id="bf16-with-fp32-softmax"),
+    pytest.param(lambda: M.handwritten("baddbmm"), id="baddbmm-flattened-heads"),
+])
+def test_correct_sites_pass(case):
+    c = case()
+    reports, got, want = _compile(c)
+    sites = _sites(reports)
+    assert sites and all(s.rewritten for s in sites), [(s.op, s.reason) for s in sites]
+    for s in sites:
+        assert s.validated.startswith("float64 CPU, 3 input draws"), s.validated
+        assert "dropout off" in s.validated
+    assert _max_rel(got, want) < c.expected.rtol
+
+
+def test_training_dropout_is_checked_with_dropout_off():
+    c = M.sdpa_dropout_train()
+    reports, got, want = _compile(c)
+    (site,) = _sites(reports)
+    assert site.rewritten and site.spec["dropout_p"] == 0.3, (site.reason, site.spec)
+    assert site.validated.startswith("float64 CPU") and site.validated.endswith("dropout off"), site.validated
+
+
+def test_bool_draws_have_all_false_and_all_true_rows():
+    """The draws for a bool mask include a row with every key masked and one with none."""
+    node = torch.fx.Graph().placeholder("keep")
+    spec = V._Input(node, "bool", (2, 1, 5, 7), (35, 35, 7, 1), torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for style in range(3):
+        rows = V._draw(spec, style, g).reshape(-1, 7)
+        assert not rows.any(-1).all(), f"draw {style} has no all-False row"
+        assert rows.all(-1).any(), f"draw {style} has no all-True row"
+
+
+def test_all_false_mask_rows_agree_with_eager_nan():
+    """A correct rewrite of a -inf masked_fill keeps eager's NaN rows: the draws with all-False
+    rows (checked above) pass, and so does a real input with an empty row."""
+    def masked(q, k, v, keep):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+    q, k, v = M.qkv()
+    keep = torch.rand(M.B, 1, M.S, M.S) > 0.3
+    keep[0, 0, 3] = False
+    reports, got, want = _compile(M.Case(M.Fn(masked, "masked"), M.Inputs((q, k, v, keep)), M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated.startswith("float64 CPU"), (site.reason, site.validated)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want[0, :, 3]).all()
+    assert torch.allclose(got.nan_to_num(), want.nan_to_num(), atol=1e-5)
+
+
+def test_dynamic_graph_is_checked_at_the_size_hints():
+    c = M.handwritten("div")
+    reports = attnlower.inspect(c.model, *c.inputs.args, options={"inner": "eager"}, dynamic=True)
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert "size hints" in site.validated and "=32" in site.validated, site.validated
+
+
+def test_a_python_float_scale_under_dynamic_is_checked_at_its_guarded_value():
+    """dynamic=True passes a python float argument as a 0-dim tensor; the detector reads it with
+    `.item()` and Dynamo guards on its value, so the check uses that value, not a random one."""
+    def scaled(q, k, v, scale):
+        return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+
+    q, k, v = M.qkv()
+    reports = attnlower.inspect(scaled, q, k, v, M.HEAD_DIM ** -0.5, options={"inner": "eager"}, dynamic=True)
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert "=0.25 (guarded)" in site.validated, site.validated
+
+
+def test_dynamic_graph_over_budget_is_checked_at_smaller_sizes(monkeypatch):
+    monkeypatch.setattr(V, "MAX_ELEMENTS", 2 * 4 * 16 * 16)
+    c = M.handwritten("div")
+    reports = attnlower.inspect(c.model, *c.inputs.args, options={"inner": "eager"}, dynamic=True)
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert "reduced sizes" in site.validated and f"={V.REDUCED_SIZE}" in site.validated, site.validated
+
+
+def test_dynamic_graph_with_a_broken_detector_is_refused(monkeypatch, tmp_path):
+    def drop_scale(m):
+        m.scale = 1.0
+    _break_match(monkeypatch, drop_scale)
+    c = M.handwritten("mul")
+    want = c.model(*c.inputs.args)
+    reports = attnlower.inspect(c.model, *c.inputs.args, options={"inner": "eager", "repro_dir": str(tmp_path)},
+                                dynamic=True)
+    (site,) = _sites(reports)
+    assert not site.rewritten and "translation validation failed" in site.reason, site.reason
+    assert "size hints" in site.reason
+    torch._dynamo.reset()
+    got = torch.compile(c.model, backend="attnlower", options={"inner": "eager"}, dynamic=True)(*c.inputs.args)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_static_site_over_budget_stays_fused_and_says_not_validated(monkeypatch):
+    monkeypatch.setattr(V, "MAX_ELEMENTS", 1000)
+    reports, got, want = _compile(M.handwritten("div"))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated.startswith("not validated: the region makes a tensor of"), site.validated
+    assert _max_rel(got, want) < 1e-5
+
+
+# ---- the option, the cache ------------------------------------------------------------------------
+
+def test_option_off_skips_validation(monkeypatch):
+    """validate=False: nothing is checked, so the broken rewrite goes through (and is wrong)."""
+    def drop_scale(m):
+        m.scale = 1.0
+    _break_match(monkeypatch, drop_scale)
+    reports, got, want = _compile(M.handwritten("div"), validate=False)
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated == "not checked: options validate=False"
+    assert next(p["summary"] for p in reports[0].passes if p["name"] == "validate").startswith("off")
+    assert _max_rel(got, want) > 1e-2, "the broken rewrite ran: the option really turned the check off"
+
+
+def test_identical_layers_are_checked_once(monkeypatch):
+    calls = []
+    check = V._Pair.check
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.old.name)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(V._Pair, "check", counting)
+    reports, got, want = _compile(M.hf_model("gpt2", "eager", "nomask"))
+    sites = _sites(reports)
+    assert len(sites) == M.LAYERS and all(s.rewritten for s in sites)
+    assert len(calls) == 1, f"expected one evaluation for {M.LAYERS} identical layers, got {calls}"
+    assert [("not re-run" in s.validated) for s in sites] == [False] + [True] * (M.LAYERS - 1)
+    summary = next(p["summary"] for p in reports[0].passes if p["name"] == "validate")
+    assert f"({M.LAYERS - 1} by an identical earlier site)" in summary, summary
+
+
+def test_a_cached_failure_refuses_every_identical_layer(monkeypatch, tmp_path):
+    def drop_scale(m):
+        m.scale = 1.0
+    _break_match(monkeypatch, drop_scale)
+    reports, got, want = _compile(M.hf_model("gpt2", "eager", "nomask"), repro_dir=str(tmp_path))
+    sites = _assert_refused(reports, got, want, tmp_path)
+    assert len(sites) == M.LAYERS
+
+
+def test_compare_rules():
+    a = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")]], dtype=torch.float64)
+    assert V.compare(a, a.clone()) == ""
+    assert "NaN pattern differs" in V.compare(a, torch.nan_to_num(a))
+    assert "max abs error 0.5" in V.compare(a, a + torch.tensor([[0.0, 0.5], [0.0, 0.0]], dtype=torch.float64))
+    assert "shape" in V.compare(a, a[:1])
+    inf = torch.tensor([float("inf")], dtype=torch.float64)
+    assert V.compare(inf, inf.clone()) == "" and V.compare(inf, -inf) != ""
