@@ -277,3 +277,15 @@ def test_multiplier_outside_a_softcap_stays_unfused():
     t = torch.linspace(0.5, 2.0, H).reshape(H, 1, 1)
     _unfused(lambda q, k, v, t: torch.softmax(torch.tanh(q @ k.mT / 30.0) * 30.0 * t, -1) @ v, q, k, v, t,
              reason="softcap")
+
+
+def test_per_head_scale_under_dynamic_shapes():
+    # symbolic heads: the [H, 1, 1] parameter's H is the same symbol as the scores' head dim
+    torch.manual_seed(13)
+    fn = lambda q, k, v, t: torch.softmax(q @ k.mT * 0.25 * t, -1) @ v  # noqa: E731
+    t = torch.randn(H, 1, 1)
+    for b, tq in ((2, T), (3, T + 2)):
+        q, k, v = (torch.randn(b, H, tq, D) for _ in range(3))
+        got, sites = compiled_sites(fn, q, k, v, t, dynamic=True)
+        assert [s.op for s in sites] == ["flash_attention"], [s.reason for s in sites]
+        assert_matches_eager(got, fn(q, k, v, t))
