@@ -136,6 +136,7 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
     if m.paged is not None:
         decision, paged_note = _paged_decision(m, target, allowed_ops)
         if decision is not None:
+            decision.reason += _head_scale_note(m)
             return decision
         paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
 
@@ -185,7 +186,7 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         target=target.describe(),
     )
-    why = _why(spec, mask) + paged_note
+    why = _why(spec, mask) + paged_note + _head_scale_note(m)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why)
 
 
@@ -213,6 +214,14 @@ def lift_problem(term: ScoreTerm, batch, heads) -> str:
         return ""
     return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, whose leading dims are "
             f"not the attention's [B={batch}, H={heads}] (or [B*H] with a static H)")
+
+
+def _head_scale_note(m: AttentionMatch) -> str:
+    if m.head_scale is None:
+        return ""
+    hs = m.head_scale
+    return (f"; per-head scale {hs.node.name} {list(_shape(hs.node))} folded into q "
+            f"(q {'/' if hs.divide else '*'} {hs.node.name}), the op's scale {m.scale:g} is the static part")
 
 
 def _why(spec: AttentionSpec, mask: MaskInfo) -> str:

@@ -58,6 +58,17 @@ class ScoreTerm:
 
 
 @dataclass
+class HeadScale:
+    """A per-head multiplier of the scores whose value is data (a learned temperature, SwinV2's
+    `logit_scale.exp()`): `scores * node` (or `/ node` when `divide`), constant over the query and key
+    positions, applied before every mask/bias term. The rewrite folds it into q (`q * node`), so the op's
+    `scale` keeps only the static factor and autograd reaches the parameter through that product."""
+
+    node: fx.Node
+    divide: bool = False
+
+
+@dataclass
 class AttentionMatch:
     """A proven attention site, ready for the analyzer.
 
@@ -90,7 +101,7 @@ class AttentionMatch:
     paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
     paged_scale: float = 0.0                          # the score scale when reading K paged
     shape_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (user, region node): size reads
-
+    head_scale: HeadScale | None = None   # a per-head multiplier that is data, folded into q by the rewrite
 
     @property
     def location(self) -> str:
@@ -281,12 +292,23 @@ class _ScoreWalk:
     inside_tanh: bool = False
     terms: list[ScoreTerm] = field(default_factory=list)
     region: list[fx.Node] = field(default_factory=list)   # nodes read besides the chain itself
+    # (multiplier, divide, its shape aligned right against the scores' shape where it is applied, that shape)
+    head_scale: tuple[fx.Node, bool, tuple, tuple] | None = None
 
     def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node) -> None:
         if self.inside_tanh:
             raise NotAttention("a mask or bias is applied inside the softcap's tanh")
+        self.refuse_below_head_scale("a mask or bias")
         val = _val(at)
         self.terms.append(ScoreTerm(kind, node, value, tuple(_shape(at)), val.dtype))
+
+    def refuse_below_head_scale(self, what: str) -> None:
+        # The walk goes up: a term met after the multiplier is applied to the scores before it, so the
+        # multiplier would scale it too (a -inf fill times a negative or zero scale is +inf or NaN).
+        if self.head_scale is not None:
+            raise NotAttention(f"{what} is applied to the scores before they are multiplied by "
+                               f"{self.head_scale[0].name}, a tensor whose value is data: folding that "
+                               "factor into q would change the term")
 
 
 _SCORE_RULES: dict = {}
@@ -355,9 +377,51 @@ def _score_scale(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
         raise NotAttention(f"{cur.name} divides by the scores")
     c = _constant_value(b)
     if c is None:
-        raise NotAttention(f"the scores are multiplied by a tensor ({getattr(b, 'name', b)}) whose value is data")
+        _record_head_scale(cur, a, b, w, divide=not is_mul)
+        return _scores_operand(cur, a)
     w.post = w.post * c if cur.target in (aten.mul.Tensor, aten.mul.Scalar) else w.post / c
     return _scores_operand(cur, a)
+
+
+def _record_head_scale(cur: fx.Node, scores, b, w: _ScoreWalk, divide: bool) -> None:
+    """`scores * b` with `b` data: accept it as a per-head scale (folded into q later) when `b` is a
+    float tensor constant over the query and key positions; the heads it varies over are checked
+    against the site's [B, H] once they are known (`_check_head_scale`)."""
+    name = getattr(b, "name", b)
+    what = f"the scores are {'divided' if divide else 'multiplied'} by a tensor ({name}) whose value is data"
+    if not isinstance(b, fx.Node) or not isinstance(_val(b), torch.Tensor) or carries_scores(b):
+        raise NotAttention(what)
+    if not _val(b).dtype.is_floating_point:
+        raise NotAttention(f"{what} and is {_val(b).dtype}, not a float per-head scale")
+    if w.head_scale is not None:
+        raise NotAttention(f"{what}, a second per-head scale after {w.head_scale[0].name}")
+    sb, ss = list(_shape(b)), list(_shape(cur))
+    if len(sb) > len(ss) or len(ss) < 2:
+        raise NotAttention(f"{what} of shape {sb}, more dims than the scores {ss}")
+    aligned = [1] * (len(ss) - len(sb)) + sb
+    if not (_is_one(aligned[-1]) and _is_one(aligned[-2])):
+        raise NotAttention(f"{what} of shape {sb}: against scores of shape {ss} it varies over the query or "
+                           "key positions, so it is not a per-head scale that can move into q")
+    w.head_scale = (b, divide, tuple(aligned), tuple(ss))
+
+
+def _check_head_scale(w: _ScoreWalk, batch, heads, row_inserted: bool) -> HeadScale | None:
+    """The walk's per-head scale, once the site's [B, H] is known: constant over the batch, and over the
+    heads unless the scores where it is applied are [B, H, Tq, Tk] in the op's head order."""
+    if w.head_scale is None:
+        return None
+    node, divide, aligned, score_shape = w.head_scale
+    lead, score_lead = list(aligned[:-2]), list(score_shape[:-2])
+    what = f"the scores are multiplied by {node.name} (shape {list(_shape(node))}), a tensor whose value is data"
+    if row_inserted:
+        raise NotAttention(f"{what}, on scores without a query dim")
+    if not all(_is_one(d) for d in lead):
+        per_head = (len(lead) == 2 and len(score_lead) == 2 and _is_one(lead[0]) and _eq(lead[1], heads)
+                    and _eq(score_lead[0], batch) and _eq(score_lead[1], heads))
+        if not per_head:
+            raise NotAttention(f"{what}, varying over dims {lead} of scores whose leading dims are "
+                               f"{list(score_lead)}: only a per-head [H, 1, 1] (or scalar) factor moves into q")
+    return HeadScale(node, divide)
 
 
 def _row_max_of(m, x: fx.Node) -> list[fx.Node] | None:
@@ -436,6 +500,7 @@ def _score_where(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
 def _score_tanh(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     if w.softcap or w.inside_tanh:
         raise NotAttention("two tanh on the scores")
+    w.refuse_below_head_scale("the softcap's tanh")
     # terms already recorded are outside the tanh: softcap(s) + terms is the op's order
     w.softcap = w.post
     w.inside_tanh = True
@@ -565,6 +630,9 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
 
     # ---- the Q·Kᵀ product
     q_op, kt_op, spelling, qk_batch_shape, extra_terms, alpha, _ = _product_operands(product, "qk")
+    if extra_terms:
+        walk.refuse_below_head_scale("baddbmm's input")
+    head_scale = _check_head_scale(walk, batch, heads, _has_row_inserted(q_op))
     for node_, coef in extra_terms:
         terms.append(ScoreTerm("bias", node_, coef * post, tuple(_shape(product)), _val(product).dtype))
     post *= alpha
@@ -680,7 +748,7 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, softcap=softcap, terms=terms,
         dropout_p=dropout_p, safe_softmax=sm.target is aten._safe_softmax.default,
         output=pv, output_steps=out_steps, region=region, paged=paged, paged_scale=paged_scale,
-        shape_reads=shape_reads,
+        shape_reads=shape_reads, head_scale=head_scale,
     )
 
 

@@ -92,6 +92,26 @@ def _prepare(emit: _Emitter, ref) -> fx.Node:
     return x
 
 
+def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
+    """q as the op's [B, Hq, Tq, D], times the site's per-head scale when it has one.
+
+    `s * h` with h constant over the query and key positions (detect proved it) is
+    `(q * h) @ kᵀ`: the factor moves into q, whatever its sign (the kernels take the row max of the
+    scores they compute), and autograd reaches h through this product. The product is cast back to
+    q's dtype: the op takes q, k and v of one dtype.
+    """
+    q = _prepare(emit, m.q)
+    if m.head_scale is None:
+        return q
+    hs = m.head_scale
+    op = aten.div.Tensor if hs.divide else aten.mul.Tensor
+    scaled = emit(op, (q, hs.node), name="attnlower_head_scaled_q")
+    dtype = _val(q).dtype
+    if _val(scaled) is not None and _val(scaled).dtype != dtype:
+        scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
+    return scaled
+
+
 def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     """The term's tensor, broadcastable to the op's [B, Hq, Tq, Tk].
 
@@ -158,7 +178,7 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     emit = _Emitter(g, m.output, fake_mode, created)
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
-    q = _prepare(emit, m.q)
+    q = _query(emit, m)
     k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
     bias = _bias_node(emit, decision, m)
@@ -242,7 +262,7 @@ def _match_strides(emit: _Emitter, out: fx.Node, want) -> fx.Node:
 def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> list[str]:
     """paged_attention on the pools themselves: the gather and its repeats become dead code."""
     plan = decision.paged
-    q = _prepare(emit, m.q)
+    q = _query(emit, m)
     pools = []
     for ref in (plan.k, plan.v):
         pool = ref.pool

@@ -157,8 +157,9 @@ def test_negative_sites_are_refused_with_a_reason(case):
         return torch.softmax(s, -1) @ v + s.sum()
 
     def scaled_v_by_tensor(q, k, v):
+        # a multiplier that is data and varies over the keys (a scalar one is folded into q: test_head_scale)
         s = q @ k.transpose(-1, -2)
-        return torch.softmax(s * k.mean(), -1) @ v
+        return torch.softmax(s * k.mean(-1).unsqueeze(-2), -1) @ v
 
     fn = locals()[case]
     found = sites(fn, *qkv())
