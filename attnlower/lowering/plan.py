@@ -23,6 +23,9 @@ import torch
 from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
 from attnlower.lowering.params import AttentionParams
 
+# kernels/common.py's DOT_PRECISION codes (kept here too: this module must not import triton)
+DOT_CODES = {"tf32": 0, "ieee": 1, "upcast_ieee": 2}
+
 # Bounded: a process that sees many shapes (dynamic serving, many models) must not grow without
 # end (issue 10: host cost must not grow with what a process accumulated). 1024 signatures is far
 # more than one model uses (one per layer shape x direction), each entry is a few hundred bytes.
@@ -145,7 +148,7 @@ def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
         IS_CAUSAL=params.is_causal, HAS_WINDOW=params.window > 0, HAS_SOFTCAP=params.softcap > 0,
         HAS_ALIBI=has_alibi, BIAS_KIND=bias, HAS_DROPOUT=params.dropout_p > 0,
-        DOT_PRECISION=dense_dot_precision(dtype, target),
+        DOT_PRECISION=DOT_CODES[dense_dot_precision(dtype, target)],   # kernels/common.py: an int constexpr
     )
 
 

@@ -6,12 +6,13 @@ Symbols:
   s            scores in log2 units: s = log2(e) * score, so exp(score) = exp2(s)
   m_i, l_i     running row max of s (-inf while a row has seen no visible key) and running
                sum of exp2(s - m_i)
-  DOT_PRECISION  tl.dot input_precision for fp32 operands ("ieee" / "tf32"), or "upcast_ieee":
+  DOT_PRECISION  an int code (DOT_TF32 / DOT_IEEE / DOT_UPCAST_IEEE, plan.DOT_CODES): tl.dot's
+               input_precision for fp32 operands ("ieee" / "tf32"), or "upcast_ieee":
                convert both operands to fp32 first and multiply exactly. 16-bit operands ignore
                "ieee" / "tf32" (tensor cores multiply them exactly, accumulating in fp32).
                "upcast_ieee" exists for Triton's interpreter, whose tl.dot multiplies bf16 as raw
                uint16 bits; the products of the (already rounded) values are the same.
-               Which one a call gets is the launcher's choice (launch._dot_precision).
+               Which one a call gets is the plan's choice (plan.dense_dot_precision).
 """
 import triton
 import triton.language as tl
@@ -20,6 +21,13 @@ import triton.language as tl
 # JIT accepts a global only when the value itself is a constexpr or its own module annotates it so.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+# DOT_PRECISION codes (dense kernels): 0 "tf32" (Triton's default for 16-bit inputs too), 1 "ieee",
+# 2 upcast both operands to fp32, then "ieee" (Triton's interpreter: its bf16 tl.dot is wrong).
+DOT_TF32 = tl.constexpr(0)
+DOT_IEEE = tl.constexpr(1)
+DOT_UPCAST_IEEE = tl.constexpr(2)
 
 
 @triton.jit
@@ -41,11 +49,16 @@ def _load_tile(ptrs, offs_r, offs_c, n_r, n_c, MASK_R: tl.constexpr, MASK_C: tl.
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """tl.dot(a, b, acc) with fp32 accumulation; see DOT_PRECISION in the header."""
-    if DOT_PRECISION == "upcast_ieee":
+    """tl.dot(a, b, acc) with fp32 accumulation; see DOT_PRECISION in the header.
+
+    An int, not a string: Inductor re-emits the constexprs of kernels it launches itself (triton_op), and
+    a string constexpr reached tl.dot's input_precision check wrongly there (H200, torch 2.11)."""
+    if DOT_PRECISION == DOT_UPCAST_IEEE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_PRECISION == DOT_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a, b, acc, input_precision="tf32")
 
 
 @triton.jit
