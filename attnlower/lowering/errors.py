@@ -68,7 +68,9 @@ class _DeviceFlags:
         self.flags = torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device=device)
         self.host = None
         if device.type == "cuda":
-            self.host = torch.zeros(4, dtype=torch.int32).pin_memory()
+            # device="cpu" explicitly: under torch.set_default_device("cuda") a bare zeros() is a CUDA tensor,
+            # which cannot be pinned (seen on an H200 with ATTNLOWER_TEST_DEVICE=cuda)
+            self.host = torch.zeros(4, dtype=torch.int32, device="cpu").pin_memory()
             self.host_view = self.host.numpy()  # reads without dispatching a torch op
 
     def after_launch(self) -> None:
@@ -92,7 +94,7 @@ class _DeviceFlags:
         raise PagedInputError(paged_input_message(kinds, seq, num_blocks, capacity, lazily=lazily))
 
     def reset(self) -> None:
-        self.flags.copy_(torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32))
+        self.flags.copy_(torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device=self.device))
         if self.host is not None:
             self.host.zero_()
 

@@ -72,9 +72,9 @@ BACKWARD_SCHEMA = (
 # Test hook: Inductor cannot compile Triton kernels for CPU tensors, so under the interpreter the
 # dense ops stay opaque when traced; tests set this to inspect the decomposition on CPU.
 TRACE_CPU_KERNELS = False
-# Opt-in for now: on an H200 (torch 2.11, triton 3.6, 2026-12-01) Inductor's own compile of the traced
-# _flash_fwd_kernel failed (an AssertionError in tl.dot's input_precision, reached through the
-# DOT_PRECISION string constexpr), so by default CUDA calls stay one opaque op, as before.
+# Opt-in for now: on an H200 (torch 2.11, triton 3.6, 2026-12-01/02) Inductor's own compile of the traced
+# _flash_fwd_kernel fails (an AssertionError on the accumulator's type/shape inside tl.dot; the same kernel
+# launched directly compiles and runs), so by default CUDA calls stay one opaque op, as before.
 # ATTNLOWER_INDUCTOR_KERNELS=1 turns the decomposition on (tests/lowering/test_cuda.py).
 INDUCTOR_KERNELS = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "0") == "1"
 

@@ -21,12 +21,12 @@ def oracle(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_righ
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     off = tk - tq if bottom_right else 0
-    i = torch.arange(tq).view(-1, 1) + off
-    j = torch.arange(tk).view(1, -1)
+    i = torch.arange(tq, device=q.device).view(-1, 1) + off
+    j = torch.arange(tk, device=q.device).view(1, -1)
     if alibi is not None:
         slopes = alibi.double().view(-1 if alibi.dim() == 2 else 1, q.shape[1], 1, 1)
         s = s + slopes * (j - i)
-    visible = torch.ones(s.shape, dtype=torch.bool)
+    visible = torch.ones(s.shape, dtype=torch.bool, device=q.device)
     if bias is not None and bias.dtype == torch.bool:
         visible = visible & bias
     elif bias is not None:

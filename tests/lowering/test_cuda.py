@@ -29,10 +29,12 @@ def inductor_kernels(monkeypatch):
     monkeypatch.setattr(lowering_ops, "INDUCTOR_KERNELS", True)
 
 
-# Failed on an H200 (torch 2.11, triton 3.6, 2026-12-01): Inductor's compile of the traced kernel hit an
-# AssertionError in tl.dot's input_precision (the DOT_PRECISION string constexpr); hence opt-in.
-_INDUCTOR_KERNELS_XFAIL = pytest.mark.xfail(reason="torch 2.11 Inductor rejects the kernel's DOT_PRECISION "
-                                            "constexpr (ATTNLOWER_INDUCTOR_KERNELS is opt-in)", strict=False)
+# Failed on an H200 (torch 2.11, triton 3.6, 2026-12-01 and again 2026-12-02 with DOT_PRECISION as an int):
+# Inductor's compile of the traced _flash_fwd_kernel hits `assert acc.type.shape == ret_ty.shape and
+# acc.type.element_ty == out_dtype` in tl.dot (the kernel compiles and runs when launched directly, so
+# something in how Inductor re-emits the kernel's constexprs differs; not found yet); hence opt-in.
+_INDUCTOR_KERNELS_XFAIL = pytest.mark.xfail(reason="torch 2.11 Inductor's compile of the traced kernel fails in tl.dot "
+                                            "(acc type/shape assertion); ATTNLOWER_INDUCTOR_KERNELS is opt-in", strict=False)
 
 
 @_INDUCTOR_KERNELS_XFAIL
@@ -110,6 +112,11 @@ def test_paged_decode_captured_and_replayed_with_new_lengths():
     attnlower.check_errors()
 
 
+# Failed on an H200 (torch 2.11, triton 3.6, 2026-12-02, with cudagraph_mark_step_begin per step): the
+# backward reads "a tensor output of CUDAGraphs that has been overwritten by a subsequent run". Open: a
+# training step under reduce-overhead does not work yet (issue 10 item 3).
+@pytest.mark.xfail(reason="reduce-overhead training step: backward reads an overwritten CUDA-graph output "
+                          "(H200, torch 2.11)", strict=False)
 def test_inductor_cuda_graphs_reduce_overhead_training_step():
     q, k, v = _qkv(requires_grad=True)
 
