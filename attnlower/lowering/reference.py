@@ -315,7 +315,7 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
     def gather(cache: Tensor) -> Tensor:
         dense = cache[table]  # [B, blocks, Hkv, block_size, X]
-        dense = dense.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, blocks_used * block_size, -1)
+        dense = dense.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, blocks_used * block_size, cache.shape[-1])  # not -1: 0 blocks used is legal
         dense = dense[:, :, :longest]
         valid = torch.arange(longest, device=q.device).view(1, 1, -1, 1) < lens.view(-1, 1, 1, 1)
         return torch.where(valid, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))

@@ -340,3 +340,15 @@ def test_paged_rejects_table_entry_outside_cache():
     with pytest.raises(ValueError, match=r"num_blocks=3.*block_table\[0, 1\] = 7"):
         reference_paged_forward(torch.randn(1, 1, 1, 8), k_cache, k_cache, table,
                                 torch.tensor([6], dtype=torch.int32), AttentionParams(1.0, True))
+
+
+def test_paged_reference_every_sequence_empty():
+    """A batch whose sequences are all empty (seq_lens all 0) gives zero rows, not a reshape error."""
+    import attnlower
+
+    q = torch.randn(2, 4, 1, 16, dtype=torch.float64, device="cpu")
+    pools = [torch.randn(8, 2, 4, 16, dtype=torch.float64, device="cpu") for _ in range(2)]
+    table = torch.zeros(2, 2, dtype=torch.int32, device="cpu")
+    lens = torch.zeros(2, dtype=torch.int32, device="cpu")
+    out = attnlower.ops.paged_attention(q, *pools, table, lens)
+    assert out.shape == (2, 4, 1, 16) and torch.equal(out, torch.zeros_like(out))
