@@ -224,6 +224,9 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
         if not isinstance(new, fx.Node):
             raise ValueError(f"{user.name} reads a static size of {node.name}; detect should have refused it")
         user.replace_all_uses_with(new)
+        for term in m.terms:   # a term read through the size-only node (`mask.expand_as(scores)`) reads `new`
+            if term.node is user:
+                term.node = new
 
 
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:

@@ -466,7 +466,9 @@ class _Pair:
                 env[n] = g.node_copy(n, lambda a: env[a])
                 _to_float64_cpu(env[n])
         g.output(env[out])
-        return fx.GraphModule(self.gm, g, class_name=name)
+        module = fx.GraphModule(self.gm, g, class_name=name)
+        _constants_to_float64_cpu(module)
+        return module
 
     def key(self) -> str:
         """The structure of both sides and their inputs, independent of node names."""
@@ -596,6 +598,21 @@ def _is_attention_op(n: fx.Node) -> bool:
     ns = getattr(n.target, "namespace", None)
     return ns == "attnlower" or n.target in (aten.scaled_dot_product_attention.default,
                                              aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+
+def _constants_to_float64_cpu(module: fx.GraphModule) -> None:
+    """The float tensors a copy reads through get_attr (constants the trace lifted, e.g. BLOOM's ALiBi
+    slopes) become float64 on CPU in the copy, as its casts do; the source module keeps its own
+    (fx.GraphModule copies dotted attribute paths into fresh submodules, so nothing is shared)."""
+    for n in module.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        *path, leaf = str(n.target).split(".")
+        owner = module.get_submodule(".".join(path)) if path else module
+        value = getattr(owner, leaf, None)
+        if isinstance(value, torch.Tensor) and value.dtype in _FLOATS and (
+                value.dtype != torch.float64 or value.device.type != "cpu"):
+            setattr(owner, leaf, value.detach().to("cpu", torch.float64))
 
 
 def _to_float64_cpu(n: fx.Node) -> None:
