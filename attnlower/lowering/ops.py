@@ -25,7 +25,6 @@ on the host). paged_attention
 stays an opaque custom op: its bounds flags live in a per-device buffer (`lowering/errors.py`)
 that a traced graph could not hold; it is graph-safe all the same (no host sync).
 """
-import functools
 import importlib
 import math
 import os
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from attnlower.lowering.params import AttentionParams, default_scale
-from attnlower.lowering.plan import PLAN_CACHE_SIZE
+from attnlower.lowering.plan import cached_unless_symbolic
 from attnlower.lowering.reference import (
     reference_flash_backward,
     reference_flash_forward,
@@ -144,25 +143,6 @@ def _meta(t: Tensor | None) -> _Meta | None:
     return None if t is None else _Meta(t.shape, t.dtype, t.device)
 
 
-def _cached_validation(fn):
-    """Run `fn` (which raises or returns) once per hashable argument tuple; symbolic shapes
-    (tracing) are not hashable and are validated uncached. Failures are never cached."""
-    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
-
-    @functools.wraps(fn)
-    def validate(*args):
-        try:
-            return cached(*args)
-        except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
-            if "unhashable" not in str(error):
-                raise
-            return fn(*args)
-
-    validate.cache_info = cached.cache_info
-    validate.cache_clear = cached.cache_clear
-    return validate
-
-
 def _shape(t) -> list:
     return list(t.shape)
 
@@ -255,7 +235,7 @@ def validate_dense(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     return runs_kernels
 
 
-@_cached_validation
+@cached_unless_symbolic   # validation runs once per signature, like the plans
 def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, runs_kernels) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(op, name, t, 4, "[B, H, T, D]")
@@ -305,7 +285,7 @@ def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Ten
     return runs_kernels
 
 
-@_cached_validation
+@cached_unless_symbolic   # validation runs once per signature, like the plans
 def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap,
                     runs_kernels) -> None:
     op = "paged_attention"

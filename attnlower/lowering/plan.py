@@ -93,12 +93,13 @@ class PagedPlan:
     trivial: str = ""
 
 
-def _cached(fn):
-    """An LRU cache of `fn` that plans uncached when an argument is not hashable (symbolic sizes)."""
+def cached_unless_symbolic(fn):
+    """An LRU cache of `fn` that runs it uncached when an argument is not hashable (symbolic sizes
+    while tracing). Exceptions are never cached. Used for the plans here and validation in ops.py."""
     cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
 
     @functools.wraps(fn)
-    def plan(*args):
+    def call(*args):
         try:
             return cached(*args)
         except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
@@ -106,9 +107,9 @@ def _cached(fn):
                 raise
             return fn(*args)
 
-    plan.cache_info = cached.cache_info
-    plan.cache_clear = cached.cache_clear
-    return plan
+    call.cache_info = cached.cache_info
+    call.cache_clear = cached.cache_clear
+    return call
 
 
 def _cdiv(a, b):
@@ -169,7 +170,7 @@ def _check_dense_supported(params: AttentionParams, q: Meta, k: Meta, v: Meta) -
                                   f"Tk={k.shape[2]}")
 
 
-@_cached
+@cached_unless_symbolic
 def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Meta, bias: Meta | None,
                has_alibi: bool, target: Target, configs: tuple = ()) -> DensePlan:
     """The plan of a dense forward (`direction="fwd"`) or backward (`"bwd"`).
@@ -223,7 +224,7 @@ def paged_dot_mode(dtype: torch.dtype, target: Target) -> tuple[str, bool]:
     return ("ieee" if dtype == torch.float32 or fp32_inputs else "tf32"), fp32_inputs
 
 
-@_cached
+@cached_unless_symbolic
 def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Meta, has_alibi: bool,
                target: Target, check_bounds: bool, num_splits: int | None = None,
                config: KernelConfig | None = None) -> PagedPlan:
