@@ -11,6 +11,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..passes.vocabulary import METADATA_ONLY_WRITES
+
 
 def fake_mode_for(example_inputs: Sequence[object]) -> FakeTensorMode:
     """The fake mode Dynamo traced with (so symbolic sizes survive), or a fresh one outside Dynamo."""
@@ -264,9 +266,6 @@ def _holds_subclass(value) -> bool:
 # `scores.masked_fill_(...)`. A mutation hides the dataflow the detector walks, so each one whose
 # effect no other node can observe becomes its out-of-place form before detection.
 
-_METADATA_ONLY = {"detach_", "requires_grad_"}
-
-
 def _returns_alias(node: fx.Node) -> bool:
     t = node.target
     return not isinstance(t, torch._ops.OpOverload) or any(r.alias_info is not None for r in t._schema.returns)
@@ -284,7 +283,7 @@ def _out_of_place(node: fx.Node):
     if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
         return None
     name = t.overloadpacket.__name__
-    if not name.endswith("_") or name.startswith("_") or name in _METADATA_ONLY or name == "copy_":
+    if not name.endswith("_") or name.startswith("_") or name in METADATA_ONLY_WRITES or name == "copy_":
         return None
     if torch.Tag.nondeterministic_seeded in t.tags:
         return None

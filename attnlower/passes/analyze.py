@@ -10,7 +10,7 @@ import torch.fx as fx
 from ..compiler.hardware import Target
 from .detect import AttentionMatch, ScoreTerm
 from .kv import PagedRef, length_mask_lengths
-from .layout import _shape, _val
+from .vocabulary import shape_of, value_of
 from .masks import MaskInfo, classify_mask
 
 MAX_HEAD_DIM = 256          # the kernels pad D to a power of two up to this
@@ -100,7 +100,7 @@ def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Dec
             return None, "a finite fill gives a uniform average for empty sequences, which the paged op does not"
         nan_for_empty = not m.safe_softmax
         kind = "length"
-    dtype = _val(m.q.source).dtype
+    dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
         dtype=str(dtype).replace("torch.", ""), mask_kind=kind, softcap=m.softcap, scale=m.paged_scale,
@@ -114,15 +114,15 @@ def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Dec
 
 def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]) -> Decision:
     """Choose the op for a proven site, or raise Refused with the reason."""
-    qv = _val(m.q.source)
+    qv = value_of(m.q.source)
     dtype = qv.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise Refused(f"q is {dtype}; the fused ops take floating point")
     if dtype == torch.float64 and target.kind == "cuda":
         raise Refused("float64 on CUDA: the Triton kernels compute in fp16/bf16/fp32")
     for name, ref in (("k", m.k), ("v", m.v)):
-        if _val(ref.source).dtype != dtype:
-            raise Refused(f"{name} is {_val(ref.source).dtype} but q is {dtype}")
+        if value_of(ref.source).dtype != dtype:
+            raise Refused(f"{name} is {value_of(ref.source).dtype} but q is {dtype}")
     if isinstance(m.head_dim, int) and m.head_dim > MAX_HEAD_DIM:
         raise Refused(f"head_dim {m.head_dim} > {MAX_HEAD_DIM}: the kernels keep a whole head in registers")
     if not bool(m.head_dim == m.v_head_dim):
@@ -196,7 +196,7 @@ def lift_problem(term: ScoreTerm, batch, heads) -> str:
     A term broadcasts against the scores where it is applied (`term.score_shape`): 4-D scores in the
     op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
     """
-    shape = list(_shape(term.node))
+    shape = list(shape_of(term.node))
     if term.row_inserted and shape:
         shape = shape[:-1] + [1] + shape[-1:]
     score_shape = list(term.score_shape)
@@ -220,7 +220,7 @@ def _head_scale_note(m: AttentionMatch) -> str:
     if m.head_scale is None:
         return ""
     hs = m.head_scale
-    return (f"; per-head scale {hs.node.name} {list(_shape(hs.node))} folded into q "
+    return (f"; per-head scale {hs.node.name} {list(shape_of(hs.node))} folded into q "
             f"(q {'/' if hs.divide else '*'} {hs.node.name}), the op's scale {m.scale:g} is the static part")
 
 

@@ -18,22 +18,11 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .kv import OperandRef, PagedRef, resolve_operand, resolve_paged
-from .layout import SCORE_PASS_THROUGH, Layout, NotAView, _eq, _is_one, _shape, _val, layout_of
+from .layout import Layout, NotAView, layout_of
+from .vocabulary import (CONSTANT_PRESERVING, PRODUCTS, SCORE_PASS_THROUGH, SDPA_OPS, SOFTMAX_OPS, WHERES, is_one, reads_only_size,
+                         shape_of, sizes_equal, value_of)
 
 aten = torch.ops.aten
-
-SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-SDPA_OPS = {
-    aten.scaled_dot_product_attention.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-}
-MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
-# Ops on the score or probability chain that move or copy values without changing them.
-PASS_THROUGH = SCORE_PASS_THROUGH
-
 
 class NotAttention(Exception):
     """The walk from an anchor met something it cannot prove; the message is the report's reason."""
@@ -179,21 +168,6 @@ def _only_user(n: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
-# Ops that read only the size (and dtype / device) of the argument named here, never its values.
-SIZE_READS = {aten.sym_size.int: 0, aten.expand_as.default: 1, aten.zeros_like.default: 0,
-              aten.ones_like.default: 0, aten.full_like.default: 0, aten.empty_like.default: 0}
-
-
-def reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
-    """Does `user` read only the size of `node` (`scores.size(0)`, `mask.expand_as(scores)`)?"""
-    if user.op != "call_function" or user.target not in SIZE_READS:
-        return False
-    index = SIZE_READS[user.target]
-    args = list(user.args)
-    return len(args) > index and args[index] is node and all(
-        a is not node for i, a in enumerate(args) if i != index) and node not in user.kwargs.values()
-
-
 def size_sources(shape, before: fx.Node, exclude: set) -> list | None:
     """For each size of `shape`: the int, or a (node, dim) / SymInt node outside `exclude` and before
     `before` that holds the same (symbolic) size; None when one has no such source."""
@@ -223,10 +197,6 @@ def size_sources(shape, before: fx.Node, exclude: set) -> list | None:
     return out
 
 
-# where(cond, scores, fill) with the fill a tensor or a python number
-_WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
-
-
 def _real_float(make) -> float:
     """float(make().item()), computed on real tensors even if a fake mode is active."""
     with unset_fake_temporarily():
@@ -243,17 +213,16 @@ def _constant_value(x) -> float | None:
         t = x.target
         if t is aten.scalar_tensor.default:
             return float(x.args[0])
-        if t in (aten.full.default,) and len(_shape(x)) == 0 or (t is aten.full.default and all(
-                _eq(s, 1) for s in _shape(x))):
+        if t in (aten.full.default,) and len(shape_of(x)) == 0 or (t is aten.full.default and all(
+                sizes_equal(s, 1) for s in shape_of(x))):
             return float(x.args[1])
-        if t in (aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default, aten.to.dtype,
-                 aten.expand.default, aten.to.dtype_layout, aten.detach.default, aten.detach_.default):
+        if t in CONSTANT_PRESERVING:
             value = _constant_value(x.args[0])
             out = x.meta.get("val")
             if value is not None and isinstance(out, torch.Tensor):
                 value = _real_float(lambda: torch.tensor(value, dtype=out.dtype))  # a cast rounds the constant
             return value
-        if t is aten.zeros.default and all(_eq(s, 1) for s in _shape(x)):
+        if t is aten.zeros.default and all(sizes_equal(s, 1) for s in shape_of(x)):
             return 0.0
     if isinstance(x, fx.Node) and x.op == "get_attr":
         # A tensor the trace lifted out of the code (`torch.tensor(float("-inf"))`, finfo.min) is a
@@ -276,7 +245,7 @@ def _constant_value(x) -> float | None:
 #
 # Walking up from the softmax input, each rule reads one node of the chain, records what it does
 # to the scores in the walk (a scale, a mask/bias term, a softcap) and returns the node that holds
-# the scores before it. The walk ends at a product (MATMUL_OPS); any op without a rule stops it.
+# the scores before it. The walk ends at a product (PRODUCTS); any op without a rule stops it.
 
 
 @dataclass
@@ -299,8 +268,8 @@ class _ScoreWalk:
         if self.inside_tanh:
             raise NotAttention("a mask or bias is applied inside the softcap's tanh")
         self.refuse_below_head_scale("a mask or bias")
-        val = _val(at)
-        self.terms.append(ScoreTerm(kind, node, value, tuple(_shape(at)), val.dtype))
+        val = value_of(at)
+        self.terms.append(ScoreTerm(kind, node, value, tuple(shape_of(at)), val.dtype))
 
     def refuse_below_head_scale(self, what: str) -> None:
         # The walk goes up: a term met after the multiplier is applied to the scores before it, so the
@@ -323,14 +292,14 @@ def _rule(*ops):
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    sa, sb = _shape(a), _shape(b)
-    return len(sa) == len(sb) and all(_eq(x, y) for x, y in zip(sa, sb))
+    sa, sb = shape_of(a), shape_of(b)
+    return len(sa) == len(sb) and all(sizes_equal(x, y) for x, y in zip(sa, sb))
 
 
 def _scores_operand(node: fx.Node, scores: fx.Node) -> fx.Node:
     """`scores`, after checking the op did not broadcast them to a larger shape (a term may not add dims)."""
     if not _same_shape(scores, node):
-        raise NotAttention(f"{node.name} broadcasts the scores from {list(_shape(scores))} to {list(_shape(node))}")
+        raise NotAttention(f"{node.name} broadcasts the scores from {list(shape_of(scores))} to {list(shape_of(node))}")
     return scores
 
 
@@ -347,22 +316,22 @@ def carries_scores(n, _seen=None) -> bool:
         if not isinstance(x, fx.Node) or x in seen or x.op != "call_function":
             continue
         seen.add(x)
-        if x.target in MATMUL_OPS:
+        if x.target in PRODUCTS:
             return True
         if x.target in _SCORE_RULES:
             stack.extend(a for a in x.args if isinstance(a, fx.Node))
     return False
 
 
-@_rule(*PASS_THROUGH)
+@_rule(*SCORE_PASS_THROUGH)
 def _score_pass_through(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     src = cur.args[0]
-    if len(_shape(src)) < 2 or list(_shape(src))[-2:] != list(_shape(cur))[-2:]:
+    if len(shape_of(src)) < 2 or list(shape_of(src))[-2:] != list(shape_of(cur))[-2:]:
         raise NotAttention(f"{cur.target} changes the [Tq, Tk] dims of the scores")
     if cur.target is aten.expand.default and not _same_shape(src, cur):
         raise NotAttention("the scores are broadcast")
-    if _val(cur).dtype in (torch.bool,) or not _val(cur).dtype.is_floating_point:
-        raise NotAttention(f"the scores are cast to {_val(cur).dtype}")
+    if value_of(cur).dtype in (torch.bool,) or not value_of(cur).dtype.is_floating_point:
+        raise NotAttention(f"the scores are cast to {value_of(cur).dtype}")
     return src
 
 
@@ -389,17 +358,17 @@ def _record_head_scale(cur: fx.Node, scores, b, w: _ScoreWalk, divide: bool) -> 
     against the site's [B, H] once they are known (`_check_head_scale`)."""
     name = getattr(b, "name", b)
     what = f"the scores are {'divided' if divide else 'multiplied'} by a tensor ({name}) whose value is data"
-    if not isinstance(b, fx.Node) or not isinstance(_val(b), torch.Tensor) or carries_scores(b):
+    if not isinstance(b, fx.Node) or not isinstance(value_of(b), torch.Tensor) or carries_scores(b):
         raise NotAttention(what)
-    if not _val(b).dtype.is_floating_point:
-        raise NotAttention(f"{what} and is {_val(b).dtype}, not a float per-head scale")
+    if not value_of(b).dtype.is_floating_point:
+        raise NotAttention(f"{what} and is {value_of(b).dtype}, not a float per-head scale")
     if w.head_scale is not None:
         raise NotAttention(f"{what}, a second per-head scale after {w.head_scale[0].name}")
-    sb, ss = list(_shape(b)), list(_shape(cur))
+    sb, ss = list(shape_of(b)), list(shape_of(cur))
     if len(sb) > len(ss) or len(ss) < 2:
         raise NotAttention(f"{what} of shape {sb}, more dims than the scores {ss}")
     aligned = [1] * (len(ss) - len(sb)) + sb
-    if not (_is_one(aligned[-1]) and _is_one(aligned[-2])):
+    if not (is_one(aligned[-1]) and is_one(aligned[-2])):
         raise NotAttention(f"{what} of shape {sb}: against scores of shape {ss} it varies over the query or "
                            "key positions, so it is not a per-head scale that can move into q")
     w.head_scale = (b, divide, tuple(aligned), tuple(ss))
@@ -412,12 +381,12 @@ def _check_head_scale(w: _ScoreWalk, batch, heads, row_inserted: bool) -> HeadSc
         return None
     node, divide, aligned, score_shape = w.head_scale
     lead, score_lead = list(aligned[:-2]), list(score_shape[:-2])
-    what = f"the scores are multiplied by {node.name} (shape {list(_shape(node))}), a tensor whose value is data"
+    what = f"the scores are multiplied by {node.name} (shape {list(shape_of(node))}), a tensor whose value is data"
     if row_inserted:
         raise NotAttention(f"{what}, on scores without a query dim")
-    if not all(_is_one(d) for d in lead):
-        per_head = (len(lead) == 2 and len(score_lead) == 2 and _is_one(lead[0]) and _eq(lead[1], heads)
-                    and _eq(score_lead[0], batch) and _eq(score_lead[1], heads))
+    if not all(is_one(d) for d in lead):
+        per_head = (len(lead) == 2 and len(score_lead) == 2 and is_one(lead[0]) and sizes_equal(lead[1], heads)
+                    and sizes_equal(score_lead[0], batch) and sizes_equal(score_lead[1], heads))
         if not per_head:
             raise NotAttention(f"{what}, varying over dims {lead} of scores whose leading dims are "
                                f"{list(score_lead)}: only a per-head [H, 1, 1] (or scalar) factor moves into q")
@@ -428,7 +397,7 @@ def _row_max_of(m, x: fx.Node) -> list[fx.Node] | None:
     """The nodes of `x.amax(-1, keepdim=True)` / `x.max(-1, keepdim=True).values` when `m` is one, else None."""
     if not isinstance(m, fx.Node):
         return None
-    last = (-1, len(_shape(x)) - 1)
+    last = (-1, len(shape_of(x)) - 1)
     if m.target is aten.amax.default and m.args[0] is x:
         dims = list(m.args[1]) if len(m.args) > 1 else list(m.kwargs.get("dim", []))
         keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
@@ -483,7 +452,7 @@ def _score_masked_fill(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     return _scores_operand(cur, s)
 
 
-@_rule(*_WHERE)
+@_rule(*WHERES)
 def _score_where(cur: fx.Node, w: _ScoreWalk) -> fx.Node:
     m, a, b = cur.args
     a_is, b_is = carries_scores(a), carries_scores(b)
@@ -515,7 +484,7 @@ def _walk_scores(x: fx.Node, w: _ScoreWalk) -> tuple[fx.Node, list[fx.Node]]:
         chain.append(cur)  # every region node's users are checked once the region is whole
         if cur.op != "call_function":
             raise NotAttention(f"the scores come from {cur.op} {cur.name}, not a matmul")
-        if cur.target in MATMUL_OPS:
+        if cur.target in PRODUCTS:
             return cur, chain
         rule = _SCORE_RULES.get(cur.target)
         if rule is None:
@@ -536,8 +505,8 @@ def _heads_split(shape, chain: list[fx.Node]):
     if len(lead) != 1:
         raise NotAttention(f"scores have {len(lead)} batch dims; expected [B, H, Tq, Tk]")
     for n in chain:
-        s = _shape(n)
-        if len(s) == 4 and not _is_one(s[0]) and not _is_one(s[1]) and _eq(s[0] * s[1], lead[0]):
+        s = shape_of(n)
+        if len(s) == 4 and not is_one(s[0]) and not is_one(s[1]) and sizes_equal(s[0] * s[1], lead[0]):
             return s[0], s[1]
     return lead[0], 1
 
@@ -547,7 +516,7 @@ def _heads_split(shape, chain: list[fx.Node]):
 
 def _softmax_dim_is_last(node: fx.Node) -> bool:
     dim = node.args[1]
-    rank = len(_shape(node))
+    rank = len(shape_of(node))
     return dim in (-1, rank - 1)
 
 
@@ -574,7 +543,7 @@ def _manual_softmax(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
             return None
         if e.target is not aten.exp.default or s.target is not aten.sum.dim_IntList or s.args[0] is not e:
             return None
-        if not _is_last_dim(s.args[1], len(_shape(e))) or not _keepdim(s, 2):
+        if not _is_last_dim(s.args[1], len(shape_of(e))) or not _keepdim(s, 2):
             return None
         x, inner = e.args[0], [s, e]
         if x.target is aten.sub.Tensor and len(x.args) == 2 and x.kwargs.get("alpha", 1) == 1:
@@ -584,14 +553,14 @@ def _manual_softmax(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         return x, inner
     if node.target is aten.exp.default and isinstance(node.args[0], fx.Node):
         y = node.args[0]
-        if y.target in (aten._log_softmax.default, aten.log_softmax.int) and _is_last_dim(y.args[1], len(_shape(y))):
+        if y.target in (aten._log_softmax.default, aten.log_softmax.int) and _is_last_dim(y.args[1], len(shape_of(y))):
             if y.target is aten.log_softmax.int and (len(y.args) > 2 and y.args[2] is not None or y.kwargs.get("dtype")):
                 return None
             return y.args[0], [y]
         if y.target is aten.sub.Tensor and len(y.args) == 2 and y.kwargs.get("alpha", 1) == 1:
             x, lse = y.args
             if (isinstance(lse, fx.Node) and lse.target is aten.logsumexp.default and lse.args[0] is x
-                    and _is_last_dim(lse.args[1], len(_shape(x))) and _keepdim(lse, 2)):
+                    and _is_last_dim(lse.args[1], len(shape_of(x))) and _keepdim(lse, 2)):
                 return x, [y, lse]
     return None
 
@@ -612,7 +581,7 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         if not _softmax_dim_is_last(sm):
             raise NotAttention("softmax is not over the last dim")
         x, inner = sm.args[0], []
-    shape = _shape(sm)
+    shape = shape_of(sm)
     if len(shape) < 2:
         raise NotAttention("softmax over a vector")
     q_len, k_len = shape[-2], shape[-1]
@@ -634,9 +603,9 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         walk.refuse_below_head_scale("baddbmm's input")
     head_scale = _check_head_scale(walk, batch, heads, _has_row_inserted(q_op))
     for node_, coef in extra_terms:
-        terms.append(ScoreTerm("bias", node_, coef * post, tuple(_shape(product)), _val(product).dtype))
+        terms.append(ScoreTerm("bias", node_, coef * post, tuple(shape_of(product)), value_of(product).dtype))
     post *= alpha
-    pshape = _shape(product)
+    pshape = shape_of(product)
     if _has_row_inserted(q_op):
         # one query per row (decode's `bhd,bhsd->bhs`): the scores are [.., Tk], Tq = 1 is implied;
         # terms broadcast against them and get the row dim back in the rewrite
@@ -645,9 +614,9 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         for t in terms:
             t.row_inserted = True
             t.score_shape = tuple(t.score_shape[:-1]) + (1, t.score_shape[-1])
-        if not _eq(pshape[-1], k_len):
+        if not sizes_equal(pshape[-1], k_len):
             raise NotAttention("the product's Tk differs from the softmax's")
-    elif not (_eq(pshape[-2], q_len) and _eq(pshape[-1], k_len)):
+    elif not (sizes_equal(pshape[-2], q_len) and sizes_equal(pshape[-1], k_len)):
         raise NotAttention("the product's [Tq, Tk] differ from the softmax's")
 
     # ---- down the probability chain to P·V
@@ -659,10 +628,10 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
         if u.op != "call_function":
             raise NotAttention("the probabilities are an output of the graph")
         t = u.target
-        if t in MATMUL_OPS:
+        if t in PRODUCTS:
             pv = u
             break
-        if t in PASS_THROUGH:
+        if t in SCORE_PASS_THROUGH:
             p_chain.append(u)
             cur = u
             continue
@@ -694,10 +663,10 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     shape_reads: list[tuple[fx.Node, fx.Node]] = []
     for n in region[:-1]:
         outside = [u for u in n.users if u not in inside]
-        for u in [u for u in outside if reads_shape_only(u, n)]:
+        for u in [u for u in outside if reads_only_size(u, n)]:
             # `mask.expand_as(scores)`, `scores.size(0)`: not a use of the values; the rewrite reads
             # the same sizes from a tensor that stays in the graph
-            sources = size_sources(_shape(n), u, inside)
+            sources = size_sources(shape_of(n), u, inside)
             if u.target is aten.sym_size.int and sources is not None and isinstance(sources[u.args[1]], int):
                 sources = None   # a static size read as a node: nothing to re-point it to
             if sources is None:
@@ -727,10 +696,10 @@ def _match_softmax(sm: fx.Node) -> AttentionMatch:
     v_ref = resolve_operand(v_op, lambda lay: logical_pv(_in_order(v_perm)(lay)), "v")
 
     scale = post * q_ref.scale * k_ref.scale
-    if not _eq(k_ref.heads, v_ref.heads):
+    if not sizes_equal(k_ref.heads, v_ref.heads):
         raise NotAttention(f"K has {k_ref.heads} heads and V {v_ref.heads}")
-    head_dim = _shape(q_op)[q_perm[-1] if q_perm else -1]
-    v_head_dim = _shape(pv)[-1] if pv_out_perm is None else _shape(pv)[pv_out_perm.index(len(_shape(pv)) - 1)]
+    head_dim = shape_of(q_op)[q_perm[-1] if q_perm else -1]
+    v_head_dim = shape_of(pv)[-1] if pv_out_perm is None else shape_of(pv)[pv_out_perm.index(len(shape_of(pv)) - 1)]
 
     if isinstance(p_perm, _Order) != isinstance(q_perm, _Order):
         raise NotAttention("one product has a query dim and the other not")
@@ -798,11 +767,11 @@ def _product_operands(node: fx.Node, which: str):
     says how the einsum's output permutes the matmul-order result (None: not at all).
     """
     t = node.target
-    shape = _shape(node)
+    shape = shape_of(node)
     batch_shape = shape[:-2]
     if t is aten.matmul.default:
         a, b = node.args
-        if len(_shape(a)) < 2 or len(_shape(b)) < 2:
+        if len(shape_of(a)) < 2 or len(shape_of(b)) < 2:
             raise NotAttention("matmul with a vector")
         return a, b, "matmul", batch_shape, [], 1.0, None
     if t is aten.bmm.default:
@@ -879,12 +848,12 @@ def _logical(batch_shape, batch, heads):
 def _check_probabilities_layout(p_op, p_perm, sm, p_chain, pv_batch_shape, batch, heads, q_len, k_len):
     chain = [n for n in p_chain if n.target not in (aten.dropout.default, aten.native_dropout.default)
              and n.target is not operator.getitem]
-    lay = layout_of(p_op, sm, chain) if p_op is not sm else Layout.contiguous(_shape(sm))
+    lay = layout_of(p_op, sm, chain) if p_op is not sm else Layout.contiguous(shape_of(sm))
     lay = _logical(pv_batch_shape, batch, heads)(_in_order(p_perm)(lay))
     ref = Layout.contiguous([batch, heads, q_len, k_len])
     for k in range(4):
         got, want = lay.clean(k), ref.clean(k)
-        if len(got) != len(want) or any(not (_eq(g[0], w[0]) and _eq(g[1], w[1])) for g, w in zip(got, want)):
+        if len(got) != len(want) or any(not (sizes_equal(g[0], w[0]) and sizes_equal(g[1], w[1])) for g, w in zip(got, want)):
             raise NotAttention("the probabilities reach the P·V product rearranged")
 
 
@@ -940,7 +909,7 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
             raise NotAttention("the SDPA call's log-sum-exp or other outputs are used")
         output = users[0]
         region.append(output)
-    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise NotAttention(f"SDPA with {len(qs)}-D inputs; the fused ops take [B, H, T, D]")
     batch, heads, q_len, head_dim = qs
@@ -949,15 +918,15 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     q_ref = resolve_operand(q, ident, "q")
     k_ref = resolve_operand(k, ident, "kv")
     v_ref = resolve_operand(v, ident, "v")
-    if not enable_gqa and not _eq(ks[1], heads):
+    if not enable_gqa and not sizes_equal(ks[1], heads):
         raise NotAttention("SDPA with fewer K/V heads than query heads but enable_gqa=False")
     terms = []
     if mask is not None:
-        mv = _val(mask)
+        mv = value_of(mask)
         if mv.dtype == torch.bool:
-            terms.append(ScoreTerm("keep", mask, float("-inf"), (batch, heads, q_len, k_len), _val(q).dtype))
+            terms.append(ScoreTerm("keep", mask, float("-inf"), (batch, heads, q_len, k_len), value_of(q).dtype))
         else:
-            terms.append(ScoreTerm("bias", mask, 1.0, (batch, heads, q_len, k_len), _val(q).dtype))
+            terms.append(ScoreTerm("bias", mask, 1.0, (batch, heads, q_len, k_len), value_of(q).dtype))
     # a symbolic head dim (dynamic=True) is specialized: int() guards on it, Dynamo recompiles if it changes
     scale_v = (1.0 / math.sqrt(int(head_dim))) if scale is None else _constant_value(scale)
     if scale_v is None:

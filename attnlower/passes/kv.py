@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch.fx as fx
 
-from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, is_scale_node, layout_chain, layout_of, scale_of
+from .layout import Layout, NotAView, is_scale_node, layout_chain, layout_of, scale_of
+from .vocabulary import is_one, shape_of, sizes_equal, value_of
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
     last_error = "no candidate"
     for idx in range(len(chain) - 1, -1, -1):
         src = chain[idx]
-        if len(_shape(src)) > 5:
+        if len(shape_of(src)) > 5:
             continue
         down = list(reversed(chain[:idx]))
         try:
@@ -68,7 +69,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
 
 def _fit(src: fx.Node, lay: Layout, role: str):
     """Match the logical dims to dims of `src`; return (steps, heads of the prepared tensor)."""
-    shape = _shape(src)
+    shape = shape_of(src)
     strides, acc = [], 1
     for s in reversed(shape):
         strides.append(acc)
@@ -82,15 +83,15 @@ def _fit(src: fx.Node, lay: Layout, role: str):
     for k in range(4):
         subs = lay.clean(k)
         if k == 1 and role == "kv":
-            if len(subs) == 2 and not _eq(subs[0][1], 0) and _eq(subs[1][1], 0):
+            if len(subs) == 2 and not sizes_equal(subs[0][1], 0) and sizes_equal(subs[1][1], 0):
                 heads = subs[0][0]           # GQA: head h reads source head h // group
                 subs = subs[:1]
-            elif len(subs) == 1 and _eq(subs[0][1], 0):
+            elif len(subs) == 1 and sizes_equal(subs[0][1], 0):
                 heads = 1                    # MQA: every head reads the one source head
                 subs = []
         if len(subs) > 1:
             raise NotAView(f"logical dim {k} mixes several source dims")
-        if subs and _eq(subs[0][1], 0):
+        if subs and sizes_equal(subs[0][1], 0):
             raise NotAView(f"logical dim {k} is a broadcast")
         wanted.append(subs[0] if subs else None)
     if heads is None:
@@ -101,14 +102,14 @@ def _fit(src: fx.Node, lay: Layout, role: str):
         if w is None:
             continue
         for d, (s, st) in enumerate(zip(shape, strides)):
-            if d not in used.values() and not _is_one(s) and _eq(s, w[0]) and _eq(st, w[1]):
+            if d not in used.values() and not is_one(s) and sizes_equal(s, w[0]) and sizes_equal(st, w[1]):
                 used[k] = d
                 break
         else:
             raise NotAView(f"logical dim {k} is not a whole dim of {src.name}")
     spare = [d for d in range(len(shape)) if d not in used.values()]
     for d in spare:
-        if not _is_one(shape[d]):
+        if not is_one(shape[d]):
             raise NotAView(f"{src.name} has a dim of size {shape[d]} the operand does not use")
     for k in range(4):
         if k not in used and spare:
@@ -168,13 +169,13 @@ def _gather_parts(node: fx.Node):
 
 def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
     """The [B, max_blocks] table an index tensor is (or is a flatten of)."""
-    shape = _shape(index)
-    if len(shape) == 2 and _eq(shape[0], batch) and _eq(shape[1], max_blocks):
+    shape = shape_of(index)
+    if len(shape) == 2 and sizes_equal(shape[0], batch) and sizes_equal(shape[1], max_blocks):
         return index
     chain, _ = layout_chain(index)
     for cand in chain[1:]:
-        cs = _shape(cand)
-        if len(cs) == 2 and _eq(cs[0], batch) and _eq(cs[1], max_blocks):
+        cs = shape_of(cand)
+        if len(cs) == 2 and sizes_equal(cs[0], batch) and sizes_equal(cs[1], max_blocks):
             try:
                 lay = layout_of(index, cand, list(reversed(chain[:chain.index(cand)])))
             except NotAView:
@@ -187,8 +188,8 @@ def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
 def _uncast_index(index: fx.Node) -> fx.Node:
     """Look through integer-to-integer casts of an index (`table.long()`): K and V then share a table."""
     while (index.op == "call_function" and index.target in (aten._to_copy.default, aten.to.dtype)
-           and isinstance(index.args[0], fx.Node) and not _val(index.args[0]).dtype.is_floating_point
-           and _val(index.args[0]).dtype != torch.bool):
+           and isinstance(index.args[0], fx.Node) and not value_of(index.args[0]).dtype.is_floating_point
+           and value_of(index.args[0]).dtype != torch.bool):
         index = index.args[0]
     return index
 
@@ -201,8 +202,8 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     if parts is None:
         return None
     pool, index = parts
-    pshape = _shape(pool)
-    ishape = _shape(index)
+    pshape = shape_of(pool)
+    ishape = shape_of(index)
     try:
         lay = to_logical(layout_of(operand, gather, list(reversed(chain[:-1]))))
     except NotAView:
@@ -220,7 +221,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
         max_blocks = ishape[1]
         pool_dim0 = 2  # gathered dims 2..4 are the pool's dims 1..3
     else:
-        if not _eq(ishape[0] % batch, 0):
+        if not sizes_equal(ishape[0] % batch, 0):
             return None
         max_blocks = ishape[0] // batch
         b_sub = [(batch, strides[0] * max_blocks)]
@@ -229,18 +230,18 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     pool_sub = {j: (gshape[j], strides[j]) for j in range(pool_dim0, pool_dim0 + 3)}
 
     def clean(subs):
-        return [(s, st) for s, st in subs if not _is_one(s)]
+        return [(s, st) for s, st in subs if not is_one(s)]
 
     def same(a, b):
-        return len(a) == len(b) and all(_eq(x[0], y[0]) and _eq(x[1], y[1]) for x, y in zip(a, b))
+        return len(a) == len(b) and all(sizes_equal(x[0], y[0]) and sizes_equal(x[1], y[1]) for x, y in zip(a, b))
 
     if not same(lay.clean(0), clean(b_sub)):
         return None
     head_subs = lay.clean(1)
     heads_src = None
-    if len(head_subs) == 2 and _eq(head_subs[1][1], 0):
+    if len(head_subs) == 2 and sizes_equal(head_subs[1][1], 0):
         head_subs = head_subs[:1]
-    elif len(head_subs) == 1 and _eq(head_subs[0][1], 0):
+    elif len(head_subs) == 1 and sizes_equal(head_subs[0][1], 0):
         head_subs = []
     t_subs, d_subs = lay.clean(2), lay.clean(3)
     if len(t_subs) == 0 or len(t_subs) > 2 or len(d_subs) != 1 or len(head_subs) > 1:
@@ -250,13 +251,13 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
             return None
         offset = t_subs[1]
     else:
-        if not _is_one(max_blocks):
+        if not is_one(max_blocks):
             return None
         offset = t_subs[0]
 
     def find(sub):
         for j, ps in pool_sub.items():
-            if not _is_one(ps[0]) and _eq(ps[0], sub[0]) and _eq(ps[1], sub[1]):
+            if not is_one(ps[0]) and sizes_equal(ps[0], sub[0]) and sizes_equal(ps[1], sub[1]):
                 return j
         return None
 
@@ -268,7 +269,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
         return None
     if j_h is None:
         rest = [j for j in pool_sub if j not in used]
-        if len(rest) != 1 or not _is_one(pool_sub[rest[0]][0]):
+        if len(rest) != 1 or not is_one(pool_sub[rest[0]][0]):
             return None
         j_h = rest[0]
     heads_src = pool_sub[j_h][0]
@@ -295,7 +296,7 @@ def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
     ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
     ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
     table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
-    if t not in table or len(_shape(mask)) != 4:
+    if t not in table or len(shape_of(mask)) != 4:
         return None
     a, b = mask.args
     if table[t]:
@@ -319,20 +320,20 @@ def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
         lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
     except NotAView:
         return None
-    if lay_a.clean(len(lay_a.dims) - 1) != [(_shape(src_a)[0], 1)] or not _eq(_shape(src_a)[0], k_len):
+    if lay_a.clean(len(lay_a.dims) - 1) != [(shape_of(src_a)[0], 1)] or not sizes_equal(shape_of(src_a)[0], k_len):
         return None
-    if any(lay_a.clean(k) and not all(_eq(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
+    if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
         return None
     # b: one length per batch row
     chain_b, _ = layout_chain(b)
     src_b = chain_b[-1]
-    if len(_shape(src_b)) != 1 or _val(src_b).dtype.is_floating_point:
+    if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
         return None
     try:
         lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
     except NotAView:
         return None
     nb = len(lay_b.dims)
-    if nb != 4 or lay_b.clean(0) != [(_shape(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
+    if nb != 4 or lay_b.clean(0) != [(shape_of(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
         return None
     return src_b

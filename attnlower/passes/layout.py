@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from .vocabulary import (BROADCASTS, CASTS, COPIES, LAYOUT_OPS, MOVES, MULTIPLIES, RESHAPES, SCALES, is_one,
+                         shape_of, sizes_equal, value_of)
+
 aten = torch.ops.aten
 
 SubDim = tuple[object, object]  # (size, stride); both int or SymInt
@@ -26,14 +29,6 @@ SubDim = tuple[object, object]  # (size, stride); both int or SymInt
 
 class NotAView(Exception):
     """The chain cannot be expressed as a view of the source."""
-
-
-def _is_one(x) -> bool:
-    return isinstance(x, int) and x == 1 or (not isinstance(x, int) and bool(x == 1))
-
-
-def _eq(a, b) -> bool:
-    return bool(a == b)
 
 
 @dataclass
@@ -57,7 +52,7 @@ class Layout:
 
     def clean(self, k: int) -> list[SubDim]:
         """Sub-dims of dim k without size-1 entries."""
-        return [(s, st) for s, st in self.dims[k] if not _is_one(s)]
+        return [(s, st) for s, st in self.dims[k] if not is_one(s)]
 
     # -- the view ops ---------------------------------------------------------------------------
     def permute(self, perm: Sequence[int]) -> "Layout":
@@ -80,7 +75,7 @@ class Layout:
         n = len(self.dims)
         shape = self.shape
         drop = set(range(n)) if ds is None else {d % n for d in ds}
-        return Layout([d for k, d in enumerate(self.dims) if not (k in drop and _is_one(shape[k]))])
+        return Layout([d for k, d in enumerate(self.dims) if not (k in drop and is_one(shape[k]))])
 
     def expand(self, sizes: Sequence[object]) -> "Layout":
         new = len(sizes) - len(self.dims)
@@ -90,28 +85,28 @@ class Layout:
         shape = self.shape
         for k, d in enumerate(self.dims):
             target = sizes[new + k]
-            if isinstance(target, int) and target == -1 or _eq(target, shape[k]):
+            if isinstance(target, int) and target == -1 or sizes_equal(target, shape[k]):
                 dims.append(d)
-            elif _is_one(shape[k]):
+            elif is_one(shape[k]):
                 dims.append([(target, 0)])
             else:
                 raise NotAView(f"expand of a dim of size {shape[k]} to {target}")
         return Layout(dims)
 
     def reshape(self, sizes: Sequence[object]) -> "Layout":
-        queue = [sd for d in self.dims for sd in d if not _is_one(sd[0])]
+        queue = [sd for d in self.dims for sd in d if not is_one(sd[0])]
         out: list[list[SubDim]] = []
         for n in sizes:
             taken: list[SubDim] = []
             rem = n
-            while not _is_one(rem):
+            while not is_one(rem):
                 if not queue:
                     raise NotAView("reshape needs more elements than there are")
                 s, st = queue.pop(0)
-                if _eq(rem % s, 0):
+                if sizes_equal(rem % s, 0):
                     taken.append((s, st))
                     rem = rem // s
-                elif _eq(s % rem, 0):
+                elif sizes_equal(s % rem, 0):
                     taken.append((rem, st * (s // rem)))
                     queue.insert(0, (s // rem, st))
                     rem = 1
@@ -129,49 +124,12 @@ class Layout:
         return Layout(dims)
 
 
-def _val(node: fx.Node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _shape(node: fx.Node) -> list[object]:
-    return list(_val(node).shape)
-
-
-# --------------------------------------------------------------------------------------------
-# The one vocabulary of ops that move or copy values without changing them, shared by detect (the
-# score and probability chains), layout / kv (operand views) and masks (by overload-packet name, so
-# torch-level graphs read the same). Each family is one set; the users combine them.
-
-COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-          aten.lift_fresh_copy.default}
-# Casts keep positions but change values' precision: a chain that casts to a lower precision
-# between the source and the use is not a view for our purposes (the kernel would see more bits).
-CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
-MOVES = {aten.to.device}
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-            aten.unflatten.int, aten.view_as.default, aten.reshape_as.default}
-BROADCASTS = {aten.expand.default, aten.expand_as.default}
-PERMUTES = {aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.swapdims.default, aten.t.default}
-SQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
-LAYOUT_OPS = (COPIES | CASTS | MOVES | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES
-              | {aten.repeat_interleave.self_int, aten.slice.Tensor})
-# On the score and probability chains: copies, casts and reshapes that keep the [.., Tq, Tk] dims
-# (checked per node), and an expand that broadcasts nothing.
-SCORE_PASS_THROUGH = (COPIES - {aten.lift_fresh_copy.default}) | CASTS | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-
-
-def op_names(ops) -> set[str]:
-    """The overload-packet names of `ops` (`aten.view.default` -> "view"), for name-based matching."""
-    return {op.overloadpacket.__name__ for op in ops}
-
-
 # Ops that keep every value and only move them; the handler maps (layout, node) -> layout.
 def _apply(layout: Layout, node: fx.Node) -> Layout:
     t = node.target
     # Size arguments may be graph nodes under dynamic shapes (`repeat_interleave(k, s0, 1)`, a slice
     # to `T`): read them as their SymInt values.
-    a = fx.node.map_arg(node.args, _val)
+    a = fx.node.map_arg(node.args, value_of)
     if t in COPIES or t in CASTS or t in MOVES:
         return layout
     if t in (aten.permute.default,):
@@ -187,10 +145,10 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         return layout.squeeze(ds)
     if t is aten.squeeze.default:
         return layout.squeeze(None)
-    if t in (aten.expand.default, aten.expand_as.default):
-        return layout.expand(_shape(node))
+    if t in BROADCASTS:
+        return layout.expand(shape_of(node))
     if t in RESHAPES:
-        return layout.reshape(_shape(node))
+        return layout.reshape(shape_of(node))
     if t in (aten.repeat_interleave.self_int,):
         if len(a) < 3 and "dim" not in node.kwargs:
             raise NotAView("repeat_interleave without dim flattens")
@@ -201,9 +159,9 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         start = a[2] if len(a) > 2 else None
         end = a[3] if len(a) > 3 else None
         step = a[4] if len(a) > 4 else 1
-        size = _shape(node.args[0])[dim]
+        size = shape_of(node.args[0])[dim]
         if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
-                                                   or _eq(end, size)):
+                                                   or sizes_equal(end, size)):
             return layout
         raise NotAView("a real slice")
     raise NotAView(f"{t} is not a layout op")
@@ -212,11 +170,11 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
 
 def layout_of(use: fx.Node, source: fx.Node, chain: Sequence[fx.Node]) -> Layout:
     """The layout of `use` in terms of `source`, applying `chain` (source's consumers down to use)."""
-    lay = Layout.contiguous(_shape(source))
+    lay = Layout.contiguous(shape_of(source))
     for n in chain:
         if not is_scale_node(n):  # scalar multiplies move no element
             lay = _apply(lay, n)
-    if len(lay.dims) != len(_shape(use)):
+    if len(lay.dims) != len(shape_of(use)):
         raise NotAView("rank mismatch after the chain")
     return lay
 
@@ -237,7 +195,7 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             break
         if t in LAYOUT_OPS and isinstance(cur.args[0], fx.Node):
             if t in CASTS:
-                src_dt, dst_dt = _val(cur.args[0]).dtype, _val(cur).dtype
+                src_dt, dst_dt = value_of(cur.args[0]).dtype, value_of(cur).dtype
                 if src_dt != dst_dt:
                     break
             cur = cur.args[0]
@@ -270,18 +228,15 @@ def scalar_value(c) -> float | None:
 def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:
     """(tensor, factor) when `n` multiplies or divides a tensor by a scalar (`x * c`, `c * x`, `x / c`)."""
     t = n.target
-    if n.op != "call_function" or t not in _SCALE_OPS or len(n.args) != 2:
+    if n.op != "call_function" or t not in SCALES or len(n.args) != 2:
         return None
     x, c = n.args
-    if t in (aten.mul.Tensor, aten.mul.Scalar) and scalar_value(x) is not None and scalar_value(c) is None:
+    if t in MULTIPLIES and scalar_value(x) is not None and scalar_value(c) is None:
         x, c = c, x   # c * x
     value = scalar_value(c)
     if not isinstance(x, fx.Node) or isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)) or value is None:
         return None
-    return x, value if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / value
-
-
-_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+    return x, value if t in MULTIPLIES else 1.0 / value
 
 
 def is_scale_node(n: fx.Node) -> bool:

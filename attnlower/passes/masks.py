@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .layout import BROADCASTS, CASTS, COPIES, SQUEEZES, op_names
+from .vocabulary import (BROADCASTS, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
+                         size_read_index)
 
 aten = torch.ops.aten
 
@@ -120,33 +121,12 @@ _NEGATIONS = {"bitwise_not", "logical_not", "__invert__", "invert"}  # keep <-> 
 # (layout.py's vocabulary: no permutes, no flatten / unflatten, which would move values across dims)
 _PASS_THROUGH = op_names(COPIES | CASTS | BROADCASTS | SQUEEZES | {
     aten.view.default, aten.view_as.default, aten.reshape.default, aten._unsafe_view.default}) | {"broadcast_to"}
-# Ops that read only the size (and dtype/device) of their first argument, never its data.
-_SHAPE_ONLY = {
-    "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
-    "sym_size", "sym_numel", "size", "numel", "dim",
-}
-# In-place ops that change autograd metadata only, never the values (pre-dispatch graphs `detach_`
-# every lifted tensor literal).
-_METADATA_ONLY_WRITES = {"detach_", "requires_grad_"}
-# Ops whose result is uninitialized memory: as unknowable as data.
-_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"}
-
-
 class _Refusal(Exception):
     """Internal: the mask cannot be proven to be anything but a tensor; the message is the reason."""
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", str(target))
-
-
 def _describe(node: fx.Node) -> str:
-    return f"`{node.name}` ({_op_name(node)})" if node.op == "call_function" else f"`{node.name}`"
+    return f"`{node.name}` ({op_name(node)})" if node.op == "call_function" else f"`{node.name}`"
 
 
 def _tensor_val(node: Any) -> torch.Tensor | None:
@@ -179,11 +159,12 @@ class _GraphFacts:
     def _value_inputs(node: fx.Node) -> list[fx.Node]:
         """Inputs whose *value* `node` reads: a shape-only op's first argument is read for its size only."""
         inputs = node.all_input_nodes
-        first = node.args[0] if node.args else None
-        if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and isinstance(first, fx.Node):
-            others = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+        index = size_read_index(node)
+        if index is not None:
+            sized = node.args[index]
+            others = [a for i, a in enumerate(node.args) if i != index and isinstance(a, fx.Node)]
             others += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
-            return others if first not in others else inputs
+            return others if sized not in others else inputs
         return inputs
 
     def _value_ancestors(self, roots: list[fx.Node]) -> set[fx.Node]:
@@ -215,7 +196,7 @@ class _GraphFacts:
             # A tensor literal of the traced code (`torch.tensor(-inf)` in forward): make_fx stores it as
             # a constant read only through `lift_fresh_copy`; it is rebuilt with the same value on every
             # call, so it is as fixed as the code. Any other stored tensor (a parameter, a buffer) is data.
-            if node.users and all(_op_name(u) == "lift_fresh_copy" for u in node.users):
+            if node.users and all(op_name(u) == "lift_fresh_copy" for u in node.users):
                 return None
             return f"reads attribute `{node.target}` (its content can change without a recompile)"
         if node.op == "call_module":
@@ -224,7 +205,7 @@ class _GraphFacts:
             target = node.target
             if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
                 return f"draws random numbers ({_describe(node)})"
-            if _op_name(node) in _UNINITIALIZED:
+            if op_name(node) in UNINITIALIZED:
                 return f"reads uninitialized memory ({_describe(node)})"
         for inp in self._value_inputs(node):
             reason = self.data_reason.get(inp)
@@ -239,7 +220,7 @@ class _GraphFacts:
             target = node.target
             if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
                 continue
-            if _op_name(node) in _METADATA_ONLY_WRITES:
+            if op_name(node) in METADATA_ONLY_WRITES:
                 continue
             for index, arg in enumerate(target._schema.arguments):
                 if arg.alias_info is None or not arg.alias_info.is_write:
@@ -433,7 +414,7 @@ def _split(factor: _Factor, facts: _GraphFacts) -> list[_Factor] | None:
     node, polarity, dtypes = factor.value, factor.polarity, factor.dtypes
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
-    name = _op_name(node)
+    name = op_name(node)
     out_dtype = _dtype_of(node)
     args = node.args
 
@@ -548,10 +529,9 @@ class _Evaluator:
                 raise _Refusal(f"internal: data-free factor depends on {_describe(node)}")
         stand_in_for = set()
         for node in needed:
-            if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and node.args:
-                first = node.args[0]
-                if isinstance(first, fx.Node) and first not in needed:
-                    stand_in_for.add(first)
+            index = size_read_index(node)
+            if index is not None and node.args[index] not in needed:
+                stand_in_for.add(node.args[index])
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[tuple[fx.Node, Any]] = []  # (placeholder in the original graph or stand-in, its meta value)
@@ -820,7 +800,7 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
     `== 0` / `!= 0` / `~`. Negations turn `<= e` into `>= e + 1` and back. None for anything else."""
     negated = False
     while node.op == "call_function":
-        name = _op_name(node)
+        name = op_name(node)
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if src is None:
             return None
@@ -839,8 +819,8 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
             node = src
         elif name in ("tril", "triu"):
             base = src
-            if base.op != "call_function" or _op_name(base) not in _ONES and not (
-                    _op_name(base) == "full" and isinstance(base.args[1], (int, float, bool)) and base.args[1] != 0):
+            if base.op != "call_function" or op_name(base) not in _ONES and not (
+                    op_name(base) == "full" and isinstance(base.args[1], (int, float, bool)) and base.args[1] != 0):
                 return None
             if not (facts.same_size(sval.shape[-2], q_len) and facts.same_size(sval.shape[-1], k_len)):
                 return None

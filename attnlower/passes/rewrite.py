@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 
 from .analyze import Decision
-from .detect import AttentionMatch, reads_shape_only, size_sources
-from .layout import _val
+from .detect import AttentionMatch, size_sources
+from .vocabulary import reads_only_size, value_of
 
 aten = torch.ops.aten
 
@@ -35,12 +35,12 @@ def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None
         if n is output:
             continue
         # a read of the size only (`mask.expand_as(scores)`) is re-pointed by the rewrite: not a use
-        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_shape_only(u, n)]
+        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_only_size(u, n)]
         if outside_users:
             raise NotConvex(f"{n.name} is used outside the attention ({outside_users[0].name})")
     for n in region:
         for u in dg.successors(n):
-            if u in inside or reads_shape_only(u, n):
+            if u in inside or reads_only_size(u, n):
                 continue
             if inside & nx.descendants(dg, u):
                 raise NotConvex(f"a path leaves the region at {u.name} and comes back")
@@ -63,7 +63,7 @@ class _Emitter:
         if name:
             n.name = self.graph._graph_namespace.create_name(name, None)
         def fake(x):
-            return _val(x) if isinstance(x, fx.Node) else x
+            return value_of(x) if isinstance(x, fx.Node) else x
         try:
             fa = torch.utils._pytree.tree_map(fake, args)
             fk = torch.utils._pytree.tree_map(fake, kwargs)
@@ -106,8 +106,8 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     hs = m.head_scale
     op = aten.div.Tensor if hs.divide else aten.mul.Tensor
     scaled = emit(op, (q, hs.node), name="attnlower_head_scaled_q")
-    dtype = _val(q).dtype
-    if _val(scaled) is not None and _val(scaled).dtype != dtype:
+    dtype = value_of(q).dtype
+    if value_of(scaled) is not None and value_of(scaled).dtype != dtype:
         scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
     return scaled
 
@@ -121,11 +121,11 @@ def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
     """
     x = term.node
-    shape = list(_val(x).shape)
+    shape = list(value_of(x).shape)
     score_shape = list(term.score_shape)
     if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
         x = emit(aten.unsqueeze.default, (x, -2))
-        shape = list(_val(x).shape)
+        shape = list(value_of(x).shape)
     extra = len(shape) - len(score_shape)
     if extra > 0:  # leading dims of size 1 (lift_problem checked)
         x = emit(aten.squeeze.dims, (x, list(range(extra))))
@@ -150,7 +150,7 @@ def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node
     for t in plan.terms:
         x = _term_tensor(emit, t, m)
         if t.kind == "bias":
-            if not _val(x).dtype.is_floating_point:
+            if not value_of(x).dtype.is_floating_point:
                 # a bool or int added to the scores is a number (True = 1), never a keep-mask
                 x = emit(aten._to_copy.default, (x,), {"dtype": t.score_dtype or torch.float32})
             part = x if t.value == 1.0 else emit(aten.mul.Tensor, (x, t.value))
@@ -192,8 +192,8 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
         call = emit(torch.ops.attnlower.flash_attention.default, (q, k, v),
                     dict(bias=bias, alibi_slopes=None, causal=s.causal, **common), name="attnlower_flash")
     out = emit(operator.getitem, (call, 0))
-    old_dtype = _val(m.output).dtype
-    if _val(out) is not None and hasattr(_val(out), "dtype") and _val(out).dtype != old_dtype:
+    old_dtype = value_of(m.output).dtype
+    if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
 
@@ -206,11 +206,11 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
         graph = user.graph
         emit = _Emitter(graph, user, fake_mode)
         sizes = []
-        for src in size_sources(_val(node).shape, user, inside):
+        for src in size_sources(value_of(node).shape, user, inside):
             if isinstance(src, tuple):
                 src = emit(aten.sym_size.int, src)
             sizes.append(src)
-        uv = _val(user)
+        uv = value_of(user)
         if user.target is aten.sym_size.int:
             new = sizes[user.args[1]]
         elif user.target is aten.expand_as.default:
@@ -240,7 +240,7 @@ def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
             out = emit(aten.permute.default, (out, list(arg)))
         else:
             raise ValueError(f"unknown output step {kind}")
-    out = _match_strides(emit, out, _val(m.output))
+    out = _match_strides(emit, out, value_of(m.output))
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]
 
@@ -248,7 +248,7 @@ def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
 def _match_strides(emit: _Emitter, out: fx.Node, want) -> fx.Node:
     """The graph after the site was traced with the replaced node's strides (SDPA returns q's
     dim order, and a later `.view` may rely on it): copy into that order when ours differs."""
-    have = _val(out)
+    have = value_of(out)
     if have is None or want is None or not hasattr(want, "stride"):
         return out
     big = [d for d in range(want.dim()) if not bool(want.shape[d] == 1)]
@@ -273,15 +273,15 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             pool = emit(aten.permute.default, (pool, list(ref.pool_perm)))
         pools.append(pool)
     table = plan.k.table
-    if _val(table).dtype != torch.int32:
+    if value_of(table).dtype != torch.int32:
         table = emit(aten._to_copy.default, (table,), {"dtype": torch.int32})
     if plan.seq_lens is None:
         batch = emit(aten.sym_size.int, (table, 0))
         seq_lens = emit(aten.full.default, ([batch], plan.k.length), {"dtype": torch.int32,
-                                                                       "device": _val(table).device})
+                                                                       "device": value_of(table).device})
     else:
         seq_lens = plan.seq_lens
-        if _val(seq_lens).dtype != torch.int32:
+        if value_of(seq_lens).dtype != torch.int32:
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
