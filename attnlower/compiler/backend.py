@@ -28,6 +28,7 @@ from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_sit
 from ..passes.validate import validate_rewrite
 from .canonicalize import checkpoint_bodies, fake_mode_for, subclass_attention_refusals, to_aten
 from .dump import format_dims, kernel_plan, memory_estimate
+from .graph_breaks import new_graph_breaks
 from .hardware import Target, target_for
 from .options import Options
 from .report import CompileReport, Site, describe_sites
@@ -179,7 +180,8 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     graph_id = next(_graph_ids)
     device = _device_of(example_inputs)
     target = target_for(device)
-    report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner)
+    report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
+                           graph_breaks=new_graph_breaks())
     _REPORTS.append(report)
 
     try:

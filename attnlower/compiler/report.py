@@ -47,6 +47,7 @@ class CompileReport:
     seconds_in_passes: float = 0.0
     inner: str = "inductor"
     kernels: str = ""          # with explain: which Triton kernels the first call compiles
+    graph_breaks: list[Any] = field(default_factory=list)  # graph_breaks.GraphBreak taken before this graph
 
     @property
     def rewritten(self) -> list[Site]:
@@ -80,6 +81,10 @@ class CompileReport:
                 f"{len(self.rewritten)} rewritten")
         if self.error:
             head += f"\n  passes failed, graph left unmodified: {self.error}" + (f" (repro: {self.repro})" if self.repro else "")
+        if self.graph_breaks:
+            head += (f"\n  Dynamo broke the code before this graph ({sum(b.count for b in self.graph_breaks)} "
+                     "graph break(s)); attention past a break is not in this graph:")
+            head += "".join(f"\n  - {b.describe()}" for b in self.graph_breaks)
         rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op", "why")]
         for s in self.sites:
             shapes = " ".join(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))

@@ -113,6 +113,45 @@ def test_backward_matches_eager(checkpoints):
         torch.testing.assert_close(grads["attnlower"][n], g, rtol=1e-4, atol=1e-5, msg=n)
 
 
+
+def _enable_checkpointing(model) -> None:
+    """Gradient checkpointing the way the installed transformers spells it (5.25 renamed the method)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_gradient_checkpointing_matches_eager(checkpoints, name):
+    """attn_implementation="attnlower" under HF gradient checkpointing (the backward recomputes each
+    layer): loss and every gradient equal eager attention's, and attnlower's ops ran in the
+    forward and again in the recomputation."""
+    ids, mask = _inputs(pad=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 5] = -100   # predicted from the last pad position, whose output eager and SDPA define differently
+    results = {}
+    for impl in ("eager", "attnlower"):
+        model = _load(checkpoints, name, impl).train()
+        _enable_checkpointing(model)
+        assert model.is_gradient_checkpointing
+        calls = []
+        real = attnlower.ops.flash_attention, attnlower.ops.sliding_window_attention
+        attnlower.ops.flash_attention = lambda *a, **k: calls.append(1) or real[0](*a, **k)
+        attnlower.ops.sliding_window_attention = lambda *a, **k: calls.append(1) or real[1](*a, **k)
+        try:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+        finally:
+            attnlower.ops.flash_attention, attnlower.ops.sliding_window_attention = real
+        results[impl] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)
+    (want_loss, want, eager_calls), (got_loss, got, our_calls) = results["eager"], results["attnlower"]
+    layers = COMMON["num_hidden_layers"]
+    assert eager_calls == 0 and our_calls == 2 * layers, our_calls   # forward + recomputation
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-5, msg=n)
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_paged_cache_generate_matches_eager(checkpoints, name, monkeypatch):
     ids, mask = _inputs(pad=False)
