@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compiler.report import CompileReport, Reports, Site  # noqa: E402
+from .report.records import CompileReport, Reports, Site  # noqa: E402
 
 
 def inspect(fn, *args, options=None, dynamic=None, **kwargs):
@@ -17,13 +17,13 @@ def inspect(fn, *args, options=None, dynamic=None, **kwargs):
     `print()` of the result prints each graph's site table."""
     import torch
 
-    from .compiler import backend
+    from .report.records import reports
 
-    start = len(backend._REPORTS)
+    start = len(reports())
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="attnlower", options=options, dynamic=dynamic)
     compiled(*args, **kwargs)
-    return Reports(backend._REPORTS[start:])
+    return Reports(reports()[start:])
 
 
 def __getattr__(name):

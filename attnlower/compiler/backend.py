@@ -26,22 +26,18 @@ from ..passes.analyze import Refused, analyze_site
 from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
 from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
 from ..passes.validate import validate_rewrite
+from ..report.costs import memory_estimate
+from ..report.records import CompileReport, Site, format_dims, keep, reports
+from ..report.words import describe_sites
+from ..target import Target, kernel_plan, target_for
 from .canonicalize import checkpoint_bodies, fake_mode_for, subclass_attention_refusals, to_aten
-from .dump import format_dims, kernel_plan, memory_estimate
 from .graph_breaks import new_graph_breaks
-from .hardware import Target, target_for
 from .options import Options
-from .report import CompileReport, Site, describe_sites
 
 log = logging.getLogger("attnlower")
 
 _graph_ids = itertools.count()
-_REPORTS: list[CompileReport] = []
-
-
-def reports() -> list[CompileReport]:
-    """Every CompileReport made in this process, oldest first."""
-    return list(_REPORTS)
+__all__ = ["attnlower_backend", "reports"]   # reports(): every CompileReport of this process (report/records.py)
 
 
 @dataclass
@@ -182,7 +178,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     target = target_for(device)
     report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
                            graph_breaks=new_graph_breaks())
-    _REPORTS.append(report)
+    keep(report)
 
     try:
         aten_gm = to_aten(gm, example_inputs)
@@ -225,7 +221,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     if opts.explain:
         print(report.table())
     if opts.dump_dir:
-        from .dump import write_graph_dump
+        from ..tools.dump import write_graph_dump
 
         write_graph_dump(opts.dump_dir, report, gm, before_text, snapshots, aten_gm,
                          before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)

@@ -7,13 +7,12 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.fx as fx
 
-from ..compiler.hardware import Target
+from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
 from .detect import AttentionMatch, ScoreTerm
 from .kv import PagedRef, length_mask_lengths
 from .vocabulary import shape_of, value_of
 from .masks import MaskInfo, classify_mask
 
-MAX_HEAD_DIM = 256          # the kernels pad D to a power of two up to this
 MASKED = -1e30              # a fill/bias at or below this masks a key exactly as -inf would (exp underflows)
 
 
@@ -75,7 +74,7 @@ class Decision:
     paged: PagedPlan | None = None
 
 
-def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Decision | None, str]:
+def _paged_decision(m: AttentionMatch, target, allowed_ops) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
     pk, pv = m.paged
     if "paged_attention" not in allowed_ops:
@@ -112,8 +111,8 @@ def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Dec
                     paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
 
 
-def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]) -> Decision:
-    """Choose the op for a proven site, or raise Refused with the reason."""
+def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...]) -> Decision:
+    """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason."""
     qv = value_of(m.q.source)
     dtype = qv.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -163,3 +163,18 @@ def is_one(x) -> bool:
 def is_getitem(node: fx.Node, index: int | None = None) -> bool:
     """`node` is `x[index]` of a multi-output op (any index when None)."""
     return node.target is operator.getitem and (index is None or node.args[1] == index)
+
+
+def size_hint(size) -> int | None:
+    """An int size, or the example value's hint of a symbolic one (None when there is neither).
+
+    Never `int(symint)`: that installs a guard `Eq(s, hint)` and Dynamo then recompiles for every
+    new length. Reports only need the hint, so they read it without guarding.
+    """
+    if isinstance(size, torch.SymInt):
+        hint = getattr(size.node, "hint", None)
+        return int(hint) if hint is not None else None
+    try:
+        return int(size)
+    except (TypeError, ValueError, RuntimeError):
+        return None

@@ -1,7 +1,7 @@
 """`attnlower dump`: every file it promises exists and parses, the counts agree, failures leave a
 repro that runs, and `--help` documents every flag.
 
-The script dumped is tests/compiler/dump_script.py: one compiled function with a hand-written causal
+The script dumped is tests/tools/dump_script.py: one compiled function with a hand-written causal
 site (-> flash_attention), an SDPA band-mask site (-> sliding_window_attention) and a softmax that
 is not attention (refused).
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from attnlower.compiler import backend, cli, dump
+from attnlower.compiler import backend
+from attnlower.tools import cli, dump
 
 SCRIPT = str(Path(__file__).with_name("dump_script.py"))
 SEQ_LEN = 11      # passed through to the script: the dumped shapes must show it

@@ -101,7 +101,7 @@ def humanize(text: str, graph: fx.Graph | fx.GraphModule, arguments: dict[str, s
     nodes = {n.name: n for n in _graph(graph).nodes}
 
     def replace(m: re.Match) -> str:
-        quoted, op, bare = m.group(1), m.group(2), m.group(3)
+        quoted, bare = m.group(1), m.group(3)   # group 2, the op name after a quoted node, goes with it
         if quoted is not None:
             node = nodes.get(quoted)
             if node is None:
