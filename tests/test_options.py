@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import attnlower
-from attnlower.compiler import backend
+import dataclasses
+
+from attnlower.passes import pipeline
 from attnlower.compiler.options import Options
 
 import models as M
@@ -91,14 +93,14 @@ class InjectedFailure(RuntimeError):
 
 
 def _break_first_pass(monkeypatch):
-    """Make the first pass of the pipeline raise InjectedFailure."""
-    (name, _), *rest = backend.PASSES
+    """Make the first stage of the pipeline raise InjectedFailure."""
+    first, *rest = pipeline.STAGES
 
     def broken(gm, ctx):
-        raise InjectedFailure(f"pass {name} forced to fail by the test")
+        raise InjectedFailure(f"pass {first.name} forced to fail by the test")
 
-    monkeypatch.setattr(backend, "PASSES", [(name, broken), *rest])
-    return name
+    monkeypatch.setattr(pipeline, "STAGES", (dataclasses.replace(first, run=broken), *rest))
+    return first.name
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -166,7 +168,8 @@ def test_validate_is_on_by_default_and_records_what_each_site_was_checked_on():
     sites = [s for r in reports for s in r.sites]
     assert sites and all(s.rewritten and s.validated.startswith("float64 CPU") for s in sites), \
         [(s.op, s.validated) for s in sites]
-    assert [p["name"] for p in reports[0].passes] == ["detect", "analyze+rewrite", "validate", "dead-code-eliminate"]
+    assert [p["name"] for p in reports[0].passes] == ["find_anchors", "score_chain", "resolve_kv", "classify_masks",
+                                                      "analyze", "rewrite", "validate", "clean_up"]
 
 
 def test_validate_false_skips_the_check():

@@ -1,80 +1,43 @@
-"""Shapes + masks + Target → an AttentionSpec and the op to run, or a refusal with a reason."""
+"""Stage analyze: shapes + the mask as proven + Target -> the op and its AttentionSpec, or a refusal.
+
+`analyze_site` is the choice for one site (the table in docs/ARCHITECTURE.md: paged when K/V are
+gathered from block pools, sliding for a band, flash otherwise); the stage adds the policy of where
+the site is: dropout inside a torch.utils.checkpoint body is refused, since the backward's
+recomputation would not replay the op's dropout mask.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 
 import torch
 import torch.fx as fx
 
 from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
-from .detect import AttentionMatch, ScoreTerm
-from .kv import PagedRef, length_mask_lengths
+from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
 from .vocabulary import shape_of, value_of
-from .masks import MaskInfo, classify_mask
 
 MASKED = -1e30              # a fill/bias at or below this masks a key exactly as -inf would (exp underflows)
 
 
-class Refused(Exception):
-    """The site stays unfused; the message is the report's reason."""
+def analyze(gm: fx.GraphModule, ctx: Context) -> str:
+    """Choose the op of each open site of `gm` (`site.decision`), or refuse it with the reason."""
+    chosen: dict[str, int] = {}
+    for site in ctx.open_sites(gm):
+        try:
+            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.lengths)
+        except Refused as e:
+            site.refuse(str(e))
+            continue
+        site.decision = decision
+        if ctx.in_checkpoint and decision.spec.dropout_p:
+            # the checkpoint's recomputation would draw a new dropout mask for the op (no RNG replay)
+            site.refuse("dropout inside torch.utils.checkpoint: the recomputation would not replay the mask")
+            continue
+        chosen[decision.spec.op] = chosen.get(decision.spec.op, 0) + 1
+    return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Everything a kernel is specialized on. Kernels are generated from this, never from the graph."""
-
-    op: str
-    q_heads: object
-    kv_heads: object
-    head_dim: object
-    dtype: str
-    causal: bool = False
-    bottom_right: bool = False
-    window: int = 0
-    mask_kind: str = "none"
-    bias_kind: str = "none"            # none | bool | float
-    softcap: float = 0.0
-    scale: float = 1.0
-    dropout_p: float = 0.0
-    empty_rows_nan: bool = False
-    paged_block_size: int | None = None
-    target: str = "cpu"
-
-    def as_dict(self) -> dict:
-        # not dataclasses.asdict: it deep-copies, and a symbolic size cannot be copied outside its graph
-        return {f.name: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
-                for f in fields(self) for v in [getattr(self, f.name)]}
-
-
-@dataclass
-class BiasPlan:
-    """How to build the op's `bias` from the site's terms: a list of (term, as_bool) to combine."""
-
-    kind: str = "none"                       # none | bool | float
-    terms: list[ScoreTerm] = field(default_factory=list)
-
-
-@dataclass
-class PagedPlan:
-    """Read K/V from their pools: `seq_lens` None means every gathered key is visible."""
-
-    k: PagedRef
-    v: PagedRef
-    seq_lens: fx.Node | None
-    nan_for_empty: bool      # the source gives NaN for a sequence of length 0 (eager softmax of -inf)
-
-
-@dataclass
-class Decision:
-    spec: AttentionSpec
-    bias: BiasPlan
-    mask: MaskInfo
-    reason: str
-    paged: PagedPlan | None = None
-
-
-def _paged_decision(m: AttentionMatch, target, allowed_ops) -> tuple[Decision | None, str]:
+def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
     pk, pv = m.paged
     if "paged_attention" not in allowed_ops:
@@ -92,7 +55,7 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops) -> tuple[Decision | 
         t = m.terms[0]
         if t.kind not in ("keep", "fill"):
             return None, "an additive mask"
-        seq_lens = length_mask_lengths(t.node, t.kind, m.k_len)
+        seq_lens = lengths
         if seq_lens is None:
             return None, "the mask is not `key position < seq_lens[b]`"
         if t.value != float("-inf") and not m.safe_softmax:
@@ -111,8 +74,13 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops) -> tuple[Decision | 
                     paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
 
 
-def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...]) -> Decision:
-    """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason."""
+def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
+                 lengths: fx.Node | None = None) -> Decision:
+    """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason.
+
+    `classified` is the classification of the site's one mask term and `lengths` its lengths when it is
+    a length mask (stage classify_masks); a site with one term must come with its classification.
+    """
     qv = value_of(m.q.source)
     dtype = qv.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -133,7 +101,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...]) -> Dec
 
     paged_note = ""
     if m.paged is not None:
-        decision, paged_note = _paged_decision(m, target, allowed_ops)
+        decision, paged_note = _paged_decision(m, target, allowed_ops, lengths)
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
@@ -155,8 +123,10 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...]) -> Dec
         raise Refused("SDPA with both is_causal and attn_mask")
     if len(terms) == 1:
         t = terms[0]
-        polarity = {"bias": "additive", "fill": "fill", "keep": "keep"}[t.kind]
-        info = classify_mask(t.node, polarity, m.q_len, m.k_len)
+        if classified is None:
+            raise ValueError("analyze_site: a site with one mask term needs its classification "
+                             "(masks.classify_mask of the term; the classify_masks stage records it)")
+        info = classified
         if t.kind == "bias" and t.value != 1.0:
             # a factor moves finite masking values (finfo.min * 1e-10 no longer masks): only the sum is exact
             info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")

@@ -1,35 +1,61 @@
-"""See through the producers of Q, K and V: views, casts, GQA repeats, scale multiplies.
+"""Stage resolve_kv: see through the producers of Q, K and V to the tensors the fused op reads.
 
 The fused ops want q `[B, Hq, T, D]` and k/v `[B, Hkv, T, D]` *before* any repeat: a model's
 `repeat_kv` (unsqueeze → expand → reshape) or `repeat_interleave` materializes `Hq/Hkv` copies
-that the kernel does not need. `resolve_operand` walks up the chain of layout ops from a matmul
+that the kernel does not need. `resolve_operand` walks up the chain of layout ops from a product
 operand, and returns the farthest tensor of which the operand is provably a view
 (`layout.Layout`), with the size-free steps (squeeze, unsqueeze, permute) that turn it into the
-4-D form and the GQA group it was repeated by.
+4-D form and the GQA group it was repeated by. `resolve_paged` sees K / V gathered from a block pool
+through a block table (`pool[table]`, any gather spelling), which the paged op reads in place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from .layout import Layout, NotAView, is_scale_node, layout_chain, layout_of, scale_of
+from .site import AttentionChain, AttentionMatch, Context, Operand, OperandRef, PagedRef, Refused
 from .vocabulary import is_one, shape_of, sizes_equal, value_of
 
+aten = torch.ops.aten
 
-@dataclass(frozen=True)
-class OperandRef:
-    """`source` after `steps` is the 4-D `[B, heads, T, D]` operand; its values times `scale`."""
 
-    source: fx.Node
-    steps: tuple[tuple[str, object], ...]
-    heads: int
-    scale: float
-    seen_through: int  # how many nodes between the operand and its source were looked through
+def resolve_kv(gm: fx.GraphModule, ctx: Context) -> str:
+    """Trace each open site's q, k and v to their sources (`AttentionMatch`), or refuse it with the reason."""
+    resolved = paged = 0
+    for site in ctx.open_sites(gm):
+        try:
+            site.match = resolve_match(site.chain)
+        except (Refused, NotAView) as e:
+            site.refuse(str(e))
+            continue
+        resolved += 1
+        paged += site.match.paged is not None
+    return f"{resolved} site(s) resolved, {paged} reading a paged cache"
 
-    def describe(self) -> str:
-        return f"{self.source.name}" + "".join(f".{k}({v})" for k, v in self.steps)
+
+def resolve_match(chain: AttentionChain) -> AttentionMatch:
+    """The chain's operands traced to their sources: the match the analyzer reads."""
+    q = resolve_operand(chain.q_operand.node, chain.q_operand.to_logical, "q")
+    k = resolve_operand(chain.k_operand.node, chain.k_operand.to_logical, "kv")
+    v = resolve_operand(chain.v_operand.node, chain.v_operand.to_logical, "v")
+    if not sizes_equal(k.heads, v.heads):
+        raise Refused(f"K has {k.heads} heads and V {v.heads}")
+    paged, paged_scale = paged_pair(chain.k_operand, chain.v_operand, chain.score_scale * q.scale)
+    return AttentionMatch.of(chain, q=q, k=k, v=v, kv_heads=k.heads, scale=chain.score_scale * q.scale * k.scale,
+                             paged=paged, paged_scale=paged_scale)
+
+
+def paged_pair(k: Operand, v: Operand, score_scale_without_k: float):
+    """((K, V) PagedRefs, the score scale when reading K paged) when both are gathered from pools through
+    one table (V unscaled), else (None, 0.0)."""
+    pk = resolve_paged(k.node, k.to_logical)
+    pv = resolve_paged(v.node, v.to_logical)
+    if pk is None or pv is None or pk.table is not pv.table or pv.scale != 1.0:
+        return None, 0.0
+    return (pk, pv), score_scale_without_k * pk.scale
 
 
 def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], role: str) -> OperandRef:
@@ -134,23 +160,6 @@ def _fit(src: fx.Node, lay: Layout, role: str):
 
 # --------------------------------------------------------------------------------------------
 # paged caches: K/V gathered from a block pool through a block table
-
-import torch  # noqa: E402
-
-aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class PagedRef:
-    """K or V read from `pool` (after `pool_perm`: `[num_blocks, Hkv, block_size, D]`) via `table`."""
-
-    pool: fx.Node
-    pool_perm: tuple[int, ...]
-    table: fx.Node            # [B, max_blocks] integer
-    heads: object
-    block_size: object
-    length: object            # max_blocks * block_size: the gathered length
-    scale: float
 
 
 def _gather_parts(node: fx.Node):
@@ -283,57 +292,3 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
             scale *= scale_of(n)[1]
     return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
                     block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
-
-
-def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
-    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
-    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
-
-    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
-    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
-    """
-    t = mask.target
-    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
-    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
-    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
-    if t not in table or len(shape_of(mask)) != 4:
-        return None
-    a, b = mask.args
-    if table[t]:
-        a, b = b, a
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    # a: positions along the key dim
-    chain_a, _ = layout_chain(a)
-    src_a = chain_a[-1]
-    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
-        chain_a2, _ = layout_chain(src_a.args[0])
-        chain_a = chain_a + chain_a2
-        src_a = chain_a[-1]
-    if src_a.target not in (aten.arange.default, aten.arange.start):
-        return None
-    if src_a.target is aten.arange.start and src_a.args[0] != 0:
-        return None
-    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
-        return None
-    try:
-        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
-    except NotAView:
-        return None
-    if lay_a.clean(len(lay_a.dims) - 1) != [(shape_of(src_a)[0], 1)] or not sizes_equal(shape_of(src_a)[0], k_len):
-        return None
-    if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
-        return None
-    # b: one length per batch row
-    chain_b, _ = layout_chain(b)
-    src_b = chain_b[-1]
-    if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
-        return None
-    try:
-        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
-    except NotAView:
-        return None
-    nb = len(lay_b.dims)
-    if nb != 4 or lay_b.clean(0) != [(shape_of(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
-        return None
-    return src_b

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from .constants import scalar_value
 from .vocabulary import (BROADCASTS, CASTS, COPIES, LAYOUT_OPS, MOVES, MULTIPLIES, RESHAPES, SCALES, is_one,
                          shape_of, sizes_equal, value_of)
 
@@ -209,20 +210,6 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             continue
         break
     return chain, [scale]
-
-
-def scalar_value(c) -> float | None:
-    """A python number, or a symbolic one (`d ** -0.5` under dynamic=True), as a float; else None.
-
-    A symbolic scalar is specialized: float() guards on the symbols it reads, Dynamo recompiles if they change.
-    """
-    if isinstance(c, bool):
-        return None
-    if isinstance(c, (int, float)):
-        return float(c)
-    if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), (torch.SymInt, torch.SymFloat)):
-        return float(c.meta["val"])
-    return None
 
 
 def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:

@@ -30,14 +30,37 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from .layout import NotAView, layout_chain, layout_of
+from .site import Context, MaskInfo
 from .vocabulary import (BROADCASTS, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
-                         size_read_index)
+                         shape_of, size_read_index, sizes_equal, value_of)
 
 aten = torch.ops.aten
 
-__all__ = ["MaskInfo", "classify_mask", "MAX_EVAL_ELEMENTS", "POLARITIES"]
+__all__ = ["classify_masks", "classify_mask", "length_mask_lengths", "MAX_EVAL_ELEMENTS", "POLARITIES"]
 
 POLARITIES = ("keep", "fill", "additive")
+# how a score term uses its mask (site.ScoreTerm.kind -> polarity)
+POLARITY_OF_TERM = {"bias": "additive", "fill": "fill", "keep": "keep"}
+
+
+def classify_masks(gm: fx.GraphModule, ctx: Context) -> str:
+    """Classify the one mask term of each open site of `gm` (`site.mask`); where K/V are read from a
+    paged cache, also see whether that mask is `key < lengths[b]` (`site.lengths`, which the paged op reads).
+
+    A site with several terms keeps them as one bias (the analyzer says so); none is classified here.
+    """
+    kinds = []
+    for site in ctx.open_sites(gm):
+        m = site.match
+        if len(m.terms) != 1:
+            continue
+        term = m.terms[0]
+        site.mask = classify_mask(term.node, POLARITY_OF_TERM[term.kind], m.q_len, m.k_len)
+        if m.paged is not None and term.kind in ("keep", "fill"):
+            site.lengths = length_mask_lengths(term.node, term.kind, m.k_len)
+        kinds.append(site.mask.kind)
+    return f"{len(kinds)} mask(s) classified" + (f": {', '.join(kinds)}" if kinds else "")
 
 # Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
 # pattern is 64M elements (64 MiB); beyond that the evaluation costs more than the proof is worth.
@@ -55,31 +78,6 @@ _SIZE_VARIATIONS: tuple[tuple[str, Callable[[int], int]], ...] = (
     ("2*hint+3", lambda h: 2 * h + 3),
     ("3", lambda h: 3),
 )
-
-
-@dataclass(frozen=True)
-class MaskInfo:
-    """What a mask does to the scores, as far as it could be proven.
-
-    kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor".
-    causal: key j > i + off is masked (kinds "causal"/"band" and their "+padding" forms); for the
-        kinds without padding nothing else is masked.
-    bottom_right: the causal/band diagonal is aligned bottom-right (off = Tk - Tq); always False when
-        Tq == Tk at every evaluated size.
-    window: band width (kinds "band", "band+padding"): key j visible iff i + off - window < j <= i + off.
-    data_dependent: the mask reads tensor data (an input, parameter, buffer or constant), not only sizes.
-    reason: one line for the report: what was proven, or why nothing could be.
-
-    Only kinds "none", "causal" and "band" with data_dependent=False let the analyzer drop the mask
-    tensor and use the kernel's own causal/window logic; every other kind is passed on as a bias.
-    """
-
-    kind: str
-    causal: bool = False
-    bottom_right: bool = False
-    window: int = 0
-    data_dependent: bool = False
-    reason: str = ""
 
 
 def classify_mask(mask: fx.Node, polarity: str, q_len, k_len) -> MaskInfo:
@@ -901,3 +899,63 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     sizes = ", ".join(dict.fromkeys(s.where for s in samples))
     how = f"checked at {len(samples)} sizes within the shape guards ({sizes})" if symbols else f"at {sizes}"
     return model, f"{model.describe()}, {how}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Length masks, proven structurally. `classify_mask` calls a data-dependent [B|1, 1, 1, Tk] factor
+# "padding" by its shape alone (what padding a user's attention_mask holds is data); the paged op
+# needs more: the very tensor of lengths to read, which only the mask's structure can name.
+
+
+def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
+    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
+    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
+
+    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
+    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
+    """
+    t = mask.target
+    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
+    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
+    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
+    if t not in table or len(shape_of(mask)) != 4:
+        return None
+    a, b = mask.args
+    if table[t]:
+        a, b = b, a
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    # a: positions along the key dim
+    chain_a, _ = layout_chain(a)
+    src_a = chain_a[-1]
+    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
+        chain_a2, _ = layout_chain(src_a.args[0])
+        chain_a = chain_a + chain_a2
+        src_a = chain_a[-1]
+    if src_a.target not in (aten.arange.default, aten.arange.start):
+        return None
+    if src_a.target is aten.arange.start and src_a.args[0] != 0:
+        return None
+    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
+        return None
+    try:
+        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
+    except NotAView:
+        return None
+    if lay_a.clean(len(lay_a.dims) - 1) != [(shape_of(src_a)[0], 1)] or not sizes_equal(shape_of(src_a)[0], k_len):
+        return None
+    if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
+        return None
+    # b: one length per batch row
+    chain_b, _ = layout_chain(b)
+    src_b = chain_b[-1]
+    if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
+        return None
+    try:
+        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
+    except NotAView:
+        return None
+    nb = len(lay_b.dims)
+    if nb != 4 or lay_b.clean(0) != [(shape_of(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
+        return None
+    return src_b

@@ -1,4 +1,10 @@
-"""Replace a proven attention region by one attnlower op call, after checking the region is convex."""
+"""Stage rewrite: replace each proven attention region by one attnlower op call.
+
+First `check_convex`: no value of the region escapes but its output, and no path leaves it and comes
+back (a fused op could not be placed). Then `rewrite_site` inserts the op call (and the steps that
+bring q/k/v, the bias and the output into place) before the region's output and reroutes the output's
+users to it; the region itself is left for the clean_up stage (it has no other users).
+"""
 from __future__ import annotations
 
 import operator
@@ -7,15 +13,29 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .analyze import Decision
-from .detect import AttentionMatch, size_sources
-from .vocabulary import reads_only_size, value_of
+from .site import AttentionMatch, Context, Decision, Refused
+from .vocabulary import reads_only_size, size_sources, value_of
 
 aten = torch.ops.aten
 
 
-class NotConvex(Exception):
-    pass
+def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
+    """Rewrite each open site of `gm` into its op (`site.replacement`), or refuse a region that is not convex."""
+    dg = graph_digraph(gm)   # the dataflow before any rewrite: each region is judged in the graph as traced
+    done = 0
+    for site in ctx.open_sites(gm):
+        try:
+            check_convex(dg, site.match.region, site.match.output)
+        except Refused as e:
+            site.refuse(str(e))
+            continue
+        created: list[fx.Node] = []
+        site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        inserted = set(created)
+        # the replacement: the one inserted node that the replaced node's users now read
+        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
+        done += 1
+    return f"{done} rewritten"
 
 
 def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -29,7 +49,8 @@ def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None:
-    """No value leaves the region except the output, and no path leaves it and comes back."""
+    """No value leaves the region except the output, and no path leaves it and comes back; raises
+    Refused with the node that breaks it."""
     inside = set(region)
     for n in region:
         if n is output:
@@ -37,13 +58,13 @@ def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None
         # a read of the size only (`mask.expand_as(scores)`) is re-pointed by the rewrite: not a use
         outside_users = [u for u in dg.successors(n) if u not in inside and not reads_only_size(u, n)]
         if outside_users:
-            raise NotConvex(f"{n.name} is used outside the attention ({outside_users[0].name})")
+            raise Refused(f"{n.name} is used outside the attention ({outside_users[0].name})")
     for n in region:
         for u in dg.successors(n):
             if u in inside or reads_only_size(u, n):
                 continue
             if inside & nx.descendants(dg, u):
-                raise NotConvex(f"a path leaves the region at {u.name} and comes back")
+                raise Refused(f"a path leaves the region at {u.name} and comes back")
 
 
 class _Emitter:
@@ -56,6 +77,7 @@ class _Emitter:
         self.created = created if created is not None else []
 
     def __call__(self, target, args, kwargs=None, name=None):
+        """Insert `target(*args, **kwargs)` and give it a fake value; returns the new node."""
         kwargs = kwargs or {}
         with self.graph.inserting_before(self.before):
             n = self.graph.call_function(target, tuple(args), kwargs)
@@ -95,7 +117,7 @@ def _prepare(emit: _Emitter, ref) -> fx.Node:
 def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     """q as the op's [B, Hq, Tq, D], times the site's per-head scale when it has one.
 
-    `s * h` with h constant over the query and key positions (detect proved it) is
+    `s * h` with h constant over the query and key positions (score_chain proved it) is
     `(q * h) @ kᵀ`: the factor moves into q, whatever its sign (the kernels take the row max of the
     scores they compute), and autograd reaches h through this product. The product is cast back to
     q's dtype: the op takes q, k and v of one dtype.
@@ -200,7 +222,7 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
 
 def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
     """Make each size-only reader of a region node read the same sizes from a tensor outside the region
-    (`detect.size_sources` found one), so the region becomes dead code."""
+    (`vocabulary.size_sources` found one; score_chain checked there is one), so the region becomes dead code."""
     inside = set(m.region)
     for user, node in m.shape_reads:
         graph = user.graph
@@ -222,7 +244,7 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
                      aten.empty_like.default: aten.empty.memory_format}[user.target]
             new = emit(maker, (sizes,), {"dtype": uv.dtype, "device": uv.device})
         if not isinstance(new, fx.Node):
-            raise ValueError(f"{user.name} reads a static size of {node.name}; detect should have refused it")
+            raise ValueError(f"{user.name} reads a static size of {node.name}; the score_chain stage should have refused it")
         user.replace_all_uses_with(new)
         for term in m.terms:   # a term read through the size-only node (`mask.expand_as(scores)`) reads `new`
             if term.node is user:

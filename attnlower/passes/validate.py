@@ -1,4 +1,4 @@
-"""Translation validation: check every rewritten site against the region it replaced.
+"""Stage validate (translation validation): check every rewritten site against the region it replaced.
 
 A rewrite is only as right as the detector's reasoning; this pass does not reuse any of it. For
 each site it takes the two computations that now coexist in the graph (the replaced output node,
@@ -26,6 +26,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import logging
 import math
 import operator
 import os
@@ -39,10 +40,13 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
+from .sdpa import argument_position
+from .site import Context
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
                          PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, op_name)
 
 aten = torch.ops.aten
+log = logging.getLogger("attnlower")
 
 # max |source - rewrite| / max(1, max |source|). Both sides run in float64: over 66 comparisons
 # of correct sites (tests/models.py's hand-written, SDPA and HF cases, 2026-12-01) the largest was
@@ -93,7 +97,39 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the entry point
+# the stage
+
+def validate(gm: fx.GraphModule, ctx: Context) -> str:
+    """Check each site rewritten in `gm` against the region it replaced; undo and refuse those that differ.
+
+    With `ctx.validate` off, every rewritten site says "not checked: options validate=False".
+    """
+    rewritten = [s for s in ctx.sites_in(gm) if s.rewritten]
+    if not ctx.validate:
+        for site in rewritten:
+            site.validated = "not checked: options validate=False"
+        return "off (validate=False)"
+    shape_env = getattr(ctx.fake_mode, "shape_env", None)
+    refused = cached = unchecked = 0
+    for site in rewritten:
+        old, new = site.match.output, site.replacement
+        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir)
+        site.validated = verdict.checked_on
+        cached += verdict.cached
+        unchecked += verdict.checked_on.startswith("not validated")
+        if not verdict.ok:
+            # undo: the old output is still in the graph; the inserted nodes die in clean_up
+            new.replace_all_uses_with(old)
+            site.refuse(verdict.reason)
+            site.validation_repro = verdict.repro
+            refused += 1
+            log.warning("attnlower: site %d (%s) refused: %s", site.index, site.location, verdict.reason)
+    return (f"{len(rewritten)} checked ({cached} by an identical earlier site), {refused} refused, "
+            f"{unchecked} too large to check")
+
+
+# --------------------------------------------------------------------------------------------
+# one rewrite
 
 def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
                      repro_dir: str | None = None, draws: int = 3) -> Verdict:
@@ -642,11 +678,11 @@ def _to_float64_cpu(n: fx.Node) -> None:
         n.args = (n.args[0], 0.0, *n.args[2:])
     elif t in (aten.scaled_dot_product_attention.default,
                aten._scaled_dot_product_flash_attention_for_cpu.default):
-        if "dropout_p" in n.kwargs:
-            n.kwargs = {**n.kwargs, "dropout_p": 0.0}
-        elif len(n.args) > 3 + (t is aten.scaled_dot_product_attention.default):
-            i = 4 if t is aten.scaled_dot_product_attention.default else 3
-            n.args = (*n.args[:i], 0.0, *n.args[i + 1:])
+        position, keyword = argument_position(t, "dropout_p")
+        if keyword in n.kwargs:
+            n.kwargs = {**n.kwargs, keyword: 0.0}
+        elif len(n.args) > position:
+            n.args = (*n.args[:position], 0.0, *n.args[position + 1:])
     elif _is_attention_op(n) and "dropout_p" in n.kwargs:
         n.kwargs = {**n.kwargs, "dropout_p": 0.0}
 

@@ -178,3 +178,32 @@ def size_hint(size) -> int | None:
         return int(size)
     except (TypeError, ValueError, RuntimeError):
         return None
+
+
+def size_sources(shape, before: fx.Node, exclude: set) -> list | None:
+    """For each size of `shape`: the int, or a (node, dim) / SymInt node outside `exclude` and before
+    `before` that holds the same (symbolic) size; None when one has no such source."""
+    graph_nodes = list(before.graph.nodes)
+    earlier = graph_nodes[:graph_nodes.index(before)]
+    out = []
+    for size in shape:
+        if isinstance(size, int):
+            out.append(size)
+            continue
+        found = None
+        for n in earlier:
+            if n in exclude:
+                continue
+            val = n.meta.get("val")
+            if isinstance(val, torch.SymInt) and val.node.expr == size.node.expr:
+                found = n
+                break
+            if isinstance(val, torch.Tensor):
+                dims = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == size.node.expr]
+                if dims:
+                    found = (n, dims[0])
+                    break
+        if found is None:
+            return None
+        out.append(found)
+    return out

@@ -8,31 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import attnlower
-from attnlower.compiler.canonicalize import to_aten
-from attnlower.passes.detect import AttentionMatch, Refusal, find_attention_sites
 from attnlower.passes.layout import Layout, NotAView
-
-B, H, T, D = 2, 4, 8, 16
-
-
-def aten_graphs(fn, *args, dynamic=False):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(to_aten(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=capture, dynamic=dynamic)(*args)
-    return graphs
-
-
-def sites(fn, *args, dynamic=False):
-    return [s for g in aten_graphs(fn, *args, dynamic=dynamic) for s in find_attention_sites(g)]
-
-
-def qkv(hq=H, hkv=H, t=T, d=D):
-    return torch.randn(B, hq, t, d), torch.randn(B, hkv, t, d), torch.randn(B, hkv, t, d)
+from attnlower.passes.site import AttentionMatch
+from helpers import B, H, T, D, found_sites, qkv
 
 
 # ---- layout algebra -----------------------------------------------------------------------------
@@ -77,10 +55,10 @@ def test_layout_matches_torch_on_random_chains():
 # ---- detection ----------------------------------------------------------------------------------
 
 def only_match(fn, *args, **kw) -> AttentionMatch:
-    found = sites(fn, *args, **kw)
+    found = found_sites(fn, *args, **kw)
     assert len(found) == 1, found
-    assert isinstance(found[0], AttentionMatch), getattr(found[0], "reason", found[0])
-    return found[0]
+    assert found[0].match is not None, found[0].refusal
+    return found[0].match
 
 
 def test_manual_causal_with_div_scale():
@@ -162,17 +140,16 @@ def test_negative_sites_are_refused_with_a_reason(case):
         return torch.softmax(s * k.mean(-1).unsqueeze(-2), -1) @ v
 
     fn = locals()[case]
-    found = sites(fn, *qkv())
-    assert found and all(isinstance(s, Refusal) for s in found)
-    assert all(s.reason for s in found)
+    found = found_sites(fn, *qkv())
+    assert found and all(s.match is None for s in found)
+    assert all(s.refusal for s in found)
 
 
 def test_symbolic_sizes_survive():
     def f(q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
 
-    graphs = aten_graphs(f, *qkv(), dynamic=True)
-    m = [s for g in graphs for s in find_attention_sites(g)][0]
+    m = found_sites(f, *qkv(), dynamic=True)[0].match
     assert isinstance(m, AttentionMatch) and not isinstance(m.q_len, int)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _compiled import check_fused, check_unfused
+from helpers import check_fused, check_unfused
 
 B, H, T, D = 2, 4, 9, 16
 SCALE = D ** -0.5

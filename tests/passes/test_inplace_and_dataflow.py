@@ -12,22 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _compiled import check_fused, check_unfused, compiled_sites, assert_matches_eager
-
-B, H, T, D = 2, 4, 8, 16
-
-
-def qkv():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(B, H, T, D, generator=g) for _ in range(3)]
-
-
-def rand(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-
-
-def causal():
-    return torch.tril(torch.ones(T, T, dtype=torch.bool))
+from helpers import B, H, T, D, assert_matches_eager, causal, check_fused, check_unfused, compiled_sites, qkv, rand
 
 
 # ---- in-place score ops ---------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import torch
 import torch.fx as fx
 import pytest
 
-from attnlower.compiler.canonicalize import to_aten
-from attnlower.passes.masks import MaskInfo, classify_mask
+from attnlower.passes.canonicalize import to_aten
+from attnlower.passes.masks import classify_mask
+from attnlower.passes.site import MaskInfo
 
 aten = torch.ops.aten
 NEG = torch.finfo(torch.float32).min

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _compiled import check_fused, check_unfused
+from helpers import check_fused, check_unfused
 
 B, H, T, D = 2, 4, 8, 16
 
@@ -90,7 +90,7 @@ def test_max_used_elsewhere_stays_unfused():
         m = s.max(-1, keepdim=True)
         return F.softmax(s - m.values, dim=-1) @ v, m.indices
 
-    from _compiled import assert_matches_eager, compiled_sites
+    from helpers import assert_matches_eager, compiled_sites
 
     want = f(*qkv(), torch.ones(T, T, dtype=torch.bool))
     got, sites = compiled_sites(f, *qkv(), torch.ones(T, T, dtype=torch.bool))

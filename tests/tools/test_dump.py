@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlower.compiler import backend
+from attnlower.passes import pipeline
 from attnlower.tools import cli, dump
 
 SCRIPT = str(Path(__file__).with_name("dump_script.py"))
@@ -32,7 +32,7 @@ def _graph_dirs(out: Path) -> list[Path]:
 
 
 def _pass_files() -> list[str]:
-    return [f"{i + 2:02d}_{name.replace('+', '_').replace('-', '_')}.txt" for i, (name, _) in enumerate(backend.PASSES)]
+    return [f"{i + 2:02d}_{stage.name}.txt" for i, stage in enumerate(pipeline.STAGES)]
 
 
 def _load_module(path: Path):
@@ -171,7 +171,8 @@ def test_failed_pass_writes_a_repro_that_runs(monkeypatch, tmp_path):
     def explode(gm, ctx):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(backend, "PASSES", [backend.PASSES[0], ("explode", explode), *backend.PASSES[1:]])
+    first, *rest = pipeline.STAGES
+    monkeypatch.setattr(pipeline, "STAGES", (first, pipeline.Stage("explode", explode, first.promise), *rest))
     assert cli.main(["dump", SCRIPT, "--out", str(tmp_path)]) == 1      # a failed pass is a failed dump
     (graph,) = _graph_dirs(tmp_path)
     report = json.loads((graph / "report.json").read_text())

@@ -11,7 +11,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..passes.vocabulary import METADATA_ONLY_WRITES
+from .vocabulary import METADATA_ONLY_WRITES
 
 
 def fake_mode_for(example_inputs: Sequence[object]) -> FakeTensorMode:
@@ -210,7 +210,7 @@ class _KeepSubclassCalls(fx.Interpreter):
                                         fx.node.map_arg(n.kwargs, traced), name=n.name)
         copy.meta["stack_trace"] = n.meta.get("stack_trace")
         spelling = _attention_spelling(n)
-        if spelling:   # reported as a site left to the subclass (subclass_attention_refusals)
+        if spelling:   # reported as a site left to the subclass (anchors.find_anchors)
             copy.meta[SUBCLASS_ATTENTION] = (spelling, type(out).__name__)
         self._copied[n] = copy
         if isinstance(out, torch.Tensor) and not _holds_subclass(out):
@@ -220,7 +220,7 @@ class _KeepSubclassCalls(fx.Interpreter):
         return out
 
 
-SUBCLASS_ATTENTION = "attnlower_subclass_attention"   # node.meta key: (spelling, subclass name)
+SUBCLASS_ATTENTION = "attnlower_subclass_attention"   # node.meta key: (spelling, subclass name); anchors.py reads it
 
 
 def _attention_spelling(n: fx.Node) -> str | None:
@@ -232,25 +232,6 @@ def _attention_spelling(n: fx.Node) -> str | None:
     if n.target in (torch.softmax, F.softmax, torch.special.softmax, "softmax"):
         return "softmax"
     return None
-
-
-def subclass_attention_refusals(gm: fx.GraphModule) -> list:
-    """The attention anchors `to_aten` copied on subclass values, as detector refusals for the report.
-
-    The passes see only plain tensors; attention computed on DTensors (q/k/v kept as DTensors with
-    `use_local_output=False`, or a DTensor-aware model) is DTensor's to run, and says so.
-    """
-    from ..passes.detect import Refusal
-
-    out = []
-    for n in gm.graph.nodes:
-        if SUBCLASS_ATTENTION in n.meta:
-            spelling, subclass = n.meta[SUBCLASS_ATTENTION]
-            out.append(Refusal(n, spelling, (
-                f"attention on {subclass} values: attnlower rewrites attention on plain (local) tensors "
-                f"and leaves this one to {subclass}; to fuse it, hand attention local tensors (for tensor "
-                "parallelism: ColwiseParallel's default use_local_output=True on q/k/v)")))
-    return out
 
 
 def _holds_subclass(value) -> bool:
