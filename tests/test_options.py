@@ -168,7 +168,7 @@ def test_validate_is_on_by_default_and_records_what_each_site_was_checked_on():
     sites = [s for r in reports for s in r.sites]
     assert sites and all(s.rewritten and s.validated.startswith("float64 CPU") for s in sites), \
         [(s.op, s.validated) for s in sites]
-    assert [p["name"] for p in reports[0].passes] == ["find_anchors", "score_chain", "resolve_kv", "classify_masks",
+    assert [p["name"] for p in reports[0].passes] == ["functionalize", "find_anchors", "score_chain", "resolve_kv", "classify_masks",
                                                       "analyze", "rewrite", "validate", "clean_up"]
 
 

@@ -23,6 +23,7 @@ from .analyze import analyze
 from .anchors import find_anchors
 from .canonicalize import checkpoint_bodies
 from .cleanup import clean_up
+from .functionalize import functionalize
 from .kv import resolve_kv
 from .masks import classify_masks
 from .rewrite import rewrite
@@ -104,6 +105,7 @@ def _cleaned(site: AttentionSite, alive) -> str:
 
 # The pipeline, top to bottom.
 STAGES: tuple[Stage, ...] = (
+    Stage("functionalize", functionalize, _nothing),          # in-place score ops made out-of-place
     Stage("find_anchors", find_anchors, _nothing),            # a site per softmax / SDPA call
     Stage("score_chain", score_chain, _chain_proven),          # up to Q·Kᵀ, down to P·V: terms, scale, region
     Stage("resolve_kv", resolve_kv, _operands_resolved),       # q / k / v to their sources: GQA, paged pools
