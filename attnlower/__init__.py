@@ -34,6 +34,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"{__name__}.ops")
+    if name == "check_options":
+        from .compiler.options import check_options
+
+        return check_options
     if name in ("check_errors", "set_paged_checks", "PagedInputError"):
         from .lowering import errors
 
