@@ -119,15 +119,25 @@ def _check_supported(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, b
                          f"an sm_90 block gets {SM90_SHARED_BYTES}; use fewer stages or a smaller block_n")
 
 
+def tma_strides(t: Tensor) -> list[int]:
+    """t's strides for a TMA descriptor: a dim of size 1 is only ever read at index 0, so its stride
+    (which torch leaves arbitrary, e.g. after a transpose) is replaced by the contiguous one."""
+    strides, contiguous = [], 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        strides.append(contiguous if size == 1 else stride)
+        contiguous *= size
+    return strides[::-1]
+
+
 def check_tma_layout(name: str, t: Tensor) -> None:
     """NotImplementedError unless `t` can be read / written by a TMA descriptor (see the module docstring)."""
     elem = t.element_size()
-    if t.stride(-1) != 1:
+    strides = tma_strides(t)
+    if strides[-1] != 1:
         raise NotImplementedError(f"gluon_flash_forward: expected {name} with a contiguous last dim (stride 1) for "
                                   f"TMA, got strides {tuple(t.stride())}; call {name}.contiguous() first or "
                                   f"use launch.flash_forward")
-    bad = [s for s in t.stride()[:-1] if (s * elem) % 16]
-    if bad:
+    if any((s * elem) % 16 for s in strides[:-1]):
         raise NotImplementedError(f"gluon_flash_forward: expected every stride of {name} but the last to be a multiple "
                                   f"of 16 bytes ({16 // elem} elements) for TMA, got strides {tuple(t.stride())}; "
                                   f"call {name}.contiguous() first or use launch.flash_forward")
@@ -178,9 +188,9 @@ def plan_gluon_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
     group = q_heads // kv_heads
     scalars = dict(H=q_heads, GROUP=group, N_CTX_Q=tq, N_CTX_K=tk,
                    diag_offset=(tk - tq) if params.bottom_right else 0, qk_scale=params.scale * LOG2E,
-                   num_m_blocks=num_m_blocks, num_tiles=num_tiles)
-    constexprs = dict(HEADS_PER_GROUP=heads_per_group(tk, head_dim, q.element_size(), group, batch * q_heads),
-                      BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages,
+                   num_m_blocks=num_m_blocks, num_tiles=num_tiles,
+                   heads_per_group=heads_per_group(tk, head_dim, q.element_size(), group, batch * q_heads))
+    constexprs = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages,
                       IS_CAUSAL=bool(params.causal), PINGPONG=bool(config.pingpong),
                       EMPTY_ROWS_NAN=bool(params.empty_rows_nan), CONSUMER_REGS=CONSUMER_REGS)
     return GluonLaunch(grid=(min(sm_count, num_tiles),), scalars=scalars, constexprs=constexprs,
@@ -200,8 +210,11 @@ def make_descriptors(q: Tensor, k: Tensor, v: Tensor, out: Tensor, config: Gluon
     kv_block = [1, 1, config.block_n, head_dim]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_block, elem)
     kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, elem)
-    return (TensorDescriptor.from_tensor(q, q_block, q_layout), TensorDescriptor.from_tensor(k, kv_block, kv_layout),
-            TensorDescriptor.from_tensor(v, kv_block, kv_layout), TensorDescriptor.from_tensor(out, q_block, q_layout))
+
+    def descriptor(t, block, layout):
+        return TensorDescriptor(t, list(t.shape), tma_strides(t), block, layout)
+    return (descriptor(q, q_block, q_layout), descriptor(k, kv_block, kv_layout), descriptor(v, kv_block, kv_layout),
+            descriptor(out, q_block, q_layout))
 
 
 def kernel_function():
@@ -237,6 +250,16 @@ def gluon_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams
     [B, Hq, Tq, D] contiguous in q's dtype and lse fp32 [B, Hq, Tq] (natural log, -inf on empty rows).
     Raises NotImplementedError for what it does not support (module docstring): fall back then.
     """
+    out, lse, _ = gluon_flash_forward_with_kernel(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes,
+                                                  rng_state=rng_state, config=config)
+    return out, lse
+
+
+def gluon_flash_forward_with_kernel(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
+                                    bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
+                                    rng_state: Tensor | None = None, config: GluonFwdConfig | None = None):
+    """`gluon_flash_forward`, also returning the compiled kernel it launched (None when it launched none):
+    benchmarks read its registers, spills and shared memory (`n_regs`, `n_spills`, `metadata.shared`)."""
     if q.device.type != "cuda":
         raise NotImplementedError(f"gluon_flash_forward: expected CUDA tensors, got {q.device}; "
                                   f"use launch.flash_forward")
@@ -251,7 +274,8 @@ def gluon_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams
         if out.numel() and k.shape[2] == 0:  # no keys: every row is empty
             out.fill_(float("nan") if params.empty_rows_nan else 0.0)
             lse.fill_(float("-inf"))
-        return out, lse
+        return out, lse, None
     q_desc, k_desc, v_desc, o_desc = make_descriptors(q, k, v, out, launch.config)
-    fn[launch.grid](q_desc, k_desc, v_desc, o_desc, lse, **launch.scalars, **launch.constexprs, **launch.options)
-    return out, lse
+    compiled = fn[launch.grid](q_desc, k_desc, v_desc, o_desc, lse, **launch.scalars, **launch.constexprs,
+                               **launch.options)
+    return out, lse, compiled

@@ -101,6 +101,10 @@ def test_tma_layout_checks():
     launch_gluon.check_tma_layout("k", odd_rows)
     with pytest.raises(NotImplementedError, match="multiple of 16 bytes"):
         launch_gluon.check_tma_layout("k", torch.randn(1, 2, 33, 68, dtype=torch.bfloat16)[..., :64])
+    # a size-1 dim's stride is never used: torch may leave any value there (here 1 element = 2 bytes)
+    launch_gluon.check_tma_layout("q", torch.randn(1, 2, 64, dtype=torch.bfloat16).unsqueeze(2).as_strided(
+        (1, 2, 1, 64), (128, 64, 1, 1)))
+    assert launch_gluon.tma_strides(torch.empty(1, 2, 1, 64).as_strided((1, 2, 1, 64), (3, 64, 1, 1))) == [128, 64, 64, 1]
     with pytest.raises(NotImplementedError, match="16-byte aligned"):
         launch_gluon.check_tma_layout("v", torch.randn(1 * 2 * 33 * 64 + 1, dtype=torch.bfloat16)[1:].view(1, 2, 33, 64))
 

@@ -31,7 +31,7 @@ Symbols:
   diag_offset        off = Tk - Tq (bottom-right alignment) or 0: key j is causally visible iff j <= i + off
   qk_scale           sm_scale * log2(e): scores are kept in log2 units, exp(score) = exp2(s)
   num_m_blocks       cdiv(Tq, BLOCK_M); num_tiles = num_m_blocks * B * Hq
-  HEADS_PER_GROUP    tiles are ordered in groups of this many (batch, head) pairs (L2 reuse of K/V);
+  heads_per_group    tiles are ordered in groups of this many (batch, head) pairs (L2 reuse of K/V);
                      inside a group the query blocks go from the last (most keys under a causal mask)
                      to the first, so the longest tiles start first (causal load balance)
   BLOCK_M            query rows of one tile: NUM_CONSUMERS * M_PER_CONSUMER (2 * 64)
@@ -68,16 +68,16 @@ M_PER_CONSUMER = gl.constexpr(64)
 
 
 @gluon.jit
-def _tile_coords(tile, num_m_blocks, H, BH, HEADS_PER_GROUP: gl.constexpr):
+def _tile_coords(tile, num_m_blocks, H, BH, heads_per_group):
     """(batch, query head, first query row) of persistent tile `tile`.
 
-    Tiles come in groups of HEADS_PER_GROUP (batch, head) pairs; inside a group the query block index
+    Tiles come in groups of heads_per_group (batch, head) pairs; inside a group the query block index
     runs from the last to the first (heaviest first under a causal mask), heads fastest.
     """
-    per_group = num_m_blocks * HEADS_PER_GROUP
+    per_group = num_m_blocks * heads_per_group
     group = tile // per_group
-    first_bh = group * HEADS_PER_GROUP
-    heads_here = gl.minimum(BH - first_bh, HEADS_PER_GROUP)  # the last group may be short
+    first_bh = group * heads_per_group
+    heads_here = gl.minimum(BH - first_bh, heads_per_group)  # the last group may be short
     within = tile - group * per_group
     m_block = num_m_blocks - 1 - within // heads_here
     bh = first_bh + within % heads_here
@@ -109,8 +109,8 @@ def _kv_blocks(start_m, N_CTX_K, diag_offset,
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs,
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-              H, GROUP, N_CTX_K, diag_offset, num_m_blocks, num_tiles,
-              HEADS_PER_GROUP: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              H, GROUP, N_CTX_K, diag_offset, num_m_blocks, num_tiles, heads_per_group,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
               IS_CAUSAL: gl.constexpr):
     """Default partition: TMA loads only. Walks the same tiles and key blocks as the consumers."""
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * M_PER_CONSUMER
@@ -118,7 +118,7 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs,
     kv_count = 0
     tile_count = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_b, off_h, start_m = _tile_coords(tile, num_m_blocks, H, BH, HEADS_PER_GROUP)
+        off_b, off_h, start_m = _tile_coords(tile, num_m_blocks, H, BH, heads_per_group)
         off_hkv = off_h // GROUP
         # Q halves: wait until the consumer released the previous tile's (it signals after its last S wgmma)
         for c in gl.static_range(NUM_CONSUMERS):
@@ -172,8 +172,8 @@ def _softmax_step(s_raw, m_i, l_i, start_n, rows, cols, full_hi, N_CTX_K, diag_o
 @gluon.jit
 def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars,
-              H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles,
-              CONSUMER: gl.constexpr, HEADS_PER_GROUP: gl.constexpr,
+              H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles, heads_per_group,
+              CONSUMER: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
               IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, EMPTY_ROWS_NAN: gl.constexpr):
     """Worker partition (one warpgroup): rows [CONSUMER * 64, CONSUMER * 64 + 64) of every tile."""
@@ -203,7 +203,7 @@ def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
     tile_count = 0
     turn_count = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_b, off_h, start_m = _tile_coords(tile, num_m_blocks, H, BH, HEADS_PER_GROUP)
+        off_b, off_h, start_m = _tile_coords(tile, num_m_blocks, H, BH, heads_per_group)
         row0 = start_m + CONSUMER * M_PER_CONSUMER
         rows = row0 + row_offs
         n_blocks, full_hi = _kv_blocks(start_m, N_CTX_K, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
@@ -308,8 +308,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
 @gluon.jit
 def _gluon_attn_fwd_kernel(
     q_desc, k_desc, v_desc, o_desc, Lse,
-    H, GROUP, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles,
-    HEADS_PER_GROUP: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    H, GROUP, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles, heads_per_group,
+    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
     EMPTY_ROWS_NAN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
@@ -349,14 +349,14 @@ def _gluon_attn_fwd_kernel(
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs,
                      q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                     H, GROUP, N_CTX_K, diag_offset, num_m_blocks, num_tiles,
-                     HEADS_PER_GROUP, BLOCK_N, NUM_STAGES, IS_CAUSAL)),
+                     H, GROUP, N_CTX_K, diag_offset, num_m_blocks, num_tiles, heads_per_group,
+                     BLOCK_N, NUM_STAGES, IS_CAUSAL)),
         (_consumer, (q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
                      q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars,
-                     H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles,
-                     0, HEADS_PER_GROUP, BLOCK_N, HEAD_DIM, NUM_STAGES, IS_CAUSAL, PINGPONG, EMPTY_ROWS_NAN)),
+                     H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles, heads_per_group,
+                     0, BLOCK_N, HEAD_DIM, NUM_STAGES, IS_CAUSAL, PINGPONG, EMPTY_ROWS_NAN)),
         (_consumer, (q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
                      q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars,
-                     H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles,
-                     1, HEADS_PER_GROUP, BLOCK_N, HEAD_DIM, NUM_STAGES, IS_CAUSAL, PINGPONG, EMPTY_ROWS_NAN)),
+                     H, N_CTX_Q, N_CTX_K, diag_offset, qk_scale, num_m_blocks, num_tiles, heads_per_group,
+                     1, BLOCK_N, HEAD_DIM, NUM_STAGES, IS_CAUSAL, PINGPONG, EMPTY_ROWS_NAN)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
