@@ -171,6 +171,32 @@ def ptxas_report(ptx: str) -> str:
     return "; ".join(lines) if proc.returncode == 0 else f"ptxas failed: {proc.stderr[-500:]}"
 
 
+def softmax_overlap(cubin: bytes) -> list[int]:
+    """For each steady-state loop in the SASS: how many MUFU.EX2 run between the wait for S_j
+    (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for PV_{j-1} (... 0x0), i.e. while PV is in flight."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-sass", str(path)], capture_output=True,
+                              text=True, check=True).stdout
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*([^;]*);", sass)]
+    counts = []
+    for i, op in enumerate(ops):
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in op:
+            n = 0
+            for later in ops[i + 1:]:
+                if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in later:
+                    break
+                n += "MUFU.EX2" in later
+            counts.append(n)
+    return counts
+
+
 def _compile_main() -> int:
     """Script mode: compile COMPILE_GRID for sm_90, one line per kernel, exit 1 if any fails."""
     import traceback
@@ -186,7 +212,14 @@ def _compile_main() -> int:
             ptx = compiled.asm["ptx"]
             if "wgmma.mma_async" not in ptx or "cp.async.bulk.tensor" not in ptx or "setmaxnreg" not in ptx:
                 raise RuntimeError("expected wgmma, TMA copies and setmaxnreg in the PTX")
-            print(f"ok  shared={compiled.metadata.shared} {ptxas_report(ptx)}  {label}", flush=True)
+            # each thread's share of a [64, BLOCK_N] tile's exp2 must run while PV is in flight
+            overlap = softmax_overlap(compiled.asm["cubin"])
+            if not overlap or min(overlap) < plan.config.block_n // 2:
+                raise RuntimeError(f"softmax not overlapped with the PV wgmma: exp2 between the S and PV waits "
+                                   f"{overlap}, expected >= {plan.config.block_n // 2} per loop (kernel comment "
+                                   f"at the q_empty arrive)")
+            print(f"ok  shared={compiled.metadata.shared} exp2 under PV={overlap} {ptxas_report(ptx)}  {label}",
+                  flush=True)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the script fails
             failed += 1
             print(f"FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}  {label}",

@@ -146,8 +146,15 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs,
 
 
 @gluon.jit
-def _softmax_step(s_raw, m_i, l_i, start_n, rows, cols, full_hi, N_CTX_K, diag_offset, qk_scale,
-                  IS_CAUSAL: gl.constexpr):
+def _as_mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
+    """p (fp32, accumulator layout) as the 16-bit register A operand of the PV wgmma (no shared memory:
+    for 16-bit types the accumulator and the A-operand layouts hold the same elements per thread)."""
+    return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _softmax_step(s_raw, m_i, l_i, start_n, rows, full_hi, N_CTX_K, diag_offset, qk_scale,
+                  BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """One key tile of the online softmax. s_raw: fp32 q.k of [64, BLOCK_N] (mma layout).
 
     Returns (p, alpha, m_new, l_new): p = exp2(s - m_new) unnormalized, alpha = exp2(m_i - m_new) the
@@ -156,7 +163,8 @@ def _softmax_step(s_raw, m_i, l_i, start_n, rows, cols, full_hi, N_CTX_K, diag_o
     """
     s = s_raw * qk_scale
     if start_n >= full_hi:  # a tile crossing Tk or the causal diagonal: element masks
-        keys = start_n + cols
+        # key indices made here, not kept across the loop: 32 registers a thread the overlap needs
+        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_raw.type.layout))
         visible = gl.expand_dims(keys < N_CTX_K, 0)
         if IS_CAUSAL:
             visible = visible & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows + diag_offset, 1))
@@ -187,14 +195,12 @@ def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
     # P is the register (A) operand of the PV wgmma; k_width 2: two 16-bit values per 32-bit register
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q_smem = q_bufs.index(CONSUMER).reshape([M_PER_CONSUMER, HEAD_DIM])
     o_smem = o_bufs.index(CONSUMER).reshape([M_PER_CONSUMER, HEAD_DIM])
     my_turn = turn_bars.index(CONSUMER)
     next_turn = turn_bars.index((CONSUMER + 1) % NUM_CONSUMERS)
-    cols = gl.arange(0, BLOCK_N, layout=col_layout)
     row_offs = gl.arange(0, M_PER_CONSUMER, layout=row_layout)
     orow_offs = gl.arange(0, M_PER_CONSUMER, layout=orow_layout)
 
@@ -229,9 +235,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
             mbarrier.arrive(k_empty.index(stage), count=1)
             if n_blocks == 1:
                 mbarrier.arrive(q_empty.index(CONSUMER), count=1)
-            p, alpha, m_i, l_i = _softmax_step(s_raw, m_i, l_i, 0, rows, cols, full_hi, N_CTX_K,
-                                               diag_offset, qk_scale, IS_CAUSAL)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p, alpha, m_i, l_i = _softmax_step(s_raw, m_i, l_i, 0, rows, full_hi, N_CTX_K,
+                                               diag_offset, qk_scale, BLOCK_N, IS_CAUSAL)
+            p_op = _as_mma_operand(p, dtype, p_layout)
             v_stage = stage
             v_phase = (kv_count // NUM_STAGES) & 1
             kv_count += 1
@@ -253,15 +259,20 @@ def _consumer(q_bufs, k_bufs, v_bufs, o_bufs, o_desc, Lse,
                 # S_j is the older group: wait for it, leave PV_{j-1} in flight
                 s_raw = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
                 mbarrier.arrive(k_empty.index(stage), count=1)
+                p, alpha, m_i, l_i = _softmax_step(s_raw, m_i, l_i, j * BLOCK_N, rows, full_hi,
+                                                   N_CTX_K, diag_offset, qk_scale, BLOCK_N, IS_CAUSAL)
+                # Here, after the softmax, on purpose: this branch ends a basic block. ptxas moves the
+                # PV wait below (WARPGROUP.DEPBAR) up to the top of its basic block; with this branch
+                # before the softmax, that was above every exp2 and the softmax waited for PV_{j-1}
+                # (SASS, triton 3.6 ptxas, 2026-12-03). Placed here, all 64 exp2 a thread run while
+                # PV_{j-1} is in flight (tests/lowering/test_gluon_fwd.py checks the SASS).
                 if j == n_blocks - 1:
                     mbarrier.arrive(q_empty.index(CONSUMER), count=1)  # the last S of the tile is done
-                p, alpha, m_i, l_i = _softmax_step(s_raw, m_i, l_i, j * BLOCK_N, rows, cols, full_hi,
-                                                   N_CTX_K, diag_offset, qk_scale, IS_CAUSAL)
                 # PV_{j-1} done (p_op stays alive until here: the wgmma reads it from registers)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
                 mbarrier.arrive(v_empty.index(v_stage), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = _as_mma_operand(p, dtype, p_layout)
                 v_stage = stage
                 v_phase = (kv_count // NUM_STAGES) & 1
                 kv_count += 1
