@@ -39,6 +39,10 @@ Symbols:
   BLOCK_N            key rows of one K/V tile
   HEAD_DIM           D (64 or 128: the swizzled rows TMA and wgmma want)
   NUM_STAGES         depth of the K ring and of the V ring
+  NUM_CONSUMERS      consumer warpgroups (2); CONSUMER: which one a partition is (0 or 1)
+  PINGPONG           the consumers take turns issuing wgmmas (turn_bars); off: they issue freely
+  EMPTY_ROWS_NAN     rows with no visible key get NaN (eager softmax) instead of 0
+  CONSUMER_REGS      registers a consumer thread gets by setmaxnreg (the producer keeps what is left)
   s, m_i, l_i        log2-unit scores of a [64, BLOCK_N] tile, running row max (-inf while a row has
                      seen no visible key) and running sum of exp2(s - m_i); acc the unnormalized out
   kv_count           key tiles this CTA has consumed so far (all tiles): ring slot kv_count % NUM_STAGES,
