@@ -40,6 +40,7 @@ from attnlower.compiler.backend import attnlower_backend  # noqa: E402  (no entr
 MODES = ["eager", "inductor", "inductor+cg", "attnlower", "attnlower+cg"]
 DTYPE = torch.bfloat16
 PROFILE = False   # --profile
+SELECTED_MODES = list(MODES)   # --modes
 
 
 def cuda_ms(fn, iters: int) -> float:
@@ -99,6 +100,8 @@ def profile_step(fn, calls: int = 5) -> dict:
 def run_row(name: str, make_fn, iters: int, results: list) -> None:
     row = {"row": name}
     for mode in MODES:
+        if mode not in SELECTED_MODES:
+            continue
         try:
             fn = compiled(make_fn(), mode)
             row[mode] = cuda_ms(fn, iters)
@@ -118,7 +121,9 @@ def gpt2_rows(args, results):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     shapes = [(b, t) for b in (1, 2, 8) for t in (128, 1024)] if args.full else [(2, 1024), (8, 128)]
-    for impl in ("eager", "sdpa"):
+    if args.gpt2_shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.gpt2_shapes]
+    for impl in args.gpt2_impl:
         model = GPT2LMHeadModel(GPT2Config(attn_implementation=impl)).to("cuda", DTYPE).eval()
         for b, t in shapes:
             ids = torch.randint(0, 50257, (b, t), device="cuda")
@@ -334,9 +339,12 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="every GPT-2 shape (B 1/2/8 x T 128/1024)")
     p.add_argument("--out", default=str(Path(__file__).with_name("e2e")))
     p.add_argument("--profile", action="store_true", help="GPU busy, kernels and copies per call (torch.profiler)")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="the columns to run")
+    p.add_argument("--gpt2-impl", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa"])
+    p.add_argument("--gpt2-shapes", nargs="+", default=None, metavar="BxT", help="e.g. 2x1024 8x128")
     args = p.parse_args(argv)
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, SELECTED_MODES
+    PROFILE, SELECTED_MODES = args.profile, args.modes
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU")
         return 1
