@@ -39,7 +39,8 @@ __all__ = ["attnlower_backend", "reports"]   # reports(): every CompileReport of
 
 
 def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], options=None, **kwargs):
-    """The torch.compile backend. `options` is the dict given to torch.compile(options=...)."""
+    """The torch.compile backend. `options` is the dict given to torch.compile(options=...); `mode`
+    (torch.compile(mode=...), which torch passes as a keyword) selects the inner Inductor's mode."""
     if kwargs:
         options = {**(options or {}), **kwargs}
     opts = Options.from_mapping(options)
@@ -63,7 +64,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     if opts.explain:
         print(report.table())
     if opts.dump_dir:
-        from ..tools.dump import write_graph_dump
+        from ..report.dump import write_graph_dump
 
         write_graph_dump(opts.dump_dir, report, gm, before_text, snapshots, aten_gm,
                          before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)
@@ -72,7 +73,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     from .inductor import compile_with_inductor
 
     with _checkpoint_remat_off(aten_gm):
-        return compile_with_inductor(aten_gm, example_inputs)
+        return compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
 
 
 def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, report: CompileReport):
@@ -142,7 +143,7 @@ def _compile_untraced(gm: fx.GraphModule, example_inputs, opts: Options, report:
         return gm
     from .inductor import compile_with_inductor
 
-    return compile_with_inductor(gm, example_inputs)
+    return compile_with_inductor(gm, example_inputs, opts.mode)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -1,4 +1,5 @@
-"""The graph dump: what attnlower did to each compiled graph, as files a person can read.
+"""The graph dump: what attnlower did to each compiled graph, as files a person can read (option dump_dir,
+or the `attnlower dump` command).
 
 Per graph, under `DIR/graph_NNN/`:
 
@@ -39,9 +40,9 @@ import torch
 import torch.fx as fx
 
 from ..passes.vocabulary import size_hint
-from ..report.costs import format_bytes
-from ..report.records import CompileReport, Site, format_dims
 from ..target import kernels_of
+from .costs import format_bytes
+from .records import CompileReport, Site, format_dims
 
 log = logging.getLogger("attnlower")
 

@@ -81,7 +81,7 @@ def _dump(args) -> int:
 
     import attnlower  # noqa: F401  (torch.compile finds backend="attnlower" through its entry point)
     from attnlower.report.records import reports as all_reports
-    from attnlower.tools.dump import MLIR_EXTRA_HINT, torch_mlir_available
+    from attnlower.report.dump import MLIR_EXTRA_HINT, torch_mlir_available
 
     if args.mlir and not torch_mlir_available():
         print(f"attnlower dump: {MLIR_EXTRA_HINT}", file=sys.stderr)
@@ -92,7 +92,7 @@ def _dump(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     if args.dot and shutil.which("dot") is None:
-        from attnlower.tools.dump import _say_once
+        from attnlower.report.dump import _say_once
 
         _say_once("no_graphviz", "attnlower dump: Graphviz's `dot` is not on PATH: --dot writes regions/siteNN.dot "
                                  "only, no SVG (install Graphviz, e.g. apt-get install graphviz, for the SVGs)")
