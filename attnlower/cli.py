@@ -14,7 +14,7 @@ and write, for each compiled graph, under OUT/graph_NNN/:
 
   00_dynamo.txt            the graph Dynamo captured
   01_aten.txt              that graph as pre-dispatch aten (what the passes see)
-  02_<pass>.txt, ...       the graph after each attnlower pass; final.txt: what the inner compiler gets
+  02_<stage>.txt, ...      the graph after each attnlower pass stage; final.txt: what the inner compiler gets
   sites.md                 every attention site: source location, shapes, mask, op, kernel config,
                            memory of the fused op vs the unfused subgraph, and why (or why not)
   kernels/siteNN_<op>.py   the @triton.jit sources the chosen op launches, with the constexprs fixed

@@ -14,9 +14,8 @@ import torch.fx as fx
 
 from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
 from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
+from .visibility import MASKED
 from .vocabulary import shape_of, value_of
-
-MASKED = -1e30              # a fill/bias at or below this masks a key exactly as -inf would (exp underflows)
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -137,7 +136,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         if pure and info.kind == "none":
             terms = []
         elif pure and diagonal_visible:
-            causal, bottom_right, window = True, info.bottom_right, info.window
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms = []
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")

@@ -40,6 +40,7 @@ class Layout:
 
     @classmethod
     def contiguous(cls, shape: Sequence[object]) -> "Layout":
+        """The layout of a contiguous tensor of `shape`: one sub-dim per dim, row-major strides."""
         strides, acc = [], 1
         for s in reversed(list(shape)):
             strides.append(acc)
@@ -49,6 +50,7 @@ class Layout:
 
     @property
     def shape(self) -> list[object]:
+        """The size of each logical dim (the product of its sub-dims)."""
         return [math.prod(s for s, _ in d) if d else 1 for d in self.dims]
 
     def clean(self, k: int) -> list[SubDim]:
@@ -57,28 +59,33 @@ class Layout:
 
     # -- the view ops ---------------------------------------------------------------------------
     def permute(self, perm: Sequence[int]) -> "Layout":
+        """The layout after `x.permute(perm)`."""
         n = len(self.dims)
         return Layout([self.dims[p % n] for p in perm])
 
     def transpose(self, a: int, b: int) -> "Layout":
+        """The layout after `x.transpose(a, b)`."""
         n = len(self.dims)
         perm = list(range(n))
         perm[a % n], perm[b % n] = perm[b % n], perm[a % n]
         return self.permute(perm)
 
     def unsqueeze(self, d: int) -> "Layout":
+        """The layout after `x.unsqueeze(d)`: a new dim of size 1."""
         n = len(self.dims) + 1
         dims = list(self.dims)
         dims.insert(d % n, [])
         return Layout(dims)
 
     def squeeze(self, ds: Sequence[int] | None) -> "Layout":
+        """The layout after `x.squeeze(ds)` (all size-1 dims when `ds` is None)."""
         n = len(self.dims)
         shape = self.shape
         drop = set(range(n)) if ds is None else {d % n for d in ds}
         return Layout([d for k, d in enumerate(self.dims) if not (k in drop and is_one(shape[k]))])
 
     def expand(self, sizes: Sequence[object]) -> "Layout":
+        """The layout after `x.expand(sizes)`: new leading dims and size-1 dims broadcast (stride 0)."""
         new = len(sizes) - len(self.dims)
         if new < 0:
             raise NotAView("expand to fewer dims")
@@ -95,6 +102,7 @@ class Layout:
         return Layout(dims)
 
     def reshape(self, sizes: Sequence[object]) -> "Layout":
+        """The layout after `x.reshape(sizes)`, when it is a view; raises NotAView when it is not."""
         queue = [sd for d in self.dims for sd in d if not is_one(sd[0])]
         out: list[list[SubDim]] = []
         for n in sizes:
@@ -119,6 +127,7 @@ class Layout:
         return Layout(out)
 
     def repeat_interleave(self, repeats: object, dim: int) -> "Layout":
+        """The layout after `x.repeat_interleave(repeats, dim)`: each element repeated (a stride-0 sub-dim)."""
         dims = list(self.dims)
         d = dim % len(dims)
         dims[d] = list(dims[d]) + [(repeats, 0)]

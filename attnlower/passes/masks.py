@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 
 from .layout import NotAView, layout_chain, layout_of
 from .site import Context, MaskInfo
+from .visibility import MASKED, Visibility
 from .vocabulary import (BROADCASTS, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          shape_of, size_read_index, sizes_equal, value_of)
 
@@ -65,10 +66,6 @@ def classify_masks(gm: fx.GraphModule, ctx: Context) -> str:
 # Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
 # pattern is 64M elements (64 MiB); beyond that the evaluation costs more than the proof is worth.
 MAX_EVAL_ELEMENTS = 64 * 2**20
-
-# Additive masks: values at or below this are "masked" (HF uses finfo(dtype).min; -1e30 covers
-# fp32/bf16/fp64 mins and the common "large negative" constants); see `_additive_threshold` for fp16.
-ADDITIVE_MASKED_AT_OR_BELOW = -1e30
 
 # Sizes tried besides the traced ones (hints), applied to every backed symbol of the shape env at once
 # so that relations between sizes (Tk = Tq + past, equal dims) are kept; each must satisfy the guards.
@@ -349,7 +346,7 @@ def _dtype_of(value: Any) -> torch.dtype | None:
 def _additive_threshold(dtypes: Iterable[torch.dtype]) -> float:
     """Largest value still read as masking: -1e30, or finfo(dtype).min when a dtype on the path is
     coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
-    threshold = ADDITIVE_MASKED_AT_OR_BELOW
+    threshold = MASKED
     for dtype in dtypes:
         if dtype is not None and dtype.is_floating_point:
             threshold = max(threshold, torch.finfo(dtype).min)
@@ -625,34 +622,7 @@ def _query_key_matrix(visible: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pattern models: what the kernels implement.
-
-
-@dataclass(frozen=True)
-class _Model:
-    kind: str  # "none" | "causal" | "band"
-    bottom_right: bool = False
-    window: int = 0
-
-    def visible(self, tq: int, tk: int) -> torch.Tensor:
-        """Key j visible from query i, per docs/INTERFACES.md (off = Tk - Tq when bottom-right)."""
-        if self.kind == "none":
-            return torch.ones(tq, tk, dtype=torch.bool)
-        i = torch.arange(tq).unsqueeze(1)
-        j = torch.arange(tk).unsqueeze(0)
-        off = tk - tq if self.bottom_right else 0
-        visible = j <= i + off
-        if self.kind == "band":
-            visible &= j > i + off - self.window
-        return visible
-
-    def describe(self) -> str:
-        align = "bottom-right" if self.bottom_right else "top-left"
-        if self.kind == "none":
-            return "every key visible"
-        if self.kind == "causal":
-            return f"causal ({align})"
-        return f"causal band of width {self.window} ({align})"
+# Samples of the mask, held against the patterns the kernels implement (visibility.Visibility).
 
 
 @dataclass(frozen=True)
@@ -675,14 +645,14 @@ def _inferred_windows(sample: _Sample) -> set[int]:
     return {widest} if widest >= 1 else set()
 
 
-def _best_model(samples: list[_Sample]) -> _Model:
+def _best_model(samples: list[_Sample]) -> Visibility:
     """The first model (none, causal, band; top-left before bottom-right) matching every sample."""
-    candidates = [_Model("none"), _Model("causal", False), _Model("causal", True)]
+    candidates = [Visibility("none"), Visibility("causal", False), Visibility("causal", True)]
     for sample in samples:
         for width in sorted(_inferred_windows(sample)):
             for bottom_right in (False, True):
-                candidates.append(_Model("band", bottom_right, width))
-    seen: set[_Model] = set()
+                candidates.append(Visibility("band", bottom_right, width))
+    seen: set[Visibility] = set()
     for model in candidates:
         if model in seen:
             continue
@@ -694,11 +664,11 @@ def _best_model(samples: list[_Sample]) -> _Model:
 
 def _explain_mismatch(samples: list[_Sample]) -> str:
     """Why no single model fits: a size-dependent window, a non-causal band, or another pattern."""
-    per_sample: list[_Model | None] = []
+    per_sample: list[Visibility | None] = []
     for sample in samples:
         fitting = None
-        for model in [_Model("none"), _Model("causal", False), _Model("causal", True)] + [
-            _Model("band", br, w) for w in sorted(_inferred_windows(sample)) for br in (False, True)
+        for model in [Visibility("none"), Visibility("causal", False), Visibility("causal", True)] + [
+            Visibility("band", br, w) for w in sorted(_inferred_windows(sample)) for br in (False, True)
         ]:
             if torch.equal(sample.visible, model.visible(sample.tq, sample.tk)):
                 fitting = model
@@ -778,7 +748,7 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     kind = model.kind + ("+padding" if data_factors else "")
     return MaskInfo(
         kind,
-        causal=model.kind in ("causal", "band"),
+        causal=model.causal,
         bottom_right=model.bottom_right,
         window=model.window,
         data_dependent=bool(data_factors),
@@ -837,7 +807,7 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
     return None
 
 
-def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str] | None:
+def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str] | None:
     """A single `tril` / `triu` factor proven causal for every size, symbolically (no sampling)."""
     if len(factors) != 1 or not isinstance(factors[0].value, fx.Node) or factors[0].polarity == "additive":
         return None
@@ -849,17 +819,17 @@ def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts)
         sign, e = -sign, (e + 1 if sign > 0 else e - 1)
     if sign < 0:
         return None                        # visible j - i >= e: keys after the query, not causal
-    for model, offset in ((_Model("causal", False), 0), (_Model("causal", True), facts.expr(k_len) - facts.expr(q_len))):
+    for model, offset in ((Visibility("causal", False), 0), (Visibility("causal", True), facts.expr(k_len) - facts.expr(q_len))):
         if sympy.expand(e - offset) == 0:
             return model, (f"{model.describe()}, proven for every size: visible iff j - i <= {offset} "
                            "(a triangle of ones of shape [Tq, Tk])")
     return None
 
 
-def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str]:
+def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str]:
     """Evaluate the data-free factors at every allowed substitution and find the one model they all fit."""
     if not factors:
-        return _Model("none"), "no shape-only factor: every key visible"
+        return Visibility("none"), "no shape-only factor: every key visible"
     symbolic = _symbolic_triangle(factors, q_len, k_len, facts)
     if symbolic is not None:
         return symbolic

@@ -71,6 +71,7 @@ class ScoreWalk:
     head_scale: tuple[fx.Node, bool, tuple, tuple] | None = None
 
     def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node) -> None:
+        """Record a mask / bias term applied at node `at` (refused inside the softcap or below a head scale)."""
         if self.inside_tanh:
             raise Refused("a mask or bias is applied inside the softcap's tanh")
         self.refuse_below_head_scale("a mask or bias")
@@ -78,6 +79,7 @@ class ScoreWalk:
         self.terms.append(ScoreTerm(kind, node, value, tuple(shape_of(at)), val.dtype))
 
     def refuse_below_head_scale(self, what: str) -> None:
+        """Refuse `what` when a per-head scale that is data was already met (it would scale `what` too)."""
         # The walk goes up: a term met after the multiplier is applied to the scores before it, so the
         # multiplier would scale it too (a -inf fill times a negative or zero scale is +inf or NaN).
         if self.head_scale is not None:

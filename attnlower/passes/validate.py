@@ -15,8 +15,8 @@ they share, and evaluates the two on random values at that cut, in float64 on CP
   so the comparison can be tight (`TOLERANCE`); NaN positions must match exactly;
 - dropout is switched off on both sides (p = 0), which the report says.
 
-A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the caller
-reroutes the users of the new output back to the old one, and DCE removes the new nodes.
+A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the stage
+reroutes the users of the new output back to the old one, and the clean_up stage removes the new nodes.
 Identical sites (same subgraph structure, shapes and constants, e.g. the layers of one model)
 are checked once per process (`_CHECKED`).
 """

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ..passes.visibility import Visibility
 from ..passes.vocabulary import size_hint
 from .records import Site, format_dims
 
@@ -90,14 +91,7 @@ def _visible_fraction(spec: dict, tq: int, tk: int) -> float:
     """Share of the Tq x Tk scores the kernel computes (causal / band skip the rest)."""
     if not spec.get("causal"):
         return 1.0
-    off = tk - tq if spec.get("bottom_right") else 0
-    window = spec.get("window") or 0
-    total = 0
-    for i in range(tq):
-        hi = min(i + off, tk - 1)
-        lo = max(i + off - window + 1, 0) if window else 0
-        total += max(hi - lo + 1, 0)
-    return total / (tq * tk)
+    return Visibility.of(True, bool(spec.get("bottom_right")), spec.get("window") or 0).visible_fraction(tq, tk)
 
 
 def savings(site: Site, target=None) -> str:

@@ -5,7 +5,7 @@ Per graph, under `DIR/graph_NNN/`:
 
     00_dynamo.txt          the graph Dynamo handed the backend
     01_aten.txt            the same graph traced to pre-dispatch aten (what the passes see)
-    02_<pass>.txt, ...     the graph after each pass of backend.PASSES
+    02_<stage>.txt, ...    the graph after each stage of passes/pipeline.STAGES
     final.txt              the graph handed to the inner compiler
     sites.md               one row per site: source location, shapes, mask, op, kernel config,
                            memory of the fused op vs the unfused subgraph, why (or why not),
@@ -236,6 +236,7 @@ def region_dot(gm: fx.GraphModule, site: Site) -> str:
 # MLIR
 
 def torch_mlir_available() -> bool:
+    """Whether torch-mlir (the extra attnlower[mlir]) can be imported."""
     try:
         import torch_mlir.fx  # noqa: F401
     except ImportError:
@@ -292,6 +293,7 @@ def site_table_markdown(report: CompileReport) -> str:
 
 
 def report_counts(report: CompileReport) -> dict[str, Any]:
+    """Sites, rewritten, refused and rewritten per op, for report.json."""
     by_op: dict[str, int] = {}
     for s in report.rewritten:
         by_op[s.op] = by_op.get(s.op, 0) + 1

@@ -33,6 +33,7 @@ class Site:
 
     @property
     def rewritten(self) -> bool:
+        """Replaced by a fused op."""
         return self.op is not None
 
 
@@ -53,10 +54,12 @@ class CompileReport:
 
     @property
     def rewritten(self) -> list[Site]:
+        """The sites replaced by a fused op."""
         return [s for s in self.sites if s.rewritten]
 
     @property
     def refused(self) -> list[Site]:
+        """The sites left unfused."""
         return [s for s in self.sites if not s.rewritten]
 
     def count(self, op: str | None = None) -> int:
@@ -64,10 +67,12 @@ class CompileReport:
         return sum(1 for s in self.rewritten if op is None or s.op == op)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain dicts and lists (report.json)."""
         d = asdict(self)
         return d
 
     def to_json(self) -> str:
+        """The report as JSON text."""
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __repr__(self) -> str:
