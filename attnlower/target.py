@@ -34,17 +34,7 @@ class Target:
     kind: str
     arch: int = 0               # SM version as major*10+minor (90 = Hopper); 0 off-GPU
     sm_count: int = 0
-    shared_memory_per_block: int = 0
     name: str = "cpu"
-
-    @property
-    def tensor_core_dtypes(self) -> tuple[torch.dtype, ...]:
-        """The input dtypes the GPU's tensor cores take (none off-GPU)."""
-        if self.kind != "cuda":
-            return ()
-        if self.arch >= 80:
-            return (torch.float16, torch.bfloat16, torch.float32)
-        return (torch.float16,)
 
     def describe(self) -> str:
         """`NVIDIA H200 (sm_90, 132 SMs)`, or the kind off-GPU."""
@@ -61,7 +51,6 @@ def target_for(device: torch.device) -> Target:
             kind="cuda",
             arch=props.major * 10 + props.minor,
             sm_count=props.multi_processor_count,
-            shared_memory_per_block=getattr(props, "shared_memory_per_block_optin", 0),
             name=props.name,
         )
     if os.environ.get("ATTNLOWER_CPU_KERNELS") == "triton":

@@ -66,7 +66,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
     "v": K and V may be a head-broadcast (GQA/MQA) of their source; V may not be scaled on the
     way (the scale of the scores does not apply to it), so its walk stops at a multiply.
     """
-    chain, _ = layout_chain(operand)
+    chain = layout_chain(operand)
     if role == "v":
         for i, n in enumerate(chain):
             if is_scale_node(n):
@@ -89,7 +89,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
         for n in chain[:idx]:
             if is_scale_node(n):
                 scale *= scale_of(n)[1]
-        return OperandRef(src, tuple(steps), heads, scale, idx)
+        return OperandRef(src, tuple(steps), heads, scale)
     raise NotAView(f"{role} operand {operand.name} is not a view of a [B, H, T, D] tensor ({last_error})")
 
 
@@ -181,7 +181,7 @@ def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
     shape = shape_of(index)
     if len(shape) == 2 and sizes_equal(shape[0], batch) and sizes_equal(shape[1], max_blocks):
         return index
-    chain, _ = layout_chain(index)
+    chain = layout_chain(index)
     for cand in chain[1:]:
         cs = shape_of(cand)
         if len(cs) == 2 and sizes_equal(cs[0], batch) and sizes_equal(cs[1], max_blocks):
@@ -205,7 +205,7 @@ def _uncast_index(index: fx.Node) -> fx.Node:
 
 def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> PagedRef | None:
     """If the K/V operand is a view of `pool[table]` (any gather spelling), how to read it paged."""
-    chain, _ = layout_chain(operand)
+    chain = layout_chain(operand)
     gather = chain[-1]
     parts = _gather_parts(gather) if gather.op == "call_function" else None
     if parts is None:

@@ -189,15 +189,14 @@ def layout_of(use: fx.Node, source: fx.Node, chain: Sequence[fx.Node]) -> Layout
     return lay
 
 
-def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], list[float]]:
-    """Walk up from `node` through layout ops and scalar multiplies.
+def layout_chain(node: fx.Node) -> list[fx.Node]:
+    """Walk up from `node` through layout ops and scalar multiplies (they commute with layout).
 
-    Returns (ancestors, scale): `ancestors[0]` is `node`, each next one the tensor input of the
-    previous; `scale` is the product of python-scalar mul/div found on the way (they commute with
-    layout). The walk stops at anything else, including casts to a different float dtype.
+    Returns the ancestors: `[node, its tensor input, that one's, ...]`. The walk stops at anything
+    else, including casts to a different float dtype. (Callers read the scale of the multiplies on
+    the part of the chain they use, with `scale_of`.)
     """
     chain = [node]
-    scale = 1.0
     cur = node
     while True:
         t = cur.target
@@ -213,12 +212,11 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             continue
         found = scale_of(cur)
         if found is not None:
-            cur, factor = found
-            scale = scale * factor
+            cur = found[0]
             chain.append(cur)
             continue
         break
-    return chain, [scale]
+    return chain
 
 
 def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 from .layout import NotAView, layout_chain, layout_of
 from .site import Context, MaskInfo
 from .visibility import MASKED, Visibility
-from .vocabulary import (BROADCASTS, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
+from .vocabulary import (BROADCASTS, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          shape_of, size_read_index, sizes_equal, value_of)
 
 aten = torch.ops.aten
@@ -163,15 +163,8 @@ class _GraphFacts:
         return inputs
 
     def _value_ancestors(self, roots: list[fx.Node]) -> set[fx.Node]:
-        seen: set[fx.Node] = set()
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            stack.extend(self._value_inputs(node))
-        return seen
+        """`roots` and every node whose value they read, transitively."""
+        return ancestors(roots, self._value_inputs)
 
     def _own_data_reason(self, node: fx.Node) -> str | None:
         """Why `node`'s value depends on tensor data, or None when it depends on sizes only."""
@@ -896,10 +889,10 @@ def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
     # a: positions along the key dim
-    chain_a, _ = layout_chain(a)
+    chain_a = layout_chain(a)
     src_a = chain_a[-1]
     while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
-        chain_a2, _ = layout_chain(src_a.args[0])
+        chain_a2 = layout_chain(src_a.args[0])
         chain_a = chain_a + chain_a2
         src_a = chain_a[-1]
     if src_a.target not in (aten.arange.default, aten.arange.start):
@@ -917,7 +910,7 @@ def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
     if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
         return None
     # b: one length per batch row
-    chain_b, _ = layout_chain(b)
+    chain_b = layout_chain(b)
     src_b = chain_b[-1]
     if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
         return None

@@ -100,18 +100,27 @@ class _Emitter:
         return n
 
 
-def _prepare(emit: _Emitter, ref) -> fx.Node:
-    x = ref.source
-    for kind, arg in ref.steps:
-        if kind == "squeeze":
-            x = emit(aten.squeeze.dim, (x, arg))
-        elif kind == "unsqueeze":
-            x = emit(aten.unsqueeze.default, (x, arg))
-        elif kind == "permute":
-            x = emit(aten.permute.default, (x, list(arg)))
-        else:
-            raise ValueError(f"unknown layout step {kind}")
+# The layout steps an OperandRef or an output carries: (kind, arg) -> the node that takes the step.
+_STEPS = {
+    "squeeze": lambda emit, x, dim: emit(aten.squeeze.dim, (x, dim)),
+    "unsqueeze": lambda emit, x, dim: emit(aten.unsqueeze.default, (x, dim)),
+    "permute": lambda emit, x, perm: emit(aten.permute.default, (x, list(perm))),
+    "flatten": lambda emit, x, dims: emit(aten.flatten.using_ints, (x, *dims)),
+}
+
+
+def _take_steps(emit: _Emitter, x: fx.Node, steps) -> fx.Node:
+    """`x` after each (kind, arg) layout step of `steps` (`_STEPS`)."""
+    for kind, arg in steps:
+        if kind not in _STEPS:
+            raise ValueError(f"unknown layout step {kind!r}; expected one of {sorted(_STEPS)}")
+        x = _STEPS[kind](emit, x, arg)
     return x
+
+
+def _prepare(emit: _Emitter, ref) -> fx.Node:
+    """The operand `ref` (an OperandRef) as the op's 4-D input: its source after its steps."""
+    return _take_steps(emit, ref.source, ref.steps)
 
 
 def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
@@ -253,15 +262,7 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
 
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
     """Bring the op's [B, Hq, Tq, Dv] result to the replaced node's shape and strides, reroute users."""
-    for kind, arg in m.output_steps:
-        if kind == "flatten":
-            out = emit(aten.flatten.using_ints, (out, *arg))
-        elif kind == "squeeze":
-            out = emit(aten.squeeze.dim, (out, arg))
-        elif kind == "permute":
-            out = emit(aten.permute.default, (out, list(arg)))
-        else:
-            raise ValueError(f"unknown output step {kind}")
+    out = _take_steps(emit, out, m.output_steps)
     out = _match_strides(emit, out, value_of(m.output))
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]

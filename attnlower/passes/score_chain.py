@@ -92,13 +92,18 @@ class ScoreWalk:
 SCORE_RULES: dict[object, Callable[[fx.Node, "ScoreWalk"], fx.Node]] = {}
 
 
-def score_rule(*ops):
-    """Register the decorated function as the score-chain rule of `ops`."""
-    def register(fn):
-        for op in ops:
-            SCORE_RULES[op] = fn
-        return fn
-    return register
+def _registrar(table: dict):
+    """A decorator factory: `@rule(*ops)` enters the decorated function in `table` for each of `ops`."""
+    def rule(*ops):
+        def register(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return register
+    return rule
+
+
+score_rule = _registrar(SCORE_RULES)   # @score_rule(*ops): the score-chain rule of `ops`
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -321,13 +326,7 @@ class ProbabilityWalk:
 PROBABILITY_RULES: dict[object, Callable[[fx.Node, ProbabilityWalk], fx.Node]] = {}
 
 
-def probability_rule(*ops):
-    """Register the decorated function as the probability-chain rule of `ops`."""
-    def register(fn):
-        for op in ops:
-            PROBABILITY_RULES[op] = fn
-        return fn
-    return register
+probability_rule = _registrar(PROBABILITY_RULES)   # @probability_rule(*ops): the probability-chain rule of `ops`
 
 
 @probability_rule(*SCORE_PASS_THROUGH)

@@ -119,11 +119,6 @@ class OperandRef:
     steps: tuple[tuple[str, object], ...]
     heads: int
     scale: float
-    seen_through: int  # how many nodes between the operand and its source were looked through
-
-    def describe(self) -> str:
-        """`source.step(arg)...`, for messages."""
-        return f"{self.source.name}" + "".join(f".{k}({v})" for k, v in self.steps)
 
 
 @dataclass(frozen=True)

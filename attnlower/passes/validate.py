@@ -43,7 +43,8 @@ from torch.utils._pytree import tree_map
 from .sdpa import argument_position
 from .site import Context
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
-                         PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, op_name)
+                         PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, ancestors,
+                         op_name)
 
 aten = torch.ops.aten
 log = logging.getLogger("attnlower")
@@ -154,17 +155,6 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
 # --------------------------------------------------------------------------------------------
 # cutting the graph
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _is_random(n: fx.Node) -> bool:
     tags = getattr(n.target, "tags", ())
     # dropout, in ops of its own or inside attention ops, is switched off in the copies (p = 0)
@@ -238,7 +228,7 @@ class _Pair:
         # the module owning the nodes: a site inside a higher-order op's subgraph is checked there
         gm = old.graph.owning_module or gm
         self.gm, self.old, self.new = gm, old, new
-        anc_old, anc_new = _ancestors(old), _ancestors(new)
+        anc_old, anc_new = ancestors([old]), ancestors([new])
         shared = anc_old & anc_new
         self.pure, order, root, writers = _graph_facts(gm.graph)
         pure = self.pure

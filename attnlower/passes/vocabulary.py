@@ -8,8 +8,6 @@ names (`aten.view.default` -> "view"), which the mask classifier matches so that
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -160,9 +158,17 @@ def is_one(x) -> bool:
     return isinstance(x, int) and x == 1 or (not isinstance(x, int) and bool(x == 1))
 
 
-def is_getitem(node: fx.Node, index: int | None = None) -> bool:
-    """`node` is `x[index]` of a multi-output op (any index when None)."""
-    return node.target is operator.getitem and (index is None or node.args[1] == index)
+def ancestors(roots, inputs_of=lambda n: n.all_input_nodes) -> set[fx.Node]:
+    """`roots` and every node they read, transitively (`inputs_of(node)`: the inputs followed; all by default)."""
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(inputs_of(node))
+    return seen
 
 
 def size_hint(size) -> int | None:
