@@ -1,4 +1,4 @@
-"""einsum with permuted operands or output (issue 12.5).
+"""The products (passes/products.py): einsum with permuted operands or output (issue 12.5).
 
 Q and K read in BSHD order (`bqhd,bkhd->bhqk`), the output written in BSHD order (`bhqk,bkhd->bqhd`),
 other index letters, the decode form without a query dim (`bhd,bhsd->bhs`, Tq = 1 implied): fused,

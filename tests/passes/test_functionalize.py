@@ -1,6 +1,7 @@
-"""In-place ops on the scores (issue 12.3) and which add operand carries Q·Kᵀ (issue 12.2, HF Falcon).
+"""In-place ops on the scores, made out-of-place by the functionalize stage (issue 12.3), and which add
+operand carries Q·Kᵀ (issue 12.2, HF Falcon, whose scores are divided in place).
 
-In-place ops are functionalized before detection (`canonicalize.functionalize_scores`) when no other
+In-place ops are functionalized before detection (`functionalize.functionalize_scores`) when no other
 node can observe the mutation; the add operand holding the scores is found by dataflow, whatever its
 position or shape. Each case: compiled equals eager, the op asserted; near misses stay unfused.
 """

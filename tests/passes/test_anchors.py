@@ -1,4 +1,4 @@
-"""Softmax spelled other ways (issue 12.6) and the row-max stabilization (issue 15, `max.dim`).
+"""Anchors (passes/anchors.py): softmax spelled other ways (issue 12.6) and the row-max stabilization (issue 15, `max.dim`).
 
 `exp(s - logsumexp(s, -1, keepdim=True))`, `log_softmax(s, -1).exp()`, and `s - s.max(-1, keepdim=True)
 .values` (or `amax`) before a softmax: each equals `softmax(s, -1)`, fully masked rows (NaN) included.
