@@ -48,6 +48,9 @@ def test_console_script(tmp_path):
     exe = Path(sys.executable).with_name("attnlower")
     if not exe.exists():
         pytest.skip(f"the attnlower console script is not installed next to {sys.executable}")
+    if "from attnlower.cli import main" not in exe.read_text():
+        pytest.fail(f"{exe} was installed for another entry point than pyproject.toml's attnlower.cli:main; "
+                    "reinstall the package (pip install -e .) to regenerate it")
     run = subprocess.run([str(exe), "dump", SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
