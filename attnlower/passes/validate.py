@@ -40,7 +40,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from .sdpa import argument_position
+from .sdpa import sdpa_arguments
 from .site import Context
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
                          PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, ancestors,
@@ -544,17 +544,17 @@ class _Pair:
         return Verdict(True, checked_on)
 
     def _compare(self, inputs: list) -> str:
-        with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
-            try:
-                want = self.old_gm(*_cloned(inputs))
-            except Exception as e:
-                return f"{_SOURCE_RAISED} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            try:
-                got = self.new_gm(*_cloned(inputs))
-            except Exception as e:
-                return (f"the rewrite raised {type(e).__name__} where the source computes: "
-                        f"{str(e).splitlines()[0][:200]}")
-            return compare(want, got)
+        old_gm, new_gm = self.graphs()
+        try:
+            want = run_float64(old_gm, _cloned(inputs))
+        except Exception as e:
+            return f"{_SOURCE_RAISED} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        try:
+            got = run_float64(new_gm, _cloned(inputs))
+        except Exception as e:
+            return (f"the rewrite raised {type(e).__name__} where the source computes: "
+                    f"{str(e).splitlines()[0][:200]}")
+        return compare(want, got)
 
 
 def compare(want: torch.Tensor, got: torch.Tensor) -> str:
@@ -666,15 +666,110 @@ def _to_float64_cpu(n: fx.Node) -> None:
         n.args = (*n.args[:2], False)             # half_to_float: the input is float64 now
     elif t in DROPOUTS:
         n.args = (n.args[0], 0.0, *n.args[2:])
-    elif t in (aten.scaled_dot_product_attention.default,
-               aten._scaled_dot_product_flash_attention_for_cpu.default):
-        position, keyword = argument_position(t, "dropout_p")
-        if keyword in n.kwargs:
-            n.kwargs = {**n.kwargs, keyword: 0.0}
-        elif len(n.args) > position:
-            n.args = (*n.args[:position], 0.0, *n.args[position + 1:])
+    elif t in _SDPA_OUTPUTS:
+        _sdpa_to_reference(n)                     # torch's kernel is not trusted here (sdpa_reference)
     elif _is_attention_op(n) and "dropout_p" in n.kwargs:
         n.kwargs = {**n.kwargs, "dropout_p": 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# one dtype the validator controls
+
+def _as_float64(x):
+    """A floating tensor as float64 on CPU (itself when it already is: in-place writes stay in place)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and (x.dtype != torch.float64 or x.device.type != "cpu"):
+        return x.to("cpu", torch.float64)
+    return x
+
+
+class _Float64Run(fx.Interpreter):
+    """Runs a copy with every floating value in float64 on CPU: the arguments of each node and its results.
+
+    The copies' casts and factory dtypes are rewritten to float64 (`_to_float64_cpu`) and the default
+    dtype is float64 while they run (`_reference_ops`), so this converts nothing on a copy that is right;
+    it is what makes that hold for every value, whatever an op does with dtypes it was not given (a
+    `full` without a dtype, a constant, a module buffer): torch's CPU SDPA with float64 q/k/v and a
+    float32 mask returns wrong numbers (`sdpa_reference`), and no op may see mixed precisions here."""
+
+    def run_node(self, n: fx.Node):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = tree_map(_as_float64, (args, kwargs))
+            return tree_map(_as_float64, getattr(self, n.op)(n.target, args, kwargs))
+
+
+def run_float64(module: torch.nn.Module, inputs: list):
+    """`module` (a Source / Rewrite copy, or a repro file's class of one) on `inputs`, every floating
+    value float64 on CPU (`_Float64Run`)."""
+    if not isinstance(module, fx.GraphModule):
+        module = fx.symbolic_trace(module)
+    with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
+        return _Float64Run(module).run(*inputs)
+
+
+def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, outputs=0, query_positions=None):
+    """torch's `scaled_dot_product_attention` by its documented math definition, in the inputs' dtype.
+
+    The validator evaluates a source region's SDPA call with this, never with torch's kernel: on CPU
+    (torch 2.13.0) the kernel gives wrong numbers for float64 q/k/v with a float32 mask:
+
+        q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+        mask = torch.triu(torch.full((16, 16), float("-inf")), 1)              # float32
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # off by ~2.9
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())        # right (~1e-16)
+
+    Semantics (torch's docs and its math backend): scores `q·kᵀ * scale` (scale 1/sqrt(E) by default)
+    plus the causal mask (top-left: key j hidden from query i when j > i) plus `attn_mask` (bool: False
+    hides; float: added); `enable_gqa` repeats each KV head for its group of query heads; softmax over
+    the keys, where a row whose scores are all -inf gives 0 (the math backend's `_safe_softmax`); then
+    `· v`. `query_positions` (the first-call check's sampled rows) gives each query row's position for
+    the causal mask. `outputs` > 0 returns an `outputs`-tuple (out, logsumexp, None, ...) for the op
+    forms that return one (`_scaled_dot_product_flash_attention_for_cpu`, ...).
+    """
+    if dropout_p:
+        raise ValueError(f"sdpa_reference runs without dropout, got dropout_p={dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention takes attn_mask or is_causal, not both")
+    length, keys = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        group = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        rows = torch.arange(length) if query_positions is None else query_positions
+        scores = scores.masked_fill(torch.arange(keys)[None, :] > rows[:, None], float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    out = probs @ value
+    if not outputs:
+        return out
+    return (out, torch.logsumexp(scores, dim=-1)) + (None,) * (outputs - 2)
+
+
+_SDPA_OUTPUTS = {  # how many results each op of the SDPA family returns (0: one tensor)
+    aten.scaled_dot_product_attention.default: 0,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 2,
+    aten._scaled_dot_product_flash_attention.default: 9,
+    aten._scaled_dot_product_efficient_attention.default: 4,
+    aten._scaled_dot_product_cudnn_attention.default: 9,
+}
+
+
+def _sdpa_to_reference(n: fx.Node) -> None:
+    """Make a copied SDPA-family call a call of `sdpa_reference` with the same arguments, dropout off."""
+    a = sdpa_arguments(n)
+    outputs = _SDPA_OUTPUTS[n.target]
+    n.target = sdpa_reference
+    n.args = (a.q, a.k, a.v)
+    n.kwargs = {"attn_mask": a.mask, "is_causal": bool(a.is_causal), "scale": a.scale,
+                "enable_gqa": bool(a.enable_gqa), "outputs": outputs}
 
 
 @contextlib.contextmanager
@@ -685,12 +780,14 @@ def _reference_ops():
     at every size measured (0.96 s vs 0.36 s at 393k elements, 6.4 s vs 5.9 s at 8.4M). An idle
     many-core host might gain from threads at the largest sizes: unmeasured."""
     saved = os.environ.pop("ATTNLOWER_CPU_KERNELS", None)
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)        # a factory op without a dtype makes float64 too
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
         if saved is not None:
             os.environ["ATTNLOWER_CPU_KERNELS"] = saved
 
@@ -783,10 +880,13 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
         f.write("# attnlower translation validation: the rewrite of a site differs from the region it replaced.\n")
         f.write(f"# {failure}\n")
         f.write("# Run: python this_file.py  (evaluates both in float64 on CPU and prints the difference)\n")
-        f.write("import base64\nimport io\n\nimport torch\nfrom torch import device\n"
+        f.write("import base64\nimport io\n\nimport torch\nimport torch.fx\nfrom torch import device\n"
                 "from math import inf, nan  # printed graphs spell them bare\n\n"
                 "import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower\n"
-                "from attnlower.passes.validate import compare\n\n")
+                "from attnlower.passes.validate import compare, run_float64, sdpa_reference\n\n"
+                "# the copies call SDPA by its math definition (validate.sdpa_reference): a leaf when traced\n"
+                "attnlower_passes_validate_sdpa_reference = sdpa_reference\n"
+                "torch.fx.wrap('attnlower_passes_validate_sdpa_reference')\n\n")
         for gm in (pair.old_gm, pair.new_gm):
             f.write(gm.print_readable(print_output=False))
             f.write("\n\n")
@@ -797,7 +897,7 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
                 "    for name, value in data['constants'].items():\n"
                 "        setattr(source, name, value)\n"
                 "        setattr(rewrite, name, value)\n"
-                "    want = source(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
-                "    got = rewrite(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    want = run_float64(source, [x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    got = run_float64(rewrite, [x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
                 "    print(compare(want, got) or 'the two agree')\n")
     return path

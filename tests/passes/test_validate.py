@@ -408,3 +408,96 @@ def test_compare_rules():
     assert "shape" in V.compare(a, a[:1])
     inf = torch.tensor([float("inf")], dtype=torch.float64)
     assert V.compare(inf, inf.clone()) == "" and V.compare(inf, -inf) != ""
+
+
+# ---- one dtype the validator controls (issue 19.3) --------------------------------------------------
+
+class _MhaWithCausalFloatMask(torch.nn.Module):
+    """`nn.MultiheadAttention` with the float causal mask `nn.Transformer` builds (float32 -inf above the
+    diagonal, made inside forward by `torch.full` without a dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(M.HIDDEN, M.HEADS, batch_first=True)
+
+    def forward(self, x):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def test_mha_float_causal_mask_is_fused_with_parity(monkeypatch):
+    """Refused on 2026-12-03 ("max abs error 5.03"): the float64 copy of the region kept the mask in
+    float32 (its `full` has no dtype), and torch's CPU SDPA returns wrong numbers for float64 q/k/v with
+    a float32 mask. Reproducer of that torch behaviour (torch 2.13.0, CPU):
+
+        q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+        mask = torch.triu(torch.full((16, 16), float("-inf")), 1)          # float32
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # off by ~2.9 from the math
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())    # right
+
+    Now every floating value of a copy is float64 (checked below on every node the copies run) and the
+    source's SDPA is evaluated by its math definition (`validate.sdpa_reference`)."""
+    torch.manual_seed(0)
+    model = _MhaWithCausalFloatMask().eval()
+    x = torch.randn(M.B, M.S, M.HIDDEN)
+    seen = []
+    run_node = V._Float64Run.run_node
+
+    def recording(self, n):
+        out = run_node(self, n)
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                seen.append((n.name, t.dtype))
+        return out
+
+    monkeypatch.setattr(V._Float64Run, "run_node", recording)
+    reports, got, want = _compile(M.Case(model, M.Inputs((x,)), M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert site.validated.startswith("float64 CPU"), site.validated
+    assert _max_rel(got, want) < 1e-5
+    assert seen and all(dtype == torch.float64 for _, dtype in seen), [s for s in seen if s[1] != torch.float64]
+    assert any(name.startswith("full") for name, _ in seen), "the mask's full() ran in the copy, in float64"
+
+
+def test_torch_cpu_sdpa_with_a_float32_mask_on_float64_inputs_is_what_the_reference_avoids():
+    """The torch behaviour behind the MHA refusal, kept as a test: if a torch release fixes it, this
+    fails and says the workaround's reason is gone (the math reference stays right either way)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.triu(torch.full((16, 16), float("-inf")), 1)
+    right = V.sdpa_reference(q, k, v, attn_mask=mask.double())
+    assert (F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double()) - right).abs().max() < 1e-12
+    assert (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - right).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "bool-empty-rows", "float-ninf-rows",
+                                  "scale", "gqa", "causal-tq-lt-tk", "causal-tq-gt-tk"])
+def test_sdpa_reference_is_torch_sdpa_where_torch_is_right(kind):
+    """`sdpa_reference` against torch's own SDPA where every input has one dtype (float64): the math
+    definition the validator uses is torch's semantics, fully masked rows (0) included."""
+    g = torch.Generator().manual_seed(0)
+    tq, tk = {"causal-tq-lt-tk": (5, 9), "causal-tq-gt-tk": (9, 5)}.get(kind, (7, 7))
+    hq, hkv = (4, 2) if kind == "gqa" else (4, 4)
+    q = torch.randn(2, hq, tq, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, hkv, tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    kwargs = {}
+    if kind.startswith("causal"):
+        kwargs["is_causal"] = True
+    elif kind.startswith("bool"):
+        mask = torch.rand(2, 1, tq, tk, generator=g) > 0.4
+        if kind == "bool-empty-rows":
+            mask[:, :, 2] = False
+        kwargs["attn_mask"] = mask
+    elif kind.startswith("float"):
+        mask = torch.randn(2, 1, tq, tk, generator=g, dtype=torch.float64)
+        if kind == "float-ninf-rows":
+            mask[:, :, 3] = float("-inf")
+        kwargs["attn_mask"] = mask
+    elif kind == "scale":
+        kwargs["scale"] = 0.37
+    elif kind == "gqa":
+        kwargs["enable_gqa"] = True
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    got = V.sdpa_reference(q, k, v, **kwargs)
+    assert V.compare(want, got) == "", V.compare(want, got)
