@@ -43,8 +43,8 @@ from torch.utils._pytree import tree_map
 from .sdpa import sdpa_arguments
 from .site import Context
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
-                         PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, ancestors,
-                         op_name)
+                         MOVES, PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS,
+                         ancestors, op_name)
 
 aten = torch.ops.aten
 log = logging.getLogger("attnlower")
@@ -69,6 +69,20 @@ REDUCED_SIZE = 17
 # casts and copies move it, an added offset shifts it, a getitem picks it out of a tuple.
 _KEEPS_INDEX_ROLE = (COPIES | CASTS | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES | SLICES | ADDS | SUBTRACTS
                      | {operator.getitem})
+# Ops whose result is a view or a copy of (part of) one input: a boundary value made by one of these is
+# drawn at that input and recomputed, so two views of one tensor are drawn as one (`_Pair._absorbable`).
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default}
+_VIEWS = (COPIES | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES | SLICES | MOVES | _SPLITS
+          | {aten.narrow.default, aten.unflatten.int, operator.getitem})
+# Ops a mask or a bias is built with from its sources (padding masks from an attention_mask, ALiBi from
+# slopes and positions): cheap, deterministic, elementwise or along one dim. A boundary mask or bias made
+# by one of these is computed from what made it, so its draws are values its producer can give.
+_PRODUCERS = CASTS | {aten.cumsum.default, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+                      aten.tril.default, aten.triu.default, aten.any.dim, aten.all.dim, aten.sum.dim_IntList,
+                      aten.amax.default, aten.floor_divide.default, aten.__and__.Tensor, aten.__or__.Tensor,
+                      aten.__xor__.Tensor}
+# ... and index ops, when what indexes is computed from sizes alone (`padding[batch_idx, kv_idx]`)
+_INDEXING = {aten.index.Tensor, aten.index_select.default, aten.embedding.default, aten.gather.default}
 
 
 @dataclass
@@ -191,6 +205,10 @@ def _graph_facts(graph: fx.Graph):
     return facts
 
 
+def _numel_hint(val: torch.Tensor) -> int:
+    return math.prod(int(s) if isinstance(s, int) else (s.node.hint or 0) for s in val.shape)
+
+
 def _concrete(x, subs: dict) -> int:
     if isinstance(x, int):
         return x
@@ -228,10 +246,45 @@ class _Pair:
         # the module owning the nodes: a site inside a higher-order op's subgraph is checked there
         gm = old.graph.owning_module or gm
         self.gm, self.old, self.new = gm, old, new
+        self.pure, order, root, writers = _graph_facts(gm.graph)
+        self.root, self.writers = root, writers
+        # Cut at the values both sides share, then move the cut up to the true sources: a boundary
+        # value that is a view of another (or a mask / bias built from others, `_absorbable`) is
+        # recomputed on both sides from what made it, until nothing more can be.
+        absorbed: set[fx.Node] = set()
+        while True:
+            boundary, computed = self._cut(absorbed, order)
+            self.computed = computed
+            more = {b for b in boundary if self._absorbable(b)}
+            if not more:
+                break
+            absorbed |= more
+        self.absorbed = absorbed
+        self.boundary = sorted(boundary, key=order.__getitem__)
+        self._check_writes(order)
+        for n in computed["old"] | computed["new"]:
+            if _is_random(n):
+                raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
+            if n.target is aten.view.dtype:
+                raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
+        self.shape_env = shape_env
+        self.subs, self.sizes_note = self._sizes(shape_env)
+        self.inputs = [self._input(b) for b in self.boundary]
+        self.largest = max([self._numel(n) for n in computed["old"] | computed["new"] | set(self.boundary)] + [1])
+        self.too_large = ""
+        if self.largest > MAX_ELEMENTS:
+            why = ("smaller sizes were not possible" if self.subs else
+                   "static sizes cannot be reduced soundly")
+            self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
+                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
+        self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+
+    def _cut(self, absorbed: set, order: dict) -> tuple[set, dict]:
+        """(boundary, {side: the nodes it computes}): each side is walked up from its output through
+        what it alone computes, size-only nodes and the `absorbed` ones; the rest is its boundary."""
+        old, new, pure, root, writers = self.old, self.new, self.pure, self.root, self.writers
         anc_old, anc_new = ancestors([old]), ancestors([new])
         shared = anc_old & anc_new
-        self.pure, order, root, writers = _graph_facts(gm.graph)
-        pure = self.pure
         boundary: set[fx.Node] = set()
         computed = {}
         for side, out, anc in (("old", old, anc_old), ("new", new, anc_new)):
@@ -243,7 +296,7 @@ class _Pair:
                         continue
                     own = n in anc and n not in shared
                     if n.op == "placeholder" or (n.op == "get_attr" and n not in pure) or not (
-                            n in pure or own or n in replay):
+                            n in pure or own or n in replay or n in absorbed):
                         boundary.add(n)       # computed outside the region from tensor data
                         continue
                     inside.add(n)
@@ -256,26 +309,44 @@ class _Pair:
                             replay.add(w)
                             stack.append(w)
             computed[side] = inside
-        self.boundary = sorted(boundary, key=order.__getitem__)
-        self.computed = computed
-        self.root, self.writers = root, writers
-        self._check_writes(order)
-        for n in computed["old"] | computed["new"]:
-            if _is_random(n):
-                raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
-            if n.target is aten.view.dtype:
-                raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
-        self.shape_env = shape_env
-        self.subs, self.sizes_note = self._sizes(shape_env)
-        self.inputs = [self._input(b) for b in self.boundary]
-        self.largest = max([self._numel(n) for n in computed["old"] | computed["new"]] + [1])
-        self.too_large = ""
-        if self.largest > MAX_ELEMENTS:
-            why = ("smaller sizes were not possible" if self.subs else
-                   "static sizes cannot be reduced soundly")
-            self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
-                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
-        self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+        return boundary, computed
+
+    def _absorbable(self, b: fx.Node) -> bool:
+        """Whether boundary value `b` is drawn at what makes it instead (and recomputed on both sides).
+
+        - A view or copy of another value (`_VIEWS`): two views of one tensor must be drawn as one, or
+          a rewrite reading V through an equivalent view (V before its transpose, then permuted) sees
+          other numbers than the source.
+        - A mask or bias built by cheap elementwise ops (`_PRODUCERS`, pointwise ops, index ops whose
+          indices are computed from sizes) that reaches no product operand: its draws must be values
+          its producer can give (BLOOM's ALiBi, slopes x distances, is finite and bounded; a padding
+          mask from an attention_mask holds 0 and finfo.min). Its sources are drawn instead.
+
+        Only where nothing writes in place into the memory `b` or its inputs read (the recomputed value
+        is then the value the region read), and `b` stays within the size budget.
+        """
+        if b.op != "call_function" or _is_random(b) or b.target is aten.view.dtype:
+            return False
+        schema = getattr(b.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return False
+        if any(self.root.get(n, n) in self.writers for n in [b, *b.all_input_nodes]):
+            return False
+        val = b.meta.get("val")
+        if b.target is operator.getitem:      # a piece of a split: the split is the view
+            return getattr(b.args[0], "target", None) in _SPLITS
+        if b.target in _VIEWS:
+            return True
+        if not isinstance(val, torch.Tensor) or _numel_hint(val) > MAX_ELEMENTS or self._feeds_product(b):
+            return False
+        if b.target in _PRODUCERS or torch.Tag.pointwise in getattr(b.target, "tags", ()):
+            return True
+        if b.target in _INDEXING:
+            data = {aten.index.Tensor: [b.args[0]], aten.index_select.default: [b.args[0]],
+                    aten.embedding.default: [b.args[0]], aten.gather.default: [b.args[0]]}[b.target]
+            indices = [a for a in b.all_input_nodes if a not in data]
+            return all(i in self.pure for i in indices)
+        return False
 
     @property
     def old_gm(self) -> fx.GraphModule:
@@ -848,7 +919,13 @@ def _draw(i: _Input, style: int, g: torch.Generator):
         t = t.to(i.dtype)
     else:
         values = torch.tensor([0, 1, -1, 2, -2, 3], dtype=torch.int64)
-        t = values[torch.randint(0, (2, 6, 3)[style % 3], base_shape, generator=g)].to(i.dtype)
+        t = values[torch.randint(0, (2, 6, 3)[style % 3], base_shape, generator=g)]
+        if style and t.numel():
+            rows = _rows(t)
+            rows[0] = 0                       # an all-zero row: a sequence with every token padded
+            if style == 2 and rows.shape[0] > 1:
+                rows[1] = 1                   # and one with none
+        t = t.to(i.dtype)
     if i.kind in ("data", "float"):
         t = t.to(torch.float64)               # torch.where of python scalars gives the default dtype
     t = t.expand(i.shape) if list(t.shape) != list(i.shape) else t

@@ -501,3 +501,124 @@ def test_sdpa_reference_is_torch_sdpa_where_torch_is_right(kind):
     want = F.scaled_dot_product_attention(q, k, v, **kwargs)
     got = V.sdpa_reference(q, k, v, **kwargs)
     assert V.compare(want, got) == "", V.compare(want, got)
+
+
+# ---- boundary inputs drawn from what makes them (issue 19.3) -----------------------------------------
+
+class _LuongAttention(torch.nn.Module):
+    """Luong-style attention of a seq2seq decoder: the encoder's outputs, seq-first `[Tk, B, H]` as an
+    RNN encoder returns them, are the keys and the values, transposed to batch-first before the matmuls."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.query = torch.nn.Linear(hidden, hidden, bias=False)
+        self.encoder = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, dec, src):
+        enc = self.encoder(src)                   # [Tk, B, H]
+        memory = enc.transpose(0, 1)              # [B, Tk, H]: V (and K) transposed before the matmul
+        scores = self.query(dec) @ memory.transpose(1, 2)
+        return torch.softmax(scores, dim=-1) @ memory
+
+
+def _read_k_through_memory(monkeypatch, v_steps=None):
+    """The rewrite reads K through `memory` (the transposed view) while V is read through the encoder
+    output before its transpose, then permuted (what resolve_kv picks): two views of one tensor.
+    `v_steps` replaces V's steps (a view that is *not* V) when given."""
+    resolve = kv.resolve_match
+
+    def views(chain):
+        m = resolve(chain)
+        memory = chain.k_operand.node.args[0]
+        m.k = kv.OperandRef(memory, (("unsqueeze", 1),), 1, 1.0)
+        if v_steps is not None:
+            m.v = dataclasses.replace(m.v, steps=v_steps)
+        return m
+
+    monkeypatch.setattr(kv, "resolve_match", views)
+
+
+def test_views_of_one_tensor_are_drawn_as_one(monkeypatch):
+    """Refused on 2026-12-03 ("max abs error 2.47"): the two views were boundary inputs filled with
+    independent random numbers. Now the cut moves up to the encoder output both are views of, and both
+    views are recomputed from one draw."""
+    _read_k_through_memory(monkeypatch)
+    torch.manual_seed(0)
+    model = _LuongAttention().eval()
+    dec, src = torch.randn(2, 5, 16), torch.randn(9, 2, 16)
+    reports, got, want = _compile(M.Case(model, M.Inputs((dec, src)), M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert site.validated.startswith("float64 CPU"), site.validated
+    assert "f64[9,2,16] f64[2,5,16] at" in site.validated, "drawn at the encoder output and the query projection"
+    assert _max_rel(got, want) < 1e-5
+
+
+def test_a_view_that_is_not_v_is_still_refused(monkeypatch, tmp_path):
+    """With Tk = B the encoder output read without its transpose has V's shape but not its values."""
+    _read_k_through_memory(monkeypatch, v_steps=(("unsqueeze", 1),))
+    torch.manual_seed(0)
+    model = _LuongAttention().eval()
+    dec, src = torch.randn(4, 5, 16), torch.randn(4, 4, 16)
+    _assert_refused(*_compile(M.Case(model, M.Inputs((dec, src)), M.expect(1)), repro_dir=str(tmp_path)),
+                    tmp_path)
+
+
+def _bloom(layers: int = 2):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=layers, n_head=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    return transformers.BloomForCausalLM(cfg).eval()
+
+
+def test_hf_bloom_alibi_is_drawn_from_what_its_producer_can_give(monkeypatch):
+    """BLOOM (transformers 5.25, eager): the ALiBi bias, slopes x token distances built from the
+    attention_mask, was drawn as a free float with finfo.min entries (values BLOOM cannot make) and the
+    site was refused. Now the bias and the padding mask are computed from the attention_mask they are
+    made of (an int input): both layers fused, eager's logits, and the bias every draw put into the
+    source's baddbmm is finite and bounded by max |slope| x Tk."""
+    net = _bloom()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    biases = []
+    run_node = V._Float64Run.run_node
+
+    def recording(self, n):
+        if n.target is torch.ops.aten.baddbmm.default:
+            biases.append(self.env[n.args[0]].clone())
+        return run_node(self, n)
+
+    monkeypatch.setattr(V._Float64Run, "run_node", recording)
+
+    def run(ids, mask):
+        return net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    want = run(ids, mask)
+    torch._dynamo.reset()
+    reports = attnlower.inspect(run, ids, mask, options={"inner": "eager"})
+    sites = _sites(reports)
+    assert [s.op for s in sites] == ["flash_attention"] * 2, [(s.op, s.reason) for s in sites]
+    assert all(s.validated.startswith("float64 CPU, 3 input draws") for s in sites), sites[0].validated
+    assert "i64[2,12]" in sites[0].validated, "the attention_mask is drawn, the bias computed from it"
+    torch._dynamo.reset()
+    got = torch.compile(run, backend="attnlower", options={"inner": "eager"})(ids, mask)
+    assert _max_rel(got, want) < 1e-5
+    # BLOOM's bias is slope * (cumsum(mask) - 1) * mask with slopes <= 1: with int draws in [-2, 3]
+    # over 12 tokens, |bias| <= 3 * (3 * 12 + 1); a free float draw would hold finfo.min
+    assert len(biases) == 3, "one source evaluation per draw"
+    for bias in biases:
+        assert torch.isfinite(bias).all() and bias.abs().max() <= 3 * (3 * 12 + 1), float(bias.abs().max())
+
+
+def test_int_draws_have_an_all_zero_row():
+    """An int source (an attention_mask) gets a row of zeros in the edge draws: a fully padded sequence."""
+    node = torch.fx.Graph().placeholder("attention_mask")
+    spec = V._Input(node, "int", (3, 7), (7, 1), torch.int64, -2, 3)
+    g = torch.Generator().manual_seed(0)
+    for style in (1, 2):
+        rows = V._draw(spec, style, g)
+        assert not rows.any(-1).all(), f"draw {style} has no all-zero row"
