@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 
 from .sdpa import sdpa_arguments
 from .site import Context
+from .validate_sizes import CannotReduce, reduce_pair
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
                          MOVES, PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS,
                          ancestors, op_name)
@@ -154,13 +155,20 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
     except CannotCheck as e:
         return Verdict(False, f"not checked: {e}", f"translation validation could not run: {e}; "
                        "the site stays unfused (set options validate=False to skip the check)")
-    if pair.too_large:
-        return Verdict(True, f"not validated: {pair.too_large}")
     key = pair.key()
     if key in _CHECKED:
         v = _CHECKED[key]
         return Verdict(v.ok, v.checked_on + " (same structure as a site checked earlier: not re-run)",
                        v.reason, v.repro, cached=True)
+    if pair.too_large:
+        if pair.subs:
+            return Verdict(True, f"not validated: {pair.too_large}")
+        try:
+            # a static region: generalized over its sizes and checked smaller (validate_sizes says why
+            # that is sound), or else not validated
+            pair.use(reduce_pair(pair, MAX_ELEMENTS))
+        except CannotReduce as e:
+            return Verdict(True, f"not validated: {pair.too_large}: {e}")
     verdict = pair.check(draws, repro_dir)
     _CHECKED[key] = verdict
     return verdict
@@ -203,6 +211,20 @@ def _graph_facts(graph: fx.Graph):
     facts = (_size_only(graph), {n: i for i, n in enumerate(graph.nodes)}, *_aliasing(graph))
     _FACTS[:] = [(weakref.ref(graph), len(graph.nodes), facts)]
     return facts
+
+
+def score_shape(n: fx.Node, value) -> tuple | None:
+    """The shape `[..., Tq, Tk]` of the scores attention call `n` makes inside (an SDPA-family call or
+    an attnlower op, in a graph or a copy), from its arguments' values (`value(arg)`); else None."""
+    if not (_is_attention_op(n) or n.target is sdpa_reference):
+        return None
+    q, k = value(n.args[0]), value(n.args[1])
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2:
+        return None
+    if "paged" in str(n.target):
+        table = value(n.args[3])
+        return (*q.shape[:-1], table.shape[-1] * k.shape[2]) if isinstance(table, torch.Tensor) else None
+    return (*q.shape[:-1], k.shape[-2])
 
 
 def _numel_hint(val: torch.Tensor) -> int:
@@ -273,10 +295,9 @@ class _Pair:
         self.largest = max([self._numel(n) for n in computed["old"] | computed["new"] | set(self.boundary)] + [1])
         self.too_large = ""
         if self.largest > MAX_ELEMENTS:
-            why = ("smaller sizes were not possible" if self.subs else
-                   "static sizes cannot be reduced soundly")
+            why = ", and smaller sizes were not possible" if self.subs else ""
             self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
-                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
+                              f"over the {MAX_ELEMENTS} a float64 CPU check may use{why}")
         self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
 
     def _cut(self, absorbed: set, order: dict) -> tuple[set, dict]:
@@ -356,6 +377,13 @@ class _Pair:
     def new_gm(self) -> fx.GraphModule:
         return self.graphs()[1]
 
+    def use(self, reduction) -> None:
+        """Check at the reduced sizes of `reduction` (validate_sizes.reduce_pair) from now on."""
+        self._graphs = (reduction.old_gm, reduction.new_gm)
+        self.inputs = reduction.inputs
+        self.sizes_note = (f"{reduction.note} (the traced static sizes generalized; "
+                           "passes/validate_sizes.py says why that is sound)")
+
     def graphs(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         """The two standalone graphs, built on first use (a cache hit never needs them)."""
         if self._graphs is None:
@@ -410,13 +438,14 @@ class _Pair:
         return hints, f"the size hints {names(hints)} (smaller sizes break the graph's guards)"
 
     def _numel(self, n: fx.Node) -> int:
+        """The largest tensor `n` makes, the scores an attention op makes inside included."""
         val = n.meta.get("val")
         vals = val if isinstance(val, (tuple, list)) else [val]
-        best = 0
-        for v in vals:
-            if isinstance(v, torch.Tensor):
-                best = max(best, math.prod(_concrete(s, self.subs) for s in v.shape))
-        return best
+        shapes = [v.shape for v in vals if isinstance(v, torch.Tensor)]
+        scores = score_shape(n, lambda a: a.meta.get("val") if isinstance(a, fx.Node) else None)
+        if scores is not None:
+            shapes.append(scores)
+        return max([math.prod(_concrete(s, self.subs) for s in shape) for shape in shapes] + [0])
 
     # -- boundary inputs -----------------------------------------------------------------------
     def _input(self, b: fx.Node) -> _Input:
