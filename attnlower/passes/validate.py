@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 
 from .sdpa import sdpa_arguments
 from .site import Context
+from .validate_first_call import CannotPlan, first_call_check, plan_for
 from .validate_sizes import CannotReduce, reduce_pair
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
                          MOVES, PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS,
@@ -98,6 +99,7 @@ class Verdict:
     reason: str = ""          # on failure: "translation validation failed: ..."
     repro: str | None = None
     cached: bool = False      # the verdict of an identical site checked earlier in this process
+    first_call: Any = None    # validate_first_call.Plan: checked on the graph's first call, pending
 
 
 class CannotCheck(Exception):
@@ -126,13 +128,22 @@ def validate(gm: fx.GraphModule, ctx: Context) -> str:
             site.validated = "not checked: options validate=False"
         return "off (validate=False)"
     shape_env = getattr(ctx.fake_mode, "shape_env", None)
-    refused = cached = unchecked = 0
+    refused = cached = unchecked = first_call = 0
     for site in rewritten:
         old, new = site.match.output, site.replacement
-        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir)
+        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir,
+                                   site=(site.index, f"site {site.index} ({site.location})"),
+                                   first_call=not ctx.in_checkpoint)
         site.validated = verdict.checked_on
         cached += verdict.cached
         unchecked += verdict.checked_on.startswith("not validated")
+        plan = verdict.first_call
+        if plan is not None and not plan.result:
+            first_call += 1
+            if verdict.cached:
+                plan.also.append(site.index)      # its report row learns the verdict with the checked one's
+            else:
+                _insert_first_call_check(gm, new, plan)
         if not verdict.ok:
             # undo: the old output is still in the graph; the inserted nodes die in clean_up
             new.replace_all_uses_with(old)
@@ -141,15 +152,43 @@ def validate(gm: fx.GraphModule, ctx: Context) -> str:
             refused += 1
             log.warning("attnlower: site %d (%s) refused: %s", site.index, site.location, verdict.reason)
     return (f"{len(rewritten)} checked ({cached} by an identical earlier site), {refused} refused, "
-            f"{unchecked} too large to check")
+            f"{first_call} checked on the first call, {unchecked} not validated")
+
+
+def _insert_first_call_check(gm: fx.GraphModule, new: fx.Node, plan) -> None:
+    """`first_call_check(plan, new, *boundary)` after `new`, read by `new`'s users: the backend keeps it
+    in the graph of the first call only (validate_first_call.split_first_call_checks)."""
+    graph = new.graph
+    with graph.inserting_after(new):
+        check = graph.call_function(first_call_check, (plan.id, new, *plan.boundary))
+    check.meta["val"] = new.meta.get("val")
+    check.meta["stack_trace"] = new.meta.get("stack_trace", "")
+    new.replace_all_uses_with(check, delete_user_cb=lambda user: user is not check)
+
+
+def refuse_by_structure(key: str, reason: str) -> None:
+    """Every later site of structure `key` is refused with `reason` (a failed first-call check)."""
+    _CHECKED[key] = Verdict(False, "first call: the sampled elements differ", reason)
+
+
+def record_first_call(plan) -> None:
+    """A first-call check ran: identical sites compiled later take its verdict."""
+    if plan.key and not plan.failed and plan.result.startswith("first call"):
+        _CHECKED[plan.key] = Verdict(True, plan.result)
 
 
 # --------------------------------------------------------------------------------------------
 # one rewrite
 
 def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
-                     repro_dir: str | None = None, draws: int = 3) -> Verdict:
-    """Evaluate `old` (the replaced node) and `new` (its replacement) on random boundary inputs."""
+                     repro_dir: str | None = None, draws: int = 3, site: tuple[int, str] = (0, "site"),
+                     first_call: bool = False) -> Verdict:
+    """Evaluate `old` (the replaced node) and `new` (its replacement) on random boundary inputs.
+
+    A static pair too large to evaluate is checked at reduced sizes (validate_sizes); when that cannot
+    be done and `first_call` allows, on the first call of the graph (validate_first_call: the verdict
+    carries the plan, pending); else it is left fused, "not validated", with the reason. `site` is the
+    site's (report row, description) for the first-call check's messages."""
     try:
         pair = _Pair(gm, old, new, shape_env)
     except CannotCheck as e:
@@ -159,16 +198,28 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
     if key in _CHECKED:
         v = _CHECKED[key]
         return Verdict(v.ok, v.checked_on + " (same structure as a site checked earlier: not re-run)",
-                       v.reason, v.repro, cached=True)
+                       v.reason, v.repro, cached=True, first_call=v.first_call)
     if pair.too_large:
         if pair.subs:
             return Verdict(True, f"not validated: {pair.too_large}")
         try:
             # a static region: generalized over its sizes and checked smaller (validate_sizes says why
-            # that is sound), or else not validated
+            # that is sound), or else on the first call
             pair.use(reduce_pair(pair, MAX_ELEMENTS))
         except CannotReduce as e:
-            return Verdict(True, f"not validated: {pair.too_large}: {e}")
+            why = f"{pair.too_large}: smaller sizes not possible ({e})"
+            if not first_call:
+                return Verdict(True, f"not validated: {why}; inside a checkpoint body there is no first-call check")
+            try:
+                plan = plan_for(pair, site[1], site[0])
+            except CannotPlan as e2:
+                return Verdict(True, f"not validated: {why}; no first-call check either: {e2}")
+            plan.key, plan.boundary, plan.why = key, list(pair.boundary), why
+            verdict = Verdict(True, f"first-call check pending: {why}; the first call compares "
+                                    f"{plan.describe(plan.source_shape)} with the source on the real inputs",
+                              first_call=plan)
+            _CHECKED[key] = verdict
+            return verdict
     verdict = pair.check(draws, repro_dir)
     _CHECKED[key] = verdict
     return verdict
@@ -377,6 +428,10 @@ class _Pair:
     def new_gm(self) -> fx.GraphModule:
         return self.graphs()[1]
 
+    def native_source(self) -> fx.GraphModule:
+        """The source region as it runs in the graph (its own dtypes and devices): a first-call fallback."""
+        return self._extract(self.computed["old"], self.old, "NativeSource", native=True)
+
     def use(self, reduction) -> None:
         """Check at the reduced sizes of `reduction` (validate_sizes.reduce_pair) from now on."""
         self._graphs = (reduction.old_gm, reduction.new_gm)
@@ -576,18 +631,21 @@ class _Pair:
         return None
 
     # -- the standalone graphs -----------------------------------------------------------------
-    def _extract(self, inside: set[fx.Node], out: fx.Node, name: str) -> fx.GraphModule:
+    def _extract(self, inside: set[fx.Node], out: fx.Node, name: str, native: bool = False) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for b in self.boundary:
             env[b] = g.placeholder(b.name)
+            env[b].meta["val"] = b.meta.get("val")
         for n in self.gm.graph.nodes:
             if n in inside:
                 env[n] = g.node_copy(n, lambda a: env[a])
-                _to_float64_cpu(env[n])
+                if not native:
+                    _to_float64_cpu(env[n])
         g.output(env[out])
         module = fx.GraphModule(self.gm, g, class_name=name)
-        _constants_to_float64_cpu(module)
+        if not native:
+            _constants_to_float64_cpu(module)
         return module
 
     def key(self) -> str:
@@ -655,6 +713,28 @@ class _Pair:
             return (f"the rewrite raised {type(e).__name__} where the source computes: "
                     f"{str(e).splitlines()[0][:200]}")
         return compare(want, got)
+
+
+def compare_scaled(want: torch.Tensor, got: torch.Tensor, tolerance: float) -> str:
+    """'' when max |got - want| <= tolerance * max |want| (finite values; NaN where and only where
+    `want` is NaN), else why not: the first-call check's rule, where `got` is the op's low-precision output."""
+    if tuple(want.shape) != tuple(got.shape):
+        return f"shape {list(got.shape)} where the source gives {list(want.shape)}"
+    a, b = want.double(), got.double()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
+                f"{int(nan_b.sum())} in the rewrite")
+    a, b = a[~nan_a], b[~nan_a]
+    if a.numel() == 0:
+        return ""
+    same = a == b
+    err = float(torch.where(same, torch.zeros_like(a), (a - b).abs()).max())
+    finite = a[torch.isfinite(a)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    if not err <= tolerance * max(scale, 1e-30):
+        return f"max abs error {err:.3g} (tolerance {tolerance:g} x max |source| {scale:.3g})"
+    return ""
 
 
 def compare(want: torch.Tensor, got: torch.Tensor) -> str:

@@ -351,11 +351,24 @@ def test_dynamic_graph_with_a_broken_detector_is_refused(monkeypatch, tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_static_site_over_budget_stays_fused_and_says_not_validated(monkeypatch):
+def test_static_site_over_budget_that_cannot_be_reduced_is_checked_on_the_first_call(monkeypatch):
+    monkeypatch.setattr(V, "MAX_ELEMENTS", 1000)      # even the smallest reduced sizes are over it
+    reports, got, want = _compile(M.handwritten("div"))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.validated.startswith("first call: float64 CPU on"), site.validated
+    assert "not at compile time: the region makes a tensor of 8192 elements" in site.validated, site.validated
+    assert _max_rel(got, want) < 1e-5
+
+
+def test_static_site_over_every_budget_stays_fused_and_says_not_validated(monkeypatch):
+    from attnlower.passes import validate_first_call as VF
+
     monkeypatch.setattr(V, "MAX_ELEMENTS", 1000)
+    monkeypatch.setattr(VF, "BUDGET", 100)
     reports, got, want = _compile(M.handwritten("div"))
     (site,) = _sites(reports)
     assert site.rewritten and site.validated.startswith("not validated: the region makes a tensor of"), site.validated
+    assert "no first-call check either: evaluating sampled rows would create" in site.validated, site.validated
     assert _max_rel(got, want) < 1e-5
 
 
