@@ -28,7 +28,9 @@ class Site:
     memory: dict[str, Any] | None = None  # costs.memory_estimate: bytes of the unfused intermediates vs the fused op
     choice: str = ""                    # why this op and not the others (describe_sites)
     saves: str = ""                     # bytes not materialized, roofline time fused vs unfused (describe_sites)
-    validated: str = ""                 # what translation validation checked the rewrite on, or "not checked: why"
+    validated: str = ""                 # what translation validation checked the rewrite on: float64 CPU draws at
+                                        # the traced or reduced sizes, the first call's real inputs (pending until
+                                        # that call), or "not validated: why" / "not checked: why"
     validation_repro: str | None = None  # the repro file of a rewrite that failed validation
 
     @property
@@ -109,6 +111,8 @@ class CompileReport:
                 lines.append(f"{indent}op: {s.choice}")
             if s is not None and s.saves:
                 lines.append(f"{indent}saves: {s.saves}")
+            if s is not None and s.validated:
+                lines.append(f"{indent}checked: {s.validated}")
         if self.kernels:
             lines.append("  " + self.kernels)
         return "\n".join(lines)
