@@ -100,6 +100,7 @@ class Plan:
     result: str = ""                # what the check found ("" before the first call)
     failed: str = ""                # the refusal reason when it failed
     seconds: float = 0.0
+    error: float = 0.0              # max |op - source| / max |source| over the sampled elements
     id: int = -1
 
     def describe(self, shape) -> str:
@@ -109,12 +110,16 @@ class Plan:
 
     # -- the check ----------------------------------------------------------------------------------
     def run(self, out: torch.Tensor, boundary: list) -> str:
-        """Compare the sampled elements of the op's `out` with the source's; '' when they agree, else why."""
+        """Compare the sampled elements of the op's `out` with the source's; '' when they agree, else why.
+        Sets `error`, max |op - source| / max |source| over them."""
         from .validate import _reference_ops, compare_scaled
 
         with _reference_ops(), torch.no_grad():
             want = _RestrictedRun(self).run(boundary)
             got = _restrict(out.detach(), self.restriction, {})
+        keep = ~torch.isnan(want) & ~torch.isnan(got) & torch.isfinite(want)
+        scale = float(want[keep].abs().max()) if keep.any() else 0.0
+        self.error = float((want[keep] - got[keep]).abs().max()) / scale if scale > 0 else 0.0
         return compare_scaled(want, got, TOLERANCE.get(self.dtype, 1e-2))
 
 
@@ -136,7 +141,9 @@ def first_call_check(plan_id: int, out: torch.Tensor, *boundary):
     plan.seconds = time.perf_counter() - started
     shape = list(out.shape)
     checked = (f"first call: float64 CPU on {plan.describe(shape)} against the source region on the real "
-               f"inputs ({plan.seconds:.3f} s; not at compile time: {plan.why})")
+               f"inputs ({plan.seconds:.3f} s; max error {plan.error:.2g} x max |source|, tolerance "
+               f"{TOLERANCE.get(plan.dtype, 1e-2):g} for {str(plan.dtype).replace('torch.', '')}; "
+               f"not at compile time: {plan.why})")
     if not failure:
         plan.result = checked
         return out

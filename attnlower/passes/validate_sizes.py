@@ -107,6 +107,10 @@ def reduce_pair(pair, budget: int) -> Reduction:
             biggest = max(limits, key=lambda cv: cv[0]) if limits else None
             raise CannotReduce(f"no size can go below {floor}" + (
                 f" (the region compares positions with {biggest[0]}, in {biggest[1]})" if biggest else ""))
+        at_least = math.prod(reduced.get(d, d) for d in largest)   # the largest tensor, its dims reduced
+        if at_least > budget:
+            why = f"at reduced sizes the region still makes a tensor of {at_least} elements"
+            continue
         gen = _Generalizer(values, floor, static)
         inputs = [gen.fake_input(i) for i in pair.inputs]
         gen.run(old_gm, inputs)
@@ -197,7 +201,7 @@ class _Generalizer:
     def __init__(self, values: list[int], floor: int, static: set[int]):
         from torch._dynamo.source import ConstantSource
 
-        self.env = ShapeEnv()
+        self.env = ShapeEnv(should_record_events=False)
         self.mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=False)
         self.floor, self.static = floor, static
         self._symbols = {}
@@ -241,7 +245,7 @@ class _Generalizer:
     # -- the walk -----------------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, inputs: list) -> None:
         """Re-run `gm` on fake values of symbolic shape, generalizing the literals of each node."""
-        from .validate import score_shape
+        from .validate import score_shape, sdpa_reference
 
         env: dict[fx.Node, object] = {}
         placeholders = iter(inputs)
@@ -258,7 +262,8 @@ class _Generalizer:
                 fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: env[a])
                 try:
                     with self.mode:
-                        out = n.target(*fargs, **fkwargs)
+                        out = (_sdpa_shape(*fargs, **fkwargs) if n.target is sdpa_reference
+                               else n.target(*fargs, **fkwargs))
                 except CannotReduce:
                     raise
                 except Exception as e:  # noqa: BLE001 - any failure means: not reducible this way
@@ -442,6 +447,18 @@ class _Generalizer:
             n.kwargs = torch.utils._pytree.tree_map(conv, torch.fx.node.map_arg(kwargs, relink))
         module = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
         return module
+
+
+def _sdpa_shape(query, key, value, attn_mask=None, outputs=0, **kwargs):
+    """What `validate.sdpa_reference` returns, as empty tensors: its output is q's shape with v's last dim
+    (running its math on symbolic sizes cost ~0.1 s a call, and it takes no size literal to generalize).
+    The broadcast of the mask against the scores is checked as the math would."""
+    scores = torch.broadcast_shapes(tuple(query.shape[:-1]) + (key.shape[-2],),
+                                    tuple(attn_mask.shape) if attn_mask is not None else ())
+    out = query.new_empty(tuple(scores[:-1]) + (value.shape[-1],))
+    if not outputs:
+        return out
+    return (out, query.new_empty(tuple(scores[:-1]))) + (None,) * (outputs - 2)
 
 
 def _dense_strides(shape: list, stride: tuple) -> list:
