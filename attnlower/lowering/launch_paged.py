@@ -81,5 +81,5 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
                 out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits, **reduce.launch_kwargs,
             )
         if flags is not None:
-            flags.after_launch()
+            flags.after_launch(q.shape)
     return out

@@ -309,7 +309,7 @@ def paged_oracle(q, keys, values, lens, causal, window, alibi=None, softcap=0.0,
                                               (True, 5, 4), (False, 6, 1)])
 def test_paged_matches_oracle(causal, window, tq, chunking):
     block_size, num_blocks, hq, hkv, d = 4, 20, 4, 2, 16
-    lens = [13, 1, 8, 0 if tq == 1 else 6]
+    lens = [13, 1 if tq == 1 else tq, 8, 0]  # 0 < seq_len < Tq is an error (test_paged_kernel.py BAD_CASES); 0 a padding slot
     keys = torch.randn(len(lens), hkv, max(lens), d)
     values = torch.randn(len(lens), hkv, max(lens), d)
     k_cache = torch.full((num_blocks, hkv, block_size, d), math.nan)  # unused slots are poison
