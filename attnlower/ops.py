@@ -34,6 +34,18 @@ def _direct(*tensors) -> bool:
     return True
 
 
+def _check_optional_tensors(op: str, **named) -> None:
+    """A bool or number where an optional tensor goes (`flash_attention(q, k, v, True)`): say what goes there
+    and how to pass the flag, before the schema's raw "expected Tensor?" error."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, Tensor):
+            hint = (" (a bool here is usually meant as causal=True: pass it by keyword, "
+                    f"{op}(q, k, v, causal=True))" if isinstance(value, bool) else "")
+            raise ValueError(f"attnlower.ops.{op}: expected {name} a Tensor or None (bias: a bool keep-mask or float "
+                             f"bias broadcastable to [B, Hq, Tq, Tk]; alibi_slopes: float32 [Hq] or [B, Hq]), got "
+                             f"{type(value).__name__} {value!r}{hint}")
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
                     alibi_slopes: Tensor | None = None, scale: float | None = None,
                     causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
@@ -51,6 +63,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
         dropout_p: attention dropout probability (training); pass 0.0 in eval.
         empty_rows_nan: rows with every key masked give NaN (eager softmax) instead of 0.
     """
+    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
+        _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
     op = _impl.flash_attention if _direct(q, k, v, bias, alibi_slopes) else torch.ops.attnlower.flash_attention
     return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
 
@@ -66,6 +80,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     `window` must be an int > 0; the other arguments are as in `flash_attention`.
     """
     check_window_type("sliding_window_attention", window)
+    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
+        _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
     op = (_impl.sliding_window_attention if _direct(q, k, v, bias, alibi_slopes)
           else torch.ops.attnlower.sliding_window_attention)
     return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan)[0]

@@ -72,6 +72,11 @@ def paged_checks_sync() -> bool:
     return _mode == "sync"
 
 
+def paged_checks_mode() -> str:
+    """"lazy", "sync" or "off" (part of a cached launch's key: it changes the kernel and the host side)."""
+    return _mode
+
+
 def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *, lazily: bool,
                         call: str = "", tq: int | None = None) -> str:
     """The error for flags `kinds` seen for sequence `seq`: expected / got / what to do."""

@@ -95,13 +95,22 @@ def _check_pointer_rule() -> bool:
     return all(hasattr(CompiledKernel, name) for name in ("run", "launch_metadata"))
 
 
+_KNOBS = None
+
+
 def hooks_active() -> bool:
-    """Triton's launch hooks (profilers) see only launches through JITFunction.run."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return True
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    """Triton's launch hooks (profilers) see only launches through JITFunction.run. Triton 3.6 - 3.9 keep them in
+    HookChains (empty unless a tool added a hook); older ones as None or a callable."""
+    global _KNOBS
+    if _KNOBS is None:
+        try:
+            from triton import knobs
+        except ImportError:
+            return True
+        _KNOBS = knobs.runtime
+    enter, leave = _KNOBS.launch_enter_hook, _KNOBS.launch_exit_hook
+    return (enter is not None and (getattr(enter, "calls", True) or False)) or \
+        (leave is not None and (getattr(leave, "calls", True) or False))
 
 
 # ------------------------------------------------------------------------------ the cached launch
@@ -126,7 +135,7 @@ alloc = _empty_strided()
 
 
 def current_device_index() -> int:
-    return torch.cuda.current_device() if DEVICE_TYPE == "cuda" else -1
+    return torch.cuda.current_device() if DEVICE_TYPE == "cuda" else None
 
 
 def raw_stream(index: int) -> int:
@@ -135,35 +144,12 @@ def raw_stream(index: int) -> int:
 
 class CachedKernel:
     """One recorded launch: the compiled kernel, its grid, and its bound arguments with the tensor slots
-    marked by which of the call's tensors fills them (by position in the call's tensor tuple)."""
+    marked by which per-call pointer fills them (an index into the call's pointer list)."""
 
     __slots__ = ("compiled", "grid", "slots", "template")
 
     def __init__(self, compiled, grid, slots, template):
         self.compiled, self.grid, self.slots, self.template = compiled, grid, slots, template
-
-    @classmethod
-    def build(cls, record, tensors: tuple) -> "CachedKernel | None":
-        """From a launch record and the call's tensors; None when a tensor argument is not one of them."""
-        fn, grid, args, kwargs, compiled = record
-        if compiled is None or not hasattr(compiled, "run") or not hasattr(compiled, "function"):
-            return None
-        names = list(fn.arg_names)
-        bound = dict(zip(names, args))
-        bound.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
-        if set(bound) != set(names):
-            return None
-        values = [bound[n] for n in names]
-        slots = []
-        for position, value in enumerate(values):
-            if isinstance(value, Tensor):
-                source = next((i for i, t in enumerate(tensors) if t is value), None)
-                if source is None:
-                    return None
-                slots.append((position, source))
-                values[position] = None
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        return cls(compiled, grid, tuple(slots), values)
 
     def launch(self, pointers: list, stream: int) -> None:
         args = list(self.template)
@@ -173,79 +159,122 @@ class CachedKernel:
         c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None, None, *args)
 
 
-class DenseForwardEntry:
-    """What a repeat dense forward call needs: the outputs' layouts and the cached launch(es)."""
+class CachedCall:
+    """Every launch of one call signature. Per call: the caller's input pointers, then fresh allocations of
+    what the launchers allocated (outputs, workspaces) in the order the launches first used them, then the
+    launches. Persistent tensors (the paged error flags) are baked in by address."""
 
-    __slots__ = ("out_size", "out_stride", "lse_size", "lse_stride", "dtype", "kernels", "dropout")
+    __slots__ = ("kernels", "allocs", "returns", "extra")
 
-    def __init__(self, out, lse, kernels, dropout):
-        self.out_size, self.out_stride = tuple(out.shape), out.stride()
-        self.lse_size, self.lse_stride = tuple(lse.shape), lse.stride()
-        self.dtype, self.kernels, self.dropout = out.dtype, kernels, dropout
+    def __init__(self, kernels, allocs, returns, extra=None):
+        self.kernels, self.allocs, self.returns, self.extra = kernels, allocs, returns, extra
 
-    def __call__(self, q, k, v, bias, alibi, pointers: list, draw_rng: Callable):
-        device = q.device
-        out = alloc(self.out_size, self.out_stride, self.dtype, device)
-        lse = alloc(self.lse_size, self.lse_stride, torch.float32, device)
-        rng = draw_rng(q, self.dropout)
-        pointers.append(out.data_ptr())
-        pointers.append(lse.data_ptr())
-        pointers.append(rng.data_ptr())
+    @classmethod
+    def build(cls, records: list, inputs: tuple, returned: tuple, persistent: tuple = (), extra=None):
+        """From the launch records of a first call; None when a launch cannot be replayed this way."""
+        allocated: list[Tensor] = []
+        kernels = []
+        for fn, grid, args, kwargs, compiled in records:
+            if compiled is None or not hasattr(compiled, "run") or not hasattr(compiled, "function"):
+                return None
+            names = list(fn.arg_names)
+            bound = dict(zip(names, args))
+            bound.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+            if set(bound) != set(names):
+                return None
+            values = [bound[n] for n in names]
+            slots = []
+            for position, value in enumerate(values):
+                if not isinstance(value, Tensor):
+                    continue
+                if any(value is t for t in persistent):
+                    values[position] = value.data_ptr()
+                    continue
+                source = next((i for i, t in enumerate(inputs) if t is value), None)
+                if source is None:
+                    source = next((i for i, t in enumerate(allocated) if t is value), None)
+                    if source is None:
+                        if value._base is not None:
+                            return None   # a view of something else: not a fresh allocation
+                        allocated.append(value)
+                        source = len(allocated) - 1
+                    source += len(inputs)
+                slots.append((position, source))
+                values[position] = None
+            kernels.append(CachedKernel(compiled, tuple(grid) + (1,) * (3 - len(grid)), tuple(slots), values))
+        returns = []
+        for t in returned:
+            index = next((i for i, a in enumerate(allocated) if a is t), None)
+            if index is None:
+                return None
+            returns.append(index)
+        allocs = tuple((tuple(t.shape), t.stride(), t.dtype) for t in allocated)
+        return cls(tuple(kernels), allocs, tuple(returns), extra)
+
+    def __call__(self, pointers: list, device: torch.device) -> list:
+        allocated = [alloc(size, stride, dtype, device) for size, stride, dtype in self.allocs]
+        for t in allocated:
+            pointers.append(t.data_ptr())
         stream = raw_stream(device.index)
         for kernel in self.kernels:
             kernel.launch(pointers, stream)
-        return out, lse, rng
+        return [allocated[i] for i in self.returns]
 
 
-_DENSE: dict[tuple, Any] = {}
+_CALLS: dict[tuple, CachedCall] = {}
 
 
-def dense_key(op, q, k, v, bias, alibi, scalars: tuple) -> tuple | None:
-    """The cache key of a dense forward call, or None when the call cannot take this path. The last
-    element holds the input pointers (not part of the key proper: see `dense_forward`)."""
-    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+def tensor_key(t, key: list, pointers: list) -> bool:
+    """Append what specializes a launch on `t` (None for an absent optional tensor) to `key` and its address to
+    `pointers`; False when `t` cannot take this path (a tensor subclass: FakeTensor, FunctionalTensor, DTensor)."""
+    if t is None:
+        key.append(None)
+        pointers.append(0)
+        return True
+    if type(t) is not Tensor:
+        return False
+    p = t.data_ptr()
+    pointers.append(p)
+    key.append((t.shape, t.stride(), t.dtype, t.device, p & 15))
+    return True
+
+
+def call_key(op: str, scalars: tuple, tensors: tuple):
+    """(key, input pointers) of a call on `tensors` (first one: q), or None when it cannot take this path.
+
+    FakeTensor / FunctionalTensor (tracing, the traced decomposition) and other subclasses are not Tensor;
+    tensors off the current device would launch under another context."""
+    q = tensors[0]
+    if type(q) is not Tensor:
         return None
     device = q.device
     if device.type != DEVICE_TYPE or device.index != current_device_index():
         return None
-    qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
-    key = [op, scalars, q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, k.device,
-           v.shape, v.stride(), v.dtype, v.device, qp & 15, kp & 15, vp & 15]
-    pointers = [qp, kp, vp, 0, 0]
-    for i, t in ((3, bias), (4, alibi)):
-        if t is None:
-            key.append(None)
-            continue
-        if type(t) is not Tensor:
+    key = [op, scalars]
+    pointers: list = []
+    for t in tensors:
+        if not tensor_key(t, key, pointers):
             return None
-        p = t.data_ptr()
-        pointers[i] = p
-        key.append((t.shape, t.stride(), t.dtype, t.device, p & 15))
-    if q.dtype is torch.float32:
+    if q.dtype is torch.float32:  # fp32 dots: TF32 or not is part of the plan
         key.append(torch.backends.cuda.matmul.allow_tf32 if DEVICE_TYPE == "cuda" else False)
     return tuple(key), pointers
 
 
-def lookup_dense(key: tuple):
-    return _DENSE.get(key)
+def lookup(key: tuple):
+    return _CALLS.get(key)
 
 
-def remember_dense(key: tuple, records: list, q, k, v, bias, alibi, out, lse, rng, dropout_p) -> None:
-    """Cache the launches a first call made, when each of their tensors is one of the call's."""
-    if not ENABLED or not pointer_rule_holds() or len(_DENSE) >= CACHE_SIZE:
+def remember(key: tuple, records: list, inputs: tuple, returned: tuple, persistent: tuple = (), extra=None) -> None:
+    """Cache the launches a first call made (when every tensor they read is accounted for)."""
+    if not ENABLED or not records or not pointer_rule_holds() or len(_CALLS) >= CACHE_SIZE:
         return
-    tensors = (q, k, v, bias, alibi, out, lse, rng)
-    kernels = []
-    for record in records:
-        kernel = CachedKernel.build(record, tensors)
-        if kernel is None:
-            return
-        kernels.append(kernel)
-    _DENSE[key] = DenseForwardEntry(out, lse, tuple(kernels), dropout_p)
+    call = CachedCall.build(records, inputs, returned, persistent, extra)
+    if call is not None:
+        _CALLS[key] = call
 
 
 def clear() -> None:
-    _DENSE.clear()
+    _CALLS.clear()
 
 
 def usable() -> bool:

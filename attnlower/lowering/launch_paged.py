@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from attnlower.lowering import errors
+from attnlower.lowering import errors, fastpath
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels.paged_decode import _paged_attn_kernel, _paged_reduce_kernel
@@ -65,7 +65,7 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     attn = plan.launches[0]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _paged_attn_kernel[attn.grid](
+        fastpath.launch(_paged_attn_kernel, attn.grid, (
             q, k_cache, v_cache, block_table, seq_lens, alibi_slopes,
             out, m_ws, l_ws, acc_ws, flags.flags if flags is not None else seq_lens,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -73,13 +73,11 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
             stride_ab, stride_ah,
             q_heads, kv_heads, tq, rows_total,
             params.scale, params.softcap, params.window, plan.num_splits, num_blocks, block_table.shape[1],
-            **attn.launch_kwargs,
-        )
+        ), attn.launch_kwargs)
         if plan.num_splits > 1:
             reduce = plan.launches[1]
-            _paged_reduce_kernel[reduce.grid](
-                out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits, **reduce.launch_kwargs,
-            )
+            fastpath.launch(_paged_reduce_kernel, reduce.grid, (
+                out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits), reduce.launch_kwargs)
         if flags is not None:
             flags.after_launch(q.shape)
     return out

@@ -330,10 +330,14 @@ def ttir_with_constant_scalars(launch_: Launch) -> None:
 
 # What each kernel writes: Inductor's mutation analysis must find exactly these (anything it cannot analyze
 # it treats as mutated, and then clones every input of every launch).
-WRITES = {"_flash_fwd_kernel": {"Out", "Lse"}, "_flash_bwd_preprocess_kernel": {"Delta"},
-          "_flash_bwd_dkdv_kernel": {"DK", "DV", "DS"}, "_flash_bwd_dq_kernel": {"DQ"},
-          "_paged_attn_kernel": {"out_ptr", "m_ws_ptr", "l_ws_ptr", "acc_ws_ptr", "err_ptr"},
-          "_paged_reduce_kernel": {"out_ptr"}}
+def expected_writes(launch_: Launch) -> set:
+    c = launch_.constexprs
+    if launch_.fn.__name__ == "_paged_attn_kernel":   # split: partial results to the workspaces, the reduce writes out
+        writes = {"m_ws_ptr", "l_ws_ptr", "acc_ws_ptr"} if c.get("SPLIT") else {"out_ptr"}
+        return writes | ({"err_ptr"} if c.get("CHECK_BOUNDS") else set())
+    return {"_flash_fwd_kernel": {"Out", "Lse"}, "_flash_bwd_preprocess_kernel": {"Delta"},
+            "_flash_bwd_dkdv_kernel": {"DK", "DV"} | ({"DS"} if c.get("WRITE_DS") else set()),
+            "_flash_bwd_dq_kernel": {"DQ"}, "_paged_reduce_kernel": {"out_ptr"}}[launch_.fn.__name__]
 
 
 class _Sm90Driver:
@@ -368,9 +372,9 @@ def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
     if constant_scalars:
         ttir_with_constant_scalars(launch_)
         written = inductor_mutations(launch_)
-        if written != WRITES[launch_.fn.__name__]:
+        if written != expected_writes(launch_):
             raise RuntimeError(f"Inductor's mutation analysis found writes to {sorted(written)}, expected "
-                               f"{sorted(WRITES[launch_.fn.__name__])}")
+                               f"{sorted(expected_writes(launch_))}")
         return (f"ok  {time.perf_counter() - t0:5.1f}s TTIR with every scalar a constant; Inductor's analysis "
                 f"finds writes to {sorted(written)} only")
     compiled = compile_launch(launch_)

@@ -113,7 +113,8 @@ def run_and_check(q, k, v, *, bias=None, alibi_slopes=None, scale=None, causal=F
                               alibi_slopes=alibi_slopes, scale=scale_value, causal=causal,
                               bottom_right=bottom_right, softcap=softcap, window=window,
                               empty_rows_nan=empty_rows_nan)
-    assert out.shape == ref_out.shape and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == ref_out.shape and out.dtype == dtype
+    assert out.stride() == torch.empty_like(q).stride(), "out must follow q's layout (a BSHD view in: BSHD out)"
     torch.testing.assert_close(out.double(), ref_out.detach(), atol=fwd_atol, rtol=fwd_rtol, equal_nan=True)
     torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=fwd_atol, rtol=fwd_rtol)
 
@@ -122,8 +123,8 @@ def run_and_check(q, k, v, *, bias=None, alibi_slopes=None, scale=None, causal=F
                                        bias_requires_grad=bias_grad, config_kv=config_kv, config_q=config_q)
     # NaN rows (empty_rows_nan) carry no gradient by contract: the oracle's own where() gives 0 there
     ref_out.backward(torch.nan_to_num(grad_out.double()) * torch.isfinite(ref_out))
-    for name, got, leaf in (("dq", dq, leaves[0]), ("dk", dk, leaves[1]), ("dv", dv, leaves[2])):
-        assert got.shape == leaf.shape, name
+    for name, got, leaf, like in (("dq", dq, leaves[0], q), ("dk", dk, leaves[1], k), ("dv", dv, leaves[2], v)):
+        assert got.shape == leaf.shape and got.stride() == torch.empty_like(like).stride(), name
         torch.testing.assert_close(got.double(), leaf.grad, atol=bwd_atol, rtol=bwd_rtol, msg=lambda m: f"{name}: {m}")
     if bias_grad:
         assert dbias is not None and dbias.shape == bias.shape and dbias.dtype == bias.dtype

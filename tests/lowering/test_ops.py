@@ -522,3 +522,98 @@ def test_graph_inductor_receives_holds_the_kernels(mode):
     else:
         assert "attnlower.flash_attention.default" in targets, targets
         assert not any("triton_kernel_wrapper" in t for t in targets), targets
+
+
+# ------------------------------------------------------------ layouts and graph-safe outputs (issue 18)
+
+
+def _bshd(b, t, h, d, requires_grad=False):
+    return torch.randn(b, t, h, d).transpose(1, 2).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("op", ["flash", "sliding"])
+def test_outputs_follow_q_layout_in_the_real_and_the_fake_op(op):
+    """Inductor plans its buffers from the fake's strides: they must be the real op's, and follow q's layout
+    (a BSHD view in gives BSHD memory out: the consumer's transpose + reshape is then a view, no copy)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _bshd(2, 9, 4, 16), _bshd(2, 11, 2, 16), _bshd(2, 11, 2, 16)
+    call = (lambda *t: OPS.flash_attention(*t, causal=True)) if op == "flash" else \
+        (lambda *t: OPS.sliding_window_attention(*t, 3))
+    real = call(q, k, v)
+    with FakeTensorMode() as mode:
+        fake = call(*(mode.from_tensor(t) for t in (q, k, v)))
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+    assert real[0].stride() == q.stride()
+    merged = real[0].transpose(1, 2).reshape(2, 9, 64)
+    assert merged.data_ptr() == real[0].data_ptr() and merged._base is not None
+
+    out, lse, rng = real
+    grads = OPS.flash_attention_backward(torch.randn_like(out), q, k, v, None, None, out, lse, rng, None, True,
+                                         False, 0.0, 0.0, 0, False, False)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fo, fl, fr = (mode.from_tensor(t) for t in (q, k, v, out, lse, rng))
+        fake_grads = OPS.flash_attention_backward(torch.empty_like(fo), fq, fk, fv, None, None, fo, fl, fr, None, True,
+                                                  False, 0.0, 0.0, 0, False, False)
+    for g, fg, like in zip(grads[:3], fake_grads[:3], (q, k, v)):
+        assert g.stride() == fg.stride() == like.stride()
+
+
+def test_no_output_aliases_an_input_or_another_output():
+    """Graph-safe outputs (CUDA graphs, functionalization): every output owns fresh storage, the empty
+    rng_state / dbias placeholders included."""
+    q, k, v = qkv(requires_grad=True)
+    bias = torch.randn(1, 4, 9, 11, requires_grad=True)
+    outs = OPS.flash_attention(q, k, v, bias, causal=True)
+    grads = OPS.flash_attention_backward(torch.randn_like(outs[0]), q, k, v, bias, None, *outs, None, True, False,
+                                         0.0, 0.0, 0, False, False)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, bias)}
+    for group in (outs, grads):
+        ptrs = [t.untyped_storage().data_ptr() for t in group if t.numel() > 0]
+        assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & inputs
+        assert all(t.untyped_storage() is not s.untyped_storage() for t in group for s in (q, k, v, bias))
+
+
+@pytest.mark.parametrize("value", [True, 1.0])
+def test_a_flag_where_bias_goes_says_what_goes_there(value):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"expected bias a Tensor or None .* got (bool True|float 1\.0)"):
+        public.flash_attention(q, k, v, value)
+    if value is True:
+        with pytest.raises(ValueError, match=r"pass it by keyword, flash_attention\(q, k, v, causal=True\)"):
+            public.flash_attention(q, k, v, value)
+
+
+def test_registry_derives_the_schemas_and_kernel_names():
+    from attnlower.lowering import registry
+
+    for name, op in registry.OPS.items():
+        parsed = torch._C.parse_schema(f"attnlower::{name}{op.schema}")
+        registered = getattr(OPS, name).default._schema
+        assert [(a.name, str(a.type), a.default_value) for a in parsed.arguments] == \
+            [(a.name, str(a.type), a.default_value) for a in registered.arguments]
+    assert registry.kernel_names("sliding_window_attention", "forward") == ("_flash_fwd_kernel",)
+    assert registry.kernel_names("paged_attention") == ("_paged_attn_kernel", "_paged_reduce_kernel")
+    assert "_flash_bwd_dq_kernel" in registry.kernel_names("flash_attention", "backward")
+
+
+def test_kernel_plan_uses_the_real_lengths():
+    from attnlower.lowering import plan as planning
+    from attnlower.lowering.params import AttentionParams
+    from attnlower.lowering.target import Target
+
+    h200 = Target("cuda", 90, 132, False, 232448, "NVIDIA H200")
+    params = AttentionParams(0.125, causal=False)
+    short = planning.kernel_plan("flash_attention", params, batch=2, q_heads=8, kv_heads=8, tq=1, tk=4096,
+                                 head_dim=128, dtype=torch.bfloat16, target=h200)
+    long_q = planning.kernel_plan("flash_attention", params, batch=2, q_heads=8, kv_heads=8, tq=197, tk=197,
+                                  head_dim=128, dtype=torch.bfloat16, target=h200)
+    # the forward's tiles follow Tk (configs._FLASH_FWD_BY_LEN): Tk=4096 non-causal and Tk=197 differ
+    assert (short["launches"][0]["block_m"], short["launches"][0]["block_n"]) == (128, 128)
+    assert (long_q["launches"][0]["block_m"], long_q["launches"][0]["block_n"]) == (128, 32)
+    assert short["launches"][0]["grid"] == [1, 16, 1] and short["kernels"] == ["_flash_fwd_kernel"]
+    paged = planning.kernel_plan("paged_attention", AttentionParams(0.125, True), batch=1, q_heads=32, kv_heads=8,
+                                 tq=1, tk=4096, head_dim=128, dtype=torch.bfloat16, target=h200, block_size=16)
+    assert [launch["kernel"] for launch in paged["launches"]] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
+    assert "split-KV into 16" in paged["note"]

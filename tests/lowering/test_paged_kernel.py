@@ -385,3 +385,34 @@ def test_gpu_bad_table_reported_lazily_without_sync():
     with pytest.raises(PagedInputError, match="sequence 0, a block id outside"):
         ops.paged_attention(*good)
     assert torch.isfinite(ops.paged_attention(*good)).all()
+
+
+def test_lazy_report_names_the_first_bad_call(monkeypatch):
+    """The CUDA path's bookkeeping, run on CPU tensors: each call's flags are copied into its own host slot, so
+    a later call names the first one whose copy shows them (its number and shapes), not just "an earlier call"."""
+    from attnlower.lowering import errors
+
+    flags = errors._DeviceFlags(torch.device("cpu"))
+    flags.host = torch.zeros((errors._RING, 4), dtype=torch.int32)   # stands for the pinned ring
+    flags.host_view, flags.last_slot = flags.host.numpy(), 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for call in (1, 2):
+        flags.before_launch()                       # nothing seen yet
+        if call == 2:                               # what the kernel does for a bad call: sticky bits
+            flags.flags.copy_(torch.tensor([errors.BAD_BLOCK_ID, 1, 13, 40], dtype=torch.int32))
+        flags.after_launch((2, 4, 1, 16))
+    with pytest.raises(errors.PagedInputError, match=r"paged call #2 on cpu \(q \[2, 4, 1, 16\]\) \(reported lazily.*"
+                                                     r"ATTNLOWER_PAGED_CHECKS=sync.*sequence 1, a block id outside"):
+        flags.before_launch()
+    flags.before_launch()                           # reported once, then cleared
+    assert int(flags.flags[0]) == 0
+
+
+def test_paged_checks_env_values_are_checked(monkeypatch):
+    from attnlower.lowering import errors
+
+    monkeypatch.setenv("ATTNLOWER_PAGED_CHECKS", "later")
+    with pytest.raises(ValueError, match=r"ATTNLOWER_PAGED_CHECKS: expected 1 .* 0 .* or sync .* got 'later'"):
+        errors._mode_from_env()
+    monkeypatch.setenv("ATTNLOWER_PAGED_CHECKS", "sync")
+    assert errors._mode_from_env() == "sync"
