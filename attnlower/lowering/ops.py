@@ -36,6 +36,7 @@ host sync).
 import contextlib
 import importlib
 import math
+import operator
 import os
 import sys
 from typing import Callable, NamedTuple, Optional
@@ -383,23 +384,26 @@ def _run(op: registry.OpDef, direction: str, runs_kernels: bool, device: torch.d
 
 def _dense_forward(op: registry.OpDef, bound: dict, fast=None):
     """One dense forward call; `fast`: its fastpath key (dense_key), when the call may use a cached launch."""
-    q, k, v, bias, alibi_slopes = bound["q"], bound["k"], bound["v"], bound["bias"], bound["alibi_slopes"]
-    runs_kernels = validate_dense(op.name, q, k, v, bias, alibi_slopes, bound["scale"], bound["softcap"],
-                                  bound["dropout_p"])
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    runs_kernels = validate_dense(op.name, q, k, v, bound["bias"], bound["alibi_slopes"], bound["scale"],
+                                  bound["softcap"], bound["dropout_p"])
     params = _dense_params(op, q, bound)
     rng_state = draw_rng_state(q, params.dropout_p)
     forward = _run(op, "forward", runs_kernels, q.device)
+    # every optional tensor argument travels as a keyword of the launcher / reference (bias=, alibi_slopes=, ...)
+    optional = {a.name: bound[a.name] for a in op.args if a.type == "Tensor?"}
     records: list = []
     with _device_guard(q.device), fastpath.recording(records):
-        out, lse = forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state)
+        out, lse = forward(q, k, v, params, rng_state=rng_state, **optional)
     if fast is not None and runs_kernels:
-        fastpath.remember(fast[0], records, (q, k, v, bias, alibi_slopes, rng_state), (out, lse),
-                          extra=params.dropout_p)
+        inputs = tuple(bound[a.name] for a in op.args if a.is_tensor) + (rng_state,)
+        fastpath.remember(fast[0], records, inputs, (out, lse), extra=params.dropout_p)
     return out, lse, rng_state
 
 
 def _dense_cached(call: fastpath.CachedCall, q: Tensor, pointers: list):
-    """A repeat dense call: draw the dropout state (its own launch), then the cached kernel launch."""
+    """A repeat dense call: draw the dropout state (its own launch; its pointer follows the call's tensors'),
+    then the cached kernel launch."""
     rng_state = draw_rng_state(q, call.extra)
     pointers.append(rng_state.data_ptr())
     out, lse = call(pointers, q.device)
@@ -456,41 +460,40 @@ def _decompose_when_traced(op_def, body: Callable) -> None:
     op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                    alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
-                    causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
-                    dropout_p: float = 0.0, empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense attention; returns (out, lse, rng_state). See docs/INTERFACES.md section 1."""
-    fast = None
-    if fastpath.ENABLED:  # a repeat call of a known signature: the cached launch (lowering/fastpath.py)
-        fast = fastpath.call_key("flash_attention", (scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan),
-                                 (q, k, v, bias, alibi_slopes))
-        if fast is not None:
-            call = fastpath.lookup(fast[0])
-            if call is not None and not fastpath.hooks_active():
-                return _dense_cached(call, q, fast[1])
-    return _dense_forward(registry.FLASH, dict(
-        q=q, k=k, v=v, bias=bias, alibi_slopes=alibi_slopes, scale=scale, causal=causal, bottom_right=bottom_right,
-        softcap=softcap, dropout_p=dropout_p, empty_rows_nan=empty_rows_nan), fast)
+def _dense_forward_impl(op: registry.OpDef) -> Callable:
+    """The implementation of a dense forward op, read off its registry entry: `impl(*args, **kwargs)` in schema
+    order, returns (out, lse, rng_state). A repeat call of a known signature on CUDA launches its cached kernel
+    (lowering/fastpath.py) before anything else runs; its key holds every tensor and scalar argument."""
+    names, count = op.arg_names, len(op.args)
+    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
+    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    has_window = "window" in names
+
+    def impl(*args, **kwargs):
+        if kwargs or len(args) != count:
+            args = tuple(op.bind(args, kwargs).values())
+        fast = None
+        if fastpath.ENABLED:
+            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
+            if fast is not None:
+                call = fastpath.lookup(fast[0])
+                if call is not None and not fastpath.hooks_active():
+                    return _dense_cached(call, args[0], fast[1])
+        bound = dict(zip(names, args))
+        if has_window:
+            _check_window(bound["window"])
+        return _dense_forward(op, bound, fast)
+
+    impl.__name__ = impl.__qualname__ = op.name
+    impl.__doc__ = f"attnlower::{op.name}: {op.doc}; returns (out, lse, rng_state). Schema: {op.schema}"
+    impl.__signature__ = op.signature()
+    return impl
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, bias: Optional[Tensor] = None,
-                             alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
-                             bottom_right: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
-                             empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal attention over the `window` most recent keys; returns (out, lse, rng_state)."""
-    fast = None
-    if fastpath.ENABLED:
-        fast = fastpath.call_key("sliding_window_attention", (window, scale, bottom_right, softcap, dropout_p, empty_rows_nan),
-                                 (q, k, v, bias, alibi_slopes))
-        if fast is not None:
-            call = fastpath.lookup(fast[0])
-            if call is not None and not fastpath.hooks_active():
-                return _dense_cached(call, q, fast[1])
-    _check_window(window)
-    return _dense_forward(registry.SLIDING, dict(
-        q=q, k=k, v=v, window=window, bias=bias, alibi_slopes=alibi_slopes, scale=scale, bottom_right=bottom_right,
-        softcap=softcap, dropout_p=dropout_p, empty_rows_nan=empty_rows_nan), fast)
+# The implementations the ops are registered with (and attnlower.ops calls directly): flash_attention(q, k, v,
+# bias=None, alibi_slopes=None, scale=None, causal=False, ...), as docs/INTERFACES.md section 1 and the registry say.
+flash_attention = _dense_forward_impl(registry.FLASH)
+sliding_window_attention = _dense_forward_impl(registry.SLIDING)
 
 
 def _copy_like(like: Tensor, value: Tensor) -> Tensor:
@@ -515,20 +518,19 @@ def _dense_backward(op: registry.OpDef, bound: dict):
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty((0,)))
 
 
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                             alibi_slopes: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor,
-                             scale: Optional[float], causal: bool, bottom_right: bool, softcap: float,
-                             dropout_p: float, window: int, empty_rows_nan: bool,
-                             bias_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias) of flash_attention / sliding_window_attention, each in its input's layout.
+def _dense_backward_impl(op: registry.OpDef) -> Callable:
+    """The implementation of the dense backward op: gradients (dq, dk, dv, dbias), each in its input's layout;
+    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no optional tensor)."""
+    def impl(*args, **kwargs):
+        return _dense_backward(op, op.bind(args, kwargs))
 
-    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no
-    optional tensors).
-    """
-    return _dense_backward(registry.DENSE_BACKWARD, dict(
-        grad_out=grad_out, q=q, k=k, v=v, bias=bias, alibi_slopes=alibi_slopes, out=out, lse=lse,
-        rng_state=rng_state, scale=scale, causal=causal, bottom_right=bottom_right, softcap=softcap,
-        dropout_p=dropout_p, window=window, empty_rows_nan=empty_rows_nan, bias_requires_grad=bias_requires_grad))
+    impl.__name__ = impl.__qualname__ = op.name
+    impl.__doc__ = f"attnlower::{op.name}: {op.doc}. Schema: {op.schema}"
+    impl.__signature__ = op.signature()
+    return impl
+
+
+flash_attention_backward = _dense_backward_impl(registry.DENSE_BACKWARD)
 
 
 def _dense_backward_fake(op: registry.OpDef, bound: dict):
@@ -545,12 +547,22 @@ _IMPLS = {"flash_attention": flash_attention, "sliding_window_attention": slidin
           "flash_attention_backward": flash_attention_backward}
 
 
+def _signature(schema) -> tuple:
+    """Argument names, types and defaults and the return types of a schema (return names aside)."""
+    return (tuple((a.name, str(a.type), a.default_value) for a in schema.arguments),
+            tuple(str(r.type) for r in schema.returns))
+
+
 def _register_dense_ops():
     """Register the dense ops as triton_ops with the registry's schemas; their fakes from the same entries."""
     ops = {}
     for name, fn in _IMPLS.items():
         spec = registry.OPS[name]
         op_def = torch.library.triton_op(spec.qualname, fn, mutates_args=(), schema=spec.schema)
+        got = op_def._opoverload._schema   # triton_op infers the schema from fn's signature (the registry's)
+        if _signature(got) != _signature(torch._C.parse_schema(f"{spec.qualname}{spec.schema}")):
+            raise RuntimeError(f"{spec.qualname}: the registered schema ({got}) differs from the registry's "
+                               f"({spec.schema}); fix OpDef.signature in lowering/registry.py")
         _decompose_when_traced(op_def, fn)
         fake = _dense_backward_fake if spec.family == "dense_backward" else _dense_fake
 

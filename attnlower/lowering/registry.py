@@ -91,6 +91,21 @@ class OpDef:
             return f"({args}) -> {self.returns[0][1]} {self.returns[0][0]}"
         return f"({args}) -> ({', '.join(f'{t} {n}' for n, t in self.returns)})"
 
+    def signature(self):
+        """The Python signature of the op's implementation (torch.library.triton_op infers the schema from it)."""
+        import inspect
+        from typing import Optional
+
+        import torch
+
+        py = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float?": Optional[float], "float": float,
+              "bool": bool, "int": int}
+        params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=py[a.type],
+                                    default=inspect.Parameter.empty if a.default is REQUIRED else a.default)
+                  for a in self.args]
+        returns = torch.Tensor if len(self.returns) == 1 else tuple[tuple(py[t] for _, t in self.returns)]
+        return inspect.Signature(params, return_annotation=returns)
+
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """{argument name: value}, defaults filled: how the implementation reads its call."""
         if len(args) == len(self.args) and not kwargs:

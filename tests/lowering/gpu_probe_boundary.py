@@ -173,6 +173,19 @@ def inductor_launches(_iters):
     ok = launched and err < 2e-2 and grads_ok and gerr < 0.15
     row("Inductor's code launches _flash_fwd_kernel (fwd + bwd vs SDPA)", "ok" if ok else "FAIL",
         f"kernel in code: {launched}; fwd err {err:.3g}; grad err {gerr:.3g}")
+    # Inductor compiles user kernels with debug=True (inductor_meta assert_indirect_indexing): Triton then keeps its
+    # int32 overflow checks (41 device asserts in the forward's PTX on sm_90, none without debug). Their cost:
+    from triton.testing import do_bench
+
+    torch._dynamo.reset()
+    qb, kb, vb = qkv(b=4, hq=16, hkv=16, t=2048, d=64)
+    with torch.no_grad():
+        compiled = torch.compile(lambda q, k, v: public.flash_attention(q, k, v, causal=True), fullgraph=True)
+        compiled(qb, kb, vb)
+        t_inductor = do_bench(lambda: compiled(qb, kb, vb), warmup=50, rep=200)
+        t_direct = do_bench(lambda: public.flash_attention(qb, kb, vb, causal=True), warmup=50, rep=200)
+    row("kernel time B=4 H=16 T=2048 D=64 causal: Inductor-launched (debug=True) vs direct", "info",
+        f"{t_inductor * 1e3:.1f} vs {t_direct * 1e3:.1f} us ({t_inductor / t_direct:.2f}x)")
     clones = code.count("clone")
     row("no clones of q/k/v around the kernel (mutation analysis found the outputs only)",
         "ok" if clones == 0 else "info", f"'clone' appears {clones}x in the output code")

@@ -56,12 +56,22 @@ def stub(monkeypatch):
     real_kernel = launch.kernel
     monkeypatch.setattr(launch, "kernel", lambda module, name: jit if name == "_flash_fwd_kernel"
                         else real_kernel(module, name))
-    monkeypatch.setattr(fastpath, "DEVICE_TYPE", "cpu")
+    _path_on_the_test_device(monkeypatch)
+    yield jit
+    fastpath.clear()
+
+
+def _path_on_the_test_device(monkeypatch):
+    """The cached launch on the tensors' device: CPU here (the interpreter runs the first call), CUDA under
+    ATTNLOWER_TEST_DEVICE=cuda (the real JIT compiles the first call; the stub still stands for its result)."""
+    monkeypatch.setattr(fastpath, "DEVICE_TYPE", torch.empty(0).device.type)
     monkeypatch.setattr(fastpath, "_RULE_OK", True)
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
     fastpath.clear()
-    yield jit
-    fastpath.clear()
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream if torch.empty(0).is_cuda else 0
 
 
 def _qkv(tq=9, tk=11, d=16, dtype=torch.float32):
@@ -82,7 +92,7 @@ def test_repeat_call_launches_the_compiled_kernel_with_the_bound_arguments(stub)
     out = public.flash_attention(q, k, v, bias, causal=True, softcap=2.0)
     assert len(stub.compiled) == 1, "the repeat call went through the JIT again"
     ((run_grid, stream, args),) = compiled.runs
-    assert run_grid == tuple(grid) and stream == 0
+    assert run_grid == tuple(grid) and stream == _stream()
     want = _pointers(compiled.bound_args)
     # the tensor slots: this call's q, k, v, bias and its own fresh out / lse (not the first call's)
     names = stub.arg_names
@@ -152,10 +162,7 @@ def paged_stub(monkeypatch):
     jits = {name: _StubJIT(getattr(launch_paged, name)) for name in ("_paged_attn_kernel", "_paged_reduce_kernel")}
     for name, jit in jits.items():
         monkeypatch.setattr(launch_paged, name, jit)
-    monkeypatch.setattr(fastpath, "DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(fastpath, "_RULE_OK", True)
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
-    fastpath.clear()
+    _path_on_the_test_device(monkeypatch)
     yield jits
     fastpath.clear()
 

@@ -427,13 +427,17 @@ def test_window_must_be_an_int(window):
 
 
 def test_validation_and_plan_are_cached_per_signature(monkeypatch):
+    """The launchers' path (the cached launch off: on CUDA it answers repeat calls before these caches, see
+    test_fastpath.py); CPU tensors run the kernels through the interpreter, CUDA tensors compiled."""
+    from attnlower.lowering import fastpath
     from attnlower.lowering import ops as lowering_ops
     from attnlower.lowering import plan as planning
 
+    monkeypatch.setattr(fastpath, "ENABLED", False)
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
     lowering_ops._validate_dense.cache_clear()
     planning.dense_plan.cache_clear()
-    q, k, v = qkv(device="cpu")
+    q, k, v = qkv()
     for _ in range(3):
         public.flash_attention(q, k, v, causal=True)
     validation, plans = lowering_ops._validate_dense.cache_info(), planning.dense_plan.cache_info()
@@ -443,7 +447,7 @@ def test_validation_and_plan_are_cached_per_signature(monkeypatch):
     public.flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, causal=True)
     assert planning.dense_plan.cache_info().misses == 1
     # a new length or new flags: a new entry each
-    public.flash_attention(*qkv(tq=5, device="cpu"), causal=True)
+    public.flash_attention(*qkv(tq=5), causal=True)
     public.flash_attention(q, k, v, causal=False)
     assert planning.dense_plan.cache_info().misses == 3 and lowering_ops._validate_dense.cache_info().misses == 2
     # bounded: a process that sees many shapes does not grow without end
