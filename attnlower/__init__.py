@@ -14,16 +14,37 @@ from .compiler.report import CompileReport, Reports, Site  # noqa: E402
 def inspect(fn, *args, options=None, dynamic=None, **kwargs):
     """Compile `fn` (a function or module) with the attnlower backend, run it once on the given
     arguments, and return the CompileReports of the graphs it made (what was found, chosen, refused).
-    `print()` of the result prints each graph's site table."""
+    `print()` of the result prints each graph's site table.
+
+    The rest of the process's compiled state is left alone: no `torch._dynamo.reset()`, so functions
+    the caller compiled earlier (with any backend) keep their compiled code. `fn` is compiled afresh
+    each call (a new backend object, which Dynamo does not match to earlier compiles). `dynamic=None`
+    compiles as a first compile would (static shapes), whatever shapes earlier compiles of `fn` saw."""
+    import functools
+
     import torch
 
     from .compiler import backend
+    from .compiler.options import Options
 
+    Options.from_mapping(options)   # a bad option fails here, before anything runs
     start = len(backend._REPORTS)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="attnlower", options=options, dynamic=dynamic)
-    compiled(*args, **kwargs)
+    fresh = functools.partial(backend.attnlower_backend, options=options)
+    with _room_for_one_more_compile():
+        compiled = torch.compile(fn, backend=fresh, dynamic=False if dynamic is None else dynamic)
+        compiled(*args, **kwargs)
     return Reports(backend._REPORTS[start:])
+
+
+def _room_for_one_more_compile():
+    """Each inspect() adds a compile of `fn`'s code next to the caller's own: lift Dynamo's per-code
+    recompile limit for this call so an inspect() after many others still compiles (and reports)."""
+    import torch
+
+    config = torch._dynamo.config
+    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit") if hasattr(config, n)]
+    return config.patch({n: max(getattr(config, n), 1 << 16) for n in names})
 
 
 def __getattr__(name):
@@ -34,6 +55,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"{__name__}.ops")
+    if name == "check_options":
+        from .compiler.options import check_options
+
+        return check_options
     if name in ("check_errors", "set_paged_checks", "PagedInputError"):
         from .lowering import errors
 

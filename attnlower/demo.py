@@ -110,6 +110,9 @@ def main(inner: str = "inductor", seq_len: int = 48, batch: int = 2) -> int:
     n = sum(r.count() for r in reports)
     print(f"\nrewritten {n} attention site(s); compile + first run {compile_s:.1f} s")
     print(f"max |compiled - eager| = {err:.3e} (relative {rel:.3e})")
+    print("\non CPU tensors the fused ops run attnlower's plain-PyTorch reference (the same semantics, not a "
+          "kernel): the Triton kernels run on CUDA GPUs, or on CPU through Triton's interpreter with "
+          "TRITON_INTERPRET=1 ATTNLOWER_CPU_KERNELS=triton (slow: for testing)")
     ok = n == 2 and rel < 1e-5
     print("OK" if ok else "MISMATCH: expected 2 rewritten sites and relative error < 1e-5")
     return 0 if ok else 1

@@ -7,9 +7,12 @@ sequence, as examples/paged_decode.py spells it: gather_blocks + length_mask + S
 time of one op call against SDPA's. Columns: eager / Inductor / Inductor + CUDA graphs /
 attnlower / attnlower + CUDA graphs, in ms per call (CUDA events, median of `--iters`).
 
-CUDA graphs: Inductor's through `mode="reduce-overhead"`; attnlower's through the same Inductor
-switch, `torch._inductor.config.triton.cudagraphs = True`, around the attnlower backend (what
-reduce-overhead sets). Models are random-initialised (no downloads), bf16.
+CUDA graphs: both through `mode="reduce-overhead"`, the way PyTorch users turn them on
+(`torch.compile(fn, backend="attnlower", mode="reduce-overhead")`), each call preceded by
+`torch.compiler.cudagraph_mark_step_begin()` as a training loop does. `--profile` adds, per row and mode,
+one torch.profiler pass over 5 calls: GPU busy ms per call, kernels per call, and device-to-device copy
+kernels per call (CUDA graphs copy every non-static input on each replay). Models are
+random-initialised (no downloads), bf16.
 
     python bench/e2e.py                 # the default rows, ~5 min on an H200
     python bench/e2e.py --rows host gpt2 --full   # every GPT-2 shape
@@ -25,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._inductor.config as inductor_config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -37,6 +39,8 @@ from attnlower.compiler.backend import attnlower_backend  # noqa: E402  (no entr
 
 MODES = ["eager", "inductor", "inductor+cg", "attnlower", "attnlower+cg"]
 DTYPE = torch.bfloat16
+PROFILE = False   # --profile
+SELECTED_MODES = list(MODES)   # --modes
 
 
 def cuda_ms(fn, iters: int) -> float:
@@ -56,31 +60,53 @@ def cuda_ms(fn, iters: int) -> float:
 
 
 def compiled(fn, mode: str):
-    """fn as `mode` runs it; the CUDA-graph modes compile inside the switch (compilation is lazy)."""
+    """fn as `mode` runs it: plain, or torch.compile'd by Inductor / attnlower, with CUDA graphs for "+cg"."""
     torch._dynamo.reset()
     if mode == "eager":
         return fn
-    if mode == "inductor":
-        return torch.compile(fn)
-    if mode == "inductor+cg":
-        return torch.compile(fn, mode="reduce-overhead")
-    inner = torch.compile(fn, backend=attnlower_backend)
-    if mode == "attnlower":
-        return inner
+    backend = attnlower_backend if mode.startswith("attnlower") else "inductor"
+    if not mode.endswith("+cg"):
+        return torch.compile(fn, backend=backend)
+    inner = torch.compile(fn, backend=backend, mode="reduce-overhead")
 
-    def with_graphs(*args, **kwargs):
-        with inductor_config.patch({"triton.cudagraphs": True}):
-            torch.compiler.cudagraph_mark_step_begin()
-            return inner(*args, **kwargs)
-    return with_graphs
+    def step(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()   # a new iteration: earlier outputs may be overwritten
+        return inner(*args, **kwargs)
+    return step
+
+
+def profile_step(fn, calls: int = 5) -> dict:
+    """GPU busy ms, kernels and device-to-device copies per call of fn (torch.profiler, after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    busy = kernels = copies = 0
+    for event in prof.events():
+        us = getattr(event, "device_time", None) or getattr(event, "cuda_time", 0)
+        if not us or getattr(event, "device_type", None) not in (None, torch.autograd.DeviceType.CUDA):
+            continue
+        busy += us
+        kernels += 1
+        name = event.name.lower()
+        copies += "memcpy dtod" in name or "copy" in name
+    return {"gpu_ms": busy / calls / 1e3, "kernels": kernels / calls, "copies": copies / calls}
 
 
 def run_row(name: str, make_fn, iters: int, results: list) -> None:
     row = {"row": name}
     for mode in MODES:
+        if mode not in SELECTED_MODES:
+            continue
         try:
             fn = compiled(make_fn(), mode)
             row[mode] = cuda_ms(fn, iters)
+            if PROFILE and mode != "eager":
+                row.setdefault("profile", {})[mode] = profile_step(fn)
         except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
             row[mode] = None
             row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -95,7 +121,9 @@ def gpt2_rows(args, results):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     shapes = [(b, t) for b in (1, 2, 8) for t in (128, 1024)] if args.full else [(2, 1024), (8, 128)]
-    for impl in ("eager", "sdpa"):
+    if args.gpt2_shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.gpt2_shapes]
+    for impl in args.gpt2_impl:
         model = GPT2LMHeadModel(GPT2Config(attn_implementation=impl)).to("cuda", DTYPE).eval()
         for b, t in shapes:
             ids = torch.randint(0, 50257, (b, t), device="cuda")
@@ -164,12 +192,14 @@ def llama_decode_rows(args, results):
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to("cuda", DTYPE).eval()
     prompt = 512
+    import inspect
+
+    accepted = inspect.signature(StaticCache.__init__).parameters
     for b in (1, 8):
-        try:
-            cache = StaticCache(config=config, max_cache_len=prompt + 64)
-        except TypeError:  # older signature
-            cache = StaticCache(config=config, max_batch_size=b, max_cache_len=prompt + 64, device="cuda",
-                                dtype=DTYPE)
+        # transformers before 5.2x sizes the cache up front (max_batch_size, default 1: a batch of 8 wrote
+        # past it, the device-side assert of 2026-12-03); newer ones size it from the first update
+        sizing = {k: v for k, v in dict(max_batch_size=b, device="cuda", dtype=DTYPE).items() if k in accepted}
+        cache = StaticCache(config=config, max_cache_len=prompt + 64, **sizing)
         with torch.no_grad():
             model(input_ids=torch.randint(0, 32000, (b, prompt), device="cuda"), past_key_values=cache,
                   use_cache=True)
@@ -265,6 +295,8 @@ def format_row(row) -> str:
         value = row.get(mode)
         cells.append(f"{mode}={value:.3f}" if isinstance(value, float) else f"{mode}=fail")
     line = "  ".join(cells)
+    for mode, p in row.get("profile", {}).items():
+        line += f"\n    {mode}: GPU busy {p['gpu_ms']:.3f} ms, {p['kernels']:.0f} kernels, {p['copies']:.0f} copies per call"
     if row.get("attnlower") and row.get("inductor"):
         line += f"  attnlower/inductor speedup {row['inductor'] / row['attnlower']:.2f}x"
     if row.get("attnlower+cg") and row.get("inductor+cg"):
@@ -306,7 +338,13 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--full", action="store_true", help="every GPT-2 shape (B 1/2/8 x T 128/1024)")
     p.add_argument("--out", default=str(Path(__file__).with_name("e2e")))
+    p.add_argument("--profile", action="store_true", help="GPU busy, kernels and copies per call (torch.profiler)")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="the columns to run")
+    p.add_argument("--gpt2-impl", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa"])
+    p.add_argument("--gpt2-shapes", nargs="+", default=None, metavar="BxT", help="e.g. 2x1024 8x128")
     args = p.parse_args(argv)
+    global PROFILE, SELECTED_MODES
+    PROFILE, SELECTED_MODES = args.profile, args.modes
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU")
         return 1

@@ -2,18 +2,21 @@
 
 Prefill writes the prompt's K/V into the cache's block pools; each decode step writes one token's
 K/V and attends over its sequence's blocks. The model reads the cache through
-`attnlower.cache.gather_blocks` + `length_mask`; attnlower recognizes that gather and runs
-`paged_attention` on the pools in place, so no dense K/V is ever built.
+`attnlower.cache.gather_blocks` + `length_mask`. In the decode steps attnlower recognizes that gather and
+runs `paged_attention` on the pools in place: no dense copy of the K/V is built. The prefill's mask is
+causal within the prompt from data (`seq_lens`), so today it is fused as `flash_attention` with that mask
+as a bias, over the gathered copy (chunked prefill through `paged_attention` is issue 22, item 5).
 
 It compiles once per phase: the block table has a fixed width (`max_blocks`), so every decode step
 has the same shapes and only tensor *values* change (table entries, lengths, write slots).
 
     python examples/paged_decode.py [--steps 16] [--inner eager|inductor] [--device cpu|cuda] [--cuda-graphs]
 
---cuda-graphs (with --inner inductor, on CUDA) turns on Inductor's CUDA graphs for the graphs
-attnlower hands it, which is what `mode="reduce-overhead"` does for Inductor itself:
-`torch._inductor.config.triton.cudagraphs = True`. Inductor may still skip a graph (its log says
-why: this model writes its K/V pools, which are graph inputs).
+--cuda-graphs (with --inner inductor, on CUDA) compiles with `mode="reduce-overhead"`: Inductor's CUDA
+graphs for the graphs attnlower hands it. The K/V pools are written in place by the model, so they are
+marked static (`torch._dynamo.mark_static_address`, as HF's StaticCache does): CUDA graphs then keep them
+in place instead of refusing a graph that mutates an input; the block table, lengths and write slots
+are the per-step inputs.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -91,6 +93,9 @@ def run(model, fwd, prompt, steps, max_blocks, block_size, device):
     cfg = model.blocks[0].attn
     caches = [PagedKVCache(num_blocks=B * max_blocks + 4, block_size=block_size, num_kv_heads=cfg.kv_heads,
                            head_dim=cfg.hd, dtype=torch.float32, device=device) for _ in model.blocks]
+    for c in caches:   # written in place every step: static addresses for CUDA graphs (--cuda-graphs)
+        torch._dynamo.mark_static_address(c.k_pool)
+        torch._dynamo.mark_static_address(c.v_pool)
     seqs = [caches[0].add_sequence() for _ in range(B)]
     for c in caches[1:]:
         assert [c.add_sequence() for _ in range(B)] == seqs
@@ -127,10 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", action="store_true", help="Inductor CUDA graphs (needs --inner inductor)")
     a = p.parse_args(argv)
-    if a.cuda_graphs:
-        if a.inner != "inductor" or not a.device.startswith("cuda"):
-            p.error("--cuda-graphs needs --inner inductor and a CUDA device")
-        torch._inductor.config.triton.cudagraphs = True
+    if a.cuda_graphs and (a.inner != "inductor" or not a.device.startswith("cuda")):
+        p.error("--cuda-graphs needs --inner inductor and a CUDA device")
     torch.manual_seed(0)
     model = TinyLlama().to(a.device).eval()
     max_blocks = -(-(a.prompt_len + a.steps) // a.block_size)
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
         from attnlower.compiler import backend
 
         start = len(backend.reports())
-        compiled = torch.compile(model, backend="attnlower", options={"inner": a.inner})
+        options = {"inner": a.inner, "mode": "reduce-overhead" if a.cuda_graphs else "default"}
+        compiled = torch.compile(model, backend="attnlower", options=options)
         t0 = time.perf_counter()
         got = run(model, compiled, prompt, a.steps, max_blocks, a.block_size, a.device)
         first = time.perf_counter() - t0

@@ -179,3 +179,153 @@ def test_validate_false_skips_the_check():
 def test_validate_must_be_a_bool():
     with pytest.raises(ValueError, match="'validate' must be True or False, got 'no'"):
         Options.from_mapping({"validate": "no"})
+
+
+# --------------------------------------------------------------------------------------------
+# mode=: torch.compile(model, backend="attnlower", mode=M), the way PyTorch users turn on CUDA graphs
+
+
+def _modes():
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_every_inductor_mode_is_accepted_with_parity(mode, monkeypatch):
+    """Each mode torch.compile accepts for Inductor: the rewrite happens, the inner Inductor compile gets
+    that mode's settings (what torch.compile(mode=M) would patch), and the result equals eager."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx as real_compile_fx
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+
+    def recording_compile_fx(gm, inputs, *args, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return real_compile_fx(gm, inputs, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    case = M.handwritten("mul")
+    torch._dynamo.reset()
+    start = len(backend._REPORTS)
+    compiled = torch.compile(case.model, backend="attnlower", mode=mode)
+    got = compiled(*case.inputs.args, **case.inputs.kwargs)
+    want = case.model(*case.inputs.args, **case.inputs.kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [r.count() for r in backend._REPORTS[start:]] == [1]
+    assert seen, "Inductor was not called"
+    for key, value in list_mode_options(mode).items():
+        assert seen[0].get(key) == value, f"mode={mode}: {key} should be {value}, Inductor got {seen[0]}"
+
+
+def test_mode_in_options_and_its_errors():
+    assert attnlower.check_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
+    assert attnlower.check_options(mode="max-autotune").mode == "max-autotune"
+    with pytest.raises(ValueError, match=r"option 'mode' must be one of Inductor's modes .*'reduce-overhead'.*got 'fast'"):
+        attnlower.check_options(mode="fast")
+    with pytest.raises(ValueError, match=r"inner='eager' runs the graph without Inductor"):
+        attnlower.check_options({"inner": "eager", "mode": "reduce-overhead"})
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"explain": "yes"}, r"option 'explain' must be True or False, got 'yes' \(str\)"),
+    ({"strict": 1}, r"option 'strict' must be True or False, got 1 \(int\)"),
+    ({"validate": "False"}, r"option 'validate' must be True or False"),
+    ({"inner": "aot_eager"}, r"option 'inner' must be 'inductor' or 'eager', got 'aot_eager'"),
+    ({"ops": "flash_attention"}, r"option 'ops' must be a list or tuple of op names"),
+    ({"ops": ["flash"]}, r"unknown op\(s\) \['flash'\]"),
+    ({"dump_dir": 3}, r"option 'dump_dir' must be a string \(a folder path\) or None, got 3"),
+])
+def test_check_options_says_which_option_what_came_and_what_is_allowed(options, message):
+    with pytest.raises(ValueError, match=message):
+        attnlower.check_options(options)
+
+
+def test_an_option_error_in_torch_compile_leads_with_the_option():
+    case = M.handwritten("mul")
+    with pytest.raises(Exception) as info:
+        _compile_and_call(case, {"explain": "yes"})
+    text = str(info.value)
+    assert "ValueError: attnlower option 'explain' must be True or False" in text, text
+
+
+def test_path_options_take_a_pathlib_path(tmp_path):
+    assert attnlower.check_options({"dump_dir": tmp_path}).dump_dir == str(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# static inputs: the graph attnlower hands Inductor keeps what Dynamo knew about its inputs
+
+
+class _TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        self.out = torch.nn.Linear(32, 32)
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        w = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.out((w @ v).transpose(1, 2).reshape(b, t, 32))
+
+
+def test_parameters_stay_static_inputs_for_inductor(monkeypatch):
+    """Dynamo marks parameters and buffers as static inputs; AOTAutograd reads those marks from the graph
+    (placeholder sources, `tensor_dict`) to tell CUDA graphs which inputs never change. The aten graph
+    attnlower hands to Inductor carries the same marks, input for input, as Dynamo's graph."""
+    import torch._inductor.compile_fx as compile_fx_module
+    from attnlower.compiler import inductor
+
+    received = []
+    real = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, inputs, *args, **kwargs):
+        received.append(gm)
+        return real(gm, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    dynamo_graphs = []
+    real_keep = inductor.keep_dynamo_input_facts
+
+    def keep(dynamo_gm, gm):
+        dynamo_graphs.append(dynamo_gm)
+        return real_keep(dynamo_gm, gm)
+
+    monkeypatch.setattr(inductor, "keep_dynamo_input_facts", keep)
+    torch._dynamo.reset()
+    model = _TwoLayer()
+    x = torch.randn(2, 7, 32)
+    start = len(backend._REPORTS)
+    got = torch.compile(model, backend="attnlower")(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert backend._REPORTS[-1].count() == 1 and len(backend._REPORTS) == start + 1
+    (gm,), (dynamo_gm,) = received, dynamo_graphs
+    assert gm is not dynamo_gm and "dynamo_compile_id" in gm.meta
+    ours, theirs = gm.graph.find_nodes(op="placeholder"), dynamo_gm.graph.find_nodes(op="placeholder")
+    assert len(ours) == len(theirs)
+
+    def static(node):
+        return bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+
+    marks = [(n._dynamo_source, static(n)) for n in ours]
+    assert marks == [(n._dynamo_source, static(n)) for n in theirs]
+    # the 4 parameters and the buffer are static, the input x is not
+    assert sum(s for _, s in marks) == 5 and [s for src, s in marks if "x" == getattr(src, "local_name", None)] == [False]
+
+
+def test_input_facts_are_not_copied_between_graphs_that_do_not_correspond():
+    from attnlower.compiler.inductor import keep_dynamo_input_facts
+
+    def f(x, y):
+        return x + y
+
+    a = torch.fx.symbolic_trace(f)
+    b = torch.fx.symbolic_trace(lambda x: x * 2)
+    a.meta["dynamo_compile_id"] = "0/0"
+    a._param_name_to_source = {}
+    assert not keep_dynamo_input_facts(a, b)            # 2 inputs vs 1: nothing copied
+    assert "dynamo_compile_id" not in b.meta
+    assert not keep_dynamo_input_facts(torch.fx.symbolic_trace(f), torch.fx.symbolic_trace(f))  # not from Dynamo

@@ -173,7 +173,8 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, Context], str]]] = [
 # the backend
 
 def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], options=None, **kwargs):
-    """The torch.compile backend. `options` is the dict given to torch.compile(options=...)."""
+    """The torch.compile backend. `options` is the dict given to torch.compile(options=...); `mode`
+    (torch.compile(mode=...), which torch passes as a keyword) selects the inner Inductor's mode."""
     if kwargs:
         options = {**(options or {}), **kwargs}
     opts = Options.from_mapping(options)
@@ -234,7 +235,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     from .inductor import compile_with_inductor
 
     with _checkpoint_remat_off(aten_gm):
-        return compile_with_inductor(aten_gm, example_inputs)
+        return compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
 
 
 def _checkpoint_remat_off(gm: fx.GraphModule):
@@ -267,7 +268,7 @@ def _compile_untraced(gm: fx.GraphModule, example_inputs, opts: Options, report:
         return gm
     from .inductor import compile_with_inductor
 
-    return compile_with_inductor(gm, example_inputs)
+    return compile_with_inductor(gm, example_inputs, opts.mode)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

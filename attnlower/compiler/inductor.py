@@ -80,8 +80,61 @@ def without_sfdp() -> Iterator[None]:
             entries[:] = before
 
 
-def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], mode: str = "default",
+                          dynamo_gm: fx.GraphModule | None = None):
+    """Compile `gm` with Inductor as `torch.compile(mode=mode)` would, with sfdp off.
+
+    `mode` is one of Inductor's modes (`torch._inductor.list_mode_options()`): "reduce-overhead" turns
+    on CUDA graphs, "max-autotune" autotuning and CUDA graphs, ... The compile goes through the same
+    wrapper `torch.compile(backend="inductor", mode=mode)` builds, so every mode means exactly what it
+    means there. `dynamo_gm` is the graph Dynamo handed the backend: its facts about the inputs are
+    kept on `gm` (`keep_dynamo_input_facts`), so parameters stay static inputs under CUDA graphs.
+    """
+    if dynamo_gm is not None and dynamo_gm is not gm:
+        keep_dynamo_input_facts(dynamo_gm, gm)
+    with without_sfdp():
+        return _inductor_for_mode(mode)(gm, example_inputs)
+
+
+def _inductor_for_mode(mode: str):
+    wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
+    if wrapper is not None:
+        return wrapper(mode, None, None)    # (mode, options, dynamic): what torch.compile builds
+    from torch._inductor import list_mode_options   # older torch: the same patches by hand
     from torch._inductor.compile_fx import compile_fx
 
-    with without_sfdp():
-        return compile_fx(gm, example_inputs)
+    patches = list_mode_options(mode) if mode and mode != "default" else {}
+    return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+
+
+# What Dynamo records on the graph it hands a backend, which AOTAutograd reads back to tell static
+# inputs (parameters, buffers) from per-call inputs: CUDA graphs copy every non-static input into the
+# graph's buffers on every replay, so a graph without these facts copies all the weights each step.
+_DYNAMO_GRAPH_META = ("dynamo_compile_id", "dynamo_flat_name_to_original_fqn", "backend_id",
+                      "cudagraph_annotation")
+
+
+def keep_dynamo_input_facts(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bool:
+    """Copy Dynamo's facts about the graph inputs from `dynamo_gm` onto `gm`, the aten graph traced from it
+    (same placeholders, same order): each placeholder's source and static-input type, the graph's
+    compile id and parameter sources. Returns whether they were copied; when the two graphs do not
+    correspond one to one, nothing is copied (Inductor then treats every input as dynamic: correct,
+    only slower under CUDA graphs)."""
+    if "dynamo_compile_id" not in dynamo_gm.meta or not hasattr(dynamo_gm, "_param_name_to_source"):
+        return False    # not a Dynamo graph (export, a test's hand-made graph): nothing to keep
+    theirs = list(dynamo_gm.graph.find_nodes(op="placeholder"))
+    ours = list(gm.graph.find_nodes(op="placeholder"))
+    sources = dynamo_gm._param_name_to_source
+    params = [name for name, _ in gm.named_parameters(remove_duplicate=False)] + \
+             [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    if len(theirs) != len(ours) or any(name not in sources for name in params):
+        return False
+    for mine, dynamos in zip(ours, theirs):
+        mine._dynamo_source = getattr(dynamos, "_dynamo_source", None)
+        if "tensor_dict" in dynamos.meta:
+            mine.meta["tensor_dict"] = dynamos.meta["tensor_dict"]
+    for key in _DYNAMO_GRAPH_META:
+        if key in dynamo_gm.meta:
+            gm.meta[key] = dynamo_gm.meta[key]
+    gm._param_name_to_source = {name: sources[name] for name in params}
+    return True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +22,10 @@ class Options:
     validate: check every rewritten site against the region it replaced (float64 CPU, random inputs)
               and undo the rewrites that differ; False skips the check (passes/validate.py).
     repro_dir: where repro files go (a failed pass, a site that failed validation); default: the temp dir.
+    mode:     the inner Inductor's mode, as torch.compile(mode=...) names it: "default", "reduce-overhead"
+              (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs" (torch._inductor.list_mode_options()).
+              torch.compile(model, backend="attnlower", mode=...) sets it; so does options={"mode": ...}
+              (torch.compile takes mode or options, not both).
     """
 
     inner: str = "inductor"
@@ -33,12 +38,20 @@ class Options:
     dump_mlir: bool = False
     dump_dot: bool = False
     validate: bool = True
+    mode: str = "default"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.default)
         if self.inner not in ("inductor", "eager"):
             raise ValueError(f"attnlower option 'inner' must be 'inductor' or 'eager', got {self.inner!r}")
-        if not isinstance(self.validate, bool):
-            raise ValueError(f"attnlower option 'validate' must be True or False, got {self.validate!r}")
+        modes = inductor_modes()
+        if self.mode not in modes:
+            raise ValueError(f"attnlower option 'mode' must be one of Inductor's modes {modes}, got {self.mode!r}")
+        if self.mode != "default" and self.inner != "inductor":
+            raise ValueError(f"attnlower option 'mode'={self.mode!r} sets the inner Inductor's mode, but inner="
+                             f"{self.inner!r} runs the graph without Inductor; use inner='inductor' (the default) "
+                             f"or leave mode unset")
         known = {"flash_attention", "sliding_window_attention", "paged_attention"}
         unknown = set(self.ops) - known
         if unknown:
@@ -52,6 +65,50 @@ class Options:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown attnlower option(s) {unknown}; valid options are {valid}")
-        if "ops" in options:
+        if isinstance(options.get("ops"), (list, set, frozenset)):
             options["ops"] = tuple(options["ops"])
+        for name in ("dump_dir", "repro_dir"):   # a pathlib.Path is a folder too
+            if isinstance(options.get(name), os.PathLike):
+                options[name] = os.fspath(options[name])
         return cls(**options)
+
+
+def check_options(options: Mapping[str, Any] | None = None, mode: str | None = None) -> Options:
+    """Validate attnlower options before compiling; returns them as `Options`, raises ValueError saying
+    which option, what came and what is allowed.
+
+        attnlower.check_options({"explain": True, "ops": ["flash_attention"]})
+        attnlower.check_options(mode="reduce-overhead")
+    """
+    options = dict(options or {})
+    if mode is not None:
+        if "mode" in options and options["mode"] != mode:
+            raise ValueError(f"attnlower: mode given twice, {mode!r} and options['mode']={options['mode']!r}; "
+                             f"give it once")
+        options["mode"] = mode
+    return Options.from_mapping(options)
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Each option has the type of its default (None: a string or None; ops: a sequence of op names)."""
+    if name == "ops":
+        if not isinstance(value, tuple) or not all(isinstance(op, str) for op in value):
+            raise ValueError(f"attnlower option 'ops' must be a list or tuple of op names, got {value!r}; "
+                             f"e.g. ['flash_attention', 'sliding_window_attention']")
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"attnlower option {name!r} must be True or False, got {value!r} "
+                             f"({type(value).__name__})")
+        return
+    if default is None or isinstance(default, str):
+        if not (isinstance(value, str) or (default is None and value is None)):
+            allowed = "a string (a folder path) or None" if default is None else "a string"
+            raise ValueError(f"attnlower option {name!r} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def inductor_modes() -> list[str]:
+    """The modes torch.compile accepts for Inductor on this torch ("default", "reduce-overhead", ...)."""
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())

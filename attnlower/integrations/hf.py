@@ -114,7 +114,19 @@ class PagedLayer(DynamicLayer):
                              f"(the first forward's), got {key_states.shape[0]}; build a new PagedCache per batch")
         if self.layer_idx == 0:
             self.owner._checked_masks.clear()   # a new forward: its masks are new tensors
-        self.pool.append(self.seq_ids, key_states, value_states)
+        from attnlower.cache import CacheFullError
+
+        try:
+            self.pool.append(self.seq_ids, key_states, value_states)
+        except CacheFullError as full:
+            # inside generate() the user cannot free sequences: the advice is the size to build
+            length = self.get_seq_length() + key_states.shape[2]
+            need = len(self.seq_ids) * -(-length // self.block_size)
+            raise CacheFullError(
+                f"PagedCache(num_blocks={self.num_blocks}, block_size={self.block_size}) is full: {len(self.seq_ids)} "
+                f"sequence(s) of {length} tokens need {need} blocks per layer. Build it with num_blocks >= batch * "
+                f"ceil((prompt_len + max_new_tokens) / block_size), e.g. num_blocks={need} for {length} tokens per "
+                f"sequence") from full
         self.block_table = self.pool.block_table(self.seq_ids)
         self.seq_lens = self.pool.seq_lens(self.seq_ids)
         return self.keys, self.values

@@ -195,9 +195,45 @@ def test_cache_full_is_a_clear_error(checkpoints):
 
     ids, _ = _inputs(pad=False)
     ours = _load(checkpoints, "llama", "attnlower")
-    with torch.no_grad(), pytest.raises(CacheFullError, match="free"):
+    # inside generate() nothing can be freed: the error gives the num_blocks to build (B=2 rows of 24 tokens)
+    with torch.no_grad(), pytest.raises(CacheFullError, match=r"num_blocks >= batch .* e\.g\. num_blocks=12 for 24"):
         ours.generate(ids, past_key_values=hf.PagedCache(ours.config, num_blocks=3, block_size=4),
                       max_new_tokens=4, do_sample=False)
+
+
+def _readme_block(heading: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+@pytest.mark.skipif(tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24),
+                    reason="the README spells generate(cache=...), transformers >= 5.24")
+def test_readme_hf_snippet_runs_as_written(checkpoints, recwarn):
+    """The README's Hugging Face snippet, executed as written (a tiny local checkpoint as `name`): it
+    decodes through paged_attention, gives eager's tokens, and warns about nothing deprecated."""
+    code = _readme_block("### Hugging Face models without torch.compile")
+    ids, _ = _inputs(pad=False)
+    scope = {"name": str(checkpoints["llama"]), "input_ids": ids[:, :10]}
+    calls = []
+    real = attnlower.ops.paged_attention
+    attnlower.ops.paged_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        attnlower.ops.paged_attention = real
+    deprecated = [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                  and "transformers" in str(w.filename)]
+    assert not deprecated, deprecated
+    assert calls, "the README snippet did not decode through paged_attention"
+    eager = _load(checkpoints, "llama", "eager")
+    with torch.no_grad():
+        want = eager.generate(ids[:, :10], max_new_tokens=64, do_sample=False)
+    assert torch.equal(scope["out"], want)
 
 
 class _Module(torch.nn.Module):
