@@ -393,13 +393,13 @@ def test_lazy_report_names_the_first_bad_call(monkeypatch):
     from attnlower.lowering import errors
 
     flags = errors._DeviceFlags(torch.device("cpu"))
-    flags.host = torch.zeros((errors._RING, 4), dtype=torch.int32)   # stands for the pinned ring
+    flags.host = torch.zeros((errors._RING, 4), dtype=torch.int32, device="cpu")   # stands for the pinned ring
     flags.host_view, flags.last_slot = flags.host.numpy(), 0
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for call in (1, 2):
         flags.before_launch()                       # nothing seen yet
         if call == 2:                               # what the kernel does for a bad call: sticky bits
-            flags.flags.copy_(torch.tensor([errors.BAD_BLOCK_ID, 1, 13, 40], dtype=torch.int32))
+            flags.flags.copy_(torch.tensor([errors.BAD_BLOCK_ID, 1, 13, 40], dtype=torch.int32, device="cpu"))
         flags.after_launch((2, 4, 1, 16))
     with pytest.raises(errors.PagedInputError, match=r"paged call #2 on cpu \(q \[2, 4, 1, 16\]\) \(reported lazily.*"
                                                      r"ATTNLOWER_PAGED_CHECKS=sync.*sequence 1, a block id outside"):
