@@ -45,6 +45,16 @@ def recording(into: list):
         _recording.into = before
 
 
+def scratch(t: Tensor) -> Tensor:
+    """Declare `t` a launcher's own uninitialized buffer (a workspace the kernels fully write before reading):
+    a cached call may allocate it afresh. Any other tensor a launch reads must be one of the call's inputs or
+    outputs, or the call is not cached (a copy made by the launcher, a zero-filled buffer, ...)."""
+    into = getattr(_recording, "into", None)
+    if into is not None:
+        into.append(("scratch", t))
+    return t
+
+
 def launch(fn, grid: tuple, args: tuple, kwargs: dict):
     """`fn[grid](*args, **kwargs)`, recorded when a `recording()` is active. Returns Triton's result."""
     compiled = fn[grid](*args, **kwargs)
@@ -123,6 +133,8 @@ def _empty_strided() -> Callable:
         _empty_strided_cuda = None
 
     def alloc(size, stride, dtype, device):
+        """An uninitialized tensor on `device` (the current CUDA device for CUDA). Plain tensors only: Inductor's
+        allocator goes around the dispatcher, so it must never run while a mode traces."""
         if _empty_strided_cuda is not None and device.type == "cuda" and \
                 not torch.utils.deterministic.fill_uninitialized_memory:
             return _empty_strided_cuda(size, stride, dtype)  # the current device: the caller checked it is q's
@@ -174,7 +186,11 @@ class CachedCall:
         """From the launch records of a first call; None when a launch cannot be replayed this way."""
         allocated: list[Tensor] = []
         kernels = []
-        for fn, grid, args, kwargs, compiled in records:
+        fresh = [t for t in returned] + [record[1] for record in records if record[0] == "scratch"]
+        for record in records:
+            if record[0] == "scratch":
+                continue
+            fn, grid, args, kwargs, compiled = record
             if compiled is None or not hasattr(compiled, "run") or not hasattr(compiled, "function"):
                 return None
             names = list(fn.arg_names)
@@ -194,14 +210,16 @@ class CachedCall:
                 if source is None:
                     source = next((i for i, t in enumerate(allocated) if t is value), None)
                     if source is None:
-                        if value._base is not None:
-                            return None   # a view of something else: not a fresh allocation
+                        if not any(value is t for t in fresh):
+                            return None   # neither an input, an output nor a declared scratch buffer
                         allocated.append(value)
                         source = len(allocated) - 1
                     source += len(inputs)
                 slots.append((position, source))
                 values[position] = None
             kernels.append(CachedKernel(compiled, tuple(grid) + (1,) * (3 - len(grid)), tuple(slots), values))
+        if not kernels:
+            return None
         returns = []
         for t in returned:
             index = next((i for i, a in enumerate(allocated) if a is t), None)

@@ -182,25 +182,22 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     group = q_heads // kv_heads
     runtime = (params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p)
 
-    delta = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
-    kernel(flash_bwd, pre.kernel)[pre.grid](
-        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq, **pre.launch_kwargs,
-    )
+    delta = fastpath.scratch(torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device))
+    fastpath.launch(kernel(flash_bwd, pre.kernel), pre.grid, (
+        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq), pre.launch_kwargs)
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
-    kernel(flash_bwd, dkdv.kernel)[dkdv.grid](
+    fastpath.launch(kernel(flash_bwd, dkdv.kernel), dkdv.grid, (
         q, k, v, bias_t, slopes, grad_out, lse, delta, dk, dv, ds_t, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,
-        WRITE_DS=ds_full is not None, **dkdv.launch_kwargs,
-    )
-    kernel(flash_bwd, dq_launch.kernel)[dq_launch.grid](
+    ), dict(dkdv.launch_kwargs, WRITE_DS=ds_full is not None))
+    fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
         q, k, v, bias_t, slopes, grad_out, lse, delta, dq, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(), *dq.stride(),
         q_heads, group, tq, tk, *runtime,
-        **dq_launch.launch_kwargs,
-    )
+    ), dq_launch.launch_kwargs)
     if ds_full is not None:
         dbias = ds_full if ds_full.dtype == bias.dtype and tuple(bias.shape) == ds_full.shape \
             else ds_full.sum_to_size(bias.shape).to(bias.dtype)

@@ -56,9 +56,10 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
 
     rows_total = batch * q_heads * tq
     if plan.num_splits > 1:
-        m_ws = torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty((plan.num_splits, rows_total, head_dim), dtype=torch.float32, device=q.device)
+        m_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device))
+        l_ws = fastpath.scratch(torch.empty_like(m_ws))
+        acc_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total, head_dim), dtype=torch.float32,
+                                              device=q.device))
     else:
         m_ws = l_ws = acc_ws = None
 

@@ -209,3 +209,10 @@ def kernel_names(op: str, direction: str | None = None) -> tuple[str, ...]:
     kernels = OPS[op].kernels
     directions = [direction] if direction is not None else list(kernels)
     return tuple(name for d in directions if d in kernels for name in kernels[d].names)
+
+
+def kernel_table() -> dict[str, list[tuple[str, tuple[str, ...], str]]]:
+    """{op: [(module, kernel names, direction), ...]} for the ops a rewrite emits: the shape of
+    compiler/dump.py's `_OP_KERNELS`, which it can become (`_OP_KERNELS = registry.kernel_table()`)."""
+    return {name: [(ks.module, ks.names, direction) for direction, ks in OPS[name].kernels.items()]
+            for name in FORWARD_OPS}

@@ -199,3 +199,34 @@ def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_
     finally:
         errors.set_paged_checks(True)
     assert len(attn.compiled) == 2
+
+
+def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
+    from attnlower.lowering.kernels import flash_bwd
+
+    names = ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
+    jits = {name: _StubJIT(getattr(flash_bwd, name)) for name in names}
+    real_kernel = launch.kernel
+    monkeypatch.setattr(launch, "kernel", lambda module, name: jits.get(name) or real_kernel(module, name))
+    _path_on_the_test_device(monkeypatch)
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 9, 11)
+    out, lse, rng = torch.ops.attnlower.flash_attention(q, k, v, bias, causal=True)
+
+    def backward(bias_grad):
+        return torch.ops.attnlower.flash_attention_backward(torch.ones_like(out), q, k, v, bias, None, out, lse, rng,
+                                                            None, True, False, 0.0, 0.0, 0, False, bias_grad)
+
+    first = backward(False)
+    again = backward(False)
+    assert all(len(jit.compiled) == 1 for jit in jits.values()), "the repeat backward went through the JIT again"
+    pre, dkdv, dq = (jits[n].compiled[0][1].runs[0][2] for n in names)
+    delta = pre[jits[names[0]].arg_names.index("Delta")]
+    # the preprocess writes delta into a fresh buffer that both gradient kernels then read
+    assert delta == dkdv[jits[names[1]].arg_names.index("Delta")] == dq[jits[names[2]].arg_names.index("Delta")]
+    assert dq[jits[names[2]].arg_names.index("DQ")] == again[0].data_ptr() != first[0].data_ptr()
+    assert again[3].numel() == 0 and again[0].stride() == q.stride()
+    backward(True)   # a bias gradient: its zero-filled dS buffer is the launcher's, never cached
+    backward(True)
+    assert all(len(jit.compiled) == 3 for jit in jits.values())
+    fastpath.clear()

@@ -621,3 +621,12 @@ def test_kernel_plan_uses_the_real_lengths():
                                  tq=1, tk=4096, head_dim=128, dtype=torch.bfloat16, target=h200, block_size=16)
     assert [launch["kernel"] for launch in paged["launches"]] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
     assert "split-KV into 16" in paged["note"]
+
+
+def test_registry_kernel_table_is_what_the_dump_lists():
+    """compiler/dump.py keeps its own `_OP_KERNELS` until the pass side reads the registry; they must agree."""
+    from attnlower.compiler import dump
+    from attnlower.lowering import registry
+
+    assert registry.kernel_table() == {op: [tuple(entry) for entry in entries]
+                                       for op, entries in dump._OP_KERNELS.items()}
