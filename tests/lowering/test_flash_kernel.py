@@ -385,3 +385,16 @@ def oracle_cuda(q, k, v, **kwargs):
     """The oracle with its index tensors on q's device."""
     with torch.device(q.device):
         return oracle(q, k, v, **kwargs)
+
+
+def test_hopper_fp32_wide_head_backward_tiles():
+    """fp32 with a head dim padded to 256: the dK/dV tiles the plan picks on sm_90 (32x32 since 2026-12-03: 32x64
+    needed 262144 bytes of shared memory, tests/lowering/sm90_compile.py --fits) against the oracle, odd sizes."""
+    kv_cfg = flash_config(90, 224, torch.float32, True, 0, "bwd_kv")
+    q_cfg = flash_config(90, 224, torch.float32, True, 0, "bwd_q")
+    assert (kv_cfg.block_m, kv_cfg.block_n) == (32, 32)
+    warps = (lambda c: c.num_warps) if torch.empty(0).is_cuda else (lambda c: 1)
+    q, k, v = make_inputs(1, 2, 1, 37, 45, 224, torch.float32)
+    run_and_check(q, k, v, causal=True, bottom_right=True,
+                  config_kv=KernelConfig(kv_cfg.block_m, kv_cfg.block_n, warps(kv_cfg), 1),
+                  config_q=KernelConfig(q_cfg.block_m, q_cfg.block_n, warps(q_cfg), 1))
