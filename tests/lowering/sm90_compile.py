@@ -381,11 +381,41 @@ def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
     shared = compiled.metadata.shared
     if shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
         raise RuntimeError(f"needs {shared} bytes of shared memory, an sm_90 block gets at most {SM90_SHARED_BYTES}")
-    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}"
+    regs, stack = register_usage(compiled)
+    threads = 32 * launch_.options.get("num_warps", 4)
+    if regs is not None and regs * threads > SM90_REGISTERS_PER_BLOCK:
+        raise RuntimeError(f"needs {regs} registers x {threads} threads, an sm_90 block gets {SM90_REGISTERS_PER_BLOCK}")
+    usage = "" if regs is None else f" regs={regs} spill_stack={stack}"
+    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}{usage}"
 
 
-def _check_worker(item):
-    index, launch_, constant_scalars = item
+SM90_REGISTERS_PER_BLOCK = 65536
+
+
+def register_usage(compiled) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes per thread: spills) of a compiled kernel, from the cuobjdump Triton
+    ships; (None, None) where it is missing. ptxas keeps registers within the block's share (Triton sets
+    maxntid), so the limit cannot fail a launch; spills only cost speed (printed, not failed)."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() or "cubin" not in compiled.asm:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+
+
+_ITEMS: list = []   # what the workers compile: forked processes inherit it (kernels do not pickle)
+
+
+def _check_worker(index: int):
+    launch_, constant_scalars = _ITEMS[index]
     try:
         return index, True, check_one(launch_, constant_scalars)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the script fails
@@ -394,15 +424,14 @@ def _check_worker(item):
 
 
 def run(items: list, jobs: int) -> int:
-    failed = 0
-    work = [(i, launch_, flag) for i, (launch_, flag) in enumerate(items)]
+    _ITEMS[:] = items
+    work = range(len(items))
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = pool.map(_check_worker, work, chunksize=4)
-            failed = _report(items, results)
-    else:
-        failed = _report(items, map(_check_worker, work))
-    return failed
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return _report(items, pool.map(_check_worker, work, chunksize=4))
+    return _report(items, map(_check_worker, work))
 
 
 def _report(items, results) -> int:
