@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor

@@ -39,20 +39,16 @@ import math
 import operator
 import os
 import sys
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from attnlower.lowering import errors, fastpath, registry
-from attnlower.lowering.params import AttentionParams, default_scale
+from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.plan import cached_unless_symbolic
-from attnlower.lowering.reference import (
-    reference_flash_backward,
-    reference_flash_forward,
-    reference_paged_forward,
-    out_like,
-)
+from attnlower.lowering import reference  # noqa: F401  the references _run reads by name (registry.OpDef.references)
+from attnlower.lowering.reference import out_like
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -19,7 +19,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import traceback

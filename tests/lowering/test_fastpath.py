@@ -149,8 +149,7 @@ def test_no_fast_path_while_a_launch_hook_is_set(stub, monkeypatch):
 
 def test_pointer_rule_is_read_from_the_installed_triton():
     # a Triton whose native_specialize_impl keys pointers differently turns the path off (checked, not assumed)
-    assert fastpath._check_pointer_rule() in (True, False)
-    from triton._C.libtriton import native_specialize_impl  # noqa: F401  present in triton 3.6 - 3.9
+    # triton 3.6 (the H200's) and 3.9 (this venv's) both specialize pointers on 16-byte alignment only
     assert fastpath._check_pointer_rule() is True
 
 
