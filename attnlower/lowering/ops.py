@@ -658,12 +658,13 @@ def _needs_grad(ctx, index: int) -> bool:
     return index < len(ctx.needs_input_grad) and bool(ctx.needs_input_grad[index])
 
 
-def _register_autograd(op: registry.OpDef, op_def) -> None:
-    """setup_context / backward of a differentiable op, read off its registry entry and its backward's.
+def _autograd(op: registry.OpDef, call_backward: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) of a differentiable op, read off its registry entry and its backward's.
 
     The backward op's arguments are filled by name: grad_out; a tensor the forward read or wrote (saved);
     an AttentionParams field (the forward's argument, or what the op fixes); `<input>_requires_grad` flags
-    (whether that input wants a gradient). Its returns are the gradients of the inputs `grads` names."""
+    (whether that input wants a gradient). Its returns are the gradients of the inputs `grads` names.
+    `call_backward(*args)` runs the backward op (the dispatcher's op, or its implementation directly)."""
     back = registry.OPS[op.backward]
     saved = tuple(a.name for a in back.args if a.is_tensor and a.name != "grad_out")
     flags = {a.name: a.name[:-len("_requires_grad")] for a in back.args if a.name.endswith("_requires_grad")}
@@ -687,15 +688,43 @@ def _register_autograd(op: registry.OpDef, op_def) -> None:
                                       f"implemented; pass {ctx.no_grad[0]}.detach() (ALiBi slopes are constants "
                                       f"in ALiBi models)")
         values = dict(zip(saved, ctx.saved_tensors), grad_out=grad_out, **ctx.scalars, **ctx.flags)
-        results = getattr(torch.ops.attnlower, back.name)(*(values[n] for n in back.arg_names))
+        results = call_backward(*(values[n] for n in back.arg_names))
         by_input = dict(zip(back.grads, results))
         for flag, input_name in flags.items():
             if not ctx.flags[flag]:
                 by_input[input_name] = None
         return tuple(by_input.get(name) for name in op.arg_names)
 
+    return setup_context, backward
+
+
+def _register_autograd(op: registry.OpDef, op_def) -> None:
+    setup_context, backward = _autograd(op, getattr(torch.ops.attnlower, op.backward))
     op_def.register_autograd(backward, setup_context=setup_context)
+
+
+def _eager_function(op: registry.OpDef) -> type:
+    """The same autograd glue as a torch.autograd.Function calling the implementations directly: what
+    `attnlower.ops` uses for a plain eager call that needs a gradient (no tracing, no mode, no subclass), so
+    that call pays neither custom_op's Python layers nor the dispatcher, forward or backward."""
+    setup_context, backward = _autograd(op, _IMPLS[op.backward])
+    impl = _IMPLS[op.name]
+
+    def forward(ctx, *args):
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips binding the arguments
+        # through inspect.signature on every call
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"{op.name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+        "__doc__": f"Eager autograd of attnlower::{op.name} (see lowering/ops.py, _eager_function).",
+    })
 
 
 for _name in ("flash_attention", "sliding_window_attention"):
     _register_autograd(registry.OPS[_name], _DENSE_OPS[_name])
+
+EAGER_AUTOGRAD = {name: _eager_function(registry.OPS[name]) for name in ("flash_attention", "sliding_window_attention")}

@@ -18,6 +18,7 @@ This module imports neither triton nor the kernels: the pass side and the dump r
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -75,11 +76,11 @@ class OpDef:
     def qualname(self) -> str:
         return f"attnlower::{self.name}"
 
-    @property
+    @functools.cached_property
     def arg_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args)
 
-    @property
+    @functools.cached_property
     def return_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.returns)
 

@@ -630,3 +630,25 @@ def test_registry_kernel_table_is_what_the_dump_lists():
 
     assert registry.kernel_table() == {op: [tuple(entry) for entry in entries]
                                        for op, entries in dump._OP_KERNELS.items()}
+
+
+@pytest.mark.parametrize("op", ["flash", "sliding"])
+def test_eager_autograd_path_matches_the_registered_autograd(op):
+    """A plain eager call that needs a gradient runs the registry's autograd glue as an autograd.Function over
+    the implementations (no dispatcher, no custom_op layers); gradients equal the registered op's."""
+    q, k, v = qkv(requires_grad=True)
+    bias = torch.randn(1, 4, 9, 11, requires_grad=True)
+    if op == "flash":
+        out = public.flash_attention(q, k, v, bias, causal=True, softcap=2.0)
+        ref = OPS.flash_attention(q, k, v, bias, None, None, True, False, 2.0)[0]
+    else:
+        out = public.sliding_window_attention(q, k, v, 4, bias, softcap=2.0)
+        ref = OPS.sliding_window_attention(q, k, v, 4, bias, None, None, False, 2.0)[0]
+    assert "eager" in out.grad_fn.name() and "eager" not in ref.grad_fn.name()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    want = torch.autograd.grad(ref, (q, k, v, bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    with pytest.raises(NotImplementedError, match="alibi_slopes is not implemented"):
+        public.flash_attention(q, k, v, alibi_slopes=torch.rand(4, requires_grad=True)).sum().backward()
