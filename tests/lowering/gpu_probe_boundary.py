@@ -100,6 +100,12 @@ def host_table(iters):
     table, lens = cache.block_table(ids, max_blocks=16), cache.seq_lens(ids)
     pq = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     paged = host_us(lambda: public.paged_attention(pq, cache.k_pool, cache.v_pool, table, lens), iters)
+    qg, kg, vg = qkv(requires_grad=True)
+    grad = torch.randn_like(qg)
+    train_sdpa = host_us(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(grad), iters // 3)
+    train_ours = host_us(lambda: public.flash_attention(qg, kg, vg, causal=True).backward(grad), iters // 3)
+    row("host eager training step (forward + backward): SDPA vs attnlower.ops", "info",
+        f"{train_sdpa:6.1f} vs {train_ours:6.1f} us")
     for name, us in (("F.scaled_dot_product_attention", sdpa), ("attnlower.ops.flash_attention (cached launch)", direct),
                      ("attnlower.ops.flash_attention (ATTNLOWER_FAST_LAUNCH=0: Triton's JIT)", direct_jit),
                      ("torch.ops.attnlower.flash_attention.default (opaque op)", opaque),
