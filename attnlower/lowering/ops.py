@@ -17,8 +17,9 @@ everything takes params + tensors. Then CUDA tensors run the Triton launchers (`
 `lowering/launch_paged.py`) and CPU tensors the reference (`lowering/reference.py`), unless
 `ATTNLOWER_CPU_KERNELS=triton` asks for the launchers on CPU too (Triton's interpreter). float64
 always runs the reference on CPU (the translation validator relies on it). Tensors on other
-devices run the reference, which is plain PyTorch. A repeat dense call on CUDA launches its cached
-compiled kernel directly (`lowering/fastpath.py`).
+devices run the reference, which is plain PyTorch. A repeat call on CUDA launches its cached compiled
+kernels directly (`lowering/fastpath.py`); plain eager calls that need a gradient use `EAGER_AUTOGRAD`, the
+same autograd glue as an autograd.Function over these implementations (no dispatcher).
 
 Outputs follow q's layout: `out` has q's stride order (a [B, T, H, D] view in gives [B, T, H, D] memory out,
 so `out.transpose(1, 2).reshape(B, T, H * D)` downstream is a view), and dq / dk / dv their input's; the fake
