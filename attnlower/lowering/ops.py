@@ -602,7 +602,7 @@ _flash_op, _sliding_op, _backward_op = (_DENSE_OPS[n] for n in _IMPLS)
 
 def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
                          causal=True, window=0, softcap=0.0):
-    """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv] (contiguous). Inference only."""
+    """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv] in q's layout. Inference only."""
     tensors = (q, k_cache, v_cache, block_table, seq_lens, alibi_slopes)
     fast = None
     if fastpath.ENABLED:  # a repeat call of a known signature: the cached launches (lowering/fastpath.py)
@@ -647,8 +647,7 @@ paged_attention = getattr(torch.ops.attnlower, registry.PAGED.name)
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None,
                           scale=None, causal=True, window=0, softcap=0.0):
     validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap)
-    batch, q_heads, tq, _ = q.shape
-    return q.new_empty((batch, q_heads, tq, v_cache.shape[3]))
+    return out_like(q, v_cache.shape[3])
 
 
 # --------------------------------------------------------------------------- autograd (from the registry)

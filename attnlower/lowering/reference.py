@@ -176,11 +176,11 @@ def out_like(q: Tensor, dv, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
-                       empty_rows_nan, geometry: _Geometry, follow_q: bool = True) -> tuple[Tensor, Tensor]:
+                       empty_rows_nan, geometry: _Geometry) -> tuple[Tensor, Tensor]:
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     cd = _compute_dtype(q)
-    out = out_like(q, dv) if follow_q else torch.empty((batch, q_heads, tq, dv), dtype=q.dtype, device=q.device)
+    out = out_like(q, dv)
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if tk == 0:  # no keys at all: every row is empty
         out.fill_(float("nan") if empty_rows_nan else 0.0)
@@ -346,5 +346,5 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=params.causal,
                          window=params.window, key_lens=lens.view(-1, 1, 1, 1))
     out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, params.scale,
-                                params.softcap, 0.0, None, False, geometry, follow_q=False)  # the paged out is contiguous
+                                params.softcap, 0.0, None, False, geometry)
     return out

@@ -652,3 +652,14 @@ def test_eager_autograd_path_matches_the_registered_autograd(op):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
     with pytest.raises(NotImplementedError, match="alibi_slopes is not implemented"):
         public.flash_attention(q, k, v, alibi_slopes=torch.rand(4, requires_grad=True)).sum().backward()
+
+
+def test_paged_output_follows_q_layout_in_the_real_and_the_fake_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k_cache, v_cache, table, lens = paged_inputs(tq=2)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)   # a [B, T, H, D] view, as models hand it over
+    real = OPS.paged_attention(q, k_cache, v_cache, table, lens)
+    with FakeTensorMode() as mode:
+        fake = OPS.paged_attention(*(mode.from_tensor(t) for t in (q, k_cache, v_cache, table, lens)))
+    assert real.stride() == fake.stride() == q.stride()

@@ -73,6 +73,7 @@ def _paged_attn_kernel(
     stride_btb, stride_btn,
     stride_sl,
     stride_ab, stride_ah,
+    stride_ob, stride_oh, stride_ot, stride_od,
     Hq, Hkv, Tq, rows_total,
     scale, softcap, window, num_splits, num_blocks, max_blocks,
     GROUP: tl.constexpr,
@@ -216,14 +217,17 @@ def _paged_attn_kernel(
                  mask=row_ok[:, None] & d_ok[None, :])
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
-        tl.store(out_ptr + row_global[:, None] * HEAD_DIM + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        # out[b, head, qi, :] through its strides: it has q's layout (lowering/launch_paged.py)
+        o_off = (b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
+                 + qi.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od)
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _paged_reduce_kernel(
     out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
-    rows_total, num_splits,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    Hq, Tq, rows_total, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
@@ -244,4 +248,9 @@ def _paged_reduce_kernel(
     acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    # row = (b * Hq + h) * Tq + i: out[b, h, i, :] through its strides (q's layout)
+    b = row // (Hq * Tq)
+    h = (row // Tq) % Hq
+    i = row % Tq
+    o_off = b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
