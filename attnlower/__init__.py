@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compiler.report import CompileReport, Reports, Site  # noqa: E402
+from .report.records import CompileReport, Reports, Site  # noqa: E402
 
 
 def inspect(fn, *args, options=None, dynamic=None, **kwargs):
@@ -26,14 +26,15 @@ def inspect(fn, *args, options=None, dynamic=None, **kwargs):
 
     from .compiler import backend
     from .compiler.options import Options
+    from .report.records import reports
 
     Options.from_mapping(options)   # a bad option fails here, before anything runs
-    start = len(backend._REPORTS)
+    start = len(reports())
     fresh = functools.partial(backend.attnlower_backend, options=options)
     with _room_for_one_more_compile():
         compiled = torch.compile(fn, backend=fresh, dynamic=False if dynamic is None else dynamic)
         compiled(*args, **kwargs)
-    return Reports(backend._REPORTS[start:])
+    return Reports(reports()[start:])
 
 
 def _room_for_one_more_compile():

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnlower.compiler import backend  # noqa: E402
-from attnlower.compiler.report import CompileReport  # noqa: E402
+from attnlower.report.records import CompileReport  # noqa: E402
 
 # Max relative error (max |compiled - eager| / max |eager|) accepted per dtype, as in tests/models.py.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}

@@ -18,6 +18,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The pass stages check the graph and their promises between each other (passes/pipeline.py): always here.
+os.environ.setdefault("ATTNLOWER_CHECK_STAGES", "1")
+
 if os.environ.get("ATTNLOWER_TEST_DEVICE"):
     torch.set_default_device(os.environ["ATTNLOWER_TEST_DEVICE"])
 

@@ -92,7 +92,7 @@ def test_check_generation(common):
 
 
 def test_check_sites_fails_on_refusal_and_fallback(common):
-    from attnlower.compiler.report import CompileReport, Site
+    from attnlower.report.records import CompileReport, Site
 
     good = CompileReport(graph_id=0, sites=[Site(0, "x.py:1", "sdpa", op="flash_attention")])
     refused = CompileReport(graph_id=1, sites=[Site(0, "x.py:1", "sdpa", op=None, reason="no")])

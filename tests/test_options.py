@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import attnlower
-from attnlower.compiler import backend
+import dataclasses
+
+from attnlower.passes import pipeline
+from attnlower.report.records import reports
 from attnlower.compiler.options import Options
 
 import models as M
@@ -91,14 +94,14 @@ class InjectedFailure(RuntimeError):
 
 
 def _break_first_pass(monkeypatch):
-    """Make the first pass of the pipeline raise InjectedFailure."""
-    (name, _), *rest = backend.PASSES
+    """Make the first stage of the pipeline raise InjectedFailure."""
+    first, *rest = pipeline.STAGES
 
     def broken(gm, ctx):
-        raise InjectedFailure(f"pass {name} forced to fail by the test")
+        raise InjectedFailure(f"pass {first.name} forced to fail by the test")
 
-    monkeypatch.setattr(backend, "PASSES", [(name, broken), *rest])
-    return name
+    monkeypatch.setattr(pipeline, "STAGES", (dataclasses.replace(first, run=broken), *rest))
+    return first.name
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -166,7 +169,8 @@ def test_validate_is_on_by_default_and_records_what_each_site_was_checked_on():
     sites = [s for r in reports for s in r.sites]
     assert sites and all(s.rewritten and s.validated.startswith("float64 CPU") for s in sites), \
         [(s.op, s.validated) for s in sites]
-    assert [p["name"] for p in reports[0].passes] == ["detect", "analyze+rewrite", "validate", "dead-code-eliminate"]
+    assert [p["name"] for p in reports[0].passes] == ["functionalize", "find_anchors", "score_chain", "resolve_kv", "classify_masks",
+                                                      "analyze", "rewrite", "validate", "clean_up"]
 
 
 def test_validate_false_skips_the_check():
@@ -208,12 +212,12 @@ def test_every_inductor_mode_is_accepted_with_parity(mode, monkeypatch):
     monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
     case = M.handwritten("mul")
     torch._dynamo.reset()
-    start = len(backend._REPORTS)
+    start = len(reports())
     compiled = torch.compile(case.model, backend="attnlower", mode=mode)
     got = compiled(*case.inputs.args, **case.inputs.kwargs)
     want = case.model(*case.inputs.args, **case.inputs.kwargs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert [r.count() for r in backend._REPORTS[start:]] == [1]
+    assert [r.count() for r in reports()[start:]] == [1]
     assert seen, "Inductor was not called"
     for key, value in list_mode_options(mode).items():
         assert seen[0].get(key) == value, f"mode={mode}: {key} should be {value}, Inductor got {seen[0]}"
@@ -298,10 +302,10 @@ def test_parameters_stay_static_inputs_for_inductor(monkeypatch):
     torch._dynamo.reset()
     model = _TwoLayer()
     x = torch.randn(2, 7, 32)
-    start = len(backend._REPORTS)
+    start = len(reports())
     got = torch.compile(model, backend="attnlower")(x)
     torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
-    assert backend._REPORTS[-1].count() == 1 and len(backend._REPORTS) == start + 1
+    assert reports()[-1].count() == 1 and len(reports()) == start + 1
     (gm,), (dynamo_gm,) = received, dynamo_graphs
     assert gm is not dynamo_gm and "dynamo_compile_id" in gm.meta
     ours, theirs = gm.graph.find_nodes(op="placeholder"), dynamo_gm.graph.find_nodes(op="placeholder")

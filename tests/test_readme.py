@@ -19,7 +19,7 @@ def test_readme_has_exactly_two_setup_commands():
 
 def test_demo_runs_and_says_what_ran():
     exe = shutil.which("attnlower") or None
-    cmd = [exe, "demo"] if exe else [sys.executable, "-m", "attnlower.compiler.cli", "demo"]
+    cmd = [exe, "demo"] if exe else [sys.executable, "-m", "attnlower.cli", "demo"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnlower
-from attnlower.compiler.report import CompileReport
+from attnlower.report.records import CompileReport
 
 import models as M
 

@@ -1,12 +1,13 @@
-"""The attnlower torch.compile backend: canonicalize → passes → inner compiler.
+"""The attnlower torch.compile backend: the driver of one compile.
 
     torch.compile(model, backend="attnlower", options={"inner": "eager", "explain": True})
 
-The pipeline is a flat list of named passes (`PASSES`), each `(GraphModule, Context) -> str` (a
-one-line summary for the report), each recording what it did in the graph's CompileReport. If any
-pass raises, the backend logs a warning with a repro file and compiles the unmodified graph
-(`strict=True` re-raises). So does a failure to trace Dynamo's graph to aten: Dynamo's graph is
-then compiled as it came.
+For each graph Dynamo hands over, top to bottom:
+    options -> canonicalize (Dynamo's graph to pre-dispatch aten) -> the pass stages
+    (`passes/pipeline.STAGES`, on the graph and every checkpoint body) -> the report -> inner compiler.
+If a stage raises, the backend logs a warning with a repro file and compiles the unmodified graph
+(`strict=True` re-raises). So does a failure to trace Dynamo's graph to aten: Dynamo's graph is then
+compiled as it came.
 """
 from __future__ import annotations
 
@@ -16,161 +17,26 @@ import os
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
 
-from ..passes.analyze import Refused, analyze_site
-from ..passes.detect import AttentionMatch, Refusal, find_attention_sites
-from ..passes.rewrite import NotConvex, check_convex, graph_digraph, rewrite_site
-from ..passes.validate import validate_rewrite
-from .canonicalize import checkpoint_bodies, fake_mode_for, subclass_attention_refusals, to_aten
-from .dump import format_dims, kernel_plan, memory_estimate
+from ..passes.canonicalize import checkpoint_bodies, fake_mode_for, to_aten
+from ..passes.pipeline import run_stages
+from ..passes.site import Context
+from ..report.records import CompileReport, keep, reports
+from ..report.rows import site_rows
+from ..report.words import describe_sites
+from ..target import target_for
 from .graph_breaks import new_graph_breaks
-from .hardware import Target, target_for
 from .options import Options
-from .report import CompileReport, Site, describe_sites
 
 log = logging.getLogger("attnlower")
 
 _graph_ids = itertools.count()
-_REPORTS: list[CompileReport] = []
+__all__ = ["attnlower_backend", "reports"]   # reports(): every CompileReport of this process (report/records.py)
 
-
-def reports() -> list[CompileReport]:
-    """Every CompileReport made in this process, oldest first."""
-    return list(_REPORTS)
-
-
-@dataclass
-class Context:
-    """What the passes share for one graph."""
-
-    options: Options
-    target: Target
-    report: CompileReport
-    fake_mode: object
-    found: list = field(default_factory=list)
-    sites: list = field(default_factory=list)      # the report's sites for `found` (this graph's)
-    in_checkpoint: bool = False                     # the graph is the body of a torch.utils.checkpoint call
-    rewrites: list = field(default_factory=list)   # Rewrite records, for validation
-
-
-@dataclass
-class Rewrite:
-    """One rewritten site: `old` is the replaced node (in the graph until DCE), `new` its replacement."""
-
-    site: Site
-    old: fx.Node
-    new: fx.Node
-
-
-# --------------------------------------------------------------------------------------------
-# the passes
-
-def detect(gm: fx.GraphModule, ctx: Context) -> str:
-    """Find every softmax / SDPA anchored site; refusals are recorded with their reason."""
-    ctx.found = find_attention_sites(gm) + subclass_attention_refusals(gm)  # + attention left to DTensor
-    ctx.sites = []
-    for f in ctx.found:
-        site = Site(index=len(ctx.report.sites), location=f.location, spelling=f.spelling)
-        if isinstance(f, Refusal):
-            site.reason = f.reason
-            site.region = [f.anchor.name]
-        else:
-            site.region = [n.name for n in f.region]
-            # logical [B, H, T, D] whatever the source layout (BSHD, flattened B*H, repeated KV heads)
-            site.shapes = {
-                "q": format_dims((f.batch, f.q_heads, f.q_len, f.head_dim)),
-                "k": format_dims((f.batch, f.kv_heads, f.k_len, f.head_dim)),
-                "v": format_dims((f.batch, f.kv_heads, f.k_len, f.v_head_dim)),
-            }
-        ctx.report.sites.append(site)
-        ctx.sites.append(site)
-    n_ok = sum(isinstance(f, AttentionMatch) for f in ctx.found)
-    return f"{len(ctx.found)} candidate(s), {n_ok} proven"
-
-
-def analyze_and_rewrite(gm: fx.GraphModule, ctx: Context) -> str:
-    """Classify masks, choose the op, check convexity, and rewrite each proven site."""
-    dg = graph_digraph(gm)
-    done = 0
-    for f, site in zip(ctx.found, ctx.sites):
-        if not isinstance(f, AttentionMatch):
-            continue
-        site.memory = memory_estimate(f)
-        try:
-            decision = analyze_site(f, ctx.target, ctx.options.ops)
-            site.mask = f"{decision.mask.kind}"
-            if ctx.in_checkpoint and decision.spec.dropout_p:
-                # the checkpoint's recomputation would draw a new dropout mask for the op (no RNG replay)
-                raise Refused("dropout inside torch.utils.checkpoint: the recomputation would not replay the mask")
-            check_convex(dg, f.region, f.output)
-        except (Refused, NotConvex) as e:
-            site.reason = str(e)
-            continue
-        created: list[fx.Node] = []
-        site.nodes = rewrite_site(gm, f, decision, ctx.fake_mode, created)
-        inserted = set(created)
-        # the replacement: the one inserted node that the replaced node's users now read
-        (new,) = [n for n in created if any(u not in inserted for u in n.users)]
-        ctx.rewrites.append(Rewrite(site, f.output, new))
-        site.op = decision.spec.op
-        site.spec = decision.spec.as_dict()
-        site.reason = decision.reason
-        if ctx.options.dump_dir:  # the kernel plan imports the launchers (triton): only for the dump
-            site.kernel = kernel_plan(decision.spec, ctx.target, f.q_len)
-        done += 1
-    return f"{done} rewritten"
-
-
-def validate(gm: fx.GraphModule, ctx: Context) -> str:
-    """Translation validation: evaluate each rewrite against the region it replaced, in float64 on
-    CPU on random boundary inputs; undo the rewrites that differ (passes/validate.py)."""
-    if not ctx.options.validate:
-        for r in ctx.rewrites:
-            r.site.validated = "not checked: options validate=False"
-        return "off (validate=False)"
-    shape_env = getattr(ctx.fake_mode, "shape_env", None)
-    refused = cached = unchecked = 0
-    for r in ctx.rewrites:
-        verdict = validate_rewrite(gm, r.old, r.new, shape_env=shape_env, repro_dir=ctx.options.repro_dir)
-        r.site.validated = verdict.checked_on
-        cached += verdict.cached
-        unchecked += verdict.checked_on.startswith("not validated")
-        if not verdict.ok:
-            # undo: the old output is still in the graph; the inserted nodes die in DCE
-            r.new.replace_all_uses_with(r.old)
-            r.site.op, r.site.spec, r.site.kernel, r.site.nodes = None, None, None, []
-            r.site.reason = verdict.reason
-            r.site.validation_repro = verdict.repro
-            refused += 1
-            log.warning("attnlower: site %d (%s) refused: %s", r.site.index, r.site.location, verdict.reason)
-    return (f"{len(ctx.rewrites)} checked ({cached} by an identical earlier site), {refused} refused, "
-            f"{unchecked} too large to check")
-
-
-def dead_code_eliminate(gm: fx.GraphModule, ctx: Context) -> str:
-    """Drop the replaced regions and whatever only fed them (repeats, mask builders)."""
-    before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return f"{before - len(gm.graph.nodes)} node(s) removed"
-
-
-PASSES: list[tuple[str, Callable[[fx.GraphModule, Context], str]]] = [
-    ("detect", detect),
-    ("analyze+rewrite", analyze_and_rewrite),
-    ("validate", validate),
-    ("dead-code-eliminate", dead_code_eliminate),
-]
-
-
-# --------------------------------------------------------------------------------------------
-# the backend
 
 def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], options=None, **kwargs):
     """The torch.compile backend. `options` is the dict given to torch.compile(options=...); `mode`
@@ -179,11 +45,9 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
         options = {**(options or {}), **kwargs}
     opts = Options.from_mapping(options)
     graph_id = next(_graph_ids)
-    device = _device_of(example_inputs)
-    target = target_for(device)
-    report = CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
-                           graph_breaks=new_graph_breaks())
-    _REPORTS.append(report)
+    target = target_for(_device_of(example_inputs))
+    report = keep(CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
+                                graph_breaks=new_graph_breaks()))
 
     try:
         aten_gm = to_aten(gm, example_inputs)
@@ -191,42 +55,16 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
         if opts.strict:
             raise
         return _compile_untraced(gm, example_inputs, opts, report, e)
-    before_gm = aten_gm  # the passes work on a copy: this stays the graph they started from
+    before_gm = aten_gm  # the stages work on a copy: this stays the graph they started from
     before_text = aten_gm.print_readable(print_output=False) if opts.dump_dir else None
     snapshots: list[tuple[str, str]] = []
     if opts.enable:
-        ctx = Context(opts, target, report, fake_mode_for(example_inputs))
-        work = _copy(aten_gm)
-        t0 = time.perf_counter()
-        try:
-            # the graph, then the body of every torch.utils.checkpoint call in it (private copies)
-            for label, graph in [("", work)] + [(f" [{path}]", body) for path, body in checkpoint_bodies(work)]:
-                ctx.in_checkpoint = bool(label)
-                ctx.rewrites = []   # validation checks this graph's rewrites, in this graph
-                for name, fn in PASSES:
-                    t = time.perf_counter()
-                    summary = fn(graph, ctx)
-                    report.passes.append({"name": name + label, "seconds": time.perf_counter() - t,
-                                          "summary": summary})
-                    if opts.dump_dir:   # a file name: "detect_wrap_body_0" for a checkpoint body
-                        snapshots.append((name + label.replace(" [", "_").replace("]", "").replace(".", "_"),
-                                          work.print_readable(print_output=False)))
-            aten_gm = work
-        except Exception as e:
-            if opts.strict:
-                raise
-            report.error = f"{type(e).__name__}: {e}"
-            report.repro = _write_repro(aten_gm, example_inputs, e, opts)
-            for s in report.sites:
-                s.op, s.reason = None, f"passes failed: {report.error}"
-            log.warning("attnlower: a pass failed on graph %d (%s); compiling it unmodified. Repro: %s",
-                        graph_id, report.error, report.repro)
-        report.seconds_in_passes = time.perf_counter() - t0
+        aten_gm, snapshots = _run_passes(aten_gm, example_inputs, opts, target, report)
     describe_sites(report, before_gm, gm, target, explain=opts.explain)   # the user's names, why this op, savings
     if opts.explain:
         print(report.table())
     if opts.dump_dir:
-        from .dump import write_graph_dump
+        from ..report.dump import write_graph_dump
 
         write_graph_dump(opts.dump_dir, report, gm, before_text, snapshots, aten_gm,
                          before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)
@@ -236,6 +74,43 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
 
     with _checkpoint_remat_off(aten_gm):
         return compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
+
+
+def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, report: CompileReport):
+    """The pass stages on a copy of `aten_gm`: (the graph to compile, the dump's per-stage snapshots).
+
+    Fills the report's sites and stage timings; when a stage raises, the unmodified `aten_gm` comes back
+    and the report says why (strict=True re-raises)."""
+    ctx = Context(target=target, fake_mode=fake_mode_for(example_inputs), allowed_ops=opts.ops,
+                  validate=opts.validate, repro_dir=opts.repro_dir)
+    work = _copy(aten_gm)
+    snapshots: list[tuple[str, str]] = []
+
+    def on_stage(name: str, seconds: float, summary: str) -> None:
+        report.passes.append({"name": name, "seconds": seconds, "summary": summary})
+        if opts.dump_dir:   # a file name: "find_anchors_wrap_body_0" for a checkpoint body
+            snapshots.append((name.replace(" [", "_").replace("]", "").replace(".", "_"),
+                              work.print_readable(print_output=False)))
+
+    started = time.perf_counter()
+    result = work
+    try:
+        run_stages(work, ctx, on_stage)
+    except Exception as e:
+        if opts.strict:
+            raise
+        report.error = f"{type(e).__name__}: {e}"
+        report.repro = _write_repro(aten_gm, example_inputs, e, opts)
+        result = aten_gm
+    finally:
+        report.sites = site_rows(ctx.sites, target, kernel_plans=bool(opts.dump_dir))
+        report.seconds_in_passes = time.perf_counter() - started
+    if report.error:
+        for s in report.sites:
+            s.op, s.reason = None, f"passes failed: {report.error}"
+        log.warning("attnlower: a pass failed on graph %d (%s); compiling it unmodified. Repro: %s",
+                    report.graph_id, report.error, report.repro)
+    return result, snapshots
 
 
 def _checkpoint_remat_off(gm: fx.GraphModule):

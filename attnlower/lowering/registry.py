@@ -214,6 +214,6 @@ def kernel_names(op: str, direction: str | None = None) -> tuple[str, ...]:
 
 def kernel_table() -> dict[str, list[tuple[str, tuple[str, ...], str]]]:
     """{op: [(module, kernel names, direction), ...]} for the ops a rewrite emits: the shape of
-    compiler/dump.py's `_OP_KERNELS`, which it can become (`_OP_KERNELS = registry.kernel_table()`)."""
+    attnlower/target.py's `_OP_KERNELS`, which it can become (`_OP_KERNELS = registry.kernel_table()`)."""
     return {name: [(ks.module, ks.names, direction) for direction, ks in OPS[name].kernels.items()]
             for name in FORWARD_OPS}

@@ -1,81 +1,42 @@
-"""Shapes + masks + Target → an AttentionSpec and the op to run, or a refusal with a reason."""
+"""Stage analyze: shapes + the mask as proven + Target -> the op and its AttentionSpec, or a refusal.
+
+`analyze_site` is the choice for one site (the table in docs/ARCHITECTURE.md: paged when K/V are
+gathered from block pools, sliding for a band, flash otherwise); the stage adds the policy of where
+the site is: dropout inside a torch.utils.checkpoint body is refused, since the backward's
+recomputation would not replay the op's dropout mask.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 
 import torch
 import torch.fx as fx
 
-from ..compiler.hardware import Target
-from .detect import AttentionMatch, ScoreTerm
-from .kv import PagedRef, length_mask_lengths
-from .layout import _shape, _val
-from .masks import MaskInfo, classify_mask
-
-MAX_HEAD_DIM = 256          # the kernels pad D to a power of two up to this
-MASKED = -1e30              # a fill/bias at or below this masks a key exactly as -inf would (exp underflows)
+from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
+from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
+from .visibility import MASKED
+from .vocabulary import shape_of, value_of
 
 
-class Refused(Exception):
-    """The site stays unfused; the message is the report's reason."""
+def analyze(gm: fx.GraphModule, ctx: Context) -> str:
+    """Choose the op of each open site of `gm` (`site.decision`), or refuse it with the reason."""
+    chosen: dict[str, int] = {}
+    for site in ctx.open_sites(gm):
+        try:
+            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.lengths)
+        except Refused as e:
+            site.refuse(str(e))
+            continue
+        site.decision = decision
+        if ctx.in_checkpoint and decision.spec.dropout_p:
+            # the checkpoint's recomputation would draw a new dropout mask for the op (no RNG replay)
+            site.refuse("dropout inside torch.utils.checkpoint: the recomputation would not replay the mask")
+            continue
+        chosen[decision.spec.op] = chosen.get(decision.spec.op, 0) + 1
+    return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Everything a kernel is specialized on. Kernels are generated from this, never from the graph."""
-
-    op: str
-    q_heads: object
-    kv_heads: object
-    head_dim: object
-    dtype: str
-    causal: bool = False
-    bottom_right: bool = False
-    window: int = 0
-    mask_kind: str = "none"
-    bias_kind: str = "none"            # none | bool | float
-    softcap: float = 0.0
-    scale: float = 1.0
-    dropout_p: float = 0.0
-    empty_rows_nan: bool = False
-    paged_block_size: int | None = None
-    target: str = "cpu"
-
-    def as_dict(self) -> dict:
-        # not dataclasses.asdict: it deep-copies, and a symbolic size cannot be copied outside its graph
-        return {f.name: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
-                for f in fields(self) for v in [getattr(self, f.name)]}
-
-
-@dataclass
-class BiasPlan:
-    """How to build the op's `bias` from the site's terms: a list of (term, as_bool) to combine."""
-
-    kind: str = "none"                       # none | bool | float
-    terms: list[ScoreTerm] = field(default_factory=list)
-
-
-@dataclass
-class PagedPlan:
-    """Read K/V from their pools: `seq_lens` None means every gathered key is visible."""
-
-    k: PagedRef
-    v: PagedRef
-    seq_lens: fx.Node | None
-    nan_for_empty: bool      # the source gives NaN for a sequence of length 0 (eager softmax of -inf)
-
-
-@dataclass
-class Decision:
-    spec: AttentionSpec
-    bias: BiasPlan
-    mask: MaskInfo
-    reason: str
-    paged: PagedPlan | None = None
-
-
-def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Decision | None, str]:
+def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
     pk, pv = m.paged
     if "paged_attention" not in allowed_ops:
@@ -93,14 +54,14 @@ def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Dec
         t = m.terms[0]
         if t.kind not in ("keep", "fill"):
             return None, "an additive mask"
-        seq_lens = length_mask_lengths(t.node, t.kind, m.k_len)
+        seq_lens = lengths
         if seq_lens is None:
             return None, "the mask is not `key position < seq_lens[b]`"
         if t.value != float("-inf") and not m.safe_softmax:
             return None, "a finite fill gives a uniform average for empty sequences, which the paged op does not"
         nan_for_empty = not m.safe_softmax
         kind = "length"
-    dtype = _val(m.q.source).dtype
+    dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
         dtype=str(dtype).replace("torch.", ""), mask_kind=kind, softcap=m.softcap, scale=m.paged_scale,
@@ -112,17 +73,22 @@ def _paged_decision(m: AttentionMatch, target: Target, allowed_ops) -> tuple[Dec
                     paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
 
 
-def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]) -> Decision:
-    """Choose the op for a proven site, or raise Refused with the reason."""
-    qv = _val(m.q.source)
+def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
+                 lengths: fx.Node | None = None) -> Decision:
+    """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason.
+
+    `classified` is the classification of the site's one mask term and `lengths` its lengths when it is
+    a length mask (stage classify_masks); a site with one term must come with its classification.
+    """
+    qv = value_of(m.q.source)
     dtype = qv.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise Refused(f"q is {dtype}; the fused ops take floating point")
     if dtype == torch.float64 and target.kind == "cuda":
         raise Refused("float64 on CUDA: the Triton kernels compute in fp16/bf16/fp32")
     for name, ref in (("k", m.k), ("v", m.v)):
-        if _val(ref.source).dtype != dtype:
-            raise Refused(f"{name} is {_val(ref.source).dtype} but q is {dtype}")
+        if value_of(ref.source).dtype != dtype:
+            raise Refused(f"{name} is {value_of(ref.source).dtype} but q is {dtype}")
     if isinstance(m.head_dim, int) and m.head_dim > MAX_HEAD_DIM:
         raise Refused(f"head_dim {m.head_dim} > {MAX_HEAD_DIM}: the kernels keep a whole head in registers")
     if not bool(m.head_dim == m.v_head_dim):
@@ -134,7 +100,7 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
 
     paged_note = ""
     if m.paged is not None:
-        decision, paged_note = _paged_decision(m, target, allowed_ops)
+        decision, paged_note = _paged_decision(m, target, allowed_ops, lengths)
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
@@ -156,8 +122,10 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
         raise Refused("SDPA with both is_causal and attn_mask")
     if len(terms) == 1:
         t = terms[0]
-        polarity = {"bias": "additive", "fill": "fill", "keep": "keep"}[t.kind]
-        info = classify_mask(t.node, polarity, m.q_len, m.k_len)
+        if classified is None:
+            raise ValueError("analyze_site: a site with one mask term needs its classification "
+                             "(masks.classify_mask of the term; the classify_masks stage records it)")
+        info = classified
         if t.kind == "bias" and t.value != 1.0:
             # a factor moves finite masking values (finfo.min * 1e-10 no longer masks): only the sum is exact
             info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")
@@ -168,7 +136,7 @@ def analyze_site(m: AttentionMatch, target: Target, allowed_ops: tuple[str, ...]
         if pure and info.kind == "none":
             terms = []
         elif pure and diagonal_visible:
-            causal, bottom_right, window = True, info.bottom_right, info.window
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms = []
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
@@ -196,7 +164,7 @@ def lift_problem(term: ScoreTerm, batch, heads) -> str:
     A term broadcasts against the scores where it is applied (`term.score_shape`): 4-D scores in the
     op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
     """
-    shape = list(_shape(term.node))
+    shape = list(shape_of(term.node))
     if term.row_inserted and shape:
         shape = shape[:-1] + [1] + shape[-1:]
     score_shape = list(term.score_shape)
@@ -220,7 +188,7 @@ def _head_scale_note(m: AttentionMatch) -> str:
     if m.head_scale is None:
         return ""
     hs = m.head_scale
-    return (f"; per-head scale {hs.node.name} {list(_shape(hs.node))} folded into q "
+    return (f"; per-head scale {hs.node.name} {list(shape_of(hs.node))} folded into q "
             f"(q {'/' if hs.divide else '*'} {hs.node.name}), the op's scale {m.scale:g} is the static part")
 
 

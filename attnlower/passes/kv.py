@@ -1,34 +1,61 @@
-"""See through the producers of Q, K and V: views, casts, GQA repeats, scale multiplies.
+"""Stage resolve_kv: see through the producers of Q, K and V to the tensors the fused op reads.
 
 The fused ops want q `[B, Hq, T, D]` and k/v `[B, Hkv, T, D]` *before* any repeat: a model's
 `repeat_kv` (unsqueeze → expand → reshape) or `repeat_interleave` materializes `Hq/Hkv` copies
-that the kernel does not need. `resolve_operand` walks up the chain of layout ops from a matmul
+that the kernel does not need. `resolve_operand` walks up the chain of layout ops from a product
 operand, and returns the farthest tensor of which the operand is provably a view
 (`layout.Layout`), with the size-free steps (squeeze, unsqueeze, permute) that turn it into the
-4-D form and the GQA group it was repeated by.
+4-D form and the GQA group it was repeated by. `resolve_paged` sees K / V gathered from a block pool
+through a block table (`pool[table]`, any gather spelling), which the paged op reads in place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
-from .layout import Layout, NotAView, _eq, _is_one, _shape, _val, is_scale_node, layout_chain, layout_of, scale_of
+from .layout import Layout, NotAView, is_scale_node, layout_chain, layout_of, scale_of
+from .site import AttentionChain, AttentionMatch, Context, Operand, OperandRef, PagedRef, Refused
+from .vocabulary import is_one, shape_of, sizes_equal, value_of
+
+aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
-class OperandRef:
-    """`source` after `steps` is the 4-D `[B, heads, T, D]` operand; its values times `scale`."""
+def resolve_kv(gm: fx.GraphModule, ctx: Context) -> str:
+    """Trace each open site's q, k and v to their sources (`AttentionMatch`), or refuse it with the reason."""
+    resolved = paged = 0
+    for site in ctx.open_sites(gm):
+        try:
+            site.match = resolve_match(site.chain)
+        except (Refused, NotAView) as e:
+            site.refuse(str(e))
+            continue
+        resolved += 1
+        paged += site.match.paged is not None
+    return f"{resolved} site(s) resolved, {paged} reading a paged cache"
 
-    source: fx.Node
-    steps: tuple[tuple[str, object], ...]
-    heads: int
-    scale: float
-    seen_through: int  # how many nodes between the operand and its source were looked through
 
-    def describe(self) -> str:
-        return f"{self.source.name}" + "".join(f".{k}({v})" for k, v in self.steps)
+def resolve_match(chain: AttentionChain) -> AttentionMatch:
+    """The chain's operands traced to their sources: the match the analyzer reads."""
+    q = resolve_operand(chain.q_operand.node, chain.q_operand.to_logical, "q")
+    k = resolve_operand(chain.k_operand.node, chain.k_operand.to_logical, "kv")
+    v = resolve_operand(chain.v_operand.node, chain.v_operand.to_logical, "v")
+    if not sizes_equal(k.heads, v.heads):
+        raise Refused(f"K has {k.heads} heads and V {v.heads}")
+    paged, paged_scale = paged_pair(chain.k_operand, chain.v_operand, chain.score_scale * q.scale)
+    return AttentionMatch.of(chain, q=q, k=k, v=v, kv_heads=k.heads, scale=chain.score_scale * q.scale * k.scale,
+                             paged=paged, paged_scale=paged_scale)
+
+
+def paged_pair(k: Operand, v: Operand, score_scale_without_k: float):
+    """((K, V) PagedRefs, the score scale when reading K paged) when both are gathered from pools through
+    one table (V unscaled), else (None, 0.0)."""
+    pk = resolve_paged(k.node, k.to_logical)
+    pv = resolve_paged(v.node, v.to_logical)
+    if pk is None or pv is None or pk.table is not pv.table or pv.scale != 1.0:
+        return None, 0.0
+    return (pk, pv), score_scale_without_k * pk.scale
 
 
 def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], role: str) -> OperandRef:
@@ -39,7 +66,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
     "v": K and V may be a head-broadcast (GQA/MQA) of their source; V may not be scaled on the
     way (the scale of the scores does not apply to it), so its walk stops at a multiply.
     """
-    chain, _ = layout_chain(operand)
+    chain = layout_chain(operand)
     if role == "v":
         for i, n in enumerate(chain):
             if is_scale_node(n):
@@ -49,7 +76,7 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
     last_error = "no candidate"
     for idx in range(len(chain) - 1, -1, -1):
         src = chain[idx]
-        if len(_shape(src)) > 5:
+        if len(shape_of(src)) > 5:
             continue
         down = list(reversed(chain[:idx]))
         try:
@@ -62,13 +89,13 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
         for n in chain[:idx]:
             if is_scale_node(n):
                 scale *= scale_of(n)[1]
-        return OperandRef(src, tuple(steps), heads, scale, idx)
+        return OperandRef(src, tuple(steps), heads, scale)
     raise NotAView(f"{role} operand {operand.name} is not a view of a [B, H, T, D] tensor ({last_error})")
 
 
 def _fit(src: fx.Node, lay: Layout, role: str):
     """Match the logical dims to dims of `src`; return (steps, heads of the prepared tensor)."""
-    shape = _shape(src)
+    shape = shape_of(src)
     strides, acc = [], 1
     for s in reversed(shape):
         strides.append(acc)
@@ -82,15 +109,15 @@ def _fit(src: fx.Node, lay: Layout, role: str):
     for k in range(4):
         subs = lay.clean(k)
         if k == 1 and role == "kv":
-            if len(subs) == 2 and not _eq(subs[0][1], 0) and _eq(subs[1][1], 0):
+            if len(subs) == 2 and not sizes_equal(subs[0][1], 0) and sizes_equal(subs[1][1], 0):
                 heads = subs[0][0]           # GQA: head h reads source head h // group
                 subs = subs[:1]
-            elif len(subs) == 1 and _eq(subs[0][1], 0):
+            elif len(subs) == 1 and sizes_equal(subs[0][1], 0):
                 heads = 1                    # MQA: every head reads the one source head
                 subs = []
         if len(subs) > 1:
             raise NotAView(f"logical dim {k} mixes several source dims")
-        if subs and _eq(subs[0][1], 0):
+        if subs and sizes_equal(subs[0][1], 0):
             raise NotAView(f"logical dim {k} is a broadcast")
         wanted.append(subs[0] if subs else None)
     if heads is None:
@@ -101,14 +128,14 @@ def _fit(src: fx.Node, lay: Layout, role: str):
         if w is None:
             continue
         for d, (s, st) in enumerate(zip(shape, strides)):
-            if d not in used.values() and not _is_one(s) and _eq(s, w[0]) and _eq(st, w[1]):
+            if d not in used.values() and not is_one(s) and sizes_equal(s, w[0]) and sizes_equal(st, w[1]):
                 used[k] = d
                 break
         else:
             raise NotAView(f"logical dim {k} is not a whole dim of {src.name}")
     spare = [d for d in range(len(shape)) if d not in used.values()]
     for d in spare:
-        if not _is_one(shape[d]):
+        if not is_one(shape[d]):
             raise NotAView(f"{src.name} has a dim of size {shape[d]} the operand does not use")
     for k in range(4):
         if k not in used and spare:
@@ -134,23 +161,6 @@ def _fit(src: fx.Node, lay: Layout, role: str):
 # --------------------------------------------------------------------------------------------
 # paged caches: K/V gathered from a block pool through a block table
 
-import torch  # noqa: E402
-
-aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class PagedRef:
-    """K or V read from `pool` (after `pool_perm`: `[num_blocks, Hkv, block_size, D]`) via `table`."""
-
-    pool: fx.Node
-    pool_perm: tuple[int, ...]
-    table: fx.Node            # [B, max_blocks] integer
-    heads: object
-    block_size: object
-    length: object            # max_blocks * block_size: the gathered length
-    scale: float
-
 
 def _gather_parts(node: fx.Node):
     """(pool, index node, index is flattened) for a gather along the pool's first dim, else None."""
@@ -168,13 +178,13 @@ def _gather_parts(node: fx.Node):
 
 def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
     """The [B, max_blocks] table an index tensor is (or is a flatten of)."""
-    shape = _shape(index)
-    if len(shape) == 2 and _eq(shape[0], batch) and _eq(shape[1], max_blocks):
+    shape = shape_of(index)
+    if len(shape) == 2 and sizes_equal(shape[0], batch) and sizes_equal(shape[1], max_blocks):
         return index
-    chain, _ = layout_chain(index)
+    chain = layout_chain(index)
     for cand in chain[1:]:
-        cs = _shape(cand)
-        if len(cs) == 2 and _eq(cs[0], batch) and _eq(cs[1], max_blocks):
+        cs = shape_of(cand)
+        if len(cs) == 2 and sizes_equal(cs[0], batch) and sizes_equal(cs[1], max_blocks):
             try:
                 lay = layout_of(index, cand, list(reversed(chain[:chain.index(cand)])))
             except NotAView:
@@ -187,22 +197,22 @@ def _table_2d(index: fx.Node, batch, max_blocks) -> fx.Node | None:
 def _uncast_index(index: fx.Node) -> fx.Node:
     """Look through integer-to-integer casts of an index (`table.long()`): K and V then share a table."""
     while (index.op == "call_function" and index.target in (aten._to_copy.default, aten.to.dtype)
-           and isinstance(index.args[0], fx.Node) and not _val(index.args[0]).dtype.is_floating_point
-           and _val(index.args[0]).dtype != torch.bool):
+           and isinstance(index.args[0], fx.Node) and not value_of(index.args[0]).dtype.is_floating_point
+           and value_of(index.args[0]).dtype != torch.bool):
         index = index.args[0]
     return index
 
 
 def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> PagedRef | None:
     """If the K/V operand is a view of `pool[table]` (any gather spelling), how to read it paged."""
-    chain, _ = layout_chain(operand)
+    chain = layout_chain(operand)
     gather = chain[-1]
     parts = _gather_parts(gather) if gather.op == "call_function" else None
     if parts is None:
         return None
     pool, index = parts
-    pshape = _shape(pool)
-    ishape = _shape(index)
+    pshape = shape_of(pool)
+    ishape = shape_of(index)
     try:
         lay = to_logical(layout_of(operand, gather, list(reversed(chain[:-1]))))
     except NotAView:
@@ -220,7 +230,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
         max_blocks = ishape[1]
         pool_dim0 = 2  # gathered dims 2..4 are the pool's dims 1..3
     else:
-        if not _eq(ishape[0] % batch, 0):
+        if not sizes_equal(ishape[0] % batch, 0):
             return None
         max_blocks = ishape[0] // batch
         b_sub = [(batch, strides[0] * max_blocks)]
@@ -229,18 +239,18 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     pool_sub = {j: (gshape[j], strides[j]) for j in range(pool_dim0, pool_dim0 + 3)}
 
     def clean(subs):
-        return [(s, st) for s, st in subs if not _is_one(s)]
+        return [(s, st) for s, st in subs if not is_one(s)]
 
     def same(a, b):
-        return len(a) == len(b) and all(_eq(x[0], y[0]) and _eq(x[1], y[1]) for x, y in zip(a, b))
+        return len(a) == len(b) and all(sizes_equal(x[0], y[0]) and sizes_equal(x[1], y[1]) for x, y in zip(a, b))
 
     if not same(lay.clean(0), clean(b_sub)):
         return None
     head_subs = lay.clean(1)
     heads_src = None
-    if len(head_subs) == 2 and _eq(head_subs[1][1], 0):
+    if len(head_subs) == 2 and sizes_equal(head_subs[1][1], 0):
         head_subs = head_subs[:1]
-    elif len(head_subs) == 1 and _eq(head_subs[0][1], 0):
+    elif len(head_subs) == 1 and sizes_equal(head_subs[0][1], 0):
         head_subs = []
     t_subs, d_subs = lay.clean(2), lay.clean(3)
     if len(t_subs) == 0 or len(t_subs) > 2 or len(d_subs) != 1 or len(head_subs) > 1:
@@ -250,13 +260,13 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
             return None
         offset = t_subs[1]
     else:
-        if not _is_one(max_blocks):
+        if not is_one(max_blocks):
             return None
         offset = t_subs[0]
 
     def find(sub):
         for j, ps in pool_sub.items():
-            if not _is_one(ps[0]) and _eq(ps[0], sub[0]) and _eq(ps[1], sub[1]):
+            if not is_one(ps[0]) and sizes_equal(ps[0], sub[0]) and sizes_equal(ps[1], sub[1]):
                 return j
         return None
 
@@ -268,7 +278,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
         return None
     if j_h is None:
         rest = [j for j in pool_sub if j not in used]
-        if len(rest) != 1 or not _is_one(pool_sub[rest[0]][0]):
+        if len(rest) != 1 or not is_one(pool_sub[rest[0]][0]):
             return None
         j_h = rest[0]
     heads_src = pool_sub[j_h][0]
@@ -282,57 +292,3 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
             scale *= scale_of(n)[1]
     return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
                     block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
-
-
-def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
-    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
-    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
-
-    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
-    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
-    """
-    t = mask.target
-    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
-    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
-    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
-    if t not in table or len(_shape(mask)) != 4:
-        return None
-    a, b = mask.args
-    if table[t]:
-        a, b = b, a
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    # a: positions along the key dim
-    chain_a, _ = layout_chain(a)
-    src_a = chain_a[-1]
-    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
-        chain_a2, _ = layout_chain(src_a.args[0])
-        chain_a = chain_a + chain_a2
-        src_a = chain_a[-1]
-    if src_a.target not in (aten.arange.default, aten.arange.start):
-        return None
-    if src_a.target is aten.arange.start and src_a.args[0] != 0:
-        return None
-    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
-        return None
-    try:
-        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
-    except NotAView:
-        return None
-    if lay_a.clean(len(lay_a.dims) - 1) != [(_shape(src_a)[0], 1)] or not _eq(_shape(src_a)[0], k_len):
-        return None
-    if any(lay_a.clean(k) and not all(_eq(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
-        return None
-    # b: one length per batch row
-    chain_b, _ = layout_chain(b)
-    src_b = chain_b[-1]
-    if len(_shape(src_b)) != 1 or _val(src_b).dtype.is_floating_point:
-        return None
-    try:
-        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
-    except NotAView:
-        return None
-    nb = len(lay_b.dims)
-    if nb != 4 or lay_b.clean(0) != [(_shape(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
-        return None
-    return src_b

@@ -19,6 +19,10 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from .constants import scalar_value
+from .vocabulary import (BROADCASTS, CASTS, COPIES, LAYOUT_OPS, MOVES, MULTIPLIES, RESHAPES, SCALES, is_one,
+                         shape_of, sizes_equal, value_of)
+
 aten = torch.ops.aten
 
 SubDim = tuple[object, object]  # (size, stride); both int or SymInt
@@ -26,14 +30,6 @@ SubDim = tuple[object, object]  # (size, stride); both int or SymInt
 
 class NotAView(Exception):
     """The chain cannot be expressed as a view of the source."""
-
-
-def _is_one(x) -> bool:
-    return isinstance(x, int) and x == 1 or (not isinstance(x, int) and bool(x == 1))
-
-
-def _eq(a, b) -> bool:
-    return bool(a == b)
 
 
 @dataclass
@@ -44,6 +40,7 @@ class Layout:
 
     @classmethod
     def contiguous(cls, shape: Sequence[object]) -> "Layout":
+        """The layout of a contiguous tensor of `shape`: one sub-dim per dim, row-major strides."""
         strides, acc = [], 1
         for s in reversed(list(shape)):
             strides.append(acc)
@@ -53,36 +50,42 @@ class Layout:
 
     @property
     def shape(self) -> list[object]:
+        """The size of each logical dim (the product of its sub-dims)."""
         return [math.prod(s for s, _ in d) if d else 1 for d in self.dims]
 
     def clean(self, k: int) -> list[SubDim]:
         """Sub-dims of dim k without size-1 entries."""
-        return [(s, st) for s, st in self.dims[k] if not _is_one(s)]
+        return [(s, st) for s, st in self.dims[k] if not is_one(s)]
 
     # -- the view ops ---------------------------------------------------------------------------
     def permute(self, perm: Sequence[int]) -> "Layout":
+        """The layout after `x.permute(perm)`."""
         n = len(self.dims)
         return Layout([self.dims[p % n] for p in perm])
 
     def transpose(self, a: int, b: int) -> "Layout":
+        """The layout after `x.transpose(a, b)`."""
         n = len(self.dims)
         perm = list(range(n))
         perm[a % n], perm[b % n] = perm[b % n], perm[a % n]
         return self.permute(perm)
 
     def unsqueeze(self, d: int) -> "Layout":
+        """The layout after `x.unsqueeze(d)`: a new dim of size 1."""
         n = len(self.dims) + 1
         dims = list(self.dims)
         dims.insert(d % n, [])
         return Layout(dims)
 
     def squeeze(self, ds: Sequence[int] | None) -> "Layout":
+        """The layout after `x.squeeze(ds)` (all size-1 dims when `ds` is None)."""
         n = len(self.dims)
         shape = self.shape
         drop = set(range(n)) if ds is None else {d % n for d in ds}
-        return Layout([d for k, d in enumerate(self.dims) if not (k in drop and _is_one(shape[k]))])
+        return Layout([d for k, d in enumerate(self.dims) if not (k in drop and is_one(shape[k]))])
 
     def expand(self, sizes: Sequence[object]) -> "Layout":
+        """The layout after `x.expand(sizes)`: new leading dims and size-1 dims broadcast (stride 0)."""
         new = len(sizes) - len(self.dims)
         if new < 0:
             raise NotAView("expand to fewer dims")
@@ -90,28 +93,29 @@ class Layout:
         shape = self.shape
         for k, d in enumerate(self.dims):
             target = sizes[new + k]
-            if isinstance(target, int) and target == -1 or _eq(target, shape[k]):
+            if isinstance(target, int) and target == -1 or sizes_equal(target, shape[k]):
                 dims.append(d)
-            elif _is_one(shape[k]):
+            elif is_one(shape[k]):
                 dims.append([(target, 0)])
             else:
                 raise NotAView(f"expand of a dim of size {shape[k]} to {target}")
         return Layout(dims)
 
     def reshape(self, sizes: Sequence[object]) -> "Layout":
-        queue = [sd for d in self.dims for sd in d if not _is_one(sd[0])]
+        """The layout after `x.reshape(sizes)`, when it is a view; raises NotAView when it is not."""
+        queue = [sd for d in self.dims for sd in d if not is_one(sd[0])]
         out: list[list[SubDim]] = []
         for n in sizes:
             taken: list[SubDim] = []
             rem = n
-            while not _is_one(rem):
+            while not is_one(rem):
                 if not queue:
                     raise NotAView("reshape needs more elements than there are")
                 s, st = queue.pop(0)
-                if _eq(rem % s, 0):
+                if sizes_equal(rem % s, 0):
                     taken.append((s, st))
                     rem = rem // s
-                elif _eq(s % rem, 0):
+                elif sizes_equal(s % rem, 0):
                     taken.append((rem, st * (s // rem)))
                     queue.insert(0, (s // rem, st))
                     rem = 1
@@ -123,47 +127,11 @@ class Layout:
         return Layout(out)
 
     def repeat_interleave(self, repeats: object, dim: int) -> "Layout":
+        """The layout after `x.repeat_interleave(repeats, dim)`: each element repeated (a stride-0 sub-dim)."""
         dims = list(self.dims)
         d = dim % len(dims)
         dims[d] = list(dims[d]) + [(repeats, 0)]
         return Layout(dims)
-
-
-def _val(node: fx.Node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _shape(node: fx.Node) -> list[object]:
-    return list(_val(node).shape)
-
-
-# --------------------------------------------------------------------------------------------
-# The one vocabulary of ops that move or copy values without changing them, shared by detect (the
-# score and probability chains), layout / kv (operand views) and masks (by overload-packet name, so
-# torch-level graphs read the same). Each family is one set; the users combine them.
-
-COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-          aten.lift_fresh_copy.default}
-# Casts keep positions but change values' precision: a chain that casts to a lower precision
-# between the source and the use is not a view for our purposes (the kernel would see more bits).
-CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
-MOVES = {aten.to.device}
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-            aten.unflatten.int, aten.view_as.default, aten.reshape_as.default}
-BROADCASTS = {aten.expand.default, aten.expand_as.default}
-PERMUTES = {aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.swapdims.default, aten.t.default}
-SQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
-LAYOUT_OPS = (COPIES | CASTS | MOVES | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES
-              | {aten.repeat_interleave.self_int, aten.slice.Tensor})
-# On the score and probability chains: copies, casts and reshapes that keep the [.., Tq, Tk] dims
-# (checked per node), and an expand that broadcasts nothing.
-SCORE_PASS_THROUGH = (COPIES - {aten.lift_fresh_copy.default}) | CASTS | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-
-
-def op_names(ops) -> set[str]:
-    """The overload-packet names of `ops` (`aten.view.default` -> "view"), for name-based matching."""
-    return {op.overloadpacket.__name__ for op in ops}
 
 
 # Ops that keep every value and only move them; the handler maps (layout, node) -> layout.
@@ -171,7 +139,7 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
     t = node.target
     # Size arguments may be graph nodes under dynamic shapes (`repeat_interleave(k, s0, 1)`, a slice
     # to `T`): read them as their SymInt values.
-    a = fx.node.map_arg(node.args, _val)
+    a = fx.node.map_arg(node.args, value_of)
     if t in COPIES or t in CASTS or t in MOVES:
         return layout
     if t in (aten.permute.default,):
@@ -187,10 +155,10 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         return layout.squeeze(ds)
     if t is aten.squeeze.default:
         return layout.squeeze(None)
-    if t in (aten.expand.default, aten.expand_as.default):
-        return layout.expand(_shape(node))
+    if t in BROADCASTS:
+        return layout.expand(shape_of(node))
     if t in RESHAPES:
-        return layout.reshape(_shape(node))
+        return layout.reshape(shape_of(node))
     if t in (aten.repeat_interleave.self_int,):
         if len(a) < 3 and "dim" not in node.kwargs:
             raise NotAView("repeat_interleave without dim flattens")
@@ -201,9 +169,9 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         start = a[2] if len(a) > 2 else None
         end = a[3] if len(a) > 3 else None
         step = a[4] if len(a) > 4 else 1
-        size = _shape(node.args[0])[dim]
+        size = shape_of(node.args[0])[dim]
         if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
-                                                   or _eq(end, size)):
+                                                   or sizes_equal(end, size)):
             return layout
         raise NotAView("a real slice")
     raise NotAView(f"{t} is not a layout op")
@@ -212,24 +180,23 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
 
 def layout_of(use: fx.Node, source: fx.Node, chain: Sequence[fx.Node]) -> Layout:
     """The layout of `use` in terms of `source`, applying `chain` (source's consumers down to use)."""
-    lay = Layout.contiguous(_shape(source))
+    lay = Layout.contiguous(shape_of(source))
     for n in chain:
         if not is_scale_node(n):  # scalar multiplies move no element
             lay = _apply(lay, n)
-    if len(lay.dims) != len(_shape(use)):
+    if len(lay.dims) != len(shape_of(use)):
         raise NotAView("rank mismatch after the chain")
     return lay
 
 
-def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], list[float]]:
-    """Walk up from `node` through layout ops and scalar multiplies.
+def layout_chain(node: fx.Node) -> list[fx.Node]:
+    """Walk up from `node` through layout ops and scalar multiplies (they commute with layout).
 
-    Returns (ancestors, scale): `ancestors[0]` is `node`, each next one the tensor input of the
-    previous; `scale` is the product of python-scalar mul/div found on the way (they commute with
-    layout). The walk stops at anything else, including casts to a different float dtype.
+    Returns the ancestors: `[node, its tensor input, that one's, ...]`. The walk stops at anything
+    else, including casts to a different float dtype. (Callers read the scale of the multiplies on
+    the part of the chain they use, with `scale_of`.)
     """
     chain = [node]
-    scale = 1.0
     cur = node
     while True:
         t = cur.target
@@ -237,7 +204,7 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             break
         if t in LAYOUT_OPS and isinstance(cur.args[0], fx.Node):
             if t in CASTS:
-                src_dt, dst_dt = _val(cur.args[0]).dtype, _val(cur).dtype
+                src_dt, dst_dt = value_of(cur.args[0]).dtype, value_of(cur).dtype
                 if src_dt != dst_dt:
                     break
             cur = cur.args[0]
@@ -245,43 +212,25 @@ def layout_chain(node: fx.Node, stop_scalar_mul=True) -> tuple[list[fx.Node], li
             continue
         found = scale_of(cur)
         if found is not None:
-            cur, factor = found
-            scale = scale * factor
+            cur = found[0]
             chain.append(cur)
             continue
         break
-    return chain, [scale]
-
-
-def scalar_value(c) -> float | None:
-    """A python number, or a symbolic one (`d ** -0.5` under dynamic=True), as a float; else None.
-
-    A symbolic scalar is specialized: float() guards on the symbols it reads, Dynamo recompiles if they change.
-    """
-    if isinstance(c, bool):
-        return None
-    if isinstance(c, (int, float)):
-        return float(c)
-    if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), (torch.SymInt, torch.SymFloat)):
-        return float(c.meta["val"])
-    return None
+    return chain
 
 
 def scale_of(n: fx.Node) -> tuple[fx.Node, float] | None:
     """(tensor, factor) when `n` multiplies or divides a tensor by a scalar (`x * c`, `c * x`, `x / c`)."""
     t = n.target
-    if n.op != "call_function" or t not in _SCALE_OPS or len(n.args) != 2:
+    if n.op != "call_function" or t not in SCALES or len(n.args) != 2:
         return None
     x, c = n.args
-    if t in (aten.mul.Tensor, aten.mul.Scalar) and scalar_value(x) is not None and scalar_value(c) is None:
+    if t in MULTIPLIES and scalar_value(x) is not None and scalar_value(c) is None:
         x, c = c, x   # c * x
     value = scalar_value(c)
     if not isinstance(x, fx.Node) or isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat)) or value is None:
         return None
-    return x, value if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / value
-
-
-_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+    return x, value if t in MULTIPLIES else 1.0 / value
 
 
 def is_scale_node(n: fx.Node) -> bool:

@@ -30,21 +30,42 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .layout import BROADCASTS, CASTS, COPIES, SQUEEZES, op_names
+from .layout import NotAView, layout_chain, layout_of
+from .site import Context, MaskInfo
+from .visibility import MASKED, Visibility
+from .vocabulary import (BROADCASTS, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
+                         shape_of, size_read_index, sizes_equal, value_of)
 
 aten = torch.ops.aten
 
-__all__ = ["MaskInfo", "classify_mask", "MAX_EVAL_ELEMENTS", "POLARITIES"]
+__all__ = ["classify_masks", "classify_mask", "length_mask_lengths", "MAX_EVAL_ELEMENTS", "POLARITIES"]
 
 POLARITIES = ("keep", "fill", "additive")
+# how a score term uses its mask (site.ScoreTerm.kind -> polarity)
+POLARITY_OF_TERM = {"bias": "additive", "fill": "fill", "keep": "keep"}
+
+
+def classify_masks(gm: fx.GraphModule, ctx: Context) -> str:
+    """Classify the one mask term of each open site of `gm` (`site.mask`); where K/V are read from a
+    paged cache, also see whether that mask is `key < lengths[b]` (`site.lengths`, which the paged op reads).
+
+    A site with several terms keeps them as one bias (the analyzer says so); none is classified here.
+    """
+    kinds = []
+    for site in ctx.open_sites(gm):
+        m = site.match
+        if len(m.terms) != 1:
+            continue
+        term = m.terms[0]
+        site.mask = classify_mask(term.node, POLARITY_OF_TERM[term.kind], m.q_len, m.k_len)
+        if m.paged is not None and term.kind in ("keep", "fill"):
+            site.lengths = length_mask_lengths(term.node, term.kind, m.k_len)
+        kinds.append(site.mask.kind)
+    return f"{len(kinds)} mask(s) classified" + (f": {', '.join(kinds)}" if kinds else "")
 
 # Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
 # pattern is 64M elements (64 MiB); beyond that the evaluation costs more than the proof is worth.
 MAX_EVAL_ELEMENTS = 64 * 2**20
-
-# Additive masks: values at or below this are "masked" (HF uses finfo(dtype).min; -1e30 covers
-# fp32/bf16/fp64 mins and the common "large negative" constants); see `_additive_threshold` for fp16.
-ADDITIVE_MASKED_AT_OR_BELOW = -1e30
 
 # Sizes tried besides the traced ones (hints), applied to every backed symbol of the shape env at once
 # so that relations between sizes (Tk = Tq + past, equal dims) are kept; each must satisfy the guards.
@@ -54,31 +75,6 @@ _SIZE_VARIATIONS: tuple[tuple[str, Callable[[int], int]], ...] = (
     ("2*hint+3", lambda h: 2 * h + 3),
     ("3", lambda h: 3),
 )
-
-
-@dataclass(frozen=True)
-class MaskInfo:
-    """What a mask does to the scores, as far as it could be proven.
-
-    kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor".
-    causal: key j > i + off is masked (kinds "causal"/"band" and their "+padding" forms); for the
-        kinds without padding nothing else is masked.
-    bottom_right: the causal/band diagonal is aligned bottom-right (off = Tk - Tq); always False when
-        Tq == Tk at every evaluated size.
-    window: band width (kinds "band", "band+padding"): key j visible iff i + off - window < j <= i + off.
-    data_dependent: the mask reads tensor data (an input, parameter, buffer or constant), not only sizes.
-    reason: one line for the report: what was proven, or why nothing could be.
-
-    Only kinds "none", "causal" and "band" with data_dependent=False let the analyzer drop the mask
-    tensor and use the kernel's own causal/window logic; every other kind is passed on as a bias.
-    """
-
-    kind: str
-    causal: bool = False
-    bottom_right: bool = False
-    window: int = 0
-    data_dependent: bool = False
-    reason: str = ""
 
 
 def classify_mask(mask: fx.Node, polarity: str, q_len, k_len) -> MaskInfo:
@@ -120,33 +116,12 @@ _NEGATIONS = {"bitwise_not", "logical_not", "__invert__", "invert"}  # keep <-> 
 # (layout.py's vocabulary: no permutes, no flatten / unflatten, which would move values across dims)
 _PASS_THROUGH = op_names(COPIES | CASTS | BROADCASTS | SQUEEZES | {
     aten.view.default, aten.view_as.default, aten.reshape.default, aten._unsafe_view.default}) | {"broadcast_to"}
-# Ops that read only the size (and dtype/device) of their first argument, never its data.
-_SHAPE_ONLY = {
-    "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
-    "sym_size", "sym_numel", "size", "numel", "dim",
-}
-# In-place ops that change autograd metadata only, never the values (pre-dispatch graphs `detach_`
-# every lifted tensor literal).
-_METADATA_ONLY_WRITES = {"detach_", "requires_grad_"}
-# Ops whose result is uninitialized memory: as unknowable as data.
-_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"}
-
-
 class _Refusal(Exception):
     """Internal: the mask cannot be proven to be anything but a tensor; the message is the reason."""
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", str(target))
-
-
 def _describe(node: fx.Node) -> str:
-    return f"`{node.name}` ({_op_name(node)})" if node.op == "call_function" else f"`{node.name}`"
+    return f"`{node.name}` ({op_name(node)})" if node.op == "call_function" else f"`{node.name}`"
 
 
 def _tensor_val(node: Any) -> torch.Tensor | None:
@@ -179,23 +154,17 @@ class _GraphFacts:
     def _value_inputs(node: fx.Node) -> list[fx.Node]:
         """Inputs whose *value* `node` reads: a shape-only op's first argument is read for its size only."""
         inputs = node.all_input_nodes
-        first = node.args[0] if node.args else None
-        if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and isinstance(first, fx.Node):
-            others = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+        index = size_read_index(node)
+        if index is not None:
+            sized = node.args[index]
+            others = [a for i, a in enumerate(node.args) if i != index and isinstance(a, fx.Node)]
             others += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
-            return others if first not in others else inputs
+            return others if sized not in others else inputs
         return inputs
 
     def _value_ancestors(self, roots: list[fx.Node]) -> set[fx.Node]:
-        seen: set[fx.Node] = set()
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            stack.extend(self._value_inputs(node))
-        return seen
+        """`roots` and every node whose value they read, transitively."""
+        return ancestors(roots, self._value_inputs)
 
     def _own_data_reason(self, node: fx.Node) -> str | None:
         """Why `node`'s value depends on tensor data, or None when it depends on sizes only."""
@@ -215,7 +184,7 @@ class _GraphFacts:
             # A tensor literal of the traced code (`torch.tensor(-inf)` in forward): make_fx stores it as
             # a constant read only through `lift_fresh_copy`; it is rebuilt with the same value on every
             # call, so it is as fixed as the code. Any other stored tensor (a parameter, a buffer) is data.
-            if node.users and all(_op_name(u) == "lift_fresh_copy" for u in node.users):
+            if node.users and all(op_name(u) == "lift_fresh_copy" for u in node.users):
                 return None
             return f"reads attribute `{node.target}` (its content can change without a recompile)"
         if node.op == "call_module":
@@ -224,7 +193,7 @@ class _GraphFacts:
             target = node.target
             if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
                 return f"draws random numbers ({_describe(node)})"
-            if _op_name(node) in _UNINITIALIZED:
+            if op_name(node) in UNINITIALIZED:
                 return f"reads uninitialized memory ({_describe(node)})"
         for inp in self._value_inputs(node):
             reason = self.data_reason.get(inp)
@@ -239,7 +208,7 @@ class _GraphFacts:
             target = node.target
             if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
                 continue
-            if _op_name(node) in _METADATA_ONLY_WRITES:
+            if op_name(node) in METADATA_ONLY_WRITES:
                 continue
             for index, arg in enumerate(target._schema.arguments):
                 if arg.alias_info is None or not arg.alias_info.is_write:
@@ -370,7 +339,7 @@ def _dtype_of(value: Any) -> torch.dtype | None:
 def _additive_threshold(dtypes: Iterable[torch.dtype]) -> float:
     """Largest value still read as masking: -1e30, or finfo(dtype).min when a dtype on the path is
     coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
-    threshold = ADDITIVE_MASKED_AT_OR_BELOW
+    threshold = MASKED
     for dtype in dtypes:
         if dtype is not None and dtype.is_floating_point:
             threshold = max(threshold, torch.finfo(dtype).min)
@@ -433,7 +402,7 @@ def _split(factor: _Factor, facts: _GraphFacts) -> list[_Factor] | None:
     node, polarity, dtypes = factor.value, factor.polarity, factor.dtypes
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
-    name = _op_name(node)
+    name = op_name(node)
     out_dtype = _dtype_of(node)
     args = node.args
 
@@ -548,10 +517,9 @@ class _Evaluator:
                 raise _Refusal(f"internal: data-free factor depends on {_describe(node)}")
         stand_in_for = set()
         for node in needed:
-            if node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and node.args:
-                first = node.args[0]
-                if isinstance(first, fx.Node) and first not in needed:
-                    stand_in_for.add(first)
+            index = size_read_index(node)
+            if index is not None and node.args[index] not in needed:
+                stand_in_for.add(node.args[index])
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[tuple[fx.Node, Any]] = []  # (placeholder in the original graph or stand-in, its meta value)
@@ -647,34 +615,7 @@ def _query_key_matrix(visible: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pattern models: what the kernels implement.
-
-
-@dataclass(frozen=True)
-class _Model:
-    kind: str  # "none" | "causal" | "band"
-    bottom_right: bool = False
-    window: int = 0
-
-    def visible(self, tq: int, tk: int) -> torch.Tensor:
-        """Key j visible from query i, per docs/INTERFACES.md (off = Tk - Tq when bottom-right)."""
-        if self.kind == "none":
-            return torch.ones(tq, tk, dtype=torch.bool)
-        i = torch.arange(tq).unsqueeze(1)
-        j = torch.arange(tk).unsqueeze(0)
-        off = tk - tq if self.bottom_right else 0
-        visible = j <= i + off
-        if self.kind == "band":
-            visible &= j > i + off - self.window
-        return visible
-
-    def describe(self) -> str:
-        align = "bottom-right" if self.bottom_right else "top-left"
-        if self.kind == "none":
-            return "every key visible"
-        if self.kind == "causal":
-            return f"causal ({align})"
-        return f"causal band of width {self.window} ({align})"
+# Samples of the mask, held against the patterns the kernels implement (visibility.Visibility).
 
 
 @dataclass(frozen=True)
@@ -697,14 +638,14 @@ def _inferred_windows(sample: _Sample) -> set[int]:
     return {widest} if widest >= 1 else set()
 
 
-def _best_model(samples: list[_Sample]) -> _Model:
+def _best_model(samples: list[_Sample]) -> Visibility:
     """The first model (none, causal, band; top-left before bottom-right) matching every sample."""
-    candidates = [_Model("none"), _Model("causal", False), _Model("causal", True)]
+    candidates = [Visibility("none"), Visibility("causal", False), Visibility("causal", True)]
     for sample in samples:
         for width in sorted(_inferred_windows(sample)):
             for bottom_right in (False, True):
-                candidates.append(_Model("band", bottom_right, width))
-    seen: set[_Model] = set()
+                candidates.append(Visibility("band", bottom_right, width))
+    seen: set[Visibility] = set()
     for model in candidates:
         if model in seen:
             continue
@@ -716,11 +657,11 @@ def _best_model(samples: list[_Sample]) -> _Model:
 
 def _explain_mismatch(samples: list[_Sample]) -> str:
     """Why no single model fits: a size-dependent window, a non-causal band, or another pattern."""
-    per_sample: list[_Model | None] = []
+    per_sample: list[Visibility | None] = []
     for sample in samples:
         fitting = None
-        for model in [_Model("none"), _Model("causal", False), _Model("causal", True)] + [
-            _Model("band", br, w) for w in sorted(_inferred_windows(sample)) for br in (False, True)
+        for model in [Visibility("none"), Visibility("causal", False), Visibility("causal", True)] + [
+            Visibility("band", br, w) for w in sorted(_inferred_windows(sample)) for br in (False, True)
         ]:
             if torch.equal(sample.visible, model.visible(sample.tq, sample.tk)):
                 fitting = model
@@ -800,7 +741,7 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     kind = model.kind + ("+padding" if data_factors else "")
     return MaskInfo(
         kind,
-        causal=model.kind in ("causal", "band"),
+        causal=model.causal,
         bottom_right=model.bottom_right,
         window=model.window,
         data_dependent=bool(data_factors),
@@ -820,7 +761,7 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
     `== 0` / `!= 0` / `~`. Negations turn `<= e` into `>= e + 1` and back. None for anything else."""
     negated = False
     while node.op == "call_function":
-        name = _op_name(node)
+        name = op_name(node)
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if src is None:
             return None
@@ -839,8 +780,8 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
             node = src
         elif name in ("tril", "triu"):
             base = src
-            if base.op != "call_function" or _op_name(base) not in _ONES and not (
-                    _op_name(base) == "full" and isinstance(base.args[1], (int, float, bool)) and base.args[1] != 0):
+            if base.op != "call_function" or op_name(base) not in _ONES and not (
+                    op_name(base) == "full" and isinstance(base.args[1], (int, float, bool)) and base.args[1] != 0):
                 return None
             if not (facts.same_size(sval.shape[-2], q_len) and facts.same_size(sval.shape[-1], k_len)):
                 return None
@@ -859,7 +800,7 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
     return None
 
 
-def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str] | None:
+def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str] | None:
     """A single `tril` / `triu` factor proven causal for every size, symbolically (no sampling)."""
     if len(factors) != 1 or not isinstance(factors[0].value, fx.Node) or factors[0].polarity == "additive":
         return None
@@ -871,17 +812,17 @@ def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts)
         sign, e = -sign, (e + 1 if sign > 0 else e - 1)
     if sign < 0:
         return None                        # visible j - i >= e: keys after the query, not causal
-    for model, offset in ((_Model("causal", False), 0), (_Model("causal", True), facts.expr(k_len) - facts.expr(q_len))):
+    for model, offset in ((Visibility("causal", False), 0), (Visibility("causal", True), facts.expr(k_len) - facts.expr(q_len))):
         if sympy.expand(e - offset) == 0:
             return model, (f"{model.describe()}, proven for every size: visible iff j - i <= {offset} "
                            "(a triangle of ones of shape [Tq, Tk])")
     return None
 
 
-def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[_Model, str]:
+def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str]:
     """Evaluate the data-free factors at every allowed substitution and find the one model they all fit."""
     if not factors:
-        return _Model("none"), "no shape-only factor: every key visible"
+        return Visibility("none"), "no shape-only factor: every key visible"
     symbolic = _symbolic_triangle(factors, q_len, k_len, facts)
     if symbolic is not None:
         return symbolic
@@ -921,3 +862,63 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     sizes = ", ".join(dict.fromkeys(s.where for s in samples))
     how = f"checked at {len(samples)} sizes within the shape guards ({sizes})" if symbols else f"at {sizes}"
     return model, f"{model.describe()}, {how}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Length masks, proven structurally. `classify_mask` calls a data-dependent [B|1, 1, 1, Tk] factor
+# "padding" by its shape alone (what padding a user's attention_mask holds is data); the paged op
+# needs more: the very tensor of lengths to read, which only the mask's structure can name.
+
+
+def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
+    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
+    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
+
+    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
+    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
+    """
+    t = mask.target
+    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
+    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
+    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
+    if t not in table or len(shape_of(mask)) != 4:
+        return None
+    a, b = mask.args
+    if table[t]:
+        a, b = b, a
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    # a: positions along the key dim
+    chain_a = layout_chain(a)
+    src_a = chain_a[-1]
+    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
+        chain_a2 = layout_chain(src_a.args[0])
+        chain_a = chain_a + chain_a2
+        src_a = chain_a[-1]
+    if src_a.target not in (aten.arange.default, aten.arange.start):
+        return None
+    if src_a.target is aten.arange.start and src_a.args[0] != 0:
+        return None
+    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
+        return None
+    try:
+        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
+    except NotAView:
+        return None
+    if lay_a.clean(len(lay_a.dims) - 1) != [(shape_of(src_a)[0], 1)] or not sizes_equal(shape_of(src_a)[0], k_len):
+        return None
+    if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
+        return None
+    # b: one length per batch row
+    chain_b = layout_chain(b)
+    src_b = chain_b[-1]
+    if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
+        return None
+    try:
+        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
+    except NotAView:
+        return None
+    nb = len(lay_b.dims)
+    if nb != 4 or lay_b.clean(0) != [(shape_of(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
+        return None
+    return src_b

@@ -1,4 +1,10 @@
-"""Replace a proven attention region by one attnlower op call, after checking the region is convex."""
+"""Stage rewrite: replace each proven attention region by one attnlower op call.
+
+First `check_convex`: no value of the region escapes but its output, and no path leaves it and comes
+back (a fused op could not be placed). Then `rewrite_site` inserts the op call (and the steps that
+bring q/k/v, the bias and the output into place) before the region's output and reroutes the output's
+users to it; the region itself is left for the clean_up stage (it has no other users).
+"""
 from __future__ import annotations
 
 import operator
@@ -7,15 +13,29 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .analyze import Decision
-from .detect import AttentionMatch, reads_shape_only, size_sources
-from .layout import _val
+from .site import AttentionMatch, Context, Decision, Refused
+from .vocabulary import reads_only_size, size_sources, value_of
 
 aten = torch.ops.aten
 
 
-class NotConvex(Exception):
-    pass
+def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
+    """Rewrite each open site of `gm` into its op (`site.replacement`), or refuse a region that is not convex."""
+    dg = graph_digraph(gm)   # the dataflow before any rewrite: each region is judged in the graph as traced
+    done = 0
+    for site in ctx.open_sites(gm):
+        try:
+            check_convex(dg, site.match.region, site.match.output)
+        except Refused as e:
+            site.refuse(str(e))
+            continue
+        created: list[fx.Node] = []
+        site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        inserted = set(created)
+        # the replacement: the one inserted node that the replaced node's users now read
+        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
+        done += 1
+    return f"{done} rewritten"
 
 
 def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -29,21 +49,21 @@ def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def check_convex(dg: nx.DiGraph, region: list[fx.Node], output: fx.Node) -> None:
-    """No value leaves the region except the output, and no path leaves it and comes back."""
+    """No value leaves the region except the output (in the dataflow `dg`); raises Refused naming the
+    node that leaves.
+
+    That is all convexity asks of a site's region: every region node is an ancestor of the output (the
+    walk made it so), so a path that leaves through another node is such a use, and a path that leaves
+    through the output cannot come back (the graph is acyclic). A read of a size only
+    (`mask.expand_as(scores)`) is no use: the rewrite re-points it.
+    """
     inside = set(region)
     for n in region:
         if n is output:
             continue
-        # a read of the size only (`mask.expand_as(scores)`) is re-pointed by the rewrite: not a use
-        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_shape_only(u, n)]
+        outside_users = [u for u in dg.successors(n) if u not in inside and not reads_only_size(u, n)]
         if outside_users:
-            raise NotConvex(f"{n.name} is used outside the attention ({outside_users[0].name})")
-    for n in region:
-        for u in dg.successors(n):
-            if u in inside or reads_shape_only(u, n):
-                continue
-            if inside & nx.descendants(dg, u):
-                raise NotConvex(f"a path leaves the region at {u.name} and comes back")
+            raise Refused(f"{n.name} is used outside the attention ({outside_users[0].name})")
 
 
 class _Emitter:
@@ -56,6 +76,7 @@ class _Emitter:
         self.created = created if created is not None else []
 
     def __call__(self, target, args, kwargs=None, name=None):
+        """Insert `target(*args, **kwargs)` and give it a fake value; returns the new node."""
         kwargs = kwargs or {}
         with self.graph.inserting_before(self.before):
             n = self.graph.call_function(target, tuple(args), kwargs)
@@ -63,7 +84,7 @@ class _Emitter:
         if name:
             n.name = self.graph._graph_namespace.create_name(name, None)
         def fake(x):
-            return _val(x) if isinstance(x, fx.Node) else x
+            return value_of(x) if isinstance(x, fx.Node) else x
         try:
             fa = torch.utils._pytree.tree_map(fake, args)
             fk = torch.utils._pytree.tree_map(fake, kwargs)
@@ -78,24 +99,33 @@ class _Emitter:
         return n
 
 
-def _prepare(emit: _Emitter, ref) -> fx.Node:
-    x = ref.source
-    for kind, arg in ref.steps:
-        if kind == "squeeze":
-            x = emit(aten.squeeze.dim, (x, arg))
-        elif kind == "unsqueeze":
-            x = emit(aten.unsqueeze.default, (x, arg))
-        elif kind == "permute":
-            x = emit(aten.permute.default, (x, list(arg)))
-        else:
-            raise ValueError(f"unknown layout step {kind}")
+# The layout steps an OperandRef or an output carries: (kind, arg) -> the node that takes the step.
+_STEPS = {
+    "squeeze": lambda emit, x, dim: emit(aten.squeeze.dim, (x, dim)),
+    "unsqueeze": lambda emit, x, dim: emit(aten.unsqueeze.default, (x, dim)),
+    "permute": lambda emit, x, perm: emit(aten.permute.default, (x, list(perm))),
+    "flatten": lambda emit, x, dims: emit(aten.flatten.using_ints, (x, *dims)),
+}
+
+
+def _take_steps(emit: _Emitter, x: fx.Node, steps) -> fx.Node:
+    """`x` after each (kind, arg) layout step of `steps` (`_STEPS`)."""
+    for kind, arg in steps:
+        if kind not in _STEPS:
+            raise ValueError(f"unknown layout step {kind!r}; expected one of {sorted(_STEPS)}")
+        x = _STEPS[kind](emit, x, arg)
     return x
+
+
+def _prepare(emit: _Emitter, ref) -> fx.Node:
+    """The operand `ref` (an OperandRef) as the op's 4-D input: its source after its steps."""
+    return _take_steps(emit, ref.source, ref.steps)
 
 
 def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     """q as the op's [B, Hq, Tq, D], times the site's per-head scale when it has one.
 
-    `s * h` with h constant over the query and key positions (detect proved it) is
+    `s * h` with h constant over the query and key positions (score_chain proved it) is
     `(q * h) @ kᵀ`: the factor moves into q, whatever its sign (the kernels take the row max of the
     scores they compute), and autograd reaches h through this product. The product is cast back to
     q's dtype: the op takes q, k and v of one dtype.
@@ -106,8 +136,8 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     hs = m.head_scale
     op = aten.div.Tensor if hs.divide else aten.mul.Tensor
     scaled = emit(op, (q, hs.node), name="attnlower_head_scaled_q")
-    dtype = _val(q).dtype
-    if _val(scaled) is not None and _val(scaled).dtype != dtype:
+    dtype = value_of(q).dtype
+    if value_of(scaled) is not None and value_of(scaled).dtype != dtype:
         scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
     return scaled
 
@@ -121,11 +151,11 @@ def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
     """
     x = term.node
-    shape = list(_val(x).shape)
+    shape = list(value_of(x).shape)
     score_shape = list(term.score_shape)
     if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
         x = emit(aten.unsqueeze.default, (x, -2))
-        shape = list(_val(x).shape)
+        shape = list(value_of(x).shape)
     extra = len(shape) - len(score_shape)
     if extra > 0:  # leading dims of size 1 (lift_problem checked)
         x = emit(aten.squeeze.dims, (x, list(range(extra))))
@@ -150,7 +180,7 @@ def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node
     for t in plan.terms:
         x = _term_tensor(emit, t, m)
         if t.kind == "bias":
-            if not _val(x).dtype.is_floating_point:
+            if not value_of(x).dtype.is_floating_point:
                 # a bool or int added to the scores is a number (True = 1), never a keep-mask
                 x = emit(aten._to_copy.default, (x,), {"dtype": t.score_dtype or torch.float32})
             part = x if t.value == 1.0 else emit(aten.mul.Tensor, (x, t.value))
@@ -192,25 +222,25 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
         call = emit(torch.ops.attnlower.flash_attention.default, (q, k, v),
                     dict(bias=bias, alibi_slopes=None, causal=s.causal, **common), name="attnlower_flash")
     out = emit(operator.getitem, (call, 0))
-    old_dtype = _val(m.output).dtype
-    if _val(out) is not None and hasattr(_val(out), "dtype") and _val(out).dtype != old_dtype:
+    old_dtype = value_of(m.output).dtype
+    if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
 
 
 def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
     """Make each size-only reader of a region node read the same sizes from a tensor outside the region
-    (`detect.size_sources` found one), so the region becomes dead code."""
+    (`vocabulary.size_sources` found one; score_chain checked there is one), so the region becomes dead code."""
     inside = set(m.region)
     for user, node in m.shape_reads:
         graph = user.graph
         emit = _Emitter(graph, user, fake_mode)
         sizes = []
-        for src in size_sources(_val(node).shape, user, inside):
+        for src in size_sources(value_of(node).shape, user, inside):
             if isinstance(src, tuple):
                 src = emit(aten.sym_size.int, src)
             sizes.append(src)
-        uv = _val(user)
+        uv = value_of(user)
         if user.target is aten.sym_size.int:
             new = sizes[user.args[1]]
         elif user.target is aten.expand_as.default:
@@ -222,7 +252,7 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
                      aten.empty_like.default: aten.empty.memory_format}[user.target]
             new = emit(maker, (sizes,), {"dtype": uv.dtype, "device": uv.device})
         if not isinstance(new, fx.Node):
-            raise ValueError(f"{user.name} reads a static size of {node.name}; detect should have refused it")
+            raise ValueError(f"{user.name} reads a static size of {node.name}; the score_chain stage should have refused it")
         user.replace_all_uses_with(new)
         for term in m.terms:   # a term read through the size-only node (`mask.expand_as(scores)`) reads `new`
             if term.node is user:
@@ -231,16 +261,8 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
 
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
     """Bring the op's [B, Hq, Tq, Dv] result to the replaced node's shape and strides, reroute users."""
-    for kind, arg in m.output_steps:
-        if kind == "flatten":
-            out = emit(aten.flatten.using_ints, (out, *arg))
-        elif kind == "squeeze":
-            out = emit(aten.squeeze.dim, (out, arg))
-        elif kind == "permute":
-            out = emit(aten.permute.default, (out, list(arg)))
-        else:
-            raise ValueError(f"unknown output step {kind}")
-    out = _match_strides(emit, out, _val(m.output))
+    out = _take_steps(emit, out, m.output_steps)
+    out = _match_strides(emit, out, value_of(m.output))
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]
 
@@ -248,7 +270,7 @@ def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
 def _match_strides(emit: _Emitter, out: fx.Node, want) -> fx.Node:
     """The graph after the site was traced with the replaced node's strides (SDPA returns q's
     dim order, and a later `.view` may rely on it): copy into that order when ours differs."""
-    have = _val(out)
+    have = value_of(out)
     if have is None or want is None or not hasattr(want, "stride"):
         return out
     big = [d for d in range(want.dim()) if not bool(want.shape[d] == 1)]
@@ -273,15 +295,15 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             pool = emit(aten.permute.default, (pool, list(ref.pool_perm)))
         pools.append(pool)
     table = plan.k.table
-    if _val(table).dtype != torch.int32:
+    if value_of(table).dtype != torch.int32:
         table = emit(aten._to_copy.default, (table,), {"dtype": torch.int32})
     if plan.seq_lens is None:
         batch = emit(aten.sym_size.int, (table, 0))
         seq_lens = emit(aten.full.default, ([batch], plan.k.length), {"dtype": torch.int32,
-                                                                       "device": _val(table).device})
+                                                                       "device": value_of(table).device})
     else:
         seq_lens = plan.seq_lens
-        if _val(seq_lens).dtype != torch.int32:
+        if value_of(seq_lens).dtype != torch.int32:
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),

@@ -1,4 +1,4 @@
-"""Translation validation: check every rewritten site against the region it replaced.
+"""Stage validate (translation validation): check every rewritten site against the region it replaced.
 
 A rewrite is only as right as the detector's reasoning; this pass does not reuse any of it. For
 each site it takes the two computations that now coexist in the graph (the replaced output node,
@@ -15,8 +15,8 @@ they share, and evaluates the two on random values at that cut, in float64 on CP
   so the comparison can be tight (`TOLERANCE`); NaN positions must match exactly;
 - dropout is switched off on both sides (p = 0), which the report says.
 
-A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the caller
-reroutes the users of the new output back to the old one, and DCE removes the new nodes.
+A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the stage
+reroutes the users of the new output back to the old one, and the clean_up stage removes the new nodes.
 Identical sites (same subgraph structure, shapes and constants, e.g. the layers of one model)
 are checked once per process (`_CHECKED`).
 """
@@ -26,6 +26,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import logging
 import math
 import operator
 import os
@@ -39,7 +40,14 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
+from .sdpa import argument_position
+from .site import Context
+from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
+                         PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, ancestors,
+                         op_name)
+
 aten = torch.ops.aten
+log = logging.getLogger("attnlower")
 
 # max |source - rewrite| / max(1, max |source|). Both sides run in float64: over 66 comparisons
 # of correct sites (tests/models.py's hand-written, SDPA and HF cases, 2026-12-01) the largest was
@@ -57,24 +65,10 @@ MAX_ELEMENTS = 2 ** 21
 # small, yet above Dynamo's 0/1 specialization and larger than a typical head_dim tile.
 REDUCED_SIZE = 17
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_VIEWISH = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.select.int, aten.slice.Tensor,
-    aten.expand.default, aten._to_copy.default, aten.to.dtype, aten.clone.default,
-    aten.contiguous.default, aten.flatten.using_ints, aten.permute.default, aten.t.default,
-    aten.alias.default, aten.transpose.int, aten.detach.default, aten.lift_fresh_copy.default,
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, operator.getitem,
-}
-_COMPARE = {getattr(aten, op).Tensor for op in ("lt", "le", "gt", "ge", "eq", "ne")}
-_MATMULS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default,
-            aten.einsum.default}
-_SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default, aten.exp.default,
-              aten.log_softmax.int, aten._log_softmax.default}
-_SIZE_OPS = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-             aten.sym_storage_offset.default}
-_DROPOUTS = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
-             aten.alpha_dropout.default}
+# Ops through which an integer input keeps its role as an index or a length (`_int_range`): views,
+# casts and copies move it, an added offset shifts it, a getitem picks it out of a tuple.
+_KEEPS_INDEX_ROLE = (COPIES | CASTS | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES | SLICES | ADDS | SUBTRACTS
+                     | {operator.getitem})
 
 
 @dataclass
@@ -104,7 +98,39 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the entry point
+# the stage
+
+def validate(gm: fx.GraphModule, ctx: Context) -> str:
+    """Check each site rewritten in `gm` against the region it replaced; undo and refuse those that differ.
+
+    With `ctx.validate` off, every rewritten site says "not checked: options validate=False".
+    """
+    rewritten = [s for s in ctx.sites_in(gm) if s.rewritten]
+    if not ctx.validate:
+        for site in rewritten:
+            site.validated = "not checked: options validate=False"
+        return "off (validate=False)"
+    shape_env = getattr(ctx.fake_mode, "shape_env", None)
+    refused = cached = unchecked = 0
+    for site in rewritten:
+        old, new = site.match.output, site.replacement
+        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir)
+        site.validated = verdict.checked_on
+        cached += verdict.cached
+        unchecked += verdict.checked_on.startswith("not validated")
+        if not verdict.ok:
+            # undo: the old output is still in the graph; the inserted nodes die in clean_up
+            new.replace_all_uses_with(old)
+            site.refuse(verdict.reason)
+            site.validation_repro = verdict.repro
+            refused += 1
+            log.warning("attnlower: site %d (%s) refused: %s", site.index, site.location, verdict.reason)
+    return (f"{len(rewritten)} checked ({cached} by an identical earlier site), {refused} refused, "
+            f"{unchecked} too large to check")
+
+
+# --------------------------------------------------------------------------------------------
+# one rewrite
 
 def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
                      repro_dir: str | None = None, draws: int = 3) -> Verdict:
@@ -129,21 +155,10 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
 # --------------------------------------------------------------------------------------------
 # cutting the graph
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _is_random(n: fx.Node) -> bool:
     tags = getattr(n.target, "tags", ())
     # dropout, in ops of its own or inside attention ops, is switched off in the copies (p = 0)
-    return (torch.Tag.nondeterministic_seeded in tags and n.target not in _DROPOUTS
+    return (torch.Tag.nondeterministic_seeded in tags and n.target not in DROPOUTS
             and not _is_attention_op(n))
 
 
@@ -158,7 +173,7 @@ def _size_only(graph: fx.Graph) -> set[fx.Node]:
             if n.target.startswith("_tensor_constant"):
                 pure.add(n)           # lifted constants; other attributes may be rewritten between calls
         elif n.op == "call_function":
-            if n.target in _SIZE_OPS or (not _is_random(n) and all(a in pure for a in n.all_input_nodes)):
+            if op_name(n) in SIZE_QUERIES or (not _is_random(n) and all(a in pure for a in n.all_input_nodes)):
                 pure.add(n)
     return pure
 
@@ -213,7 +228,7 @@ class _Pair:
         # the module owning the nodes: a site inside a higher-order op's subgraph is checked there
         gm = old.graph.owning_module or gm
         self.gm, self.old, self.new = gm, old, new
-        anc_old, anc_new = _ancestors(old), _ancestors(new)
+        anc_old, anc_new = ancestors([old]), ancestors([new])
         shared = anc_old & anc_new
         self.pure, order, root, writers = _graph_facts(gm.graph)
         pure = self.pure
@@ -347,9 +362,9 @@ class _Pair:
         stride = tuple(_concrete(s, self.subs) for s in val.stride())
         fixed = self._guarded_value(b)
         if fixed is not None:
-            return _Input(b, "fixed", shape, stride, torch.float64 if val.dtype in _FLOATS else val.dtype,
+            return _Input(b, "fixed", shape, stride, torch.float64 if val.dtype in FLOAT_DTYPES else val.dtype,
                           value=fixed)
-        if val.dtype in _FLOATS:
+        if val.dtype in FLOAT_DTYPES:
             kind = "data" if self._feeds_product(b) else "float"
             return _Input(b, kind, shape, stride, torch.float64, source_dtype=val.dtype)
         if val.dtype == torch.bool:
@@ -402,10 +417,10 @@ class _Pair:
         while stack:
             n = stack.pop()
             for u in self._users_inside(n):
-                if u in seen or u.target in _SOFTMAXES:
+                if u in seen or u.target in SOFTMAX_FORMS:
                     continue
                 seen.add(u)
-                if u.target in _MATMULS and not (u.target is aten.baddbmm.default and u.args[0] is n):
+                if u.target in MATRIX_PRODUCTS and not (u.target is aten.baddbmm.default and u.args[0] is n):
                     return True               # (baddbmm's first operand is added, not multiplied)
                 if _is_attention_op(u):
                     if any(a is n for a in u.args[:3]):
@@ -427,7 +442,7 @@ class _Pair:
                 rng = self._consumer_range(n, u)
                 if rng is not None:
                     found = rng if found is None else (found[0], max(found[1], rng[1]), min(found[2], rng[2]))
-                elif u.target in _VIEWISH:
+                elif u.target in _KEEPS_INDEX_ROLE:
                     stack.append(u)
         return found
 
@@ -453,7 +468,7 @@ class _Pair:
                 return ("index", 0, size(cache, 0) - 1)
             if n is lens:
                 return ("length", 0, size(table, 1) * size(cache, 2))
-        if t in _COMPARE:
+        if t in COMPARISONS:
             other = u.args[1] if u.args[0] is n else u.args[0]
             if isinstance(other, fx.Node) and other in self.pure:
                 # a length or position compared with positions: inside what those positions span
@@ -632,7 +647,7 @@ def _constants_to_float64_cpu(module: fx.GraphModule) -> None:
         *path, leaf = str(n.target).split(".")
         owner = module.get_submodule(".".join(path)) if path else module
         value = getattr(owner, leaf, None)
-        if isinstance(value, torch.Tensor) and value.dtype in _FLOATS and (
+        if isinstance(value, torch.Tensor) and value.dtype in FLOAT_DTYPES and (
                 value.dtype != torch.float64 or value.device.type != "cpu"):
             setattr(owner, leaf, value.detach().to("cpu", torch.float64))
 
@@ -640,7 +655,7 @@ def _constants_to_float64_cpu(module: fx.GraphModule) -> None:
 def _to_float64_cpu(n: fx.Node) -> None:
     """In a copied node: float casts and dtypes become float64, devices CPU, dropout p = 0."""
     def conv(a):
-        if isinstance(a, torch.dtype) and a in _FLOATS:
+        if isinstance(a, torch.dtype) and a in FLOAT_DTYPES:
             return torch.float64
         if isinstance(a, torch.device):
             return torch.device("cpu")
@@ -649,15 +664,15 @@ def _to_float64_cpu(n: fx.Node) -> None:
     t = n.target
     if t in (aten._softmax.default, aten._log_softmax.default):
         n.args = (*n.args[:2], False)             # half_to_float: the input is float64 now
-    elif t in _DROPOUTS:
+    elif t in DROPOUTS:
         n.args = (n.args[0], 0.0, *n.args[2:])
     elif t in (aten.scaled_dot_product_attention.default,
                aten._scaled_dot_product_flash_attention_for_cpu.default):
-        if "dropout_p" in n.kwargs:
-            n.kwargs = {**n.kwargs, "dropout_p": 0.0}
-        elif len(n.args) > 3 + (t is aten.scaled_dot_product_attention.default):
-            i = 4 if t is aten.scaled_dot_product_attention.default else 3
-            n.args = (*n.args[:i], 0.0, *n.args[i + 1:])
+        position, keyword = argument_position(t, "dropout_p")
+        if keyword in n.kwargs:
+            n.kwargs = {**n.kwargs, keyword: 0.0}
+        elif len(n.args) > position:
+            n.args = (*n.args[:position], 0.0, *n.args[position + 1:])
     elif _is_attention_op(n) and "dropout_p" in n.kwargs:
         n.kwargs = {**n.kwargs, "dropout_p": 0.0}
 

@@ -329,7 +329,10 @@ def tp_fallbacks() -> dict:
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    import dataclasses
+
     from attnlower.compiler import backend
+    from attnlower.passes import pipeline
 
     mesh, rank = _mesh(), dist.get_rank()
     plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
@@ -364,7 +367,7 @@ def tp_fallbacks() -> dict:
 
     # 3. a pass that raises (here: the rewrite), and 4. a canonicalization that raises
     def broken_rewrite(gm, ctx):
-        raise RuntimeError("injected failure in analyze+rewrite")
+        raise RuntimeError("injected failure in the rewrite stage")
 
     def broken_to_aten(gm, example_inputs):
         raise RuntimeError("injected failure in to_aten")
@@ -372,19 +375,19 @@ def tp_fallbacks() -> dict:
     ref = Attention(48, heads=4, kv_heads=2, sdpa=False)
     sharded = parallelize_module(copy.deepcopy(ref), mesh, plan)
     ref_out = ref(x, cos, sin)
-    saved_passes, saved_to_aten = list(backend.PASSES), backend.to_aten
+    saved_stages, saved_to_aten = pipeline.STAGES, backend.to_aten
     for case in ("pass_failure", "canonicalize_failure"):
         torch._dynamo.reset()
         if case == "pass_failure":
-            backend.PASSES[:] = [(name, broken_rewrite if name == "analyze+rewrite" else fn)
-                                 for name, fn in saved_passes]
+            pipeline.STAGES = tuple(dataclasses.replace(s, run=broken_rewrite) if s.name == "rewrite" else s
+                                    for s in saved_stages)
         else:
             backend.to_aten = broken_to_aten
         try:
             start = _n_reports()
             out = torch.compile(sharded, backend="attnlower", options={"inner": "eager"})(x, cos, sin)
         finally:
-            backend.PASSES[:], backend.to_aten = saved_passes, saved_to_aten
+            pipeline.STAGES, backend.to_aten = saved_stages, saved_to_aten
         result[case] = {"sites": _sites(start), "out_vs_unsharded": _max_diff(out, ref_out),
                         "errors": [r.error for r in backend.reports()[start:]]}
     return result

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import attnlower
 import models as M
-from _compiled import assert_matches_eager, compiled_sites
+from helpers import assert_matches_eager, compiled_sites
 
 B, H, T, D = 2, 4, 12, 16
 
@@ -192,16 +192,19 @@ def test_dropout_inside_checkpoint_is_refused():
 
 
 def test_failure_inside_a_checkpoint_body_falls_back(monkeypatch):
+    import dataclasses
+
     from attnlower.compiler import backend
+    from attnlower.passes import pipeline
 
-    real = backend.PASSES[0][1]
+    first, *rest = pipeline.STAGES
 
-    def detect_failing_in_bodies(gm, ctx):
+    def anchors_failing_in_bodies(gm, ctx):
         if ctx.in_checkpoint:
             raise RuntimeError("broken on purpose")
-        return real(gm, ctx)
+        return first.run(gm, ctx)
 
-    monkeypatch.setattr(backend, "PASSES", [("detect", detect_failing_in_bodies)] + backend.PASSES[1:])
+    monkeypatch.setattr(pipeline, "STAGES", (dataclasses.replace(first, run=anchors_failing_in_bodies), *rest))
     xs = inputs(requires_grad=False)
     want = ck_functional(*xs)
     torch._dynamo.reset()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from attnlower.compiler import backend
 from attnlower.compiler.backend import attnlower_backend
-from _compiled import assert_matches_eager
+from helpers import assert_matches_eager
 
 B, H, D = 2, 4, 16
 

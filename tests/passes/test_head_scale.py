@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnlower
-from _compiled import assert_matches_eager, compiled_sites
+from helpers import assert_matches_eager, compiled_sites
 
 B, H, T, D = 2, 4, 8, 16
 

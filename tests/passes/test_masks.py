@@ -9,8 +9,9 @@ import torch
 import torch.fx as fx
 import pytest
 
-from attnlower.compiler.canonicalize import to_aten
-from attnlower.passes.masks import MaskInfo, classify_mask
+from attnlower.passes.canonicalize import to_aten
+from attnlower.passes.masks import classify_mask, length_mask_lengths
+from attnlower.passes.site import MaskInfo
 
 aten = torch.ops.aten
 NEG = torch.finfo(torch.float32).min
@@ -483,3 +484,83 @@ def test_real_mistral_sdpa_dynamic_sliding_window():
     info = classify_mask(mask, "keep", sdpa.args[0].meta["val"].shape[-2], sdpa.args[1].meta["val"].shape[-2])
     check(info, "band+padding", causal=True, window=8, data_dependent=True)
     assert "4 sizes" in info.reason
+
+
+# ---- length masks, proven structurally: the lengths the paged op reads --------------------------
+
+LENGTHS = torch.tensor([5, 11])
+
+
+def length_site(fn, *args):
+    """(mask, polarity, Tk, the graph's placeholder holding the lengths) of `fn`'s one masked softmax."""
+    gm = trace(fn, *args)
+    mask, polarity, _, k_len = mask_site(gm)
+    (lengths,) = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["val"].dim() == 1]
+    return mask, polarity, k_len, lengths
+
+
+def positions_lt_lengths(q, k, lens):
+    # the padding mask of a ragged batch as serving code writes it: key position < the sequence's length
+    keep = torch.arange(k.shape[-2])[None, None, None, :] < lens[:, None, None, None]
+    return scores(q, k).masked_fill(~keep, float("-inf")).softmax(-1)
+
+
+def lengths_gt_positions(q, k, lens):
+    return torch.where(lens.view(-1, 1, 1, 1) > torch.arange(k.shape[-2]).view(1, 1, 1, -1), scores(q, k),
+                       float("-inf")).softmax(-1)
+
+
+def positions_ge_lengths_filled(q, k, lens):
+    # attnlower.cache.length_mask's complement, filled: HF's `masked_fill(padding, finfo.min)` shape
+    pad = torch.arange(k.shape[-2]).view(1, 1, 1, -1) >= lens.view(-1, 1, 1, 1)
+    return scores(q, k).masked_fill(pad, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("fn", [lengths_gt_positions, positions_ge_lengths_filled])
+def test_length_mask_gives_the_lengths(fn):
+    mask, polarity, k_len, lengths = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
+    assert length_mask_lengths(mask, polarity, k_len) is lengths
+    other = {"keep": "fill", "fill": "keep"}[polarity]
+    assert length_mask_lengths(mask, other, k_len) is None        # the same comparison, read the other way
+
+
+def test_positions_below_lengths_as_a_keep_mask():
+    mask, polarity, k_len, lengths = length_site(positions_lt_lengths, *qkv(4, 12)[:2], LENGTHS)
+    keep = mask.args[0]                      # the fill is `~keep`: the comparison itself keeps
+    assert polarity == "fill" and length_mask_lengths(keep, "keep", k_len) is lengths
+
+
+def test_positions_must_start_at_zero_and_span_the_keys():
+    def shifted(q, k, lens):
+        keep = torch.arange(1, k.shape[-2] + 1)[None, None, None, :] < lens[:, None, None, None]
+        return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
+
+    def one_short(q, k, lens):
+        keep = torch.arange(k.shape[-2] - 1)[None, None, None, :] < lens[:, None, None, None]
+        return torch.where(F_pad(keep), scores(q, k), float("-inf")).softmax(-1)
+
+    for fn in (shifted, one_short):
+        mask, polarity, k_len, _ = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
+        assert length_mask_lengths(mask, polarity, k_len) is None, fn.__name__
+
+
+def F_pad(keep):
+    """`keep` with one more key column, always visible (so the mask still covers every key)."""
+    return torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+
+
+def test_lengths_laid_along_heads_or_a_causal_compare_are_not_lengths():
+    def per_head(q, k, lens):   # lens broadcast as [1, H, 1, 1]: one length per head, not per sequence
+        keep = torch.arange(k.shape[-2]).view(1, 1, 1, -1) < lens.view(1, -1, 1, 1)
+        return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
+
+    mask, polarity, k_len, _ = length_site(per_head, *qkv(4, 12, heads=2)[:2], LENGTHS)
+    assert length_mask_lengths(mask, polarity, k_len) is None
+
+    def causal(q, k):
+        t = q.shape[-2]
+        keep = torch.arange(t).view(1, 1, -1, 1) >= torch.arange(t).view(1, 1, 1, -1)
+        return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
+
+    mask, polarity, _, k_len = mask_site(trace(causal, *qkv(6)[:2]))
+    assert length_mask_lengths(mask, polarity, k_len) is None

@@ -16,21 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _compiled import check_fused, check_unfused
+from helpers import B, H, T, D, check_fused, check_unfused, qkv
+from helpers import rand as bias
 
-B, H, T, D = 2, 4, 8, 16
 SCALE = D ** -0.5
-
-
-def qkv(t=T, tk=None, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    tk = t if tk is None else tk
-    return (torch.randn(B, H, t, D, generator=g, dtype=dtype), torch.randn(B, H, tk, D, generator=g, dtype=dtype),
-            torch.randn(B, H, tk, D, generator=g, dtype=dtype))
-
-
-def bias(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
 def keep_with_empty_row():
@@ -246,7 +235,7 @@ def test_hf_bloom_alibi_through_baddbmm():
     import transformers
 
     import attnlower
-    from _compiled import assert_matches_eager
+    from helpers import assert_matches_eager
 
     torch.manual_seed(0)
     cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0,

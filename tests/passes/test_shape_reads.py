@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from _compiled import check_fused, compiled_sites, assert_matches_eager
+from helpers import check_fused, compiled_sites, assert_matches_eager
 
 B, H, T, D = 2, 4, 9, 16
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import attnlower
-from attnlower.compiler import backend
 from attnlower.passes import validate as V
-from attnlower.passes.detect import AttentionMatch
+from attnlower.passes import analyze as analyze_stage
+from attnlower.passes import kv
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models as M  # noqa: E402
@@ -38,28 +38,26 @@ def _fresh_cache():
 
 def _break_match(monkeypatch, edit):
     """Make the detector's matches wrong: `edit(match)` runs on every proven match."""
-    found = backend.find_attention_sites
+    resolve = kv.resolve_match
 
-    def broken(gm):
-        out = found(gm)
-        for f in out:
-            if isinstance(f, AttentionMatch):
-                edit(f)
-        return out
+    def broken(chain):
+        match = resolve(chain)
+        edit(match)
+        return match
 
-    monkeypatch.setattr(backend, "find_attention_sites", broken)
+    monkeypatch.setattr(kv, "resolve_match", broken)
 
 
 def _break_decision(monkeypatch, **spec_changes):
     """Make the analyzer's specs wrong: every decision's spec gets `spec_changes`."""
-    analyze = backend.analyze_site
+    analyze = analyze_stage.analyze_site
 
-    def broken(m, target, ops):
-        d = analyze(m, target, ops)
+    def broken(m, target, ops, mask, lengths):
+        d = analyze(m, target, ops, mask, lengths)
         d.spec = dataclasses.replace(d.spec, **spec_changes)
         return d
 
-    monkeypatch.setattr(backend, "analyze_site", broken)
+    monkeypatch.setattr(analyze_stage, "analyze_site", broken)
 
 
 def _compile(case: M.Case, **options):

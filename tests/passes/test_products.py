@@ -1,4 +1,4 @@
-"""einsum with permuted operands or output (issue 12.5).
+"""The products (passes/products.py): einsum with permuted operands or output (issue 12.5).
 
 Q and K read in BSHD order (`bqhd,bkhd->bhqk`), the output written in BSHD order (`bhqk,bkhd->bqhd`),
 other index letters, the decode form without a query dim (`bhd,bhsd->bhs`, Tq = 1 implied): fused,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _compiled import check_fused, check_unfused
+from helpers import check_fused, check_unfused
 
 B, H, T, D = 2, 4, 9, 16
 SCALE = D ** -0.5

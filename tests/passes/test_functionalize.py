@@ -1,6 +1,7 @@
-"""In-place ops on the scores (issue 12.3) and which add operand carries Q·Kᵀ (issue 12.2, HF Falcon).
+"""In-place ops on the scores, made out-of-place by the functionalize stage (issue 12.3), and which add
+operand carries Q·Kᵀ (issue 12.2, HF Falcon, whose scores are divided in place).
 
-In-place ops are functionalized before detection (`canonicalize.functionalize_scores`) when no other
+In-place ops are functionalized before detection (`functionalize.functionalize_scores`) when no other
 node can observe the mutation; the add operand holding the scores is found by dataflow, whatever its
 position or shape. Each case: compiled equals eager, the op asserted; near misses stay unfused.
 """
@@ -12,22 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _compiled import check_fused, check_unfused, compiled_sites, assert_matches_eager
-
-B, H, T, D = 2, 4, 8, 16
-
-
-def qkv():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(B, H, T, D, generator=g) for _ in range(3)]
-
-
-def rand(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-
-
-def causal():
-    return torch.tril(torch.ones(T, T, dtype=torch.bool))
+from helpers import B, H, T, D, assert_matches_eager, causal, check_fused, check_unfused, compiled_sites, qkv, rand
 
 
 # ---- in-place score ops ---------------------------------------------------------------------------

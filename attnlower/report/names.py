@@ -14,6 +14,8 @@ import re
 
 import torch.fx as fx
 
+from ..passes.site import source_frame
+
 # Dynamo's mangled sources: L['self']._modules['attn']._buffers['bias'] -> L_self_modules_attn_buffers_bias_
 _ATTRIBUTE_STEP = re.compile(r"_(?:modules|buffers|parameters)_")
 _GENERATED = re.compile(r"^(arg\d+_\d+|_tensor_constant\d+|.*_\d+)$")
@@ -53,14 +55,8 @@ def _graph(g) -> fx.Graph:
 
 def _source_line(node: fx.Node) -> tuple[str, str] | None:
     """(`file.py:12`, the code on that line) of the user's frame that made `node`, when known."""
-    st = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in st.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        m = re.match(r'File "([^"]+)", line (\d+)', lines[i])
-        if m:
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            return f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}", code
-    return None
+    frame = source_frame(node)
+    return None if frame is None else (f"{frame[0]}:{frame[1]}", frame[3])
 
 
 def describe(node: fx.Node, arguments: dict[str, str] | None = None) -> str:
@@ -101,7 +97,7 @@ def humanize(text: str, graph: fx.Graph | fx.GraphModule, arguments: dict[str, s
     nodes = {n.name: n for n in _graph(graph).nodes}
 
     def replace(m: re.Match) -> str:
-        quoted, op, bare = m.group(1), m.group(2), m.group(3)
+        quoted, bare = m.group(1), m.group(3)   # group 2, the op name after a quoted node, goes with it
         if quoted is not None:
             node = nodes.get(quoted)
             if node is None:

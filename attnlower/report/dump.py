@@ -1,10 +1,11 @@
-"""The graph dump: what attnlower did to each compiled graph, as files a person can read.
+"""The graph dump: what attnlower did to each compiled graph, as files a person can read (option dump_dir,
+or the `attnlower dump` command).
 
 Per graph, under `DIR/graph_NNN/`:
 
     00_dynamo.txt          the graph Dynamo handed the backend
     01_aten.txt            the same graph traced to pre-dispatch aten (what the passes see)
-    02_<pass>.txt, ...     the graph after each pass of backend.PASSES
+    02_<stage>.txt, ...    the graph after each stage of passes/pipeline.STAGES
     final.txt              the graph handed to the inner compiler
     sites.md               one row per site: source location, shapes, mask, op, kernel config,
                            memory of the fused op vs the unfused subgraph, why (or why not),
@@ -20,8 +21,9 @@ Per graph, under `DIR/graph_NNN/`:
 
 Each graph written prints one progress line to stderr (`attnlower dump: graph 3: ...`).
 
-`memory_estimate` and `kernel_plan` are called by the backend's passes to fill `Site.memory` and
-`Site.kernel`. Nothing here changes a graph.
+It reads what the compile recorded (the report's sites, their `memory` and `kernel` plans) and the
+graphs; nothing here changes a graph, and nothing on the compile path imports it except the backend's
+one call when `dump_dir` is set.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .report import CompileReport, Site
+from ..passes.vocabulary import size_hint
+from ..target import kernels_of
+from .costs import format_bytes
+from .records import CompileReport, Site, format_dims
 
 log = logging.getLogger("attnlower")
 
@@ -47,154 +52,6 @@ MLIR_EXTRA_HINT = ("--mlir needs torch-mlir, the optional extra attnlower[mlir]:
 # Ops whose result shares its input's storage in practice: they allocate no intermediate.
 # (`_unsafe_view` and `reshape` of the contiguous scores are views; aten marks only true views is_view.)
 _NO_COPY = {torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default}
-
-
-# --------------------------------------------------------------------------------------------
-# what the passes record per site
-
-def _hint(size) -> int | None:
-    """An int size, or the example value's hint of a symbolic one (None when there is neither).
-
-    Never `int(symint)`: that installs a guard `Eq(s, hint)` and Dynamo then recompiles for every
-    new length. The report only needs the hint, so it reads it without guarding.
-    """
-    if isinstance(size, torch.SymInt):
-        hint = getattr(size.node, "hint", None)
-        return int(hint) if hint is not None else None
-    try:
-        return int(size)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _tensor_bytes(val) -> int | None:
-    if not isinstance(val, torch.Tensor):
-        return None
-    numel = 1
-    for s in val.shape:
-        h = _hint(s)
-        if h is None:
-            return None
-        numel *= h
-    return numel * val.dtype.itemsize
-
-
-def format_dims(sizes) -> str:
-    """`[2, 4, s0, 64]`: sizes (ints or SymInts) as the site table and dumps print them."""
-    return "[" + ", ".join(str(s) for s in sizes) + "]"
-
-
-def _shape(val) -> str:
-    return format_dims(val.shape)
-
-
-def memory_estimate(match) -> dict[str, Any]:
-    """Bytes the site's unfused subgraph materializes vs what the fused op writes.
-
-    unfused: every tensor a node of the region (other than its output) allocates: the [B, H, Tq, Tk]
-    scores, scaled / masked scores, probabilities, in their dtypes; views allocate nothing.
-    fused: the op's output [B, Hq, Tq, Dv] plus, for the dense ops, its fp32 logsumexp [B, Hq, Tq].
-    Sizes are the example inputs' (symbolic sizes at their hints). For an SDPA call the
-    intermediates are inside aten's SDPA (its backend decides), so `unfused_bytes` is None.
-    """
-    out_val = match.output.meta.get("val") if match.output is not None else None
-    out_bytes = _tensor_bytes(out_val)
-    lse_bytes = None
-    if match.paged is None:
-        dims = [_hint(d) for d in (match.batch, match.q_heads, match.q_len)]
-        lse_bytes = None if None in dims else dims[0] * dims[1] * dims[2] * 4
-    fused = None if out_bytes is None else out_bytes + (lse_bytes or 0)
-    tensors, unfused, note = [], 0, ""
-    for node in match.region:
-        if node is match.output or node.op != "call_function":
-            continue
-        if getattr(node.target, "is_view", False) or node.target in _NO_COPY:
-            continue
-        val = node.meta.get("val")
-        nbytes = _tensor_bytes(val)
-        if nbytes is None:
-            continue
-        tensors.append({"node": node.name, "shape": _shape(val), "dtype": str(val.dtype).replace("torch.", ""),
-                        "bytes": nbytes})
-        unfused += nbytes
-    if not tensors and match.spelling == "sdpa":
-        unfused, note = None, "intermediates are inside aten's scaled_dot_product_attention (its backend decides)"
-    return {"unfused_bytes": unfused, "fused_bytes": fused, "fused_output_bytes": out_bytes,
-            "fused_lse_bytes": lse_bytes, "unfused_tensors": tensors, "note": note}
-
-
-# The @triton.jit entry points each op launches: (module, kernel names, when).
-_OP_KERNELS = {
-    "flash_attention": [
-        ("attnlower.lowering.kernels.flash_fwd", ("_flash_fwd_kernel",), "forward"),
-        ("attnlower.lowering.kernels.flash_bwd",
-         ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"), "backward"),
-    ],
-    "paged_attention": [
-        ("attnlower.lowering.kernels.paged_decode", ("_paged_attn_kernel", "_paged_reduce_kernel"), "forward"),
-    ],
-}
-_OP_KERNELS["sliding_window_attention"] = _OP_KERNELS["flash_attention"]
-
-
-def _runs(target) -> str:
-    if target.kind == "cuda":
-        return "triton"
-    if target.kind == "interpret":
-        return "triton (interpreter, ATTNLOWER_CPU_KERNELS=triton)"
-    return ("reference (plain PyTorch on CPU); the Triton kernels below run on CUDA tensors, "
-            "or on CPU with ATTNLOWER_CPU_KERNELS=triton")
-
-
-def kernel_plan(spec, target, q_len=None) -> dict[str, Any]:
-    """The kernels `spec.op` launches on `target`, their tile config and the constexprs the spec fixes.
-
-    Computed by the launchers' own planner (lowering/plan.py: `dense_plan`, `paged_plan`), for one
-    sequence of `q_len` queries (1 when unknown); the grid shown is for batch 1. What depends on
-    runtime values the spec does not hold (the paged split count) is named, not valued.
-    """
-    from attnlower.lowering import plan as planning
-    from attnlower.lowering.params import AttentionParams
-
-    dtype = getattr(torch, spec.dtype)
-    plan: dict[str, Any] = {"runs": _runs(target),
-                            "kernels": [k for _, names, _ in _OP_KERNELS.get(spec.op, ()) for k in names]}
-    head_dim = _hint(spec.head_dim)
-    heads = (_hint(spec.q_heads), _hint(spec.kv_heads))
-    if head_dim is None or None in heads:
-        plan["constexprs"] = {}
-        plan["note"] = "symbolic head_dim or head counts: constexprs are fixed at launch"
-        return plan
-    where = planning.Target("cuda" if target.kind == "cuda" else "interpret", target.arch,
-                            target.sm_count or 4, False)
-    tq = (_hint(q_len) if q_len is not None else None) or 1
-    q = planning.Meta((1, heads[0], tq, head_dim), dtype)
-    params = AttentionParams(spec.scale, causal=spec.causal, bottom_right=spec.bottom_right, window=spec.window,
-                             softcap=spec.softcap, dropout_p=spec.dropout_p, empty_rows_nan=spec.empty_rows_nan)
-    try:
-        if spec.op in ("flash_attention", "sliding_window_attention"):
-            kv = planning.Meta((1, heads[1], tq, head_dim), dtype)
-            bias = {"none": None, "bool": planning.Meta((1,), torch.bool), "float": planning.Meta((1,), dtype)}
-            launches = planning.dense_plan(params, "fwd", q, kv, kv, bias[spec.bias_kind], False, where).launches
-        else:
-            block_size = spec.paged_block_size or 16
-            pool = planning.Meta((1, heads[1], block_size, head_dim), dtype)
-            table = planning.Meta((1, 1), torch.int32)
-            launches = planning.paged_plan(params, q, pool, table, False, where, True, 1).launches
-            if q_len is None or _hint(q_len) is None:
-                plan["note"] = "Tq unknown: BLOCK_M shown for Tq=1"
-    except (NotImplementedError, ValueError) as e:  # a limit of the kernels: no plan to show
-        plan["constexprs"] = {}
-        plan["note"] = f"no launch plan: {e}"
-        return plan
-    first = launches[0]
-    constexprs = dict(first.constexprs)
-    if spec.op == "paged_attention":
-        constexprs["SPLIT"] = "chosen at launch (paged_num_splits: SM count, table width)"
-    cfg = first.config
-    plan.update(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                grid_for_batch_1=list(first.grid), constexprs=constexprs)
-    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +121,7 @@ def triton_source(site: Site, graph_id: int, grad: bool) -> str:
               "Sources copied from the modules named above each function; these are all @triton.jit functions",
               "(grid, strides and config choice live in the launchers, lowering/launch*.py).", '"""',
               "import triton", "import triton.language as tl", ""]
-    for module_name, names, when in _OP_KERNELS[site.op]:
+    for module_name, names, when in kernels_of(site.op):
         if when == "backward" and not grad:
             lines += [f"# {when} kernels ({', '.join(names)}, {module_name}) are launched only when gradients",
                       "# are needed; this graph's inputs do not require grad.", ""]
@@ -318,7 +175,7 @@ def _is_mask_like(n: fx.Node) -> bool:
     val = n.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return False
-    return val.dtype == torch.bool or any(_hint(s) == 1 for s in val.shape)
+    return val.dtype == torch.bool or any(size_hint(s) == 1 for s in val.shape)
 
 
 def region_dot(gm: fx.GraphModule, site: Site) -> str:
@@ -339,7 +196,7 @@ def region_dot(gm: fx.GraphModule, site: Site) -> str:
 
     def node_line(n: fx.Node, role: str) -> str:
         val = n.meta.get("val")
-        shape = f"\n{str(val.dtype).replace('torch.', '')}{_shape(val)}" if isinstance(val, torch.Tensor) else ""
+        shape = f"\n{str(val.dtype).replace('torch.', '')}{format_dims(val.shape)}" if isinstance(val, torch.Tensor) else ""
         target = n.target if n.op != "call_function" else getattr(n.target, "__name__", str(n.target))
         label = f"{n.name}: {target}{shape}"
         if role == "mask":
@@ -379,6 +236,7 @@ def region_dot(gm: fx.GraphModule, site: Site) -> str:
 # MLIR
 
 def torch_mlir_available() -> bool:
+    """Whether torch-mlir (the extra attnlower[mlir]) can be imported."""
     try:
         import torch_mlir.fx  # noqa: F401
     except ImportError:
@@ -400,16 +258,6 @@ def graph_mlir(gm: fx.GraphModule) -> str:
 # --------------------------------------------------------------------------------------------
 # the site table and the writer
 
-def _bytes_str(n) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _kernel_str(plan: dict | None) -> str:
     if not plan:
         return "-"
@@ -421,7 +269,7 @@ def _kernel_str(plan: dict | None) -> str:
 def _memory_str(mem: dict | None) -> str:
     if not mem:
         return "-"
-    s = f"{_bytes_str(mem['fused_bytes'])} vs {_bytes_str(mem['unfused_bytes'])}"
+    s = f"{format_bytes(mem['fused_bytes'])} vs {format_bytes(mem['unfused_bytes'])}"
     return s + (f" ({mem['note']})" if mem.get("note") else "")
 
 
@@ -445,6 +293,7 @@ def site_table_markdown(report: CompileReport) -> str:
 
 
 def report_counts(report: CompileReport) -> dict[str, Any]:
+    """Sites, rewritten, refused and rewritten per op, for report.json."""
     by_op: dict[str, int] = {}
     for s in report.rewritten:
         by_op[s.op] = by_op.get(s.op, 0) + 1

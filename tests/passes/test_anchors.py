@@ -1,4 +1,4 @@
-"""Softmax spelled other ways (issue 12.6) and the row-max stabilization (issue 15, `max.dim`).
+"""Anchors (passes/anchors.py): softmax spelled other ways (issue 12.6) and the row-max stabilization (issue 15, `max.dim`).
 
 `exp(s - logsumexp(s, -1, keepdim=True))`, `log_softmax(s, -1).exp()`, and `s - s.max(-1, keepdim=True)
 .values` (or `amax`) before a softmax: each equals `softmax(s, -1)`, fully masked rows (NaN) included.
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _compiled import check_fused, check_unfused
+from helpers import check_fused, check_unfused
 
 B, H, T, D = 2, 4, 8, 16
 
@@ -90,7 +90,7 @@ def test_max_used_elsewhere_stays_unfused():
         m = s.max(-1, keepdim=True)
         return F.softmax(s - m.values, dim=-1) @ v, m.indices
 
-    from _compiled import assert_matches_eager, compiled_sites
+    from helpers import assert_matches_eager, compiled_sites
 
     want = f(*qkv(), torch.ones(T, T, dtype=torch.bool))
     got, sites = compiled_sites(f, *qkv(), torch.ones(T, T, dtype=torch.bool))

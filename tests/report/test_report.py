@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnlower
-from attnlower.compiler import names
-from attnlower.compiler.hardware import Target
-from attnlower.compiler.report import CompileReport, Reports, Site, savings
+from attnlower.report import names
+from attnlower.report.costs import savings
+from attnlower.report.records import CompileReport, Reports, Site
+from attnlower.target import Target
 
 # aten / Dynamo node names a reason must not show: placeholders, lifted constants, numbered nodes.
 INTERNAL = re.compile(r"\barg\d+_\d+\b|\b_tensor_constant\d+\b|`\w+_\d+`|\bL_\w+_\b|`(index|le|eq|lt|ge)`")
@@ -176,16 +177,17 @@ def test_report_to_json_keeps_the_new_fields():
 
 
 def test_explain_says_which_kernels_the_first_call_compiles(monkeypatch, capsys):
-    from attnlower.compiler import backend, report
+    from attnlower.compiler import backend
+    from attnlower.report import compiles
 
     (cpu,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager", "explain": True})
     assert "kernels: none compiled" in cpu.kernels and cpu.kernels in capsys.readouterr().out
     monkeypatch.setattr(backend, "target_for", lambda device: Target(kind="interpret"))
     (interp,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager", "explain": True})
     assert "the first call compiles _flash_fwd_kernel (site 0)" in interp.kernels, interp.kernels
-    report.record_kernel_compile("_flash_fwd_kernel", "BLOCK_M=64, BLOCK_N=64", 1.25)
+    compiles.record_kernel_compile("_flash_fwd_kernel", "BLOCK_M=64, BLOCK_N=64", 1.25)
     assert "compiled Triton kernel _flash_fwd_kernel (BLOCK_M=64, BLOCK_N=64) in 1.25 s" in capsys.readouterr().out
-    assert report.KERNEL_COMPILES[-1]["seconds"] == 1.25
+    assert compiles.KERNEL_COMPILES[-1]["seconds"] == 1.25
 
 
 def test_triton_compiles_of_attnlower_kernels_are_timed(monkeypatch, capsys):
@@ -194,14 +196,14 @@ def test_triton_compiles_of_attnlower_kernels_are_timed(monkeypatch, capsys):
     import types
 
     knobs = pytest.importorskip("triton").knobs
-    from attnlower.compiler import report
+    from attnlower.report import compiles
 
     theirs = []
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: theirs.append(kw["key"]))
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
-    monkeypatch.setattr(report, "_WATCHING", False)
-    monkeypatch.setattr(report, "_EXPLAINING", True)
-    assert report.watch_triton_compiles()
+    monkeypatch.setattr(compiles, "_WATCHING", False)
+    monkeypatch.setattr(compiles, "_EXPLAINING", True)
+    assert compiles.watch_triton_compiles()
     ours = types.SimpleNamespace(module="attnlower.lowering.kernels.flash_fwd", name="_flash_fwd_kernel")
     other = types.SimpleNamespace(module="user.kernels", name="my_kernel")
     compile_kw = {"num_warps": 4, "num_stages": 3}

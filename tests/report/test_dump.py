@@ -1,7 +1,7 @@
-"""`attnlower dump`: every file it promises exists and parses, the counts agree, failures leave a
-repro that runs, and `--help` documents every flag.
+"""The graph dump (report/dump.py, written by `attnlower dump`): every file it promises exists and parses,
+the counts agree, and a failed pass leaves a repro that runs.
 
-The script dumped is tests/compiler/dump_script.py: one compiled function with a hand-written causal
+The script dumped is tests/report/dump_script.py: one compiled function with a hand-written causal
 site (-> flash_attention), an SDPA band-mask site (-> sliding_window_attention) and a softmax that
 is not attention (refused).
 """
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from attnlower.compiler import backend, cli, dump
+from attnlower.passes import pipeline
+from attnlower import cli
+from attnlower.report import dump
 
 SCRIPT = str(Path(__file__).with_name("dump_script.py"))
 SEQ_LEN = 11      # passed through to the script: the dumped shapes must show it
@@ -31,7 +33,7 @@ def _graph_dirs(out: Path) -> list[Path]:
 
 
 def _pass_files() -> list[str]:
-    return [f"{i + 2:02d}_{name.replace('+', '_').replace('-', '_')}.txt" for i, (name, _) in enumerate(backend.PASSES)]
+    return [f"{i + 2:02d}_{stage.name}.txt" for i, stage in enumerate(pipeline.STAGES)]
 
 
 def _load_module(path: Path):
@@ -145,32 +147,12 @@ def test_mlir_parses_with_attnlower_ops_as_torch_operator(dumped):
     assert operators == ["torch.attnlower.flash_attention", "torch.attnlower.sliding_window_attention"]
 
 
-def test_mlir_without_torch_mlir_names_the_extra(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(dump, "torch_mlir_available", lambda: False)
-    assert cli.main(["dump", SCRIPT, "--mlir", "--out", str(tmp_path)]) == 2
-    assert "attnlower[mlir]" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())          # nothing run, nothing faked
-
-
-def test_help_mentions_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["dump", "--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--out", "--mlir", "--dot", "attnlower[mlir]", "SCRIPT", "sites.md", "report.json", "repro", " -- "):
-        assert flag in text, f"`attnlower dump --help` does not mention {flag}"
-
-
-def test_own_flags_are_taken_from_the_script_arguments_until_double_dash():
-    assert cli._split_dump_args(["--steps", "2", "--out", "d", "--dot"]) == (["--out", "d", "--dot"], ["--steps", "2"])
-    assert cli._split_dump_args(["--out=d", "--", "--out", "ckpt"]) == (["--out=d"], ["--out", "ckpt"])
-
-
 def test_failed_pass_writes_a_repro_that_runs(monkeypatch, tmp_path):
     def explode(gm, ctx):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(backend, "PASSES", [backend.PASSES[0], ("explode", explode), *backend.PASSES[1:]])
+    first, *rest = pipeline.STAGES
+    monkeypatch.setattr(pipeline, "STAGES", (first, pipeline.Stage("explode", explode, first.promise), *rest))
     assert cli.main(["dump", SCRIPT, "--out", str(tmp_path)]) == 1      # a failed pass is a failed dump
     (graph,) = _graph_dirs(tmp_path)
     report = json.loads((graph / "report.json").read_text())
@@ -181,18 +163,6 @@ def test_failed_pass_writes_a_repro_that_runs(monkeypatch, tmp_path):
     run = subprocess.run([sys.executable, str(repro)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 rewritten" in run.stdout and "ran without error" in run.stdout
-
-
-def test_console_script(tmp_path):
-    exe = Path(sys.executable).with_name("attnlower")
-    if not exe.exists():
-        pytest.skip(f"the attnlower console script is not installed next to {sys.executable}")
-    run = subprocess.run([str(exe), "dump", SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 attention site(s) rewritten, 1 left unfused" in run.stdout
-    (graph,) = _graph_dirs(tmp_path)
-    assert json.loads((graph / "report.json").read_text())["counts"] == EXPECTED
 
 
 def test_progress_per_graph_and_no_graphviz_note(monkeypatch, tmp_path, capsys):

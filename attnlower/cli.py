@@ -14,7 +14,7 @@ and write, for each compiled graph, under OUT/graph_NNN/:
 
   00_dynamo.txt            the graph Dynamo captured
   01_aten.txt              that graph as pre-dispatch aten (what the passes see)
-  02_<pass>.txt, ...       the graph after each attnlower pass; final.txt: what the inner compiler gets
+  02_<stage>.txt, ...      the graph after each attnlower pass stage; final.txt: what the inner compiler gets
   sites.md                 every attention site: source location, shapes, mask, op, kernel config,
                            memory of the fused op vs the unfused subgraph, and why (or why not)
   kernels/siteNN_<op>.py   the @triton.jit sources the chosen op launches, with the constexprs fixed
@@ -79,9 +79,9 @@ def _dump(args) -> int:
 
     import torch
 
-    import attnlower  # noqa: F401
-    from attnlower.compiler import backend
-    from attnlower.compiler.dump import MLIR_EXTRA_HINT, torch_mlir_available
+    import attnlower  # noqa: F401  (torch.compile finds backend="attnlower" through its entry point)
+    from attnlower.report.records import reports as all_reports
+    from attnlower.report.dump import MLIR_EXTRA_HINT, torch_mlir_available
 
     if args.mlir and not torch_mlir_available():
         print(f"attnlower dump: {MLIR_EXTRA_HINT}", file=sys.stderr)
@@ -92,7 +92,7 @@ def _dump(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     if args.dot and shutil.which("dot") is None:
-        from attnlower.compiler.dump import _say_once
+        from attnlower.report.dump import _say_once
 
         _say_once("no_graphviz", "attnlower dump: Graphviz's `dot` is not on PATH: --dot writes regions/siteNN.dot "
                                  "only, no SVG (install Graphviz, e.g. apt-get install graphviz, for the SVGs)")
@@ -102,7 +102,7 @@ def _dump(args) -> int:
     real_compile = torch.compile
     torch.compile = _forced_compile(real_compile, dict(dump_dir=out, repro_dir=out, dump_mlir=args.mlir,
                                                        dump_dot=args.dot))
-    start = len(backend._REPORTS)
+    start = len(all_reports())
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [args.script] + list(args.script_args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
@@ -121,7 +121,7 @@ def _dump(args) -> int:
     finally:
         torch.compile = real_compile
         sys.argv, sys.path[:] = saved_argv, saved_path
-    reports = backend._REPORTS[start:]
+    reports = all_reports()[start:]
     return _summarize(reports, out, script_failed, json)
 
 

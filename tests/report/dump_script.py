@@ -4,7 +4,7 @@
 2. scaled_dot_product_attention with a sliding-window band mask            -> sliding_window_attention
 3. a softmax over something that is not attention (no Q·Kᵀ product)       -> refused, with a reason
 
-Run: python tests/compiler/dump_script.py [--seq-len N]
+Run: python tests/report/dump_script.py [--seq-len N]
 """
 import argparse
 import math

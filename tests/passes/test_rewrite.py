@@ -1,0 +1,171 @@
+"""The rewrite stage's two steps called directly (passes/rewrite.py): `check_convex` on regions that
+leak or re-enter, and `rewrite_site` on real spellings, checked by running the rewritten graph."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from attnlower.passes.canonicalize import to_aten
+from attnlower.passes.rewrite import check_convex, graph_digraph, rewrite_site
+from attnlower.passes.site import Refused
+from attnlower.report.names import argument_names
+from helpers import B, H, D, aten_graphs, qkv, run_stages_until
+
+aten = torch.ops.aten
+attnlower_ops = torch.ops.attnlower   # registered by the rewrite (attnlower.lowering.ops)
+
+
+def _the(gm: fx.GraphModule, target) -> fx.Node:
+    (node,) = [n for n in gm.graph.nodes if n.target is target]
+    return node
+
+
+# ---- check_convex ---------------------------------------------------------------------------------
+
+def _scores_and_users(extra):
+    """The aten graph of `s = x @ x.mT; p = s.softmax(-1)` plus `extra(s, p)`, and its (s, p) nodes."""
+    def f(x):
+        s = x @ x.mT
+        p = s.softmax(-1)
+        return p, extra(s, p)
+
+    (gm,) = aten_graphs(f, torch.randn(2, 5, 4))
+    return gm, _the(gm, aten.matmul.default), _the(gm, aten._softmax.default if any(
+        n.target is aten._softmax.default for n in gm.graph.nodes) else aten.softmax.int)
+
+
+def test_a_region_whose_inner_value_is_read_outside_is_refused():
+    gm, s, p = _scores_and_users(lambda s, p: s.sum())
+    with pytest.raises(Refused, match=f"{s.name} is used outside the attention"):
+        check_convex(graph_digraph(gm), [s, p], p)
+
+
+def test_a_side_computation_that_feeds_back_in_is_refused_where_it_leaves():
+    def f(x):
+        s = x @ x.mT
+        t = torch.relu(s)            # outside the region, and read by the region again
+        return (s + t).softmax(-1)
+
+    (gm,) = aten_graphs(f, torch.randn(2, 5, 4))
+    s, t, add = _the(gm, aten.matmul.default), _the(gm, aten.relu.default), _the(gm, aten.add.Tensor)
+    out = next(iter(add.users))
+    with pytest.raises(Refused, match=f"{s.name} is used outside the attention \\({t.name}\\)"):
+        check_convex(graph_digraph(gm), [s, add, out], out)
+    check_convex(graph_digraph(gm), [s, t, add, out], out)     # with the side computation inside, it is whole
+
+
+def test_reading_only_the_scores_size_outside_is_not_a_use():
+    # HF-style `torch.zeros_like(scores)` next to the attention: the rewrite re-points it
+    gm, s, p = _scores_and_users(lambda s, p: torch.zeros_like(s))
+    check_convex(graph_digraph(gm), [s, p], p)
+    gm, s, p = _scores_and_users(lambda s, p: s * 2)      # a read of the values is a use
+    with pytest.raises(Refused):
+        check_convex(graph_digraph(gm), [s, p], p)
+
+
+# ---- rewrite_site ---------------------------------------------------------------------------------
+
+def _analyzed(fn, *args):
+    """(aten graph, its one site after the analyze stage, the inputs in the graph's placeholder order)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        aten_gm = to_aten(gm, example_inputs)
+        graphs.append((aten_gm, argument_names(aten_gm, gm)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture)(*args)
+    ((gm, names),) = graphs
+    (site,) = run_stages_until(gm, "analyze")
+    assert site.open, site.refusal
+    by_name = dict(zip(fn.__code__.co_varnames, args))
+    inputs = [by_name[names[p.name]] for p in gm.graph.nodes if p.op == "placeholder"]
+    return gm, site, inputs
+
+
+def _rewrite_and_run(gm, site, inputs):
+    created: list[fx.Node] = []
+    fake_mode = site.match.output.meta["val"].fake_mode
+    replaced = rewrite_site(gm, site.match, site.decision, fake_mode, created)
+    assert replaced == [n.name for n in site.match.region]
+    assert not site.match.output.users                     # every reader now reads the op's result
+    gm.graph.eliminate_dead_code(lambda n: n.is_impure(impure_random=False))   # as inside Dynamo's compile
+    gm.graph.lint()
+    gm.recompile()
+    return created, gm(*inputs)
+
+
+def nanogpt_causal(q, k, v):
+    # nanoGPT's CausalSelfAttention without flash: the mask a tril of ones, applied with masked_fill
+    t = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    att = att.masked_fill(torch.tril(torch.ones(t, t)).view(1, 1, t, t) == 0, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    return att @ v
+
+
+def test_nanogpt_causal_becomes_one_flash_call_without_a_bias():
+    args = qkv(t=11)
+    gm, site, inputs = _analyzed(nanogpt_causal, *args)
+    created, (out,) = _rewrite_and_run(gm, site, inputs)
+    (call,) = [n for n in created if n.target is attnlower_ops.flash_attention.default]
+    assert call.kwargs["causal"] and call.kwargs["bias"] is None
+    assert call.kwargs["scale"] == pytest.approx(1 / math.sqrt(D))
+    assert not [n for n in gm.graph.nodes if n.target in (aten.softmax.int, aten._softmax.default, aten.tril.default)]
+    torch.testing.assert_close(out, nanogpt_causal(*args), rtol=1e-5, atol=1e-6)
+
+
+def repeat_kv(hidden_states, n_rep):
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def llama_eager(q, k, v, attention_mask):
+    # transformers' eager_attention_forward: repeat_kv, scores + causal_mask, softmax in fp32, then back
+    key_states, value_states = repeat_kv(k, 2), repeat_kv(v, 2)
+    attn_weights = torch.matmul(q, key_states.transpose(2, 3)) * D ** -0.5
+    attn_weights = attn_weights + attention_mask[:, :, :, : key_states.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+
+
+def test_llama_eager_reads_the_unrepeated_kv_and_keeps_the_bshd_output():
+    q, k, v = qkv(t=9, hkv=2)
+    mask = torch.zeros(B, 1, 9, 9).masked_fill(torch.rand(B, 1, 9, 9) > 0.7, torch.finfo(torch.float32).min)
+    gm, site, inputs = _analyzed(llama_eager, q, k, v, mask)
+    created, (out,) = _rewrite_and_run(gm, site, inputs)
+    (call,) = [n for n in created if n.target is attnlower_ops.flash_attention.default]
+    placeholders = {p: x for p, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs)}
+    assert placeholders[call.args[1]] is k and placeholders[call.args[2]] is v   # no repeat: GQA in the op
+    assert call.kwargs["bias"] is not None and not call.kwargs["causal"]          # a data mask is a bias
+    want = llama_eager(q, k, v, mask)
+    assert out.shape == want.shape == (B, 9, H, D)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_gather_becomes_paged_attention_on_the_pools():
+    nb, bs, maxb, hkv = 10, 4, 3, 2
+    kp, vp = torch.randn(nb, hkv, bs, D), torch.randn(nb, hkv, bs, D)
+    table = torch.randperm(nb)[: B * maxb].view(B, maxb).to(torch.int32)
+    lens = torch.tensor([7, 12], dtype=torch.int32)
+
+    def decode(q, kp, vp, table, lens):
+        k = kp[table.long()].permute(0, 2, 1, 3, 4).reshape(B, hkv, maxb * bs, D)
+        v = vp[table.long()].permute(0, 2, 1, 3, 4).reshape(B, hkv, maxb * bs, D)
+        keep = torch.arange(maxb * bs)[None, None, None, :] < lens[:, None, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+    q = torch.randn(B, H, 1, D)
+    gm, site, inputs = _analyzed(decode, q, kp, vp, table, lens)
+    created, (out,) = _rewrite_and_run(gm, site, inputs)
+    (call,) = [n for n in created if n.target is attnlower_ops.paged_attention.default]
+    placeholders = {p: x for p, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs)}
+    assert placeholders[call.args[1]] is kp and placeholders[call.args[2]] is vp
+    assert not [n for n in gm.graph.nodes if n.target is aten.index.Tensor]     # the gather is gone
+    torch.testing.assert_close(out, decode(q, kp, vp, table, lens), rtol=1e-5, atol=1e-6)
