@@ -284,10 +284,12 @@ def lookup(key: tuple):
 
 def remember(key: tuple, records: list, inputs: tuple, returned: tuple, persistent: tuple = (), extra=None) -> None:
     """Cache the launches a first call made (when every tensor they read is accounted for)."""
-    if not ENABLED or not records or not pointer_rule_holds() or len(_CALLS) >= CACHE_SIZE:
+    if not ENABLED or not records or not pointer_rule_holds():
         return
     call = CachedCall.build(records, inputs, returned, persistent, extra)
     if call is not None:
+        if len(_CALLS) >= CACHE_SIZE:   # bounded: the oldest signature goes (a process seeing many shapes)
+            del _CALLS[next(iter(_CALLS))]
         _CALLS[key] = call
 
 

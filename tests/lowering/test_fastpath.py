@@ -229,3 +229,15 @@ def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
     backward(True)
     assert all(len(jit.compiled) == 3 for jit in jits.values())
     fastpath.clear()
+
+
+def test_the_cache_is_bounded_and_keeps_the_newest(stub, monkeypatch):
+    monkeypatch.setattr(fastpath, "CACHE_SIZE", 2)
+    shapes = [_qkv(tq=t) for t in (5, 6, 7)]
+    for q, k, v in shapes:
+        public.flash_attention(q, k, v)
+    assert len(fastpath._CALLS) == 2
+    public.flash_attention(*shapes[-1])          # the newest is still cached: no new JIT launch
+    assert len(stub.compiled) == 3
+    public.flash_attention(*shapes[0])           # the oldest was evicted: through the JIT again
+    assert len(stub.compiled) == 4
