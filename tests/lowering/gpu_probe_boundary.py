@@ -117,34 +117,34 @@ def host_table(iters):
 @check("cached launch == JIT launch")
 def fast_equals_jit(_iters):
     failures = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for layout in ("bhsd", "bshd"):
-            for case in ("plain", "bias", "misaligned", "gqa"):
-                q, k, v = qkv(b=2, hq=8, hkv=2 if case == "gqa" else 8, t=77, d=80, dtype=dtype, layout=layout)
-                if case == "misaligned":
-                    flat = torch.randn(q.numel() + 2, device="cuda", dtype=dtype)
-                    q = flat[2:].view(q.shape) if layout == "bhsd" else flat[2:].view(2, 77, 8, 80).transpose(1, 2)
-                bias = torch.randn(1, 8, 77, 77, device="cuda", dtype=dtype) if case == "bias" else None
-                fastpath.ENABLED = False
-                want = public.flash_attention(q, k, v, bias, causal=True)
-                fastpath.ENABLED = True
-                fastpath.clear()
-                first = public.flash_attention(q, k, v, bias, causal=True)   # JIT, recorded
-                again = public.flash_attention(q, k, v, bias, causal=True)   # cached launch
-                ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=None if bias is None
-                                                     else bias.float() + torch.full((77, 77), float("-inf"),
-                                                                                    device="cuda").triu(1),
-                                                     is_causal=bias is None, enable_gqa=True)
-                tag = f"{dtype} {layout} {case}"
-                if not (torch.equal(want, first) and torch.equal(first, again)):
-                    failures.append(f"{tag}: cached launch differs from the JIT launch")
-                if again.stride() != q.stride() and case != "misaligned":
-                    failures.append(f"{tag}: out strides {again.stride()} != q's {q.stride()}")
-                err = (again.float() - ref).abs().max().item()
-                if not err < (2e-2 if dtype != torch.float32 else 2e-3):
-                    failures.append(f"{tag}: max error vs SDPA {err:.3g}")
+    combos = [(torch.bfloat16, layout, case) for layout in ("bhsd", "bshd")
+              for case in ("plain", "bias", "misaligned", "gqa")]
+    combos += [(torch.float32, "bhsd", "plain"), (torch.float32, "bshd", "misaligned"), (torch.float16, "bshd", "gqa")]
+    for dtype, layout, case in combos:
+        q, k, v = qkv(b=2, hq=8, hkv=2 if case == "gqa" else 8, t=77, d=80, dtype=dtype, layout=layout)
+        if case == "misaligned":
+            flat = torch.randn(q.numel() + 2, device="cuda", dtype=dtype)
+            q = flat[2:].view(q.shape) if layout == "bhsd" else flat[2:].view(2, 77, 8, 80).transpose(1, 2)
+        bias = torch.randn(1, 8, 77, 77, device="cuda", dtype=dtype) if case == "bias" else None
+        fastpath.ENABLED = False
+        want = public.flash_attention(q, k, v, bias, causal=True)
+        fastpath.ENABLED = True
+        first = public.flash_attention(q, k, v, bias, causal=True)   # JIT, recorded
+        again = public.flash_attention(q, k, v, bias, causal=True)   # cached launch
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=None if bias is None
+                                             else bias.float() + torch.full((77, 77), float("-inf"),
+                                                                            device="cuda").triu(1),
+                                             is_causal=bias is None, enable_gqa=True)
+        tag = f"{dtype} {layout} {case}"
+        if not (torch.equal(want, first) and torch.equal(first, again)):
+            failures.append(f"{tag}: cached launch differs from the JIT launch")
+        if again.stride() != q.stride() and case != "misaligned":
+            failures.append(f"{tag}: out strides {again.stride()} != q's {q.stride()}")
+        err = (again.float() - ref).abs().max().item()
+        if not err < (2e-2 if dtype != torch.float32 else 2e-3):
+            failures.append(f"{tag}: max error vs SDPA {err:.3g}")
     entries = len(fastpath._CALLS)
-    row("cached launch == JIT launch (3 dtypes x 2 layouts x plain/bias/misaligned/gqa)",
+    row(f"cached launch == JIT launch ({len(combos)} dtype / layout / bias / misaligned / GQA cases)",
         "FAIL" if failures else "ok", "; ".join(failures[:4]) or f"{entries} cache entries")
 
 
