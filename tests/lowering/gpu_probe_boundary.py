@@ -174,10 +174,12 @@ def inductor_launches(_iters):
     grads_ok = all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
     qs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*qs, is_causal=True, enable_gqa=True).float().square().sum().backward()
-    gerr = max((a.grad.float() - b.grad.float()).abs().max().item() for a, b in zip((q, k, v), qs))
-    ok = launched and err < 2e-2 and grads_ok and gerr < 0.15
+    # relative to the largest gradient: two bf16 backward implementations differ by a few bf16 ulps of it
+    gerr = max(((a.grad.float() - b.grad.float()).abs().max() / b.grad.float().abs().max()).item()
+               for a, b in zip((q, k, v), qs))
+    ok = launched and err < 2e-2 and grads_ok and gerr < 2e-2
     row("Inductor's code launches _flash_fwd_kernel (fwd + bwd vs SDPA)", "ok" if ok else "FAIL",
-        f"kernel in code: {launched}; fwd err {err:.3g}; grad err {gerr:.3g}")
+        f"kernel in code: {launched}; fwd err {err:.3g}; grad err {gerr:.3g} of max |grad|")
     # Inductor compiles user kernels with debug=True (inductor_meta assert_indirect_indexing): Triton then keeps its
     # int32 overflow checks (41 device asserts in the forward's PTX on sm_90, none without debug). Their cost:
     from triton.testing import do_bench
