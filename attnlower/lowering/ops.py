@@ -382,7 +382,8 @@ def _run(op: registry.OpDef, direction: str, runs_kernels: bool, device: torch.d
 
 
 def _dense_forward(op: registry.OpDef, bound: dict, fast=None):
-    """One dense forward call; `fast`: its fastpath key (dense_key), when the call may use a cached launch."""
+    """One dense forward call through the launcher (or the reference); `fast`: its fastpath.call_key, to cache
+    the launches it makes."""
     q, k, v = bound["q"], bound["k"], bound["v"]
     runs_kernels = validate_dense(op.name, q, k, v, bound["bias"], bound["alibi_slopes"], bound["scale"],
                                   bound["softcap"], bound["dropout_p"])
