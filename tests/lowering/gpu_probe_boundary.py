@@ -267,6 +267,7 @@ def reduce_overhead_training(_iters):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--only", nargs="+", default=None, help="run these probes only (function names)")
     ns = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_probe_boundary.py needs a CUDA GPU")
@@ -275,7 +276,8 @@ def main() -> int:
           f"INDUCTOR_KERNELS={lowering_ops.INDUCTOR_KERNELS} fast launch usable={fastpath.usable()}", flush=True)
     for probe in (host_table, fast_equals_jit, fast_dropout, layouts, inductor_launches, paged_decode_b1,
                   reduce_overhead_training):
-        probe(ns.iters)
+        if ns.only is None or probe.__name__ in ns.only:
+            probe(ns.iters)
     print("\n=== gpu_probe_boundary summary")
     width = max(len(c) for c, _, _ in ROWS)
     for name, status, detail in ROWS:

@@ -13,6 +13,12 @@ import attnlower.ops as public
 from attnlower.lowering import fastpath, launch
 
 
+@pytest.fixture(autouse=True)
+def _fast_launch_on(monkeypatch):
+    """The cached launch is off by default until it is GPU-verified; these tests check its mechanism."""
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+
+
 class _StubCompiled:
     """What JITFunction.run returns on a GPU: `.run(grid..., stream, function, metadata, hooks..., *args)`."""
 
