@@ -3,7 +3,7 @@
 `dense_plan` and `paged_plan` turn (AttentionParams, the tensors' shapes and dtypes, the target)
 into the kernels to launch, each with its grid, tile config and constexprs. The launchers
 (`launch.py`, `launch_paged.py`) only add the tensors and their strides; the dump tool
-(`attnlower/target.py`'s `kernel_plan`) calls the same functions, so what it prints is what runs; `kernel_plan`
+(`attnlower/target.py`'s `kernel_plan`, the pass side's seam) calls the same functions, so what it prints is what runs; `kernel_plan`
 below is the one that plans the real Tq and Tk.
 
 Strides are not part of the plan: they are passed to the kernels as they are, and Triton keys its
