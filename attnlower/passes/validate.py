@@ -355,7 +355,9 @@ class _Pair:
         """(boundary, {side: the nodes it computes}): each side is walked up from its output through
         what it alone computes, size-only nodes and the `absorbed` ones; the rest is its boundary."""
         old, new, pure, root, writers = self.old, self.new, self.pure, self.root, self.writers
-        anc_old, anc_new = ancestors([old]), ancestors([new])
+        if not hasattr(self, "_ancestors"):
+            self._ancestors = ancestors([old]), ancestors([new])
+        anc_old, anc_new = self._ancestors
         shared = anc_old & anc_new
         boundary: set[fx.Node] = set()
         computed = {}

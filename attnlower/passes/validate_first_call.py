@@ -600,6 +600,7 @@ class FirstCallChecked:
             self.current = self.compiled
         for plan in self.plans:
             _PLANS.pop(plan.id, None)
+        self.first = None                 # its graph is not run again
         return out
 
     def _report(self) -> None:

@@ -26,8 +26,10 @@ Why that is sound, i.e. why the reduced pair agreeing says the traced pair agree
    comparisons, the ops' causal / window geometry), i.e. through linear comparisons of positions with
    sizes and integer constants. A comparison's truth pattern over positions is the same at every size
    once the sizes are larger than its constants and keep their order and their small differences. So:
-   - every integer constant of a size-only node (a window, an offset: `_thresholds`) and the ops'
-     `window` must be below the smallest reduced size (checked);
+   - every reduced size is at least 2|c| + 2 for every integer constant c of a size-only node (a window,
+     an offset, a diagonal: `_thresholds`, and positions kept as constants) and the ops' `window`: a
+     comparison `j - i <= c` of positions in [0, T - 1] shows both outcomes once T >= |c| + 2, a band
+     of two bounds its rows inside and past it once T >= 2|c| + 2 (checked);
    - reduced sizes keep the traced sizes' order and equalities, and every difference up to the
      smallest reduced size exactly (larger ones stay larger than it): `_assign`;
    - a reduced size never equals a static dim of the region (no new equalities).
@@ -70,6 +72,15 @@ class CannotReduce(Exception):
     """The pair cannot be generalized over its sizes; the message says why."""
 
 
+class KeptPosition(CannotReduce):
+    """A position literal (a diagonal, a slice bound) that is no size stays a constant: every reduced size
+    must exceed it (`reduce_pair` raises the floor and tries again)."""
+
+    def __init__(self, literal: int, where: str, floor: int):
+        super().__init__(f"{where}: the position {literal} is no size being reduced and not below {floor}")
+        self.literal, self.where = abs(literal), where
+
+
 @dataclass
 class Reduction:
     """The pair at reduced sizes: two graphs, their inputs, and what was reduced."""
@@ -97,7 +108,19 @@ def reduce_pair(pair, budget: int) -> Reduction:
     if not candidates:
         raise CannotReduce(f"the largest tensor {list(largest)} has no dim above {REDUCED_FLOOR} to reduce")
     limits = _thresholds(old_gm, new_gm, {n.name for n in pair.pure})
-    floor = max([REDUCED_FLOOR] + [c + 1 for c, _ in limits])
+    while True:
+        try:
+            return _reduce(pair, old_gm, new_gm, shapes, largest, candidates, limits, budget)
+        except KeptPosition as e:            # a position literal kept as a constant: the floor goes above it
+            if any(c == e.literal for c, _ in limits):
+                raise
+            limits.append((e.literal, e.where))
+
+
+def _reduce(pair, old_gm, new_gm, shapes, largest, candidates, limits, budget) -> Reduction:
+    # positions span [0, T - 1], their differences [-(T - 1), T - 1]: `j - i <= c` takes both values once
+    # T >= |c| + 2, and a band of two such bounds (a window) shows its rows in and past it once T >= 2|c| + 2
+    floor = max([REDUCED_FLOOR] + [2 * c + 2 for c, _ in limits])
     why = ""
     for count in range(1, len(candidates) + 1):
         values = candidates[:count]
@@ -329,8 +352,12 @@ class _Generalizer:
         if found:
             (e,) = found
             return self.env.create_symintnode(e, hint=literal)
+        # a literal kept as it is must stay below every reduced size (the floor): a size may also be a static
+        # dim of the region (a head_dim), a position (a diagonal, a slice bound, an index) may not
+        if abs(literal) >= self.floor and positional:
+            raise KeptPosition(literal, where, self.floor)
         if abs(literal) >= self.floor and abs(literal) not in self.static:
-            raise CannotReduce(f"{where}: the literal {literal} is no size of the region and not below {self.floor}")
+            raise CannotReduce(f"{where}: the literal {literal} is no size being reduced and not below {self.floor}")
         return literal
 
     def _gen_view(self, x, sizes: list, out: list[int], where: str) -> list:

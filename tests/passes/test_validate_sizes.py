@@ -83,26 +83,26 @@ def test_a_broken_rewrite_at_a_large_size_is_refused(monkeypatch, tmp_path, fn):
 
 def test_a_window_wider_than_the_floor_keeps_the_reduced_size_above_it(monkeypatch, tmp_path):
     """A band of 8 rewritten with a window of 30: at 24 keys both are plain causal, so the op's window is
-    a constant the reduced sizes must exceed (31), where the two differ."""
+    a constant the reduced sizes must exceed (2 * 30 + 2 = 62), where the two differ."""
     _break_decision(monkeypatch, window=30)
     reports, got, want = _compile(_case(band, *_qkv()), repro_dir=str(tmp_path))
     (site,) = _assert_refused(reports, got, want, tmp_path)
-    assert f"reduced sizes {T}->31" in site.reason, site.reason
+    assert f"reduced sizes {T}->62" in site.reason, site.reason
 
 
 def test_a_mask_constant_raises_the_reduced_size():
-    """A band of 40 keys: the comparison constant 40 keeps every reduced size above it."""
+    """A band of 40 keys: the comparison constant 40 keeps every reduced size at 2 * 40 + 2 or above."""
     reports, got, want = _compile(_case(lambda q, k, v: band(q, k, v, window=40), *_qkv()))
     (site,) = _sites(reports)
-    assert site.rewritten and f"at reduced sizes {T}->41" in site.validated, (site.reason, site.validated)
+    assert site.rewritten and f"at reduced sizes {T}->82" in site.validated, (site.reason, site.validated)
     assert _max_rel(got, want) < 1e-5
 
 
 def test_a_site_that_cannot_be_reduced_under_budget_says_why(monkeypatch):
-    """With a window of 300 no reduced size below 301 keeps the band a band; at that size the check is
-    over a (lowered) budget: checked on the first call instead, and the report says why."""
-    monkeypatch.setattr(V, "MAX_ELEMENTS", 2 ** 17)
-    reports, got, want = _compile(_case(lambda q, k, v: band(q, k, v, window=300), *_qkv(t=512)))
+    """With a window of 100 no reduced size below 202 shows the band as a band; at that size the check
+    is over a (lowered) budget: checked on the first call instead, and the report says why."""
+    monkeypatch.setattr(V, "MAX_ELEMENTS", 2 ** 16)
+    reports, got, want = _compile(_case(lambda q, k, v: band(q, k, v, window=100), *_qkv(t=512)))
     (site,) = _sites(reports)
     assert site.rewritten, site.reason
     assert site.validated.startswith("first call:") and "still makes a tensor of" in site.validated, site.validated
@@ -205,3 +205,28 @@ def test_thresholds_read_the_mask_constants_and_the_window():
     old_gm, new_gm = pair.graphs()
     found = VS._thresholds(old_gm, new_gm, {n.name for n in pair.pure})
     assert {c for c, _ in found} == {8}, found
+
+
+def _shifted(q, k, v):
+    t = q.size(-2)
+    keep = torch.tril(torch.ones(t, t, dtype=torch.bool), diagonal=30)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def test_a_kept_position_is_a_constant_the_reduced_sizes_exceed():
+    """`tril(ones(T, T), 30)` at T=2048: the diagonal 30 is not a size; at 24 (or 31) keys the mask would
+    hide nothing (a rewrite dropping it would pass), so the reduced sizes go to 2 * 30 + 2."""
+    pair = _traced_pair_of(_shifted, *_qkv())
+    assert VS.reduce_pair(pair, V.MAX_ELEMENTS).note == f"reduced sizes {T}->62"
+
+
+def test_a_rewrite_that_drops_a_shifted_mask_is_refused_at_reduced_sizes(monkeypatch, tmp_path):
+    def drop_mask(m):
+        m.terms = []
+    from test_validate import _break_match
+
+    _break_match(monkeypatch, drop_mask)
+    reports, got, want = _compile(_case(_shifted, *_qkv()), repro_dir=str(tmp_path))
+    (site,) = _assert_refused(reports, got, want, tmp_path)
+    assert f"reduced sizes {T}->62" in site.reason, site.reason
