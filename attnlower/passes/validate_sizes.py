@@ -17,15 +17,17 @@ before; elsewhere a size seen before, or one plus or minus a small offset, or a 
 Why that is sound, i.e. why the reduced pair agreeing says the traced pair agrees:
 1. Exactness at the traced sizes (checked): every literal is replaced by an expression that equals it
    at the traced sizes, so the generalized pair instantiated there *is* the pair. Literals left as they
-   are must be small (below every reduced size) or a static dim of the region.
+   are must be small (below every reduced size) or a static dim of the region; a position left as it is
+   (a diagonal, a slice bound that is no size) raises the reduced sizes above it as a constant does.
 2. Well-formedness at the reduced sizes (checked): the fake run records the guards the ops need
    (broadcasts, view compatibility); they must hold at the reduced sizes, and both copies run there.
 3. Size-genericity (the argument): every op of a region (views, products, softmax, elementwise ops,
    reductions over a dim, the attnlower ops' reference) computes each output element by the same rule at
    every size; sizes enter values only through masks made from positions (arange, tril / triu,
    comparisons, the ops' causal / window geometry), i.e. through linear comparisons of positions with
-   sizes and integer constants. A comparison's truth pattern over positions is the same at every size
-   once the sizes are larger than its constants and keep their order and their small differences. So:
+   sizes and integer constants. The kinds of rows such a mask has (all keys, none, a prefix, a band
+   inside the keys or cut by an edge) are the same at every size once the sizes are large enough
+   against its constants and keep their order and their small differences. So:
    - every reduced size is at least 2|c| + 2 for every integer constant c of a size-only node (a window,
      an offset, a diagonal: `_thresholds`, and positions kept as constants) and the ops' `window`: a
      comparison `j - i <= c` of positions in [0, T - 1] shows both outcomes once T >= |c| + 2, a band
