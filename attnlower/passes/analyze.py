@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
 from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
+from .masks import LENGTH_KINDS
 from .visibility import MASKED
 from .vocabulary import shape_of, value_of
 
@@ -23,7 +24,7 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     chosen: dict[str, int] = {}
     for site in ctx.open_sites(gm):
         try:
-            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.lengths)
+            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.paged_mask)
         except Refused as e:
             site.refuse(str(e))
             continue
@@ -36,8 +37,10 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
-def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[Decision | None, str]:
-    """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
+def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo | None) -> tuple[Decision | None, str]:
+    """Paged attention when K/V are block-table gathers and the mask is one the paged op computes
+    (`paged_mask`, read by `masks.classify_length_mask`): none, `key < lengths[b]`, and causal or a
+    causal band within the chunk, aligned to each sequence's end."""
     pk, pv = m.paged
     if "paged_attention" not in allowed_ops:
         return None, "paged_attention is not among the enabled ops"
@@ -47,38 +50,33 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[De
         return None, "is_causal on a gathered cache (top-left causal is not the paged op's alignment)"
     if not (bool(pk.block_size == pv.block_size) and bool(pk.heads == pv.heads)):
         return None, "K and V pools differ in block size or heads"
-    seq_lens, nan_for_empty, kind = None, False, "none"
-    if len(m.terms) > 1:
-        return None, "more than one mask term"
-    if m.terms:
-        t = m.terms[0]
-        if t.kind not in ("keep", "fill"):
-            return None, "an additive mask"
-        seq_lens = lengths
-        if seq_lens is None:
-            return None, "the mask is not `key position < seq_lens[b]`"
-        if t.value != float("-inf") and not m.safe_softmax:
-            return None, "a finite fill gives a uniform average for empty sequences, which the paged op does not"
-        nan_for_empty = not m.safe_softmax
-        kind = "length"
+    mask = paged_mask if paged_mask is not None else MaskInfo("none", reason="no mask")
+    if mask.kind not in ("none",) + LENGTH_KINDS:
+        return None, f"the mask is not one the paged op computes: {mask.reason}"
+    seq_lens = mask.lengths
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
-        dtype=str(dtype).replace("torch.", ""), mask_kind=kind, softcap=m.softcap, scale=m.paged_scale,
+        dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
+        window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
         paged_block_size=pk.block_size, target=target.describe())
     why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
-           f"read in place, no gather" + (f"; lengths from {seq_lens.name}" if seq_lens is not None else
-                                          "; every gathered key visible"))
-    return Decision(spec=spec, bias=BiasPlan(), mask=MaskInfo(kind=kind, reason=why), reason=why,
+           f"read in place, no gather" + (f"; lengths from {seq_lens.name}: {mask.reason}" if seq_lens is not None
+                                          else "; every gathered key visible"))
+    # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
+    # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
+    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
+    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why,
                     paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
 
 
 def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
-                 lengths: fx.Node | None = None) -> Decision:
+                 paged_mask: MaskInfo | None = None) -> Decision:
     """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason.
 
-    `classified` is the classification of the site's one mask term and `lengths` its lengths when it is
-    a length mask (stage classify_masks); a site with one term must come with its classification.
+    `classified` is the classification of the site's mask term (or of its terms' conjunction) and
+    `paged_mask` the mask read as the paged op's, where K/V are paged (stage classify_masks); a site with
+    one term must come with its classification.
     """
     qv = value_of(m.q.source)
     dtype = qv.dtype
@@ -100,7 +98,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
 
     paged_note = ""
     if m.paged is not None:
-        decision, paged_note = _paged_decision(m, target, allowed_ops, lengths)
+        decision, paged_note = _paged_decision(m, target, allowed_ops, paged_mask)
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
@@ -120,13 +118,13 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
             raise Refused(problem)
     if causal and terms:
         raise Refused("SDPA with both is_causal and attn_mask")
-    if len(terms) == 1:
+    if len(terms) == 1 and classified is None:
+        raise ValueError("analyze_site: a site with one mask term needs its classification "
+                         "(masks.classify_mask of the term; the classify_masks stage records it)")
+    if terms and classified is not None:
         t = terms[0]
-        if classified is None:
-            raise ValueError("analyze_site: a site with one mask term needs its classification "
-                             "(masks.classify_mask of the term; the classify_masks stage records it)")
         info = classified
-        if t.kind == "bias" and t.value != 1.0:
+        if len(terms) == 1 and t.kind == "bias" and t.value != 1.0:
             # a factor moves finite masking values (finfo.min * 1e-10 no longer masks): only the sum is exact
             info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")
         mask = info

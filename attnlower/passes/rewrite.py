@@ -307,11 +307,20 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
-               dict(alibi_slopes=None, scale=float(s.scale), causal=False, window=0, softcap=float(s.softcap)),
+               dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
+                    softcap=float(s.softcap)),
                name="attnlower_paged")
     if plan.nan_for_empty:
-        # eager softmax over a row of -inf gives NaN; the paged op gives 0 for an empty sequence
-        empty = emit(aten.eq.Scalar, (seq_lens, 0))
-        empty = emit(aten.view.default, (empty, [-1, 1, 1, 1]))
+        # eager softmax over a row of -inf gives NaN; the paged op gives 0 for a row with no visible key:
+        # a sequence of length 0, or (causal) a query before its sequence's first token, L[b] - Tq + i < 0
+        lens = emit(aten.view.default, (seq_lens, [-1, 1, 1, 1]))
+        if s.causal:
+            q_len = m.q_len if isinstance(m.q_len, int) else emit(aten.sym_size.int, (q, 2))
+            rows = emit(aten.arange.default, (q_len,), {"dtype": torch.int64, "device": value_of(q).device})
+            rows = emit(aten.view.default, (rows, [1, 1, -1, 1]))
+            first = emit(aten.add.Tensor, (lens, rows))               # L[b] + i
+            empty = emit(aten.lt.Scalar, (first, q_len))             # L[b] - Tq + i < 0
+        else:
+            empty = emit(aten.le.Scalar, (lens, 0))
         out = emit(aten.masked_fill.Scalar, (out, empty, float("nan")))
     return _finish(emit, m, out)

@@ -138,3 +138,27 @@ def test_top_left_causal_on_a_cache_is_not_paged():
     site = S.only(sites)
     assert site.op != PAGED, S.describe(sites)
     assert "paged gather was seen" in site.reason and "align" in site.reason, S.describe(sites)
+
+
+def test_chunk_longer_than_a_sequence_gives_eager_nan_rows():
+    """Sequence 0 holds 2 tokens but the chunk has 4 queries: queries 0 and 1 sit before its first token
+    (position L - Tq + i < 0) and see no key. Eager's softmax gives NaN there, SDPA's 0: each as its source."""
+    for fn, layout in ((S.vllm_chunked_prefill, "vllm"), (S.flashinfer_chunked_prefill, "flashinfer")):
+        _, sites = S.check_forward(fn, *S.paged_inputs(4, layout=layout, lens=(2, 37)))
+        paged_site(sites, causal=True)
+
+
+def test_chunked_prefill_dynamic_shapes_one_graph():
+    """dynamic=True: the chunk length, the table width and the pool are symbolic; the causal bound
+    `j <= L[b] - Tq + i` is proven for every Tq, and other chunk lengths reuse the graph."""
+    from attnlower.compiler import backend
+
+    # Tq = 3 at the first call: 4 would equal H, and Dynamo's duck sizing would tie the two sizes
+    compiled, sites = S.check_forward(S.vllm_chunked_prefill, *S.paged_inputs(3, layout="vllm"), dynamic=True)
+    site = S.only(sites)      # the block size is a symbol too: not compared with 8
+    S.assert_site(site, PAGED, mask="causal+length", causal=True)
+    graphs = len(backend.reports())
+    for tq in (5, 6):
+        args = S.paged_inputs(tq, layout="vllm", seed=tq)
+        S.assert_matches_eager(compiled(*args), S.vllm_chunked_prefill(*args), what=f"Tq={tq}")
+    assert len(backend.reports()) == graphs, "a new chunk length recompiled"
