@@ -57,6 +57,18 @@ class Layout:
         """Sub-dims of dim k without size-1 entries."""
         return [(s, st) for s, st in self.dims[k] if not is_one(s)]
 
+    def coalesced(self, k: int) -> list[SubDim]:
+        """Sub-dims of dim k without size-1 entries, neighbours merged where they are one strided run
+        (outer stride = inner size * inner stride): the fewest (size, stride) pairs that describe it."""
+        merged: list[SubDim] = []
+        for s, st in self.clean(k):
+            if merged and sizes_equal(merged[-1][1], s * st):
+                outer, _ = merged.pop()
+                merged.append((outer * s, st))
+            else:
+                merged.append((s, st))
+        return merged
+
     # -- the view ops ---------------------------------------------------------------------------
     def permute(self, perm: Sequence[int]) -> "Layout":
         """The layout after `x.permute(perm)`."""

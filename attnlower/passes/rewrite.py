@@ -99,12 +99,24 @@ class _Emitter:
         return n
 
 
+def _unflatten(emit: "_Emitter", x: fx.Node, arg) -> fx.Node:
+    """`x.unflatten(dim, sizes)`; symbolic sizes are read from `x` itself where they cannot be -1."""
+    dim, sizes = arg
+    symbolic = [i for i, size in enumerate(sizes) if not isinstance(size, int)]
+    if len(symbolic) > 1:
+        raise ValueError(f"unflatten to {list(sizes)}: more than one symbolic size; the stage that "
+                         "planned the step should have refused the site")
+    sizes = [-1 if i in symbolic else size for i, size in enumerate(sizes)]
+    return emit(aten.unflatten.int, (x, dim, sizes))
+
+
 # The layout steps an OperandRef or an output carries: (kind, arg) -> the node that takes the step.
 _STEPS = {
     "squeeze": lambda emit, x, dim: emit(aten.squeeze.dim, (x, dim)),
     "unsqueeze": lambda emit, x, dim: emit(aten.unsqueeze.default, (x, dim)),
     "permute": lambda emit, x, perm: emit(aten.permute.default, (x, list(perm))),
     "flatten": lambda emit, x, dims: emit(aten.flatten.using_ints, (x, *dims)),
+    "unflatten": _unflatten,
 }
 
 

@@ -106,3 +106,30 @@ def test_slot_attention_softmax_over_slots_stays_unfused():
     _, sites = S.check_forward(S.slot_attention_step, S.randn(S.B, S.T, S.D), S.randn(S.B, 5, S.D, seed=3), *ws)
     site = S.only(sites)
     assert site.op is None and "softmax is not over the last dim" in site.reason, S.describe(sites)
+
+
+def causal_transposed_output(q, k, v):
+    """`vᵀ @ Pᵀ`: a causal site whose output is [B, H, D, Tq] (X @ Pᵀ with X = vᵀ, so V = v)."""
+    t = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return v.transpose(-1, -2) @ s.softmax(-1).transpose(-2, -1)
+
+
+def test_transposed_probabilities_keep_their_mask():
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i, requires_grad=True) for i in range(3))
+    sites = S.check_training(S.FnModule(causal_transposed_output), q, k, v)
+    S.assert_site(S.only(sites), FLASH, mask="causal", causal=True, bias_kind="none")
+
+
+def contraction_over_queries(q, k, v):
+    """`Pᵀ @ V` sums over the queries (each key gathers the queries weighting it): not attention."""
+    p = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+    return p.transpose(-2, -1) @ v
+
+
+def test_transposed_probabilities_on_the_left_stay_unfused():
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
+    _, sites = S.check_forward(contraction_over_queries, q, k, v)
+    site = S.only(sites)
+    assert site.op is None and "rearranged" in site.reason, S.describe(sites)
