@@ -16,7 +16,8 @@ from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two
 from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
 from .masks import LENGTH_KINDS
 from .visibility import MASKED
-from .vocabulary import shape_of, value_of
+from .layout import NotAView, lift_to_problem
+from .vocabulary import shape_of, size_sources, sizes_equal, value_of
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -113,7 +114,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED):
             raise Refused(f"a mask fills scores with {t.value}, which does not mask them out "
                           "(only -inf or values <= -1e30 are equivalent to masking)")
-        problem = lift_problem(t, m.batch, m.q_heads)
+        problem = lift_problem(t, m)
         if problem:
             raise Refused(problem)
     if causal and terms:
@@ -152,34 +153,74 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         target=target.describe(),
     )
-    why = _why(spec, mask) + paged_note + _head_scale_note(m)
+    why = _why(spec, mask) + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why)
 
 
-def lift_problem(term: ScoreTerm, batch, heads) -> str:
+def _lift_note(terms: list[ScoreTerm], m: AttentionMatch) -> str:
+    """What lifting the bias terms to the problem's [B, Hq, Tq, Tk] costs, when it is not a view."""
+    notes, shapes = [], []
+    for t in terms:
+        shape = term_shape(t)
+        shape = shape[max(len(shape) - len(t.score_shape), 0):]
+        plan = lift_to_problem(shape, t.score_shape, problem_shape(m))
+        if plan is None:
+            shapes.append([1] * (4 - len(shape)) + shape[-4:])
+            continue
+        aligned, expand_to, reshape_to = plan
+        shapes.append(reshape_to)
+        if any(not sizes_equal(a, b) for a, b in zip(aligned, expand_to)):
+            notes.append(f"`{t.node.name}` {shape}, added under the {list(t.score_shape)} view of the scores, "
+                         f"is materialized as a {reshape_to} bias (its own size, not the scores')")
+    if len(terms) > 1:
+        total = [next((d for d in dims if not sizes_equal(d, 1)), 1) for dims in zip(*shapes)]
+        notes.append(f"the {len(terms)} terms are summed into one {total} bias (the op takes one bias)")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def lift_problem(term: ScoreTerm, m: AttentionMatch) -> str:
     """Why `term` cannot be given to the op as a bias broadcastable to [B, Hq, Tq, Tk], or "".
 
-    A term broadcasts against the scores where it is applied (`term.score_shape`): 4-D scores in the
-    op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
+    A term broadcasts against the scores where it is applied (`term.score_shape`), any regrouping of the
+    problem's [B, Hq, Tq, Tk] scores (`[B*H, Tq, Tk]`, Swin's `[B, nW, H, N, N]`): `layout.lift_to_problem`
+    says how it becomes a bias of the problem (the rewrite follows the same plan).
     """
-    shape = list(shape_of(term.node))
-    if term.row_inserted and shape:
-        shape = shape[:-1] + [1] + shape[-1:]
+    shape = term_shape(term)
     score_shape = list(term.score_shape)
     extra = len(shape) - len(score_shape)
     if extra > 0 and any(not bool(s == 1) for s in shape[:extra]):
         return f"a mask/bias of shape {shape} has more dims than the scores {score_shape} it is applied to"
-    shape = shape[max(extra, 0):]
-    lead = score_shape[:-2]
-    x_lead = shape[:len(shape) - 2] if len(shape) == len(score_shape) else []
-    if all(bool(d == 1) for d in x_lead):
-        return ""
-    if len(lead) == 2 and bool(lead[0] == batch) and bool(lead[1] == heads):
-        return ""
-    if len(lead) == 1 and bool(lead[0] == batch * heads) and isinstance(heads, int):
-        return ""
-    return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, whose leading dims are "
-            f"not the attention's [B={batch}, H={heads}] (or [B*H] with a static H)")
+    problem = problem_shape(m)
+    try:
+        plan = lift_to_problem(shape, score_shape, problem)
+    except NotAView as e:
+        return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, which are not a "
+                f"regrouping of the attention's [B={m.batch}, H={m.q_heads}, Tq, Tk] ({e})")
+    if plan is not None:
+        _, expand_to, reshape_to = plan
+        if sum(not isinstance(x, int) for x in reshape_to) > 1 and size_sources(
+                reshape_to, m.output, set(m.region)) is None:
+            return (f"a mask/bias of shape {shape} on scores of shape {score_shape} would be reshaped to "
+                    f"{reshape_to}, whose symbolic sizes no tensor outside the attention holds")
+        changed = [x for x, have in zip(expand_to, [1] * (len(expand_to) - len(shape)) + shape[max(extra, 0):])
+                   if not sizes_equal(x, have)]
+        if any(not isinstance(x, int) for x in changed) and size_sources(changed, m.output, set(m.region)) is None:
+            return (f"a mask/bias of shape {shape} would be expanded to {expand_to}, whose symbolic sizes no "
+                    "tensor outside the attention holds")
+    return ""
+
+
+def term_shape(term: ScoreTerm) -> list:
+    """The term's shape as it broadcasts against its scores (a decode einsum's term gets its row dim)."""
+    shape = list(shape_of(term.node))
+    if term.row_inserted and shape:
+        shape = shape[:-1] + [1] + shape[-1:]
+    return shape
+
+
+def problem_shape(m: AttentionMatch) -> list:
+    """The attention problem's [B, Hq, Tq, Tk]."""
+    return [m.batch, m.q_heads, m.q_len, m.k_len]
 
 
 def _head_scale_note(m: AttentionMatch) -> str:

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .layout import Layout, NotAView, is_scale_node, layout_chain, layout_of, scale_of
+from .layout import (Layout, NotAView, contiguous_strides, dim_holding, is_scale_node, layout_chain, layout_of,
+                     scale_of)
 from .site import AttentionChain, AttentionMatch, Context, Operand, OperandRef, PagedRef, Refused
 from .vocabulary import is_one, shape_of, size_hint, sizes_equal, static_size, value_of
 
@@ -108,11 +109,7 @@ def _fit(src: fx.Node, lay: Layout, role: str):
     the op reads the group from the head count.
     """
     shape = shape_of(src)
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc = acc * size
-    strides.reverse()
+    strides = contiguous_strides(shape)
     if len(lay.dims) != 4:
         raise NotAView("logical operand is not 4-D")
 
@@ -137,7 +134,7 @@ def _fit(src: fx.Node, lay: Layout, role: str):
     per_dim: dict[int, list[tuple[tuple[int, int], object, object]]] = {d: [] for d in range(len(shape))}
     for k, subs in enumerate(wanted):
         for index, (size, stride) in enumerate(subs):
-            d = _dim_holding(shape, strides, size, stride)
+            d = dim_holding(shape, strides, size, stride)
             if d is None:
                 raise NotAView(f"logical dim {k} is not made of whole dims of {src.name} or of pieces of them")
             per_dim[d].append(((k, index), size, stride // strides[d]))
@@ -186,20 +183,6 @@ def _fit(src: fx.Node, lay: Layout, role: str):
             steps.append(("flatten", (at, at + count - 1)))
         at += 1
     return steps, heads
-
-
-def _dim_holding(shape, strides, size, stride) -> int | None:
-    """The dim d of a contiguous tensor of `shape` (`strides`) within which the sub-dim (size, stride)
-    lies: stride a multiple of d's stride, and the sub-dim's extent inside d's."""
-    for d in range(len(shape)):
-        if is_one(shape[d]):
-            continue
-        if not sizes_equal(stride % strides[d], 0):
-            continue
-        relative = stride // strides[d]
-        if sizes_equal((shape[d] % (relative * size)), 0):
-            return d
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ import torch
 import torch.fx as fx
 
 from .site import AttentionMatch, Context, Decision, Refused
-from .vocabulary import reads_only_size, size_sources, value_of
+from .analyze import problem_shape
+from .layout import lift_to_problem
+from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
 
 aten = torch.ops.aten
 
@@ -157,27 +159,46 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
 def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     """The term's tensor, broadcastable to the op's [B, Hq, Tq, Tk].
 
-    The term broadcasts against the scores where it was applied (`term.score_shape`). On scores
-    flattened to [B*H, Tq, Tk] (bmm, baddbmm) a term with a full B*H dim is viewed as [B, Hq, ...]:
-    reshape is row-major, exactly as the source's views flattened [B, H] (`analyze.lift_problem`
-    refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
+    The term broadcasts against the scores where it was applied (`term.score_shape`), a regrouping of the
+    problem's scores (`[B*H, Tq, Tk]`, Swin's `[B, nW, H, N, N]`). `layout.lift_to_problem` plans how it
+    becomes a bias of the problem: as it is, or expanded over the scores' dims it varies with and reshaped
+    (`analyze.lift_problem` refused what this cannot express).
     """
     x = term.node
+    if term.row_inserted and value_of(x).dim():   # scores without a Tq dim (decode einsum): give the term its row
+        x = emit(aten.unsqueeze.default, (x, -2))
     shape = list(value_of(x).shape)
     score_shape = list(term.score_shape)
-    if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
-        x = emit(aten.unsqueeze.default, (x, -2))
-        shape = list(value_of(x).shape)
     extra = len(shape) - len(score_shape)
     if extra > 0:  # leading dims of size 1 (lift_problem checked)
         x = emit(aten.squeeze.dims, (x, list(range(extra))))
         shape = shape[extra:]
-    x_lead = shape[:max(len(shape) - 2, 0)] if len(shape) == len(score_shape) else []
-    if all(bool(d == 1) for d in x_lead) or len(score_shape) == 4:
+    plan = lift_to_problem(shape, score_shape, problem_shape(m))
+    if plan is None:
+        if len(shape) > 4:     # scores of more dims, the term constant over their leading ones
+            x = emit(aten.squeeze.dims, (x, list(range(len(shape) - 4))))
         return x
-    # scores [B*H, Tq, Tk], term [B*H, tq|1, tk]: split the flat dim as the op's [B, Hq]
-    tail = [d if isinstance(d, int) else emit(aten.sym_size.int, (x, i)) for i, d in enumerate(shape) if i >= 1]
-    return emit(aten.reshape.default, (x, [-1, int(m.q_heads)] + tail))
+    aligned, expand_to, reshape_to = plan
+    for _ in range(len(aligned) - len(shape)):
+        x = emit(aten.unsqueeze.default, (x, 0))
+    if any(not sizes_equal(a, b) for a, b in zip(expand_to, aligned)):
+        sizes = [-1 if sizes_equal(a, b) else a for a, b in zip(expand_to, aligned)]
+        x = emit(aten.expand.default, (x, _size_args(emit, sizes, m)))
+    return emit(aten.reshape.default, (x, _size_args(emit, reshape_to, m, one_free=True)))
+
+
+def _size_args(emit: _Emitter, sizes, m: AttentionMatch, one_free: bool = False) -> list:
+    """`sizes` as arguments of a node: ints as they are, a symbolic size as -1 (`one_free`: the first one, for
+    a reshape) or read from a tensor outside the region that holds it (analyze.lift_problem checked one does)."""
+    out = list(sizes)
+    symbolic = [i for i, size in enumerate(out) if not isinstance(size, int)]
+    if one_free and symbolic:
+        out[symbolic.pop(0)] = -1
+    if symbolic:
+        sources = size_sources([out[i] for i in symbolic], m.output, set(m.region))
+        for i, source in zip(symbolic, sources):
+            out[i] = emit(aten.sym_size.int, source) if isinstance(source, tuple) else source
+    return out
 
 
 def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node | None:

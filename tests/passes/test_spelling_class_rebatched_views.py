@@ -80,3 +80,29 @@ def test_causal_mask_through_the_view_is_causal():
     q, k, v = (S.randn(S.B * S.N_WIN, S.SWIN_HEADS, S.N_TOK, S.D, seed=i) for i in range(3))
     _, sites = S.check_forward(rebatched_causal, q, k, v)
     S.assert_site(S.only(sites), FLASH, mask="causal", causal=True, bias_kind="none")
+
+
+def merged_batch_bias(q, k, v, bias):
+    """A per-(batch, head) bias added while the scores are viewed `[B * H, T, T]` (fairseq / BART style), then
+    viewed back: a merge of the batch dims, the converse of Swin's split."""
+    b, h, t, _ = q.shape
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = (s.view(b * h, t, t) + bias).view(b, h, t, t)
+    return s.softmax(-1) @ v
+
+
+def test_bias_under_a_merged_view_is_a_bias_of_the_problem():
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i, requires_grad=True) for i in range(3))
+    bias = S.randn(S.B * S.H, 1, S.T, seed=9, requires_grad=True)       # one bias per (b, h) and key
+    sites = S.check_training(S.FnModule(merged_batch_bias), q, k, v, bias)
+    S.assert_site(S.only(sites), FLASH, bias_kind="float")
+
+
+def test_window_mask_under_the_view_with_dynamic_shapes():
+    """dynamic=True: the batch of windows is symbolic; the lifted bias is built from its symbolic size."""
+    torch.manual_seed(0)
+    model = S.HFSwinSelfAttention().eval()
+    compiled, sites = S.check_forward(model, S.windows(), S.shifted_window_mask(), dynamic=True)
+    fused(sites)
+    x = S.randn(3 * S.N_WIN, S.N_TOK, S.SWIN_DIM, seed=5)
+    S.assert_matches_eager(compiled(x, S.shifted_window_mask()), model(x, S.shifted_window_mask()), what="B=3")
