@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 
 from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
-from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
+from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
+                   ScoreTerm)
 from .masks import LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
@@ -25,7 +26,7 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     chosen: dict[str, int] = {}
     for site in ctx.open_sites(gm):
         try:
-            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.paged_mask)
+            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.paged_mask, site.alibi)
         except Refused as e:
             site.refuse(str(e))
             continue
@@ -67,17 +68,18 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
     # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
     nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
-    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why,
-                    paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
+    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
+                    speculated=mask.speculated_from), ""
 
 
 def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
-                 paged_mask: MaskInfo | None = None) -> Decision:
+                 paged_mask: MaskInfo | None = None, alibi: AlibiInfo | None = None) -> Decision:
     """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason.
 
     `classified` is the classification of the site's mask term (or of its terms' conjunction) and
     `paged_mask` the mask read as the paged op's, where K/V are paged (stage classify_masks); a site with
-    one term must come with its classification.
+    one term must come with its classification. `alibi`: a bias term proven ALiBi on the keys the other
+    terms (then `classified`) leave visible.
     """
     qv = value_of(m.q.source)
     dtype = qv.dtype
@@ -106,6 +108,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
 
     causal, bottom_right, window = m.is_causal, False, 0
+    speculated: tuple = ()
     mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
@@ -119,6 +122,19 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
             raise Refused(problem)
     if causal and terms:
         raise Refused("SDPA with both is_causal and attn_mask")
+    alibi_used = None
+    if alibi is not None:
+        info = classified
+        if (info is not None and info.kind in ("causal", "band") and not info.data_dependent
+                and (not info.bottom_right or bool(m.q_len <= m.k_len))):
+            # the masks are the op's causal / band pattern and the bias its ALiBi on what they leave visible
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
+            speculated = info.speculated_from + alibi.speculated_from
+            mask = MaskInfo(info.kind, causal=info.causal, bottom_right=info.bottom_right, window=info.window,
+                            reason=f"{info.reason}; {alibi.reason}", speculated_from=speculated)
+            terms, classified, alibi_used = [], None, alibi
+        else:
+            classified = None       # the terms stay one combined bias
     if len(terms) == 1 and classified is None:
         raise ValueError("analyze_site: a site with one mask term needs its classification "
                          "(masks.classify_mask of the term; the classify_masks stage records it)")
@@ -133,10 +149,10 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         # A pure causal/band mask never empties a row when every query sees its diagonal key.
         diagonal_visible = not info.bottom_right or bool(m.q_len <= m.k_len)
         if pure and info.kind == "none":
-            terms = []
+            terms, speculated = [], info.speculated_from
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
-            terms = []
+            terms, speculated = [], info.speculated_from
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
     if terms:
@@ -151,10 +167,10 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
-        target=target.describe(),
+        alibi=alibi_used is not None, target=target.describe(),
     )
     why = _why(spec, mask) + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
-    return Decision(spec=spec, bias=bias, mask=mask, reason=why)
+    return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 
 
 def _lift_note(terms: list[ScoreTerm], m: AttentionMatch) -> str:

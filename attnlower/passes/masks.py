@@ -30,8 +30,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .site import Context, MaskInfo
-from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic
+from .layout import NotAView, lift_to_problem
+from .site import AlibiInfo, Context, MaskInfo
+from .buffers import describe_guard, static_value
+from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
 from .visibility import MASKED, Visibility
 from .vocabulary import (BROADCASTS, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          size_read_index, sizes_equal)
@@ -65,9 +67,91 @@ def classify_masks(gm: fx.GraphModule, ctx: Context) -> str:
             site.mask = classify_conjunction([(t.node, POLARITY_OF_TERM[t.kind]) for t in m.terms], m.q_len, m.k_len)
             if site.mask.kind == "tensor":
                 site.mask = None     # not one mask: the terms stay separate biases (the analyzer says so)
+        if len(m.terms) > 1 and (site.mask is None or site.mask.kind == "tensor"):
+            _find_alibi(site)
         if site.mask is not None:
             kinds.append(site.mask.kind)
     return f"{len(kinds)} mask(s) classified" + (f": {', '.join(kinds)}" if kinds else "")
+
+
+def _find_alibi(site) -> None:
+    """A site with a bias term besides its masks: when the masks alone are a causal pattern (or a band)
+    and the bias is ALiBi on the keys they leave visible (`classify_alibi`), record both."""
+    m = site.match
+    for term in m.terms:
+        if term.kind != "bias" or term.value != 1.0:
+            continue
+        others = [t for t in m.terms if t is not term]
+        if not all(t.kind != "bias" or t.value == 1.0 for t in others) or not all(_masking_term(t) for t in others):
+            continue
+        mask = classify_conjunction([(t.node, POLARITY_OF_TERM[t.kind]) for t in others], m.q_len, m.k_len)
+        if mask.kind not in ("causal", "band") or mask.data_dependent:
+            continue
+        alibi = classify_alibi(term, mask, m)
+        if alibi is not None:
+            site.mask, site.alibi = mask, alibi
+            return
+
+
+def classify_alibi(term, mask: MaskInfo, m) -> AlibiInfo | None:
+    """The bias term as ALiBi, proven from its value: on every key `mask` (causal / band) leaves visible it
+    equals `slopes[h] * (j - (i + off))` for one slope per head (off = Tk - Tq when bottom-right), constant
+    over the batch and finite everywhere; None otherwise. Its value is evaluated at the traced sizes (a
+    module buffer at its real value, guarded by the rewrite), so only static sizes are read."""
+    if not all(isinstance(x, int) for x in (m.batch, m.q_heads, m.q_len, m.k_len)):
+        return None
+    facts = _GraphFacts([term.node], (m.q_len, m.k_len))
+    if facts.mutation_reason() or facts.data_reason.get(term.node):
+        return None
+    try:
+        evaluator = _Evaluator([term.node], facts)
+        if evaluator.symbols or evaluator.largest_numel({}) > MAX_EVAL_ELEMENTS:
+            return None
+        (value,) = evaluator.run({})
+    except _Refusal:
+        return None
+    if not value.is_floating_point():
+        return None
+    value = value.to(torch.float64)
+    if term.row_inserted:
+        value = value.unsqueeze(-2)
+    shape = list(value.shape)
+    score_shape = list(term.score_shape)
+    if len(shape) > len(score_shape):
+        value = value.reshape(shape[len(shape) - len(score_shape):])
+        shape = list(value.shape)
+    problem = [m.batch, m.q_heads, m.q_len, m.k_len]
+    try:
+        plan = lift_to_problem(shape, score_shape, problem)
+    except NotAView:
+        return None
+    if plan is not None:
+        aligned, expand_to, reshape_to = plan
+        value = value.reshape(aligned).expand(expand_to).reshape(reshape_to)
+    while value.dim() < 4:
+        value = value.unsqueeze(0)
+    value = value.expand(value.shape[0], m.q_heads, m.q_len, m.k_len)
+    if not bool(torch.isfinite(value).all()) or not bool((value == value[:1]).all()):
+        return None                           # -inf somewhere (a mask, not a slope), or it varies over the batch
+    value = value[0]                          # [Hq, Tq, Tk]
+    model = Visibility(mask.kind, mask.bottom_right, mask.window)
+    visible = model.visible(m.q_len, m.k_len)
+    off = m.k_len - m.q_len if mask.bottom_right else 0
+    distance = (torch.arange(m.k_len).view(1, -1) - torch.arange(m.q_len).view(-1, 1) - off).to(torch.float64)
+    fit = visible & (distance != 0)
+    if not bool(fit.any()):
+        return None
+    i, j = [int(x) for x in fit.nonzero()[0]]
+    slopes = value[:, i, j] / distance[i, j]
+    want = slopes.view(-1, 1, 1) * distance
+    scale = value[:, visible].abs().max().clamp_min(1.0)
+    if not bool(((value - want).abs()[:, visible] <= 1e-6 * scale).all()):
+        return None
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    source = f" of {_buffers_named(speculated)}" if speculated else ""
+    reason = (f"ALiBi: `{term.node.name}` equals slope[h] * (j - i{' - (Tk - Tq)' if off else ''}) on every visible key, "
+              f"proven from the value{source}" + (f" ({'; '.join(describe_guard(b) for b in speculated)})" if speculated else ""))
+    return AlibiInfo(term=term, slopes=slopes.to(torch.float32), speculated_from=speculated, reason=reason)
 
 
 def _masking_term(term) -> bool:
@@ -143,7 +227,10 @@ def classify_conjunction(masks: list[tuple[fx.Node, str]], q_len, k_len) -> Mask
     try:
         return _classify(masks, q_len, k_len, facts)
     except _Refusal as refusal:
-        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=str(refusal))
+        reason = str(refusal)
+        if facts.speculated and not reason.startswith("buffer"):
+            reason += f" (from the value of {_buffers_named(sorted(facts.speculated, key=facts.order.__getitem__))})"
+        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +275,7 @@ class _GraphFacts:
     def __init__(self, masks: fx.Node | list[fx.Node], sizes: Iterable[Any]):
         roots = [masks] if isinstance(masks, fx.Node) else list(masks)
         self.graph = roots[0].graph
+        self.known: dict[fx.Node, torch.Tensor] = {}  # module buffers read at their real value (guarded)
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.ancestors = self._value_ancestors(roots)
         self.data_reason: dict[fx.Node, str | None] = {}
@@ -195,6 +283,7 @@ class _GraphFacts:
             self.data_reason[node] = self._own_data_reason(node)
         self.data_dependent_seen = False  # set once a data-dependent factor is found
         self.finite_fills: set[float] = set()  # masking values met that are finite (finfo.min, not -inf)
+        self.speculated: set[fx.Node] = set()  # module buffers whose value an evaluation read (buffers.py)
         self.shape_env = self._find_shape_env(list(self.ancestors) + list(sizes))
 
     @staticmethod
@@ -229,7 +318,15 @@ class _GraphFacts:
         if node.op == "placeholder":
             if "val" not in node.meta:
                 return f"input `{node.name}` has no metadata (treated as tensor data)"
-            return f"reads tensor input `{node.name}`" if isinstance(node.meta["val"], torch.Tensor) else None
+            if not isinstance(node.meta["val"], torch.Tensor):
+                return None
+            value = self.known.get(node)
+            if value is None:
+                value = static_value(node)   # a module buffer whose value can be guarded
+            if value is not None:
+                self.known[node] = value
+                return None
+            return f"reads tensor input `{node.name}`"
         if node.op == "get_attr":
             owner = self.graph.owning_module
             try:
@@ -586,6 +683,8 @@ class _Evaluator:
             if node.op == "placeholder" or node in stand_in_for or node in self.given:
                 if "val" not in node.meta:
                     raise _Refusal(f"input {_describe(node)} of the mask has no metadata")
+                if node in facts.known and node not in stand_in_for:
+                    facts.speculated.add(node)
                 env[node] = graph.placeholder(f"in_{node.name}")
                 self.inputs.append((node, node.meta["val"]))
         for node in ordered:
@@ -623,6 +722,8 @@ class _Evaluator:
         return [r if isinstance(r, torch.Tensor) else torch.tensor(r) for r in results]
 
     def _concrete_input(self, node: fx.Node, value: Any, subs: dict) -> Any:
+        if node in self.facts.known:
+            return self.facts.known[node]
         if isinstance(value, torch.Tensor):
             shape = [self.facts.concrete(s, subs) for s in value.shape]
             return torch.zeros((), dtype=value.dtype).expand(shape)
@@ -800,8 +901,13 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
     if data_factors:
         sources = "; ".join(f"{_describe(f.value)} {facts.data_reason[f.value]}" for f in data_factors)
         padding = f"; padding: {sources}"
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    if speculated:
+        checked += (f", proven from the value of {_buffers_named(speculated)} "
+                    f"({'; '.join(describe_guard(b) for b in speculated)})")
     if data_factors and model.kind == "none":
-        return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}")
+        return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}",
+                        speculated_from=speculated)
     kind = model.kind + ("+padding" if data_factors else "")
     return MaskInfo(
         kind,
@@ -810,7 +916,13 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
         window=model.window,
         data_dependent=bool(data_factors),
         reason=f"{checked}{padding}",
+        speculated_from=speculated,
     )
+
+
+def _buffers_named(nodes) -> str:
+    names = ", ".join(f"`{n.name}`" for n in nodes)
+    return f"buffer{'s' if len(nodes) > 1 else ''} {names}"
 
 
 # Ops between a triangle and its use that keep which elements are nonzero, and those that negate it.
@@ -895,6 +1007,9 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     symbols = set(evaluator.symbols)
     for size in (q_len, k_len):
         symbols |= facts.expr(size).free_symbols
+    if symbols and facts.speculated:
+        # a buffer's value proves nothing at sizes not evaluated: read it as a function of the indices
+        return _symbolic_pattern(factors, q_len, k_len, facts)
     substitutions = facts.substitutions(symbols)
     samples: list[_Sample] = []
     for index, subs in enumerate(substitutions):
@@ -926,6 +1041,73 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     sizes = ", ".join(dict.fromkeys(s.where for s in samples))
     how = f"checked at {len(samples)} sizes within the shape guards ({sizes})" if symbols else f"at {sizes}"
     return model, f"{model.describe()}, {how}"
+
+
+def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str]:
+    """The data-free factors (module buffers read as tables) as formulas over the query index i and the
+    key index j, for every size: a conjunction of `j - i <= E` (causal, E = 0 top-left or Tk - Tq
+    bottom-right) and `j - i >= E'` (a band of E - E' + 1 keys), compared as expressions."""
+    buffers = _buffers_named(sorted(facts.speculated, key=facts.order.__getitem__))
+    reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)),
+                              tables=facts.known)
+    atoms = []
+    for factor in factors:
+        if not isinstance(factor.value, fx.Node):
+            if not bool(_visibility(torch.tensor(factor.value), factor).all()):
+                raise _Refusal(f"a constant factor hides every key")
+            continue
+        if factor.polarity == "additive":
+            raise _Refusal(f"{buffers} read at symbolic sizes in an additive mask: not read as a formula")
+        try:
+            read = reader.read(factor.value)
+            if read.kind != "bool":
+                raise NotSymbolic(f"{_describe(factor.value)} is not a bool mask")
+            formula = resolve_tables(reader, read.value)
+        except NotSymbolic as e:
+            raise _Refusal(f"{buffers} read at symbolic sizes, and its mask is not a formula of the "
+                           f"positions: {e}") from e
+        names = {len(read.shape) - 2: _I, len(read.shape) - 1: _J}
+        mapping = {INDEX[k]: (sympy.Integer(0) if facts.same_size(size, 1) else names.get(k, INDEX[k]))
+                   for k, size in enumerate(read.shape)}
+        formula = formula.xreplace(mapping)
+        if formula.free_symbols & set(INDEX):
+            raise _Refusal(f"{buffers}: the mask varies over the batch or the heads")
+        visible = formula if factor.polarity == "keep" else sympy.Not(formula)
+        atoms += _conjuncts(visible, factor.value)
+    upper, lower = set(), set()
+    for e in atoms:                                    # e <= 0, linear in i and j
+        cj, ci = e.coeff(_J), e.coeff(_I)
+        rest = sympy.expand(e - cj * _J - ci * _I)
+        if rest.free_symbols & {_I, _J, _LB}:
+            raise _Refusal(f"{buffers}: the bound {e} <= 0 is not linear in the positions")
+        if (cj, ci) == (1, -1):
+            upper.add(sympy.expand(-rest))              # j - i <= -rest
+        elif (cj, ci) == (-1, 1):
+            lower.add(sympy.expand(rest))               # j - i >= rest
+        else:
+            raise _Refusal(f"{buffers}: the bound {e} <= 0 is not on j - i")
+    if len(upper) > 1 or len(lower) > 1:
+        raise _Refusal(f"{buffers}: several bounds on j - i ({sorted(map(str, upper | lower))})")
+    if not upper:
+        if lower:
+            raise _Refusal(f"{buffers}: keys after the query are visible (no upper bound on j - i)")
+        return Visibility("none"), f"every key visible, proven for every size"
+    (bound,) = upper
+    tq, tk = facts.expr(q_len), facts.expr(k_len)
+    if sympy.expand(bound) == 0:
+        bottom_right = False
+    elif sympy.expand(bound - (tk - tq)) == 0:
+        bottom_right = True
+    else:
+        raise _Refusal(f"{buffers}: visible iff j - i <= {bound}, neither top-left (0) nor bottom-right (Tk - Tq)")
+    if not lower:
+        model = Visibility("causal", bottom_right)
+    else:
+        width = sympy.expand(bound - next(iter(lower)) + 1)
+        if not (width.is_Integer and int(width) > 0):
+            raise _Refusal(f"{buffers}: a band of {width} keys, not a fixed width")
+        model = Visibility("band", bottom_right, int(width))
+    return model, f"{model.describe()}, proven for every size"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,10 +1162,11 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
                            "sequence's length; the paged op aligns a chunk's queries to the end of each sequence")
         raise _Refusal(f"{checked}: aligned top-left (query i sees keys <= i); the paged op aligns a chunk's "
                        "queries to the end of each sequence")
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
     if not data:
         if facts.finite_fills:
             raise _Refusal(_finite_fill_reason(facts))
-        return MaskInfo("none", reason=checked)
+        return MaskInfo("none", reason=checked, speculated_from=speculated)
     reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)))
     atoms: list[sympy.Expr] = []
     for factor, rank in data:
@@ -1011,7 +1194,7 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
             "band+length": f"key j visible iff `{lengths.name}`[b] - Tq + i - {window} < j <= `{lengths.name}`[b] - Tq + i "
                            "(a causal band within the chunk, aligned to each sequence's end)"}[kind]
     return MaskInfo(kind, causal=causal, bottom_right=causal, window=window, data_dependent=True,
-                    reason=f"{what}, proven for every length", lengths=lengths)
+                    reason=f"{what}, proven for every length", lengths=lengths, speculated_from=speculated)
 
 
 def _finite_fill_reason(facts: _GraphFacts) -> str:

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .site import AttentionMatch, Context, Decision, Refused
 from .analyze import problem_shape
+from .buffers import freeze
 from .layout import lift_to_problem
 from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
 
@@ -33,6 +34,10 @@ def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             continue
         created: list[fx.Node] = []
         site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        for buffer in site.decision.speculated:
+            # the op no longer reads the buffer its structure was proven from: guard its value, and let
+            # the graph read it as the constant it now is (validation then checks at its real value)
+            freeze(gm, buffer)
         inserted = set(created)
         # the replacement: the one inserted node that the replaced node's users now read
         (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
@@ -245,20 +250,35 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
     bias = _bias_node(emit, decision, m)
+    slopes = _alibi_slopes(gm, decision, q, fake_mode) if decision.alibi is not None else None
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
-                    dict(bias=bias, alibi_slopes=None, **common), name="attnlower_sliding")
+                    dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")
     else:
         call = emit(torch.ops.attnlower.flash_attention.default, (q, k, v),
-                    dict(bias=bias, alibi_slopes=None, causal=s.causal, **common), name="attnlower_flash")
+                    dict(bias=bias, alibi_slopes=slopes, causal=s.causal, **common), name="attnlower_flash")
     out = emit(operator.getitem, (call, 0))
     old_dtype = value_of(m.output).dtype
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode) -> fx.Node:
+    """The proven ALiBi slopes (fp32 [Hq]) as a constant of the graph, on q's device."""
+    slopes = decision.alibi.slopes.to(value_of(q).device)
+    name, index = "_tensor_constant_attnlower_alibi", 0
+    while hasattr(gm, f"{name}_{index}"):
+        index += 1
+    gm.register_buffer(f"{name}_{index}", slopes, persistent=False)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.get_attr(f"{name}_{index}")
+    node.meta["val"] = fake_mode.from_tensor(slopes) if fake_mode is not None else slopes
+    return node
 
 
 def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:

@@ -174,6 +174,8 @@ class MaskInfo:
     data_dependent: the mask reads tensor data (an input, parameter, buffer or constant), not only sizes.
     reason: one line for the report: what was proven, or why nothing could be.
     lengths: the length kinds' tensor of lengths (what the paged op reads as `seq_lens`).
+    speculated_from: the module buffers whose value (not only shape) the proof read: a structure proven
+        from them holds only while they keep that value, so the rewrite guards them (`buffers.freeze`).
 
     Only kinds "none", "causal" and "band" with data_dependent=False let the analyzer drop the mask
     tensor and use the kernel's own causal/window logic; every other kind is passed on as a bias.
@@ -186,6 +188,20 @@ class MaskInfo:
     data_dependent: bool = False
     reason: str = ""
     lengths: fx.Node | None = None     # the length kinds: the rank-1 integer node of lengths the mask reads
+    speculated_from: tuple = ()        # module buffers (placeholders) whose value the proof read (buffers.py)
+
+
+@dataclass(frozen=True)
+class AlibiInfo:
+    """A bias term proven to be ALiBi: on every key the site's mask leaves visible it equals
+    `slopes[h] * (j - (i + off))` (the op's `alibi_slopes` convention), and it is finite everywhere.
+    `term` is the ScoreTerm it replaces, `slopes` the fp32 [Hq] values (a constant of the graph),
+    `speculated_from` the module buffers it was read from (guarded by the rewrite)."""
+
+    term: object
+    slopes: torch.Tensor
+    speculated_from: tuple = ()
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +226,7 @@ class AttentionSpec:
     scale: float = 1.0
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
+    alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
     paged_block_size: int | None = None
     target: str = "cpu"
 
@@ -247,6 +264,8 @@ class Decision:
     mask: MaskInfo
     reason: str
     paged: PagedPlan | None = None
+    speculated: tuple = ()      # module buffers the op no longer reads: the rewrite guards them (buffers.freeze)
+    alibi: AlibiInfo | None = None   # the slopes the op takes as `alibi_slopes` (spec.alibi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +284,7 @@ class AttentionSite:
     match: AttentionMatch | None = None
     mask: MaskInfo | None = None          # its mask term classified (or its terms' conjunction, when all mask)
     paged_mask: MaskInfo | None = None    # where K/V are paged: the mask read as the paged op's (length kinds)
+    alibi: AlibiInfo | None = None        # a bias term proven ALiBi on the keys `mask` leaves visible
     decision: Decision | None = None
     replaced: list[str] = field(default_factory=list)  # names of the nodes the rewrite replaced
     replacement: fx.Node | None = None    # the inserted node the replaced output's users now read

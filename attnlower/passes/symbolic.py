@@ -25,7 +25,7 @@ from .vocabulary import op_name, value_of
 
 aten = torch.ops.aten
 
-__all__ = ["INDEX", "LENGTH", "IndexExpr", "IndexInterpreter", "NotSymbolic"]
+__all__ = ["INDEX", "LENGTH", "IndexExpr", "IndexInterpreter", "NotSymbolic", "resolve_tables"]
 
 INDEX = tuple(sympy.Symbol(f"x{k}", integer=True, nonnegative=True) for k in range(8))
 LENGTH = sympy.Function("L")       # LENGTH(x): the lengths tensor at index x
@@ -68,10 +68,15 @@ class IndexInterpreter:
     tensor (`self.lengths` records it); a second one, or any other, raises `NotSymbolic`.
     """
 
-    def __init__(self, size_expr: Callable, same_size: Callable, is_data: Callable[[fx.Node], bool]):
+    def __init__(self, size_expr: Callable, same_size: Callable, is_data: Callable[[fx.Node], bool],
+                 tables: dict | None = None):
         self.size_expr, self.same_size, self.is_data = size_expr, same_size, is_data
         self.lengths: fx.Node | None = None
         self._memo: dict[fx.Node, IndexExpr] = {}
+        # tensors whose value is known (module buffers, guarded): read as a table `T_name(x0, x1, ...)`,
+        # which `resolve_tables` replaces by what the table is as a function of its indices
+        self.tables: dict[fx.Node, torch.Tensor] = dict(tables or {})
+        self.table_of: dict[sympy.FunctionClass, tuple[fx.Node, torch.Tensor]] = {}
 
     # ---- entry
 
@@ -100,6 +105,10 @@ class IndexInterpreter:
         val = value_of(node)
         if isinstance(val, torch.SymInt):
             return IndexExpr((), self.size_expr(val), "int")
+        if node in self.tables:
+            table = sympy.Function(f"T_{node.name}")
+            self.table_of[table] = (node, self.tables[node])
+            return IndexExpr(tuple(val.shape), table(*INDEX[:val.dim()]), _kind(val.dtype))
         if node.op == "call_function":
             rule = _RULES.get(op_name(node))
             if rule is not None:
@@ -195,6 +204,8 @@ def _cast(it: IndexInterpreter, n: fx.Node) -> IndexExpr:
     before, after = value_of(src).dtype, value_of(n).dtype
     widening = (before in _INT_BITS and after in _INT_BITS and after != torch.uint8
                 and _INT_BITS[after] > _INT_BITS[before])
+    if after == torch.bool and before != torch.bool:
+        return it.with_value(n, sympy.Ne(it.read(src).value, 0))     # `.bool()`: nonzero is True
     if not (before == after or widening):
         raise NotSymbolic(f"`{n.name}` casts {before} to {after}")
     return it.with_value(n, it.read(src).value)
@@ -354,3 +365,69 @@ def _where(it: IndexInterpreter, n: fx.Node) -> IndexExpr:
     if _kind(value_of(n).dtype) == "bool":
         return it.with_value(n, sympy.Or(sympy.And(cond, a), sympy.And(sympy.Not(cond), b)))
     return it.with_value(n, sympy.Piecewise((a, cond), (b, True)))
+
+
+def resolve_tables(it: IndexInterpreter, formula: sympy.Basic) -> sympy.Basic:
+    """`formula` with each table read `T(..., a, c)` replaced by what the table holds as a function of
+    `c - a`: a table whose leading dims are 1 and whose every diagonal is constant (nanoGPT's `tril`,
+    GPT-Neo's band) is a piecewise function of the diagonal, checked on every entry of the table. The
+    result is a formula without tables; raises NotSymbolic for any other table."""
+    replacements = {}
+    for applied in formula.atoms(sympy.core.function.AppliedUndef):
+        if applied.func not in it.table_of:
+            continue
+        node, table = it.table_of[applied.func]
+        if table.dim() < 2 or any(size != 1 for size in table.shape[:-2]):
+            raise NotSymbolic(f"`{node.name}` of shape {list(table.shape)} is not a [.., P, Q] table")
+        a, c = applied.args[-2], applied.args[-1]
+        replacements[applied] = _diagonal_function(node, table.reshape(table.shape[-2:]), c - a)
+    formula = formula.xreplace(replacements)
+    return _fold(formula)
+
+
+def _diagonal_function(node: fx.Node, table: torch.Tensor, d: sympy.Expr) -> sympy.Basic:
+    """The table as a function of its diagonal index `d = column - row`: a Piecewise over runs of equal
+    values, or NotSymbolic when some diagonal holds two values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        rows, cols = table.shape
+        values = []
+        for offset in range(-(rows - 1), cols):
+            diagonal = torch.diagonal(table, offset=offset)
+            first = diagonal[0]
+            if not bool((diagonal == first).all()):
+                raise NotSymbolic(f"`{node.name}` is not constant along its diagonal {offset}")
+            values.append((offset, first.item()))
+    runs: list[tuple[int, object]] = []      # (last offset of the run, value)
+    for offset, value in values:
+        if runs and runs[-1][1] == value:
+            runs[-1] = (offset, value)
+        else:
+            runs.append((offset, value))
+    pieces = [(_number(value), sympy.Le(d, last)) for last, value in runs[:-1]]
+    pieces.append((_number(runs[-1][1]), True))
+    return sympy.Piecewise(*pieces)
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return sympy.true if value else sympy.false
+    return sympy.Integer(value) if float(value).is_integer() else sympy.Float(value)
+
+
+def _fold(formula: sympy.Basic) -> sympy.Basic:
+    """Relations and logic of Piecewise values folded into plain logic: `Eq(Piecewise((1, c), (0, True)), 0)`
+    becomes `Not(c)`."""
+    formula = sympy.piecewise_fold(formula)
+    if isinstance(formula, sympy.Piecewise):
+        result, earlier = sympy.false, []
+        for value, condition in formula.args:
+            if not isinstance(value, sympy.logic.boolalg.Boolean):
+                raise NotSymbolic(f"a table's value {value} is used as a number, not compared")
+            result = sympy.Or(result, sympy.And(_fold(value), condition, *[sympy.Not(c) for c in earlier]))
+            earlier.append(condition)
+        return result
+    if isinstance(formula, (sympy.And, sympy.Or, sympy.Not)):
+        return type(formula)(*[_fold(a) for a in formula.args])
+    return formula

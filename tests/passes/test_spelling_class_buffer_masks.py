@@ -221,3 +221,16 @@ def test_buffer_written_by_the_graph_is_not_proven():
     assert not any(s.spec and s.spec.get("causal") for s in sites), S.describe(sites)
     for _ in range(2):
         S.assert_matches_eager(compiled(q, k, v), twin(q, k, v), what="next call")
+
+
+def test_nanogpt_buffer_written_through_data_after_compiling():
+    """A write through `.data` (legacy code: `self.bias.data.copy_(...)`) bypasses the version counter, and a
+    NumPy alias likewise: the host-side guard (identity, `_version`, data pointer) cannot see it. Only a check
+    of the buffer's value on the device each call (the op's `verified` input, docs/design/issue22.md class 1)
+    closes this; until then this test fails: the compiled causal op ignores the new band."""
+    torch.manual_seed(0)
+    model = S.NanoGPTAttention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    model.bias.data.copy_(band(model.bias.shape[-1], 5))
+    S.assert_matches_eager(compiled(x), model(x), what="after a write through .data")
