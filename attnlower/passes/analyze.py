@@ -113,10 +113,9 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
     terms = [t for t in m.terms]
+    finite = [t for t in terms if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED)]
+    fill_note = ""
     for t in terms:
-        if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED):
-            raise Refused(f"a mask fills scores with {t.value}, which does not mask them out "
-                          "(only -inf or values <= -1e30 are equivalent to masking)")
         problem = lift_problem(t, m)
         if problem:
             raise Refused(problem)
@@ -138,6 +137,13 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     if len(terms) == 1 and classified is None:
         raise ValueError("analyze_site: a site with one mask term needs its classification "
                          "(masks.classify_mask of the term; the classify_masks stage records it)")
+    if finite:
+        # a finite fill is -inf masking only where proven (`_finite_fill_problem`); else it needs the op's
+        # fill mode (masked scores take the value), which the ops do not have yet
+        problem = _finite_fill_problem(m, finite, classified)
+        if problem:
+            raise Refused(problem)
+        fill_note = _finite_fill_note(m, finite)
     if terms and classified is not None:
         t = terms[0]
         info = classified
@@ -169,8 +175,67 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         alibi=alibi_used is not None, target=target.describe(),
     )
-    why = _why(spec, mask) + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
+    why = _why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
+
+
+# fp32 exp(x) is exactly 0 for x < ln(2^-150) = -103.97 (2^-149 is the smallest denormal; the kernels' exp2 of
+# x * log2(e) underflows at the same point): a masked key whose score is this far below its row's maximum
+# weighs exactly 0, as a -inf one does.
+EXP_UNDERFLOW = 104.0
+
+
+def visible_score_bound(m: AttentionMatch) -> tuple[float, str] | None:
+    """(B, why) with |s| <= B for every finite score at the softmax input, proven from the chain alone, or
+    None. Data cannot be bounded; what can: a softcap (|s| <= cap), or a Q·Kᵀ product computed in a dtype
+    whose finite values are bounded (fp16: 65504) times the scalars applied after it. A per-head scale that
+    is data, or any term adding to the visible scores, leaves them unbounded."""
+    if m.head_scale is not None:
+        return None
+    if m.softcap:
+        return float(m.softcap), f"the softcap bounds every score by {m.softcap:g}"
+    dtype = value_of(m.q_operand.node).dtype
+    largest = torch.finfo(dtype).max if dtype.is_floating_point else None
+    if largest is None or largest > 1e30:
+        return None
+    bound = largest * abs(m.score_scale)
+    return bound, f"Q·Kᵀ is computed in {str(dtype).replace('torch.', '')} (|q·k| <= {largest:g}), times {m.score_scale:g}"
+
+
+def _finite_fill_problem(m: AttentionMatch, finite: list[ScoreTerm], classified: MaskInfo | None) -> str:
+    """Why the finite fills of `finite` cannot be proven equivalent to -inf masking, or "".
+
+    Equivalent iff in every row (1) some key stays visible, and (2) exp(fill - max visible score) underflows
+    to 0 in fp32, i.e. max visible score > fill + 104. (1) holds for a mask proven causal / a band whose
+    diagonal key is visible, or none (shape-only or from a guarded buffer); never for padding or other data.
+    (2) needs a lower bound on the scores: `visible_score_bound`; a finite visible score is assumed (an
+    overflowing product makes eager's own result meaningless)."""
+    worst = max(t.value for t in finite)
+    what = f"a mask fills scores with {worst}, which does not mask them out as -inf does (its value in the scores' dtype)"
+    fix = "; equal to eager only with the op's fill mode (masked scores take the value), which the ops do not have yet"
+    if classified is None:
+        return f"{what}, and the {len(m.terms)} mask terms are not one proven mask{fix}"
+    pure = classified.kind in ("none", "causal", "band") and not classified.data_dependent
+    diagonal = not classified.bottom_right or bool(m.q_len <= m.k_len)
+    if not (pure and diagonal):
+        return (f"{what}, and the mask ({classified.kind}) can leave a row with no visible key, whose "
+                f"softmax then averages the filled keys{fix}")
+    bound = visible_score_bound(m)
+    if bound is None:
+        return (f"{what}: every row keeps a visible key, but nothing bounds the scores (data), so a row whose "
+                f"scores all sit within {EXP_UNDERFLOW:g} of {worst:g} would still weigh the filled keys{fix}")
+    limit, why = bound
+    if not worst < -(limit + EXP_UNDERFLOW):
+        return (f"{what}: every row keeps a visible key and {why}, so scores may reach -{limit:g}, within "
+                f"{EXP_UNDERFLOW:g} of the fill{fix}")
+    return ""
+
+
+def _finite_fill_note(m: AttentionMatch, finite: list[ScoreTerm]) -> str:
+    limit, why = visible_score_bound(m)
+    worst = max(t.value for t in finite)
+    return (f"; the fill {worst:g} is -inf masking: every row keeps a visible key, and {why}, so a filled key "
+            f"weighs exp({worst:g} + {limit:g}) = 0 in fp32")
 
 
 def _lift_note(terms: list[ScoreTerm], m: AttentionMatch) -> str:

@@ -155,11 +155,12 @@ def classify_alibi(term, mask: MaskInfo, m) -> AlibiInfo | None:
 
 
 def _masking_term(term) -> bool:
-    """A term that can only mask: a fill / keep with -inf (or a value that masks as -inf does), or a float
-    added as it is (the classifier then proves it holds 0 and masking values only)."""
+    """A term that can only mask: a fill / keep (which keys it hides, whatever value they take: the
+    analyzer judges a finite value), or a float added as it is (the classifier then proves it holds 0 and
+    masking values only)."""
     if term.kind == "bias":
         return term.value == 1.0
-    return term.value == -math.inf or term.value <= MASKED
+    return True
 
 
 def _paged_reading(m) -> MaskInfo:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .anchors import manual_softmax, row_max_of
-from .constants import constant_value
+from .constants import constant_value, real_float
 from .layout import Layout, NotAView, layout_of
 from .products import Product, ProductOperand, logical_map, output_steps, read_product
 from .sdpa import sdpa_arguments
@@ -234,7 +234,13 @@ def _score_add(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     return _scores_operand(cur, scores)
 
 
-def _fill_value(v: float, post: float) -> float:
+def _fill_value(v: float, post: float, at: fx.Node | None = None) -> float:
+    """A fill `v` applied at node `at`, in the units of the softmax input: rounded to the scores' dtype
+    there first (fp16 makes -1e9 -inf, a real mask; bf16 makes it -998244352), then times `post`."""
+    if at is not None and math.isfinite(v):
+        dtype = value_of(at).dtype
+        if dtype.is_floating_point:
+            v = real_float(lambda: torch.tensor(v, dtype=dtype))
     return v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
 
 
@@ -244,7 +250,7 @@ def _score_masked_fill(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     v = constant_value(val)
     if v is None:
         raise Refused("masked_fill with a value that is data")
-    w.add_term("fill", m, _fill_value(v, w.post), cur)
+    w.add_term("fill", m, _fill_value(v, w.post, cur), cur)
     return _scores_operand(cur, s)
 
 
@@ -257,7 +263,7 @@ def _score_where(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     v = constant_value(b if a_is else a)
     if v is None:
         raise Refused("where() fills with a tensor that is data")
-    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post), cur)
+    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post, cur), cur)
     return _scores_operand(cur, a if a_is else b)
 
 

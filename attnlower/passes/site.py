@@ -227,6 +227,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
+    fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
     paged_block_size: int | None = None
     target: str = "cpu"
 

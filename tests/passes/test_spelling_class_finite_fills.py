@@ -144,3 +144,60 @@ def test_distilbert_finfo_min_fill(dtype):
     _, sites = S.check_forward(model, S.randn(S.B, S.T, S.HIDDEN, dtype=dtype), S.padding_mask(empty_row=1),
                                rtol=S.RTOL[dtype])
     S.assert_site(S.only(sites), FLASH, mask="padding")
+
+
+# ---- what can be proven equivalent to -inf masking today (no fill mode needed) --------------------------
+
+def fp16_product_upcast_fill(q, k, v):
+    """vLLM's reference style: Q·Kᵀ in fp16, upcast to fp32, a causal `masked_fill(-1e9)`. Every row keeps
+    its diagonal key, and an fp16 product is at most 65504 (times the scale 0.25): every visible score is
+    above -16376, so exp(-1e9 - max) is exactly 0 in fp32 and -1e9 masks as -inf does."""
+    t = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -1e9)
+    return s.softmax(-1).to(v.dtype) @ v
+
+
+def softcapped_fill(q, k, v, cap: float = 20.0, fill: float = -1e4):
+    """Gemma-2 style: the scores capped by `cap * tanh(s / cap)`, then a causal finite fill."""
+    t = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), fill)
+    return s.softmax(-1) @ v
+
+
+def test_fill_proven_minus_inf_by_an_fp16_product():
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i, dtype=torch.float16) for i in range(3))
+    _, sites = S.check_forward(fp16_product_upcast_fill, q, k, v, rtol=S.RTOL[torch.float16])
+    site = S.only(sites)
+    S.assert_site(site, FLASH, mask="causal", causal=True, bias_kind="none")
+    assert "is -inf masking" in site.reason and "float16" in site.reason, S.describe(sites)
+
+
+def test_fill_proven_minus_inf_by_a_softcap():
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
+    _, sites = S.check_forward(softcapped_fill, q, k, v)
+    site = S.only(sites)
+    S.assert_site(site, FLASH, mask="causal", causal=True, bias_kind="none", softcap=20.0)
+    assert "softcap" in site.reason, S.describe(sites)
+
+
+def test_fill_within_reach_of_a_softcap_is_refused():
+    """cap 20, fill -100: a visible score can be -20, only 80 above the fill: exp(-80) is not 0 in fp32."""
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
+    _, sites = S.check_forward(lambda q, k, v: softcapped_fill(q, k, v, fill=-100.0), q, k, v)
+    site = S.only(sites)
+    assert site.op is None and "fill mode" in site.reason and "within 104" in site.reason, S.describe(sites)
+
+
+def test_minus_1e9_in_fp16_scores_is_minus_inf():
+    """`where(keep, s, -1e9)` on fp16 scores: -1e9 rounds to -inf in fp16, a real mask."""
+    def fp16_where(q, k, v):
+        t = q.shape[-2]
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.where(torch.ones(t, t, dtype=torch.bool).tril(), s, -1e9).softmax(-1) @ v
+
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i, dtype=torch.float16) for i in range(3))
+    _, sites = S.check_forward(fp16_where, q, k, v, rtol=S.RTOL[torch.float16])
+    S.assert_site(S.only(sites), FLASH, mask="causal", causal=True, bias_kind="none")
