@@ -14,6 +14,9 @@ the report and the design note): writes that bypass the version counter, i.e. in
 `t.data` (`model.bias.data.fill_(0)`), through a NumPy / DLPack alias, or by a kernel writing the raw
 pointer. Tensors made under `inference_mode` have no version counter: they are never speculated on.
 
+A tensor that changes after a graph relied on it is not speculated on again (its next compile reads it
+as data, with no guard): a buffer written between calls costs one recompile, not one per call.
+
 Only what the guard covers is offered: a placeholder that Dynamo marked as a module tensor
 (`_dynamo_static_input_type`), not a parameter, not requiring grad, never written by the graph itself,
 compiled inside a Dynamo frame. `freeze` then replaces the graph's reads of it by a graph constant
@@ -31,6 +34,21 @@ import torch.fx as fx
 __all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "describe_guard"]
 
 STATIC_INPUT = "attnlower_static_input"   # placeholder meta key: the StaticInput of a module tensor
+# The module tensors a compiled graph relies on, with the version it relied on. A tensor that changed after
+# that (its guard failed: the frame is recompiling) is data from then on: a buffer written between calls
+# (a streaming mask) would otherwise recompile on every change until Dynamo's recompile limit.
+# (keyed by id, the tensor held weakly: a tensor's == is elementwise, so it cannot be a dict key itself)
+_RELIED_ON: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _relied_on_version(tensor: torch.Tensor) -> int | None:
+    entry = _RELIED_ON.get(id(tensor))
+    return entry[1] if entry is not None and entry[0]() is tensor else None
+
+
+def _rely_on(tensor: torch.Tensor, version: int) -> None:
+    key = id(tensor)
+    _RELIED_ON[key] = (weakref.ref(tensor, lambda _, key=key: _RELIED_ON.pop(key, None)), version)
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,9 @@ def static_value(node: fx.Node) -> torch.Tensor | None:
     tensor = info.tensor()
     if tensor is None or tensor._version != info.version or tensor.data_ptr() != info.data_ptr:
         return None
+    relied = _relied_on_version(tensor)
+    if relied is not None and relied != tensor._version:
+        return None                      # changed since a graph relied on it: treated as data from now on
     from torch._guards import TracingContext
 
     if TracingContext.try_get() is None:
@@ -121,6 +142,7 @@ def freeze(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     if tensor is None:
         raise RuntimeError(f"the module tensor behind {node.name} was freed while compiling")
     _install_guards(info, tensor)
+    _rely_on(tensor, info.version)
     graph = gm.graph
     name = f"_tensor_constant_attnlower_{node.name}"
     index = 0

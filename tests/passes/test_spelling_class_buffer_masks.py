@@ -234,3 +234,25 @@ def test_nanogpt_buffer_written_through_data_after_compiling():
     compiled, sites = S.check_forward(model, x)
     model.bias.data.copy_(band(model.bias.shape[-1], 5))
     S.assert_matches_eager(compiled(x), model(x), what="after a write through .data")
+
+
+def test_buffer_written_between_calls_recompiles_once():
+    """A mask buffer the model edits between calls (outside the compiled code): the first change fails the
+    guard and recompiles; from then on the buffer is read as data (a dense bias, no guard), so later changes
+    recompile nothing and every call still equals eager."""
+    from attnlower.compiler import backend
+
+    torch.manual_seed(0)
+    model = S.NanoGPTAttention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    causal_site(S.only(sites))
+    start = len(backend.reports())
+    for step in range(4):
+        with torch.no_grad():
+            model.bias[0, 0, 20, 3 + step] = 0.0
+        S.assert_matches_eager(compiled(x), model(x), what=f"step {step}")
+    recompiled = backend.reports()[start:]
+    assert len(recompiled) == 1, f"{len(recompiled)} recompiles for 4 changes"
+    (site,) = recompiled[0].sites
+    assert site.op == FLASH and not site.spec["causal"] and site.spec["bias_kind"] == "bool", S.describe([site])
