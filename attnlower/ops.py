@@ -24,14 +24,36 @@ def _direct(*tensors) -> bool:
     Then the dispatcher would only add its own host cost (issue 10: a repeat call must cost at
     most 1.5x SDPA's); everything else goes through `torch.ops.attnlower.*` as before.
     """
+    return _plain_eager(tensors) == "direct"
+
+
+def _plain_eager(tensors) -> str:
+    """"direct" (plain eager tensors, no gradient wanted), "autograd" (the same, but a gradient is wanted:
+    the op's autograd glue as a torch.autograd.Function over the implementations, lowering/ops.py
+    EAGER_AUTOGRAD) or "" (through the dispatcher: tracing, a mode, a functorch transform, a subclass)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
             torch._C._are_functorch_transforms_active():
-        return False
+        return ""
     grad = torch.is_grad_enabled()
+    wants_grad = False
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
-            return False
-    return True
+        if t is not None:
+            if type(t) is not Tensor:
+                return ""
+            wants_grad = wants_grad or (grad and t.requires_grad)
+    return "autograd" if wants_grad else "direct"
+
+
+def _check_optional_tensors(op: str, **named) -> None:
+    """A bool or number where an optional tensor goes (`flash_attention(q, k, v, True)`): say what goes there
+    and how to pass the flag, before the schema's raw "expected Tensor?" error."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, Tensor):
+            hint = (" (a bool here is usually meant as causal=True: pass it by keyword, "
+                    f"{op}(q, k, v, causal=True))" if isinstance(value, bool) else "")
+            raise ValueError(f"attnlower.ops.{op}: expected {name} a Tensor or None (bias: a bool keep-mask or float "
+                             f"bias broadcastable to [B, Hq, Tq, Tk]; alibi_slopes: float32 [Hq] or [B, Hq]), got "
+                             f"{type(value).__name__} {value!r}{hint}")
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
@@ -51,7 +73,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
         dropout_p: attention dropout probability (training); pass 0.0 in eval.
         empty_rows_nan: rows with every key masked give NaN (eager softmax) instead of 0.
     """
-    op = _impl.flash_attention if _direct(q, k, v, bias, alibi_slopes) else torch.ops.attnlower.flash_attention
+    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
+        _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
+    path = _plain_eager((q, k, v, bias, alibi_slopes))
+    op = (_impl.flash_attention if path == "direct" else _impl.EAGER_AUTOGRAD["flash_attention"].apply
+          if path == "autograd" else torch.ops.attnlower.flash_attention)
     return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
 
 
@@ -66,8 +92,11 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     `window` must be an int > 0; the other arguments are as in `flash_attention`.
     """
     check_window_type("sliding_window_attention", window)
-    op = (_impl.sliding_window_attention if _direct(q, k, v, bias, alibi_slopes)
-          else torch.ops.attnlower.sliding_window_attention)
+    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
+        _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
+    path = _plain_eager((q, k, v, bias, alibi_slopes))
+    op = (_impl.sliding_window_attention if path == "direct" else _impl.EAGER_AUTOGRAD["sliding_window_attention"].apply
+          if path == "autograd" else torch.ops.attnlower.sliding_window_attention)
     return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
 
 

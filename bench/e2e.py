@@ -292,6 +292,8 @@ ROWS = {"host": host_rows, "paged": paged_rows, "gpt2": gpt2_rows, "nanogpt": na
 def format_row(row) -> str:
     cells = [f"{row['row']:<40}"]
     for mode in MODES:
+        if mode not in SELECTED_MODES:
+            continue
         value = row.get(mode)
         cells.append(f"{mode}={value:.3f}" if isinstance(value, float) else f"{mode}=fail")
     line = "  ".join(cells)
@@ -317,14 +319,18 @@ def chart(results, path: Path) -> None:
     rows = [r for r in results if any(isinstance(r.get(m), float) for m in MODES)]
     if not rows:
         return
+    # speed relative to the first baseline every row has (eager, else Inductor): higher is better
+    base = next((b for b in ("eager", "inductor", "inductor+cg") if all(r.get(b) for r in rows)), None)
+    if base is None:
+        print("no common baseline across rows: no chart written")
+        return
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.2), 5))
     width = 0.16
     for i, mode in enumerate(MODES):
-        # speed relative to eager (higher is better), so rows of different sizes share one axis
-        values = [r["eager"] / r[mode] if r.get(mode) and r.get("eager") else 0 for r in rows]
+        values = [r[base] / r[mode] if r.get(mode) else 0 for r in rows]
         ax.bar([j + (i - 2) * width for j in range(len(rows))], values, width, label=mode)
     ax.set_xticks(range(len(rows)), [r["row"] for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speed vs eager (x)")
+    ax.set_ylabel(f"speed vs {base} (x)")
     ax.set_title(f"attnlower end to end ({torch.cuda.get_device_name()}, torch {torch.__version__})")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -19,7 +19,7 @@ def test_targets_of_devices(monkeypatch):
     assert target_for(torch.device("cpu")) == Target("cpu")
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
     assert target_for(torch.device("cpu")).kind == "interpret"
-    assert Target("cuda", 90, 132, "NVIDIA H100").describe() == "NVIDIA H100 (sm_90, 132 SMs)"
+    assert Target("cuda", arch=90, sm_count=132, name="NVIDIA H100").describe() == "NVIDIA H100 (sm_90, 132 SMs)"
 
 
 def test_flash_plan_has_the_tiles_the_configs_choose_for_an_odd_head_dim():
@@ -42,7 +42,7 @@ def test_sliding_and_paged_plans_say_what_they_fix_and_what_is_chosen_at_launch(
 
 
 def test_beyond_the_kernels_there_is_no_plan_but_a_reason():
-    plan = kernel_plan(spec(head_dim=512), Target("cuda", 90, 132, "NVIDIA H100"), q_len=8)
+    plan = kernel_plan(spec(head_dim=512), Target("cuda", arch=90, sm_count=132, name="NVIDIA H100"), q_len=8)
     assert plan["constexprs"] == {} and plan["note"].startswith("no launch plan:")
 
 
@@ -52,3 +52,21 @@ def test_beyond_the_kernels_there_is_no_plan_but_a_reason():
 def test_kernels_of_each_direction(when, names):
     assert [k for _, ks, _ in kernels_of("sliding_window_attention", when) for k in ks] == names
     assert kernels_of("no_such_op") == []
+
+
+def test_the_dump_plans_the_tiles_that_run_for_a_decode_over_a_long_cache():
+    """Issue 23: the dump once planned Tk := Tq, printing a decode's (Tq=1, Tk=4096) tiles for Tk=1. It now
+    asks the launchers' planner with the site's real lengths: the tiles are the ones the forward launches."""
+    from attnlower.lowering import plan as planning
+    from attnlower.lowering.params import AttentionParams
+
+    h200 = Target("cuda", arch=90, sm_count=132, name="NVIDIA H200")
+    s = spec(head_dim=128, causal=False)
+    shown = kernel_plan(s, h200, q_len=1, k_len=4096)
+    params = AttentionParams(s.scale)
+    q = planning.Meta((1, 6, 1, 128), torch.float16)
+    kv = planning.Meta((1, 2, 4096, 128), torch.float16)
+    (launch,) = planning.dense_plan(params, "fwd", q, kv, kv, None, False, h200).launches
+    assert (shown["block_m"], shown["block_n"], shown["num_warps"], shown["num_stages"]) == \
+        (launch.config.block_m, launch.config.block_n, launch.config.num_warps, launch.config.num_stages)
+    assert "note" not in shown

@@ -125,9 +125,12 @@ def keep_dynamo_input_facts(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bo
     theirs = list(dynamo_gm.graph.find_nodes(op="placeholder"))
     ours = list(gm.graph.find_nodes(op="placeholder"))
     sources = dynamo_gm._param_name_to_source
+    if len(theirs) != len(ours):
+        return False
+    _constants_as_attributes(gm, sources)
     params = [name for name, _ in gm.named_parameters(remove_duplicate=False)] + \
              [name for name, _ in gm.named_buffers(remove_duplicate=False)]
-    if len(theirs) != len(ours) or any(name not in sources for name in params):
+    if any(name not in sources for name in params):
         return False
     for mine, dynamos in zip(ours, theirs):
         mine._dynamo_source = getattr(dynamos, "_dynamo_source", None)
@@ -138,3 +141,17 @@ def keep_dynamo_input_facts(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bo
             gm.meta[key] = dynamo_gm.meta[key]
     gm._param_name_to_source = {name: sources[name] for name in params}
     return True
+
+
+def _constants_as_attributes(gm: fx.GraphModule, sources) -> None:
+    """The aten trace registers the tensors it captured as constants (`_tensor_constant0`: a lifted
+    `torch.tensor(...)`, an arange folded by the trace) as buffers. They have no Dynamo source, and
+    AOTAutograd asks a source of every parameter and buffer of a Dynamo graph; as plain tensor
+    attributes they are what they are, constants of the graph (Inductor folds them in)."""
+    for name, _ in list(gm.named_buffers(remove_duplicate=False)):
+        if name in sources or not name.rsplit(".", 1)[-1].startswith("_tensor_constant"):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        value = owner._buffers.pop(attr)
+        setattr(owner, attr, value)

@@ -106,6 +106,11 @@ def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, dir
     if dtype.itemsize >= 4:
         if direction == "bwd_kv":
             block_m = max(16, block_m // _FLASH_FP32_SHRINK)
+            if head_dim_pad > 128:
+                # fp32 K, V, dK, dV tiles of 64 keys x 256 dims do not fit: sm_90 compile (triton 3.6, TF32 dots,
+                # 32x64, 8 warps, 1 stage) needs 262144 bytes of shared memory, a block gets 232448
+                # (tests/lowering/sm90_compile.py --fits, 2026-12-03). 32 keys: unmeasured speed.
+                block_n = max(16, block_n // _FLASH_FP32_SHRINK)
         else:
             block_n = max(16, block_n // _FLASH_FP32_SHRINK)
     if 0 < window < _FLASH_NARROW_WINDOW and direction != "bwd_kv":

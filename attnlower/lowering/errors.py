@@ -7,15 +7,24 @@ flag buffer, int32 [4]: (kinds seen as a bitmask, the smallest offending sequenc
 capacity). Reading that buffer right away would synchronize the host with the GPU on every decode
 step, so it is read lazily:
 
-  - CUDA: after each launch the flags are copied asynchronously into pinned host memory; the next
-    paged call (or `attnlower.check_errors()`) reads that host copy and raises. A captured CUDA
-    graph holds no copy (it would slow every replay): the kernel still sets the flags, and
+  - CUDA: after each launch the flags are copied asynchronously into a ring of pinned host slots, one
+    per call; a later paged call (or `attnlower.check_errors()`) sees a set flag there and raises,
+    naming the first call whose copy shows it (its number on this device and its shapes). A captured
+    CUDA graph holds no copy (it would slow every replay): the kernel still sets the flags, and
     `attnlower.check_errors()` (one sync) reads them where the serving loop can afford it.
+  - CUDA with `ATTNLOWER_PAGED_CHECKS=sync` (or `set_paged_checks(True, sync=True)`): a debug switch
+    that reads the flags right after each launch (one host sync per call), so the bad call itself raises.
   - CPU (Triton's interpreter): read right after the launch, so the call itself raises.
 
 `set_paged_checks(False)` (or `ATTNLOWER_PAGED_CHECKS=0`) skips the recording and the copy, for
 serving loops that validate their tables themselves; the clamps stay. The reference
 (`lowering/reference.py`) checks on the host and raises the same errors at once.
+
+What is an error (docs/INTERFACES.md, "Semantics (paged)"): a block id outside the pool among the
+blocks a sequence uses, a negative length, a length beyond the table (max_blocks * block_size), and a
+sequence shorter than its Tq queries (0 < seq_len < Tq: the queries are the last Tq tokens of the
+sequence, so some would sit before its first token). An empty sequence (seq_len = 0, a padding slot of a
+fixed-size batch) is not an error: its rows are 0.
 """
 from __future__ import annotations
 
@@ -23,27 +32,53 @@ import os
 
 import torch
 
-BAD_BLOCK_ID, LEN_TOO_LONG, LEN_NEGATIVE = 1, 2, 4
+BAD_BLOCK_ID, LEN_TOO_LONG, LEN_NEGATIVE, SHORTER_THAN_TQ = 1, 2, 4, 8
 _NO_SEQUENCE = 2**31 - 1
+_RING = 64  # pinned host slots per device: a bad call is named if it is seen within 64 paged calls
 
-_checks = os.environ.get("ATTNLOWER_PAGED_CHECKS", "1") not in ("0", "off", "false")
+_MODES = {"1": "lazy", "on": "lazy", "true": "lazy", "lazy": "lazy", "0": "off", "off": "off", "false": "off",
+          "sync": "sync"}
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("ATTNLOWER_PAGED_CHECKS", "1").lower()
+    if value not in _MODES:
+        raise ValueError(f"ATTNLOWER_PAGED_CHECKS: expected 1 (checks on, reported lazily), 0 (off) or sync "
+                         f"(raise at the bad call itself, one host sync per call), got {value!r}")
+    return _MODES[value]
+
+
+_mode = _mode_from_env()
 
 
 class PagedInputError(ValueError):
     """A block table or seq_lens that does not fit the cache (raised lazily on CUDA, see module doc)."""
 
 
-def set_paged_checks(enabled: bool) -> None:
-    """Turn the paged kernel's bounds reports on (default) or off (the kernel still clamps)."""
-    global _checks
-    _checks = bool(enabled)
+def set_paged_checks(enabled: bool, *, sync: bool = False) -> None:
+    """Turn the paged kernel's bounds reports on (default) or off (the kernel still clamps).
+
+    sync=True (debug): on CUDA, read the report right after each launch so the bad call itself raises
+    (one host sync per call)."""
+    global _mode
+    _mode = ("sync" if sync else "lazy") if enabled else "off"
 
 
 def paged_checks_enabled() -> bool:
-    return _checks
+    return _mode != "off"
 
 
-def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *, lazily: bool) -> str:
+def paged_checks_sync() -> bool:
+    return _mode == "sync"
+
+
+def paged_checks_mode() -> str:
+    """"lazy", "sync" or "off" (part of a cached launch's key: it changes the kernel and the host side)."""
+    return _mode
+
+
+def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *, lazily: bool,
+                        call: str = "", tq: int | None = None) -> str:
     """The error for flags `kinds` seen for sequence `seq`: expected / got / what to do."""
     got = []
     if kinds & BAD_BLOCK_ID:
@@ -53,50 +88,82 @@ def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *,
         got.append(f"a seq_len beyond the table's capacity max_blocks * block_size = {capacity}")
     if kinds & LEN_NEGATIVE:
         got.append("a negative seq_len")
-    when = ("an earlier call on this device (reported lazily: the check reads no GPU value on the hot path; "
-            "its output was computed from clamped reads and is not meaningful)" if lazily else "this call")
+    if kinds & SHORTER_THAN_TQ:
+        got.append(f"a seq_len shorter than its {'Tq' if tq is None else f'Tq={tq}'} queries (the queries are "
+                   f"the last Tq tokens of the sequence: append them to the cache before attending)")
+    if lazily:
+        which = call or "an earlier call on this device"
+        when = (f"{which} (reported lazily: the check reads no GPU value on the hot path; its output was "
+                f"computed from clamped reads and is not meaningful; ATTNLOWER_PAGED_CHECKS=sync raises at the "
+                f"bad call itself)")
+    else:
+        when = "this call"
     return (f"attnlower::paged_attention: {when} got, for sequence {seq}, {' and '.join(got)}; expected "
-            f"0 <= seq_len <= {capacity} and every block id a sequence uses in [0, {num_blocks}). Build the "
-            f"table and lengths with PagedKVCache.block_table(...) / .seq_lens(...), or widen the table")
+            f"0 <= seq_len <= {capacity} (and seq_len >= Tq unless 0) and every block id a sequence uses in "
+            f"[0, {num_blocks}). Build the table and lengths with PagedKVCache.block_table(...) / .seq_lens(...), "
+            f"or widen the table")
 
 
 class _DeviceFlags:
-    """The flag buffer of one device and, on CUDA, its pinned host copy."""
+    """The flag buffer of one device and, on CUDA, a ring of pinned host copies (one slot per call)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.flags = torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device=device)
         self.host = None
+        self.calls = 0                       # paged calls launched on this device (with checks on)
+        self.slot_calls = [None] * _RING     # (call number, q shape) whose flags each host slot holds
         if device.type == "cuda":
             # device="cpu" explicitly: under torch.set_default_device("cuda") a bare zeros() is a CUDA tensor,
             # which cannot be pinned (seen on an H200 with ATTNLOWER_TEST_DEVICE=cuda)
-            self.host = torch.zeros(4, dtype=torch.int32, device="cpu").pin_memory()
+            self.host = torch.zeros((_RING, 4), dtype=torch.int32, device="cpu").pin_memory()
             self.host_view = self.host.numpy()  # reads without dispatching a torch op
+            self.last_slot = 0
 
-    def after_launch(self) -> None:
-        if self.host is None:
-            self.raise_if_set(self.flags.tolist(), lazily=False)
+    def after_launch(self, q_shape=None) -> None:
+        self.calls += 1
+        if self.host is None or _mode == "sync":
+            self.raise_if_set(self.flags.tolist(), lazily=False, tq=None if q_shape is None else q_shape[2])
         elif not torch.cuda.is_current_stream_capturing():
             # Not inside a captured graph: a copy node there costs each replay ~15 us (H200,
             # paged decode B=1 L=4096: 0.030 ms replayed with it, 2026-12-01); graphs rely on
             # check_errors(), which reads the device flags themselves.
-            self.host.copy_(self.flags, non_blocking=True)
+            slot = self.calls % _RING
+            self.slot_calls[slot] = (self.calls, q_shape)
+            self.host[slot].copy_(self.flags, non_blocking=True)
+            self.last_slot = slot
 
     def before_launch(self) -> None:
-        if self.host is not None and self.host_view[0] != 0:
-            self.raise_if_set(self.host_view.tolist(), lazily=True)
+        if self.host is not None and self.host_view[self.last_slot, 0] != 0:
+            self._raise_from_ring()
 
-    def raise_if_set(self, values, *, lazily: bool) -> None:
+    def _raise_from_ring(self) -> None:
+        """The flags are sticky: the first call (oldest in the ring) whose copy shows them is the bad one."""
+        order = sorted((entry[0], slot) for slot, entry in enumerate(self.slot_calls) if entry is not None)
+        for number, slot in order:
+            if self.host_view[slot, 0] != 0:
+                values = [int(x) for x in self.host_view[slot]]
+                _, q_shape = self.slot_calls[slot]
+                call = (f"paged call #{number} on {self.device} (q {list(q_shape)})" if q_shape is not None
+                        else f"paged call #{number} on {self.device}")
+                if order and order[0][1] == slot and number > _RING:
+                    call += f" or one of the {_RING} before it"  # older copies were overwritten
+                self.raise_if_set(values, lazily=True, call=call, tq=None if q_shape is None else q_shape[2])
+
+    def raise_if_set(self, values, *, lazily: bool, call: str = "", tq: int | None = None) -> None:
         kinds, seq, num_blocks, capacity = (int(x) for x in values)
         if kinds == 0:
             return
         self.reset()
-        raise PagedInputError(paged_input_message(kinds, seq, num_blocks, capacity, lazily=lazily))
+        raise PagedInputError(paged_input_message(kinds, seq, num_blocks, capacity, lazily=lazily, call=call,
+                                                  tq=tq))
 
     def reset(self) -> None:
-        self.flags.copy_(torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device=self.device))
+        self.flags.copy_(torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device="cpu"),
+                         non_blocking=False)
         if self.host is not None:
             self.host.zero_()
+            self.slot_calls = [None] * _RING
 
 
 _FLAGS: dict[torch.device, _DeviceFlags] = {}  # one entry per device used: bounded by the device count
@@ -116,4 +183,13 @@ def check_errors() -> None:
     a replayed CUDA graph, or every N decode steps of a serving loop.
     """
     for flags in list(_FLAGS.values()):
-        flags.raise_if_set(flags.flags.tolist(), lazily=True)
+        values = flags.flags.tolist()
+        if values[0] != 0 and flags.host is not None:
+            flags._raise_from_ring()   # name the call when its copy says which
+        flags.raise_if_set(values, lazily=True)
+
+
+def clear_errors() -> None:
+    """Forget every recorded report without raising (tests; a serving loop that handled the error)."""
+    for flags in list(_FLAGS.values()):
+        flags.reset()

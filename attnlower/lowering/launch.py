@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
+from attnlower.lowering import fastpath
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels import flash_bwd, flash_fwd
@@ -44,18 +45,32 @@ def traced_launches():
         _tracing.on = before
 
 
+def tracing() -> bool:
+    """Whether launches are being traced (lowering/ops.py decomposes the op for Inductor)."""
+    return getattr(_tracing, "on", False)
+
+
 def kernel(module, name: str):
     """`module.name`, wrapped by wrap_triton while the op is traced, raw otherwise."""
     fn = getattr(module, name)
     return wrap_triton(fn) if getattr(_tracing, "on", False) else fn
 
 
+def _out_like(t: Tensor) -> Tensor:
+    """An uninitialized tensor in t's layout (its stride order): outputs follow their input's layout, so a
+    BSHD view in gives BSHD memory out and the consumer's transpose + reshape stays a view."""
+    return torch.empty_like(t, memory_format=torch.preserve_format)
+
+
 def _bias_args(bias: Tensor | None, q: Tensor, k: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """(pointer tensor, strides of the bias seen as [B, Hq, Tq, Tk]; 0 on broadcast dims)."""
+    """(pointer tensor, strides of the bias seen as [B, Hq, Tq, Tk]; 0 on broadcast dims).
+
+    The pointer is the bias itself (the expanded view has its address): a cached launch
+    (lowering/fastpath.py) finds it among the call's tensors."""
     if bias is None:
         return q, (0, 0, 0, 0)
     full = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # a view: broadcast dims get stride 0
-    return full, tuple(full.stride())
+    return bias, tuple(full.stride())
 
 
 def _slope_args(alibi_slopes: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -95,13 +110,14 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     """Dense attention forward (docs/INTERFACES.md, "Semantics (dense ops)") -> (out, lse).
 
     q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D], any strides. params.window > 0 is the sliding op
-    (always causal). Returns out [B, Hq, Tq, D] contiguous in q's dtype and lse fp32 [B, Hq, Tq].
+    (always causal). Returns out [B, Hq, Tq, D] in q's dtype and layout (stride order) and lse fp32
+    [B, Hq, Tq] contiguous.
     `config` overrides the tiles from configs.flash_config (tests, benchmarks).
     """
     plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else ())
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
-    out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    out = _out_like(q)
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if plan.trivial == "empty":
         return out, lse
@@ -112,13 +128,12 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     (fwd,) = plan.launches
     bias_t, stride_b = _bias_args(bias, q, k)
     slopes, stride_s = _slope_args(alibi_slopes, q)
-    kernel(flash_fwd, fwd.kernel)[fwd.grid](
+    fastpath.launch(kernel(flash_fwd, fwd.kernel), fwd.grid, (
         q, k, v, bias_t, slopes, out, lse, _rng_arg(rng_state, params, q),
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *out.stride(),
         q_heads, q_heads // kv_heads, tq, tk,
         params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
-        **fwd.launch_kwargs,
-    )
+    ), fwd.launch_kwargs)
     return out, lse
 
 
@@ -129,8 +144,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients (dq, dk, dv, dbias) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
 
-    dq [B, Hq, Tq, D], dk / dv [B, Hkv, Tk, D] (reduced over the GQA group inside the kernel), all
-    contiguous in their input's dtype. dbias (only when bias_requires_grad, float bias) has the bias's
+    dq [B, Hq, Tq, D], dk / dv [B, Hkv, Tk, D] (reduced over the GQA group inside the kernel), each in
+    its input's dtype and layout (stride order). dbias (only when bias_requires_grad, float bias) has the bias's
     shape and dtype. Cost of dbias: the kernel writes dS once per (b, h, i, j); a bias of the full
     shape [B, Hq, Tq, Tk] receives it directly, a broadcast bias gets a full fp32 [B, Hq, Tq, Tk]
     buffer (4 bytes per score: B*Hq*Tq*Tk*4 bytes of memory and traffic) summed to its shape afterwards.
@@ -140,9 +155,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, kv_heads, tk, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, kv_heads, tk, head_dim), dtype=v.dtype, device=v.device)
+    dq, dk, dv = _out_like(q), _out_like(k), _out_like(v)
 
     dbias = None
     ds_full = None
@@ -169,25 +182,22 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     group = q_heads // kv_heads
     runtime = (params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p)
 
-    delta = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
-    kernel(flash_bwd, pre.kernel)[pre.grid](
-        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq, **pre.launch_kwargs,
-    )
+    delta = fastpath.scratch(torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device))
+    fastpath.launch(kernel(flash_bwd, pre.kernel), pre.grid, (
+        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq), pre.launch_kwargs)
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
-    kernel(flash_bwd, dkdv.kernel)[dkdv.grid](
+    fastpath.launch(kernel(flash_bwd, dkdv.kernel), dkdv.grid, (
         q, k, v, bias_t, slopes, grad_out, lse, delta, dk, dv, ds_t, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,
-        WRITE_DS=ds_full is not None, **dkdv.launch_kwargs,
-    )
-    kernel(flash_bwd, dq_launch.kernel)[dq_launch.grid](
+    ), dict(dkdv.launch_kwargs, WRITE_DS=ds_full is not None))
+    fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
         q, k, v, bias_t, slopes, grad_out, lse, delta, dq, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(), *dq.stride(),
         q_heads, group, tq, tk, *runtime,
-        **dq_launch.launch_kwargs,
-    )
+    ), dq_launch.launch_kwargs)
     if ds_full is not None:
         dbias = ds_full if ds_full.dtype == bias.dtype and tuple(bias.shape) == ds_full.shape \
             else ds_full.sum_to_size(bias.shape).to(bias.dtype)

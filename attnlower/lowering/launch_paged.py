@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from attnlower.lowering import errors
+from attnlower.lowering import errors, fastpath
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels.paged_decode import _paged_attn_kernel, _paged_reduce_kernel
@@ -26,7 +26,7 @@ from attnlower.lowering.params import AttentionParams
 def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                   params: AttentionParams, *, alibi_slopes: Tensor | None = None,
                   num_splits: int | None = None, config: KernelConfig | None = None) -> Tensor:
-    """Paged attention (docs/INTERFACES.md, "Semantics (paged)") -> out [B, Hq, Tq, D], contiguous.
+    """Paged attention (docs/INTERFACES.md, "Semantics (paged)") -> out [B, Hq, Tq, D] in q's layout.
 
     q [B, Hq, Tq, D]; k_cache / v_cache [num_blocks, Hkv, block_size, D]; block_table
     [B, max_blocks] int32; seq_lens [B] int32; alibi_slopes None, fp32 [Hq] or [B, Hq].
@@ -40,7 +40,7 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
                                planning.target_of(q.device), checks, num_splits, config)
     batch, q_heads, tq, head_dim = q.shape
     num_blocks, kv_heads = k_cache.shape[0], k_cache.shape[1]
-    out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)   # q's layout (stride order): a [B, T, H, D] view in gives BSHD memory out
     if plan.trivial:
         return out
     flags = errors.device_flags(q.device) if checks else None
@@ -56,30 +56,31 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
 
     rows_total = batch * q_heads * tq
     if plan.num_splits > 1:
-        m_ws = torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty((plan.num_splits, rows_total, head_dim), dtype=torch.float32, device=q.device)
+        m_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device))
+        l_ws = fastpath.scratch(torch.empty_like(m_ws))
+        acc_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total, head_dim), dtype=torch.float32,
+                                              device=q.device))
     else:
         m_ws = l_ws = acc_ws = None
 
     attn = plan.launches[0]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _paged_attn_kernel[attn.grid](
+        fastpath.launch(_paged_attn_kernel, attn.grid, (
             q, k_cache, v_cache, block_table, seq_lens, alibi_slopes,
             out, m_ws, l_ws, acc_ws, flags.flags if flags is not None else seq_lens,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *block_table.stride(), seq_lens.stride(0),
             stride_ab, stride_ah,
+            *out.stride(),
             q_heads, kv_heads, tq, rows_total,
             params.scale, params.softcap, params.window, plan.num_splits, num_blocks, block_table.shape[1],
-            **attn.launch_kwargs,
-        )
+        ), attn.launch_kwargs)
         if plan.num_splits > 1:
             reduce = plan.launches[1]
-            _paged_reduce_kernel[reduce.grid](
-                out, m_ws, l_ws, acc_ws, rows_total, plan.num_splits, **reduce.launch_kwargs,
-            )
+            fastpath.launch(_paged_reduce_kernel, reduce.grid, (
+                out, m_ws, l_ws, acc_ws, *out.stride(), q_heads, tq, rows_total, plan.num_splits),
+                reduce.launch_kwargs)
         if flags is not None:
-            flags.after_launch()
+            flags.after_launch(q.shape)
     return out

@@ -1,4 +1,4 @@
-"""The attnlower IR ops: `torch.library` custom ops in namespace `attnlower`.
+"""The attnlower IR ops: `torch.library` custom ops in namespace `attnlower`, defined by lowering/registry.py.
 
 One op per attention family (docs/INTERFACES.md section 1):
 
@@ -7,6 +7,9 @@ One op per attention family (docs/INTERFACES.md section 1):
     attnlower::paged_attention           attention over a paged KV cache (inference)
     attnlower::flash_attention_backward  the backward of both dense ops
 
+Their schemas, the autograd glue (what is saved, how the backward op is called, which gradient goes to
+which input) and the kernel names come from one `OpDef` per op in `lowering/registry.py`.
+
 Inputs are validated here, once per signature (shapes, dtypes, devices, flags: a bounded cache),
 for every implementation (including the fake one, so bad shapes fail at trace time). The flat
 schema arguments become one `AttentionParams` (`lowering/params.py`) right here; below this file
@@ -14,68 +17,67 @@ everything takes params + tensors. Then CUDA tensors run the Triton launchers (`
 `lowering/launch_paged.py`) and CPU tensors the reference (`lowering/reference.py`), unless
 `ATTNLOWER_CPU_KERNELS=triton` asks for the launchers on CPU too (Triton's interpreter). float64
 always runs the reference on CPU (the translation validator relies on it). Tensors on other
-devices run the reference, which is plain PyTorch.
+devices run the reference, which is plain PyTorch. A repeat call on CUDA launches its cached compiled
+kernels directly (`lowering/fastpath.py`); plain eager calls that need a gradient use `EAGER_AUTOGRAD`, the
+same autograd glue as an autograd.Function over these implementations (no dispatcher).
+
+Outputs follow q's layout: `out` has q's stride order (a [B, T, H, D] view in gives [B, T, H, D] memory out,
+so `out.transpose(1, 2).reshape(B, T, H * D)` downstream is a view), and dq / dk / dv their input's; the fake
+implementations allocate the same strides (Inductor reads them). No output aliases an input or another output.
 
 How torch.compile sees the ops. The dense ops (and their backward) are `torch.library.triton_op`s:
-with ATTNLOWER_INDUCTOR_KERNELS=1 (opt-in, see INDUCTOR_KERNELS), when AOTAutograd traces them on
-CUDA tensors they decompose into their launcher, so Inductor receives `triton_kernel_wrapper_functional`
-calls and launches the Triton kernels from its own generated code (no Python op dispatch per call).
-Otherwise, and on tensors that run the reference, they stay one opaque op (the reference reads seeds
-on the host). paged_attention
-stays an opaque custom op: its bounds flags live in a per-device buffer (`lowering/errors.py`)
-that a traced graph could not hold; it is graph-safe all the same (no host sync).
+when AOTAutograd traces them on CUDA tensors they decompose into their launcher, so Inductor receives
+`triton_kernel_wrapper_functional` calls and launches the Triton kernels from its own generated code (no
+Python op dispatch per call). On by default; ATTNLOWER_INDUCTOR_KERNELS=0 keeps each call one opaque op.
+Tensors that run the reference stay one opaque op (the reference reads dropout seeds on the host).
+paged_attention stays an opaque custom op: its bounds flags live in a per-device buffer and a pinned
+host ring (`lowering/errors.py`) that a traced graph could not hold; it is graph-safe all the same (no
+host sync).
 """
+import contextlib
 import importlib
 import math
+import operator
 import os
 import sys
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from attnlower.lowering.params import AttentionParams, default_scale
+from attnlower.lowering import errors, fastpath, registry
+from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.plan import cached_unless_symbolic
-from attnlower.lowering.reference import (
-    reference_flash_backward,
-    reference_flash_forward,
-    reference_paged_forward,
-)
+from attnlower.lowering import reference  # noqa: F401  the references _run reads by name (registry.OpDef.references)
+from attnlower.lowering.reference import out_like
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Seeds stay below 2**31 so a Triton kernel can take them as an int32 argument.
 _SEED_LIMIT = 2**31 - 1
 
-FLASH_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? alibi_slopes=None, "
-    "float? scale=None, bool causal=False, bool bottom_right=False, float softcap=0.0, "
-    "float dropout_p=0.0, bool empty_rows_nan=False) -> (Tensor out, Tensor lse, Tensor rng_state)"
-)
-SLIDING_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, int window, Tensor? bias=None, Tensor? alibi_slopes=None, "
-    "float? scale=None, bool bottom_right=False, float softcap=0.0, float dropout_p=0.0, "
-    "bool empty_rows_nan=False) -> (Tensor out, Tensor lse, Tensor rng_state)"
-)
-PAGED_SCHEMA = (
-    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-    "Tensor? alibi_slopes=None, float? scale=None, bool causal=True, int window=0, "
-    "float softcap=0.0) -> Tensor out"
-)
-BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
-    "Tensor out, Tensor lse, Tensor rng_state, float? scale, bool causal, bool bottom_right, "
-    "float softcap, float dropout_p, int window, bool empty_rows_nan, bool bias_requires_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
+# The schemas, derived from the registry (kept as names: docs and tests read them)
+FLASH_SCHEMA = registry.FLASH.schema
+SLIDING_SCHEMA = registry.SLIDING.schema
+PAGED_SCHEMA = registry.PAGED.schema
+BACKWARD_SCHEMA = registry.DENSE_BACKWARD.schema
 # Test hook: Inductor cannot compile Triton kernels for CPU tensors, so under the interpreter the
 # dense ops stay opaque when traced; tests set this to inspect the decomposition on CPU.
 TRACE_CPU_KERNELS = False
-# Opt-in for now: on an H200 (torch 2.11, triton 3.6, 2026-12-01/02) Inductor's own compile of the traced
-# _flash_fwd_kernel fails (an AssertionError on the accumulator's type/shape inside tl.dot; the same kernel
-# launched directly compiles and runs), so by default CUDA calls stay one opaque op, as before.
-# ATTNLOWER_INDUCTOR_KERNELS=1 turns the decomposition on (tests/lowering/test_cuda.py).
-INDUCTOR_KERNELS = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "0") == "1"
+# Inductor launches the dense kernels itself inside compiled graphs (the triton_op decomposition). It failed on
+# an H200 (torch 2.11, 2026-12-01..03) because Inductor types Python floats fp64, which promoted the scores and
+# the accumulator past tl.dot's fp32 check; the kernels now cast every float scalar to fp32 at entry
+# (kernels/common.py, _as_fp32), and tests/lowering/test_sm90_compile.py compiles every kernel with
+# Inductor's typing. ATTNLOWER_INDUCTOR_KERNELS=0 keeps each call one opaque op (the previous behaviour).
+def _inductor_kernels_from_env() -> bool:
+    value = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"ATTNLOWER_INDUCTOR_KERNELS: expected 1 (Inductor launches the dense kernels itself, "
+                         f"the default) or 0 (each call stays one opaque op), got {value!r}")
+    return value == "1"
+
+
+INDUCTOR_KERNELS = _inductor_kernels_from_env()
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -90,6 +92,17 @@ def _cpu_runs_kernels() -> bool:
     raise ValueError(f"ATTNLOWER_CPU_KERNELS: expected 'triton' or 'reference' (or unset), got "
                      f"{mode!r}; set it to 'triton' to run the Triton kernels on CPU tensors "
                      f"through the interpreter")
+
+
+def _check_interpreter() -> None:
+    """ATTNLOWER_CPU_KERNELS=triton needs kernels decorated under TRITON_INTERPRET=1 (Triton decides at import)."""
+    from attnlower.lowering.kernels import flash_fwd
+
+    if type(flash_fwd._flash_fwd_kernel).__name__ != "InterpretedFunction":
+        raise ValueError("ATTNLOWER_CPU_KERNELS=triton runs the Triton kernels on CPU tensors through Triton's "
+                         "interpreter, but this process compiled them for the GPU (TRITON_INTERPRET was not 1 when "
+                         "the kernels were imported); move the tensors to the GPU, or set TRITON_INTERPRET=1 before "
+                         "importing attnlower")
 
 
 def _runs_kernels(device: torch.device, dtype: torch.dtype) -> bool:
@@ -339,45 +352,83 @@ def draw_rng_state(q: Tensor, dropout_p: float) -> Tensor:
 
     Drawn on the device from its default generator (torch.cuda.manual_seed governs CUDA runs) and
     read there by the kernels: no host sync, and CUDA graphs capture the draw the way they capture
-    any random op (graph-safe philox state), so each replay draws a fresh mask.
-    """
+    any random op (graph-safe philox state), so each replay draws a fresh mask. Without dropout a fresh
+    empty tensor (never a shared one: no output aliases another)."""
     if dropout_p == 0:
-        return torch.empty(0, dtype=torch.int64, device=q.device)
+        if type(q) is Tensor:   # Inductor's allocator bypasses the dispatcher: never while tracing (FakeTensor, ...)
+            return fastpath.alloc((0,), (1,), torch.int64, q.device)
+        return q.new_empty((0,), dtype=torch.int64)
     return torch.randint(0, _SEED_LIMIT, (2,), dtype=torch.int64, device=q.device)
 
 
-def _dense_params(q: Tensor, scale, causal, bottom_right, softcap, dropout_p, window,
-                  empty_rows_nan) -> AttentionParams:
-    return AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), bottom_right=bool(bottom_right),
-                                   window=int(window), softcap=float(softcap), dropout_p=float(dropout_p),
-                                   empty_rows_nan=bool(empty_rows_nan))
+def _dense_params(op: registry.OpDef, q: Tensor, bound: dict) -> AttentionParams:
+    return AttentionParams.resolve(
+        q.shape[-1], bound["scale"], causal=bool(op.param(bound, "causal", False)),
+        bottom_right=bool(bound["bottom_right"]), window=int(op.param(bound, "window", 0)),
+        softcap=float(bound["softcap"]), dropout_p=float(bound["dropout_p"]),
+        empty_rows_nan=bool(bound["empty_rows_nan"]))
 
 
-def _dense_forward(op: str, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap,
-                   dropout_p, window, empty_rows_nan):
-    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    params = _dense_params(q, scale, causal, bottom_right, softcap, dropout_p, window, empty_rows_nan)
-    rng_state = draw_rng_state(q, dropout_p)
-    forward = (_launcher("attnlower.lowering.launch", "flash_forward", op) if runs_kernels
-               else reference_flash_forward)
-    out, lse = forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state)
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _run(op: registry.OpDef, direction: str, runs_kernels: bool, device: torch.device) -> Callable:
+    """The launcher (Triton) or the reference of `op` in `direction`, as the registry names them."""
+    if runs_kernels and device.type == "cpu" and not _tracing():
+        _check_interpreter()
+    module, function = (op.launchers if runs_kernels else op.references)[direction]
+    return _launcher(module, function, op.name) if runs_kernels else getattr(sys.modules[module], function)
+
+
+def _dense_forward(op: registry.OpDef, bound: dict, fast=None):
+    """One dense forward call through the launcher (or the reference); `fast`: its fastpath.call_key, to cache
+    the launches it makes."""
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    runs_kernels = validate_dense(op.name, q, k, v, bound["bias"], bound["alibi_slopes"], bound["scale"],
+                                  bound["softcap"], bound["dropout_p"])
+    params = _dense_params(op, q, bound)
+    rng_state = draw_rng_state(q, params.dropout_p)
+    forward = _run(op, "forward", runs_kernels, q.device)
+    # every optional tensor argument travels as a keyword of the launcher / reference (bias=, alibi_slopes=, ...)
+    optional = {a.name: bound[a.name] for a in op.args if a.type == "Tensor?"}
+    records: list = []
+    with _device_guard(q.device), fastpath.recording(records):
+        out, lse = forward(q, k, v, params, rng_state=rng_state, **optional)
+    if fast is not None and runs_kernels:
+        inputs = tuple(bound[a.name] for a in op.args if a.is_tensor) + (rng_state,)
+        fastpath.remember(fast[0], records, inputs, (out, lse), extra=params.dropout_p)
     return out, lse, rng_state
 
 
-def _dense_fake(op: str, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p):
-    validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    batch, q_heads, tq, _ = q.shape
-    out = q.new_empty((batch, q_heads, tq, v.shape[3]))
-    lse = q.new_empty((batch, q_heads, tq), dtype=torch.float32)
-    rng_state = q.new_empty((2 if dropout_p > 0 else 0,), dtype=torch.int64)
+def _dense_cached(call: fastpath.CachedCall, q: Tensor, pointers: list):
+    """A repeat dense call: draw the dropout state (its own launch; its pointer follows the call's tensors'),
+    then the cached kernel launch."""
+    rng_state = draw_rng_state(q, call.extra)
+    pointers.append(rng_state.data_ptr())
+    out, lse = call(pointers, q.device)
     return out, lse, rng_state
+
+
+def _tracing() -> bool:
+    tracing = getattr(sys.modules.get("attnlower.lowering.launch"), "tracing", None)
+    return tracing is not None and tracing()
+
+
+def _dense_fake(op: registry.OpDef, bound: dict):
+    q, v = bound["q"], bound["v"]
+    validate_dense(op.name, q, bound["k"], v, bound["bias"], bound["alibi_slopes"], bound["scale"],
+                   bound["softcap"], bound["dropout_p"])
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    rng_state = q.new_empty((2 if bound["dropout_p"] > 0 else 0,), dtype=torch.int64)
+    return out_like(q, v.shape[3]), lse, rng_state
 
 
 def _traces_into_kernels(args) -> bool:
     """Whether a traced call on these arguments decomposes into its Triton kernel launches."""
     t = next(a for a in args if isinstance(a, Tensor))
     if t.device.type == "cuda":
-        return INDUCTOR_KERNELS
+        return INDUCTOR_KERNELS and t.dtype != torch.float64
     return TRACE_CPU_KERNELS and _runs_kernels(t.device, t.dtype)
 
 
@@ -409,43 +460,111 @@ def _decompose_when_traced(op_def, body: Callable) -> None:
     op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                    alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
-                    causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
-                    dropout_p: float = 0.0, empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense attention; returns (out, lse, rng_state). See docs/INTERFACES.md section 1."""
-    return _dense_forward("flash_attention", q, k, v, bias, alibi_slopes, scale, causal,
-                          bottom_right, softcap, dropout_p, 0, empty_rows_nan)
+def _dense_forward_impl(op: registry.OpDef) -> Callable:
+    """The implementation of a dense forward op, read off its registry entry: `impl(*args, **kwargs)` in schema
+    order, returns (out, lse, rng_state). A repeat call of a known signature on CUDA launches its cached kernel
+    (lowering/fastpath.py) before anything else runs; its key holds every tensor and scalar argument."""
+    names, count = op.arg_names, len(op.args)
+    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
+    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    has_window = "window" in names
+
+    def impl(*args, **kwargs):
+        if kwargs or len(args) != count:
+            args = tuple(op.bind(args, kwargs).values())
+        fast = None
+        if fastpath.ENABLED:
+            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
+            if fast is not None:
+                call = fastpath.lookup(fast[0])
+                if call is not None and not fastpath.hooks_active():
+                    return _dense_cached(call, args[0], fast[1])
+        bound = dict(zip(names, args))
+        if has_window:
+            _check_window(bound["window"])
+        return _dense_forward(op, bound, fast)
+
+    impl.__name__ = impl.__qualname__ = op.name
+    impl.__doc__ = f"attnlower::{op.name}: {op.doc}; returns (out, lse, rng_state). Schema: {op.schema}"
+    impl.__signature__ = op.signature()
+    return impl
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, bias: Optional[Tensor] = None,
-                             alibi_slopes: Optional[Tensor] = None, scale: Optional[float] = None,
-                             bottom_right: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
-                             empty_rows_nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal attention over the `window` most recent keys; returns (out, lse, rng_state)."""
-    _check_window(window)
-    return _dense_forward("sliding_window_attention", q, k, v, bias, alibi_slopes, scale, True,
-                          bottom_right, softcap, dropout_p, window, empty_rows_nan)
+# The implementations the ops are registered with (and attnlower.ops calls directly): flash_attention(q, k, v,
+# bias=None, alibi_slopes=None, scale=None, causal=False, ...), as docs/INTERFACES.md section 1 and the registry say.
+flash_attention = _dense_forward_impl(registry.FLASH)
+sliding_window_attention = _dense_forward_impl(registry.SLIDING)
 
 
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                             alibi_slopes: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor,
-                             scale: Optional[float], causal: bool, bottom_right: bool, softcap: float,
-                             dropout_p: float, window: int, empty_rows_nan: bool,
-                             bias_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias) of flash_attention / sliding_window_attention.
+def _copy_like(like: Tensor, value: Tensor) -> Tensor:
+    """`value` in `like`'s layout (the reference computes contiguous results; the kernels write in place)."""
+    if value.stride() == like.stride():
+        return value
+    return torch.empty_like(like, dtype=value.dtype).copy_(value)
 
-    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no
-    optional tensors).
-    """
-    op = "flash_attention_backward"
-    runs_kernels = validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    params = _dense_params(q, scale, causal, bottom_right, softcap, dropout_p, window, empty_rows_nan)
-    backward = (_launcher("attnlower.lowering.launch", "flash_backward", op) if runs_kernels
-                else reference_flash_backward)
-    dq, dk, dv, dbias = backward(grad_out, q, k, v, out, lse, params, bias=bias, alibi_slopes=alibi_slopes,
-                                 rng_state=rng_state, bias_requires_grad=bias_requires_grad)
+
+def _dense_backward(op: registry.OpDef, bound: dict, fast=None):
+    q, k, v, bias = bound["q"], bound["k"], bound["v"], bound["bias"]
+    runs_kernels = validate_dense(op.name, q, k, v, bias, bound["alibi_slopes"], bound["scale"], bound["softcap"],
+                                  bound["dropout_p"])
+    params = _dense_params(op, q, bound)
+    backward = _run(op, "backward", runs_kernels, q.device)
+    records: list = []
+    with _device_guard(q.device), fastpath.recording(records):
+        dq, dk, dv, dbias = backward(bound["grad_out"], q, k, v, bound["out"], bound["lse"], params, bias=bias,
+                                     alibi_slopes=bound["alibi_slopes"], rng_state=bound["rng_state"],
+                                     bias_requires_grad=bound["bias_requires_grad"])
+    if fast is not None and runs_kernels and dbias is None:
+        fastpath.remember(fast[0], records, tuple(bound[a.name] for a in op.args if a.is_tensor), (dq, dk, dv))
+    if not runs_kernels:
+        dq, dk, dv = _copy_like(q, dq), _copy_like(k, dk), _copy_like(v, dv)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty((0,)))
+
+
+def _dense_backward_impl(op: registry.OpDef) -> Callable:
+    """The implementation of the dense backward op: gradients (dq, dk, dv, dbias), each in its input's layout;
+    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no optional tensor).
+    A repeat call of a known signature without a bias gradient launches its three cached kernels (the bias
+    gradient's buffer must start zeroed and be reduced afterwards: that call takes the launcher's path)."""
+    names, count = op.arg_names, len(op.args)
+    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
+    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+
+    def impl(*args, **kwargs):
+        if kwargs or len(args) != count:
+            args = tuple(op.bind(args, kwargs).values())
+        fast = None
+        if fastpath.ENABLED:
+            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
+            if fast is not None:
+                call = fastpath.lookup(fast[0])
+                if call is not None and not fastpath.hooks_active():
+                    q = args[1]
+                    dq, dk, dv = call(fast[1], q.device)
+                    return dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device)
+        return _dense_backward(op, dict(zip(names, args)), fast)
+
+    impl.__name__ = impl.__qualname__ = op.name
+    impl.__doc__ = f"attnlower::{op.name}: {op.doc}. Schema: {op.schema}"
+    impl.__signature__ = op.signature()
+    return impl
+
+
+flash_attention_backward = _dense_backward_impl(registry.DENSE_BACKWARD)
+
+
+def _dense_backward_fake(op: registry.OpDef, bound: dict):
+    q, k, v, bias = bound["q"], bound["k"], bound["v"], bound["bias"]
+    validate_dense(op.name, q, k, v, bias, bound["alibi_slopes"], bound["scale"], bound["softcap"], bound["dropout_p"])
+    if bound["bias_requires_grad"] and bias is not None and bias.dtype != torch.bool:
+        dbias = bias.new_empty(bias.shape)
+    else:
+        dbias = q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_IMPLS = {"flash_attention": flash_attention, "sliding_window_attention": sliding_window_attention,
+          "flash_attention_backward": flash_attention_backward}
 
 
 def _signature(schema) -> tuple:
@@ -455,77 +574,84 @@ def _signature(schema) -> tuple:
 
 
 def _register_dense_ops():
-    """Register the dense ops as triton_ops (schema inferred from the annotations, checked here)."""
+    """Register the dense ops as triton_ops with the registry's schemas; their fakes from the same entries."""
     ops = {}
-    for name, fn, schema in (("flash_attention", flash_attention, FLASH_SCHEMA),
-                             ("sliding_window_attention", sliding_window_attention, SLIDING_SCHEMA),
-                             ("flash_attention_backward", flash_attention_backward, BACKWARD_SCHEMA)):
-        op_def = torch.library.triton_op(f"attnlower::{name}", fn, mutates_args=())
-        got = op_def._opoverload._schema
-        want = torch._C.parse_schema(f"attnlower::{name}{schema}")
-        if _signature(got) != _signature(want):
-            raise RuntimeError(f"attnlower::{name}: the inferred schema ({got}) drifted from the "
-                               f"documented one ({schema}); fix the annotations in lowering/ops.py")
+    for name, fn in _IMPLS.items():
+        spec = registry.OPS[name]
+        op_def = torch.library.triton_op(spec.qualname, fn, mutates_args=(), schema=spec.schema)
+        got = op_def._opoverload._schema   # triton_op infers the schema from fn's signature (the registry's)
+        if _signature(got) != _signature(torch._C.parse_schema(f"{spec.qualname}{spec.schema}")):
+            raise RuntimeError(f"{spec.qualname}: the registered schema ({got}) differs from the registry's "
+                               f"({spec.schema}); fix OpDef.signature in lowering/registry.py")
         _decompose_when_traced(op_def, fn)
+        fake = _dense_backward_fake if spec.family == "dense_backward" else _dense_fake
+
+        def fake_impl(*args, _spec=spec, _fake=fake, **kwargs):
+            bound = _spec.bind(args, kwargs)
+            if "window" in _spec.arg_names and _spec.family == "dense":
+                _check_window(bound["window"])
+            return _fake(_spec, bound)
+
+        op_def.register_fake(fake_impl)
         ops[name] = op_def
-    return ops["flash_attention"], ops["sliding_window_attention"], ops["flash_attention_backward"]
+    return ops
 
 
-_flash_op, _sliding_op, _backward_op = _register_dense_ops()
-
-
-@_flash_op.register_fake
-def _flash_attention_fake(q, k, v, bias=None, alibi_slopes=None, scale=None, causal=False,
-                          bottom_right=False, softcap=0.0, dropout_p=0.0, empty_rows_nan=False):
-    return _dense_fake("flash_attention", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-
-
-@_sliding_op.register_fake
-def _sliding_window_attention_fake(q, k, v, window, bias=None, alibi_slopes=None, scale=None,
-                                   bottom_right=False, softcap=0.0, dropout_p=0.0,
-                                   empty_rows_nan=False):
-    _check_window(window)
-    return _dense_fake("sliding_window_attention", q, k, v, bias, alibi_slopes, scale, softcap,
-                       dropout_p)
-
-
-@_backward_op.register_fake
-def _flash_attention_backward_fake(grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state,
-                                   scale, causal, bottom_right, softcap, dropout_p, window,
-                                   empty_rows_nan, bias_requires_grad):
-    validate_dense("flash_attention_backward", q, k, v, bias, alibi_slopes, scale, softcap, dropout_p)
-    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
-        dbias = bias.new_empty(bias.shape)
-    else:
-        dbias = q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+_DENSE_OPS = _register_dense_ops()
+_flash_op, _sliding_op, _backward_op = (_DENSE_OPS[n] for n in _IMPLS)
 
 
 def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
                          causal=True, window=0, softcap=0.0):
-    """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv]. Inference only."""
+    """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv] in q's layout. Inference only."""
+    tensors = (q, k_cache, v_cache, block_table, seq_lens, alibi_slopes)
+    fast = None
+    if fastpath.ENABLED:  # a repeat call of a known signature: the cached launches (lowering/fastpath.py)
+        fast = fastpath.call_key("paged_attention", (scale, causal, window, softcap, errors.paged_checks_mode()),
+                                 tensors)
+        if fast is not None:
+            call = fastpath.lookup(fast[0])
+            if call is not None and not fastpath.hooks_active():
+                flags = call.extra
+                if flags is not None:
+                    flags.before_launch()
+                (out,) = call(fast[1], q.device)
+                if flags is not None:
+                    flags.after_launch(q.shape)
+                return out
     runs_kernels = validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale,
                                   window, softcap)
     params = AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), window=int(window),
                                      softcap=float(softcap))
-    forward = (_launcher("attnlower.lowering.launch_paged", "paged_forward", "paged_attention")
-               if runs_kernels else reference_paged_forward)
-    return forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=alibi_slopes)
+    forward = _run(registry.PAGED, "forward", runs_kernels, q.device)
+    records: list = []
+    with fastpath.recording(records):
+        out = forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=alibi_slopes)
+    if fast is not None and runs_kernels:
+        flags = errors.device_flags(q.device) if errors.paged_checks_enabled() else None
+        fastpath.remember(fast[0], records, tensors, (out,), (flags.flags,) if flags is not None else (), flags)
+    return out
 
 
-paged_attention = torch.library.custom_op("attnlower::paged_attention", paged_attention_impl, mutates_args=(),
-                                          schema=PAGED_SCHEMA)
+# paged_attention is defined through torch.library.Library rather than custom_op: its kernel is then called by
+# the C++ dispatcher directly, without custom_op's Python layers (the autograd wrapper, the redispatch, the
+# aliasing check: ~11 us of a no-op custom op's 12 on a 2-core CPU, 2026-12-03, against ~3 us this way; 48 us of
+# torch.ops.attnlower.flash_attention's 150 on an H200 host, /work/gpu-logs/call1). It is an inference op: no
+# autograd formula (the autograd fallback lets a call through and warns if a gradient is ever asked of it).
+_LIB = torch.library.Library("attnlower", "FRAGMENT")  # noqa: TOR901 - the other ops are registered by triton_op
+_LIB.define(f"{registry.PAGED.name}{registry.PAGED.schema}")
+_LIB.impl(registry.PAGED.name, paged_attention_impl, "CompositeExplicitAutograd")
+paged_attention = getattr(torch.ops.attnlower, registry.PAGED.name)
 
 
-@paged_attention.register_fake
+@torch.library.register_fake(registry.PAGED.qualname)
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None,
                           scale=None, causal=True, window=0, softcap=0.0):
     validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap)
-    batch, q_heads, tq, _ = q.shape
-    return q.new_empty((batch, q_heads, tq, v_cache.shape[3]))
+    return out_like(q, v_cache.shape[3])
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- autograd (from the registry)
 
 
 def _needs_grad(ctx, index: int) -> bool:
@@ -533,54 +659,73 @@ def _needs_grad(ctx, index: int) -> bool:
     return index < len(ctx.needs_input_grad) and bool(ctx.needs_input_grad[index])
 
 
-def _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
-                window, empty_rows_nan, output, bias_index: int, alibi_index: int) -> None:
-    out, lse, rng_state = output
-    ctx.mark_non_differentiable(lse, rng_state)
-    ctx.save_for_backward(q, k, v, bias, alibi_slopes, out, lse, rng_state)
-    ctx.scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    ctx.causal, ctx.bottom_right, ctx.window = causal, bottom_right, window
-    ctx.softcap, ctx.dropout_p, ctx.empty_rows_nan = softcap, dropout_p, empty_rows_nan
-    ctx.bias_requires_grad = _needs_grad(ctx, bias_index)
-    ctx.alibi_requires_grad = _needs_grad(ctx, alibi_index)
+def _autograd(op: registry.OpDef, call_backward: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) of a differentiable op, read off its registry entry and its backward's.
+
+    The backward op's arguments are filled by name: grad_out; a tensor the forward read or wrote (saved);
+    an AttentionParams field (the forward's argument, or what the op fixes); `<input>_requires_grad` flags
+    (whether that input wants a gradient). Its returns are the gradients of the inputs `grads` names.
+    `call_backward(*args)` runs the backward op (the dispatcher's op, or its implementation directly)."""
+    back = registry.OPS[op.backward]
+    saved = tuple(a.name for a in back.args if a.is_tensor and a.name != "grad_out")
+    flags = {a.name: a.name[:-len("_requires_grad")] for a in back.args if a.name.endswith("_requires_grad")}
+    scalars = tuple(a.name for a in back.args if not a.is_tensor and a.name not in flags)
+    index = {name: i for i, name in enumerate(op.arg_names)}
+    no_grad_inputs = tuple(a.name for a in op.args if a.is_tensor and a.name not in back.grads)
+
+    def setup_context(ctx, inputs, output):
+        bound = dict(zip(op.arg_names, inputs))
+        values = dict(bound, **dict(zip(op.return_names, output)))
+        ctx.mark_non_differentiable(*(values[n] for n in op.non_differentiable))
+        ctx.save_for_backward(*(values[n] for n in saved))
+        ctx.scalars = {n: op.param(bound, n, AttentionParams._field_defaults.get(n)) for n in scalars}
+        ctx.flags = {flag: _needs_grad(ctx, index[input_name]) if input_name in index else False
+                     for flag, input_name in flags.items()}
+        ctx.no_grad = [n for n in no_grad_inputs if n in index and _needs_grad(ctx, index[n])]
+
+    def backward(ctx, grad_out, *_other_grads):
+        if ctx.no_grad:
+            raise NotImplementedError(f"attnlower: the gradient with respect to {', '.join(ctx.no_grad)} is not "
+                                      f"implemented; pass {ctx.no_grad[0]}.detach() (ALiBi slopes are constants "
+                                      f"in ALiBi models)")
+        values = dict(zip(saved, ctx.saved_tensors), grad_out=grad_out, **ctx.scalars, **ctx.flags)
+        results = call_backward(*(values[n] for n in back.arg_names))
+        by_input = dict(zip(back.grads, results))
+        for flag, input_name in flags.items():
+            if not ctx.flags[flag]:
+                by_input[input_name] = None
+        return tuple(by_input.get(name) for name in op.arg_names)
+
+    return setup_context, backward
 
 
-def _dense_grads(ctx, grad_out) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    if ctx.alibi_requires_grad:
-        raise NotImplementedError("attnlower: the gradient with respect to alibi_slopes is not "
-                                  "implemented; pass alibi_slopes.detach() (slopes are constants "
-                                  "in ALiBi models)")
-    q, k, v, bias, alibi_slopes, out, lse, rng_state = ctx.saved_tensors
-    dq, dk, dv, dbias = torch.ops.attnlower.flash_attention_backward(
-        grad_out, q, k, v, bias, alibi_slopes, out, lse, rng_state, ctx.scale, ctx.causal,
-        ctx.bottom_right, ctx.softcap, ctx.dropout_p, ctx.window, ctx.empty_rows_nan,
-        ctx.bias_requires_grad)
-    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None)
+def _register_autograd(op: registry.OpDef, op_def) -> None:
+    setup_context, backward = _autograd(op, getattr(torch.ops.attnlower, op.backward))
+    op_def.register_autograd(backward, setup_context=setup_context)
 
 
-def _flash_setup_context(ctx, inputs, output):
-    (q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
-     empty_rows_nan) = inputs
-    _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p,
-                0, empty_rows_nan, output, bias_index=3, alibi_index=4)
+def _eager_function(op: registry.OpDef) -> type:
+    """The same autograd glue as a torch.autograd.Function calling the implementations directly: what
+    `attnlower.ops` uses for a plain eager call that needs a gradient (no tracing, no mode, no subclass), so
+    that call pays neither custom_op's Python layers nor the dispatcher, forward or backward."""
+    setup_context, backward = _autograd(op, _IMPLS[op.backward])
+    impl = _IMPLS[op.name]
+
+    def forward(ctx, *args):
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips binding the arguments
+        # through inspect.signature on every call
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"{op.name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+        "__doc__": f"Eager autograd of attnlower::{op.name} (see lowering/ops.py, _eager_function).",
+    })
 
 
-def _flash_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
-    dq, dk, dv, dbias = _dense_grads(ctx, grad_out)
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None
+for _name in ("flash_attention", "sliding_window_attention"):
+    _register_autograd(registry.OPS[_name], _DENSE_OPS[_name])
 
-
-def _sliding_setup_context(ctx, inputs, output):
-    (q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p,
-     empty_rows_nan) = inputs
-    _save_dense(ctx, q, k, v, bias, alibi_slopes, scale, True, bottom_right, softcap, dropout_p,
-                window, empty_rows_nan, output, bias_index=4, alibi_index=5)
-
-
-def _sliding_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
-    dq, dk, dv, dbias = _dense_grads(ctx, grad_out)
-    return dq, dk, dv, None, dbias, None, None, None, None, None, None
-
-
-_flash_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
-_sliding_op.register_autograd(_sliding_backward, setup_context=_sliding_setup_context)
+EAGER_AUTOGRAD = {name: _eager_function(registry.OPS[name]) for name in ("flash_attention", "sliding_window_attention")}

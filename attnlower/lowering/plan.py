@@ -3,7 +3,8 @@
 `dense_plan` and `paged_plan` turn (AttentionParams, the tensors' shapes and dtypes, the target)
 into the kernels to launch, each with its grid, tile config and constexprs. The launchers
 (`launch.py`, `launch_paged.py`) only add the tensors and their strides; the dump tool
-(`compiler/dump.py`, `kernel_plan`) calls the same functions, so what it prints is what runs.
+(`attnlower/target.py`'s `kernel_plan`, the pass side's seam) calls the same functions, so what it prints is what runs; `kernel_plan`
+below is the one that plans the real Tq and Tk.
 
 Strides are not part of the plan: they are passed to the kernels as they are, and Triton keys its
 own specialization on them (divisibility by 16). Plans are cached in bounded LRU caches
@@ -22,6 +23,7 @@ import torch
 
 from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
 from attnlower.lowering.params import AttentionParams
+from attnlower.lowering.target import Target, target_of  # noqa: F401  (one Target: lowering/target.py)
 
 # kernels/common.py's DOT_PRECISION codes (kept here too: this module must not import triton)
 DOT_CODES = {"tf32": 0, "ieee": 1, "upcast_ieee": 2}
@@ -35,7 +37,7 @@ MAX_HEAD_DIM = 256
 BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
 
 
-# Meta and Target are NamedTuples: they are hashed on every call (the cache key), in C.
+# Meta and Target (lowering/target.py) are NamedTuples: they are hashed on every call (the cache key), in C.
 class Meta(NamedTuple):
     """What the plan reads from a tensor: its shape and dtype."""
 
@@ -45,19 +47,6 @@ class Meta(NamedTuple):
     @classmethod
     def of(cls, t: torch.Tensor | None) -> "Meta | None":
         return None if t is None else cls(t.shape, t.dtype)
-
-
-class Target(NamedTuple):
-    """Where the kernels run: "cuda" (compiled) or "interpret" (Triton's interpreter on CPU).
-
-    arch: SM version (90 = Hopper), 0 off-GPU; sm_count: SMs (the paged split-KV heuristic);
-    allow_tf32: torch.backends.cuda.matmul.allow_tf32 (fp32 dots may use TF32 when True).
-    """
-
-    kind: str
-    arch: int = 0
-    sm_count: int = 4
-    allow_tf32: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,16 +250,41 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
     return PagedPlan((attn, reduce), num_splits)
 
 
-@functools.lru_cache(maxsize=64)  # one entry per (device, TF32 flag): bounded by the device count
-def _target(device: torch.device, allow_tf32: bool) -> Target:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, allow_tf32)
-    # Triton's interpreter: no SMs; a small count keeps the split decision meaningful in tests
-    # without launching many interpreted programs.
-    return Target("interpret", 0, 4, False)
 
 
-def target_of(device: torch.device) -> Target:
-    """The Target of tensors on `device` (cached; the TF32 flag is read per call, it may change)."""
-    return _target(device, device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, kv_heads: int, tq: int, tk: int,
+                head_dim: int, dtype: torch.dtype, target: Target, bias: str = "none", has_alibi: bool = False,
+                block_size: int = 16, direction: str = "forward") -> dict[str, Any]:
+    """The launches `op` makes for one call of these sizes on `target`: what the dump and the report show.
+
+    The same planner the launchers use (dense_plan / paged_plan) on the real Tq and Tk (for the paged op, Tk
+    is the block table's width in tokens: the split-KV decision reads it, never the lengths). bias: "none",
+    "bool" or "float". Returns {"kernels": [...], "launches": [{kernel, grid, block_m, block_n, num_warps,
+    num_stages, constexprs}, ...], "note": ...}; raises what the planner raises for a shape the kernels
+    do not support (NotImplementedError / ValueError).
+    """
+    from attnlower.lowering.registry import OPS
+
+    spec = OPS[op]
+    if direction not in spec.kernels:
+        raise ValueError(f"kernel_plan: {op} has no {direction!r} kernels; it has {sorted(spec.kernels)}")
+    q = Meta((batch, q_heads, tq, head_dim), dtype)
+    note = ""
+    if spec.family in ("dense", "dense_backward"):
+        kv = Meta((batch, kv_heads, tk, head_dim), dtype)
+        bias_meta = {"none": None, "bool": Meta((1,), torch.bool), "float": Meta((1,), dtype)}[bias]
+        planned = dense_plan(params, "fwd" if direction == "forward" else "bwd", q, kv, kv, bias_meta, has_alibi,
+                             target)
+    else:
+        max_blocks = max(1, -(-tk // block_size))
+        pool = Meta((1, kv_heads, block_size, head_dim), dtype)
+        table = Meta((batch, max_blocks), torch.int32)
+        planned = paged_plan(params, q, pool, table, has_alibi, target, True)
+        note = f"split-KV into {planned.num_splits} (from {target.sm_count} SMs and a {tk}-token table)"
+    if planned.trivial:
+        note = {"empty": "nothing to compute", "no_keys": "Tk = 0: every row is empty, no kernel"}[planned.trivial]
+    launches = [dict(kernel=launch.kernel, grid=list(launch.grid), block_m=launch.config.block_m,
+                     block_n=launch.config.block_n, num_warps=launch.config.num_warps,
+                     num_stages=launch.config.num_stages, constexprs=dict(launch.constexprs))
+                for launch in planned.launches]
+    return {"kernels": list(spec.kernels[direction].names), "launches": launches, "note": note}

@@ -109,12 +109,14 @@ def _dropout_keep(rng_state: Tensor, dropout_p: float, shape: tuple[int, int, in
 
 
 def dropout_keep_mask(rng_state: Tensor, dropout_p: float, shape: tuple[int, int, int, int],
-                      device: torch.device | str = "cpu") -> Tensor:
-    """The whole bool keep-mask `[B, Hq, Tq, Tk]` the reference applies for `rng_state`.
+                      device: torch.device | str | None = None) -> Tensor:
+    """The whole bool keep-mask `[B, Hq, Tq, Tk]` the reference applies for `rng_state`, on `device`
+    (default: rng_state's device, where the reference computes it).
 
     For tests and debugging: lets an oracle apply the very dropout pattern the reference used.
     """
-    return _dropout_keep(rng_state, dropout_p, tuple(shape), slice(0, shape[2]), torch.device(device))
+    device = rng_state.device if device is None else torch.device(device)
+    return _dropout_keep(rng_state, dropout_p, tuple(shape), slice(0, shape[2]), device)
 
 
 def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, scale: float,
@@ -158,12 +160,27 @@ def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, sca
     return s, tanh_term
 
 
+def out_like(q: Tensor, dv, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialized [B, Hq, Tq, Dv] tensor with q's stride order: what the dense ops return (their real
+    and fake implementations and this reference all allocate through this function, so strides agree). A
+    [B, T, H, D] view in gives BSHD memory out. Dense q with Dv = D gives exactly q's strides (empty_like);
+    otherwise dense strides in q's order."""
+    if dv == q.shape[-1]:
+        return torch.empty_like(q, dtype=dtype, memory_format=torch.preserve_format)
+    from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
+
+    order = compute_elementwise_output_logical_to_physical_perm(q)
+    if isinstance(order, tuple) and order and isinstance(order[0], list):   # torch >= 2.12: (perm, ambiguous)
+        order = order[0]
+    return torch.empty_permuted((*q.shape[:-1], dv), tuple(order), dtype=dtype or q.dtype, device=q.device)
+
+
 def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
                        empty_rows_nan, geometry: _Geometry) -> tuple[Tensor, Tensor]:
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     cd = _compute_dtype(q)
-    out = torch.empty((batch, q_heads, tq, dv), dtype=q.dtype, device=q.device)
+    out = out_like(q, dv)
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if tk == 0:  # no keys at all: every row is empty
         out.fill_(float("nan") if empty_rows_nan else 0.0)
@@ -197,7 +214,7 @@ def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionPa
                             rng_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
 
-    out: `[B, Hq, Tq, Dv]` in q's dtype, contiguous. lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
+    out: `[B, Hq, Tq, Dv]` in q's dtype and layout (`out_like`). lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
     rows. `params.window > 0` restricts each query to the `window` most recent keys (sliding op).
     """
     tq, tk = q.shape[2], k.shape[2]
@@ -286,7 +303,7 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     longest sequence), zeroes positions past each sequence's length (pool memory there may hold
     anything, even NaN, and `0 * NaN` would leak through P V), then runs the dense reference with
     query `i` at position `seq_lens[b] - Tq + i`. Empty rows give 0. A length outside
-    `[0, max_blocks * block_size]` or a used block id outside `[0, num_blocks)` raises
+    `[0, max_blocks * block_size]`, a length in `(0, Tq)` or a used block id outside `[0, num_blocks)` raises
     errors.PagedInputError, the kernel's error (raised here at once: the reference reads on the host).
     """
     batch, _, tq, _ = q.shape
@@ -299,6 +316,12 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         kinds = errors.LEN_NEGATIVE if int(lens[b]) < 0 else errors.LEN_TOO_LONG
         raise errors.PagedInputError(errors.paged_input_message(kinds, b, num_blocks, capacity, lazily=False)
                                      + f" (seq_lens[{b}] = {int(lens[b])})")
+    short = (lens > 0) & (lens < tq)
+    if bool(short.any()):
+        b = int(short.nonzero()[0, 0])
+        raise errors.PagedInputError(errors.paged_input_message(errors.SHORTER_THAN_TQ, b, num_blocks, capacity,
+                                                                lazily=False, tq=tq)
+                                     + f" (seq_lens[{b}] = {int(lens[b])}, Tq = {tq})")
     longest = int(lens.max()) if batch > 0 else 0
     blocks_used = -(-longest // block_size)
     table = block_table[:, :blocks_used].to(device=q.device, dtype=torch.int64)

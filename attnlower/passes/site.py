@@ -321,6 +321,7 @@ class Context:
     allowed_ops: tuple[str, ...]       # the fused ops a site may become (options["ops"])
     validate: bool = True              # check each rewrite against the region it replaced (options["validate"])
     repro_dir: str | None = None       # where a failed validation writes its repro
+    check_stages: bool = False         # lint the graph and check every node's value between stages (options)
     sites: list[AttentionSite] = field(default_factory=list)   # every site, in report order
     in_checkpoint: bool = False        # the graph being worked on is the body of a torch.utils.checkpoint call
 

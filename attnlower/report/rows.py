@@ -14,7 +14,7 @@ def site_rows(sites: list[AttentionSite], target, kernel_plans: bool = False) ->
     if kernel_plans:
         for site, row in zip(sites, rows):
             if site.rewritten:
-                row.kernel = kernel_plan(site.decision.spec, target, site.match.q_len)
+                row.kernel = kernel_plan(site.decision.spec, target, site.match.q_len, site.match.k_len)
     return rows
 
 

@@ -1,22 +1,37 @@
-"""Compile every kernel specialization the launchers pick on Hopper to PTX and cubin, without a GPU.
+"""Compile attnlower's kernels for Hopper (sm_90) to PTX and cubin, without a GPU.
 
-    TRITON_INTERPRET=0 python tests/lowering/sm90_compile.py [--quick]
+    TRITON_INTERPRET=0 python tests/lowering/sm90_compile.py [--quick] [--inductor] [--fits] [--jobs N]
 
 Triton's interpreter (how the CPU tests run the kernels) accepts programs the real compiler rejects
-(dot shapes, layouts, constexpr misuse, register pressure at launch). This script runs the real
-launchers (`launch.flash_forward`, `launch.flash_backward`, `launch_paged.paged_forward`) on CPU
-tensors with `JITFunction.run` replaced by a recorder, so each launch yields the exact kernel,
-argument types, constexprs, num_warps and num_stages it would use on an SM 9.0 GPU (and the forward
-once more with each tile choice configs.flash_config makes from a sequence length); then it compiles
-each distinct one with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas).
-Prints one line per kernel and exits 1 if any fails. tests/lowering/test_sm90_compile.py runs it.
+(dot shapes, layouts, constexpr misuse, shared memory at launch). This script runs the real launchers
+(`launch.flash_forward`, `launch.flash_backward`, `launch_paged.paged_forward`) on CPU tensors with
+`JITFunction.run` replaced by a recorder, so each launch yields the exact kernel, argument types,
+constexprs, num_warps and num_stages it would use on an SM 9.0 GPU; then it compiles each distinct one
+with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas). Modes:
+
+  (default)   the feature grid (dtypes x head dims x bias / softcap / alibi / dropout / window, paged
+              split and not); --quick: a smaller grid.
+  --inductor  every kernel as Inductor types it when it launches the kernel itself (triton_op): Python
+              floats as fp64, ints equal to 1 as constexprs, debug=True (the signature an H200 run of
+              torch 2.11 printed), and Inductor's TTIR mutation analysis of torch 2.11, which makes
+              every scalar argument a constant (`generate_ttir`: constants = every non-tensor argument).
+  --fits      every configuration the launch plan can choose (each op, head dim 16..256, dtype, bias
+              kind, dropout, window, GQA group, paged block size and split count, batch size) compiled
+              once per distinct kernel and checked against sm_90's limits: at most 232448 bytes of
+              shared memory per block and no spilled registers beyond the 255-register limit.
+
+Prints one line per compiled kernel and a summary line; exits 1 if any fails.
+tests/lowering/test_sm90_compile.py runs it.
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -33,13 +48,22 @@ from attnlower.lowering.params import AttentionParams  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on H100 / H200
+SM90_SM_COUNT = 132         # H100 SXM (the H200 has the same 132 SMs)
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1",
             torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 class Launch:
-    def __init__(self, fn: JITFunction, args: tuple, kwargs: dict):
+    """One recorded launch: kernel, Triton signature, constexprs and options.
+
+    typing "jit": as Triton's own launcher types the arguments (floats fp32). "inductor": as Inductor's
+    generated code does (floats fp64, ints equal to 1 specialized as constexprs, debug=True).
+    """
+
+    def __init__(self, fn: JITFunction, args: tuple, kwargs: dict, typing: str = "jit"):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        if typing == "inductor":
+            options["debug"] = True
         names = fn.arg_names
         bound = dict(zip(names, args))
         bound.update(kwargs)
@@ -47,7 +71,8 @@ class Launch:
         signature, constexprs = {}, {}
         for name in names:
             value = bound[name]
-            if name in constexpr_names or value is None:
+            if name in constexpr_names or value is None or \
+                    (typing == "inductor" and type(value) is int and value == 1):
                 signature[name] = "constexpr"
                 constexprs[name] = value
             elif isinstance(value, torch.Tensor):
@@ -57,32 +82,38 @@ class Launch:
             elif isinstance(value, int):
                 signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             elif isinstance(value, float):
-                signature[name] = "fp32"
+                signature[name] = "fp64" if typing == "inductor" else "fp32"
             else:
                 raise TypeError(f"{fn.__name__}: argument {name} has unexpected type {type(value)}")
-        self.fn, self.signature, self.constexprs, self.options = fn, signature, constexprs, options
+        self.fn, self.signature, self.constexprs, self.options, self.typing = fn, signature, constexprs, options, typing
+        self.bound = bound
 
     def key(self):
         return (self.fn.__name__, tuple(self.signature.items()), tuple(sorted(self.constexprs.items())),
                 tuple(sorted(self.options.items())))
 
     def describe(self) -> str:
-        shown = {k: v for k, v in self.constexprs.items() if v is not None}
-        return f"{self.fn.__name__} {shown} {self.options}"
+        shown = {k: v for k, v in self.constexprs.items() if v is not None and not k.startswith("stride")}
+        return f"{self.fn.__name__} [{self.typing}] {shown} {self.options}"
 
 
 LAUNCHES: dict = {}
+_RECORDING = {"typing": "jit", "into": LAUNCHES, "tag": None}
 
 
 def _record(self, *args, grid, warmup, **kwargs):
-    launch_ = Launch(self, args, dict(kwargs))
-    LAUNCHES.setdefault(launch_.key(), launch_)
+    launch_ = Launch(self, args, dict(kwargs), _RECORDING["typing"])
+    launch_.tag = _RECORDING["tag"]
+    _RECORDING["into"].setdefault(launch_.key(), launch_)
+
+
+def _hopper_target(device) -> plan.Target:
+    # plan the launches for an H100 / H200 (sm_90, 132 SMs, TF32 off: the dot precisions CUDA gets)
+    return plan.Target("cuda", 90, SM90_SM_COUNT, False)
 
 
 def record_launches(quick: bool) -> None:
     """Call the launchers over the feature grid; nothing runs, every launch is recorded."""
-    # plan the launches for an H100 (sm_90, 132 SMs, TF32 off: the dot precisions CUDA gets)
-    plan.target_of = lambda device: plan.Target("cuda", 90, 132, False)
     rng = torch.tensor([1, 2], dtype=torch.int64)
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     head_dims = [64, 128] if quick else [64, 80, 128, 256]
@@ -116,30 +147,330 @@ def record_launches(quick: bool) -> None:
                                            AttentionParams(d ** -0.5, True), num_splits=splits)
 
 
-def main() -> int:
-    quick = "--quick" in sys.argv
-    JITFunction.run = _record
-    record_launches(quick)
+def record_inductor_launches() -> None:
+    """One launch of every kernel with every runtime feature on (dropout, softcap, alibi, float bias,
+    window, dbias), typed the way Inductor types the kernels it launches itself."""
+    _RECORDING["typing"] = "inductor"
+    try:
+        rng = torch.tensor([1, 2], dtype=torch.int64)
+        for dtype in (torch.bfloat16, torch.float32):
+            q = torch.empty(1, 4, 96, 80, dtype=dtype)
+            k = v = torch.empty(1, 2, 96, 80, dtype=dtype)
+            bias = torch.zeros(1, 4, 96, 96, dtype=dtype)
+            params = AttentionParams(0.1, True, True, window=40, softcap=30.0, dropout_p=0.1)
+            tensors = dict(bias=bias, alibi_slopes=torch.ones(4), rng_state=rng)
+            out, lse = launch.flash_forward(q, k, v, params, **tensors)
+            launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors, bias_requires_grad=True)
+            caches = torch.empty(64, 2, 16, 80, dtype=dtype)
+            table = torch.zeros(2, 512, dtype=torch.int32)
+            lens = torch.tensor([100, 7], dtype=torch.int32)
+            launch_paged.paged_forward(torch.empty(2, 4, 1, 80, dtype=dtype), caches, caches, table, lens,
+                                       AttentionParams(0.1, True, window=40, softcap=30.0),
+                                       alibi_slopes=torch.ones(4))
+    finally:
+        _RECORDING["typing"] = "jit"
+
+
+# ------------------------------------------------------------------------------------ the plan space
+
+FIT_HEAD_DIMS = (16, 24, 32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 192, 224, 256)
+FIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FIT_LENGTHS = (1, 37, 197, 320, 577, 1024, 4096, 16384)   # every bucket edge of configs._FLASH_FWD_BY_LEN
+FIT_GROUPS = (1, 2, 4, 8, 16)
+FIT_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+FIT_BATCHES = (1, 2, 8, 32, 128)
+FIT_PAGED_TQ = (1, 2, 4, 16, 64)
+
+
+def plan_space():
+    """Every launch the plan can choose over the grid above: yields (what, KernelLaunch, dtype, bias dtype).
+
+    The grid covers every input of the plan's choices: head dim (its padded class and odd values), dtype
+    and the TF32 flag (fp32 dot precision), key length (the length-keyed forward tiles), causal / window
+    (narrow and wide), bias kind and dtype, dropout, alibi, softcap, GQA group, paged block size, Tq,
+    table width and batch (the split count)."""
+    for allow_tf32 in (False, True):
+        target = plan.Target("cuda", 90, SM90_SM_COUNT, allow_tf32)
+        for dtype, d in itertools.product(FIT_DTYPES, FIT_HEAD_DIMS):
+            if allow_tf32 and dtype != torch.float32:
+                continue  # the flag only changes fp32 dots
+            for tk, causal, window, bias_dtype, dropout in itertools.product(
+                    FIT_LENGTHS, (False, True), (0, 16, 1000), (None, torch.bool, dtype, torch.float32), (0.0, 0.1)):
+                if window and not causal:
+                    continue
+                params = AttentionParams(0.1, causal, window=window, dropout_p=dropout)
+                qm = plan.Meta((2, 8, tk, d), dtype)
+                kv = plan.Meta((2, 2, tk, d), dtype)
+                bias = None if bias_dtype is None else plan.Meta((2, 8, tk, tk), bias_dtype)
+                for direction in ("fwd", "bwd"):
+                    for launch_ in plan.dense_plan(params, direction, qm, kv, kv, bias, True, target).launches:
+                        yield f"dense {direction} Tk={tk}", launch_, dtype, bias_dtype, allow_tf32
+        for dtype, d in itertools.product(FIT_DTYPES, FIT_HEAD_DIMS):
+            if allow_tf32:
+                continue  # the paged plan does not read the flag
+            for group, block_size, tq, batch in itertools.product(FIT_GROUPS, FIT_BLOCK_SIZES, FIT_PAGED_TQ, FIT_BATCHES):
+                kv_heads = 2
+                qm = plan.Meta((batch, kv_heads * group, tq, d), dtype)
+                pool = plan.Meta((64, kv_heads, block_size, d), dtype)
+                for width_tokens in (block_size, 4096, 131072):
+                    table = plan.Meta((batch, max(1, width_tokens // block_size)), torch.int32)
+                    for window, check in ((0, True), (64, False)):
+                        params = AttentionParams(0.1, True, window=window, softcap=0.0)
+                        for launch_ in plan.paged_plan(params, qm, pool, table, True, target, check).launches:
+                            yield f"paged B={batch} Tq={tq}", launch_, dtype, None, False
+
+
+def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
+    """The kernel compile that stands for this launch: the same tiles, warps, stages, padded head dim,
+    dtype and dot precision, with every runtime feature that adds loads or registers switched on (an odd
+    head dim when the padded class has one, float32 bias, dropout, alibi, softcap, window, dbias).
+    Shared memory comes from the tiles the loops pipeline; the feature flags only add masks and math."""
+    c = dict(launch_.constexprs)
+    if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
+        c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True)
+        bias_dtype = torch.float32
+    if launch_.kernel == "_flash_bwd_dkdv_kernel":
+        c["WRITE_DS"] = True  # a launch argument, not a plan constexpr (launch.flash_backward)
+    if launch_.kernel == "_paged_attn_kernel":
+        # GROUP, BLOCK_SIZE and SPLIT only enter index math (token -> block, slot; row -> head) and the stores
+        c.update(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CHECK_BOUNDS=True, GROUP=4, BLOCK_SIZE=16,
+                 SPLIT=True)
+    if dtype == torch.float16:
+        dtype = torch.bfloat16  # the same element size and tensor-core shapes: the same tiles in shared memory
+    pad = c.get("HEAD_DIM_PAD")
+    if pad is not None:
+        odd = [d for d in FIT_HEAD_DIMS if plan.head_dim_pad(d) == pad and d != pad]
+        c["HEAD_DIM"] = max(odd) if odd else pad
+    key = (launch_.kernel, dtype, bias_dtype if "BIAS_KIND" in c else None, tuple(sorted(c.items())),
+           launch_.config.num_warps, launch_.config.num_stages)
+    return key, c
+
+
+def _kernel_fn(name: str):
+    from attnlower.lowering.kernels import flash_bwd, flash_fwd, paged_decode
+    for module in (flash_fwd, flash_bwd, paged_decode):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise KeyError(name)
+
+
+def fits_launches() -> tuple[dict, int]:
+    """The representative compiles of the plan space: {key: Launch}, and how many plan launches they cover."""
+    reps: dict = {}
+    count = 0
+    for what, launch_, dtype, bias_dtype, _ in plan_space():
+        count += 1
+        key, constexprs = _representative(launch_, dtype, bias_dtype)
+        if key in reps:
+            continue
+        fn = _kernel_fn(launch_.kernel)
+        args = _synthetic_args(fn, constexprs, dtype, key[2])
+        rec = Launch(fn, args, dict(constexprs, num_warps=launch_.config.num_warps,
+                                    num_stages=launch_.config.num_stages))
+        rec.tag = what
+        reps[key] = rec
+    return reps, count
+
+
+_SIZE_ARGS = {"H", "HKV", "GROUP", "N_CTX_Q", "N_CTX_K", "Hq", "Hkv", "Tq"}
+
+
+def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
+    """Positional runtime arguments of `fn`: tensors of the right dtype per pointer, ints, floats."""
+    pointer_dtype = {"Bias": bias_dtype or dtype, "Slopes": torch.float32, "Lse": torch.float32,
+                     "Delta": torch.float32, "Rng": torch.int64, "DS": torch.float32,
+                     "block_table_ptr": torch.int32, "seq_lens_ptr": torch.int32, "alibi_ptr": torch.float32,
+                     "m_ws_ptr": torch.float32, "l_ws_ptr": torch.float32, "acc_ws_ptr": torch.float32,
+                     "err_ptr": torch.int32}
+    floats = {"sm_scale", "softcap", "dropout_p", "scale"}
+    args = []
+    for i, name in enumerate(fn.arg_names):
+        if i in fn.constexprs:
+            break
+        if (name[0].isupper() and name not in _SIZE_ARGS) or name.endswith("_ptr"):
+            args.append(torch.empty(1, dtype=pointer_dtype.get(name, dtype)))
+        elif name in floats:
+            args.append(0.5)
+        else:
+            args.append(48)  # strides and sizes: a multiple of 16 (Triton's "divisible by 16" specialization)
+    return tuple(args)
+
+
+# ------------------------------------------------------------------------------------ compiling
+
+
+def compile_launch(launch_: Launch):
+    src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature, constexprs=launch_.constexprs)
+    return triton.compile(src, target=TARGET, options=launch_.options)
+
+
+def ttir_with_constant_scalars(launch_: Launch) -> None:
+    """Build the TTIR as torch 2.11's Inductor mutation analysis does (`generate_ttir`): every argument
+    that is not a tensor becomes a constant. Raises what Triton raises (Inductor would then assume every
+    input is mutated and clone them all)."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+
+    signature, constexprs = dict(launch_.signature), dict(launch_.constexprs)
+    for name, value in launch_.bound.items():
+        if not isinstance(value, torch.Tensor):
+            signature[name] = "constexpr"
+            constexprs[name] = value
+    src = triton.compiler.ASTSource(fn=launch_.fn, signature=signature, constexprs=constexprs)
+    backend = make_backend(TARGET)
+    options = backend.parse_options({})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    if not module.verify():
+        raise RuntimeError("the TTIR does not verify")
+
+
+# What each kernel writes: Inductor's mutation analysis must find exactly these (anything it cannot analyze
+# it treats as mutated, and then clones every input of every launch).
+def expected_writes(launch_: Launch) -> set:
+    c = launch_.constexprs
+    if launch_.fn.__name__ == "_paged_attn_kernel":   # split: partial results to the workspaces, the reduce writes out
+        writes = {"m_ws_ptr", "l_ws_ptr", "acc_ws_ptr"} if c.get("SPLIT") else {"out_ptr"}
+        return writes | ({"err_ptr"} if c.get("CHECK_BOUNDS") else set())
+    return {"_flash_fwd_kernel": {"Out", "Lse"}, "_flash_bwd_preprocess_kernel": {"Delta"},
+            "_flash_bwd_dkdv_kernel": {"DK", "DV"} | ({"DS"} if c.get("WRITE_DS") else set()),
+            "_flash_bwd_dq_kernel": {"DQ"}, "_paged_reduce_kernel": {"out_ptr"}}[launch_.fn.__name__]
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver for torch's TTIR analysis to target sm_90 on a machine without a GPU."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+def inductor_mutations(launch_: Launch) -> set:
+    """The tensors Inductor's own analysis (the installed torch) says the launch writes."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    triton.runtime.driver.set_active(_Sm90Driver())
+    kwargs = dict(launch_.bound, num_warps=launch_.options.get("num_warps", 4),
+                  num_stages=launch_.options.get("num_stages", 3))
+    if hasattr(wrap, "identify_accessed_tensors"):       # torch >= 2.12
+        accesses = wrap.identify_accessed_tensors(launch_.fn, kwargs, {})
+        return {dep.name for dep in accesses.read_writes.writes}
+    return set(wrap.identify_mutated_tensors(launch_.fn, kwargs, {}))
+
+
+def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
+    """Compile one launch; returns a status line (raises on failure)."""
+    t0 = time.perf_counter()
+    if constant_scalars:
+        ttir_with_constant_scalars(launch_)
+        written = inductor_mutations(launch_)
+        if written != expected_writes(launch_):
+            raise RuntimeError(f"Inductor's mutation analysis found writes to {sorted(written)}, expected "
+                               f"{sorted(expected_writes(launch_))}")
+        return (f"ok  {time.perf_counter() - t0:5.1f}s TTIR with every scalar a constant; Inductor's analysis "
+                f"finds writes to {sorted(written)} only")
+    compiled = compile_launch(launch_)
+    shared = compiled.metadata.shared
+    if shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
+        raise RuntimeError(f"needs {shared} bytes of shared memory, an sm_90 block gets at most {SM90_SHARED_BYTES}")
+    regs, stack = register_usage(compiled)
+    threads = 32 * launch_.options.get("num_warps", 4)
+    if regs is not None and regs * threads > SM90_REGISTERS_PER_BLOCK:
+        raise RuntimeError(f"needs {regs} registers x {threads} threads, an sm_90 block gets {SM90_REGISTERS_PER_BLOCK}")
+    usage = "" if regs is None else f" regs={regs} spill_stack={stack}"
+    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}{usage}"
+
+
+SM90_REGISTERS_PER_BLOCK = 65536
+
+
+def register_usage(compiled) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes per thread: spills) of a compiled kernel, from the cuobjdump Triton
+    ships; (None, None) where it is missing. ptxas keeps registers within the block's share (Triton sets
+    maxntid), so the limit cannot fail a launch; spills only cost speed (printed, not failed)."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() or "cubin" not in compiled.asm:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+
+
+_ITEMS: list = []   # what the workers compile: forked processes inherit it (kernels do not pickle)
+
+
+def _check_worker(index: int):
+    launch_, constant_scalars = _ITEMS[index]
+    try:
+        return index, True, check_one(launch_, constant_scalars)
+    except Exception as e:  # noqa: BLE001 - every failure is reported, then the script fails
+        return index, False, (f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                              + traceback.format_exc())
+
+
+def run(items: list, jobs: int) -> int:
+    _ITEMS[:] = items
+    work = range(len(items))
+    if jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return _report(items, pool.map(_check_worker, work, chunksize=4))
+    return _report(items, map(_check_worker, work))
+
+
+def _report(items, results) -> int:
     failed = 0
-    t_all = time.perf_counter()
-    for launch_ in LAUNCHES.values():
-        t0 = time.perf_counter()
-        try:
-            src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature,
-                                            constexprs=launch_.constexprs)
-            compiled = triton.compile(src, target=TARGET, options=launch_.options)
-            if compiled.metadata.shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
-                raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, "
-                                   f"an sm_90 block gets at most {SM90_SHARED_BYTES}")
-            regs = getattr(compiled, "n_regs", None)
-            status = f"ok  {time.perf_counter() - t0:5.1f}s shared={compiled.metadata.shared}"
-            status += f" regs={regs}" if regs is not None else ""
-        except Exception as e:  # noqa: BLE001 - every failure is reported, then the script fails
+    for index, ok, status in results:
+        launch_ = items[index][0]
+        if not ok:
             failed += 1
-            status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            traceback.print_exc(file=sys.stderr)
-        print(f"{status}  {launch_.describe()}", flush=True)
-    print(f"{len(LAUNCHES)} kernels, {failed} failed, {time.perf_counter() - t_all:.0f}s "
+            print(status.split("\n", 1)[1], file=sys.stderr)
+            status = status.split("\n", 1)[0]
+        tag = f" ({launch_.tag})" if getattr(launch_, "tag", None) else ""
+        print(f"{status}  {launch_.describe()}{tag}", flush=True)
+    return failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--inductor", action="store_true", help="also compile every kernel as Inductor types it")
+    parser.add_argument("--fits", action="store_true", help="only: every config the plan can choose fits sm_90")
+    parser.add_argument("--jobs", type=int, default=1)
+    ns = parser.parse_args()
+    JITFunction.run = _record
+    plan.target_of = _hopper_target
+    t_all = time.perf_counter()
+    items = []
+    if ns.fits:
+        reps, covered = fits_launches()
+        print(f"plan space: {covered} launches, {len(reps)} distinct kernel compiles", flush=True)
+        items = [(launch_, False) for launch_ in reps.values()]
+    else:
+        record_launches(ns.quick)
+        if ns.inductor:
+            record_inductor_launches()
+        items = [(launch_, False) for launch_ in LAUNCHES.values()]
+        if ns.inductor:
+            items += [(launch_, True) for launch_ in LAUNCHES.values() if launch_.typing == "inductor"]
+    failed = run(items, ns.jobs)
+    print(f"{len(items)} kernels, {failed} failed, {time.perf_counter() - t_all:.0f}s "
           f"(triton {triton.__version__}, target sm_90)")
     return 1 if failed else 0
 

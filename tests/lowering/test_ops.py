@@ -427,13 +427,17 @@ def test_window_must_be_an_int(window):
 
 
 def test_validation_and_plan_are_cached_per_signature(monkeypatch):
+    """The launchers' path (the cached launch off: on CUDA it answers repeat calls before these caches, see
+    test_fastpath.py); CPU tensors run the kernels through the interpreter, CUDA tensors compiled."""
+    from attnlower.lowering import fastpath
     from attnlower.lowering import ops as lowering_ops
     from attnlower.lowering import plan as planning
 
+    monkeypatch.setattr(fastpath, "ENABLED", False)
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
     lowering_ops._validate_dense.cache_clear()
     planning.dense_plan.cache_clear()
-    q, k, v = qkv(device="cpu")
+    q, k, v = qkv()
     for _ in range(3):
         public.flash_attention(q, k, v, causal=True)
     validation, plans = lowering_ops._validate_dense.cache_info(), planning.dense_plan.cache_info()
@@ -443,7 +447,7 @@ def test_validation_and_plan_are_cached_per_signature(monkeypatch):
     public.flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, causal=True)
     assert planning.dense_plan.cache_info().misses == 1
     # a new length or new flags: a new entry each
-    public.flash_attention(*qkv(tq=5, device="cpu"), causal=True)
+    public.flash_attention(*qkv(tq=5), causal=True)
     public.flash_attention(q, k, v, causal=False)
     assert planning.dense_plan.cache_info().misses == 3 and lowering_ops._validate_dense.cache_info().misses == 2
     # bounded: a process that sees many shapes does not grow without end
@@ -522,3 +526,141 @@ def test_graph_inductor_receives_holds_the_kernels(mode):
     else:
         assert "attnlower.flash_attention.default" in targets, targets
         assert not any("triton_kernel_wrapper" in t for t in targets), targets
+
+
+# ------------------------------------------------------------ layouts and graph-safe outputs (issue 18)
+
+
+def _bshd(b, t, h, d, requires_grad=False):
+    return torch.randn(b, t, h, d).transpose(1, 2).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("op", ["flash", "sliding"])
+def test_outputs_follow_q_layout_in_the_real_and_the_fake_op(op):
+    """Inductor plans its buffers from the fake's strides: they must be the real op's, and follow q's layout
+    (a BSHD view in gives BSHD memory out: the consumer's transpose + reshape is then a view, no copy)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _bshd(2, 9, 4, 16), _bshd(2, 11, 2, 16), _bshd(2, 11, 2, 16)
+    call = (lambda *t: OPS.flash_attention(*t, causal=True)) if op == "flash" else \
+        (lambda *t: OPS.sliding_window_attention(*t, 3))
+    real = call(q, k, v)
+    with FakeTensorMode() as mode:
+        fake = call(*(mode.from_tensor(t) for t in (q, k, v)))
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+    assert real[0].stride() == q.stride()
+    merged = real[0].transpose(1, 2).reshape(2, 9, 64)
+    assert merged.data_ptr() == real[0].data_ptr() and merged._base is not None
+
+    out, lse, rng = real
+    grads = OPS.flash_attention_backward(torch.randn_like(out), q, k, v, None, None, out, lse, rng, None, True,
+                                         False, 0.0, 0.0, 0, False, False)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fo, fl, fr = (mode.from_tensor(t) for t in (q, k, v, out, lse, rng))
+        fake_grads = OPS.flash_attention_backward(torch.empty_like(fo), fq, fk, fv, None, None, fo, fl, fr, None, True,
+                                                  False, 0.0, 0.0, 0, False, False)
+    for g, fg, like in zip(grads[:3], fake_grads[:3], (q, k, v)):
+        assert g.stride() == fg.stride() == like.stride()
+
+
+def test_no_output_aliases_an_input_or_another_output():
+    """Graph-safe outputs (CUDA graphs, functionalization): every output owns fresh storage, the empty
+    rng_state / dbias placeholders included."""
+    q, k, v = qkv(requires_grad=True)
+    bias = torch.randn(1, 4, 9, 11, requires_grad=True)
+    outs = OPS.flash_attention(q, k, v, bias, causal=True)
+    grads = OPS.flash_attention_backward(torch.randn_like(outs[0]), q, k, v, bias, None, *outs, None, True, False,
+                                         0.0, 0.0, 0, False, False)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, bias)}
+    for group in (outs, grads):
+        ptrs = [t.untyped_storage().data_ptr() for t in group if t.numel() > 0]
+        assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & inputs
+        assert all(t.untyped_storage() is not s.untyped_storage() for t in group for s in (q, k, v, bias))
+
+
+@pytest.mark.parametrize("value", [True, 1.0])
+def test_a_flag_where_bias_goes_says_what_goes_there(value):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"expected bias a Tensor or None .* got (bool True|float 1\.0)"):
+        public.flash_attention(q, k, v, value)
+    if value is True:
+        with pytest.raises(ValueError, match=r"pass it by keyword, flash_attention\(q, k, v, causal=True\)"):
+            public.flash_attention(q, k, v, value)
+
+
+def test_registry_derives_the_schemas_and_kernel_names():
+    from attnlower.lowering import registry
+
+    for name, op in registry.OPS.items():
+        parsed = torch._C.parse_schema(f"attnlower::{name}{op.schema}")
+        registered = getattr(OPS, name).default._schema
+        assert [(a.name, str(a.type), a.default_value) for a in parsed.arguments] == \
+            [(a.name, str(a.type), a.default_value) for a in registered.arguments]
+    assert registry.kernel_names("sliding_window_attention", "forward") == ("_flash_fwd_kernel",)
+    assert registry.kernel_names("paged_attention") == ("_paged_attn_kernel", "_paged_reduce_kernel")
+    assert "_flash_bwd_dq_kernel" in registry.kernel_names("flash_attention", "backward")
+
+
+def test_kernel_plan_uses_the_real_lengths():
+    from attnlower.lowering import plan as planning
+    from attnlower.lowering.params import AttentionParams
+    from attnlower.lowering.target import Target
+
+    h200 = Target("cuda", 90, 132, False, 232448, "NVIDIA H200")
+    params = AttentionParams(0.125, causal=False)
+    short = planning.kernel_plan("flash_attention", params, batch=2, q_heads=8, kv_heads=8, tq=1, tk=4096,
+                                 head_dim=128, dtype=torch.bfloat16, target=h200)
+    long_q = planning.kernel_plan("flash_attention", params, batch=2, q_heads=8, kv_heads=8, tq=197, tk=197,
+                                  head_dim=128, dtype=torch.bfloat16, target=h200)
+    # the forward's tiles follow Tk (configs._FLASH_FWD_BY_LEN): Tk=4096 non-causal and Tk=197 differ
+    assert (short["launches"][0]["block_m"], short["launches"][0]["block_n"]) == (128, 128)
+    assert (long_q["launches"][0]["block_m"], long_q["launches"][0]["block_n"]) == (128, 32)
+    assert short["launches"][0]["grid"] == [1, 16, 1] and short["kernels"] == ["_flash_fwd_kernel"]
+    paged = planning.kernel_plan("paged_attention", AttentionParams(0.125, True), batch=1, q_heads=32, kv_heads=8,
+                                 tq=1, tk=4096, head_dim=128, dtype=torch.bfloat16, target=h200, block_size=16)
+    assert [launch["kernel"] for launch in paged["launches"]] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
+    assert "split-KV into 16" in paged["note"]
+
+
+def test_registry_kernel_table_is_what_the_seam_lists():
+    """attnlower/target.py (the pass side's seam) lists the kernels itself until it reads the registry
+    (`kernels_of` -> `registry.kernel_table()`); until then they must agree."""
+    from attnlower import target as seam
+    from attnlower.lowering import registry
+
+    for op, groups in registry.kernel_table().items():
+        assert [tuple(g) for g in seam.kernels_of(op)] == groups, op
+
+
+@pytest.mark.parametrize("op", ["flash", "sliding"])
+def test_eager_autograd_path_matches_the_registered_autograd(op):
+    """A plain eager call that needs a gradient runs the registry's autograd glue as an autograd.Function over
+    the implementations (no dispatcher, no custom_op layers); gradients equal the registered op's."""
+    q, k, v = qkv(requires_grad=True)
+    bias = torch.randn(1, 4, 9, 11, requires_grad=True)
+    if op == "flash":
+        out = public.flash_attention(q, k, v, bias, causal=True, softcap=2.0)
+        ref = OPS.flash_attention(q, k, v, bias, None, None, True, False, 2.0)[0]
+    else:
+        out = public.sliding_window_attention(q, k, v, 4, bias, softcap=2.0)
+        ref = OPS.sliding_window_attention(q, k, v, 4, bias, None, None, False, 2.0)[0]
+    assert "eager" in out.grad_fn.name() and "eager" not in ref.grad_fn.name()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    want = torch.autograd.grad(ref, (q, k, v, bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    with pytest.raises(NotImplementedError, match="alibi_slopes is not implemented"):
+        public.flash_attention(q, k, v, alibi_slopes=torch.rand(4, requires_grad=True)).sum().backward()
+
+
+def test_paged_output_follows_q_layout_in_the_real_and_the_fake_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k_cache, v_cache, table, lens = paged_inputs(tq=2)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)   # a [B, T, H, D] view, as models hand it over
+    real = OPS.paged_attention(q, k_cache, v_cache, table, lens)
+    with FakeTensorMode() as mode:
+        fake = OPS.paged_attention(*(mode.from_tensor(t) for t in (q, k_cache, v_cache, table, lens)))
+    assert real.stride() == fake.stride() == q.stride()

@@ -111,7 +111,7 @@ def run_and_check(inputs, scale, causal, window, softcap, dtype, **overrides):
     out = paged_forward(q, k_cache, v_cache, block_table, seq_lens,
                         AttentionParams(scale, causal, window=window, softcap=softcap), alibi_slopes=slopes,
                         **overrides)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == q.shape and out.dtype == dtype and out.stride() == torch.empty_like(q).stride()  # q's layout
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite output"
     expected = oracle_paged(q, k_cache, v_cache, block_table, seq_lens, slopes, scale, causal, window, softcap)
     atol, rtol = TOLERANCE[dtype]
@@ -145,7 +145,7 @@ CASES = [
                          CASES)
 def test_paged_fp32_matches_oracle_split_and_not(block_size, q_heads, kv_heads, head_dim, tq, causal, window,
                                                  softcap, alibi, block_n):
-    inputs = make_paged_inputs([1, 17, 37], q_heads, kv_heads, head_dim, tq, block_size, torch.float32,
+    inputs = make_paged_inputs([max(1, tq), 17, 37], q_heads, kv_heads, head_dim, tq, block_size, torch.float32,
                                alibi=alibi)
     config = None
     if block_n is not None:
@@ -171,12 +171,11 @@ def test_paged_half_precision(dtype, block_size, q_heads, kv_heads, head_dim, tq
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_empty_rows_are_zero(num_splits):
-    # seq 0 holds no token at all; seq 1 has 2 tokens for 5 queries, so causal queries 0..2 sit
-    # before position 0 and see nothing; with a window of 1, each query sees only itself.
-    inputs = make_paged_inputs([0, 2, 19], 4, 2, 64, 5, 8, torch.float32)
+    # seq 0 holds no token at all (a padding slot of a fixed-size batch): its rows are 0; seq 1 holds exactly
+    # its 5 queries; with a window of 1, each query sees only itself. (0 < seq_len < Tq is an error: BAD_CASES.)
+    inputs = make_paged_inputs([0, 5, 19], 4, 2, 64, 5, 8, torch.float32)
     out = run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, num_splits=num_splits)
-    assert (out[0] == 0).all()
-    assert (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
+    assert (out[0] == 0).all() and (out[1] != 0).any()
     run_and_check(inputs, 0.125, True, 1, 0.0, torch.float32, num_splits=num_splits)
 
 
@@ -266,9 +265,29 @@ def test_paged_gpu_shapes(head_dim, block_size, q_heads, kv_heads):
 # a clear error, from the kernel (interpreter: at once) and from the reference alike
 # ---------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _no_report_leaks_into_the_next_test():
+    """A bad call's device flags must not surface in a later test of this worker (they are sticky)."""
+    from attnlower.lowering import errors
+
+    yield
+    errors.clear_errors()
+
+
+@pytest.fixture
+def paged_checks_at_the_call():
+    """CUDA reports bad inputs lazily; the debug switch (one sync per call) makes the bad call raise."""
+    from attnlower.lowering import errors
+
+    errors.set_paged_checks(True, sync=True)
+    yield
+    errors.set_paged_checks(True)
+
+
 def _bad_inputs(case):
-    """Inputs of 2 sequences (lengths 17 and 5, block size 8) broken as `case` says."""
-    q, k_cache, v_cache, table, lens, _ = make_paged_inputs([17, 5], 4, 2, 16, 1, 8, torch.float32)
+    """Inputs of 2 sequences (lengths 17 and 5, block size 8; Tq = 3 for "len < Tq") broken as `case` says."""
+    tq = 3 if case == "len < Tq" else 1
+    q, k_cache, v_cache, table, lens, _ = make_paged_inputs([17, 5], 4, 2, 16, tq, 8, torch.float32)
     num_blocks, capacity = k_cache.shape[0], table.shape[1] * 8
     table, lens = table.clone(), lens.clone()
     if case == "id == num_blocks":
@@ -283,6 +302,8 @@ def _bad_inputs(case):
         lens[0] = 2**31 - 1
     elif case == "len -1":
         lens[1] = -1
+    elif case == "len < Tq":
+        lens[1] = 2
     return (q, k_cache, v_cache, table, lens), num_blocks, capacity
 
 
@@ -293,22 +314,28 @@ BAD_CASES = {
     "len > capacity": r"sequence 1, a seq_len beyond the table's capacity max_blocks \* block_size = \d+",
     "len huge": r"sequence 0, a seq_len beyond the table's capacity",
     "len -1": r"sequence 1, a negative seq_len",
+    "len < Tq": r"sequence 1, a seq_len shorter than its Tq=3 queries",
 }
 
 
 @pytest.mark.parametrize("path", ["kernel", "op-kernel", "op-reference"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_tables_and_lengths_raise(case, path, monkeypatch):
+def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_the_call):
+    """The bad call itself raises: on CPU always, on CUDA with the sync debug switch (the lazy report is
+    test_gpu_bad_table_reported_lazily_without_sync)."""
     from attnlower import PagedInputError, ops
 
     inputs, _, _ = _bad_inputs(case)
     with pytest.raises(PagedInputError, match=BAD_CASES[case]) as error:
         if path == "kernel":
             paged_forward(*inputs, AttentionParams(0.25, True))
+        elif path == "op-kernel":  # CPU tensors run the kernel through the interpreter; CUDA tensors always do
+            monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+            ops.paged_attention(*inputs)
         else:
-            monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if path == "op-kernel" else "reference")
             ops.paged_attention(*[t.cpu() for t in inputs])
     assert "expected 0 <= seq_len <=" in str(error.value) and "PagedKVCache.block_table" in str(error.value)
+    assert "this call" in str(error.value)
     # the error is not sticky: good inputs run again
     good, _, _ = _bad_inputs("none")
     assert torch.isfinite(paged_forward(*good, AttentionParams(0.25, True))).all()
@@ -350,7 +377,7 @@ def test_gpu_bad_table_reported_lazily_without_sync():
     inputs = [t.cuda() for t in inputs]
     ops.paged_attention(*inputs)
     torch.cuda.synchronize()
-    with pytest.raises(PagedInputError, match="an earlier call on this device"):
+    with pytest.raises(PagedInputError, match=r"paged call #\d+ on cuda:\d \(q \[2, 4, 1, 16\]\) \(reported lazily"):
         check_errors()
     good = [t.cuda() for t in _bad_inputs("none")[0]]
     ops.paged_attention(*inputs)
@@ -358,3 +385,34 @@ def test_gpu_bad_table_reported_lazily_without_sync():
     with pytest.raises(PagedInputError, match="sequence 0, a block id outside"):
         ops.paged_attention(*good)
     assert torch.isfinite(ops.paged_attention(*good)).all()
+
+
+def test_lazy_report_names_the_first_bad_call(monkeypatch):
+    """The CUDA path's bookkeeping, run on CPU tensors: each call's flags are copied into its own host slot, so
+    a later call names the first one whose copy shows them (its number and shapes), not just "an earlier call"."""
+    from attnlower.lowering import errors
+
+    flags = errors._DeviceFlags(torch.device("cpu"))
+    flags.host = torch.zeros((errors._RING, 4), dtype=torch.int32, device="cpu")   # stands for the pinned ring
+    flags.host_view, flags.last_slot = flags.host.numpy(), 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for call in (1, 2):
+        flags.before_launch()                       # nothing seen yet
+        if call == 2:                               # what the kernel does for a bad call: sticky bits
+            flags.flags.copy_(torch.tensor([errors.BAD_BLOCK_ID, 1, 13, 40], dtype=torch.int32, device="cpu"))
+        flags.after_launch((2, 4, 1, 16))
+    with pytest.raises(errors.PagedInputError, match=r"paged call #2 on cpu \(q \[2, 4, 1, 16\]\) \(reported lazily.*"
+                                                     r"ATTNLOWER_PAGED_CHECKS=sync.*sequence 1, a block id outside"):
+        flags.before_launch()
+    flags.before_launch()                           # reported once, then cleared
+    assert int(flags.flags[0]) == 0
+
+
+def test_paged_checks_env_values_are_checked(monkeypatch):
+    from attnlower.lowering import errors
+
+    monkeypatch.setenv("ATTNLOWER_PAGED_CHECKS", "later")
+    with pytest.raises(ValueError, match=r"ATTNLOWER_PAGED_CHECKS: expected 1 .* 0 .* or sync .* got 'later'"):
+        errors._mode_from_env()
+    monkeypatch.setenv("ATTNLOWER_PAGED_CHECKS", "sync")
+    assert errors._mode_from_env() == "sync"

@@ -1,8 +1,13 @@
 """The kernels compile for Hopper (sm_90) with the real Triton compiler, not only in the interpreter.
 
-Runs tests/lowering/sm90_compile.py --quick in a subprocess (the kernels in this process were
-decorated under TRITON_INTERPRET=1). No GPU is needed: Triton ships ptxas. The full grid
-(3 dtypes x 4 head dims x bias / softcap / alibi / dropout) is `python tests/lowering/sm90_compile.py`.
+Runs tests/lowering/sm90_compile.py in subprocesses (the kernels in this process were decorated under
+TRITON_INTERPRET=1). No GPU is needed: Triton ships ptxas.
+
+  --quick --inductor: the launchers' feature grid, plus every kernel typed as Inductor types the kernels it
+      launches itself (floats fp64, ints equal to 1 constexprs, debug=True: the typing that failed in tl.dot on
+      an H200 before the kernels cast their float scalars to fp32), plus torch 2.11's TTIR mutation analysis
+      (every scalar a constant) and the installed torch's own analysis (only the outputs are written).
+  --fits: every configuration the launch plan can choose fits sm_90's 232448 bytes of shared memory.
 """
 import os
 import subprocess
@@ -14,12 +19,26 @@ import pytest
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 
 
-def test_kernels_compile_for_sm90():
+def _run(*flags):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *flags], env=env, capture_output=True, text=True,
+                          timeout=1800)
     if proc.returncode != 0 and "FAILED" not in proc.stdout:
         pytest.fail(f"sm90_compile.py did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     assert proc.returncode == 0, f"kernels failed to compile for sm_90:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " 0 failed" in summary and int(summary.split()[0]) >= 20, summary
+    return proc.stdout.strip().splitlines()
+
+
+def test_kernels_compile_for_sm90_with_triton_and_inductor_typing():
+    lines = _run("--quick", "--inductor")
+    summary = lines[-1]
+    assert " 0 failed" in summary and int(summary.split()[0]) >= 30, summary
+    inductor = [line for line in lines if "[inductor]" in line]
+    # 6 kernels x 2 dtypes compiled with fp64 scalars, and their TTIR with constant scalars
+    assert sum("TTIR" in line for line in inductor) == 12 and sum("shared=" in line for line in inductor) == 12
+
+
+def test_every_planned_config_fits_sm90_shared_memory():
+    lines = _run("--fits")
+    assert lines[0].startswith("plan space:") and int(lines[0].split()[2]) > 100_000, lines[0]
+    assert " 0 failed" in lines[-1], lines[-1]

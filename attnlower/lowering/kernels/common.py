@@ -31,6 +31,18 @@ DOT_UPCAST_IEEE = tl.constexpr(2)
 
 
 @triton.jit
+def _as_fp32(x):
+    """A runtime float argument as fp32, once at kernel entry.
+
+    Triton's own launcher types a Python float argument fp32; Inductor, when it launches a kernel itself
+    (triton_op / wrap_triton), types it fp64 (H200, torch 2.11: 'sm_scale': 'fp64'). An fp64 scalar then
+    promotes every score and the accumulator to fp64, and tl.dot's fp32 accumulator check fails
+    (tests/lowering/test_sm90_compile.py compiles every kernel with fp64 scalars so this cannot come back).
+    """
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def _load_tile(ptrs, offs_r, offs_c, n_r, n_c, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     """Load a 2-D tile, masking rows >= n_r and columns >= n_c only where the constexprs say a
     tile can cross those bounds (interior tiles load unmasked)."""

@@ -20,7 +20,7 @@ Symbols: as in flash_fwd.py, plus
 import triton
 import triton.language as tl
 
-from attnlower.lowering.kernels.common import LOG2E, _dot, _load_tile
+from attnlower.lowering.kernels.common import LOG2E, _as_fp32, _dot, _load_tile
 from attnlower.lowering.kernels.flash_fwd import _dropout_keep, _kv_block_range, _load_rng, _scores, _span
 
 
@@ -163,6 +163,8 @@ def _flash_bwd_dkdv_kernel(
     off_z = (off_zkv // HKV).to(tl.int64)
     off_hkv = (off_zkv % HKV).to(tl.int64)
     seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
+    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
+    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -278,6 +280,8 @@ def _flash_bwd_dq_kernel(
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP
     seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
+    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
+    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD

@@ -29,7 +29,7 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
 import triton
 import triton.language as tl
 
-from attnlower.lowering.kernels.common import LN2, LOG2E, _dot, _load_tile, _online_softmax_step, _tanh
+from attnlower.lowering.kernels.common import LN2, LOG2E, _as_fp32, _dot, _load_tile, _online_softmax_step, _tanh
 
 # A finite float bias below this is clamped to it so that bias * log2(e) stays finite in fp32:
 # finfo(fp32).min * log2(e) overflows to -inf and would turn a finfo.min-masked row (a uniform
@@ -219,6 +219,8 @@ def _flash_fwd_kernel(
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP
     seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
+    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
+    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)

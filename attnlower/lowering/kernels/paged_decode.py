@@ -25,7 +25,8 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
 
   num_blocks   blocks in the pool; max_blocks: columns of block_table; capacity = max_blocks * BLOCK_SIZE
   CHECK_BOUNDS record bad inputs in Err (int32 [4], lowering/errors.py): bit 1 a block id outside
-               [0, num_blocks), bit 2 seq_len > capacity, bit 4 seq_len < 0; Err[1] = smallest such b.
+               [0, num_blocks), bit 2 seq_len > capacity, bit 4 seq_len < 0, bit 8 0 < seq_len < Tq;
+               Err[1] = smallest such b.
                Whatever CHECK_BOUNDS says, reads are clamped: seq_len to [0, capacity], and a bad
                block id's tokens are masked (never loaded), so no input makes the kernel read
                outside its tensors.
@@ -39,6 +40,8 @@ Scores are fp32 and use exp2 (scores are scaled by LOG2E after softcap/alibi). A
 """
 import triton
 import triton.language as tl
+
+from attnlower.lowering.kernels.common import _as_fp32
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -70,6 +73,7 @@ def _paged_attn_kernel(
     stride_btb, stride_btn,
     stride_sl,
     stride_ab, stride_ah,
+    stride_ob, stride_oh, stride_ot, stride_od,
     Hq, Hkv, Tq, rows_total,
     scale, softcap, window, num_splits, num_blocks, max_blocks,
     GROUP: tl.constexpr,
@@ -84,6 +88,8 @@ def _paged_attn_kernel(
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "HEAD_DIM_PAD must cover HEAD_DIM")
 
+    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
+    scale, softcap = _as_fp32(scale), _as_fp32(softcap)
     pid_bh = tl.program_id(0)           # b * Hkv + kvh
     pid_m = tl.program_id(1)            # tile of M rows
     pid_s = tl.program_id(2)            # split index (0 when not SPLIT)
@@ -104,8 +110,9 @@ def _paged_attn_kernel(
     capacity = max_blocks * BLOCK_SIZE
     if CHECK_BOUNDS:
         bad_len = tl.where(seq_len < 0, 4, 0) | tl.where(seq_len > capacity, 2, 0)
-        if (bad_len != 0) & (pid_m == 0) & (pid_s == 0) & (kvh == 0):  # once per sequence
-            _flag(err_ptr, bad_len, b, num_blocks, capacity)
+        short = tl.where((seq_len > 0) & (seq_len < Tq), 8, 0)   # queries before the sequence's first token
+        if ((bad_len | short) != 0) & (pid_m == 0) & (pid_s == 0) & (kvh == 0):  # once per sequence
+            _flag(err_ptr, bad_len | short, b, num_blocks, capacity)
         len_ok = bad_len == 0  # a bad length makes the table's padding look used: report the length only
     seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)   # never index past the table
     pos = seq_len - Tq + qi                                  # [BLOCK_M]
@@ -210,14 +217,17 @@ def _paged_attn_kernel(
                  mask=row_ok[:, None] & d_ok[None, :])
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
-        tl.store(out_ptr + row_global[:, None] * HEAD_DIM + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        # out[b, head, qi, :] through its strides: it has q's layout (lowering/launch_paged.py)
+        o_off = (b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
+                 + qi.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od)
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _paged_reduce_kernel(
     out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
-    rows_total, num_splits,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    Hq, Tq, rows_total, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
@@ -238,4 +248,9 @@ def _paged_reduce_kernel(
     acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    # row = (b * Hq + h) * Tq + i: out[b, h, i, :] through its strides (q's layout)
+    b = row // (Hq * Tq)
+    h = (row // Tq) % Hq
+    i = row % Tq
+    o_off = b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)

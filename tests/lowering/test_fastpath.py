@@ -1,0 +1,249 @@
+"""Cached direct launches (lowering/fastpath.py), on CPU with a stub compiled kernel.
+
+The first call of a signature goes through the launcher and Triton's JIT (here: the interpreter, so the
+output is real); the stub stands for the CompiledKernel Triton returns and records what a later call hands
+to `CompiledKernel.run`. What must hold: a repeat call launches with exactly the arguments Triton's binder
+built, the pointers of this call's tensors in the tensor slots; anything that changes Triton's
+specialization (a pointer's 16-byte alignment, a stride, a shape, a dtype, a scalar) gets its own entry.
+"""
+import pytest
+import torch
+
+import attnlower.ops as public
+from attnlower.lowering import fastpath, launch
+
+
+@pytest.fixture(autouse=True)
+def _fast_launch_on(monkeypatch):
+    """The cached launch is off by default until it is GPU-verified; these tests check its mechanism."""
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+
+
+class _StubCompiled:
+    """What JITFunction.run returns on a GPU: `.run(grid..., stream, function, metadata, hooks..., *args)`."""
+
+    function = "cu-function"
+    packed_metadata = "packed"
+
+    def __init__(self, bound_args):
+        self.bound_args = bound_args
+        self.runs = []
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter, exit_, *args):
+        assert (function, packed, launch_metadata, enter, exit_) == ("cu-function", "packed", None, None, None)
+        self.runs.append(((g0, g1, g2), stream, args))
+
+
+class _StubJIT:
+    """The real (interpreted) kernel, returning a stub CompiledKernel that remembers the bound arguments."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.arg_names = list(fn.arg_names)
+        self.compiled = []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.fn[grid](*args, **kwargs)
+            names = self.arg_names
+            bound = dict(zip(names, args))
+            bound.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+            compiled = _StubCompiled([bound[n] for n in names])
+            self.compiled.append((grid, compiled))
+            return compiled
+        return launch_
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    from attnlower.lowering.kernels import flash_fwd
+
+    jit = _StubJIT(flash_fwd._flash_fwd_kernel)
+    real_kernel = launch.kernel
+    monkeypatch.setattr(launch, "kernel", lambda module, name: jit if name == "_flash_fwd_kernel"
+                        else real_kernel(module, name))
+    _path_on_the_test_device(monkeypatch)
+    yield jit
+    fastpath.clear()
+
+
+def _path_on_the_test_device(monkeypatch):
+    """The cached launch on the tensors' device: CPU here (the interpreter runs the first call), CUDA under
+    ATTNLOWER_TEST_DEVICE=cuda (the real JIT compiles the first call; the stub still stands for its result)."""
+    monkeypatch.setattr(fastpath, "DEVICE_TYPE", torch.empty(0).device.type)
+    monkeypatch.setattr(fastpath, "_RULE_OK", True)
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+    fastpath.clear()
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream if torch.empty(0).is_cuda else 0
+
+
+def _qkv(tq=9, tk=11, d=16, dtype=torch.float32):
+    return (torch.randn(2, 4, tq, d, dtype=dtype), torch.randn(2, 2, tk, d, dtype=dtype),
+            torch.randn(2, 2, tk, d, dtype=dtype))
+
+
+def _pointers(args):
+    return [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_repeat_call_launches_the_compiled_kernel_with_the_bound_arguments(stub):
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 9, 11)
+    first = public.flash_attention(q, k, v, bias, causal=True, softcap=2.0)
+    assert len(stub.compiled) == 1 and stub.compiled[0][1].runs == []
+    grid, compiled = stub.compiled[0]
+    out = public.flash_attention(q, k, v, bias, causal=True, softcap=2.0)
+    assert len(stub.compiled) == 1, "the repeat call went through the JIT again"
+    ((run_grid, stream, args),) = compiled.runs
+    assert run_grid == tuple(grid) and stream == _stream()
+    want = _pointers(compiled.bound_args)
+    # the tensor slots: this call's q, k, v, bias and its own fresh out / lse (not the first call's)
+    names = stub.arg_names
+    for name, got_ptr in zip(names, args):
+        if name in ("Out", "Lse"):
+            continue
+        assert got_ptr == want[names.index(name)], name
+    assert args[names.index("Out")] == out.data_ptr() != first.data_ptr()
+    assert out.shape == first.shape and out.stride() == first.stride()
+
+
+@pytest.mark.parametrize("change", ["misaligned q", "odd stride", "shape", "dtype", "scalar", "bias dtype"])
+def test_what_changes_triton_specialization_gets_its_own_entry(stub, change):
+    q, k, v = _qkv()
+    public.flash_attention(q, k, v, causal=True)
+    public.flash_attention(q, k, v, causal=True)
+    assert len(stub.compiled) == 1 and len(stub.compiled[0][1].runs) == 1
+    bias = None
+    if change == "misaligned q":    # 4 bytes past a 16-byte boundary: Triton drops the pointer's divisibility
+        storage = torch.randn(q.numel() + 1)
+        q = storage[1:].view(q.shape)
+        assert q.data_ptr() % 16 != 0
+    elif change == "odd stride":    # same shape, a transposed (BSHD) layout
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif change == "shape":
+        q, k, v = _qkv(tq=7)
+    elif change == "dtype":
+        q, k, v = (t.half() for t in (q, k, v))
+    elif change == "bias dtype":
+        bias = torch.zeros(9, 11, dtype=torch.bool)
+    public.flash_attention(q, k, v, bias, causal=change != "scalar")
+    assert len(stub.compiled) == 2, f"{change}: launched a kernel specialized for another signature"
+
+
+def test_output_follows_q_layout_and_bshd_consumers_need_no_copy(stub):
+    b, t, h, d = 2, 9, 4, 16
+    q = torch.randn(b, t, h, d).transpose(1, 2)
+    k = torch.randn(b, t, 2, d).transpose(1, 2)
+    v = torch.randn(b, t, 2, d).transpose(1, 2)
+    for _ in range(2):   # the JIT path, then the cached one
+        out = public.flash_attention(q, k, v, causal=True)
+        assert out.stride() == q.stride()
+        merged = out.transpose(1, 2).reshape(b, t, h * d)
+        assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view, no copy
+
+
+def test_no_fast_path_while_a_launch_hook_is_set(stub, monkeypatch):
+    monkeypatch.setattr(fastpath, "hooks_active", lambda: True)
+    q, k, v = _qkv()
+    for _ in range(2):
+        public.flash_attention(q, k, v)
+    assert len(stub.compiled) == 2 and all(c.runs == [] for _, c in stub.compiled)
+
+
+def test_pointer_rule_is_read_from_the_installed_triton():
+    # a Triton whose native_specialize_impl keys pointers differently turns the path off (checked, not assumed)
+    # triton 3.6 (the H200's) and 3.9 (this venv's) both specialize pointers on 16-byte alignment only
+    assert fastpath._check_pointer_rule() is True
+
+
+
+@pytest.fixture
+def paged_stub(monkeypatch):
+    from attnlower.lowering import launch_paged
+
+    jits = {name: _StubJIT(getattr(launch_paged, name)) for name in ("_paged_attn_kernel", "_paged_reduce_kernel")}
+    for name, jit in jits.items():
+        monkeypatch.setattr(launch_paged, name, jit)
+    _path_on_the_test_device(monkeypatch)
+    yield jits
+    fastpath.clear()
+
+
+def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_stub):
+    from attnlower.lowering import errors
+
+    k_cache = torch.randn(80, 1, 8, 16)
+    table = torch.arange(80, dtype=torch.int32).view(1, 80)   # 640 keys wide, one program: the plan splits KV
+    lens = torch.tensor([150], dtype=torch.int32)
+    q = torch.randn(1, 4, 1, 16)
+    first = public.paged_attention(q, k_cache, k_cache, table, lens)
+    attn, reduce = paged_stub["_paged_attn_kernel"], paged_stub["_paged_reduce_kernel"]
+    assert len(attn.compiled) == 1 and len(reduce.compiled) == 1, "expected a split-KV launch pair"
+    out = public.paged_attention(q, k_cache, k_cache, table, lens)
+    assert len(attn.compiled) == 1 and len(reduce.compiled) == 1, "the repeat call went through the JIT again"
+    ((_, _, attn_args),), ((_, _, reduce_args),) = attn.compiled[0][1].runs, reduce.compiled[0][1].runs
+    names = attn.arg_names
+    assert attn_args[names.index("q_ptr")] == q.data_ptr()
+    assert attn_args[names.index("out_ptr")] == out.data_ptr() != first.data_ptr()
+    assert attn_args[names.index("err_ptr")] == errors.device_flags(q.device).flags.data_ptr()
+    # the reduce reads the workspaces this call's attention kernel wrote (fresh ones, the same across both)
+    for ws in ("m_ws_ptr", "l_ws_ptr", "acc_ws_ptr"):
+        assert attn_args[names.index(ws)] == reduce_args[reduce.arg_names.index(ws)] != 0
+    assert reduce_args[reduce.arg_names.index("out_ptr")] == out.data_ptr()
+    want = _pointers(attn.compiled[0][1].bound_args)
+    for name, got in zip(names, attn_args):
+        if not name.endswith("_ptr"):
+            assert got == want[names.index(name)], name
+    # another checks mode is another kernel (CHECK_BOUNDS) and another host side
+    errors.set_paged_checks(False)
+    try:
+        public.paged_attention(q, k_cache, k_cache, table, lens)
+    finally:
+        errors.set_paged_checks(True)
+    assert len(attn.compiled) == 2
+
+
+def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
+    from attnlower.lowering.kernels import flash_bwd
+
+    names = ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
+    jits = {name: _StubJIT(getattr(flash_bwd, name)) for name in names}
+    real_kernel = launch.kernel
+    monkeypatch.setattr(launch, "kernel", lambda module, name: jits.get(name) or real_kernel(module, name))
+    _path_on_the_test_device(monkeypatch)
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 9, 11)
+    out, lse, rng = torch.ops.attnlower.flash_attention(q, k, v, bias, causal=True)
+
+    def backward(bias_grad):
+        return torch.ops.attnlower.flash_attention_backward(torch.ones_like(out), q, k, v, bias, None, out, lse, rng,
+                                                            None, True, False, 0.0, 0.0, 0, False, bias_grad)
+
+    first = backward(False)
+    again = backward(False)
+    assert all(len(jit.compiled) == 1 for jit in jits.values()), "the repeat backward went through the JIT again"
+    pre, dkdv, dq = (jits[n].compiled[0][1].runs[0][2] for n in names)
+    delta = pre[jits[names[0]].arg_names.index("Delta")]
+    # the preprocess writes delta into a fresh buffer that both gradient kernels then read
+    assert delta == dkdv[jits[names[1]].arg_names.index("Delta")] == dq[jits[names[2]].arg_names.index("Delta")]
+    assert dq[jits[names[2]].arg_names.index("DQ")] == again[0].data_ptr() != first[0].data_ptr()
+    assert again[3].numel() == 0 and again[0].stride() == q.stride()
+    backward(True)   # a bias gradient: its zero-filled dS buffer is the launcher's, never cached
+    backward(True)
+    assert all(len(jit.compiled) == 3 for jit in jits.values())
+    fastpath.clear()
+
+
+def test_the_cache_is_bounded_and_keeps_the_newest(stub, monkeypatch):
+    monkeypatch.setattr(fastpath, "CACHE_SIZE", 2)
+    shapes = [_qkv(tq=t) for t in (5, 6, 7)]
+    for q, k, v in shapes:
+        public.flash_attention(q, k, v)
+    assert len(fastpath._CALLS) == 2
+    public.flash_attention(*shapes[-1])          # the newest is still cached: no new JIT launch
+    assert len(stub.compiled) == 3
+    public.flash_attention(*shapes[0])           # the oldest was evicted: through the JIT again
+    assert len(stub.compiled) == 4
