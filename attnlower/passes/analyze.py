@@ -56,6 +56,14 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     if mask.kind not in ("none",) + LENGTH_KINDS:
         return None, f"the mask is not one the paged op computes: {mask.reason}"
     seq_lens = mask.lengths
+    if seq_lens is not None and not (isinstance(m.q_len, int) and m.q_len == 1):
+        # the op's contract (docs/INTERFACES.md, paged): 0 < seq_len < Tq raises; the source computes there
+        # (its queries before the sequence's first token see no key): only lengths >= Tq would be equal
+        return None, (f"{mask.kind} mask with Tq = {m.q_len} queries: paged_attention refuses a sequence shorter "
+                      f"than its Tq queries (0 < seq_len < Tq raises), where the source computes rows with no "
+                      f"visible key; the lengths are data, so seq_len >= Tq is not proven")
+    if seq_lens is None and not bool(m.q_len <= pk.length):
+        return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
