@@ -884,7 +884,17 @@ class _Float64Run(fx.Interpreter):
     def run_node(self, n: fx.Node):
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            return _as_float64(getattr(self, n.op)(n.target, _as_float64(args), _as_float64(kwargs)))
+            args, kwargs = _as_float64(args), op_contract_dtypes(n.target, _as_float64(kwargs))
+            return _as_float64(getattr(self, n.op)(n.target, args, kwargs))
+
+
+def op_contract_dtypes(target, kwargs: dict) -> dict:
+    """`kwargs` of a call of `target` with the arguments whose dtype an attnlower op's contract fixes in
+    that dtype: ALiBi slopes are float32 (docs/INTERFACES.md section 1), whatever the other inputs are. The
+    rewrite passes them as a float32 constant, so float64 -> float32 gives back exactly its values."""
+    if getattr(target, "namespace", None) == "attnlower" and isinstance(kwargs.get("alibi_slopes"), torch.Tensor):
+        return {**kwargs, "alibi_slopes": kwargs["alibi_slopes"].to(torch.float32)}
+    return kwargs
 
 
 def run_float64(module: torch.nn.Module, inputs: list):

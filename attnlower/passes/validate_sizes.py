@@ -270,7 +270,7 @@ class _Generalizer:
     # -- the walk -----------------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, inputs: list) -> None:
         """Re-run `gm` on fake values of symbolic shape, generalizing the literals of each node."""
-        from .validate import score_shape, sdpa_reference
+        from .validate import op_contract_dtypes, score_shape, sdpa_reference
 
         env: dict[fx.Node, object] = {}
         placeholders = iter(inputs)
@@ -285,6 +285,7 @@ class _Generalizer:
             elif n.op == "call_function":
                 args, kwargs = self.generalize(n, env)
                 fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: env[a])
+                fkwargs = op_contract_dtypes(n.target, fkwargs)
                 try:
                     with self.mode:
                         out = (_sdpa_shape(*fargs, **fkwargs) if n.target is sdpa_reference
