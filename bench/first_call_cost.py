@@ -78,7 +78,7 @@ def _one(config: str, dtype_name: str, validate: bool, force: bool, device: str,
     import torch
 
     sys.path.insert(0, ROOT)
-    import attnlower  # noqa: F401
+    import attnlower  # noqa: F401  (registers the backend)
     from attnlower.compiler import backend
     from attnlower.passes import validate as V
     from attnlower.passes import validate_first_call as VF
