@@ -53,7 +53,7 @@ class _Spy:
     the pools paged_attention read and the index_select calls made on the cache."""
 
     def __init__(self, model, monkeypatch):
-        self.forwards, self.caches, self.pools, self.cache_gathers = [], [], [], 0
+        self.forwards, self.tokens, self.caches, self.pools, self.cache_gathers = [], [], [], [], 0
         model.register_forward_pre_hook(self._forward, with_kwargs=True)
         real_paged, real_select = attnlower.ops.paged_attention, torch.index_select
 
@@ -72,6 +72,7 @@ class _Spy:
         cu = kwargs["cu_seq_lens_q"].tolist()
         positions = kwargs["position_ids"][0].tolist()
         self.forwards.append([(b - a, positions[a]) for a, b in zip(cu, cu[1:]) if b > a])
+        self.tokens.append(kwargs["input_ids"].shape[1])
         if all(kwargs["cache"].cache_tensor is not c for c in self.caches):
             self.caches.append(kwargs["cache"].cache_tensor)
 
@@ -128,6 +129,24 @@ def test_sliding_window_layers_read_the_ring_in_place_when_no_chunk_crosses_the_
     assert cb.stats["window_copies"] == before["window_copies"] and cb.stats["new_kv"] == before["new_kv"]
     assert spy.cache_gathers == 0
     assert cb.stats["in_place"] - before["in_place"] == len(spy.pools) > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_static_shapes_of_cuda_graphs_give_the_same_tokens(family, monkeypatch):
+    """With CUDA graphs (or a compile config) transformers pads every batch to static shapes: the token count
+    to a multiple of q_padding_interval_size, empty padding requests, max_length_k rounded up, max_length_q set
+    to the token count. A compile config with Dynamo disabled makes it pad on CPU and run eagerly."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model, prompts = _model(family), _prompts()
+    want = _generate(model, "sdpa", prompts)
+    spy = _Spy(model, monkeypatch)
+    with torch._dynamo.config.patch(disable=True):
+        got = _generate(model, "attnlower", prompts, q_padding_interval_size=16, kv_padding_interval_size=64,
+                        varlen_compile_config=CompileConfig(backend="eager", fullgraph=False, dynamic=True))
+    assert got == want
+    assert all(n % 16 == 0 for n in spy.tokens)
+    assert any(n > sum(t for t, _ in f) for n, f in zip(spy.tokens, spy.forwards))   # padding tokens
 
 
 def test_gemma2_alternating_sliding_and_full_layers_with_softcap_match_paged_eager():
