@@ -17,24 +17,33 @@ request). With attn_implementation="attnlower", each layer:
    sliding-window layer (block table: each request's ring slots in position order, block size 1), with per-row
    key lengths, causal bottom-right alignment and the layer's window.
 
-The op takes one query count Tq for all rows, so the packed queries are regrouped (`_row_layout`): each request's
+When every request of a forward decodes, transformers' decode fast path hands a page table per request instead of
+read / write indices (no index lists built on the host each step; CUDA graphs per power of two of requests): the
+new K/V are written through that table and the op reads it as it is (`decode_layout`). transformers keeps that path
+for flash_attn_with_kvcache only; attnlower takes it wherever the cache's layer types allow (full attention).
+
+The op takes one query count Tq for all rows, so the packed queries are regrouped (`row_layout`): each request's
 queries are cut into segments of S, each segment one row `[Hq, S, D]` with its own key length, padded at the end
-(S = 1 when every request decodes, so a decode batch has no padding; else the kernel's query tile, 16 query
-tokens with a GQA group of 4). Everything is computed on the device from the forward's tensors (cumulative
-lengths, read / write indices), without a host sync, so a captured CUDA graph replays it.
+(`query_segment`: S = 1 when every request decodes, no padding; else as many queries as fill the kernel's query
+tile with the GQA group, at most the longest request's count). Everything is computed on the device from the
+forward's tensors (cumulative lengths, read / write indices, page table), without a host sync, so a captured CUDA
+graph replays it. A varlen query layout in the op (packed `[total_q, Hq, D]` queries with `cu_seqlens_q`, one
+program per request and query tile) would remove the regrouping and its padding.
 
 One case still copies: a sliding-window layer where some request's chunk crosses its window (the layer's
 `max_length_k > sliding_window`, a prompt chunk longer than what the ring holds). Writing first would overwrite
 keys that the chunk's first queries still see, so that layer takes HF's read-then-write (a copy of each request's
 last window; nothing when nothing is cached: then the new K/V are all the keys) and the op reads that
-(`stats["window_copies"]` and `stats["new_kv"]` count these calls).
+(`stats["window_copies"]` and `stats["new_kv"]` count these calls). An op reading the chunk's own K/V from the new
+tensors (the cache for the older keys) would remove it.
 
-Nothing else in transformers' continuous batching offers an extension point for this (transformers 5.25):
+Nothing in transformers' continuous batching offers an extension point for this (transformers 5.25):
 `ContinuousBatchingManager.switch_to_cb_friendly_attn` accepts only "paged|eager", "sdpa" and names containing
-"flash" (a "flash" name makes transformers load a kernel from the Hub), and `PagedAttentionCache.update` reads the
-dense copy before any attention function runs. `enable()` changes exactly those two methods, for models whose
-implementation is "attnlower" only (every other implementation runs transformers' code unchanged). It is written
-against transformers 5.25 and checks the signatures it relies on before patching.
+"flash" (a "flash" name makes transformers load a kernel from the Hub), `PagedAttentionCache.update` reads the
+dense copy before any attention function runs, and `initialization.ensure_decode_fast_path_is_available` keeps the
+decode fast path for flash only. `enable()` changes exactly those three, for models whose implementation is
+"attnlower" only (every other implementation runs transformers' code unchanged). It is written against
+transformers 5.25 and checks the signatures it relies on before patching.
 """
 from __future__ import annotations
 
@@ -52,8 +61,10 @@ KV_KWARG = "attnlower_paged_kv"
 
 # What ran, for tests and benchmarks, in calls of paged_attention: on HF's cache in place ("in_place"), on a copy
 # of a sliding window read out of it ("window_copies"), on the new K/V themselves when nothing was cached
-# ("new_kv"); and the query slots the regrouping added (padding) next to the query tokens.
-stats = {"in_place": 0, "window_copies": 0, "new_kv": 0, "query_tokens": 0, "padded_query_slots": 0}
+# ("new_kv"); of the in-place calls, those of transformers' decode fast path ("decode_fast_path": its page table,
+# no read indices); and the query slots the regrouping added (padding) next to the query tokens.
+stats = {"in_place": 0, "window_copies": 0, "new_kv": 0, "decode_fast_path": 0, "query_tokens": 0,
+         "padded_query_slots": 0}
 
 # Query tokens per row: None follows query_segment's rule; an int forces it (to measure one layout against another).
 QUERY_SEGMENT: int | None = None
@@ -77,13 +88,15 @@ class LayerKV(NamedTuple):
     layer_type: str
     source: str
     cache: Any                         # the PagedAttentionCache: holds the layouts of the current forward
+    block_table: torch.Tensor | None = None   # decode fast path: transformers' [B, max_blocks] page table
+    trash_slot: int = 0                # where the decode fast path writes a padding token's K/V
 
 
 def enable() -> bool:
     """Let transformers' continuous batching run models loaded with attn_implementation="attnlower".
 
-    Called by `attnlower.integrations.hf.register()`. Patches two methods of transformers' continuous batching
-    (see the module docstring: there is no public extension point for either); for any other implementation
+    Called by `attnlower.integrations.hf.register()`. Patches three functions of transformers' continuous batching
+    (see the module docstring: there is no public extension point for any of them); for any other implementation
     they call transformers' own code. Returns False (and warns) when this transformers does not have the
     methods and signatures the patch was written against (5.25); `generate_batch` then refuses "attnlower"
     with transformers' own error. Idempotent.
@@ -93,25 +106,27 @@ def enable() -> bool:
         return True
     try:
         from transformers.generation.continuous_batching import cache as cb_cache
-        from transformers.generation.continuous_batching import continuous_api
+        from transformers.generation.continuous_batching import continuous_api, initialization
     except ImportError:   # a transformers without continuous batching: nothing to enable
         return False
     manager, paged_cache = continuous_api.ContinuousBatchingManager, cb_cache.PagedAttentionCache
     expected = {(manager, "switch_to_cb_friendly_attn"): ["self", "model", "auto_switch_to_flash"],
-                (paged_cache, "update"): ["self", "key_states", "value_states", "layer_idx", "kwargs"]}
-    for (cls, method), params in expected.items():
-        found = getattr(cls, method, None)
+                (paged_cache, "update"): ["self", "key_states", "value_states", "layer_idx", "kwargs"],
+                (initialization, "ensure_decode_fast_path_is_available"): ["config", "cb_config", "user_requested"]}
+    for (owner, name), params in expected.items():
+        found = getattr(owner, name, None)
         got = list(inspect.signature(found).parameters) if found is not None else None
         if got != params:
             import transformers
 
-            warnings.warn(f"attnlower: continuous batching not enabled: expected {cls.__name__}.{method}"
-                          f"({', '.join(params)}) as in transformers {WRITTEN_AGAINST}, got "
-                          f"{'no such method' if got is None else got} in transformers {transformers.__version__}; "
+            warnings.warn(f"attnlower: continuous batching not enabled: expected {getattr(owner, '__name__', owner)}."
+                          f"{name}({', '.join(params)}) as in transformers {WRITTEN_AGAINST}, got "
+                          f"{'nothing' if got is None else got} in transformers {transformers.__version__}; "
                           f"generate_batch() will refuse attn_implementation='{NAME}'", stacklevel=2)
             return False
 
     original_switch, original_update = manager.switch_to_cb_friendly_attn, paged_cache.update
+    original_ensure = initialization.ensure_decode_fast_path_is_available
 
     @functools.wraps(original_switch)
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True):
@@ -126,8 +141,20 @@ def enable() -> bool:
             return original_update(self, key_states, value_states, layer_idx, kwargs)
         return _update(self, original_update, key_states, value_states, layer_idx, kwargs)
 
+    @functools.wraps(original_ensure)
+    def ensure_decode_fast_path_is_available(config, cb_config, user_requested):
+        if _implementation(config) != NAME:
+            return original_ensure(config, cb_config, user_requested)
+        # transformers keeps its decode fast path (a page table per request, no read indices built on the host)
+        # for flash_attn_with_kvcache only; attnlower reads the same table. Only the layer types can rule it out.
+        if not all(cb_cache.ATTN_TYPE_TO_ALLOCATOR[kind].supports_block_table
+                   for kind in cb_cache.group_layers_by_attn_type(config)):
+            cb_config.max_blocks_per_request = 0
+        return None
+
     manager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
     paged_cache.update = update
+    initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
     _enabled = True
     return True
 
@@ -148,13 +175,23 @@ def _update(cache, original_update, key_states, value_states, layer_idx: int, kw
             f"attn_implementation='{NAME}' in continuous batching reads full-attention and sliding-window caches; "
             f"layer {layer_idx} has a {type(allocator).__name__} (e.g. MLA's compressed latents). Load this model "
             "with attn_implementation='sdpa' for generate_batch()")
-    if kwargs.get("block_table") is not None:
-        raise NotImplementedError(
-            f"attn_implementation='{NAME}' got transformers' decode fast path (a block table for "
-            "flash_attn_with_kvcache, which writes the cache itself); set ContinuousBatchingConfig("
-            "max_blocks_per_request=0)")
     layer_type = allocator.layer_type
     window = int(getattr(allocator, "sliding_window", 0) or 0)
+    k_tokens, v_tokens = allocator._kv_token_views[layer_idx]   # [slots, Hkv, D] views of the cache tensor
+    if kwargs.get("block_table") is not None:
+        # transformers' decode fast path (every request decodes one token): a page table per request and no
+        # read / write indices; the new K/V are written here, through that table (flash_attn_with_kvcache's job)
+        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][layer_type].to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][layer_type]
+        block = allocator.tokens_per_page
+        k_pool, v_pool = allocator.get_cache_for_block_table(layer_idx)   # [pages, page_size, Hkv, D]
+        kv = LayerKV(k_pool.transpose(1, 2), v_pool.transpose(1, 2), block, None, None, 0, layer_type, "in_place",
+                     cache, kwargs["block_table"][allocator.index], allocator.write_trash_index)
+        layout = _cached_layout(kv, kwargs, key_states.shape[2], 1)
+        for tokens, new in ((k_tokens, key_states), (v_tokens, value_states)):
+            tokens.index_copy_(0, layout.write_slots, new[0].transpose(0, 1))
+        kwargs[KV_KWARG] = kv
+        return key_states, value_states
     read_index = kwargs["read_index"][allocator.index]
     write_index = kwargs["write_index"][allocator.index]
     if window and kwargs["max_length_k"][layer_type] > window:
@@ -170,7 +207,6 @@ def _update(cache, original_update, key_states, value_states, layer_idx: int, kw
     # transformers' allocator writes the new K/V (an empty read index: its write-only path, nothing read back)
     new_k, new_v = (x.squeeze(0).transpose(0, 1) for x in (key_states, value_states))
     allocator.update(new_k, new_v, layer_idx, read_index[:0], write_index)
-    k_tokens, v_tokens = allocator._kv_token_views[layer_idx]   # [slots, Hkv, D] views of the cache tensor
     # a ring's keys are not page-aligned (slot = position % window): the table then names every slot
     block = 1 if window else allocator.tokens_per_page
     blocks = min(k_tokens.shape[0], v_tokens.shape[0]) // block   # V's view starts a page later: as many as both hold
@@ -187,6 +223,7 @@ class RowLayout(NamedTuple):
     slot_of_token: torch.Tensor  # [N] int64
     seq_lens: torch.Tensor       # [rows] int32: keys the row's last slot sees (0 for an unused row)
     block_table: torch.Tensor    # [rows, max_blocks] int32
+    write_slots: torch.Tensor | None = None   # decode fast path: [N] where each token's new K/V go
 
 
 def query_segment(group: int, head_dim: int, dtype: torch.dtype, max_length_q: int) -> int:
@@ -253,6 +290,26 @@ def row_layout(kv: LayerKV, cu_q: torch.Tensor, cu_k: torch.Tensor, num_tokens: 
     return RowLayout(segment, row, slot, seq_lens, table[row_req])
 
 
+def decode_layout(kv: LayerKV, cu_q: torch.Tensor, cu_k: torch.Tensor, num_tokens: int) -> RowLayout:
+    """transformers' decode fast path: one new token per request, its page table given. Token j of request b is
+    row j with b's lk keys (the last one its own, written at slot `write_slots[j]`); padding tokens past the last
+    request get empty rows and write to transformers' write trash."""
+    device = cu_q.device
+    batch = cu_q.numel() - 1
+    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+    tokens = torch.arange(num_tokens, device=device)
+    req = torch.searchsorted(cu_q[1:].contiguous(), tokens, right=True)
+    real = req < batch
+    req = req.clamp(max=max(batch - 1, 0))
+    lk = (cu_k[1:] - cu_k[:-1])[req]
+    seq_lens = torch.where(real, lk, 0).to(torch.int32)
+    table = kv.block_table[req]
+    last = (lk - 1).clamp(min=0)
+    page = table.gather(1, (last // kv.block_size)[:, None]).squeeze(1).to(torch.int64)
+    write_slots = torch.where(real & (lk > 0), page * kv.block_size + last % kv.block_size, kv.trash_slot)
+    return RowLayout(1, tokens, torch.zeros_like(tokens), seq_lens, table, write_slots)
+
+
 @torch.compiler.disable   # the layout is cached per forward in Python; the op itself is opaque anyway
 def attend(module, query: torch.Tensor, kv: LayerKV, scaling: float | None, sliding_window: int | None,
            softcap: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -265,34 +322,38 @@ def attend(module, query: torch.Tensor, kv: LayerKV, scaling: float | None, slid
                          f"got {list(query.shape)}")
     _, heads, num_tokens, head_dim = query.shape
     window = kv.window or int(sliding_window or 0)   # a full cache with a module window: the op applies it
-    layout = _cached_layout(kv, query, kwargs)
+    group = heads // kv.k_pool.shape[1]
+    segment = 1 if kv.block_table is not None else (
+        QUERY_SEGMENT or query_segment(group, head_dim, query.dtype, int(kwargs["max_length_q"])))
+    layout = _cached_layout(kv, kwargs, num_tokens, segment)
     rows = layout.seq_lens.numel()
     q_rows = query.new_zeros(rows, layout.segment, heads, head_dim)
     q_rows[layout.row_of_token, layout.slot_of_token] = query[0].transpose(0, 1)
     out = ops.paged_attention(q_rows.transpose(1, 2), kv.k_pool, kv.v_pool, layout.block_table, layout.seq_lens,
                               scale=scaling, causal=True, window=window, softcap=float(softcap or 0.0))
     stats[kv.source] += 1
+    stats["decode_fast_path"] += kv.block_table is not None
     stats["query_tokens"] += num_tokens
     stats["padded_query_slots"] += rows * layout.segment - num_tokens
     return out.transpose(1, 2)[layout.row_of_token, layout.slot_of_token].unsqueeze(0)
 
 
-def _cached_layout(kv: LayerKV, query: torch.Tensor, kwargs: dict[str, Any]) -> RowLayout:
+def _cached_layout(kv: LayerKV, kwargs: dict[str, Any], num_tokens: int, segment: int) -> RowLayout:
     """One layout per forward and layer type, shared by the layers: keyed on the forward's cu_seq_lens_q tensor
     object (a new view per forward; the entry keeps it alive so its id is not reused) and on whether a CUDA
     graph is being captured (a capture must record the layout's kernels, not reuse the warm-up's tensors)."""
     cu_q = kwargs["cu_seq_lens_q"]
-    cache = kv.cache
-    capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
-    entry = getattr(cache, "_attnlower_layouts", None)
+    capturing = cu_q.is_cuda and torch.cuda.is_current_stream_capturing()
+    entry = getattr(kv.cache, "_attnlower_layouts", None)
     if entry is None or entry[0] is not cu_q or entry[1] != capturing:
         entry = (cu_q, capturing, {})
-        cache._attnlower_layouts = entry
-    group = query.shape[1] // kv.k_pool.shape[1]
-    segment = QUERY_SEGMENT or query_segment(group, query.shape[-1], query.dtype, int(kwargs["max_length_q"]))
-    key = (kv.layer_type, kv.source, segment)
+        kv.cache._attnlower_layouts = entry
+    key = (kv.layer_type, kv.source, kv.block_table is not None, segment)
     layout = entry[2].get(key)
     if layout is None:
-        layout = row_layout(kv, cu_q, kwargs["cu_seq_lens_k"], query.shape[2], int(kwargs["max_length_k"]), segment)
+        if kv.block_table is not None:
+            layout = decode_layout(kv, cu_q, kwargs["cu_seq_lens_k"], num_tokens)
+        else:
+            layout = row_layout(kv, cu_q, kwargs["cu_seq_lens_k"], num_tokens, int(kwargs["max_length_k"]), segment)
         entry[2][key] = layout
     return layout

@@ -141,11 +141,16 @@ def test_static_shapes_of_cuda_graphs_give_the_same_tokens(family, monkeypatch):
     model, prompts = _model(family), _prompts()
     want = _generate(model, "sdpa", prompts)
     spy = _Spy(model, monkeypatch)
+    compile_config = CompileConfig(backend="eager", fullgraph=False, dynamic=True)
+    before = dict(cb.stats)
     with torch._dynamo.config.patch(disable=True):
         got = _generate(model, "attnlower", prompts, q_padding_interval_size=16, kv_padding_interval_size=64,
-                        varlen_compile_config=CompileConfig(backend="eager", fullgraph=False, dynamic=True))
+                        varlen_compile_config=compile_config, decode_compile_config=compile_config)
     assert got == want
-    assert all(n % 16 == 0 for n in spy.tokens)
+    if family == "llama":   # decode-only forwards padded to a power of two of requests, through their page table
+        assert cb.stats["decode_fast_path"] > before["decode_fast_path"]
+    # prefill forwards padded to multiples of 16 tokens (decode-only ones to powers of two, at most 7 requests)
+    assert all(n % 16 == 0 for n, f in zip(spy.tokens, spy.forwards) if any(t > 1 for t, _ in f))
     assert any(n > sum(t for t, _ in f) for n, f in zip(spy.tokens, spy.forwards))   # padding tokens
 
 

@@ -38,7 +38,7 @@ def _expected(q, k, v, pos, window, softcap=0.0):
     return torch.einsum("ht,htd->hd", p, vv)
 
 
-def _batch(requests, layout, window=0, pad_tokens=0, pad_requests=0, pad_keys=0, seed=0):
+def _batch(requests, layout, window=0, pad_tokens=0, pad_requests=0, pad_keys=0, seed=0, block_table=False):
     """A forward of `requests` [(past, new)] over a cache laid out as `layout` ("pages", "ring" or "dense").
 
     Returns (query [1, Hq, N, D], LayerKV, kwargs, expected [N_real, Hq, D]). Positions: request b's new tokens
@@ -54,6 +54,7 @@ def _batch(requests, layout, window=0, pad_tokens=0, pad_requests=0, pad_keys=0,
     k_tokens[:PAGE] = 0
     v_tokens[:PAGE] = 0
     cu_q, cu_k, reads, writes, dense_k, dense_v, queries, expected = [0], [0], [], [], [], [], [], []
+    page_lists = []
     for past, new in requests:
         total = past + new
         k_true = torch.randn(total, HKV, D, generator=g, dtype=torch.float64)
@@ -61,6 +62,7 @@ def _batch(requests, layout, window=0, pad_tokens=0, pad_requests=0, pad_keys=0,
         q = torch.randn(new, HQ, D, generator=g, dtype=torch.float64)
         if layout == "pages":
             pages = [free_pages.pop() for _ in range(-(-total // PAGE))]
+            page_lists.append(pages)
 
             def slot(p, pages=pages):
                 return pages[p // PAGE] * PAGE + p % PAGE
@@ -105,6 +107,12 @@ def _batch(requests, layout, window=0, pad_tokens=0, pad_requests=0, pad_keys=0,
               "cu_seq_lens_k": torch.tensor(cu_k, dtype=torch.int32),
               "max_length_q": query.shape[2] if pad_tokens else max(n for _, n in requests),
               "max_length_k": max(lengths) + pad_keys}
+    if block_table:   # transformers' decode fast path: its page table (-1 past a request's pages), no indices
+        width = max(len(pages) for pages in page_lists) + 2
+        table = torch.full((len(cu_q) - 1, width), -1, dtype=torch.int32)
+        for b, pages in enumerate(page_lists):
+            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        kv = kv._replace(read_index=None, write_index=None, block_table=table, trash_slot=num_slots - 1)
     return query, kv, kwargs, torch.stack(expected)[:num_real]
 
 
@@ -169,3 +177,22 @@ def test_a_batch_packed_in_more_than_one_row_is_refused():
     query, kv, kwargs, _ = _batch(REQUESTS, "pages")
     with pytest.raises(ValueError, match=r"expected query \[1, Hq, N, D\]"):
         cb.attend(_Module(), query.expand(2, -1, -1, -1), kv, SCALE, None, None, kwargs)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "graph-padded"])
+def test_decode_fast_path_reads_transformers_page_table(pad):
+    """Every request decodes: transformers hands its page table instead of indices. One row per token, the
+    request's pages as they are; the new token's K/V slot is its last key's; padding tokens write to the trash."""
+    requests = [(5, 1), (12, 1), (1, 1), (30, 1), (0, 1)]
+    query, kv, kwargs, want = _batch(requests, "pages", pad_tokens=3 if pad else 0, pad_requests=3 if pad else 0,
+                                     block_table=True)
+    before = dict(cb.stats)
+    out = cb.attend(_Module(), query, kv, SCALE, None, None, kwargs)
+    torch.testing.assert_close(out[0, :len(requests)], want, rtol=1e-10, atol=1e-10)
+    assert cb.stats["decode_fast_path"] == before["decode_fast_path"] + 1
+    assert cb.stats["padded_query_slots"] == before["padded_query_slots"]
+    layout = cb.decode_layout(kv, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], query.shape[2])
+    table = kv.block_table
+    expected_slots = [int(table[b, past // PAGE]) * PAGE + past % PAGE for b, (past, _) in enumerate(requests)]
+    assert layout.write_slots[:len(requests)].tolist() == expected_slots
+    assert layout.write_slots[len(requests):].tolist() == [kv.trash_slot] * (query.shape[2] - len(requests))
