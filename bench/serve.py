@@ -127,8 +127,14 @@ def run_requests(manager, requests, timeout: float) -> tuple[float, dict[str, li
 
 
 def bench_impl(args, model, impl: str, batches: dict[int, list]) -> dict:
+    import transformers
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
+    from attnlower.integrations import continuous_batching
+
+    if impl == "attnlower" and not continuous_batching.enable():
+        raise RuntimeError(f"attnlower's continuous batching is written against transformers "
+                           f"{continuous_batching.WRITTEN_AGAINST}, this is {transformers.__version__} (see the warning)")
     model.set_attn_implementation(impl)
     config = dict(page_size=args.page_size, max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks,
                   **graph_settings(args, impl))

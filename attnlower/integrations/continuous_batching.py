@@ -106,23 +106,30 @@ def enable() -> bool:
         return True
     try:
         from transformers.generation.continuous_batching import cache as cb_cache
-        from transformers.generation.continuous_batching import continuous_api, initialization
-    except ImportError:   # a transformers without continuous batching: nothing to enable
+        from transformers.generation.continuous_batching import cache_allocators, continuous_api, initialization
+    except ImportError:   # a transformers without continuous batching (or without its 5.25 layout): nothing to do
         return False
     manager, paged_cache = continuous_api.ContinuousBatchingManager, cb_cache.PagedAttentionCache
+    full = getattr(cache_allocators, "FullAttentionCacheAllocator", None)
+    # what the patch and _update call, with the parameters transformers 5.25 gives them (None: exists)
     expected = {(manager, "switch_to_cb_friendly_attn"): ["self", "model", "auto_switch_to_flash"],
                 (paged_cache, "update"): ["self", "key_states", "value_states", "layer_idx", "kwargs"],
-                (initialization, "ensure_decode_fast_path_is_available"): ["config", "cb_config", "user_requested"]}
+                (initialization, "ensure_decode_fast_path_is_available"): ["config", "cb_config", "user_requested"],
+                (full, "update"): ["self", "key_states", "value_states", "layer_idx", "read_index", "write_index"],
+                (full, "get_cache_for_block_table"): ["self", "layer_idx"],
+                (cb_cache, "group_layers_by_attn_type"): ["config"], (cb_cache, "ATTN_TYPE_TO_ALLOCATOR"): None}
     for (owner, name), params in expected.items():
         found = getattr(owner, name, None)
-        got = list(inspect.signature(found).parameters) if found is not None else None
-        if got != params:
+        got = None if found is None else list(inspect.signature(found).parameters) if callable(found) else None
+        if found is None or (params is not None and got != params):
             import transformers
 
-            warnings.warn(f"attnlower: continuous batching not enabled: expected {getattr(owner, '__name__', owner)}."
-                          f"{name}({', '.join(params)}) as in transformers {WRITTEN_AGAINST}, got "
-                          f"{'nothing' if got is None else got} in transformers {transformers.__version__}; "
-                          f"generate_batch() will refuse attn_implementation='{NAME}'", stacklevel=2)
+            where = getattr(owner, "__name__", type(owner).__name__)
+            warnings.warn(f"attnlower: continuous batching not enabled: expected {where}.{name}"
+                          f"{'' if params is None else '(' + ', '.join(params) + ')'} as in transformers "
+                          f"{WRITTEN_AGAINST}, got {'nothing' if found is None else got} in transformers "
+                          f"{transformers.__version__}; generate_batch() will refuse attn_implementation='{NAME}'",
+                          stacklevel=2)
             return False
 
     original_switch, original_update = manager.switch_to_cb_friendly_attn, paged_cache.update

@@ -215,3 +215,15 @@ def test_continuous_batching_kwargs_without_attnlowers_update_are_refused():
     with pytest.raises(RuntimeError, match=r"continuous_batching\.enable\(\)"):
         hf.attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3]),
                              read_index=[torch.arange(3)])
+
+
+def test_enable_refuses_a_transformers_whose_signatures_differ(monkeypatch):
+    """Written against transformers 5.25: a method with other parameters is not patched over, and says why."""
+    from transformers.generation.continuous_batching import continuous_api
+
+    monkeypatch.setattr(cb, "_enabled", False)
+    monkeypatch.setattr(continuous_api.ContinuousBatchingManager, "switch_to_cb_friendly_attn",
+                        lambda self, model: None)
+    with pytest.warns(UserWarning, match=r"expected ContinuousBatchingManager\.switch_to_cb_friendly_attn\(self, "
+                                         r"model, auto_switch_to_flash\) as in transformers 5\.25, got \['self', 'model'\]"):
+        assert cb.enable() is False
