@@ -111,6 +111,22 @@ def test_generate_batch_matches_sdpa_and_reads_the_cache_in_place(family, monkey
         assert spy.cache_gathers == 2 * copies   # K and V of each copy; none for the other calls
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_generate_batch_through_the_triton_kernels_matches_sdpa(family, monkeypatch):
+    """The same through the paged Triton kernel (interpreted on CPU) instead of the reference."""
+    from attnlower.lowering import launch_paged
+
+    model, prompts = _model(family), _prompts((3, 17, 9, 5))
+    want = _generate(model, "sdpa", prompts, max_new_tokens=6)
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+    launches = []
+    real = launch_paged.paged_forward
+    monkeypatch.setattr(launch_paged, "paged_forward", lambda *a, **k: launches.append(1) or real(*a, **k))
+    before = cb.stats["in_place"] + cb.stats["window_copies"] + cb.stats["new_kv"]
+    assert _generate(model, "attnlower", prompts, max_new_tokens=6) == want
+    assert len(launches) == cb.stats["in_place"] + cb.stats["window_copies"] + cb.stats["new_kv"] - before > 0
+
+
 def test_sdpa_gathers_the_cache_that_attnlower_reads_in_place(monkeypatch):
     """The contrast the in-place claim rests on: HF's own sdpa path index_selects K and V out of the cache."""
     model = _model("llama")

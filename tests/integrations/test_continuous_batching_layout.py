@@ -196,3 +196,31 @@ def test_decode_fast_path_reads_transformers_page_table(pad):
     expected_slots = [int(table[b, past // PAGE]) * PAGE + past % PAGE for b, (past, _) in enumerate(requests)]
     assert layout.write_slots[:len(requests)].tolist() == expected_slots
     assert layout.write_slots[len(requests):].tolist() == [kv.trash_slot] * (query.shape[2] - len(requests))
+
+
+def _as_float32(query, kv, want):
+    pools = {"k_pool": kv.k_pool.float(), "v_pool": kv.v_pool.float()}
+    return query.float(), kv._replace(**pools), want.float()
+
+
+@pytest.mark.parametrize("segment", [None, 1])
+@pytest.mark.parametrize("layout", ["pages", "ring", "dense", "decode fast path"])
+def test_the_triton_kernel_reads_the_same_rows(layout, segment, monkeypatch):
+    """The rows, key lengths and block tables over HF-shaped views (strided pages, block size 1 rings) through
+    the Triton kernel (interpreted on CPU), not only the reference."""
+    from attnlower.lowering import launch_paged
+
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+    monkeypatch.setattr(cb, "QUERY_SEGMENT", segment)
+    launches = []
+    real = launch_paged.paged_forward
+    monkeypatch.setattr(launch_paged, "paged_forward", lambda *a, **k: launches.append(1) or real(*a, **k))
+    if layout == "decode fast path":
+        batch = _batch([(5, 1), (12, 1), (1, 1), (30, 1)], "pages", pad_tokens=2, pad_requests=2, block_table=True)
+    else:
+        window = 0 if layout == "pages" else 10
+        batch = _batch(REQUESTS, layout, window, pad_tokens=3, pad_requests=1, pad_keys=5)
+    query, kv, want = _as_float32(*batch[:2], batch[3])
+    out = cb.attend(_Module(), query, kv, SCALE, kv.window or None, None, batch[2])
+    torch.testing.assert_close(out[0, :want.shape[0]], want, rtol=1e-5, atol=1e-5)
+    assert launches == [1]
