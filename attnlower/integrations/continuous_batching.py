@@ -62,7 +62,8 @@ KV_KWARG = "attnlower_paged_kv"
 # What ran, for tests and benchmarks, in calls of paged_attention: on HF's cache in place ("in_place"), on a copy
 # of a sliding window read out of it ("window_copies"), on the new K/V themselves when nothing was cached
 # ("new_kv"); of the in-place calls, those of transformers' decode fast path ("decode_fast_path": its page table,
-# no read indices); and the query slots the regrouping added (padding) next to the query tokens.
+# no read indices); and the query slots the regrouping added (padding) next to the query tokens. Counted in Python:
+# a CUDA graph's replays are not counted, its capture is.
 stats = {"in_place": 0, "window_copies": 0, "new_kv": 0, "decode_fast_path": 0, "query_tokens": 0,
          "padded_query_slots": 0}
 
