@@ -49,7 +49,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     graph_id = next(_graph_ids)
     target = target_for(_device_of(example_inputs))
     report = keep(CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
-                                graph_breaks=new_graph_breaks()))
+                                graph_breaks=new_graph_breaks(), passes_enabled=opts.enable))
 
     try:
         aten_gm = to_aten(gm, example_inputs)
