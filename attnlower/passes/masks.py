@@ -35,7 +35,7 @@ from .site import AlibiInfo, Context, MaskInfo
 from .buffers import describe_guard, static_value
 from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
 from .visibility import MASKED, Visibility
-from .vocabulary import (BROADCASTS, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
+from .vocabulary import (BROADCASTS, value_of, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          size_read_index, sizes_equal)
 
 aten = torch.ops.aten
@@ -178,7 +178,7 @@ def _paged_reading(m) -> MaskInfo:
             return MaskInfo("tensor", reason=f"the mask is applied to scores of shape {list(shape)}, not the "
                                              f"[B={m.batch}, H={m.q_heads}, Tq, Tk] the lengths are read against")
     return classify_length_mask([(t.node, POLARITY_OF_TERM[t.kind], t.row_inserted) for t in m.terms],
-                                m.q_len, m.k_len)
+                                m.q_len, m.k_len, batch=m.batch, q_heads=m.q_heads)
 
 
 # Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
@@ -286,6 +286,7 @@ class _GraphFacts:
         self.finite_fills: set[float] = set()  # masking values met that are finite (finfo.min, not -inf)
         self.speculated: set[fx.Node] = set()  # module buffers whose value an evaluation read (buffers.py)
         self.shape_env = self._find_shape_env(list(self.ancestors) + list(sizes))
+        self.score_sizes: dict = {}  # score index symbol -> its size, where the caller knows it
 
     @staticmethod
     def _value_inputs(node: fx.Node) -> list[fx.Node]:
@@ -1127,7 +1128,8 @@ _LB = sympy.Symbol("L_b", integer=True)
 SCORE_INDICES = {4: (_B, _H, _I, _J), 3: (_B, _H, _J)}
 
 
-def classify_length_mask(masks: list[tuple[fx.Node, str, bool]], q_len, k_len) -> MaskInfo:
+def classify_length_mask(masks: list[tuple[fx.Node, str, bool]], q_len, k_len, *, batch=None,
+                         q_heads=None) -> MaskInfo:
     """The paged op's mask, proven for every length: kind "length" (key j visible iff j < L[b]),
     "causal+length" (also j <= L[b] - Tq + i: query i sits at position L[b] - Tq + i, the chunk aligned
     to each sequence's end) or "band+length" (also j > L[b] - Tq + i - window), with `lengths` the
@@ -1137,8 +1139,11 @@ def classify_length_mask(masks: list[tuple[fx.Node, str, bool]], q_len, k_len) -
     `row_inserted` says the scores had no query dim where the term was applied (a decode einsum's [B, H, Tk]).
     Every masked key must take -inf: a finite masking value gives a sequence with no visible key the
     average of its masked keys, which the paged op does not compute.
+    `batch` / `q_heads`: the scores' B and H where known (with B = 1 and one length, the lengths read at
+    index 0 are read at the batch index).
     """
     facts = _GraphFacts([m for m, _, _ in masks], (q_len, k_len))
+    facts.score_sizes = {_B: batch, _H: q_heads, _I: q_len, _J: k_len}
     try:
         return _classify_lengths(masks, q_len, k_len, facts)
     except _Refusal as refusal:
@@ -1179,7 +1184,7 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
             raise _Refusal(f"{_describe(factor.value)} is not a relation of positions and lengths: {e}") from e
         if read.kind != "bool":
             raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
-        formula = _at_score_indices(read, rank, facts)
+        formula = _at_score_indices(read, rank, facts, reader.lengths)
         atoms += _conjuncts(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
     if facts.finite_fills:
         raise _Refusal(_finite_fill_reason(facts))
@@ -1204,9 +1209,10 @@ def _finite_fill_reason(facts: _GraphFacts) -> str:
             "them, which the paged op does not compute")
 
 
-def _at_score_indices(read, rank: int, facts: _GraphFacts) -> sympy.Basic:
+def _at_score_indices(read, rank: int, facts: _GraphFacts, lengths: fx.Node | None = None) -> sympy.Basic:
     """`read`'s formula with its own indices renamed to the scores' (b, h, i, j), right-aligned; the
-    lengths read at the batch index become the symbol L_b."""
+    lengths read at the batch index become the symbol L_b (with a batch of one and one length, index 0 is
+    the batch index)."""
     names = SCORE_INDICES[rank]
     shift = rank - len(read.shape)
     mapping = {}
@@ -1218,6 +1224,8 @@ def _at_score_indices(read, rank: int, facts: _GraphFacts) -> sympy.Basic:
         else:
             mapping[INDEX[k]] = names[k + shift]
     formula = read.value.xreplace(mapping)
+    if _is_one(facts.score_sizes.get(_B), facts) and lengths is not None and _is_one(_numel(lengths), facts):
+        formula = formula.xreplace({LENGTH(sympy.Integer(0)): LENGTH(_B)})  # a batch of one: b is 0
     for applied in formula.atoms(sympy.core.function.AppliedUndef):
         if applied.func == LENGTH and applied.args != (_B,):
             raise _Refusal(f"the lengths are read at index {applied.args[0]}, not at the batch index b")
@@ -1225,6 +1233,15 @@ def _at_score_indices(read, rank: int, facts: _GraphFacts) -> sympy.Basic:
     if formula.free_symbols & {_B, _H}:
         raise _Refusal("the mask varies over the batch or the heads other than through the lengths")
     return formula
+
+
+def _is_one(size, facts: _GraphFacts) -> bool:
+    return size is not None and facts.same_size(size, 1)
+
+
+def _numel(node: fx.Node):
+    value = value_of(node)
+    return value.numel() if isinstance(value, torch.Tensor) else None
 
 
 def _conjuncts(formula, node: fx.Node) -> list[sympy.Expr]:

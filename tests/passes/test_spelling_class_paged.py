@@ -104,6 +104,29 @@ def test_decode_length_mask_spellings(fn):
     paged_site(sites)
 
 
+@pytest.mark.parametrize("fn", [S.vllm_decode, additive_length_bias, hf_repeat_kv_masked_fill, expanded_keep_mask],
+                         ids=["vllm", "additive_inf", "repeat_kv_masked_fill", "expanded_keep"])
+def test_decode_batch_of_one(fn):
+    """B = 1: `seq_lens[:, None, None, None]` has size 1 where the scores' batch does too; index 0 there is
+    the batch index (not a single length broadcast over a batch)."""
+    q, cache, table, lens = S.paged_inputs(1, layout="vllm")
+    _, sites = S.check_forward(fn, q[:1], cache, table[:1], lens[1:2])
+    paged_site(sites)
+
+
+def one_length_for_the_batch(q, kv_cache, block_tables, seq_lens):
+    """One length (a [1] tensor) broadcast over a batch of two: not the paged op's lengths [B]."""
+    k, v = _gathered(kv_cache, block_tables)
+    keep = torch.arange(k.shape[2])[None, None, None, :] < seq_lens[:1, None, None, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+
+def test_one_length_broadcast_over_the_batch_is_not_paged():
+    _, sites = S.check_forward(one_length_for_the_batch, *S.paged_inputs(1, layout="vllm"))
+    site = S.only(sites)
+    assert site.op != PAGED, S.describe([site])
+
+
 # ---- chunked prefill --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
