@@ -12,13 +12,19 @@ import math
 import torch
 import torch.fx as fx
 
-from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
+from ..lowering import plan as _plan
+from ..lowering.plan import MAX_HEAD_DIM   # the dense kernels pad each head dim to a power of two up to this
 from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
                    ScoreTerm)
 from .masks import LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
 from .vocabulary import shape_of, size_sources, sizes_equal, value_of
+
+# The paged kernel's limits (docs/design/issue21.md: MLA's absorbed decode reads q/k of 576 = 512 + 64 dims in
+# chunks and holds up to 512 value dims); the dense limit until the lowering states its own.
+PAGED_MAX_HEAD_DIM_QK = getattr(_plan, "PAGED_MAX_HEAD_DIM_QK", MAX_HEAD_DIM)
+PAGED_MAX_HEAD_DIM_V = getattr(_plan, "PAGED_MAX_HEAD_DIM_V", MAX_HEAD_DIM)
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -39,6 +45,16 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
+def head_dim_problem(head_dim, v_head_dim, limit_qk: int, limit_v: int, kernels: str) -> str:
+    """Why the head dims exceed what `kernels` keep in registers (q/k up to `limit_qk`, v up to `limit_v`), or "".
+    Dv may differ from Dqk (MLA: 192 / 128): each dim has its own tile."""
+    for what, dim, limit in (("q/k", head_dim, limit_qk), ("v", v_head_dim, limit_v)):
+        if isinstance(dim, int) and dim > limit:
+            return (f"{what} head dim {dim} > {limit}: {kernels} keep a whole head of {what} in registers "
+                    f"(expected {what}'s head dim <= {limit})")
+    return ""
+
+
 def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo | None) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is one the paged op computes
     (`paged_mask`, read by `masks.classify_length_mask`): none, `key < lengths[b]`, and causal or a
@@ -52,6 +68,9 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
         return None, "is_causal on a gathered cache (top-left causal is not the paged op's alignment)"
     if not (bool(pk.block_size == pv.block_size) and bool(pk.heads == pv.heads)):
         return None, "K and V pools differ in block size or heads"
+    problem = head_dim_problem(m.head_dim, m.v_head_dim, PAGED_MAX_HEAD_DIM_QK, PAGED_MAX_HEAD_DIM_V, "the paged kernel")
+    if problem:
+        return None, problem
     mask = paged_mask if paged_mask is not None else MaskInfo("none", reason="no mask")
     if mask.kind not in ("none",) + LENGTH_KINDS:
         return None, f"the mask is not one the paged op computes: {mask.reason}"
@@ -66,7 +85,7 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
         return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
-        op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
+        op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim,
         dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
         window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
         paged_block_size=pk.block_size, target=target.describe())
@@ -98,10 +117,9 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     for name, ref in (("k", m.k), ("v", m.v)):
         if value_of(ref.source).dtype != dtype:
             raise Refused(f"{name} is {value_of(ref.source).dtype} but q is {dtype}")
-    if isinstance(m.head_dim, int) and m.head_dim > MAX_HEAD_DIM:
-        raise Refused(f"head_dim {m.head_dim} > {MAX_HEAD_DIM}: the kernels keep a whole head in registers")
-    if not bool(m.head_dim == m.v_head_dim):
-        raise Refused(f"V head dim {m.v_head_dim} differs from Q/K head dim {m.head_dim}")
+    dense_problem = head_dim_problem(m.head_dim, m.v_head_dim, MAX_HEAD_DIM, MAX_HEAD_DIM, "the dense kernels")
+    if dense_problem and m.paged is None:
+        raise Refused(dense_problem)
     if not bool(m.q_heads % m.kv_heads == 0):
         raise Refused(f"{m.q_heads} query heads are not a multiple of {m.kv_heads} K/V heads")
     if not math.isfinite(m.scale) or m.scale <= 0:
@@ -113,6 +131,8 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
+        if dense_problem:
+            raise Refused(f"{dense_problem} (a paged gather was seen, but {paged_note})")
         paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
 
     causal, bottom_right, window = m.is_causal, False, 0
@@ -178,7 +198,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
     empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
     spec = AttentionSpec(
-        op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=str(dtype).replace("torch.", ""),
+        op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         alibi=alibi_used is not None, target=target.describe(),

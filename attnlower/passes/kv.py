@@ -297,7 +297,17 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
                 return j
         return None
 
+    def find_prefix(sub):
+        # the head dim may read a prefix of the pool's (MLA: values are the latent's first R dims)
+        for j, ps in pool_sub.items():
+            if (not is_one(ps[0]) and sizes_equal(ps[1], sub[1]) and isinstance(ps[0], int)
+                    and isinstance(sub[0], int) and sub[0] < ps[0]):
+                return j
+        return None
+
     j_blk, j_d = find(offset), find(d_subs[0])
+    if j_d is None:
+        j_d = find_prefix(d_subs[0])
     j_h = find(head_subs[0]) if head_subs else None
     used = {j for j in (j_blk, j_d, j_h) if j is not None}
     if j_blk is None or j_d is None or (head_subs and j_h is None) or len(used) != len(
@@ -317,5 +327,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     for n in chain[:-1]:
         if is_scale_node(n):
             scale *= scale_of(n)[1]
+    head_dim = d_subs[0][0]
     return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
-                    block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
+                    block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale,
+                    head_dim=None if sizes_equal(head_dim, pool_sub[j_d][0]) else head_dim)

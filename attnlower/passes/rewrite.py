@@ -346,6 +346,8 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
         pool = ref.pool
         if ref.pool_perm != (0, 1, 2, 3):
             pool = emit(aten.permute.default, (pool, list(ref.pool_perm)))
+        if ref.head_dim is not None:   # the pool's first head_dim entries (a view: MLA's values inside its keys)
+            pool = emit(aten.slice.Tensor, (pool, 3, 0, ref.head_dim))
         pools.append(pool)
     table = plan.k.table
     if value_of(table).dtype != torch.int32:

@@ -132,6 +132,7 @@ class PagedRef:
     block_size: object
     length: object            # max_blocks * block_size: the gathered length
     scale: float
+    head_dim: object = None   # read a prefix of the pool's head dim (`pool[..., :R]`, MLA's values); None: all of it
 
 
 @dataclass(kw_only=True)
@@ -215,8 +216,9 @@ class AttentionSpec:
     op: str
     q_heads: object
     kv_heads: object
-    head_dim: object
+    head_dim: object                   # q / k (Dqk)
     dtype: str
+    v_head_dim: object = None          # v and the output (Dv; MLA: differs from Dqk)
     causal: bool = False
     bottom_right: bool = False
     window: int = 0
