@@ -17,7 +17,8 @@ attnlower's ops on them directly:
 - with no mask, the call is causal exactly as HF's SDPA integration makes it (top-left, only
   when Tq > 1 and the module is causal); a `sliding_window` then runs `sliding_window_attention`;
 - `scaling`, `softcap` (Gemma-2's attn_logit_softcapping), `dropout` and GQA (Hkv < Hq, no
-  repeat_kv) come from the model's attention module;
+  repeat_kv) come from the model's attention module; GPT-OSS's sinks (`s_aux`) become the ops' `sinks`;
+  a value head dim of its own (DeepSeek's MLA) is passed as it is;
 - keys / values from a `PagedCache` are read in place by `paged_attention`.
 """
 from __future__ import annotations
@@ -49,12 +50,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (`[B, Tq, Hq, D]`, None). Attention weights are never materialized, so none are returned."""
     from attnlower import ops
 
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which the attnlower "
-                                  "ops do not compute; use attn_implementation='eager' for this model")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and not _ops_take("flash_attention", "sinks"):
+        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which this version of "
+                                  "the attnlower ops does not compute; use attn_implementation='eager' for this model")
+    extra = {} if sinks is None else {"sinks": sinks}
     paged = getattr(key, "_attnlower_paged", None)
     if paged is not None:
-        return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout)
+        return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout, sinks)
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA integration: causal only without a mask and for more than one query,
@@ -70,13 +73,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             bias = position_bias.masked_fill(~bias, float("-inf"))
         else:
             bias = position_bias + bias
-    common = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0))
+    common = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0), **extra)
     window = int(sliding_window or 0)
     if causal and window and key.shape[2] > window:
         out = ops.sliding_window_attention(query, key, value, window, bias, **common)
     else:
         out = ops.flash_attention(query, key, value, bias, causal=causal, **common)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _ops_take(op: str, argument: str) -> bool:
+    """Whether the op `attnlower::<op>` has the argument `argument` (the issue-21 features reach the ops in steps)."""
+    from attnlower.passes.analyze import op_takes
+
+    return op_takes(op, argument)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,8 +144,8 @@ class PagedLayer(DynamicLayer):
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
 
-    def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout):
-        """attention_forward on this layer's pools: paged_attention with the module's options."""
+    def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout, sinks=None):
+        """attention_forward on this layer's pools: paged_attention with the module's options (and its sinks)."""
         from attnlower import ops
 
         if dropout:
@@ -145,8 +155,9 @@ class PagedLayer(DynamicLayer):
         window = int(sliding_window or 0)
         if attention_mask is not None:
             self._check_mask(attention_mask, query.shape[2], causal, window)
+        extra = {} if sinks is None else {"sinks": sinks}
         out = ops.paged_attention(query, self.keys, self.values, self.block_table, self.seq_lens,
-                                  scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0))
+                                  scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0), **extra)
         return out.transpose(1, 2).contiguous(), None
 
     def _check_mask(self, mask, q_len: int, causal: bool, window: int) -> None:

@@ -45,6 +45,30 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
+def op_takes(op: str, argument: str) -> bool:
+    """Whether `torch.ops.attnlower.<op>` has an argument `argument` (its schema, as the lowering registered
+    it): the features of issue 21 (`sinks`, `doc_ids`) reach the pass side before every op has them."""
+    import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
+
+    overload = getattr(getattr(torch.ops.attnlower, op), "default")
+    return any(a.name == argument for a in overload._schema.arguments)
+
+
+def _needs_argument(op: str, argument: str, what: str) -> None:
+    if not op_takes(op, argument):
+        raise Refused(f"{what}: attnlower::{op} takes no `{argument}` argument yet (issue 21, "
+                      f"docs/design/issue21.md: the op side adds it)")
+
+
+def _sinks_note(m: AttentionMatch) -> str:
+    if m.sinks is None:
+        return ""
+    how = {"concat": f"a column concatenated to the scores at {m.sinks.at.name}, dropped before P·V",
+           "logsumexp": f"logaddexp with the row's logsumexp at {m.sinks.at.name}",
+           "rescale": f"the output rescaled by exp(lse - logaddexp(lse, sink)) at {m.sinks.at.name}"}[m.sinks.form]
+    return f"; per-head sinks `{m.sinks.source.name}` in the softmax denominator ({how})"
+
+
 def head_dim_problem(head_dim, v_head_dim, limit_qk: int, limit_v: int, kernels: str) -> str:
     """Why the head dims exceed what `kernels` keep in registers (q/k up to `limit_qk`, v up to `limit_v`), or "".
     Dv may differ from Dqk (MLA: 192 / 128): each dim has its own tile."""
@@ -83,9 +107,12 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                       f"visible key; the lengths are data, so seq_len >= Tq is not proven")
     if seq_lens is None and not bool(m.q_len <= pk.length):
         return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
+    if m.sinks is not None and not op_takes("paged_attention", "sinks"):
+        return None, "paged_attention takes no `sinks` argument yet (issue 21)"
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim,
+        sinks=m.sinks is not None,
         dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
         window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
         paged_block_size=pk.block_size, target=target.describe())
@@ -94,7 +121,9 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                                           else "; every gathered key visible"))
     # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
     # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
-    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
+    # (with sinks no row is empty: the sink takes the whole softmax, out 0, as the op computes)
+    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax and m.sinks is None
+    why += _sinks_note(m)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
                     speculated=mask.speculated_from), ""
 
@@ -165,7 +194,13 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     if len(terms) == 1 and classified is None:
         raise ValueError("analyze_site: a site with one mask term needs its classification "
                          "(masks.classify_mask of the term; the classify_masks stage records it)")
-    if finite:
+    if finite and m.sinks is not None and all(t.value <= SINK_FILL for t in finite):
+        # every row keeps its sink as a visible logit: a filled key weighs exp(fill - max) <= exp(fill - sink),
+        # 0 in fp32 as for -inf, for any sink above fill + 104 (fp16's finfo.min: every sink fp16 can hold but
+        # the 104 lowest)
+        fill_note = (f"; the fill {max(t.value for t in finite):g} is -inf masking: every row keeps its sink, "
+                     f"a filled key weighs exp(fill - sink) = 0 in fp32 for any sink above fill + {EXP_UNDERFLOW:g}")
+    elif finite:
         # a finite fill is -inf masking only where proven (`_finite_fill_problem`); else it needs the op's
         # fill mode (masked scores take the value), which the ops do not have yet
         problem = _finite_fill_problem(m, finite, classified)
@@ -196,16 +231,28 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     op = "sliding_window_attention" if window > 0 else "flash_attention"
     if op not in allowed_ops:
         raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
-    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
+    if m.sinks is not None:
+        _needs_argument(op, "sinks", "per-head sinks in the softmax denominator")
+        if m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax:
+            # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
+            raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
+                          f"visible key: eager gives NaN there, the op with sinks 0")
+    # with sinks no row is empty (the sink takes the whole softmax: out 0, as eager gives)
+    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax and m.sinks is None)
     spec = AttentionSpec(
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
-        alibi=alibi_used is not None, target=target.describe(),
+        alibi=alibi_used is not None, sinks=m.sinks is not None, target=target.describe(),
     )
-    why = _why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
+    why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
+           + _head_scale_note(m))
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 
+
+# With sinks, a finite fill at or below this masks as -inf does (fp16's finfo.min, what HF fills fp16 masks with):
+# the sink stays visible in every row, and a learned logit does not sit within EXP_UNDERFLOW of it.
+SINK_FILL = float(torch.finfo(torch.float16).min)
 
 # fp32 exp(x) is exactly 0 for x < ln(2^-150) = -103.97 (2^-149 is the smallest denormal; the kernels' exp2 of
 # x * log2(e) underflows at the same point): a masked key whose score is this far below its row's maximum
@@ -330,6 +377,20 @@ def term_shape(term: ScoreTerm) -> list:
 def problem_shape(m: AttentionMatch) -> list:
     """The attention problem's [B, Hq, Tq, Tk]."""
     return [m.batch, m.q_heads, m.q_len, m.k_len]
+
+
+def _split_note(m: AttentionMatch) -> str:
+    """What reading a split head dim (`Q·Kᵀ + Q2·K2ᵀ`) as one product costs."""
+    if m.split is None:
+        return ""
+    from .rewrite import adjacent_key_parts
+
+    q2, k2 = m.split
+    parts = f"Q·Kᵀ + Q2·K2ᵀ is one product over head dims {m.head_dim} = q/k parts side by side"
+    if adjacent_key_parts(m) is not None:
+        return f"; {parts}: K read as one view of {m.k.source.args[0].name}, q concatenated per call"
+    return (f"; {parts}: q and K concatenated per call (K from {m.k.source.name} and {k2.source.name}: keep "
+            f"latent and rotary key in one buffer to avoid the copy)")
 
 
 def _head_scale_note(m: AttentionMatch) -> str:

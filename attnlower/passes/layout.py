@@ -265,7 +265,7 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
                                                    or sizes_equal(end, size)):
             return layout
-        if (start in (None, 0)) and step == 1 and not (isinstance(end, int) and end < 0):
+        if (start in (None, 0)) and step == 1:
             # a prefix (MLA's `kv[..., :kv_lora_rank]`): the same memory, fewer entries of one dim
             return layout.prefix(dim, shape_of(node)[dim])
         raise NotAView("a real slice")

@@ -150,6 +150,8 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     q's dtype: the op takes q, k and v of one dtype.
     """
     q = _prepare(emit, m.q)
+    if m.split is not None:     # a split head dim: the op reads the parts side by side
+        q = emit(aten.cat.default, ([q, _prepare(emit, m.split[0])], -1), name="attnlower_q_parts")
     if m.head_scale is None:
         return q
     hs = m.head_scale
@@ -159,6 +161,39 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     if value_of(scaled) is not None and value_of(scaled).dtype != dtype:
         scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
     return scaled
+
+
+def adjacent_key_parts(m: AttentionMatch) -> fx.Node | None:
+    """The buffer K1 and K2 of a split head dim are adjacent slices of (`buf[..., :R]`, `buf[..., R:]` under
+    the same views: vLLM / FlashMLA keep the latent and the rotary key in one row), else None."""
+    k1, k2 = m.k, m.split[1]
+    a, b = k1.source, k2.source
+    if not all(n.op == "call_function" and n.target is aten.slice.Tensor for n in (a, b)):
+        return None
+    base = a.args[0]
+    rank = len(value_of(base).shape)
+    if b.args[0] is not base or k1.steps != k2.steps or k1.heads != k2.heads:
+        return None
+    dims = {x.args[1] % rank if len(x.args) > 1 else 0 for x in (a, b)}
+    if dims != {rank - 1} or any(len(x.args) > 4 and x.args[4] != 1 for x in (a, b)):
+        return None
+    end_a = value_of(a).shape[-1]
+    start_a = a.args[2] if len(a.args) > 2 else 0
+    start_b = b.args[2] if len(b.args) > 2 else 0
+    if start_a not in (0, None) or not isinstance(start_b, int) or start_b != end_a \
+            or not sizes_equal(end_a + value_of(b).shape[-1], value_of(base).shape[-1]):
+        return None
+    if any(kind == "unflatten" and arg[0] % rank == rank - 1 for kind, arg in k1.steps):
+        return None
+    return base
+
+
+def _split_keys(emit: _Emitter, m: AttentionMatch) -> fx.Node:
+    """K of a split head dim: one view of the buffer holding both parts side by side, else their concatenation."""
+    base = adjacent_key_parts(m)
+    if base is not None:
+        return _take_steps(emit, base, m.k.steps)
+    return emit(aten.cat.default, ([_prepare(emit, m.k), _prepare(emit, m.split[1])], -1), name="attnlower_k_parts")
 
 
 def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
@@ -247,13 +282,18 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
     q = _query(emit, m)
-    k = _prepare(emit, m.k)
+    if m.split is not None:
+        k = _split_keys(emit, m)
+    else:
+        k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
     bias = _bias_node(emit, decision, m)
     slopes = _alibi_slopes(gm, decision, q, fake_mode) if decision.alibi is not None else None
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
+    if m.sinks is not None:
+        common["sinks"] = _sinks(emit, m)
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
                     dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")
@@ -265,6 +305,15 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _sinks(emit: _Emitter, m: AttentionMatch) -> fx.Node:
+    """The op's `sinks` [Hq]: the proven source of the per-head logits, flattened (score_chain proved its
+    values run along the heads in the op's head order), times the scalars applied after it."""
+    sinks = emit(aten.reshape.default, (m.sinks.source, [-1]), name="attnlower_sinks")
+    if m.sinks.scale != 1.0:
+        sinks = emit(aten.mul.Tensor, (sinks, m.sinks.scale))
+    return sinks
 
 
 def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode) -> fx.Node:
@@ -361,9 +410,10 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
         if value_of(seq_lens).dtype != torch.int32:
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
+    extra = {"sinks": _sinks(emit, m)} if m.sinks is not None else {}
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
                dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
-                    softcap=float(s.softcap)),
+                    softcap=float(s.softcap), **extra),
                name="attnlower_paged")
     if plan.nan_for_empty:
         # eager softmax over a row of -inf gives NaN; the paged op gives 0 for a row with no visible key:

@@ -73,6 +73,19 @@ class Operand:
     to_logical: Callable[[Layout], Layout]
 
 
+@dataclass(frozen=True)
+class Sinks:
+    """One logit per query head that joins the softmax denominator and adds no value (GPT-OSS, StreamingLLM):
+    the op's `sinks` are `source.reshape(Hq) * scale`. `form` says how the source spelled it: "concat" (a
+    column concatenated to the scores, dropped before P·V), "logsumexp" (`exp(s - logaddexp(lse, sink))`),
+    "rescale" (`softmax(s) v * exp(lse - logaddexp(lse, sink))`); `at` is the node that brought it in."""
+
+    source: fx.Node
+    scale: float
+    form: str
+    at: fx.Node
+
+
 @dataclass
 class AttentionChain:
     """What the walk from an anchor proved, before the operands are traced to their sources.
@@ -105,6 +118,10 @@ class AttentionChain:
     region: list[fx.Node] = field(default_factory=list)
     shape_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
     head_scale: HeadScale | None = None
+    # the scores are Q·Kᵀ + Q2·K2ᵀ (a split head dim: absorbed MLA's latent + rotary parts): Q2's and K2's
+    # operands; the op reads cat(q, q2) and cat(k, k2) along the head dim
+    split_qk: tuple[Operand, Operand] | None = None
+    sinks: Sinks | None = None        # a per-head sink logit in the softmax denominator
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +163,7 @@ class AttentionMatch(AttentionChain):
     kv_heads: object
     scale: float
     paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
+    split: tuple[OperandRef, OperandRef] | None = None  # Q2 and K2 of a split head dim (chain.split_qk)
     paged_scale: float = 0.0                          # the score scale when reading K paged
 
     @classmethod
@@ -229,6 +247,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
+    sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
     fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
     paged_block_size: int | None = None
     target: str = "cpu"
