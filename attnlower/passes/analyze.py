@@ -16,7 +16,7 @@ from ..lowering import plan as _plan
 from ..lowering.plan import MAX_HEAD_DIM   # the dense kernels pad each head dim to a power of two up to this
 from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
                    ScoreTerm)
-from .masks import LENGTH_KINDS
+from .masks import DOCUMENT_KINDS, LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
 from .vocabulary import shape_of, size_sources, sizes_equal, value_of
@@ -58,6 +58,14 @@ def _needs_argument(op: str, argument: str, what: str) -> None:
     if not op_takes(op, argument):
         raise Refused(f"{what}: attnlower::{op} takes no `{argument}` argument yet (issue 21, "
                       f"docs/design/issue21.md: the op side adds it)")
+
+
+def _documents_note(documents: MaskInfo | None) -> str:
+    if documents is None:
+        return ""
+    ids = documents.documents
+    return (f"; documents `{ids.name}` {list(shape_of(ids))} passed as doc_ids: key blocks of other documents "
+            f"skipped")
 
 
 def _sinks_note(m: AttentionMatch) -> str:
@@ -166,6 +174,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
 
     causal, bottom_right, window = m.is_causal, False, 0
     speculated: tuple = ()
+    documents, documents_note = None, ""
     mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
@@ -222,6 +231,15 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms, speculated = [], info.speculated_from
+        elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
+            # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
+            doc_op = "sliding_window_attention" if info.window else "flash_attention"
+            if op_takes(doc_op, "doc_ids"):
+                causal, bottom_right, window = info.causal, info.bottom_right, info.window
+                terms, speculated, documents = [], info.speculated_from, info
+            else:
+                documents_note = (f"; {info.kind} proven, but attnlower::{doc_op} takes no `doc_ids` argument yet "
+                                  f"(issue 21): the mask goes in as a dense bias, no block skipped")
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
     if terms:
@@ -243,10 +261,11 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
-        alibi=alibi_used is not None, sinks=m.sinks is not None, target=target.describe(),
+        alibi=alibi_used is not None, sinks=m.sinks is not None, documents=documents is not None,
+        target=target.describe(),
     )
     why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
-           + _head_scale_note(m))
+           + _documents_note(documents) + documents_note + _head_scale_note(m))
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 
 

@@ -294,6 +294,8 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
     if m.sinks is not None:
         common["sinks"] = _sinks(emit, m)
+    if s.documents:
+        common["doc_ids"] = _doc_ids(emit, decision.mask)
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
                     dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")
@@ -305,6 +307,30 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _doc_ids(emit: _Emitter, mask) -> fx.Node:
+    """The op's `doc_ids` [B|1, Tk]: the proven document ids D, its size-1 dims dropped, batch first
+    (a 1-D D gets a batch of 1); integers kept, bools as int32 (the op compares them for equality only)."""
+    ids, roles = mask.documents, list(mask.document_roles)
+    if mask.documents_from_positions:
+        # D = cumsum(diff(P, prepend=...) != 1): computed here from P, the runs the proof was about
+        copies: dict[fx.Node, fx.Node] = {}
+        for node in mask.documents_from_positions:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: copies.get(a, a))
+            copies[node] = emit(node.target, args, kwargs)
+        ids = copies[mask.documents]
+    ones = [d for d, role in enumerate(roles) if role == "one"]
+    if ones:
+        ids = emit(aten.squeeze.dims, (ids, ones))
+        roles = [role for role in roles if role != "one"]
+    if roles == ["pos", "b"]:
+        ids = emit(aten.permute.default, (ids, [1, 0]))
+    elif roles == ["pos"]:
+        ids = emit(aten.unsqueeze.default, (ids, 0))
+    if value_of(ids).dtype not in (torch.int32, torch.int64):
+        ids = emit(aten._to_copy.default, (ids,), {"dtype": torch.int32})
+    return ids
 
 
 def _sinks(emit: _Emitter, m: AttentionMatch) -> fx.Node:

@@ -181,6 +181,8 @@ class MaskInfo:
     """What a mask does to the scores, as far as it could be proven.
 
     kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor";
+        "document", "causal+document", "band+document" (packed sequences: also nothing across documents,
+        `documents` the ids; data_dependent);
         the paged op's readings (`masks.classify_length_mask`): "length" (key j visible iff
         j < lengths[b]), "causal+length" (also j <= lengths[b] - Tq + i: the chunk's queries aligned to
         each sequence's end), "band+length" (also j > lengths[b] - Tq + i - window).
@@ -208,6 +210,11 @@ class MaskInfo:
     reason: str = ""
     lengths: fx.Node | None = None     # the length kinds: the rank-1 integer node of lengths the mask reads
     speculated_from: tuple = ()        # module buffers (placeholders) whose value the proof read (buffers.py)
+    documents: fx.Node | None = None   # the document kinds: the ids D (query i sees key j iff D[i + off] == D[j])
+    document_roles: tuple = ()         # per dim of D: "b" (the batch), "pos" (the position), "one" (size 1)
+    # (diff, ne, cumsum) computing D from positions P, when the proof relied on it (P bounds the keys): the
+    # rewrite computes D from P itself, so the op reads what the proof was about (and validation draws P)
+    documents_from_positions: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,7 @@ class AttentionSpec:
     empty_rows_nan: bool = False
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
     sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
+    documents: bool = False            # packed sequences: document ids passed as `doc_ids` (issue 21)
     fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
     paged_block_size: int | None = None
     target: str = "cpu"
