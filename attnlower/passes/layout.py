@@ -256,6 +256,8 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
             raise NotAView("repeat_interleave without dim flattens")
         dim = a[2] if len(a) > 2 else node.kwargs["dim"]
         return layout.repeat_interleave(a[1], dim)
+    if t is aten.narrow.default and a[2] == 0:
+        return layout.prefix(a[1], shape_of(node)[a[1]])
     if t is aten.slice.Tensor:
         dim = a[1] if len(a) > 1 else 0
         start = a[2] if len(a) > 2 else None

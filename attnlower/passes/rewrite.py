@@ -34,15 +34,31 @@ def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             continue
         created: list[fx.Node] = []
         site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        inserted = set(created)
+        # the replacement: the one inserted node that the replaced node's users now read
+        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
+        refusal = _op_refusal(created)
+        if refusal:
+            # the op's own checks (run by its fake impl) refuse these inputs, e.g. a feature its kernels on this
+            # device do not have yet: undo (the inserted nodes die in clean_up), say why
+            site.replacement.replace_all_uses_with(site.match.output)
+            site.refuse(refusal)
+            continue
         for buffer in site.decision.speculated:
             # the op no longer reads the buffer its structure was proven from: guard its value, and let
             # the graph read it as the constant it now is (validation then checks at its real value)
             freeze(gm, buffer)
-        inserted = set(created)
-        # the replacement: the one inserted node that the replaced node's users now read
-        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
         done += 1
     return f"{done} rewritten"
+
+
+def _op_refusal(created: list[fx.Node]) -> str:
+    """Why the inserted attnlower op refuses its inputs (its fake impl raised: the op's input checks run there,
+    on the site's devices and dtypes), or ""."""
+    for n in created:
+        if n.op == "call_function" and str(n.target).startswith("attnlower.") and "fake_error" in n.meta:
+            return f"{n.target} refuses the site's inputs: {n.meta['fake_error']}"
+    return ""
 
 
 def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:

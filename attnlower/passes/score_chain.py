@@ -397,12 +397,12 @@ def _probabilities_dropout(u: fx.Node, w: ProbabilityWalk) -> fx.Node:
     return u
 
 
-@probability_rule(aten.slice.Tensor)
+@probability_rule(aten.slice.Tensor, aten.narrow.default)
 def _probabilities_drop_sink(u: fx.Node, w: ProbabilityWalk) -> fx.Node:
     """`p[..., :-1]` (`narrow`, `[:Tk]`): the sink column dropped; only where one was concatenated, and
     only the first Tk columns kept."""
     args = list(u.args) + [None] * (5 - len(u.args))
-    src, dim, start, end, step = args[0], args[1] or 0, args[2], args[3], args[4] or 1
+    src, dim, start, step = args[0], args[1] or 0, args[2], (args[4] or 1) if u.target is aten.slice.Tensor else 1
     rank = len(shape_of(src))
     if w.keys is None:
         raise Refused("the probabilities are sliced before the matmul with V")
@@ -685,7 +685,7 @@ def _sink_source(column: fx.Node, score_order, lead, batch, heads, rows_only: bo
     Raises Refused with what the column depends on otherwise."""
     chain = layout_chain(column)
     rank = len(lead) + 2
-    problem = "no candidate"
+    problem, found = "no candidate", []
     for idx in range(len(chain) - 1, -1, -1):
         src = chain[idx]
         try:
@@ -705,8 +705,8 @@ def _sink_source(column: fx.Node, score_order, lead, batch, heads, rows_only: bo
             problem = str(e)
             continue
         if any(not sizes_equal(st, 0) for _, st in lay.clean(2) + lay.clean(3)):
-            problem = ("the concatenated column depends on the query (it varies along the query positions): "
-                       "a null key, not a per-head sink")
+            found.append("the concatenated column depends on the query (it varies along the query positions): "
+                         "a null key, not a per-head sink")
             continue
         batch_varies = any(not sizes_equal(st, 0) for _, st in lay.clean(0))
         head_subs = (lay.clean(0) if batch_varies else []) + lay.clean(1)
@@ -714,9 +714,10 @@ def _sink_source(column: fx.Node, score_order, lead, batch, heads, rows_only: bo
         numel = math.prod(shape_of(src)) if shape_of(src) else 1
         if len(merged) == 1 and sizes_equal(merged[0][1], 1) and sizes_equal(merged[0][0], numel):
             return src, batch_varies
-        problem = (f"the concatenated column is not one logit per head: read as [B, H, Tq, 1] it holds "
-                   f"{src.name} {list(shape_of(src))} along {merged}")
-    raise Refused(problem)
+        found.append(f"the concatenated column is not one logit per head: read as [B, H, Tq, 1] it holds "
+                     f"{src.name} {list(shape_of(src))} along {merged}")
+    # what the farthest source says (the nearer ones are views of it, and say less)
+    raise Refused(found[0] if found else problem)
 
 
 def _contracted_size(product: Product):
