@@ -11,7 +11,8 @@ registered buffers). Instead of matching templates, `classify_mask`:
 3. evaluates the data-free factors concretely on CPU with an `fx.Interpreter`, at the traced sizes and,
    when sizes are symbolic, at other sizes the shape guards allow, and compares the resulting
    [Tq, Tk] visibility with the patterns the kernels implement (none, causal, causal band);
-4. accepts a data-dependent factor only as a padding mask ([B|1, 1, 1, Tk]: depends on batch and key).
+4. accepts a data-dependent factor only as a padding mask ([B|1, 1, 1, Tk]: depends on batch and key), or,
+   when every data factor reads so, as documents: `D[q] == D[k]` (packed sequences; `_read_documents`).
 
 A static graph is specialized to its sizes, so one evaluation there proves the pattern for that graph.
 A symbolic graph is checked at several consistent sizes, which catches masks that only look like a

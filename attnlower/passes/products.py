@@ -1,8 +1,9 @@
 """The two products of a site (Q·Kᵀ and P·V), whatever op spells them: matmul, bmm, baddbmm, einsum.
 
 `read_product` reads a product node as matmul order `[batch, m, k] x [batch, k, n]`: its two operands
-(each with the permutation that brings an einsum operand to that order), the batch shape, baddbmm's
-added input and alpha, and how an einsum's output permutes the matmul-order result. `logical_map`
+(each with the permutation that brings an einsum operand to that order, and the batch dims an operand
+broadcasts over: `bshc,btc` has one latent K for every head), the batch shape, baddbmm's added input and
+alpha, and how an einsum's output permutes the matmul-order result (Q·Kᵀ too, when the key index stays last). `logical_map`
 maps an operand's layout to the op's `[B, H, X, Y]`; `output_steps` turn the op's `[B, Hq, Tq, Dv]`
 result back into the P·V product's layout.
 """

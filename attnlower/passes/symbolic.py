@@ -8,8 +8,9 @@ can compare it with the op's relations exactly (`masks.classify_length_mask`).
 
 A tensor is an `IndexExpr`: its sizes and one expression in the index symbols `INDEX[0..rank)` of its
 own dims (a size-1 dim is always read at index 0). The one tensor of data it may read is a rank-1
-integer tensor, the lengths: its value at index x is `LENGTH(x)`. Anything else raises `NotSymbolic`
-with the reason, and the caller keeps its other proofs (or none).
+integer tensor, the lengths: its value at index x is `LENGTH(x)`; with `functions=True` (documents) any
+integer or bool tensor of data is an unknown function of its indices instead. Anything else raises
+`NotSymbolic` with the reason, and the caller keeps its other proofs (or none).
 """
 from __future__ import annotations
 
