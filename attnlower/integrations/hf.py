@@ -53,8 +53,8 @@ def mask_builder(sdpa_mask):
 
     def attnlower_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                        attention_mask=None, use_vmap=False, **kwargs):
-        no_padding = attention_mask is None or (attention_mask.shape[-1] == kv_length and bool(attention_mask.all()))
-        if (no_padding and not use_vmap and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+        # (a 2-D mask of all ones would qualify too, but telling needs a host sync: it keeps sdpa's mask)
+        if (attention_mask is None and not use_vmap and q_offset == 0 and kv_offset == 0 and q_length == kv_length
                 and _ops_take("flash_attention", "doc_ids")):
             return None
         extra = {} if mask_function is None else {"mask_function": mask_function}
