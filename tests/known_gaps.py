@@ -30,12 +30,6 @@ OP_SINKS = ("issue 21.2, op side: the ops take no `sinks` argument yet (schema, 
 OP_DOCUMENTS = ("issue 21.3, op side: the ops take no `doc_ids` argument and attnlower.ops has no "
                 "doc_ids_from_position_ids / doc_ids_from_cu_seqlens yet; the pass side proves document masks and "
                 "passes them as a dense bias until then (the report says so), hf.py keeps the sdpa mask")
-SINKS_NEG_INF = ("issue 21.2, op side and validate.py (issue 19.3): with a sink of -inf (an edge value translation "
-                 "validation draws for the `sinks` parameter) and a row whose keys are all masked (left padding), "
-                 "eager's softmax gives NaN (0 / 0) and the op 0 (it never treats a row with sinks as empty): the "
-                 "site is refused by validation; needs the op to give NaN there under empty_rows_nan, or the "
-                 "validator to draw finite sinks (checked on opsfeat's d2d9266 through an e2e overlay)")
-
 KNOWN_GAPS = {
     # ---- issue 21, waiting on the op side
     "tests/lowering/test_features_issue21.py::test_flash_value_head_dim_differs[kernel-plain-qk24-v16]":
@@ -112,7 +106,7 @@ KNOWN_GAPS = {
     "tests/test_modern_attention_sinks.py::test_rescale_form_sinks": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_hf_gpt_oss": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_hf_gpt_oss_backward": OP_SINKS,
-    "tests/test_modern_attention_sinks.py::test_hf_gpt_oss_padded": SINKS_NEG_INF,
+    "tests/test_modern_attention_sinks.py::test_hf_gpt_oss_padded": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_attn_implementation_attnlower_s_aux": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_paged_cache_generate_with_sinks": OP_SINKS,
     "tests/test_modern_attention_packed.py::test_flex_document_mask": OP_DOCUMENTS,

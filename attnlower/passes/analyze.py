@@ -129,8 +129,8 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                                           else "; every gathered key visible"))
     # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
     # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
-    # (with sinks no row is empty: the sink takes the whole softmax, out 0, as the op computes)
-    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax and m.sinks is None
+    # (with sinks only where the sink is -inf: the rewrite tests it; a finite sink takes the whole softmax, out 0)
+    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
     why += _sinks_note(m)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
                     speculated=mask.speculated_from), ""
@@ -255,8 +255,9 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
             # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
             raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
                           f"visible key: eager gives NaN there, the op with sinks 0")
-    # with sinks no row is empty (the sink takes the whole softmax: out 0, as eager gives)
-    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax and m.sinks is None)
+    # what the source gives a row with no visible key: NaN (eager softmax) or 0; with sinks such a row is empty
+    # only when its sink is -inf (the op gives NaN there under empty_rows_nan, as eager's 0 / 0), else 0 for both
+    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
     spec = AttentionSpec(
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,

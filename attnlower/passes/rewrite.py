@@ -452,7 +452,8 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
         if value_of(seq_lens).dtype != torch.int32:
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
-    extra = {"sinks": _sinks(emit, m)} if m.sinks is not None else {}
+    sinks = _sinks(emit, m) if m.sinks is not None else None
+    extra = {"sinks": sinks} if sinks is not None else {}
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
                dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
                     softcap=float(s.softcap), **extra),
@@ -469,5 +470,8 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             empty = emit(aten.lt.Scalar, (first, q_len))             # L[b] - Tq + i < 0
         else:
             empty = emit(aten.le.Scalar, (lens, 0))
+        if sinks is not None:   # a row with a finite sink is not empty (the sink takes the softmax: 0 in both)
+            no_sink = emit(aten.view.default, (emit(aten.isneginf.default, (sinks,)), [1, -1, 1, 1]))
+            empty = emit(aten.bitwise_and.Tensor, (empty, no_sink))
         out = emit(aten.masked_fill.Scalar, (out, empty, float("nan")))
     return _finish(emit, m, out)
