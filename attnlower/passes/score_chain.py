@@ -520,6 +520,7 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
             raise Refused("a sink column concatenated to the scores and a sink in the log-sum-exp")
         source, fold = _sink_source(lse_sink, score_order, shape[:-2], batch, heads)
         if fold:
+            _refuse_fold_with_head_scale(walk)
             batch, heads = 1, batch * heads
         sinks = Sinks(source, 1.0, "logsumexp", lse_sink)
     if walk.sink is not None:
@@ -528,6 +529,7 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
         column, sink_post = walk.sink
         source, fold = _sink_source(column, score_order, shape[:-2], batch, heads)
         if fold:
+            _refuse_fold_with_head_scale(walk)
             # the sinks vary over what the scores' leading dims call the batch (openai/gpt-oss: [Hkv, q_mult]):
             # every leading dim is a head of the op, one batch
             batch, heads = 1, batch * heads
@@ -569,6 +571,7 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
         output, epilogue, column, keepdim = rescale
         source, fold = _sink_source(column, score_order, shape[:-2], batch, heads, rows_only=not keepdim)
         if fold:
+            _refuse_fold_with_head_scale(walk)
             batch, heads = 1, batch * heads
         sinks = Sinks(source, 1.0, "rescale", output)
         region += [n for n in epilogue if n is not output] + [output]   # the output last, as the region's end
@@ -619,6 +622,13 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
         output_steps=output_steps(pv, batch, heads, transposed),
         region=region, shape_reads=shape_reads, head_scale=head_scale, split_qk=split_operands, sinks=sinks,
     )
+
+
+def _refuse_fold_with_head_scale(walk: ScoreWalk) -> None:
+    """Sinks that vary over the batch make the batch heads of the op; a per-head scale shaped for the old heads
+    would no longer line up with q's."""
+    if walk.head_scale is not None:
+        raise Refused("sinks that vary over the batch (read as heads of one batch) and a per-head scale of the scores")
 
 
 def _rescale_epilogue(pv_node: fx.Node, x: fx.Node, score_shape):
