@@ -592,6 +592,11 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
             failure = e
     else:
         raise failure
+    if rescale is not None and (score_order is not None or pv.out_perm is not None or transposed
+                                or len(pv.batch_shape) != len(qk.batch_shape)
+                                or not all(sizes_equal(a, b) for a, b in zip(pv.batch_shape, qk.batch_shape))):
+        # the weight is per row of the scores as the softmax holds them: the output must hold its rows alike
+        raise Refused("the sink's rescale multiplies an output whose rows are not in the scores' order")
 
     logical_qk = logical_map(qk.batch_shape, batch, heads)
     logical_pv = logical_map(pv.batch_shape, batch, heads)
@@ -755,6 +760,11 @@ def _split_product(walk: ScoreWalk, product: fx.Node, qk: Product, query) -> tup
     if branch_walk.terms or branch_walk.softcap or branch_walk.head_scale or branch_walk.split:
         raise Refused(f"{add.name} adds two products, and a mask, softcap or third product applies to "
                       f"{other.name} alone")
+    if query is not None and second.target is aten.einsum.default:
+        # the same query as the first product's: the index at the same position of the output
+        out1 = product.args[0].replace(" ", "").split("->")[1]
+        out2 = second.args[0].replace(" ", "").split("->")[1]
+        query = out2[out1.index(query)] if len(out1) == len(out2) else None
     split = read_product(second, "qk", query)
     if split.extra_terms or split.alpha != 1.0 or qk.extra_terms or qk.alpha != 1.0:
         raise Refused(f"{add.name} adds two products, one of which adds or scales (baddbmm)")
