@@ -100,7 +100,12 @@ KNOWN_GAPS = {
         OP_DOCUMENTS,
     "tests/lowering/test_features_issue21.py::test_doc_id_helpers_and_op_are_graph_safe":
         OP_DOCUMENTS,
-    "tests/test_modern_attention_sinks.py::test_hf_style_sinks": OP_SINKS,
+    "tests/test_modern_attention_sinks.py::test_hf_style_sinks[eager-full]": OP_SINKS,
+    "tests/test_modern_attention_sinks.py::test_hf_style_sinks[eager-window5]": OP_SINKS,
+    # (on opsfeat d2d9266..ed54128 these two still fail: Inductor's call of flash_attention_backward passes
+    # sinks_requires_grad where the schema has doc_ids)
+    "tests/test_modern_attention_sinks.py::test_hf_style_sinks[inductor-full]": OP_SINKS,
+    "tests/test_modern_attention_sinks.py::test_hf_style_sinks[inductor-window5]": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_openai_reference_sinks": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_lse_form_sinks": OP_SINKS,
     "tests/test_modern_attention_sinks.py::test_rescale_form_sinks": OP_SINKS,
