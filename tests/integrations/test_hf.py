@@ -293,3 +293,14 @@ def test_packed_rows_without_the_op_s_doc_ids_keep_the_sdpa_mask(monkeypatch):
     assert build(batch_size=1, q_length=5, kv_length=5) == "sdpa mask" and calls
     assert hf._documents({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])}, 5) is None
 
+
+
+def test_continuous_batching_with_sinks_is_refused(monkeypatch):
+    """transformers' continuous batching reads its paged cache through a path that takes no sinks yet: s_aux there
+    raises instead of being dropped, also once the ops take sinks."""
+    from attnlower.integrations import continuous_batching
+
+    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: True)
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="continuous batching.*sinks"):
+        hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2), **{continuous_batching.KV_KWARG: object()})
