@@ -11,13 +11,17 @@ Gemma-2, Qwen2, ...) with the model's own query / key / value `[B, H, T, D]` and
 attnlower's ops on them directly:
 
 - the mask HF builds for "attnlower" is the one it builds for "sdpa" (a bool keep-mask
-  `[B, 1, Tq, Tk]`, or None when HF proves the mask is plain causal or empty). A mask is passed
-  to `flash_attention` as its bool bias: it already holds causal, padding and sliding-window
+  `[B, 1, Tq, Tk]`, or None when HF proves the mask is plain causal or empty), except where HF's
+  flash path builds none (no padding mask, Tq == Tk from position 0): packed rows
+  (DataCollatorWithFlattening) are then split by their `position_ids` (or `cu_seq_lens_q`) into the
+  ops' `doc_ids`, computed on the device, as the flash path does. A mask is passed to
+  `flash_attention` as its bool bias: it already holds causal, padding and sliding-window
   structure, so the op is exact whatever the cache layout;
 - with no mask, the call is causal exactly as HF's SDPA integration makes it (top-left, only
   when Tq > 1 and the module is causal); a `sliding_window` then runs `sliding_window_attention`;
 - `scaling`, `softcap` (Gemma-2's attn_logit_softcapping), `dropout` and GQA (Hkv < Hq, no
-  repeat_kv) come from the model's attention module;
+  repeat_kv) come from the model's attention module; GPT-OSS's sinks (`s_aux`) become the ops' `sinks`;
+  a value head dim of its own (DeepSeek's MLA) is passed as it is;
 - keys / values from a `PagedCache` are read in place by `paged_attention`.
 """
 from __future__ import annotations
@@ -38,10 +42,30 @@ def register(name: str = NAME) -> None:
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(name, attention_forward)
-    # The "sdpa" mask builder: a bool keep-mask, or None where plain causal (or nothing) is exact.
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    # The "sdpa" mask builder (a bool keep-mask, or None where plain causal is exact), except where HF's flash
+    # path builds none: then packed rows are split by their position_ids (`attention_forward`).
+    AttentionMaskInterface.register(name, mask_builder(ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]))
     # generate_batch() / init_continuous_batching(): HF's paged cache read in place (continuous_batching.py)
     continuous_batching.enable()
+
+
+def mask_builder(sdpa_mask):
+    """The mask function registered for "attnlower": None where HF's flash-attention mask builder returns None
+    (no 2-D padding mask, no extra mask function, queries and keys from position 0, Tq == Tk), so that the
+    attention function reads packed documents from position_ids as the flash path does; `sdpa_mask` otherwise.
+    Only while the ops take `doc_ids` (else the sdpa mask, a dense bias, keeps packed rows exact)."""
+
+    def attnlower_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, use_vmap=False, **kwargs):
+        # (a 2-D mask of all ones would qualify too, but telling needs a host sync: it keeps sdpa's mask)
+        if (attention_mask is None and not use_vmap and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+                and _ops_take("flash_attention", "doc_ids")):
+            return None
+        extra = {} if mask_function is None else {"mask_function": mask_function}
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, attention_mask=attention_mask, use_vmap=use_vmap, **extra, **kwargs)
+
+    return attnlower_mask
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -53,11 +77,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (`[B, Tq, Hq, D]`, None). Attention weights are never materialized, so none are returned."""
     from attnlower import ops
 
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which the attnlower "
-                                  "ops do not compute; use attn_implementation='eager' for this model")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and not _ops_take("flash_attention", "sinks"):
+        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which this version of "
+                                  "the attnlower ops does not compute; use attn_implementation='eager' for this model")
+    extra = {} if sinks is None else {"sinks": sinks}
     serving = kwargs.get(continuous_batching.KV_KWARG)
     if serving is not None:   # transformers' continuous batching: its paged cache, read in place
+        if sinks is not None:
+            raise NotImplementedError("attn_implementation='attnlower' under transformers' continuous batching got "
+                                      "attention sinks (s_aux), which its paged path does not pass on yet; use "
+                                      "generate() with attnlower's PagedCache, or attn_implementation='eager'")
         return continuous_batching.attend(module, query, serving, scaling, sliding_window, softcap, kwargs), None
     if kwargs.get("read_index") is not None and kwargs.get("cu_seq_lens_q") is not None:
         raise RuntimeError(f"attn_implementation='{NAME}' was called by transformers' continuous batching without "
@@ -66,7 +96,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                            f"differs from the {continuous_batching.WRITTEN_AGAINST} it was written against)")
     paged = getattr(key, "_attnlower_paged", None)
     if paged is not None:
-        return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout)
+        return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout, sinks)
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA integration: causal only without a mask and for more than one query,
@@ -82,13 +112,54 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             bias = position_bias.masked_fill(~bias, float("-inf"))
         else:
             bias = position_bias + bias
-    common = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0))
+    if attention_mask is None and causal and not kv_len > q_len:
+        # as HF's flash path: without a mask, documents packed in a row are split by their position_ids
+        doc_ids = _documents(kwargs, q_len)
+        if doc_ids is not None:
+            extra["doc_ids"] = doc_ids
+    common = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0), **extra)
     window = int(sliding_window or 0)
     if causal and window and key.shape[2] > window:
         out = ops.sliding_window_attention(query, key, value, window, bias, **common)
     else:
         out = ops.flash_attention(query, key, value, bias, causal=causal, **common)
     return out.transpose(1, 2).contiguous(), None
+
+
+_LAST_DOCUMENTS: list = []   # [(position_ids, its _version, doc_ids)]: every layer of a forward reads the same ids
+
+
+def _documents(kwargs: dict, q_len: int):
+    """doc_ids [B|1, Tq] of packed rows, from `cu_seq_lens_q` (DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True)) or from position_ids that restart per document, computed on the device (no host sync), once per
+    position_ids tensor; None when neither is given, or the ops take no doc_ids."""
+    from attnlower import ops
+
+    if not _ops_take("flash_attention", "doc_ids"):
+        return None
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None and cu_seqlens.dim() == 1:
+        return ops.doc_ids_from_cu_seqlens(cu_seqlens, q_len)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != q_len:
+        return None
+    if torch.compiler.is_compiling():
+        return ops.doc_ids_from_position_ids(position_ids)
+    if _LAST_DOCUMENTS:
+        last, version, doc_ids = _LAST_DOCUMENTS[0]
+        if last is position_ids and version == position_ids._version:
+            return doc_ids
+    doc_ids = ops.doc_ids_from_position_ids(position_ids)
+    # the same tensor, not written since (a static buffer refilled in place is new data): every layer reuses it
+    _LAST_DOCUMENTS[:] = [(position_ids, position_ids._version, doc_ids)]
+    return doc_ids
+
+
+def _ops_take(op: str, argument: str) -> bool:
+    """Whether the op `attnlower::<op>` has the argument `argument` (the issue-21 features reach the ops in steps)."""
+    from attnlower.passes.analyze import op_takes
+
+    return op_takes(op, argument)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,8 +217,8 @@ class PagedLayer(DynamicLayer):
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
 
-    def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout):
-        """attention_forward on this layer's pools: paged_attention with the module's options."""
+    def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout, sinks=None):
+        """attention_forward on this layer's pools: paged_attention with the module's options (and its sinks)."""
         from attnlower import ops
 
         if dropout:
@@ -157,8 +228,9 @@ class PagedLayer(DynamicLayer):
         window = int(sliding_window or 0)
         if attention_mask is not None:
             self._check_mask(attention_mask, query.shape[2], causal, window)
+        extra = {} if sinks is None else {"sinks": sinks}
         out = ops.paged_attention(query, self.keys, self.values, self.block_table, self.seq_lens,
-                                  scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0))
+                                  scale=scaling, causal=causal, window=window, softcap=float(softcap or 0.0), **extra)
         return out.transpose(1, 2).contiguous(), None
 
     def _check_mask(self, mask, q_len: int, causal: bool, window: int) -> None:

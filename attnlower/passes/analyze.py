@@ -12,13 +12,19 @@ import math
 import torch
 import torch.fx as fx
 
-from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
+from ..lowering import plan as _plan
+from ..lowering.plan import MAX_HEAD_DIM   # the dense kernels pad each head dim to a power of two up to this
 from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
                    ScoreTerm)
-from .masks import LENGTH_KINDS
+from .masks import DOCUMENT_KINDS, LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
 from .vocabulary import shape_of, size_sources, sizes_equal, value_of
+
+# The paged kernel's limits (docs/design/issue21.md: MLA's absorbed decode reads q/k of 576 = 512 + 64 dims in
+# chunks and holds up to 512 value dims); the dense limit until the lowering states its own.
+PAGED_MAX_HEAD_DIM_QK = getattr(_plan, "PAGED_MAX_HEAD_DIM_QK", MAX_HEAD_DIM)
+PAGED_MAX_HEAD_DIM_V = getattr(_plan, "PAGED_MAX_HEAD_DIM_V", MAX_HEAD_DIM)
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -39,6 +45,48 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
+def op_takes(op: str, argument: str) -> bool:
+    """Whether `torch.ops.attnlower.<op>` has an argument `argument` (its schema, as the lowering registered
+    it): the features of issue 21 (`sinks`, `doc_ids`) reach the pass side before every op has them."""
+    import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
+
+    overload = getattr(getattr(torch.ops.attnlower, op), "default")
+    return any(a.name == argument for a in overload._schema.arguments)
+
+
+def _needs_argument(op: str, argument: str, what: str) -> None:
+    if not op_takes(op, argument):
+        raise Refused(f"{what}: attnlower::{op} takes no `{argument}` argument yet (issue 21, "
+                      f"docs/design/issue21.md: the op side adds it)")
+
+
+def _documents_note(documents: MaskInfo | None) -> str:
+    if documents is None:
+        return ""
+    ids = documents.documents
+    return (f"; documents `{ids.name}` {list(shape_of(ids))} passed as doc_ids: key blocks of other documents "
+            f"skipped")
+
+
+def _sinks_note(m: AttentionMatch) -> str:
+    if m.sinks is None:
+        return ""
+    how = {"concat": f"a column concatenated to the scores at {m.sinks.at.name}, dropped before P·V",
+           "logsumexp": f"logaddexp with the row's logsumexp at {m.sinks.at.name}",
+           "rescale": f"the output rescaled by exp(lse - logaddexp(lse, sink)) at {m.sinks.at.name}"}[m.sinks.form]
+    return f"; per-head sinks `{m.sinks.source.name}` in the softmax denominator ({how})"
+
+
+def head_dim_problem(head_dim, v_head_dim, limit_qk: int, limit_v: int, kernels: str) -> str:
+    """Why the head dims exceed what `kernels` keep in registers (q/k up to `limit_qk`, v up to `limit_v`), or "".
+    Dv may differ from Dqk (MLA: 192 / 128): each dim has its own tile."""
+    for what, dim, limit in (("q/k", head_dim, limit_qk), ("v", v_head_dim, limit_v)):
+        if isinstance(dim, int) and dim > limit:
+            return (f"{what} head dim {dim} > {limit}: {kernels} keep a whole head of {what} in registers "
+                    f"(expected {what}'s head dim <= {limit})")
+    return ""
+
+
 def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo | None) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is one the paged op computes
     (`paged_mask`, read by `masks.classify_length_mask`): none, `key < lengths[b]`, and causal or a
@@ -52,6 +100,9 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
         return None, "is_causal on a gathered cache (top-left causal is not the paged op's alignment)"
     if not (bool(pk.block_size == pv.block_size) and bool(pk.heads == pv.heads)):
         return None, "K and V pools differ in block size or heads"
+    problem = head_dim_problem(m.head_dim, m.v_head_dim, PAGED_MAX_HEAD_DIM_QK, PAGED_MAX_HEAD_DIM_V, "the paged kernel")
+    if problem:
+        return None, problem
     mask = paged_mask if paged_mask is not None else MaskInfo("none", reason="no mask")
     if mask.kind not in ("none",) + LENGTH_KINDS:
         return None, f"the mask is not one the paged op computes: {mask.reason}"
@@ -64,9 +115,12 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                       f"visible key; the lengths are data, so seq_len >= Tq is not proven")
     if seq_lens is None and not bool(m.q_len <= pk.length):
         return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
+    if m.sinks is not None and not op_takes("paged_attention", "sinks"):
+        return None, "paged_attention takes no `sinks` argument yet (issue 21)"
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
-        op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
+        op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim,
+        sinks=m.sinks is not None,
         dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
         window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
         paged_block_size=pk.block_size, target=target.describe())
@@ -75,7 +129,9 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                                           else "; every gathered key visible"))
     # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
     # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
+    # (with sinks only where the sink is -inf: the rewrite tests it; a finite sink takes the whole softmax, out 0)
     nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
+    why += _sinks_note(m)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
                     speculated=mask.speculated_from), ""
 
@@ -98,10 +154,9 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     for name, ref in (("k", m.k), ("v", m.v)):
         if value_of(ref.source).dtype != dtype:
             raise Refused(f"{name} is {value_of(ref.source).dtype} but q is {dtype}")
-    if isinstance(m.head_dim, int) and m.head_dim > MAX_HEAD_DIM:
-        raise Refused(f"head_dim {m.head_dim} > {MAX_HEAD_DIM}: the kernels keep a whole head in registers")
-    if not bool(m.head_dim == m.v_head_dim):
-        raise Refused(f"V head dim {m.v_head_dim} differs from Q/K head dim {m.head_dim}")
+    dense_problem = head_dim_problem(m.head_dim, m.v_head_dim, MAX_HEAD_DIM, MAX_HEAD_DIM, "the dense kernels")
+    if dense_problem and m.paged is None:
+        raise Refused(dense_problem)
     if not bool(m.q_heads % m.kv_heads == 0):
         raise Refused(f"{m.q_heads} query heads are not a multiple of {m.kv_heads} K/V heads")
     if not math.isfinite(m.scale) or m.scale <= 0:
@@ -113,10 +168,13 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
+        if dense_problem:
+            raise Refused(f"{dense_problem} (a paged gather was seen, but {paged_note})")
         paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
 
     causal, bottom_right, window = m.is_causal, False, 0
     speculated: tuple = ()
+    documents, documents_note = None, ""
     mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
@@ -145,7 +203,13 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     if len(terms) == 1 and classified is None:
         raise ValueError("analyze_site: a site with one mask term needs its classification "
                          "(masks.classify_mask of the term; the classify_masks stage records it)")
-    if finite:
+    if finite and m.sinks is not None and all(t.value <= SINK_FILL for t in finite):
+        # every row keeps its sink as a visible logit: a filled key weighs exp(fill - max) <= exp(fill - sink),
+        # 0 in fp32 as for -inf, for any sink above fill + 104 (fp16's finfo.min: every sink fp16 can hold but
+        # the 104 lowest)
+        fill_note = (f"; the fill {max(t.value for t in finite):g} is -inf masking: every row keeps its sink, "
+                     f"a filled key weighs exp(fill - sink) = 0 in fp32 for any sink above fill + {EXP_UNDERFLOW:g}")
+    elif finite:
         # a finite fill is -inf masking only where proven (`_finite_fill_problem`); else it needs the op's
         # fill mode (masked scores take the value), which the ops do not have yet
         problem = _finite_fill_problem(m, finite, classified)
@@ -167,6 +231,15 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms, speculated = [], info.speculated_from
+        elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
+            # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
+            doc_op = "sliding_window_attention" if info.window else "flash_attention"
+            if op_takes(doc_op, "doc_ids"):
+                causal, bottom_right, window = info.causal, info.bottom_right, info.window
+                terms, speculated, documents = [], info.speculated_from, info
+            else:
+                documents_note = (f"; {info.kind} proven, but attnlower::{doc_op} takes no `doc_ids` argument yet "
+                                  f"(issue 21): the mask goes in as a dense bias, no block skipped")
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
     if terms:
@@ -176,16 +249,30 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     op = "sliding_window_attention" if window > 0 else "flash_attention"
     if op not in allowed_ops:
         raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
+    if m.sinks is not None:
+        _needs_argument(op, "sinks", "per-head sinks in the softmax denominator")
+        if m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax:
+            # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
+            raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
+                          f"visible key: eager gives NaN there, the op with sinks 0")
+    # what the source gives a row with no visible key: NaN (eager softmax) or 0; with sinks such a row is empty
+    # only when its sink is -inf (the op gives NaN there under empty_rows_nan, as eager's 0 / 0), else 0 for both
     empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
     spec = AttentionSpec(
-        op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=str(dtype).replace("torch.", ""),
+        op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
-        alibi=alibi_used is not None, target=target.describe(),
+        alibi=alibi_used is not None, sinks=m.sinks is not None, documents=documents is not None,
+        target=target.describe(),
     )
-    why = _why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
+    why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
+           + _documents_note(documents) + documents_note + _head_scale_note(m))
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 
+
+# With sinks, a finite fill at or below this masks as -inf does (fp16's finfo.min, what HF fills fp16 masks with):
+# the sink stays visible in every row, and a learned logit does not sit within EXP_UNDERFLOW of it.
+SINK_FILL = float(torch.finfo(torch.float16).min)
 
 # fp32 exp(x) is exactly 0 for x < ln(2^-150) = -103.97 (2^-149 is the smallest denormal; the kernels' exp2 of
 # x * log2(e) underflows at the same point): a masked key whose score is this far below its row's maximum
@@ -310,6 +397,20 @@ def term_shape(term: ScoreTerm) -> list:
 def problem_shape(m: AttentionMatch) -> list:
     """The attention problem's [B, Hq, Tq, Tk]."""
     return [m.batch, m.q_heads, m.q_len, m.k_len]
+
+
+def _split_note(m: AttentionMatch) -> str:
+    """What reading a split head dim (`Q·Kᵀ + Q2·K2ᵀ`) as one product costs."""
+    if m.split is None:
+        return ""
+    from .rewrite import adjacent_key_parts
+
+    q2, k2 = m.split
+    parts = f"Q·Kᵀ + Q2·K2ᵀ is one product over head dims {m.head_dim} = q/k parts side by side"
+    if adjacent_key_parts(m) is not None:
+        return f"; {parts}: K read as one view of {m.k.source.args[0].name}, q concatenated per call"
+    return (f"; {parts}: q and K concatenated per call (K from {m.k.source.name} and {k2.source.name}: keep "
+            f"latent and rotary key in one buffer to avoid the copy)")
 
 
 def _head_scale_note(m: AttentionMatch) -> str:

@@ -1,8 +1,8 @@
 """Stage find_anchors: a site for every softmax and every SDPA call of the graph.
 
 A site is anchored on its softmax: an explicit one (`softmax`, `_softmax`, `_safe_softmax`), one
-written by hand (`HAND_WRITTEN_SOFTMAX`: `e / e.sum(-1)`, `exp(x - logsumexp(x))`, `exp(log_softmax(x))`),
-or the softmax inside `scaled_dot_product_attention` (any op of its family). Attention that `to_aten`
+written by hand (`HAND_WRITTEN_SOFTMAX`: `e / e.sum(-1)`, `exp(x - logsumexp(x))`, `exp(log_softmax(x))`,
+and `exp(x - logaddexp(logsumexp(x), sink))`, a softmax with a sink logit), or the softmax inside `scaled_dot_product_attention` (any op of its family). Attention that `to_aten`
 left to a tensor subclass (DTensor) becomes a site refused with the reason. Nothing is proven here:
 the next stages grow each anchor into a site or refuse it.
 """
@@ -108,10 +108,41 @@ def _exp_minus_logsumexp(node: fx.Node):
     return None
 
 
+def _exp_minus_logaddexp(node: fx.Node):
+    """`exp(x - logaddexp(logsumexp(x, -1, keepdim=True), c))`: softmax with one more logit `c` per row in
+    the denominator (the log-sum-exp spelling of attention sinks); `softmax_sink` reads `c`."""
+    found = _lse_with_sink(node)
+    return None if found is None else found[:2]
+
+
+def _lse_with_sink(node: fx.Node):
+    y = node.args[0]
+    if not isinstance(y, fx.Node) or y.target is not aten.sub.Tensor or len(y.args) != 2 or y.kwargs.get("alpha", 1) != 1:
+        return None
+    x, denominator = y.args
+    if not isinstance(denominator, fx.Node) or denominator.target is not aten.logaddexp.default:
+        return None
+    a, b = denominator.args[:2]
+    for lse, sink in ((a, b), (b, a)):
+        if (isinstance(lse, fx.Node) and lse.target is aten.logsumexp.default and lse.args[0] is x
+                and _is_last_dim(lse.args[1], len(shape_of(x))) and _keepdim(lse, 2) and isinstance(sink, fx.Node)):
+            return x, [y, denominator, lse], sink
+    return None
+
+
+def softmax_sink(node: fx.Node) -> fx.Node | None:
+    """The per-row extra logit of a hand-written softmax that has one (`exp(x - logaddexp(lse(x), c))`:
+    `c`), else None."""
+    if node.op != "call_function" or node.target is not aten.exp.default:
+        return None
+    found = _lse_with_sink(node)
+    return None if found is None else found[2]
+
+
 # The node that ends the form -> the forms it may end, tried in order.
 HAND_WRITTEN_SOFTMAX: dict[object, tuple[Callable[[fx.Node], tuple[fx.Node, list[fx.Node]] | None], ...]] = {
     aten.div.Tensor: (_sum_normalized,),
-    aten.exp.default: (_exp_of_log_softmax, _exp_minus_logsumexp),
+    aten.exp.default: (_exp_of_log_softmax, _exp_minus_logsumexp, _exp_minus_logaddexp),
 }
 
 

@@ -45,9 +45,28 @@ def resolve_match(chain: AttentionChain) -> AttentionMatch:
     v = resolve_operand(chain.v_operand.node, chain.v_operand.to_logical, "v")
     if not sizes_equal(k.heads, v.heads):
         raise Refused(f"K has {k.heads} heads and V {v.heads}")
-    paged, paged_scale = paged_pair(chain.k_operand, chain.v_operand, chain.score_scale * q.scale)
+    split = None
+    if chain.split_qk is not None:
+        split = resolve_split(chain, q, k)
+        paged, paged_scale = None, 0.0    # K is a concatenation: not one pool read in place
+    else:
+        paged, paged_scale = paged_pair(chain.k_operand, chain.v_operand, chain.score_scale * q.scale)
     return AttentionMatch.of(chain, q=q, k=k, v=v, kv_heads=k.heads, scale=chain.score_scale * q.scale * k.scale,
-                             paged=paged, paged_scale=paged_scale)
+                             paged=paged, paged_scale=paged_scale, split=split)
+
+
+def resolve_split(chain: AttentionChain, q: OperandRef, k: OperandRef) -> tuple[OperandRef, OperandRef]:
+    """Q2 and K2 of a split head dim (`Q·Kᵀ + Q2·K2ᵀ`), traced like q and k: the same heads, the same scale
+    (a factor on one part only would not be one scale of the concatenation)."""
+    q2_operand, k2_operand = chain.split_qk
+    q2 = resolve_operand(q2_operand.node, q2_operand.to_logical, "q")
+    k2 = resolve_operand(k2_operand.node, k2_operand.to_logical, "kv")
+    if not sizes_equal(k2.heads, k.heads):
+        raise Refused(f"the two parts of the split head dim read {k.heads} and {k2.heads} K heads")
+    if q2.scale * k2.scale != q.scale * k.scale:
+        raise Refused(f"the two parts of the split head dim are scaled differently ({q.scale * k.scale:g} and "
+                      f"{q2.scale * k2.scale:g})")
+    return q2, k2
 
 
 def paged_pair(k: Operand, v: Operand, score_scale_without_k: float):
@@ -297,7 +316,17 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
                 return j
         return None
 
+    def find_prefix(sub):
+        # the head dim may read a prefix of the pool's (MLA: values are the latent's first R dims)
+        for j, ps in pool_sub.items():
+            if (not is_one(ps[0]) and sizes_equal(ps[1], sub[1]) and isinstance(ps[0], int)
+                    and isinstance(sub[0], int) and sub[0] < ps[0]):
+                return j
+        return None
+
     j_blk, j_d = find(offset), find(d_subs[0])
+    if j_d is None:
+        j_d = find_prefix(d_subs[0])
     j_h = find(head_subs[0]) if head_subs else None
     used = {j for j in (j_blk, j_d, j_h) if j is not None}
     if j_blk is None or j_d is None or (head_subs and j_h is None) or len(used) != len(
@@ -317,5 +346,7 @@ def resolve_paged(operand: fx.Node, to_logical: Callable[[Layout], Layout]) -> P
     for n in chain[:-1]:
         if is_scale_node(n):
             scale *= scale_of(n)[1]
+    head_dim = d_subs[0][0]
     return PagedRef(pool=pool, pool_perm=perm, table=table, heads=heads_src,
-                    block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale)
+                    block_size=pool_sub[j_blk][0], length=max_blocks * pool_sub[j_blk][0], scale=scale,
+                    head_dim=None if sizes_equal(head_dim, pool_sub[j_d][0]) else head_dim)

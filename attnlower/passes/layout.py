@@ -138,6 +138,22 @@ class Layout:
             raise NotAView("reshape leaves elements over")
         return Layout(out)
 
+    def prefix(self, dim: int, length: object) -> "Layout":
+        """The layout after `x[..., :length]` on `dim` (a slice from 0, step 1): the dim's outermost sub-dim
+        keeps the first `length // inner` of its entries; raises NotAView when the prefix does not cut it
+        evenly (`length` not a multiple of the inner sub-dims' extent)."""
+        dims = list(self.dims)
+        d = dim % len(dims)
+        subs = [sd for sd in dims[d] if not is_one(sd[0])]
+        inner = math.prod(size for size, _ in subs[1:]) if len(subs) > 1 else 1
+        if not subs:
+            raise NotAView("a prefix of a dim of size 1")
+        if not sizes_equal(length % inner, 0):
+            raise NotAView(f"a prefix of {length} of a dim whose inner sub-dims hold {inner} elements")
+        outer_size, outer_stride = subs[0]
+        dims[d] = [(length // inner, outer_stride)] + subs[1:]
+        return Layout(dims)
+
     def repeat_interleave(self, repeats: object, dim: int) -> "Layout":
         """The layout after `x.repeat_interleave(repeats, dim)`: each element repeated (a stride-0 sub-dim)."""
         dims = list(self.dims)
@@ -240,6 +256,8 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
             raise NotAView("repeat_interleave without dim flattens")
         dim = a[2] if len(a) > 2 else node.kwargs["dim"]
         return layout.repeat_interleave(a[1], dim)
+    if t is aten.narrow.default and a[2] == 0:
+        return layout.prefix(a[1], shape_of(node)[a[1]])
     if t is aten.slice.Tensor:
         dim = a[1] if len(a) > 1 else 0
         start = a[2] if len(a) > 2 else None
@@ -249,6 +267,9 @@ def _apply(layout: Layout, node: fx.Node) -> Layout:
         if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62)
                                                    or sizes_equal(end, size)):
             return layout
+        if (start in (None, 0)) and step == 1:
+            # a prefix (MLA's `kv[..., :kv_lora_rank]`): the same memory, fewer entries of one dim
+            return layout.prefix(dim, shape_of(node)[dim])
         raise NotAView("a real slice")
     raise NotAView(f"{t} is not a layout op")
 

@@ -11,7 +11,8 @@ registered buffers). Instead of matching templates, `classify_mask`:
 3. evaluates the data-free factors concretely on CPU with an `fx.Interpreter`, at the traced sizes and,
    when sizes are symbolic, at other sizes the shape guards allow, and compares the resulting
    [Tq, Tk] visibility with the patterns the kernels implement (none, causal, causal band);
-4. accepts a data-dependent factor only as a padding mask ([B|1, 1, 1, Tk]: depends on batch and key).
+4. accepts a data-dependent factor only as a padding mask ([B|1, 1, 1, Tk]: depends on batch and key), or,
+   when every data factor reads so, as documents: `D[q] == D[k]` (packed sequences; `_read_documents`).
 
 A static graph is specialized to its sizes, so one evaluation there proves the pattern for that graph.
 A symbolic graph is checked at several consistent sizes, which catches masks that only look like a
@@ -886,6 +887,11 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
     data_factors = [f for f in factors if isinstance(f.value, fx.Node) and facts.data_reason.get(f.value)]
     free_factors = [f for f in factors if f not in data_factors]
     facts.data_dependent_seen = bool(data_factors)
+    if any(not _padding_shape(f.value, k_len, facts) for f in data_factors):
+        # not padding: documents (`D[q] == D[k]`, packed sequences) when every data factor reads as them
+        documents = _documents_or_none(data_factors, q_len, k_len, facts)
+        if documents is not None:
+            return _document_mask(documents, free_factors, data_factors, q_len, k_len, facts)
     for factor in data_factors:
         dtype = _dtype_of(factor.value)
         if factor.polarity == "additive" and dtype is not None and not dtype.is_floating_point:
@@ -920,6 +926,315 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
         reason=f"{checked}{padding}",
         speculated_from=speculated,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents: packed sequences, causal (or not) within a document and nothing across documents.
+#
+# A data factor `D[.., q] == D[.., k]` (one tensor of document ids read at the query's and the key's
+# position) is the op's document mode: the kernels take D as `doc_ids` and skip every block in which no
+# query shares a document with a key. Positions that restart per document (HF's packing: causal becomes
+# `P[b, k] <= P[b, q]`) are index causal within a document when D is proven to be the runs of P stepping
+# by one (`find_packed_sequence_indices`' cumsum(diff(P) != 1)). Read as formulas (`symbolic`, data tensors
+# as unknown functions of their indices), then cross-checked on drawn ids and positions.
+
+DOCUMENT_KINDS = ("document", "causal+document", "band+document")
+
+
+@dataclass(frozen=True)
+class _Documents:
+    """A proven document reading: `node` D read at (`roles` per dim of D: "b", "pos" or "one"), the query at
+    key position i + `offset`; `positional` the visibility the position relations give within documents."""
+
+    node: fx.Node
+    roles: tuple
+    offset: Any
+    positional: Visibility
+    reason: str
+    from_positions: tuple = ()    # (diff, ne, cumsum): how `node` is computed from the positions, when they bound keys
+
+
+def _documents_or_none(data_factors, q_len, k_len, facts: _GraphFacts) -> "_Documents | None":
+    try:
+        return _read_documents(data_factors, q_len, k_len, facts)
+    except _Refusal:
+        return None
+
+
+def _read_documents(data_factors, q_len, k_len, facts: _GraphFacts) -> _Documents:
+    reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)), functions=True)
+    atoms: list = []
+    for factor in data_factors:
+        if factor.polarity == "additive":
+            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data")
+        try:
+            read = reader.read(factor.value)
+        except NotSymbolic as e:
+            raise _Refusal(f"{_describe(factor.value)} is not a relation of document ids: {e}") from e
+        if read.kind != "bool":
+            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        names = SCORE_INDICES[4]
+        shift = 4 - len(read.shape)
+        if shift < 0:
+            raise _Refusal("the mask has more dims than the scores")
+        mapping = {INDEX[k]: (sympy.Integer(0) if facts.same_size(size, 1) else names[k + shift])
+                   for k, size in enumerate(read.shape)}
+        formula = read.value.xreplace(mapping)
+        atoms += _relations(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
+    documents, positional = None, []
+    for atom in atoms:
+        reads = [a for a in atom.atoms(sympy.core.function.AppliedUndef)]
+        if isinstance(atom, sympy.Eq) and all(isinstance(x, sympy.core.function.AppliedUndef)
+                                              for x in (atom.lhs, atom.rhs)):
+            found = _query_and_key_reads(atom.lhs, atom.rhs, facts)
+            if documents is not None and found[:2] != documents[:2]:
+                raise _Refusal("two different document relations")
+            documents = found
+        elif isinstance(atom, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)) and len(reads) == 2:
+            positional.append(atom)
+        else:
+            raise _Refusal(f"{atom} is not `D[q] == D[k]` nor a relation of positions")
+    if documents is None:
+        raise _Refusal("no `D[q] == D[k]` relation")
+    function, roles, offset, _ = documents
+    node = reader.function_of[function]
+    shape = list(_tensor_val(node).shape)
+    for role, size in zip(roles, shape):
+        if role == "pos" and not facts.same_size(size, k_len):
+            raise _Refusal(f"the document ids `{node.name}` {shape} are read at key positions along a dim of {size}, "
+                           f"not the {k_len} keys")
+        if role == "one" and not facts.same_size(size, 1):
+            raise _Refusal(f"the document ids `{node.name}` {shape} are read at index 0 of a dim of {size}")
+    model, how, chain = Visibility("none"), "", ()
+    if positional:
+        model, how = _positions_within_documents(positional, function, roles, node, reader, facts)
+        chain = (node.args[0].args[0], node.args[0], node)
+    reason = (f"key j visible only within the query's document: `{node.name}`[b, i] == `{node.name}`[b, j]"
+              + (f"; {how}" if how else ""))
+    return _Documents(node, roles, offset, model, reason, chain)
+
+
+def _relations(formula, node: fx.Node) -> list:
+    """The formula (True = visible) as a conjunction of relations, or a refusal."""
+    out, work = [], [formula]
+    while work:
+        f = work.pop()
+        if f is sympy.true:
+            continue
+        if f is sympy.false:
+            raise _Refusal(f"{_describe(node)} hides every key")
+        if isinstance(f, sympy.And):
+            work.extend(f.args)
+        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.Or):
+            work.extend(sympy.Not(a) for a in f.args[0].args)
+        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.core.relational.Relational):
+            work.append(f.args[0].negated)
+        elif isinstance(f, sympy.core.relational.Relational) and not isinstance(f, sympy.Ne):
+            out.append(f)
+        else:
+            raise _Refusal(f"{_describe(node)} is {f}, not a conjunction of relations")
+    return out
+
+
+def _query_and_key_reads(a, b, facts: _GraphFacts):
+    """(function, roles, query offset, the query read) when `a` and `b` read one function at the query's
+    position (i + offset) and the key's (j), at the same batch index (b, or 0 on a dim of size 1)."""
+    if a.func != b.func or len(a.args) != len(b.args):
+        raise _Refusal(f"{a} and {b} read different tensors")
+    if b.has(_I) and a.has(_J):
+        a, b = b, a
+    roles, offset = [], None
+    for x, y in zip(a.args, b.args):
+        if x == y:
+            if x == _B:
+                roles.append("b")
+            elif x == 0:
+                roles.append("one")
+            else:
+                raise _Refusal(f"{a} and {b} are read at {x}, not at the batch index")
+            continue
+        if offset is not None or y != _J:
+            raise _Refusal(f"{a} and {b} are not read at the query's and the key's position")
+        difference = sympy.expand(x - _I)
+        if difference.free_symbols & {_B, _H, _I, _J}:
+            raise _Refusal(f"{a} is not read at the query's position i plus a constant")
+        offset = difference
+        roles.append("pos")
+    if offset is None:
+        raise _Refusal(f"{a} == {b} compares one read with itself")
+    return a.func, tuple(roles), offset, a
+
+
+def _positions_within_documents(atoms, function, roles, node, reader, facts) -> tuple[Visibility, str]:
+    """The position relations (`P[b, k] <= P[b, q]`, HF's causal remapped to packed positions) as index
+    relations within documents: proven when the documents `node` are the runs of P stepping by one."""
+    positions = None
+    upper, lower = set(), set()
+    for atom in atoms:
+        reads = list(atom.atoms(sympy.core.function.AppliedUndef))
+        p_fn, p_roles, p_offset, query_read = _query_and_key_reads(reads[0], reads[1], facts)
+        key_read = reads[1] if reads[0] is query_read else reads[0]
+        if p_roles != roles or sympy.expand(p_offset) != 0:
+            raise _Refusal(f"{atom} reads positions other than where the documents are read")
+        if positions is not None and p_fn != positions:
+            raise _Refusal("two tensors of positions")
+        positions = p_fn
+        pi, pj = sympy.Symbol("p_i", integer=True), sympy.Symbol("p_j", integer=True)
+        e = atom.lhs - atom.rhs if isinstance(atom, (sympy.Le, sympy.Lt)) else atom.rhs - atom.lhs
+        e = sympy.expand(e.xreplace({query_read: pi, key_read: pj}) + (1 if isinstance(atom, (sympy.Lt, sympy.Gt)) else 0))
+        cj, ci = e.coeff(pj), e.coeff(pi)
+        rest = sympy.expand(e - cj * pj - ci * pi)
+        if rest.free_symbols:
+            raise _Refusal(f"the position bound {atom} is not on P[k] - P[q]")
+        if (cj, ci) == (1, -1):
+            upper.add(-rest)           # p_j - p_i <= -rest
+        elif (cj, ci) == (-1, 1):
+            lower.add(rest)            # p_j - p_i >= rest
+        else:
+            raise _Refusal(f"the position bound {atom} is not on P[k] - P[q]")
+    p_node = reader.function_of[positions]
+    if not _runs_of(node, p_node):
+        raise _Refusal(f"positions `{p_node.name}` bound the keys, but the documents `{node.name}` are not proven to "
+                       f"be the runs of `{p_node.name}` stepping by one (cumsum(diff(P) != 1))")
+    if _dtype_of(p_node) is None or _dtype_of(p_node).is_floating_point or _dtype_of(p_node) == torch.bool:
+        raise _Refusal(f"positions `{p_node.name}` are not integers")
+    if upper != {0} or len(lower) > 1:
+        raise _Refusal(f"the position bounds ({sorted(map(str, upper))}, {sorted(map(str, lower))}) are not causal "
+                       "or a causal band")
+    if lower:
+        width = sympy.expand(1 - next(iter(lower)))
+        if not (width.is_Integer and int(width) > 0):
+            raise _Refusal(f"a band of {width} positions")
+        model = Visibility("band", False, int(width))
+    else:
+        model = Visibility("causal", False)
+    how = (f"{model.describe()} over the positions `{p_node.name}`, index {model.describe()} within each document "
+           f"(`{node.name}` is the runs of `{p_node.name}` stepping by one)")
+    return model, how
+
+
+def _runs_of(documents: fx.Node, positions: fx.Node) -> bool:
+    """`documents` is `cumsum(diff(positions, prepend=<one column>) != 1, -1)` along the positions' last dim
+    (transformers' find_packed_sequence_indices): within a run of equal ids the positions step by exactly
+    one, so P[k] - P[q] = k - q there, whatever the first id (the prepended column) is."""
+    def last_dim(dim, node):
+        rank = len(_tensor_val(node).shape)
+        return isinstance(dim, int) and dim % rank == rank - 1
+
+    if op_name(documents) != "cumsum" or not last_dim(documents.args[1], documents):
+        return False
+    changed = documents.args[0]
+    if not isinstance(changed, fx.Node) or op_name(changed) != "ne" or changed.args[1] != 1:
+        return False
+    diff = changed.args[0]
+    if not isinstance(diff, fx.Node) or op_name(diff) != "diff":
+        return False
+    args = list(diff.args) + [None] * (5 - len(diff.args))
+    source, n, dim, prepend, append = args[0], args[1] if args[1] is not None else 1, args[2], args[3], args[4]
+    dim = -1 if dim is None else dim
+    if source is not positions or n != 1 or not last_dim(dim, positions) or append is not None:
+        return False
+    before = _tensor_val(prepend) if isinstance(prepend, fx.Node) else None
+    return before is not None and before.dim() == _tensor_val(positions).dim() and before.shape[-1] == 1
+
+
+def _intersect(a: Visibility, b: Visibility) -> Visibility | None:
+    """The visibility both leave, when it is one of the kernels' patterns."""
+    if a.kind == "none":
+        return b
+    if b.kind == "none":
+        return a
+    if a.bottom_right != b.bottom_right:
+        return None
+    if a.kind == "causal":
+        return b
+    if b.kind == "causal":
+        return a
+    return Visibility("band", a.bottom_right, min(a.window, b.window))
+
+
+def _document_mask(documents: _Documents, free_factors, data_factors, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
+    """The mask of a site whose data factors are documents: the shape-only factors' pattern and the positions'
+    within documents, intersected; the query's document read where the op reads it (`i + off`)."""
+    free_model, checked = _prove_pattern(free_factors, q_len, k_len, facts)
+    model = _intersect(free_model, documents.positional)
+    if model is None:
+        raise _Refusal(f"{free_model.describe()} and {documents.positional.describe()} within documents are not one "
+                       "of the kernels' patterns")
+    tq, tk = facts.expr(q_len), facts.expr(k_len)
+    offset = sympy.expand(documents.offset)
+    bottom_right = model.bottom_right
+    if sympy.expand(tk - tq) != 0:
+        if model.kind == "none":
+            bottom_right = sympy.expand(offset - (tk - tq)) == 0
+        want = tk - tq if bottom_right else 0
+        if sympy.expand(offset - want) != 0:
+            raise _Refusal(f"the query's document is read at key position i + {offset}, not where its "
+                           f"{'bottom-right' if bottom_right else 'top-left'} alignment puts it (i + {want})")
+    elif offset != 0:
+        raise _Refusal(f"the query's document is read at key position i + {offset}, not at i")
+    _cross_check_documents(documents, data_factors, bottom_right, q_len, k_len, facts)
+    kind = ("document" if model.kind == "none" else f"{model.kind}+document")
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    return MaskInfo(kind, causal=model.causal, bottom_right=bottom_right, window=model.window, data_dependent=True,
+                    reason=f"{documents.reason}; shape-only part: {checked}", speculated_from=speculated,
+                    documents=documents.node, document_roles=documents.roles,
+                    documents_from_positions=documents.from_positions)
+
+
+def _draw(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random data of `value`'s dtype and shape: small integers (repeated, unsorted, negative), bools, normals."""
+    shape = [int(x) for x in value.shape]
+    if value.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if value.dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(value.dtype)
+    return torch.randint(-2, 4, shape, generator=generator).to(value.dtype)
+
+
+def _cross_check_documents(documents: _Documents, data_factors, bottom_right: bool, q_len, k_len,
+                           facts: _GraphFacts) -> None:
+    """Evaluate the data factors on drawn ids / positions (small integers: repeated, unsorted, negative) at
+    the traced sizes and compare with the proven reading: a second, independent reading of the same nodes."""
+    nodes = [f.value for f in data_factors]
+    needed = ancestors(nodes + [documents.node], facts._value_inputs)
+    roots = sorted((n for n in needed if facts.intrinsic_data_reason(n)), key=facts.order.__getitem__)
+    evaluator = _Evaluator([documents.node] + nodes, facts, given=roots)
+    symbols = set(evaluator.symbols)
+    for size in (q_len, k_len):
+        symbols |= facts.expr(size).free_symbols
+    subs = facts.substitutions(symbols)[0]
+    tq, tk = facts.concrete(q_len, subs), facts.concrete(k_len, subs)
+    if max(evaluator.largest_numel(subs), tq * tk) > MAX_EVAL_ELEMENTS:
+        return   # too large to evaluate: the symbolic proof stands alone
+    if any(not isinstance(_tensor_val(r), torch.Tensor) for r in roots):
+        raise _Refusal("the document ids are computed from something other than tensors")
+    generator = torch.Generator().manual_seed(0)
+    pattern = documents.positional.visible(tq, tk)
+    off = tk - tq if bottom_right else 0
+    for _ in range(3):
+        values = {}
+        for root in roots:
+            value = _tensor_val(root)
+            shape = [facts.concrete(x, subs) for x in value.shape]
+            values[root] = _draw(torch.empty(shape, dtype=value.dtype), generator)
+        results = evaluator.run(subs, values)
+        docs = results[0]
+        kept = [d for d, role in enumerate(documents.roles) if role != "one"]
+        docs = docs.permute(kept + [d for d in range(docs.dim()) if d not in kept]).reshape(
+            [docs.shape[d] for d in kept])
+        if "b" in documents.roles and documents.roles.index("b") > documents.roles.index("pos"):
+            docs = docs.transpose(0, 1)
+        docs = docs.reshape(-1, tk)
+        want = (docs[:, None, off:off + tq, None] == docs[:, None, None, :]) & pattern
+        got = None
+        for value, factor in zip(results[1:], data_factors):
+            part = _visibility(value, factor)
+            got = part if got is None else got & part
+        shape = torch.broadcast_shapes(got.shape, want.shape)
+        if not torch.equal(got.expand(shape), want.expand(shape)):
+            raise _Refusal("internal: the mask evaluated on drawn document ids differs from its proven reading "
+                           "(a bug of attnlower: please report it)")
 
 
 def _buffers_named(nodes) -> str:

@@ -1,8 +1,9 @@
 """The two products of a site (Q·Kᵀ and P·V), whatever op spells them: matmul, bmm, baddbmm, einsum.
 
 `read_product` reads a product node as matmul order `[batch, m, k] x [batch, k, n]`: its two operands
-(each with the permutation that brings an einsum operand to that order), the batch shape, baddbmm's
-added input and alpha, and how an einsum's output permutes the matmul-order result. `logical_map`
+(each with the permutation that brings an einsum operand to that order, and the batch dims an operand
+broadcasts over: `bshc,btc` has one latent K for every head), the batch shape, baddbmm's added input and
+alpha, and how an einsum's output permutes the matmul-order result (Q·Kᵀ too, when the key index stays last). `logical_map`
 maps an operand's layout to the op's `[B, H, X, Y]`; `output_steps` turn the op's `[B, Hq, Tq, Dv]`
 result back into the P·V product's layout.
 """
@@ -31,11 +32,21 @@ class RowInserted:
 
 
 @dataclass(frozen=True)
+class BatchInserted:
+    """An einsum operand's permutation to matmul order, then size-1 dims inserted at `dims` (positions in
+    matmul order): batch indices the operand does not have and broadcasts over (one latent K/V head for
+    every query head, `bshc,btc->bsht`)."""
+
+    perm: list
+    dims: tuple
+
+
+@dataclass(frozen=True)
 class ProductOperand:
     """One operand of a product: `node`, read in matmul order after `perm` (einsum only; None: as it is)."""
 
     node: fx.Node
-    perm: list | RowInserted | None = None
+    perm: list | RowInserted | BatchInserted | None = None
 
     @property
     def row_inserted(self) -> bool:
@@ -46,12 +57,19 @@ class ProductOperand:
         """The dim of `node` that is dim `i` of the operand in matmul order (before an inserted row)."""
         if self.perm is None:
             return i
+        if isinstance(self.perm, BatchInserted):
+            raise ValueError("node_dim of an operand with inserted batch dims: its matmul-order dims are not its own")
         return (self.perm.perm if self.row_inserted else self.perm)[i]
 
     def in_matmul_order(self, lay: Layout) -> Layout:
-        """`node`'s layout `lay`, permuted (and given its row) as the matmul reads it."""
+        """`node`'s layout `lay`, permuted (and given its row or missing batch dims) as the matmul reads it."""
         if self.row_inserted:
             return lay.permute(self.perm.perm).unsqueeze(self.perm.row)
+        if isinstance(self.perm, BatchInserted):
+            lay = lay.permute(self.perm.perm)
+            for dim in sorted(self.perm.dims):
+                lay = lay.unsqueeze(dim)
+            return lay
         return lay if self.perm is None else lay.permute(self.perm)
 
 
@@ -70,8 +88,9 @@ class Product:
     out_perm: list | None = None
 
 
-def read_product(node: fx.Node, which: str) -> Product:
-    """The product `node` in matmul order; `which` is "qk" or "pv" (only P·V may permute its output)."""
+def read_product(node: fx.Node, which: str, query: str | None = None) -> Product:
+    """The product `node` in matmul order; `which` is "qk" or "pv". `query`: of an einsum with two row
+    indices, the one that is the query (`einsum_permutations`)."""
     t = node.target
     shape = shape_of(node)
     batch_shape = shape[:-2]
@@ -96,7 +115,7 @@ def read_product(node: fx.Node, which: str) -> Product:
         eq, operands = node.args[0], node.args[1]
         if len(operands) != 2:
             raise Refused("einsum of more than two operands")
-        perm_a, perm_b, out_perm = einsum_permutations(eq, which)
+        perm_a, perm_b, out_perm = einsum_permutations(eq, which, query)
         if out_perm is not None:   # the matmul-order shape: canonical dim j is written at out_perm.index(j)
             shape = [shape[out_perm.index(j)] for j in range(len(shape))]
             batch_shape = shape[:-2]
@@ -107,13 +126,18 @@ def read_product(node: fx.Node, which: str) -> Product:
     raise Refused(f"{t} is not a product")
 
 
-def einsum_permutations(eq: str, which: str):
+def einsum_permutations(eq: str, which: str, query: str | None = None):
     """Permutations that bring einsum operands to matmul form `[batch, m, k] x [batch, k, n]`, and the
     permutation `out_perm` with `einsum_out = matmul_out.permute(out_perm)` (None when it is the identity).
 
     Batch dims keep the order of the first operand (`bqhd,bkhd->bhqk` reads q as [b, h, q, d]). The
-    Q·Kᵀ product must write [batch, m, n] (the softmax reads the last dim as the keys); P·V may write
-    any order (`bhqk,bkhd->bqhd` is the BSHD output, a permute of the op's [B, H, Tq, D]).
+    Q·Kᵀ product must write the key index last (the softmax reads the last dim as the keys), its other
+    dims in any order (DeepSeek's `bshd,bthd->bsht`); P·V may write any order (`bhqk,bkhd->bqhd` is the
+    BSHD output, a permute of the op's [B, H, Tq, D]).
+
+    Two row indices (`bshc,btc->bsht`: the second operand has no head index, one latent K/V head for
+    every query head, MQA) read one of them as a batch index the second operand broadcasts over: the row
+    index is `query` when given (it must be one of them), else the first of the first operand's.
     """
     eq = eq.replace(" ", "")
     if "->" not in eq or "..." in eq:
@@ -127,23 +151,45 @@ def einsum_permutations(eq: str, which: str):
     m = [c for c in a if c not in b]
     n = [c for c in b if c not in a]
     batch = [c for c in a if c in b and c in out]
+    broadcast: list[str] = []        # batch indices of the first operand that the second broadcasts over
+    if len(m) == 2 and len(n) == 1 and all(c in out for c in m):
+        if query is not None and query not in m:
+            raise Refused(f"einsum '{eq}': the query index {query!r} is none of its row indices {m}")
+        row_index = query if query is not None else m[0]
+        broadcast = [c for c in m if c != row_index]
+        m = [row_index]
+        batch = [c for c in a if c in batch or c in broadcast]
     canonical = batch + m + n
     row = None
     if not m and len(n) == 1:
         row = len(batch)   # no query / row index (decode's `bhd,bhsd->bhs`): a size-1 row is implied
     if len(m) > 1 or (len(m) == 0 and row is None) or len(n) != 1 or sorted(out) != sorted(canonical) \
             or len(set(out)) != len(out) \
-            or set(a) != set(batch + m + [d]) or set(b) != set(batch + n + [d]):
+            or set(a) != set(batch + m + [d]) or set(b) | set(broadcast) != set(batch + n + [d]):
         raise Refused(f"einsum '{eq}' is not [batch, m, k] x [batch, k, n] -> a permutation of [batch, m, n]")
     out_perm = [canonical.index(c) for c in out]
-    if which == "qk" and out_perm != list(range(len(out))):
-        raise Refused(f"einsum '{eq}' writes the scores as {out}, not [{''.join(canonical)}]: "
+    if which == "qk" and out[-1] != n[0]:
+        raise Refused(f"einsum '{eq}' writes the scores as {out}, with the key index {n[0]!r} not last: "
                       "the softmax would not run over the keys of each query")
+    if which == "qk" and row is not None and out_perm != list(range(len(out))):
+        raise Refused(f"einsum '{eq}' writes scores without a query index as {out}, not [{''.join(canonical)}]")
     perm_a = [a.index(c) for c in batch + m + [d]]
-    perm_b = [b.index(c) for c in batch + [d] + n]
+    perm_b = [b.index(c) for c in batch + [d] + n if c in b]
+    if broadcast:
+        perm_b = BatchInserted(perm_b, tuple(batch.index(c) for c in broadcast))
     if row is not None:
         perm_a = RowInserted(perm_a, row)
     return perm_a, perm_b, (None if out_perm == list(range(len(out))) else out_perm)
+
+
+def einsum_row_indices(eq: str) -> list[str]:
+    """The row indices of an einsum product (those of the first operand only): two when the second operand
+    broadcasts over one of them (`bshc,btc->bsht`)."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return []
+    a, b = eq.split("->")[0].split(",")
+    return [c for c in a if c not in b]
 
 
 def logical_map(batch_shape, batch, heads):

@@ -34,15 +34,31 @@ def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             continue
         created: list[fx.Node] = []
         site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        inserted = set(created)
+        # the replacement: the one inserted node that the replaced node's users now read
+        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
+        refusal = _op_refusal(created)
+        if refusal:
+            # the op's own checks (run by its fake impl) refuse these inputs, e.g. a feature its kernels on this
+            # device do not have yet: undo (the inserted nodes die in clean_up), say why
+            site.replacement.replace_all_uses_with(site.match.output)
+            site.refuse(refusal)
+            continue
         for buffer in site.decision.speculated:
             # the op no longer reads the buffer its structure was proven from: guard its value, and let
             # the graph read it as the constant it now is (validation then checks at its real value)
             freeze(gm, buffer)
-        inserted = set(created)
-        # the replacement: the one inserted node that the replaced node's users now read
-        (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
         done += 1
     return f"{done} rewritten"
+
+
+def _op_refusal(created: list[fx.Node]) -> str:
+    """Why the inserted attnlower op refuses its inputs (its fake impl raised: the op's input checks run there,
+    on the site's devices and dtypes), or ""."""
+    for n in created:
+        if n.op == "call_function" and str(n.target).startswith("attnlower.") and "fake_error" in n.meta:
+            return f"{n.target} refuses the site's inputs: {n.meta['fake_error']}"
+    return ""
 
 
 def graph_digraph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -150,6 +166,8 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     q's dtype: the op takes q, k and v of one dtype.
     """
     q = _prepare(emit, m.q)
+    if m.split is not None:     # a split head dim: the op reads the parts side by side
+        q = emit(aten.cat.default, ([q, _prepare(emit, m.split[0])], -1), name="attnlower_q_parts")
     if m.head_scale is None:
         return q
     hs = m.head_scale
@@ -159,6 +177,39 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     if value_of(scaled) is not None and value_of(scaled).dtype != dtype:
         scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
     return scaled
+
+
+def adjacent_key_parts(m: AttentionMatch) -> fx.Node | None:
+    """The buffer K1 and K2 of a split head dim are adjacent slices of (`buf[..., :R]`, `buf[..., R:]` under
+    the same views: vLLM / FlashMLA keep the latent and the rotary key in one row), else None."""
+    k1, k2 = m.k, m.split[1]
+    a, b = k1.source, k2.source
+    if not all(n.op == "call_function" and n.target is aten.slice.Tensor for n in (a, b)):
+        return None
+    base = a.args[0]
+    rank = len(value_of(base).shape)
+    if b.args[0] is not base or k1.steps != k2.steps or k1.heads != k2.heads:
+        return None
+    dims = {x.args[1] % rank if len(x.args) > 1 else 0 for x in (a, b)}
+    if dims != {rank - 1} or any(len(x.args) > 4 and x.args[4] != 1 for x in (a, b)):
+        return None
+    end_a = value_of(a).shape[-1]
+    start_a = a.args[2] if len(a.args) > 2 else 0
+    start_b = b.args[2] if len(b.args) > 2 else 0
+    if start_a not in (0, None) or not isinstance(start_b, int) or start_b != end_a \
+            or not sizes_equal(end_a + value_of(b).shape[-1], value_of(base).shape[-1]):
+        return None
+    if any(kind == "unflatten" and arg[0] % rank == rank - 1 for kind, arg in k1.steps):
+        return None
+    return base
+
+
+def _split_keys(emit: _Emitter, m: AttentionMatch) -> fx.Node:
+    """K of a split head dim: one view of the buffer holding both parts side by side, else their concatenation."""
+    base = adjacent_key_parts(m)
+    if base is not None:
+        return _take_steps(emit, base, m.k.steps)
+    return emit(aten.cat.default, ([_prepare(emit, m.k), _prepare(emit, m.split[1])], -1), name="attnlower_k_parts")
 
 
 def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
@@ -247,13 +298,20 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if decision.paged is not None:
         return _rewrite_paged(emit, m, decision)
     q = _query(emit, m)
-    k = _prepare(emit, m.k)
+    if m.split is not None:
+        k = _split_keys(emit, m)
+    else:
+        k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
     bias = _bias_node(emit, decision, m)
     slopes = _alibi_slopes(gm, decision, q, fake_mode) if decision.alibi is not None else None
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
+    if m.sinks is not None:
+        common["sinks"] = _sinks(emit, m)
+    if s.documents:
+        common["doc_ids"] = _doc_ids(emit, decision.mask)
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
                     dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")
@@ -265,6 +323,39 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _doc_ids(emit: _Emitter, mask) -> fx.Node:
+    """The op's `doc_ids` [B|1, Tk]: the proven document ids D, its size-1 dims dropped, batch first
+    (a 1-D D gets a batch of 1); integers kept, bools as int32 (the op compares them for equality only)."""
+    ids, roles = mask.documents, list(mask.document_roles)
+    if mask.documents_from_positions:
+        # D = cumsum(diff(P, prepend=...) != 1): computed here from P, the runs the proof was about
+        copies: dict[fx.Node, fx.Node] = {}
+        for node in mask.documents_from_positions:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: copies.get(a, a))
+            copies[node] = emit(node.target, args, kwargs)
+        ids = copies[mask.documents]
+    ones = [d for d, role in enumerate(roles) if role == "one"]
+    if ones:
+        ids = emit(aten.squeeze.dims, (ids, ones))
+        roles = [role for role in roles if role != "one"]
+    if roles == ["pos", "b"]:
+        ids = emit(aten.permute.default, (ids, [1, 0]))
+    elif roles == ["pos"]:
+        ids = emit(aten.unsqueeze.default, (ids, 0))
+    if value_of(ids).dtype not in (torch.int32, torch.int64):
+        ids = emit(aten._to_copy.default, (ids,), {"dtype": torch.int32})
+    return ids
+
+
+def _sinks(emit: _Emitter, m: AttentionMatch) -> fx.Node:
+    """The op's `sinks` [Hq]: the proven source of the per-head logits, flattened (score_chain proved its
+    values run along the heads in the op's head order), times the scalars applied after it."""
+    sinks = emit(aten.reshape.default, (m.sinks.source, [-1]), name="attnlower_sinks")
+    if m.sinks.scale != 1.0:
+        sinks = emit(aten.mul.Tensor, (sinks, m.sinks.scale))
+    return sinks
 
 
 def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode) -> fx.Node:
@@ -346,6 +437,8 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
         pool = ref.pool
         if ref.pool_perm != (0, 1, 2, 3):
             pool = emit(aten.permute.default, (pool, list(ref.pool_perm)))
+        if ref.head_dim is not None:   # the pool's first head_dim entries (a view: MLA's values inside its keys)
+            pool = emit(aten.slice.Tensor, (pool, 3, 0, ref.head_dim))
         pools.append(pool)
     table = plan.k.table
     if value_of(table).dtype != torch.int32:
@@ -359,9 +452,11 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
         if value_of(seq_lens).dtype != torch.int32:
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
+    sinks = _sinks(emit, m) if m.sinks is not None else None
+    extra = {"sinks": sinks} if sinks is not None else {}
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
                dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
-                    softcap=float(s.softcap)),
+                    softcap=float(s.softcap), **extra),
                name="attnlower_paged")
     if plan.nan_for_empty:
         # eager softmax over a row of -inf gives NaN; the paged op gives 0 for a row with no visible key:
@@ -375,5 +470,8 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             empty = emit(aten.lt.Scalar, (first, q_len))             # L[b] - Tq + i < 0
         else:
             empty = emit(aten.le.Scalar, (lens, 0))
+        if sinks is not None:   # a row with a finite sink is not empty (the sink takes the softmax: 0 in both)
+            no_sink = emit(aten.view.default, (emit(aten.isneginf.default, (sinks,)), [1, -1, 1, 1]))
+            empty = emit(aten.bitwise_and.Tensor, (empty, no_sink))
         out = emit(aten.masked_fill.Scalar, (out, empty, float("nan")))
     return _finish(emit, m, out)

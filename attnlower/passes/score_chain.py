@@ -21,12 +21,12 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .anchors import manual_softmax, row_max_of
+from .anchors import manual_softmax, row_max_of, softmax_sink
 from .constants import constant_value, real_float
-from .layout import Layout, NotAView, layout_of
-from .products import Product, ProductOperand, logical_map, output_steps, read_product
+from .layout import Layout, NotAView, layout_chain, layout_of
+from .products import Product, ProductOperand, einsum_row_indices, logical_map, output_steps, read_product
 from .sdpa import sdpa_arguments
-from .site import AttentionChain, Context, HeadScale, Operand, Refused, ScoreTerm
+from .site import AttentionChain, Context, HeadScale, Operand, Refused, ScoreTerm, Sinks
 from .vocabulary import (ADDS, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
                          WHERES, is_one, reads_only_size, shape_of, size_sources, sizes_equal, value_of)
 
@@ -69,6 +69,11 @@ class ScoreWalk:
     region: list[fx.Node] = field(default_factory=list)   # nodes read besides the chain itself
     # (multiplier, divide, its shape aligned right against the scores' shape where it is applied, that shape)
     head_scale: tuple[fx.Node, bool, tuple, tuple] | None = None
+    # a sum of two products met (`Q1·K1ᵀ + Q2·K2ᵀ`, a split head dim): (the other branch, the add, post there,
+    # how many terms were recorded there); the walk goes on up the first branch
+    split: tuple[fx.Node, fx.Node, float, int] | None = None
+    # a column concatenated to the scores (`cat([scores, column], -1)`, GPT-OSS's sinks): (column, post there)
+    sink: tuple[fx.Node, float] | None = None
 
     def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node) -> None:
         """Record a mask / bias term applied at node `at` (refused inside the softcap or below a head scale)."""
@@ -222,6 +227,11 @@ def _score_add(cur: fx.Node, w: ScoreWalk) -> fx.Node:
         w.region += row_max
         return a
     a_is, b_is = carries_scores(a), carries_scores(b)
+    if a_is and b_is and sign > 0 and alpha == 1.0 and w.split is None and not w.inside_tanh:
+        # Q1·K1ᵀ + Q2·K2ᵀ (absorbed MLA: latent part + rotary part): one product over a split head dim, if
+        # the other branch proves to be a product of the same scores (`_split_product`)
+        w.split = (b, cur, w.post, len(w.terms))
+        return _scores_operand(cur, a)
     if a_is == b_is:
         raise Refused(f"{cur.name}: {'both' if a_is else 'neither'} of its operands reach the Q·Kᵀ product "
                       "through ops that keep the scores' [.., Tq, Tk] layout (views, casts, scales, masks)")
@@ -278,6 +288,36 @@ def _score_tanh(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     return cur.args[0]
 
 
+@score_rule(aten.cat.default)
+def _score_cat(cur: fx.Node, w: ScoreWalk) -> fx.Node:
+    """`cat([scores, column], dim=-1)`: one more logit per row (GPT-OSS's sink); what it is (one logit per
+    head, constant over the batch and the queries) is proven once the site's heads are known (`_sink_source`),
+    and the probability chain must drop exactly that column before P·V."""
+    tensors = cur.args[0]
+    dim = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("dim", 0)
+    rank = len(shape_of(cur))
+    if not isinstance(dim, int) or dim % rank != rank - 1:
+        raise Refused(f"the scores are concatenated along dim {dim}, not along the keys")
+    if len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
+        raise Refused(f"{len(tensors)} tensors are concatenated to the scores: one sink column is what the op takes")
+    scores, column = tensors
+    if not carries_scores(scores):
+        raise Refused("a column is concatenated before the scores (the op's sink is a logit after the keys)")
+    if carries_scores(column):
+        raise Refused("the concatenated column depends on the query (it is computed from a product): a null key, "
+                      "not a per-head sink")
+    if w.sink is not None:
+        raise Refused("two columns are concatenated to the scores")
+    if w.terms or w.inside_tanh or w.head_scale is not None:
+        raise Refused("a mask, softcap or per-head scale is applied to the scores with the concatenated column "
+                      "(the op applies them to the scores only)")
+    ss, cs, out = shape_of(scores), shape_of(column), shape_of(cur)
+    if len(cs) != rank or not is_one(cs[-1]) or not all(sizes_equal(a, b) for a, b in zip(ss[:-1], out[:-1])):
+        raise Refused(f"the concatenated {list(cs)} is not one column of the scores {list(ss)}")
+    w.sink = (column, w.post)
+    return scores
+
+
 def _walk_scores(x: fx.Node, w: ScoreWalk) -> tuple[fx.Node, list[fx.Node]]:
     """Walk up from the softmax input `x` to the product; returns (product, chain nodes)."""
     chain: list[fx.Node] = []
@@ -328,6 +368,8 @@ class ProbabilityWalk:
 
     chain: list[fx.Node] = field(default_factory=list)
     dropout_p: float = 0.0
+    keys: object = None          # with a sink column: Tk, the columns that must reach P·V (the sink dropped)
+    sink_dropped: bool = False
 
 
 # op -> rule(node, walk) -> the node holding the probabilities after `node`
@@ -351,6 +393,28 @@ def _probabilities_dropout(u: fx.Node, w: ProbabilityWalk) -> fx.Node:
         if w.dropout_p:
             raise Refused("two dropouts on the probabilities")
         w.dropout_p = float(p)
+    w.chain.append(u)
+    return u
+
+
+@probability_rule(aten.slice.Tensor, aten.narrow.default)
+def _probabilities_drop_sink(u: fx.Node, w: ProbabilityWalk) -> fx.Node:
+    """`p[..., :-1]` (`narrow`, `[:Tk]`): the sink column dropped; only where one was concatenated, and
+    only the first Tk columns kept."""
+    args = list(u.args) + [None] * (5 - len(u.args))
+    src, dim, start, step = args[0], args[1] or 0, args[2], (args[4] or 1) if u.target is aten.slice.Tensor else 1
+    rank = len(shape_of(src))
+    if w.keys is None:
+        raise Refused("the probabilities are sliced before the matmul with V")
+    if w.sink_dropped:
+        raise Refused("the probabilities are sliced twice")
+    kept = shape_of(u)
+    first = start in (None, 0)
+    if dim % rank != rank - 1 or step != 1 or not first or not sizes_equal(kept[-1], w.keys):
+        which = "from column 0" if first else f"from column {start}"
+        raise Refused(f"the slice {which} keeps {kept[-1]} of the {shape_of(src)[-1]} columns along dim {dim}: "
+                      f"it drops another column than the concatenated sink (the last)")
+    w.sink_dropped = True
     w.chain.append(u)
     return u
 
@@ -420,20 +484,63 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
     batch, heads = _heads_split(shape, chain)
     region: list[fx.Node] = [sm] + inner + chain + walk.region
     terms, post, softcap = walk.terms, walk.post, walk.softcap
+    sink_columns = 1 if walk.sink is not None else 0     # the softmax row holds Tk keys and the sink
+    k_len = k_len - sink_columns
     if post <= 0:
         raise Refused("the scores are scaled by a non-positive factor")
     if walk.inside_tanh and softcap <= 0:
         raise Refused("softcap with a non-positive cap")
 
     # ---- the Q·Kᵀ product
-    qk = read_product(product, "qk")
+    query = _query_index(product, terms)
+    qk = read_product(product, "qk", query)
+    split = None
+    if walk.split is not None:
+        split, branch = _split_product(walk, product, qk, query)
+        region += branch
+    score_order = None
+    if qk.out_perm is not None:
+        # scores written in another order than [batch, q, k] (DeepSeek's `bshd,bthd->bsht`), the key index
+        # last: read them as the product's matmul order, the terms permuted along
+        ps, ss = shape_of(product), shape_of(sm)
+        if len(ps) != len(ss) or not all(sizes_equal(a, b) for a, b in zip(ps[:-1], ss[:-1])):
+            raise Refused(f"the scores {list(shape_of(product))}, written by einsum in another order than "
+                          f"[batch, q, k], are regrouped to {list(shape)} before the softmax")
+        if walk.head_scale is not None:
+            raise Refused("a per-head scale of scores written by einsum in another order than [batch, q, k]")
+        score_order = [qk.out_perm.index(j) for j in range(len(shape))]
+        shape = [shape[i] for i in score_order]
+        q_len, k_len = shape[-2], shape[-1] - sink_columns
+        batch, heads = _heads_split(shape, [])
+        terms = [_reordered_term(t, score_order, sm) for t in terms]
+    sinks = None
+    lse_sink = softmax_sink(sm) if manual else None
+    if lse_sink is not None:
+        if walk.sink is not None:
+            raise Refused("a sink column concatenated to the scores and a sink in the log-sum-exp")
+        source, fold = _sink_source(lse_sink, score_order, shape[:-2], batch, heads)
+        if fold:
+            _refuse_fold_with_head_scale(walk)
+            batch, heads = 1, batch * heads
+        sinks = Sinks(source, 1.0, "logsumexp", lse_sink)
+    if walk.sink is not None:
+        if qk.left.row_inserted:
+            raise Refused("a sink column concatenated to scores without a query dim")
+        column, sink_post = walk.sink
+        source, fold = _sink_source(column, score_order, shape[:-2], batch, heads)
+        if fold:
+            _refuse_fold_with_head_scale(walk)
+            # the sinks vary over what the scores' leading dims call the batch (openai/gpt-oss: [Hkv, q_mult]):
+            # every leading dim is a head of the op, one batch
+            batch, heads = 1, batch * heads
+        sinks = Sinks(source, sink_post, "concat", column)
     if qk.extra_terms:
         walk.refuse_below_head_scale("baddbmm's input")
     head_scale = _check_head_scale(walk, batch, heads, qk.left.row_inserted)
     for node_, coef in qk.extra_terms:
         terms.append(ScoreTerm("bias", node_, coef * post, tuple(shape_of(product)), value_of(product).dtype))
     post *= qk.alpha
-    pshape = shape_of(product)
+    pshape = shape_of(product) if score_order is None else [shape_of(product)[i] for i in score_order]
     if qk.left.row_inserted:
         # one query per row (decode's `bhd,bhsd->bhs`): the scores are [.., Tk], Tq = 1 is implied;
         # terms broadcast against them and get the row dim back in the rewrite
@@ -448,16 +555,233 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
         raise Refused("the product's [Tq, Tk] differ from the softmax's")
 
     # ---- down the probability chain to P·V
-    probabilities = ProbabilityWalk()
+    probabilities = ProbabilityWalk(keys=k_len if sink_columns else None)
     pv_node = _walk_probabilities(sm, probabilities)
+    if sink_columns and not probabilities.sink_dropped:
+        raise Refused("the concatenated column reaches the P·V product: it is a key with a value, not a sink")
     p_chain = probabilities.chain
     region += p_chain
     region.append(pv_node)
+    output = pv_node
+    rescale = _rescale_epilogue(pv_node, x, shape)
+    if rescale is not None:
+        # out * exp(lse - logaddexp(lse, sink)): the sink applied after the attention through its lse
+        if sinks is not None:
+            raise Refused("a second sink rescales the output of attention that already has one")
+        output, epilogue, column, keepdim = rescale
+        source, fold = _sink_source(column, score_order, shape[:-2], batch, heads, rows_only=not keepdim)
+        if fold:
+            _refuse_fold_with_head_scale(walk)
+            batch, heads = 1, batch * heads
+        sinks = Sinks(source, 1.0, "rescale", output)
+        region += [n for n in epilogue if n is not output] + [output]   # the output last, as the region's end
     shape_reads = _size_reads(region, sm, p_chain)
-    pv = read_product(pv_node, "pv")
+    p_node = p_chain[-1] if p_chain else sm
+    # an einsum P·V with two row indices (`bsht,btc->bshc`): the query is the one under which the
+    # probabilities reach it as the softmax made them
+    rows = einsum_row_indices(pv_node.args[0]) if pv_node.target is aten.einsum.default else []
+    failure = None
+    for query in (rows if len(rows) == 2 else [None]):
+        try:
+            pv, p_operand, x_operand, transposed = _read_pv(pv_node, query, p_node, qk)
+            # probabilities must reach P·V with their [B, H, Tq, Tk] layout unchanged
+            _check_probabilities_layout(pv, p_operand, transposed, sm, p_chain, batch, heads, q_len, k_len,
+                                        score_order, bool(sink_columns))
+            break
+        except (Refused, NotAView) as e:
+            failure = e
+    else:
+        raise failure
+    if rescale is not None and (score_order is not None or pv.out_perm is not None or transposed
+                                or len(pv.batch_shape) != len(qk.batch_shape)
+                                or not all(sizes_equal(a, b) for a, b in zip(pv.batch_shape, qk.batch_shape))):
+        # the weight is per row of the scores as the softmax holds them: the output must hold its rows alike
+        raise Refused("the sink's rescale multiplies an output whose rows are not in the scores' order")
+
+    logical_qk = logical_map(qk.batch_shape, batch, heads)
+    logical_pv = logical_map(pv.batch_shape, batch, heads)
+    q_operand = Operand(qk.left.node, lambda lay: logical_qk(qk.left.in_matmul_order(lay)))
+    k_operand = Operand(qk.right.node, lambda lay: logical_qk(qk.right.in_matmul_order(lay)).transpose(2, 3))
+    if transposed:
+        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay).transpose(-2, -1)))
+    else:
+        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay)))
+    head_dim = _contracted_size(qk)
+    split_operands = None
+    if split is not None:
+        logical_split = logical_map(split.batch_shape, batch, heads)
+        split_operands = (Operand(split.left.node, lambda lay: logical_split(split.left.in_matmul_order(lay))),
+                          Operand(split.right.node,
+                                  lambda lay: logical_split(split.right.in_matmul_order(lay)).transpose(2, 3)))
+        head_dim = head_dim + _contracted_size(split)
+    out_shape = shape_of(pv_node)
+    value_dim = len(out_shape) - (2 if transposed else 1)          # in matmul order
+    v_head_dim = out_shape[value_dim] if pv.out_perm is None else out_shape[pv.out_perm.index(value_dim)]
+    if pv.left.row_inserted != qk.left.row_inserted:
+        raise Refused("one product has a query dim and the other not")
+    return AttentionChain(
+        spelling=("manual-softmax " if manual else "") + qk.spelling, q_operand=q_operand, k_operand=k_operand,
+        v_operand=v_operand, batch=batch, q_heads=heads, q_len=q_len, k_len=k_len, head_dim=head_dim,
+        v_head_dim=v_head_dim, score_scale=post, softcap=softcap, terms=terms, dropout_p=probabilities.dropout_p,
+        safe_softmax=sm.target is aten._safe_softmax.default, output=output,
+        output_steps=output_steps(pv, batch, heads, transposed),
+        region=region, shape_reads=shape_reads, head_scale=head_scale, split_qk=split_operands, sinks=sinks,
+    )
+
+
+def _refuse_fold_with_head_scale(walk: ScoreWalk) -> None:
+    """Sinks that vary over the batch make the batch heads of the op; a per-head scale shaped for the old heads
+    would no longer line up with q's."""
+    if walk.head_scale is not None:
+        raise Refused("sinks that vary over the batch (read as heads of one batch) and a per-head scale of the scores")
+
+
+def _rescale_epilogue(pv_node: fx.Node, x: fx.Node, score_shape):
+    """(the multiply, its nodes, the sink, whether lse keeps its dim) when the P·V output's one use is `out * w` with `w` per row
+    `exp(lse - logaddexp(lse, c))` or `sigmoid(lse - c)`, `lse = logsumexp(x, -1)` of the softmax input `x`
+    itself, the output [.., Tq, Dv] in the scores' row order: the sink `c` applied after the attention
+    (vLLM's merge of attention with sinks). None when the output is used otherwise."""
+    users = list(pv_node.users)
+    if len(users) != 1 or users[0].target is not aten.mul.Tensor or len(users[0].args) != 2:
+        return None
+    mul = users[0]
+    weight = mul.args[1] if mul.args[0] is pv_node else mul.args[0]
+    out_shape, rows = shape_of(pv_node), list(score_shape[:-1])
+    if not isinstance(weight, fx.Node) or len(out_shape) != len(score_shape) \
+            or not all(sizes_equal(a, b) for a, b in zip(out_shape[:-1], rows)):
+        return None
+    nodes = [mul]
+    w = weight
+    if w.target is aten.unsqueeze.default and w.args[1] in (-1, len(rows)):
+        nodes.append(w)
+        w = w.args[0]
+    if not all(sizes_equal(a, b) for a, b in zip(shape_of(w)[:len(rows)], rows)) or len(shape_of(w)) not in (
+            len(rows), len(rows) + 1):
+        return None
+    keepdim = len(shape_of(w)) == len(rows) + 1
+    found = None
+    if w.target is aten.exp.default and isinstance(w.args[0], fx.Node) and w.args[0].target is aten.sub.Tensor:
+        lse, denominator = w.args[0].args[:2]
+        if (isinstance(denominator, fx.Node) and denominator.target is aten.logaddexp.default
+                and lse in denominator.args[:2]):
+            column = denominator.args[1] if denominator.args[0] is lse else denominator.args[0]
+            found = (lse, column, [w, w.args[0], denominator])
+    elif w.target is aten.sigmoid.default and isinstance(w.args[0], fx.Node) and w.args[0].target is aten.sub.Tensor:
+        lse, column = w.args[0].args[:2]
+        found = (lse, column, [w, w.args[0]])
+    if found is None:
+        return None
+    lse, column, more = found
+    if not (isinstance(lse, fx.Node) and lse.target is aten.logsumexp.default and lse.args[0] is x
+            and _last_dim_only(lse.args[1], len(score_shape)) and bool(_keepdim_of(lse)) == keepdim
+            and isinstance(column, fx.Node)):
+        return None
+    inner = nodes + more + [lse]
+    for n in inner[1:]:
+        if any(u not in inner for u in n.users):
+            return None
+    return mul, inner, column, keepdim
+
+
+def _last_dim_only(dims, rank: int) -> bool:
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    return len(dims) == 1 and dims[0] in (-1, rank - 1)
+
+
+def _keepdim_of(node: fx.Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _sink_source(column: fx.Node, score_order, lead, batch, heads, rows_only: bool = False) -> tuple[fx.Node, bool]:
+    """(S, fold): the sink column added to scores with leading dims `lead` (in matmul order) is `S` read
+    as one logit per query head: S holds Hq values, and the column, read as [B, H, Tq, 1] through any chain
+    of views, is S's values along the heads and constant over the batch and the queries. `fold`: it varies
+    over the batch too, [B, H] read as B * H heads of one batch (openai/gpt-oss's [Hkv, q_mult] scores).
+    Raises Refused with what the column depends on otherwise."""
+    chain = layout_chain(column)
+    rank = len(lead) + 2
+    problem, found = "no candidate", []
+    for idx in range(len(chain) - 1, -1, -1):
+        src = chain[idx]
+        try:
+            lay = layout_of(column, src, list(reversed(chain[:idx])))
+        except NotAView as e:
+            problem = str(e)
+            continue
+        if rows_only:   # broadcast against the rows [.., Tq] (a logsumexp without keepdim): give it the key dim
+            lay = lay.unsqueeze(len(lay.dims))
+        for _ in range(rank - len(lay.dims)):
+            lay = lay.unsqueeze(0)
+        if score_order is not None:
+            lay = lay.permute(score_order)
+        try:
+            lay = logical_map(lead, batch, heads)(lay)
+        except NotAView as e:
+            problem = str(e)
+            continue
+        if any(not sizes_equal(st, 0) for _, st in lay.clean(2) + lay.clean(3)):
+            found.append("the concatenated column depends on the query (it varies along the query positions): "
+                         "a null key, not a per-head sink")
+            continue
+        batch_varies = any(not sizes_equal(st, 0) for _, st in lay.clean(0))
+        head_subs = (lay.clean(0) if batch_varies else []) + lay.clean(1)
+        merged = Layout([head_subs]).coalesced(0)
+        numel = math.prod(shape_of(src)) if shape_of(src) else 1
+        if len(merged) == 1 and sizes_equal(merged[0][1], 1) and sizes_equal(merged[0][0], numel):
+            return src, batch_varies
+        found.append(f"the concatenated column is not one logit per head: read as [B, H, Tq, 1] it holds "
+                     f"{src.name} {list(shape_of(src))} along {merged}")
+    # what the farthest source says (the nearer ones are views of it, and say less)
+    raise Refused(found[0] if found else problem)
+
+
+def _contracted_size(product: Product):
+    """The size of the index a Q·Kᵀ product contracts (the q/k head dim), from its left operand."""
+    left = product.left
+    shape = shape_of(left.node)
+    if isinstance(left.perm, list) or left.perm is None or left.row_inserted:
+        return shape[left.node_dim(-1)]
+    raise Refused("the Q·Kᵀ product's left operand has inserted dims")
+
+
+def _split_product(walk: ScoreWalk, product: fx.Node, qk: Product, query) -> tuple[Product, list[fx.Node]]:
+    """The other product of a sum `Q1·K1ᵀ + Q2·K2ᵀ` the walk met, proven to be a product of the same scores:
+    the same kind of product, batch dims, row / key sizes and output order, reached through views and casts
+    only, and nothing (a scale, a mask, a softcap) applied to one branch and not the other."""
+    other, add, post_at_add, terms_at_add = walk.split
+    if len(walk.terms) != terms_at_add or walk.softcap or walk.head_scale is not None:
+        raise Refused(f"{add.name} adds two products, and a mask, softcap or scale applies to one of them only")
+    if walk.post != post_at_add:
+        raise Refused(f"{add.name} adds two products, one of them scaled by {walk.post / post_at_add:g} alone")
+    branch_walk = ScoreWalk()
+    second, branch = _walk_scores(other, branch_walk)
+    if branch_walk.post != 1.0:
+        raise Refused(f"{add.name} adds two products, one of them scaled by {branch_walk.post:g} alone")
+    if branch_walk.terms or branch_walk.softcap or branch_walk.head_scale or branch_walk.split:
+        raise Refused(f"{add.name} adds two products, and a mask, softcap or third product applies to "
+                      f"{other.name} alone")
+    if query is not None and second.target is aten.einsum.default:
+        # the same query as the first product's: the index at the same position of the output
+        out1 = product.args[0].replace(" ", "").split("->")[1]
+        out2 = second.args[0].replace(" ", "").split("->")[1]
+        query = out2[out1.index(query)] if len(out1) == len(out2) else None
+    split = read_product(second, "qk", query)
+    if split.extra_terms or split.alpha != 1.0 or qk.extra_terms or qk.alpha != 1.0:
+        raise Refused(f"{add.name} adds two products, one of which adds or scales (baddbmm)")
+    same = (split.out_perm == qk.out_perm and split.left.row_inserted == qk.left.row_inserted
+            and len(shape_of(second)) == len(shape_of(product))
+            and all(sizes_equal(a, b) for a, b in zip(shape_of(second), shape_of(product))))
+    if not same:
+        raise Refused(f"{add.name} adds {product.name} {list(shape_of(product))} and {second.name} "
+                      f"{list(shape_of(second))}, which are not products over the same (batch, head, query, key)")
+    return split, branch + branch_walk.region
+
+
+def _read_pv(pv_node: fx.Node, query, p_node: fx.Node, qk: Product):
+    """The P·V product read with `query` as its row index: (product, P's operand, the other, transposed)."""
+    pv = read_product(pv_node, "pv", query)
     if pv.extra_terms or pv.alpha != 1.0:
         raise Refused("the P·V product adds or scales")
-    p_node = p_chain[-1] if p_chain else sm
     if pv.left.node is p_node and pv.right.node is p_node:
         raise Refused("the probabilities are multiplied by themselves")
     # X @ Pᵀ = (P @ Xᵀ)ᵀ: P as the right operand (taming-transformers' `bmm(v, w_.permute(0, 2, 1))`) is
@@ -468,32 +792,50 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
     p_operand, x_operand = (pv.right, pv.left) if transposed else (pv.left, pv.right)
     if transposed and qk.left.row_inserted:
         raise Refused("the probabilities have no query dim and are the right operand of the P·V product")
+    return pv, p_operand, x_operand, transposed
 
-    # probabilities must reach P·V with their [B, H, Tq, Tk] layout unchanged
-    _check_probabilities_layout(pv, p_operand, transposed, sm, p_chain, batch, heads, q_len, k_len)
 
-    logical_qk = logical_map(qk.batch_shape, batch, heads)
-    logical_pv = logical_map(pv.batch_shape, batch, heads)
-    q_operand = Operand(qk.left.node, lambda lay: logical_qk(qk.left.in_matmul_order(lay)))
-    k_operand = Operand(qk.right.node, lambda lay: logical_qk(qk.right.in_matmul_order(lay)).transpose(2, 3))
-    if transposed:
-        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay).transpose(-2, -1)))
-    else:
-        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay)))
-    head_dim = shape_of(qk.left.node)[qk.left.node_dim(-1)]
-    out_shape = shape_of(pv_node)
-    value_dim = len(out_shape) - (2 if transposed else 1)          # in matmul order
-    v_head_dim = out_shape[value_dim] if pv.out_perm is None else out_shape[pv.out_perm.index(value_dim)]
-    if pv.left.row_inserted != qk.left.row_inserted:
-        raise Refused("one product has a query dim and the other not")
-    return AttentionChain(
-        spelling=("manual-softmax " if manual else "") + qk.spelling, q_operand=q_operand, k_operand=k_operand,
-        v_operand=v_operand, batch=batch, q_heads=heads, q_len=q_len, k_len=k_len, head_dim=head_dim,
-        v_head_dim=v_head_dim, score_scale=post, softcap=softcap, terms=terms, dropout_p=probabilities.dropout_p,
-        safe_softmax=sm.target is aten._safe_softmax.default, output=pv_node,
-        output_steps=output_steps(pv, batch, heads, transposed),
-        region=region, shape_reads=shape_reads, head_scale=head_scale,
-    )
+def _query_index(product: fx.Node, terms: list[ScoreTerm]) -> str | None:
+    """Of an einsum Q·Kᵀ with two row indices (`bshc,btc->bsht`: one latent K head for every query head),
+    the query index: the one some mask / bias term varies along while broadcasting over the other (masks are
+    per position, shared by the heads). None (the first) when no term tells them apart: then either reading
+    computes the same attention, only a mask could not be classified."""
+    if product.target is not aten.einsum.default:
+        return None
+    rows = einsum_row_indices(product.args[0])
+    if len(rows) != 2:
+        return None
+    out = product.args[0].replace(" ", "").split("->")[1]
+    positions = [out.index(c) for c in rows]
+    for t in terms:
+        shape = list(shape_of(t.node)) if isinstance(t.node, fx.Node) else []
+        aligned = [1] * (len(out) - len(shape)) + shape[max(len(shape) - len(out), 0):]
+        varies = [not is_one(aligned[p]) for p in positions]
+        if varies[0] != varies[1]:
+            return rows[0] if varies[0] else rows[1]
+    return None
+
+
+def _reordered_term(term: ScoreTerm, order: list[int], before: fx.Node) -> ScoreTerm:
+    """The term applied to scores `s`, for scores `s.permute(order)`: views of its node inserted into the
+    graph before `before` (given the scores' rank, permuted), its score shape permuted. Dead code unless the
+    rewrite reads it."""
+    x = term.node
+    rank = len(term.score_shape)
+    graph = x.graph
+
+    def view(target, args):
+        with graph.inserting_before(before):
+            n = graph.call_function(target, args)
+        n.meta["val"] = target(value_of(args[0]), *args[1:])
+        n.meta["stack_trace"] = x.meta.get("stack_trace", "")
+        return n
+
+    for _ in range(rank - len(shape_of(x))):
+        x = view(aten.unsqueeze.default, (x, 0))
+    x = view(aten.permute.default, (x, list(order)))
+    return ScoreTerm(term.kind, x, term.value, tuple(term.score_shape[i] for i in order), term.score_dtype,
+                     term.row_inserted)
 
 
 def sdpa_chain(node: fx.Node) -> AttentionChain:
@@ -557,9 +899,10 @@ def _size_reads(region: list[fx.Node], sm: fx.Node, p_chain: list[fx.Node]) -> l
 
 
 def _check_probabilities_layout(pv: Product, p: ProductOperand, transposed: bool, sm: fx.Node, p_chain,
-                                batch, heads, q_len, k_len) -> None:
+                                batch, heads, q_len, k_len, score_order=None, sink: bool = False) -> None:
     """The probabilities reach P·V as the [B, H, Tq, Tk] the softmax made, moved by views only (and, as
-    the right operand `transposed`, with their last two dims swapped: `X @ Pᵀ`)."""
+    the right operand `transposed`, with their last two dims swapped: `X @ Pᵀ`). `score_order`: the
+    softmax's scores are [B, H, Tq, Tk] permuted (read as `scores.permute(score_order)`)."""
     chain = [n for n in p_chain if n.target not in (aten.dropout.default, aten.native_dropout.default)
              and n.target is not operator.getitem]
     lay = layout_of(p.node, sm, chain) if p.node is not sm else Layout.contiguous(shape_of(sm))
@@ -568,6 +911,14 @@ def _check_probabilities_layout(pv: Product, p: ProductOperand, transposed: bool
         lay = lay.transpose(-2, -1)
     lay = logical_map(pv.batch_shape, batch, heads)(lay)
     ref = Layout.contiguous([batch, heads, q_len, k_len])
+    if score_order is not None or sink:
+        # the softmax's own layout (its row holds the sink column too), read as [B, H, Tq, Tk]
+        ref = Layout.contiguous(shape_of(sm))
+        if sink:
+            ref = ref.prefix(-1, k_len)
+        if score_order is not None:
+            ref = ref.permute(score_order)
+        ref = ref.reshape([batch, heads, q_len, k_len])
     for k in range(4):
         got, want = lay.coalesced(k), ref.coalesced(k)
         if len(got) != len(want) or any(not (sizes_equal(g[0], w[0]) and sizes_equal(g[1], w[1]))

@@ -73,6 +73,19 @@ class Operand:
     to_logical: Callable[[Layout], Layout]
 
 
+@dataclass(frozen=True)
+class Sinks:
+    """One logit per query head that joins the softmax denominator and adds no value (GPT-OSS, StreamingLLM):
+    the op's `sinks` are `source.reshape(Hq) * scale`. `form` says how the source spelled it: "concat" (a
+    column concatenated to the scores, dropped before P·V), "logsumexp" (`exp(s - logaddexp(lse, sink))`),
+    "rescale" (`softmax(s) v * exp(lse - logaddexp(lse, sink))`); `at` is the node that brought it in."""
+
+    source: fx.Node
+    scale: float
+    form: str
+    at: fx.Node
+
+
 @dataclass
 class AttentionChain:
     """What the walk from an anchor proved, before the operands are traced to their sources.
@@ -105,6 +118,10 @@ class AttentionChain:
     region: list[fx.Node] = field(default_factory=list)
     shape_reads: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
     head_scale: HeadScale | None = None
+    # the scores are Q·Kᵀ + Q2·K2ᵀ (a split head dim: absorbed MLA's latent + rotary parts): Q2's and K2's
+    # operands; the op reads cat(q, q2) and cat(k, k2) along the head dim
+    split_qk: tuple[Operand, Operand] | None = None
+    sinks: Sinks | None = None        # a per-head sink logit in the softmax denominator
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +149,7 @@ class PagedRef:
     block_size: object
     length: object            # max_blocks * block_size: the gathered length
     scale: float
+    head_dim: object = None   # read a prefix of the pool's head dim (`pool[..., :R]`, MLA's values); None: all of it
 
 
 @dataclass(kw_only=True)
@@ -145,6 +163,7 @@ class AttentionMatch(AttentionChain):
     kv_heads: object
     scale: float
     paged: tuple[PagedRef, PagedRef] | None = None   # K and V gathered from block pools
+    split: tuple[OperandRef, OperandRef] | None = None  # Q2 and K2 of a split head dim (chain.split_qk)
     paged_scale: float = 0.0                          # the score scale when reading K paged
 
     @classmethod
@@ -162,6 +181,8 @@ class MaskInfo:
     """What a mask does to the scores, as far as it could be proven.
 
     kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor";
+        "document", "causal+document", "band+document" (packed sequences: also nothing across documents,
+        `documents` the ids; data_dependent);
         the paged op's readings (`masks.classify_length_mask`): "length" (key j visible iff
         j < lengths[b]), "causal+length" (also j <= lengths[b] - Tq + i: the chunk's queries aligned to
         each sequence's end), "band+length" (also j > lengths[b] - Tq + i - window).
@@ -189,6 +210,11 @@ class MaskInfo:
     reason: str = ""
     lengths: fx.Node | None = None     # the length kinds: the rank-1 integer node of lengths the mask reads
     speculated_from: tuple = ()        # module buffers (placeholders) whose value the proof read (buffers.py)
+    documents: fx.Node | None = None   # the document kinds: the ids D (query i sees key j iff D[i + off] == D[j])
+    document_roles: tuple = ()         # per dim of D: "b" (the batch), "pos" (the position), "one" (size 1)
+    # (diff, ne, cumsum) computing D from positions P, when the proof relied on it (P bounds the keys): the
+    # rewrite computes D from P itself, so the op reads what the proof was about (and validation draws P)
+    documents_from_positions: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -215,8 +241,9 @@ class AttentionSpec:
     op: str
     q_heads: object
     kv_heads: object
-    head_dim: object
+    head_dim: object                   # q / k (Dqk)
     dtype: str
+    v_head_dim: object = None          # v and the output (Dv; MLA: differs from Dqk)
     causal: bool = False
     bottom_right: bool = False
     window: int = 0
@@ -227,6 +254,8 @@ class AttentionSpec:
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
+    sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
+    documents: bool = False            # packed sequences: document ids passed as `doc_ids` (issue 21)
     fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
     paged_block_size: int | None = None
     target: str = "cpu"

@@ -8,8 +8,9 @@ can compare it with the op's relations exactly (`masks.classify_length_mask`).
 
 A tensor is an `IndexExpr`: its sizes and one expression in the index symbols `INDEX[0..rank)` of its
 own dims (a size-1 dim is always read at index 0). The one tensor of data it may read is a rank-1
-integer tensor, the lengths: its value at index x is `LENGTH(x)`. Anything else raises `NotSymbolic`
-with the reason, and the caller keeps its other proofs (or none).
+integer tensor, the lengths: its value at index x is `LENGTH(x)`; with `functions=True` (documents) any
+integer or bool tensor of data is an unknown function of its indices instead. Anything else raises
+`NotSymbolic` with the reason, and the caller keeps its other proofs (or none).
 """
 from __future__ import annotations
 
@@ -69,9 +70,14 @@ class IndexInterpreter:
     """
 
     def __init__(self, size_expr: Callable, same_size: Callable, is_data: Callable[[fx.Node], bool],
-                 tables: dict | None = None):
+                 tables: dict | None = None, functions: bool = False):
         self.size_expr, self.same_size, self.is_data = size_expr, same_size, is_data
         self.lengths: fx.Node | None = None
+        # `functions`: any tensor of data this reading has no rule for is read as an unknown function of its
+        # indices, `F_name(x0, x1, ...)` (document ids, positions): relations between its reads (`D[b, i] ==
+        # D[b, j]`) are then formulas; `function_of` maps each function back to its node
+        self.functions = functions
+        self.function_of: dict[sympy.FunctionClass, fx.Node] = {}
         self._memo: dict[fx.Node, IndexExpr] = {}
         # tensors whose value is known (module buffers, guarded): read as a table `T_name(x0, x1, ...)`,
         # which `resolve_tables` replaces by what the table is as a function of its indices
@@ -113,6 +119,10 @@ class IndexInterpreter:
             rule = _RULES.get(op_name(node))
             if rule is not None:
                 return rule(self, node)
+        if self.functions and self.is_data(node) and isinstance(val, torch.Tensor) and _kind(val.dtype) != "float":
+            function = sympy.Function(f"F_{node.name}")
+            self.function_of[function] = node
+            return IndexExpr(tuple(val.shape), function(*INDEX[:val.dim()]), _kind(val.dtype))
         if self.is_data(node) and isinstance(val, torch.Tensor) and val.dim() == 1 and _kind(val.dtype) == "int":
             if self.lengths is not None and self.lengths is not node:
                 raise NotSymbolic(f"it reads two tensors of lengths, `{self.lengths.name}` and `{node.name}`")
@@ -306,6 +316,33 @@ def _select(it: IndexInterpreter, n: fx.Node) -> IndexExpr:
     index = [INDEX[k] if k < dim else INDEX[k - 1] for k in range(len(src_shape))]
     index[dim] = it.read(at).value
     return it.reindex(n, n.args[0], index)
+
+
+@_rule("index")
+def _index(it: IndexInterpreter, n: fx.Node) -> IndexExpr:
+    """`src[idx0, idx1, ...]` with index tensors for the leading dims (HF's `mask[batch_idx, q_idx]`): each
+    index broadcast over the result's leading dims, the remaining dims of `src` read as they are."""
+    src, indices = n.args[0], list(n.args[1])
+    if not indices or any(not isinstance(i, fx.Node) for i in indices):
+        raise NotSymbolic(f"`{n.name}` indexes with None or a number")
+    if any(_kind(value_of(i).dtype) != "int" for i in indices):
+        raise NotSymbolic(f"`{n.name}` indexes with a mask (bool)")
+    src_shape, out_shape = it.sizes(src), it.sizes(n)
+    lead = len(out_shape) - (len(src_shape) - len(indices))
+    positions = []
+    for idx in indices:
+        e = it.read(idx)
+        shift = lead - len(e.shape)
+        if shift < 0:
+            raise NotSymbolic(f"`{n.name}`: an index has more dims than the result's broadcast")
+        mapping = {INDEX[k]: (sympy.Integer(0) if it.same_size(size, 1) else INDEX[k + shift])
+                   for k, size in enumerate(e.shape)}
+        position = e.value.xreplace(mapping)
+        if not position.is_nonnegative:
+            raise NotSymbolic(f"`{n.name}` reads at {position}, which may be negative (then it wraps around)")
+        positions.append(position)
+    rest = [INDEX[lead + r] for r in range(len(src_shape) - len(indices))]
+    return it.reindex(n, src, positions + rest)
 
 
 def _arith(op):

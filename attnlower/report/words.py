@@ -42,12 +42,18 @@ def op_choice(site: Site) -> str:
     if site.op == "paged_attention":
         return ("paged: K/V are gathered from a block pool, read in place; "
                 "not flash / sliding: they would read the gathered copy")
+    documents = "; documents: key blocks of other documents skipped" if spec.get("documents") else ""
     if site.op == "sliding_window_attention":
-        return (f"sliding: only key blocks inside the {spec.get('window')}-key band are visited; "
+        return (f"sliding: only key blocks inside the {spec.get('window')}-key band are visited{documents}; "
                 f"not flash: it would visit every key block left of the diagonal; {not_paged}")
+    if spec.get("bias_kind", "none") != "none" and "document" in str(spec.get("mask_kind")):
+        return (f"flash with the mask as a {spec.get('bias_kind')} bias: the {spec.get('mask_kind')} mask needs "
+                f"the op's doc_ids to skip blocks, which it does not take yet; {not_paged}")
     if spec.get("bias_kind", "none") != "none":
         return (f"flash with the mask as a {spec.get('bias_kind')} bias; not sliding: no band proven from "
                 f"shapes alone (the mask reads data or is not a band); {not_paged}")
     if spec.get("causal"):
-        return f"flash; not sliding: causal without a band (sliding needs a window); {not_paged}"
+        return f"flash{documents}; not sliding: causal without a band (sliding needs a window); {not_paged}"
+    if documents:
+        return f"flash{documents}; not sliding: no band (sliding needs a window); {not_paged}"
     return f"flash; not sliding: no mask, no band (sliding needs a window); {not_paged}"

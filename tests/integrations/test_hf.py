@@ -275,8 +275,32 @@ def test_position_bias_joins_the_mask():
     torch.testing.assert_close(out, _eager(q, k, v, keep, 1.0, bias).transpose(1, 2))
 
 
-def test_attention_sinks_are_refused():
+def test_attention_sinks_without_the_op_s_sinks_are_refused(monkeypatch):
+    """s_aux becomes the ops' `sinks` (tests/test_modern_attention_sinks.py); ops without a `sinks` argument
+    (before issue 21's op side) refuse it with the reason instead of dropping it."""
+    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: argument != "sinks")
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match="sinks"):
         hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2))
 
+
+def test_packed_rows_without_the_op_s_doc_ids_keep_the_sdpa_mask(monkeypatch):
+    """Without `doc_ids` in the ops, the mask builder is sdpa's (packed rows exact as a dense bias) and the
+    attention function passes no documents."""
+    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: argument != "doc_ids")
+    calls = []
+    build = hf.mask_builder(lambda **kw: calls.append(kw) or "sdpa mask")
+    assert build(batch_size=1, q_length=5, kv_length=5) == "sdpa mask" and calls
+    assert hf._documents({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])}, 5) is None
+
+
+
+def test_continuous_batching_with_sinks_is_refused(monkeypatch):
+    """transformers' continuous batching reads its paged cache through a path that takes no sinks yet: s_aux there
+    raises instead of being dropped, also once the ops take sinks."""
+    from attnlower.integrations import continuous_batching
+
+    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: True)
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="continuous batching.*sinks"):
+        hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2), **{continuous_batching.KV_KWARG: object()})

@@ -52,12 +52,21 @@ def test_a_finite_fill_that_does_not_mask_is_refused():
 
 
 def test_head_dims_past_the_kernels_and_float64_on_cuda_are_refused():
-    with pytest.raises(Refused, match="head_dim 320 > 256"):
+    with pytest.raises(Refused, match="q/k head dim 320 > 256"):
         decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *qkv(d=320))
     with pytest.raises(Refused, match="float64 on CUDA"):
         decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *qkv(dtype=torch.float64), target=H100)
     d = decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *qkv(dtype=torch.float64))
     assert d.spec.op == "flash_attention" and d.spec.dtype == "float64"      # the CPU reference takes it
+
+
+def test_a_value_head_dim_of_its_own_is_the_spec_s_v_head_dim():
+    """MLA: Dqk 24, Dv 16 fuses, the spec carries both; each dim has its own limit, named when refused."""
+    q, k = torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)
+    d = decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, torch.randn(1, 2, 9, 16))
+    assert (d.spec.op, d.spec.head_dim, d.spec.v_head_dim) == ("flash_attention", 24, 16)
+    with pytest.raises(Refused, match=r"v head dim 272 > 256: the dense kernels"):
+        decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, torch.randn(1, 2, 9, 272))
 
 
 def test_sdpa_is_causal_with_a_mask_is_refused():

@@ -106,12 +106,13 @@ def test_operand_order_does_not_matter(order):
     check_fused(f, *qkv(), rand(B, H, T, T))   # the bias has the scores' own shape: shape cannot tell
 
 
-def test_two_products_stay_unfused():
-    # Transformer-XL / DeBERTa style: q·kᵀ + q·rᵀ, two products; no single attention op computes that
+def test_two_products_are_one_over_a_split_head_dim():
+    # Transformer-XL / DeBERTa style: q·kᵀ + q·rᵀ = cat(q, q)·cat(k, r)ᵀ, one product over 2D (issue 21)
     def f(q, k, v, r):
         return torch.softmax(q @ k.mT + q @ r.mT, -1) @ v
 
-    check_unfused(f, *qkv(), rand(B, H, T, D), reason="both of its operands")
+    site = check_fused(f, *qkv(), rand(B, H, T, D))
+    assert site.spec["head_dim"] == 2 * D and "concatenated per call" in site.reason, site.reason
 
 
 @pytest.mark.parametrize("alibi", [False, True], ids=["rotary", "alibi"])

@@ -44,3 +44,17 @@ def test_layout_matches_torch_on_random_chains():
                 flat += (rem // inner) * stride
                 rem = rem % inner
         assert flat == x[idx].item()
+
+
+def test_layout_prefix_slice_keeps_the_memory():
+    # MLA's values: kv[..., :R] of a [B, T, R + P] latent row is the same memory, R entries of the last dim
+    src = torch.arange(2 * 5 * 26).view(2, 5, 26)
+    lay = Layout.contiguous([2, 5, 26]).prefix(-1, 20)
+    assert lay.clean(2) == [(20, 1)] and lay.clean(1) == [(5, 26)]
+    view = src[..., :20]
+    for idx in [(1, 4, 19), (0, 2, 7)]:
+        assert view[idx].item() == sum(i * st for i, (_, st) in zip(idx, [d[0] for d in lay.dims]))
+    # a prefix of a merged dim cuts its outer sub-dim when the inner extent divides it, else it is no view
+    assert Layout.contiguous([4, 6]).reshape([24]).prefix(0, 12).clean(0) == [(2, 6), (6, 1)]
+    with pytest.raises(NotAView):
+        Layout.contiguous([4, 6]).reshape([24]).prefix(0, 10)

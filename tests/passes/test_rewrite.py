@@ -169,3 +169,27 @@ def test_paged_gather_becomes_paged_attention_on_the_pools():
     assert placeholders[call.args[1]] is kp and placeholders[call.args[2]] is vp
     assert not [n for n in gm.graph.nodes if n.target is aten.index.Tensor]     # the gather is gone
     torch.testing.assert_close(out, decode(q, kp, vp, table, lens), rtol=1e-5, atol=1e-6)
+
+
+# ---- the op's own checks ---------------------------------------------------------------------------
+
+def test_a_site_the_op_refuses_at_trace_time_is_undone(monkeypatch):
+    """The inserted op's fake impl runs the op's input checks (on the site's devices: a kernel limit on CUDA);
+    when they raise, the rewrite is undone and the site refused with the op's words, not left to fail at run time."""
+    from attnlower.passes import rewrite as rewrite_module
+
+    real = rewrite_module._Emitter.__call__
+
+    def refusing(self, target, args, kwargs=None, name=None):
+        node = real(self, target, args, kwargs, name)
+        if str(target).startswith("attnlower."):
+            node.meta["fake_error"] = "ValueError('the Triton kernels expect ...')"
+        return node
+
+    monkeypatch.setattr(rewrite_module._Emitter, "__call__", refusing)
+    (gm,) = aten_graphs(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *qkv())
+    (site,) = run_stages_until(gm, "clean_up")
+    assert not site.rewritten and "refuses the site's inputs: ValueError('the Triton kernels" in site.refusal
+    assert not any(str(n.target).startswith("attnlower.") for n in gm.graph.nodes)   # the inserted nodes are gone
+    x = qkv()
+    torch.testing.assert_close(gm(*x)[0], F.scaled_dot_product_attention(*x))

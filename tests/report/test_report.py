@@ -225,3 +225,17 @@ def test_triton_compiles_of_attnlower_kernels_are_timed(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"compiled Triton kernel _flash_fwd_kernel \(num_warps=4, num_stages=3\) in [\d.]+ s", out), out
     assert "my_kernel" not in out and theirs == ["k1", "k2"]    # the user's hook still runs, for every kernel
+
+
+def test_op_choice_says_what_documents_do():
+    """Document mode skips the blocks of other documents; a document mask the op cannot take yet is a bias, and
+    the choice says why (not the generic "no band proven")."""
+    from attnlower.report.records import Site
+    from attnlower.report.words import op_choice
+
+    fused = Site(0, "f.py:1 in f: x", "sdpa", op="flash_attention", reason="causal",
+                 spec={"causal": True, "documents": True, "bias_kind": "none", "mask_kind": "causal+document"})
+    assert op_choice(fused).startswith("flash; documents: key blocks of other documents skipped")
+    bias = Site(0, "f.py:1 in f: x", "sdpa", op="flash_attention", reason="band+document mask passed as a bias",
+                spec={"documents": False, "bias_kind": "bool", "mask_kind": "band+document"})
+    assert "needs the op's doc_ids" in op_choice(bias)
