@@ -3,13 +3,16 @@
 Semantics: docs/INTERFACES.md, "Semantics (dense ops)". Grid, strides and configs: lowering/launch.py.
 
 Symbols used by every function in this file (and by flash_bwd.py, which imports the helpers):
-  Q, K, V, Out         q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D], out [B, Hq, Tq, D] (contiguous)
+  Q, K, V, Out         q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], out [B, Hq, Tq, Dv] (any strides)
   stride_qz/qh/qm/qd   strides of q over (batch, head, query row, dim); k, v use n for the key row;
                        o for out; b for the bias (0 on every broadcast dim)
   Lse                  fp32 [B, Hq, Tq] contiguous: logsumexp_j of the scores, natural log, -inf on empty rows
   Bias                 bool keep-mask (BIAS_KIND 1) or float additive bias (BIAS_KIND 2), read through its
                        own 4 strides as if it were [B, Hq, Tq, Tk]
   Slopes               fp32 ALiBi slopes read at b * stride_sz + h * stride_sh (stride_sz = 0 for [Hq])
+  Sinks                HAS_SINKS: one logit per query head (any float dtype, read as fp32) at h * stride_sink:
+                       a virtual key with a zero value, so the online softmax starts from m_i = sink * log2(e),
+                       l_i = 1, acc = 0 (l_i = 0 for a -inf sink); no row is then empty, and lse includes it
   Rng                  int64 [2] on the device: (seed, base counter) of the call's dropout (rng_state)
   seed, rng_lo, rng_hi Philox key and the low / high 32 bits of the base counter, loaded from Rng (_load_rng)
   H, GROUP             Hq and Hq // Hkv: query head h reads kv head h // GROUP (K/V are never repeated)
@@ -18,9 +21,14 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   window               W (HAS_WINDOW): key j also needs j > i + off - W
   sm_scale, softcap    score scale, tanh soft-cap (HAS_SOFTCAP)
   dropout_p            probability of dropping one p_ij (HAS_DROPOUT)
+  fill, fill_log2      HAS_FILL (the fill mode): every masked pair (a False keep-mask entry, causal, window) takes
+                       the score `fill` instead of -inf; fill_log2 = max(fill, BIAS_FLOOR) * log2(e). Key blocks
+                       the block range skips then hold only filled pairs: _fwd_fill_inner adds them (V only)
+                       for the tiles that have a row they do not underflow in (FILL_REACH)
   BLOCK_M, BLOCK_N     query rows / key rows of one tile
-  HEAD_DIM, HEAD_DIM_PAD  D and the power of two >= max(D, 16) the tiles use (loads masked past D)
-  offs_m, offs_n, offs_d  query rows, key rows, dims of the current tile
+  HEAD_DIM, HEAD_DIM_PAD  D (q / k) and the power of two >= max(D, 16) its tiles use (loads masked past D)
+  HEAD_DIM_V, HEAD_DIM_V_PAD  Dv (v, the accumulator, out), padded the same way, independently (issue 21.1)
+  offs_m, offs_n, offs_d, offs_dv  query rows, key rows, q/k dims, v dims of the current tile
   DOT_PRECISION, s, m_i, l_i   as in common.py (the dot-precision policy, log2-unit scores, the
                        online softmax's running max and sum); acc is the running (unnormalized) out
   SPAN                 which of the three key spans of _kv_block_range a loop walks (0, 1, 2); only
@@ -35,6 +43,16 @@ from attnlower.lowering.kernels.common import LN2, LOG2E, _as_fp32, _dot, _load_
 # finfo(fp32).min * log2(e) overflows to -inf and would turn a finfo.min-masked row (a uniform
 # average in eager) into an empty one. Every score this low still underflows exp2 to exactly 0.
 BIAS_FLOOR = tl.constexpr(-1.0e38)
+# exp2(x) of fp32 is exactly 0 for x < -149 (the smallest denormal is 2**-149; GPUs flush below 2**-126): a
+# filled key whose score sits more than this below a row's running max adds nothing, so a tile whose rows
+# all sit that far above the fill skips the blocks the block range skipped. Any margin >= 150 is exact.
+FILL_REACH = tl.constexpr(160.0)
+
+
+@triton.jit
+def _fill_log2(fill):
+    """The fill in log2 units, finite: finfo(fp32).min * log2(e) would overflow to -inf."""
+    return tl.maximum(_as_fp32(fill), BIAS_FLOOR) * LOG2E
 
 
 @triton.jit
@@ -65,14 +83,16 @@ def _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset, window,
+def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset, window, fill_log2,
             N_CTX_Q, N_CTX_K,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_EDGES: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FILL: tl.constexpr, MASK_EDGES: tl.constexpr):
     """Steps 1-5 of the semantics on one [BLOCK_M, BLOCK_N] tile of q·k (fp32).
 
-    Returns (s, t): s in log2 units with -inf where masked, t = tanh(scale * qk / softcap) (the
-    backward needs it for the soft-cap derivative; equal to s when HAS_SOFTCAP is off).
+    Returns (s, t, filled): s in log2 units with -inf where masked (fill_log2 in fill mode; keys past Tk are
+    -inf either way), t = tanh(scale * qk / softcap) (the backward needs it for the soft-cap derivative;
+    equal to s when HAS_SOFTCAP is off), filled the pairs whose score is the fill (HAS_FILL; otherwise t,
+    unused: their gradient is 0).
     MASK_EDGES: the tile may cross Tk or the causal / window edges, so those masks are applied;
     interior tiles skip them (the block ranges guarantee every pair there is visible).
     """
@@ -86,23 +106,41 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
         # slope * (j - (i + off)): 0 on the aligned diagonal, -slope * distance before it
         rel = offs_n[None, :] - (offs_m[:, None] + diag_offset)
         s += (slope * LOG2E) * rel.to(tl.float32)
+    filled = t
+    if HAS_FILL:
+        filled = (offs_m[:, None] < 0) & (offs_n[None, :] < 0)   # all False
     if BIAS_KIND != 0:
         in_bounds = (offs_m[:, None] < N_CTX_Q) & (offs_n[None, :] < N_CTX_K)
         if BIAS_KIND == 1:
             keep = tl.load(bias_ptrs, mask=in_bounds, other=0)
-            s = tl.where(keep != 0, s, float("-inf"))
+            if HAS_FILL:
+                filled = keep == 0
+            else:
+                s = tl.where(keep != 0, s, float("-inf"))
         else:
             b = tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             b = tl.where(b == float("-inf"), b, tl.maximum(b, BIAS_FLOOR))
             s += b * LOG2E
     if MASK_EDGES:
-        visible = offs_n[None, :] < N_CTX_K
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
-        if HAS_WINDOW:
-            visible = visible & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
-        s = tl.where(visible, s, float("-inf"))
-    return s, t
+        in_k = offs_n[None, :] < N_CTX_K      # [1, BLOCK_N]: broadcasts against the conditions below
+        if HAS_FILL:
+            hidden = offs_n[None, :] < 0      # pairs masked by causal / window
+            if IS_CAUSAL:
+                hidden = hidden | (offs_n[None, :] > offs_m[:, None] + diag_offset)
+            if HAS_WINDOW:
+                hidden = hidden | (offs_n[None, :] <= offs_m[:, None] + diag_offset - window)
+            filled = (filled | hidden) & in_k
+            s = tl.where(filled, fill_log2, tl.where(in_k, s, float("-inf")))
+        else:
+            visible = in_k
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
+            s = tl.where(visible, s, float("-inf"))
+    elif HAS_FILL and BIAS_KIND == 1:
+        s = tl.where(filled, fill_log2, s)
+    return s, t, filled
 
 
 @triton.jit
@@ -157,13 +195,13 @@ def _span(SPAN: tl.constexpr, lo, full_lo, full_hi, hi):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
-               start_m, lo, hi, offs_m, offs_d,
+               start_m, lo, hi, offs_m, offs_d, offs_dv,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-               sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
+               sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_FILL: tl.constexpr, MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi) of one query block. The one loop body of
     the forward: the kernel walks each span of the block range through it, MASK_EDGES off only
     on the interior span."""
@@ -175,42 +213,103 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
         kt = _load_tile(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, N_CTX_K, HEAD_DIM != HEAD_DIM_PAD, MASK_EDGES)
         qk = _dot(q, kt, None, DOT_PRECISION)
-        s, _ = _scores(qk, offs_m, offs_n,
-                       bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                       slope, sm_scale, softcap, diag_offset, window, N_CTX_Q, N_CTX_K,
-                       HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, MASK_EDGES)
-        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            # l_i sums the undropped p: dropout applies after the softmax normalization
-            keep = _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout_p)
-            p = tl.where(keep, p, 0.0)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, offs_d, N_CTX_K, HEAD_DIM, MASK_EDGES, HEAD_DIM != HEAD_DIM_PAD)
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+        s, _, _ = _scores(qk, offs_m, offs_n,
+                          bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
+                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, MASK_EDGES)
+        acc, l_i, m_i = _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n,
+                                        offs_dv, stride_vn, stride_vd, dropout_p, N_CTX_K, HEAD_DIM_V,
+                                        HEAD_DIM_V_PAD, HAS_DROPOUT, MASK_EDGES, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
+def _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, offs_dv,
+                    stride_vn, stride_vd, dropout_p, N_CTX_K,
+                    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block's scores s into the running (acc, l_i, m_i): the softmax step, dropout, P·V."""
+    p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # l_i sums the undropped p: dropout applies after the softmax normalization
+        keep = _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout_p)
+        p = tl.where(keep, p, 0.0)
+    v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                   offs_n, offs_dv, N_CTX_K, HEAD_DIM_V, MASK_EDGES, HEAD_DIM_V != HEAD_DIM_V_PAD)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_fill_inner(acc, l_i, m_i, v_base, seed, rng_lo, rng_hi, off_hz, lo, hi, offs_m, offs_dv,
+                    stride_vn, stride_vd, dropout_p, fill_log2, N_CTX_K,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    HEAD_DIM_V_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fill mode, key blocks [lo, hi) the block range skipped: every pair there is masked, so every score
+    is the fill. No q·k and no bias: only V is read (keys past Tk are -inf)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    fill_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + fill_log2
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        s = tl.where(offs_n[None, :] < N_CTX_K, fill_tile, float("-inf"))
+        acc, l_i, m_i = _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n,
+                                        offs_dv, stride_vn, stride_vd, dropout_p, N_CTX_K, HEAD_DIM_V,
+                                        HEAD_DIM_V_PAD, HAS_DROPOUT, True, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sink_log2(Sinks, off_h, stride_sink):
+    """The sink logit of query head off_h in log2 units (fp32 whatever Sinks' dtype)."""
+    return tl.load(Sinks + off_h * stride_sink).to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _softmax_start(Sinks, off_h, stride_sink, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """(m_i, l_i) before the first key: nothing seen, or the sink as a virtual key (value 0) already seen."""
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        sink = _sink_log2(Sinks, off_h, stride_sink)
+        m_i = l_i + sink
+        l_i = l_i + tl.where(sink == float("-inf"), 0.0, 1.0)
+    else:
+        m_i = l_i + float("-inf")
+    return m_i, l_i
+
+
+@triton.jit
+def _fill_needed(m_i, fill_log2, offs_m, N_CTX_Q):
+    """Whether a row of the tile still weighs filled keys: fill_log2 within FILL_REACH of its running max
+    (a row that has seen nothing has m_i = -inf and needs them all). One scalar per tile."""
+    gap = tl.where(offs_m < N_CTX_Q, fill_log2 - m_i, float("-inf"))
+    return tl.max(gap, 0) > -FILL_REACH
+
+
+@triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Bias, Slopes, Out, Lse, Rng,
+    Q, K, V, Bias, Slopes, Sinks, Out, Lse, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_sz, stride_sh,
+    stride_sz, stride_sh, stride_sink,
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, N_CTX_Q, N_CTX_K,
-    sm_scale, softcap, diag_offset, window, dropout_p,
+    sm_scale, softcap, diag_offset, window, dropout_p, fill,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMPTY_ROWS_NAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EMPTY_ROWS_NAN: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """One program = one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(HEAD_DIM_PAD >= HEAD_DIM and HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD: pow2 >= max(D, 16)")
+    tl.static_assert(HEAD_DIM_V_PAD >= HEAD_DIM_V and HEAD_DIM_V_PAD >= 16, "HEAD_DIM_V_PAD: pow2 >= max(Dv, 16)")
+    tl.static_assert(HEAD_DIM_PAD <= 256 and HEAD_DIM_V_PAD <= 256, "dense kernels: head dims up to 256")
     tl.static_assert((BIAS_KIND >= 0) and (BIAS_KIND <= 2), "BIAS_KIND: 0 none, 1 bool, 2 float")
     tl.static_assert(not HAS_WINDOW or IS_CAUSAL, "a window is always causal")
     start_m = tl.program_id(0) * BLOCK_M
@@ -221,9 +320,13 @@ def _flash_fwd_kernel(
     seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
     # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
     sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
+    fill_log2 = 0.0
+    if HAS_FILL:
+        fill_log2 = _fill_log2(fill)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_hkv * stride_kh
     v_base = V + off_z * stride_vz + off_hkv * stride_vh
@@ -237,9 +340,8 @@ def _flash_fwd_kernel(
     q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    offs_m, offs_d, N_CTX_Q, HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PAD)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i, l_i = _softmax_start(Sinks, off_h, stride_sink, BLOCK_M, HAS_SINKS)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
@@ -249,11 +351,27 @@ def _flash_fwd_kernel(
         if HAS_WINDOW or span != 0:
             start, end = _span(span, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
-                                       off_hz, start_m, start, end, offs_m, offs_d,
+                                       off_hz, start_m, start, end, offs_m, offs_d, offs_dv,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                                       sm_scale, softcap, diag_offset, window, dropout_p, N_CTX_Q, N_CTX_K,
-                                       BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                       IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, span != 1, DOT_PRECISION)
+                                       sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
+                                       N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                                       HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
+                                       BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, span != 1,
+                                       DOT_PRECISION)
+    if HAS_FILL and IS_CAUSAL:
+        # the skipped key blocks [0, lo) and [cdiv(hi), Tk) hold only filled pairs: added when a row still
+        # weighs them (a row with nothing visible averages every key), else skipped exactly
+        need = _fill_needed(m_i, fill_log2, offs_m, N_CTX_Q)
+        hi_up = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+        head_end = tl.where(need, lo, 0)
+        tail_start = tl.where(need, hi_up, N_CTX_K)
+        acc, l_i, m_i = _fwd_fill_inner(acc, l_i, m_i, v_base, seed, rng_lo, rng_hi, off_hz, 0, head_end,
+                                        offs_m, offs_dv, stride_vn, stride_vd, dropout_p, fill_log2, N_CTX_K,
+                                        BLOCK_M, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_DROPOUT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_fill_inner(acc, l_i, m_i, v_base, seed, rng_lo, rng_hi, off_hz, tail_start,
+                                        N_CTX_K, offs_m, offs_dv, stride_vn, stride_vd, dropout_p, fill_log2,
+                                        N_CTX_K, BLOCK_M, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_DROPOUT,
+                                        DOT_PRECISION)
 
     # epilogue: normalize; rows that saw no visible key (l_i == 0) are "empty"
     empty = l_i == 0.0
@@ -265,11 +383,16 @@ def _flash_fwd_kernel(
         out = tl.where(empty[:, None], float("nan"), out)
     else:
         out = tl.where(empty[:, None], 0.0, out)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), (m_i + log2_l) * LN2)
+    if HAS_FILL:
+        # a row whose max is the fill: fill + log(l) in natural units, exact also for a fill below BIAS_FLOOR
+        lse = tl.where(m_i == fill_log2, _as_fp32(fill) + log2_l * LN2, lse)
 
-    o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    if HEAD_DIM != HEAD_DIM_PAD:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_CTX_Q) & (offs_d[None, :] < HEAD_DIM))
+    o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    if HEAD_DIM_V != HEAD_DIM_V_PAD:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < N_CTX_Q) & (offs_dv[None, :] < HEAD_DIM_V))
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_CTX_Q)
     tl.store(Lse + off_hz.to(tl.int64) * N_CTX_Q + offs_m, lse, mask=offs_m < N_CTX_Q)
