@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 from attnlower.lowering import ops as _impl  # importing it registers torch.ops.attnlower.*
+from attnlower.lowering.documents import doc_ids_from_cu_seqlens, doc_ids_from_position_ids
 from attnlower.lowering.ops import check_window_type
 
-__all__ = ["flash_attention", "sliding_window_attention", "paged_attention"]
+__all__ = ["flash_attention", "sliding_window_attention", "paged_attention", "doc_ids_from_position_ids",
+           "doc_ids_from_cu_seqlens"]
 
 
 def _direct(*tensors) -> bool:
@@ -60,7 +62,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
                     alibi_slopes: Tensor | None = None, scale: float | None = None,
                     causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
                     dropout_p: float = 0.0, empty_rows_nan: bool = False, sinks: Tensor | None = None,
-                    fill: float | None = None) -> Tensor:
+                    doc_ids: Tensor | None = None, fill: float | None = None) -> Tensor:
     """Dense attention `softmax(scale * q kᵀ + bias) v`, returns `[B, Hq, Tq, Dv]` in q's dtype.
 
     Args:
@@ -76,6 +78,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
         sinks: float `[Hq]` (any float dtype), one logit per query head that joins the softmax denominator
             unscaled and unmasked and adds no value (GPT-OSS, StreamingLLM): `p_ij = exp(s_ij) / (sum_j exp(s_ij)
             + exp(sinks[h]))`; a row with no visible key gives 0 (whatever `empty_rows_nan`). Receives a gradient.
+        doc_ids: int32 / int64 `[B, Tk]` or `[1, Tk]` document ids (packed sequences; needs Tq <= Tk): query `i`
+            (key position `i + off`, `off` as for causal) sees key `j` only when `doc_ids[b, i + off] ==
+            doc_ids[b, j]`, on top of bias / causal / window. Any ids are exact; rows whose ids are non-decreasing
+            (documents as runs: `doc_ids_from_position_ids`, `doc_ids_from_cu_seqlens`) skip the key blocks of
+            other documents, forward and backward.
         fill: a finite value every masked score takes instead of being removed (`masked_fill(~keep, fill)`,
             as masks written with -1e9 / -10000.0 / finfo.min compute): a row with every key masked then
             averages all Tk keys, and a row whose scores sit near the fill gives the masked keys their weight.
@@ -83,11 +90,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
     """
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids))
     op = (_impl.flash_attention if path == "direct" else _impl.EAGER_AUTOGRAD["flash_attention"].apply
           if path == "autograd" else torch.ops.attnlower.flash_attention)
     return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
-              fill)[0]
+              doc_ids, fill)[0]
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
@@ -95,7 +102,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
                              scale: float | None = None, bottom_right: bool = False,
                              softcap: float = 0.0, dropout_p: float = 0.0,
                              empty_rows_nan: bool = False, sinks: Tensor | None = None,
-                             fill: float | None = None) -> Tensor:
+                             doc_ids: Tensor | None = None, fill: float | None = None) -> Tensor:
     """Causal attention over the `window` most recent keys: query `i` sees `i - window < j <= i`.
 
     With `bottom_right`, `i` is shifted by `Tk - Tq` (queries are the last Tq positions).
@@ -104,11 +111,11 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     check_window_type("sliding_window_attention", window)
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids))
     op = (_impl.sliding_window_attention if path == "direct" else _impl.EAGER_AUTOGRAD["sliding_window_attention"].apply
           if path == "autograd" else torch.ops.attnlower.sliding_window_attention)
     return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
-              fill)[0]
+              doc_ids, fill)[0]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,

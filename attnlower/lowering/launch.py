@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from attnlower.lowering import fastpath
+from attnlower.lowering.documents import document_bounds
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels import flash_bwd, flash_fwd
@@ -100,10 +101,21 @@ def _sink_args(sinks: Tensor | None, q: Tensor) -> tuple[Tensor, int]:
     return (q, 0) if sinks is None else (sinks, sinks.stride(0))
 
 
-def _plan(params, direction, q, k, v, bias, alibi_slopes, configs, sinks=None) -> planning.DensePlan:
+def _doc_args(doc_ids: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """(ids, bounds, (ids' batch stride, ids' position stride, bounds' batch stride)); [1, Tk] ids and their
+    bounds get batch stride 0. The bounds are computed here on the device (lowering/documents.py: a few small
+    ops, no host read, graph-safe), in the forward and again in the backward (8 bytes per token, not saved)."""
+    if doc_ids is None:
+        return q, q, (0, 0, 0)
+    bounds = document_bounds(doc_ids)
+    one = doc_ids.shape[0] == 1
+    return doc_ids, bounds, (0 if one else doc_ids.stride(0), doc_ids.stride(1), 0 if one else bounds.stride(0))
+
+
+def _plan(params, direction, q, k, v, bias, alibi_slopes, configs, sinks=None, doc_ids=None) -> planning.DensePlan:
     return planning.dense_plan(params, direction, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(v),
                                planning.Meta.of(bias), alibi_slopes is not None, planning.target_of(q.device),
-                               configs, sinks is not None)
+                               configs, sinks is not None, doc_ids is not None)
 
 
 def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
@@ -112,16 +124,18 @@ def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, bias: Tensor | None = None,
                   alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
-                  sinks: Tensor | None = None, config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
+                  sinks: Tensor | None = None, doc_ids: Tensor | None = None,
+                  config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Dense attention forward (docs/INTERFACES.md, "Semantics (dense ops)") -> (out, lse).
 
     q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], any strides. params.window > 0 is the sliding op
     (always causal). Returns out [B, Hq, Tq, Dv] in q's dtype and layout (stride order) and lse fp32
     [B, Hq, Tq] contiguous.
     sinks: float [Hq] logits in the normalizer (lse includes them; a row with no visible key gives 0).
+    doc_ids: int [B|1, Tk] document ids (Tq <= Tk): key blocks of other documents are skipped.
     `config` overrides the tiles from configs.flash_config (tests, benchmarks).
     """
-    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks)
+    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks, doc_ids)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     out = out_like(q, v.shape[3])
@@ -140,9 +154,10 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     bias_t, stride_b = _bias_args(bias, q, k)
     slopes, stride_s = _slope_args(alibi_slopes, q)
     sinks_t, stride_sink = _sink_args(sinks, q)
+    docs_t, bounds, stride_docs = _doc_args(doc_ids, q)
     fastpath.launch(kernel(flash_fwd, fwd.kernel), fwd.grid, (
-        q, k, v, bias_t, slopes, sinks_t, out, lse, _rng_arg(rng_state, params, q),
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *out.stride(),
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, out, lse, _rng_arg(rng_state, params, q),
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *out.stride(),
         q_heads, q_heads // kv_heads, tq, tk,
         params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
         params.mask_fill,
@@ -153,7 +168,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
 def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    params: AttentionParams, *, bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
                    rng_state: Tensor | None = None, bias_requires_grad: bool = False,
-                   sinks: Tensor | None = None, sinks_requires_grad: bool = False,
+                   sinks: Tensor | None = None, sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
                    config_kv: KernelConfig | None = None, config_q: KernelConfig | None = None,
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients (dq, dk, dv, dbias, dsinks) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
@@ -168,7 +183,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     `config_kv` / `config_q` override the tiles of the dK/dV and dQ kernels.
     """
     overrides = (config_kv, config_q) if config_kv is not None or config_q is not None else ()
-    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides, sinks)
+    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides, sinks, doc_ids)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     dq, dk, dv = _out_like(q), _out_like(k), _out_like(v)
@@ -208,18 +223,20 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq), pre.launch_kwargs)
     # dQ first: in fill mode it writes lse_fill, which dK/dV reads (otherwise the two are independent)
     sinks_t, stride_sink = _sink_args(sinks, q)
+    docs_t, bounds, stride_docs = _doc_args(doc_ids, q)
     # the dQ kernel writes every row's sink term (rows < Tq of every (b, h)): no zero-fill needed
     dsink_rows = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device) if want_dsinks else delta
     fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
-        q, k, v, bias_t, slopes, sinks_t, grad_out, lse, delta, lse_fill, dq, dsink_rows, rng,
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *grad_out.stride(), *dq.stride(),
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, grad_out, lse, delta, lse_fill, dq, dsink_rows, rng,
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *grad_out.stride(),
+        *dq.stride(),
         q_heads, group, tq, tk, *runtime,
     ), dict(dq_launch.launch_kwargs, WRITE_DSINKS=want_dsinks))
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
     fastpath.launch(kernel(flash_bwd, dkdv.kernel), dkdv.grid, (
-        q, k, v, bias_t, slopes, grad_out, lse, delta, lse_fill, dk, dv, ds_t, rng,
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(),
+        q, k, v, bias_t, slopes, docs_t, bounds, grad_out, lse, delta, lse_fill, dk, dv, ds_t, rng,
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *stride_docs, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,
     ), dict(dkdv.launch_kwargs, WRITE_DS=ds_full is not None))

@@ -246,6 +246,21 @@ def _check_sinks(op: str, sinks, q_heads) -> None:
                          f"pass sinks.float()")
 
 
+def _check_doc_ids(op: str, doc_ids, batch, tq, tk) -> None:
+    if doc_ids is None:
+        return
+    shape = _shape(doc_ids)
+    if len(shape) != 2 or shape[0] not in (batch, 1) or shape[1] != tk:
+        raise ValueError(f"attnlower::{op}: expected doc_ids of shape [B, Tk]={[batch, tk]} (or [1, Tk]), got {shape}; "
+                         f"one document id per key position")
+    if doc_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"attnlower::{op}: expected doc_ids of dtype int32 or int64, got {doc_ids.dtype}; pass "
+                         f"position-derived ids (attnlower.ops.doc_ids_from_position_ids) or ids.to(torch.int32)")
+    if tq > tk:
+        raise ValueError(f"attnlower::{op}: doc_ids needs Tq <= Tk (query i is key position i + off and takes that "
+                         f"position's document), got Tq={tq}, Tk={tk}")
+
+
 def _check_fill(op: str, fill: float | None) -> None:
     if fill is not None and (math.isnan(fill) or fill == math.inf):
         raise ValueError(f"attnlower::{op}: expected fill a finite float (the value masked scores take) or None / "
@@ -264,15 +279,17 @@ def validate_dense(op: str, bound: dict) -> bool:
     runs_kernels = _runs_kernels(q.device, q.dtype)
     _validate_dense(op, _meta(q), _meta(bound["k"]), _meta(bound["v"]), _meta(bound["bias"]),
                     _meta(bound["alibi_slopes"]), bound["scale"], bound["softcap"], bound["dropout_p"],
-                    _meta(bound.get("sinks")), bound.get("fill"), runs_kernels)
+                    _meta(bound.get("sinks")), _meta(bound.get("doc_ids")), bound.get("fill"), runs_kernels)
     return runs_kernels
 
 
 @cached_unless_symbolic   # validation runs once per signature, like the plans
-def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, sinks, fill, runs_kernels) -> None:
+def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, sinks, doc_ids, fill,
+                    runs_kernels) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(op, name, t, 4, "[B, H, T, D]")
-    _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks})
+    _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks,
+                        "doc_ids": doc_ids})
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k.dtype == v.dtype):
@@ -294,6 +311,7 @@ def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, 
     _check_bias(op, bias, [batch, q_heads, tq, k.shape[2]])
     _check_alibi(op, alibi_slopes, batch, q_heads)
     _check_sinks(op, sinks, q_heads)
+    _check_doc_ids(op, doc_ids, batch, tq, k.shape[2])
     _check_scalars(op, scale, softcap, dropout_p)
     _check_fill(op, fill)
 

@@ -139,7 +139,7 @@ def bias_kind(bias: Meta | None) -> int:
 
 def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype, bias: int,
                      has_alibi: bool, target: Target, has_sinks: bool = False,
-                     v_head_dim: int | None = None) -> dict[str, Any]:
+                     v_head_dim: int | None = None, has_docs: bool = False) -> dict[str, Any]:
     """The constexprs shared by every dense kernel (forward, dK/dV, dQ). v_head_dim: Dv (None: = head_dim)."""
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     return dict(
@@ -148,7 +148,7 @@ def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype,
         IS_CAUSAL=params.is_causal, HAS_WINDOW=params.window > 0, HAS_SOFTCAP=params.softcap > 0,
         HAS_ALIBI=has_alibi, BIAS_KIND=bias, HAS_DROPOUT=params.dropout_p > 0,
         DOT_PRECISION=DOT_CODES[dense_dot_precision(dtype, target)],   # kernels/common.py: an int constexpr
-        HAS_FILL=params.has_fill, HAS_SINKS=has_sinks,
+        HAS_FILL=params.has_fill, HAS_SINKS=has_sinks, HAS_DOCS=has_docs,
     )
 
 
@@ -182,11 +182,12 @@ def check_paged_head_dims(head_dim: int, v_head_dim: int) -> None:
 
 @cached_unless_symbolic
 def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Meta, bias: Meta | None,
-               has_alibi: bool, target: Target, configs: tuple = (), has_sinks: bool = False) -> DensePlan:
+               has_alibi: bool, target: Target, configs: tuple = (), has_sinks: bool = False,
+               has_docs: bool = False) -> DensePlan:
     """The plan of a dense forward (`direction="fwd"`) or backward (`"bwd"`).
 
     configs: tile overrides, () for the configs.flash_config choice; one KernelConfig for the
-    forward, (dK/dV, dQ) for the backward (either may be None). has_sinks: a sinks tensor is passed.
+    forward, (dK/dV, dQ) for the backward (either may be None). has_sinks / has_docs: sinks / doc_ids are passed.
     """
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"dense_plan: expected direction 'fwd' or 'bwd', got {direction!r}")
@@ -197,7 +198,8 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
         return DensePlan((), "empty")
     if tk == 0:
         return DensePlan((), "no_keys")
-    shared = dense_constexprs(params, head_dim, q.dtype, bias_kind(bias), has_alibi, target, has_sinks, v_head_dim)
+    shared = dense_constexprs(params, head_dim, q.dtype, bias_kind(bias), has_alibi, target, has_sinks, v_head_dim,
+                              has_docs)
 
     def config(which: str, override) -> KernelConfig:
         if override is not None:
@@ -298,12 +300,12 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
 def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, kv_heads: int, tq: int, tk: int,
                 head_dim: int, dtype: torch.dtype, target: Target, bias: str = "none", has_alibi: bool = False,
                 block_size: int = 16, direction: str = "forward", v_head_dim: int | None = None,
-                has_sinks: bool = False) -> dict[str, Any]:
+                has_sinks: bool = False, has_docs: bool = False) -> dict[str, Any]:
     """The launches `op` makes for one call of these sizes on `target`: what the dump and the report show.
 
     The same planner the launchers use (dense_plan / paged_plan) on the real Tq and Tk (for the paged op, Tk
     is the block table's width in tokens: the split-KV decision reads it, never the lengths). bias: "none",
-    "bool" or "float". v_head_dim: Dv (None: = head_dim); has_sinks: the call passes sinks.
+    "bool" or "float". v_head_dim: Dv (None: = head_dim); has_sinks / has_docs: the call passes sinks / doc_ids.
     Returns {"kernels": [...], "launches": [{kernel, grid, block_m, block_n, num_warps,
     num_stages, constexprs}, ...], "note": ...}; raises what the planner raises for a shape the kernels
     do not support (NotImplementedError / ValueError).
@@ -321,7 +323,7 @@ def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, k
         v = Meta((batch, kv_heads, tk, v_head_dim), dtype)
         bias_meta = {"none": None, "bool": Meta((1,), torch.bool), "float": Meta((1,), dtype)}[bias]
         planned = dense_plan(params, "fwd" if direction == "forward" else "bwd", q, k, v, bias_meta, has_alibi,
-                             target, (), has_sinks)
+                             target, (), has_sinks, has_docs)
     else:
         max_blocks = max(1, -(-tk // block_size))
         pool = Meta((1, kv_heads, block_size, head_dim), dtype)

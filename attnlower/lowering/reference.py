@@ -39,12 +39,15 @@ class _Geometry:
         (`Tk - Tq` bottom-right, 0 top-left), or an int64 `[B, 1, 1, 1]` tensor for paged
         attention, where each sequence has its own length.
     key_lens: None (all `Tk` keys exist) or int64 `[B, 1, 1, 1]`: keys at or past it are padding.
+    docs: None or int64 `[B, Tk]` document ids (dense only): query i (key position i + query_offset) sees key j only
+        when their ids are equal.
     """
 
     query_offset: int | Tensor
     causal: bool
     window: int
     key_lens: Tensor | None = None
+    docs: Tensor | None = None
 
 
 def _compute_dtype(q: Tensor) -> torch.dtype:
@@ -127,7 +130,7 @@ def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, sca
 
     Returns the scores, `tanh(scale * q.k / softcap)` when softcap > 0 (for the backward), and in fill mode
     (`fill` finite) the bool mask of the positions whose score was replaced by `fill` (their gradient is 0).
-    Masked positions are a False keep-mask entry, causal, window, documents and paging; a float bias adds
+    Masked positions are a False keep-mask entry, causal, window, other documents and paging; a float bias adds
     (its -inf entries stay -inf: they are not masks).
     """
     cd = k.dtype
@@ -161,6 +164,10 @@ def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, sca
         hide(key_pos <= query_pos - geometry.window)
     if geometry.key_lens is not None:
         hide(key_pos >= geometry.key_lens)
+    if geometry.docs is not None:
+        off = geometry.query_offset
+        q_docs = geometry.docs[:, rows.start + off:rows.stop + off]
+        hide(q_docs[:, None, :, None] != geometry.docs[:, None, None, :])
     filled = None
     if hidden is not None:
         if fill == float("-inf"):
@@ -244,17 +251,23 @@ def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, r
 
 def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
                             bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                            rng_state: Tensor | None = None, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            rng_state: Tensor | None = None, sinks: Tensor | None = None,
+                            doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
 
     out: `[B, Hq, Tq, Dv]` in q's dtype and layout (`out_like`). lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
     rows. `params.window > 0` restricts each query to the `window` most recent keys (sliding op).
     """
-    tq, tk = q.shape[2], k.shape[2]
-    geometry = _Geometry(query_offset=tk - tq if params.bottom_right else 0, causal=params.causal,
-                         window=params.window)
+    geometry = _dense_geometry(q, k, params, doc_ids)
     return _attention_forward(q, k, v, bias, alibi_slopes, params.scale, params.softcap, params.dropout_p,
                               rng_state, params.empty_rows_nan, geometry, params.mask_fill, sinks)
+
+
+def _dense_geometry(q: Tensor, k: Tensor, params: AttentionParams, doc_ids: Tensor | None) -> _Geometry:
+    batch, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    docs = None if doc_ids is None else doc_ids.to(device=q.device, dtype=torch.int64).expand(batch, tk)
+    return _Geometry(query_offset=tk - tq if params.bottom_right else 0, causal=params.causal, window=params.window,
+                     docs=docs)
 
 
 def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
@@ -267,7 +280,7 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              params: AttentionParams, *, bias: Tensor | None = None,
                              alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
                              bias_requires_grad: bool = False, sinks: Tensor | None = None,
-                             sinks_requires_grad: bool = False
+                             sinks_requires_grad: bool = False, doc_ids: Tensor | None = None
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients `(dq, dk, dv, dbias, dsinks)` of the dense forward, recomputing P from `lse` per chunk.
 
@@ -281,11 +294,10 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     `sinks_requires_grad` (and sinks are given).
     """
     scale, softcap, dropout_p = params.scale, params.softcap, params.dropout_p
-    causal, bottom_right, window = params.causal, params.bottom_right, params.window
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
-    geometry = _Geometry(query_offset=tk - tq if bottom_right else 0, causal=causal, window=window)
+    geometry = _dense_geometry(q, k, params, doc_ids)
     k_c, v_c, bias4 = k.to(cd), v.to(cd), _bias_as_4d(bias)
     want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
 

@@ -164,8 +164,8 @@ def test_sinks_gradient_is_empty_unless_asked(path):
     assert sinks.grad is None and q.grad is not None and not q.grad.isnan().any()
     outs = OPS.flash_attention(q, k, v, sinks=sinks)
     grads = OPS.flash_attention_backward(torch.ones_like(outs[0]), q, k, v, None, None, *outs, None, False, False,
-                                         0.0, 0.0, 0, False, False, sinks, False)
+                                         0.0, 0.0, 0, False, False, sinks=sinks, sinks_requires_grad=False)
     assert len(grads) == 5 and grads[4].numel() == 0
     grads = OPS.flash_attention_backward(torch.ones_like(outs[0]), q, k, v, None, None, *outs, None, False, False,
-                                         0.0, 0.0, 0, False, False, sinks, True)
+                                         0.0, 0.0, 0, False, False, sinks=sinks, sinks_requires_grad=True)
     assert grads[4].shape == (2,) and math.isfinite(grads[4].sum().item())

@@ -20,6 +20,8 @@ Symbols: as in flash_fwd.py, plus
   fill_log2               HAS_FILL: filled pairs have a constant score, so dS = 0 there, but their p still feeds
                           dV; query blocks the block range skips hold only filled pairs of the key block, added to
                           dV by _bwd_dv_fill_inner for the tiles where some row's exp(fill - lse) is not 0
+  DocIds, Bounds          HAS_DOCS: as in flash_fwd.py; the dQ kernel visits the forward's document range, the dK/dV
+                          kernel the query blocks holding the key block's documents (_doc_query_range)
   Sinks, DSinks           HAS_SINKS: lse includes the sink, so P and dS need nothing more; WRITE_DSINKS: the dQ
                           kernel writes each row's -exp(sink - lse) * delta to DSinks (fp32 [B, Hq, Tq]), which the
                           launcher sums over (B, Tq) into dsinks [Hq] (deterministic)
@@ -34,8 +36,8 @@ import triton
 import triton.language as tl
 
 from attnlower.lowering.kernels.common import LOG2E, _as_fp32, _dot, _load_tile, _online_softmax_step
-from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _dropout_keep, _fill_log2, _kv_block_range, _load_rng,
-                                                  _scores, _sink_log2, _span)
+from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _doc_bounds, _doc_key_range, _dropout_keep, _fill_log2,
+                                                  _kv_block_range, _load_docs, _load_rng, _scores, _sink_log2, _span)
 
 
 @triton.jit
@@ -88,13 +90,13 @@ def _in_fill_frame(lse2, fill_log2):
 
 
 @triton.jit
-def _fill_frame_lse(q, k_base, bias_base, slope, sink2, frame, lo, hi, offs_m, offs_d,
-                    stride_kn, stride_kd, stride_bm, stride_bn,
+def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m, offs_d,
+                    stride_kn, stride_kd, stride_bm, stride_bn, stride_dn,
                     sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HEAD_DIM_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """L_i = log2 sum_j 2^(s_ij - frame_i) of each row, recomputed over the forward's key blocks [lo, hi) (every
     tile masked) plus the filled keys of the blocks it skipped ([0, lo) and [cdiv(hi), Tk), counted: each is the
     fill) and the sink (sink2, log2 units). Exact where the stored lse rounded log(n) away (a row at the fill:
@@ -111,12 +113,13 @@ def _fill_frame_lse(q, k_base, bias_base, slope, sink2, frame, lo, hi, offs_m, o
         offs_n = start_n + offs_n0
         kt = _load_tile(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, N_CTX_K, HEAD_DIM != HEAD_DIM_PAD, True)
+        doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, _, _ = _scores(_dot(q, kt, None, DOT_PRECISION), offs_m, offs_n,
                           bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                          slope, sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
-                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, True)
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q, N_CTX_K,
+                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, HAS_DOCS, True)
         _, _, m, l = _online_softmax_step(s - frame[:, None], m, l)
-    if IS_CAUSAL:
+    if IS_CAUSAL or HAS_DOCS:
         skipped = (lo + tl.maximum(N_CTX_K - tl.cdiv(hi, BLOCK_N) * BLOCK_N, 0)).to(tl.float32)
         fill_rel = fill_log2 - frame
         m_new = tl.where(skipped > 0.0, tl.maximum(m, fill_rel), m)
@@ -157,16 +160,31 @@ def _q_block_range(start_n, N_CTX_Q, N_CTX_K, diag_offset, window,
 
 
 @triton.jit
+def _doc_query_range(bounds_base, start_n, lo, hi, N_CTX_Q, N_CTX_K, diag_offset,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query range of a key block in document mode: the causal / window range [lo, hi) intersected with the
+    rows of the key block's documents (key positions [start of the first key's run, end of the last key's run),
+    minus off), BLOCK_M-aligned below; every visited tile masked (full_lo = full_hi = lo, as _doc_key_range)."""
+    last = tl.minimum(start_n + BLOCK_N, N_CTX_K) - 1
+    pos_lo, pos_hi = _doc_bounds(bounds_base, start_n, last, N_CTX_K)
+    q_lo = tl.maximum(pos_lo - diag_offset, 0)
+    q_hi = tl.minimum(tl.maximum(pos_hi - diag_offset, 0), N_CTX_Q)
+    lo = tl.maximum(lo, (q_lo // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(tl.minimum(hi, q_hi), lo)
+    return lo, lo, lo, hi
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
-                    slope, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d, offs_dv,
+                    slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d, offs_dv,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                    stride_dsm, stride_dsn,
+                    stride_dsm, stride_dsn, stride_dn,
                     sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    HAS_FILL: tl.constexpr, WRITE_DS: tl.constexpr, MASK_EDGES: tl.constexpr,
+                    HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DS: tl.constexpr, MASK_EDGES: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """Accumulate dk, dv of one key block over the query blocks [lo, hi) of one query head."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -179,10 +197,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
         do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                         offs_m, offs_dv, N_CTX_Q, HEAD_DIM_V, MASK_EDGES, HEAD_DIM_V != HEAD_DIM_V_PAD)
         qk = _dot(q, tl.trans(k), None, DOT_PRECISION)
+        doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
-                               HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, MASK_EDGES)
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
+                               N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS,
+                               MASK_EDGES)
         lse2 = _load_lse2(lse_base, offs_m, offs_m, N_CTX_Q)
         if HAS_FILL:
             frame = tl.where(_in_fill_frame(lse2, fill_log2), fill_log2, 0.0)
@@ -219,8 +239,9 @@ def _bwd_dv_fill_inner(dv, do_base, lse_base, lse_fill_base, seed, rng_lo, rng_h
                        BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fill mode, query blocks [lo, hi) the block range skipped for this key block: every pair is filled,
-    p_ij = exp(fill - lse_i) whatever j (in the row's frame), and only dV receives it. A tile whose p is 0 in every row (the
-    usual case: rows that saw their visible keys far above the fill) loads nothing but lse."""
+    p_ij = exp(fill - lse_i) whatever j (in the row's frame), and only dV receives it: sum_i p_i dO_i, the same for
+    every key of the block (with dropout, one dot of the 0/1 keep tile). A tile whose p is 0 in every row (the usual
+    case: rows that saw their visible keys far above the fill) loads nothing but lse."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -231,22 +252,25 @@ def _bwd_dv_fill_inner(dv, do_base, lse_base, lse_fill_base, seed, rng_lo, rng_h
         if tl.max(p_row, 0) > 0.0:
             do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                             offs_m, offs_dv, N_CTX_Q, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PAD)
-            pd = tl.where(offs_n[None, :] < N_CTX_K, p_row[:, None], 0.0)
+            weighted = p_row[:, None] * do.to(tl.float32)          # every key of the block gets p_row_i dO_i
             if HAS_DROPOUT:
+                # sum_i keep_ij p_i dO_i / (1 - dropout_p): one dot of the 0/1 keep tile (no i1 dot operand)
                 keep = _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout_p)
-                pd = tl.where(keep, pd * (1.0 / (1.0 - dropout_p)), 0.0)
-            dv = _dot(tl.trans(pd.to(do.dtype)), do, dv, DOT_PRECISION)
+                dv = _dot(tl.trans(tl.where(keep, 1.0, 0.0).to(do.dtype)),
+                          (weighted * (1.0 / (1.0 - dropout_p))).to(do.dtype), dv, DOT_PRECISION)
+            else:
+                dv += tl.sum(weighted, 0)[None, :]
     return dv
 
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, Bias, Slopes, DO, Lse, Delta, LseFill, DK, DV, DS, Rng,
+    Q, K, V, Bias, Slopes, DocIds, Bounds, DO, Lse, Delta, LseFill, DK, DV, DS, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_sz, stride_sh,
+    stride_sz, stride_sh, stride_dz, stride_dn, stride_boz,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
@@ -257,7 +281,7 @@ def _flash_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr,
+    WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
     """dk, dv of one key block of one (batch, kv head). Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -291,6 +315,11 @@ def _flash_bwd_dkdv_kernel(
 
     lo, full_lo, full_hi, hi = _q_block_range(start_n, N_CTX_Q, N_CTX_K, diag_offset, window,
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    doc_base = DocIds + off_z * stride_dz
+    doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
+    if HAS_DOCS:   # only the query blocks of the key block's documents (device-side bounds), every tile masked
+        lo, full_lo, full_hi, hi = _doc_query_range(Bounds + off_z * stride_boz, start_n, lo, hi, N_CTX_Q, N_CTX_K,
+                                                    diag_offset, BLOCK_M, BLOCK_N)
 
     for g in range(0, GROUP):
         off_h = off_hkv * GROUP + g
@@ -311,17 +340,17 @@ def _flash_bwd_dkdv_kernel(
             if IS_CAUSAL or span != 0:
                 start, end = _span(span, lo, full_lo, full_hi, hi)
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base,
-                                         bias_base, ds_base,
-                                         slope, seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
+                                         bias_base, ds_base, slope, doc_base, doc_k,
+                                         seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
                                          offs_dv,
                                          stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                         stride_dsm, stride_dsn,
+                                         stride_dsm, stride_dsn, stride_dn,
                                          sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
                                          N_CTX_Q, N_CTX_K, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
                                          HAS_SOFTCAP, HAS_ALIBI,
-                                         BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, WRITE_DS,
-                                         span != 1, DOT_PRECISION)
-        if HAS_FILL and IS_CAUSAL:
+                                         BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
+                                         WRITE_DS, span != 1, DOT_PRECISION)
+        if HAS_FILL and (IS_CAUSAL or HAS_DOCS):
             # the skipped query blocks [0, lo) and [cdiv(hi), Tq) see this key block only as filled pairs
             hi_up = tl.cdiv(hi, BLOCK_M) * BLOCK_M
             dv = _bwd_dv_fill_inner(dv, do_base, lse_base, lse_fill_base, seed, rng_lo, rng_hi, off_hz, 0, lo, offs_n,
@@ -346,15 +375,16 @@ def _flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
-                  lo, hi, offs_m, offs_d, offs_dv,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo,
+                  rng_hi, off_hz, lo, hi, offs_m, offs_d, offs_dv,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                   sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                   HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  HAS_FILL: tl.constexpr, MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_EDGES: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Accumulate dq of one query block over the key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -366,10 +396,12 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
         vt = _load_tile(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                         offs_dv, offs_n, HEAD_DIM_V, N_CTX_K, HEAD_DIM_V != HEAD_DIM_V_PAD, MASK_EDGES)
         qk = _dot(q, kt, None, DOT_PRECISION)
+        doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
-                               HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, MASK_EDGES)
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
+                               N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS,
+                               MASK_EDGES)
         if HAS_FILL:
             p = tl.math.exp2((s - frame[:, None]) - lse2[:, None])
         else:
@@ -389,12 +421,12 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, Bias, Slopes, Sinks, DO, Lse, Delta, LseFill, DQ, DSinks, Rng,
+    Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, DO, Lse, Delta, LseFill, DQ, DSinks, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_sz, stride_sh, stride_sink,
+    stride_sz, stride_sh, stride_sink, stride_dz, stride_dn, stride_boz,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, N_CTX_Q, N_CTX_K,
@@ -403,7 +435,8 @@ def _flash_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr, HAS_SINKS: tl.constexpr, WRITE_DSINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr,
+    WRITE_DSINKS: tl.constexpr,
 ):
     """dq of one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -444,6 +477,11 @@ def _flash_bwd_dq_kernel(
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    doc_base = DocIds + off_z * stride_dz
+    doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
+    if HAS_DOCS:   # the forward's document range
+        lo, full_lo, full_hi, hi = _doc_key_range(Bounds + off_z * stride_boz, start_m, lo, hi, N_CTX_Q, N_CTX_K,
+                                                  diag_offset, BLOCK_M, BLOCK_N)
     sink2 = 0.0
     if HAS_SINKS:
         sink2 = _sink_log2(Sinks, off_h, stride_sink)
@@ -454,12 +492,12 @@ def _flash_bwd_dq_kernel(
         in_frame = _in_fill_frame(lse2, fill_log2)
         frame = tl.where(in_frame, fill_log2, 0.0)
         if tl.max(in_frame.to(tl.int32), 0) > 0:
-            lse2 = tl.where(in_frame, _fill_frame_lse(q, k_base, bias_base, slope, sink2, frame, lo, hi, offs_m,
-                                                      offs_d, stride_kn, stride_kd, stride_bm, stride_bn, sm_scale,
-                                                      softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
-                                                      BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP,
-                                                      HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                                      DOT_PRECISION), lse2)
+            lse2 = tl.where(in_frame, _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo,
+                                                      hi, offs_m, offs_d, stride_kn, stride_kd, stride_bm, stride_bn,
+                                                      stride_dn, sm_scale, softcap, diag_offset, window, fill_log2,
+                                                      N_CTX_Q, N_CTX_K, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                                                      HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW,
+                                                      HAS_SINKS, HAS_DOCS, DOT_PRECISION), lse2)
         tl.store(LseFill + row, lse2, mask=offs_m < N_CTX_Q)
     if WRITE_DSINKS:
         # the sink's probability exp(sink - lse) (in the row's frame), times -delta; 0 on empty rows and past Tq
@@ -469,12 +507,13 @@ def _flash_bwd_dq_kernel(
     for span in tl.static_range(3):
         if HAS_WINDOW or span != 0:
             start, end = _span(span, lo, full_lo, full_hi, hi)
-            dq = _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, seed, rng_lo,
-                               rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+            dq = _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q,
+                               seed, rng_lo, rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                                sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, span != 1, DOT_PRECISION)
+                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, span != 1,
+                               DOT_PRECISION)
 
     dq = dq * sm_scale
     mask = offs_m[:, None] < N_CTX_Q

@@ -10,6 +10,10 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   Bias                 bool keep-mask (BIAS_KIND 1) or float additive bias (BIAS_KIND 2), read through its
                        own 4 strides as if it were [B, Hq, Tq, Tk]
   Slopes               fp32 ALiBi slopes read at b * stride_sz + h * stride_sh (stride_sz = 0 for [Hq])
+  DocIds, Bounds       HAS_DOCS (packed sequences): document ids [B|1, Tk] through (stride_dz, stride_dn) (batch stride
+                       0 for [1, Tk]); row i takes the id of key position i + off. Bounds int32 [B|1, 2, Tk] (batch
+                       stride stride_boz): each position's run of equal ids (lowering/documents.py); a query
+                       block visits only the key blocks of its rows' documents (_doc_key_range), every tile masked
   Sinks                HAS_SINKS: one logit per query head (any float dtype, read as fp32) at h * stride_sink:
                        a virtual key with a zero value, so the online softmax starts from m_i = sink * log2(e),
                        l_i = 1, acc = 0 (l_i = 0 for a -inf sink); no row is then empty, and lse includes it
@@ -84,9 +88,10 @@ def _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout
 
 @triton.jit
 def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset, window, fill_log2,
-            N_CTX_Q, N_CTX_K,
+            doc_q, doc_k, N_CTX_Q, N_CTX_K,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FILL: tl.constexpr, MASK_EDGES: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
+            MASK_EDGES: tl.constexpr):
     """Steps 1-5 of the semantics on one [BLOCK_M, BLOCK_N] tile of q·k (fp32).
 
     Returns (s, t, filled): s in log2 units with -inf where masked (fill_log2 in fill mode; keys past Tk are
@@ -94,7 +99,9 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
     equal to s when HAS_SOFTCAP is off), filled the pairs whose score is the fill (HAS_FILL; otherwise t,
     unused: their gradient is 0).
     MASK_EDGES: the tile may cross Tk or the causal / window edges, so those masks are applied;
-    interior tiles skip them (the block ranges guarantee every pair there is visible).
+    interior tiles skip them (the block ranges guarantee every pair there is visible). HAS_DOCS: doc_q [BLOCK_M]
+    and doc_k [BLOCK_N] are the rows' and keys' document ids; pairs of two documents are masked (only under
+    MASK_EDGES: in document mode every visited tile is an edge tile, see _doc_key_range).
     """
     if HAS_SOFTCAP:
         t = _tanh(qk * (sm_scale / softcap))
@@ -124,11 +131,13 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
     if MASK_EDGES:
         in_k = offs_n[None, :] < N_CTX_K      # [1, BLOCK_N]: broadcasts against the conditions below
         if HAS_FILL:
-            hidden = offs_n[None, :] < 0      # pairs masked by causal / window
+            hidden = offs_n[None, :] < 0      # pairs masked by causal / window / documents
             if IS_CAUSAL:
                 hidden = hidden | (offs_n[None, :] > offs_m[:, None] + diag_offset)
             if HAS_WINDOW:
                 hidden = hidden | (offs_n[None, :] <= offs_m[:, None] + diag_offset - window)
+            if HAS_DOCS:
+                hidden = hidden | (doc_q[:, None] != doc_k[None, :])
             filled = (filled | hidden) & in_k
             s = tl.where(filled, fill_log2, tl.where(in_k, s, float("-inf")))
         else:
@@ -137,6 +146,8 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
+            if HAS_DOCS:
+                visible = visible & (doc_q[:, None] == doc_k[None, :])
             s = tl.where(visible, s, float("-inf"))
     elif HAS_FILL and BIAS_KIND == 1:
         s = tl.where(filled, fill_log2, s)
@@ -194,14 +205,47 @@ def _span(SPAN: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi, off_hz,
+def _load_docs(doc_base, pos, n, stride_dn, HAS_DOCS: tl.constexpr):
+    """Document ids at key positions pos (masked past n; 0 without documents: unused then)."""
+    if HAS_DOCS:
+        return tl.load(doc_base + pos.to(tl.int64) * stride_dn, mask=pos < n, other=-1)
+    else:
+        return 0
+
+
+@triton.jit
+def _doc_bounds(bounds_base, first, last, N_CTX_K):
+    """[start of the run holding key position `first`, end of the run holding `last`) from the document bounds
+    (lowering/documents.py: bounds[b, 0, t] the start of t's run, bounds[b, 1, t] its end; [0, Tk) on rows whose
+    ids are not non-decreasing). For non-decreasing ids no position outside it shares a document with a position
+    in [first, last]: ids before a run are smaller, after it larger."""
+    return tl.load(bounds_base + first), tl.load(bounds_base + N_CTX_K + last)
+
+
+@triton.jit
+def _doc_key_range(bounds_base, start_m, lo, hi, N_CTX_Q, N_CTX_K, diag_offset,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block range of a query block in document mode: the causal / window range [lo, hi) intersected with the
+    keys of the documents of its rows (positions start_m + off .. last row + off; Tq <= Tk keeps them inside
+    [0, Tk)), BLOCK_N-aligned below. Every visited tile is an edge tile (a document's edge may cross it), so the
+    three spans collapse to the last, masked one: returns (lo, full_lo, full_hi, hi) with full_lo = full_hi = lo."""
+    last = tl.minimum(start_m + BLOCK_M, N_CTX_Q) - 1
+    doc_lo, doc_hi = _doc_bounds(bounds_base, start_m + diag_offset, last + diag_offset, N_CTX_K)
+    lo = tl.maximum(lo, (doc_lo // BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(tl.minimum(hi, doc_hi), lo)
+    return lo, lo, lo, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo, rng_hi, off_hz,
                start_m, lo, hi, offs_m, offs_d, offs_dv,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               HAS_FILL: tl.constexpr, MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_EDGES: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi) of one query block. The one loop body of
     the forward: the kernel walks each span of the block range through it, MASK_EDGES off only
     on the interior span."""
@@ -213,10 +257,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo,
         kt = _load_tile(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                         offs_d, offs_n, HEAD_DIM, N_CTX_K, HEAD_DIM != HEAD_DIM_PAD, MASK_EDGES)
         qk = _dot(q, kt, None, DOT_PRECISION)
+        doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, _, _ = _scores(qk, offs_m, offs_n,
                           bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                          slope, sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
-                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, MASK_EDGES)
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q, N_CTX_K,
+                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS, MASK_EDGES)
         acc, l_i, m_i = _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n,
                                         offs_dv, stride_vn, stride_vd, dropout_p, N_CTX_K, HEAD_DIM_V,
                                         HEAD_DIM_V_PAD, HAS_DROPOUT, MASK_EDGES, DOT_PRECISION)
@@ -246,17 +291,28 @@ def _fwd_fill_inner(acc, l_i, m_i, v_base, seed, rng_lo, rng_hi, off_hz, lo, hi,
                     stride_vn, stride_vd, dropout_p, fill_log2, N_CTX_K,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     HEAD_DIM_V_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fill mode, key blocks [lo, hi) the block range skipped: every pair there is masked, so every score
-    is the fill. No q·k and no bias: only V is read (keys past Tk are -inf)."""
+    """Fill mode, key blocks [lo, hi) the block range skipped: every pair there is masked, so every score is the
+    fill and each row's p is one number, p_row = 2^(fill - m): no q·k, no bias, only V is read. The block adds
+    p_row * (its number of keys) to l and p_row * sum_j v_j to acc (with dropout, sum_j keep_ij v_j, one dot of
+    the 0/1 keep tile; the dropout bools never meet the dot operand's layout change, which Triton 3.9 cannot do
+    for i1 tensors at 256-wide heads: sm90_compile.py --fits)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    fill_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + fill_log2
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        s = tl.where(offs_n[None, :] < N_CTX_K, fill_tile, float("-inf"))
-        acc, l_i, m_i = _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n,
-                                        offs_dv, stride_vn, stride_vd, dropout_p, N_CTX_K, HEAD_DIM_V,
-                                        HEAD_DIM_V_PAD, HAS_DROPOUT, True, DOT_PRECISION)
+        m_new = tl.maximum(m_i, fill_log2)                  # finite: the fill is
+        alpha = tl.math.exp2(m_i - m_new)
+        p_row = tl.math.exp2(fill_log2 - m_new)
+        l_i = l_i * alpha + p_row * tl.minimum(N_CTX_K - start_n, BLOCK_N).to(tl.float32)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       offs_n, offs_dv, N_CTX_K, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PAD)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout_p)
+            kept_v = _dot(tl.where(keep, 1.0, 0.0).to(v.dtype), v, None, DOT_PRECISION)
+        else:
+            kept_v = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32) + tl.sum(v.to(tl.float32), 0)[None, :]
+        acc = acc * alpha[:, None] + p_row[:, None] * kept_v
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -289,12 +345,12 @@ def _fill_needed(m_i, fill_log2, offs_m, N_CTX_Q):
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Bias, Slopes, Sinks, Out, Lse, Rng,
+    Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, Out, Lse, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_sz, stride_sh, stride_sink,
+    stride_sz, stride_sh, stride_sink, stride_dz, stride_dn, stride_boz,
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, N_CTX_Q, N_CTX_K,
     sm_scale, softcap, diag_offset, window, dropout_p, fill,
@@ -303,7 +359,7 @@ def _flash_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMPTY_ROWS_NAN: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
     """One program = one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -331,6 +387,8 @@ def _flash_fwd_kernel(
     k_base = K + off_z * stride_kz + off_hkv * stride_kh
     v_base = V + off_z * stride_vz + off_hkv * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
+    doc_base = DocIds + off_z * stride_dz
+    doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
 
     slope = 0.0
     if HAS_ALIBI:
@@ -345,20 +403,23 @@ def _flash_fwd_kernel(
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:   # only the key blocks of the rows' documents (device-side bounds), every tile masked
+        lo, full_lo, full_hi, hi = _doc_key_range(Bounds + off_z * stride_boz, start_m, lo, hi, N_CTX_Q, N_CTX_K,
+                                                  diag_offset, BLOCK_M, BLOCK_N)
     # span 0: window lower-edge blocks (masked; empty without a window), 1: interior blocks (no
     # element masks), 2: causal-diagonal / Tk-tail blocks (masked)
     for span in tl.static_range(3):
         if HAS_WINDOW or span != 0:
             start, end = _span(span, lo, full_lo, full_hi, hi)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, seed, rng_lo, rng_hi,
-                                       off_hz, start_m, start, end, offs_m, offs_d, offs_dv,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                                       rng_lo, rng_hi, off_hz, start_m, start, end, offs_m, offs_d, offs_dv,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                                        sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
                                        N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
                                        HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
-                                       BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, span != 1,
+                                       BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, span != 1,
                                        DOT_PRECISION)
-    if HAS_FILL and IS_CAUSAL:
+    if HAS_FILL and (IS_CAUSAL or HAS_DOCS):
         # the skipped key blocks [0, lo) and [cdiv(hi), Tk) hold only filled pairs: added when a row still
         # weighs them (a row with nothing visible averages every key), else skipped exactly
         need = _fill_needed(m_i, fill_log2, offs_m, N_CTX_Q)
