@@ -40,7 +40,6 @@ os.environ.update(NVLS_OFF)   # before torch: inherited by every process this on
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,115 +84,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# the model: transformers' modeling_llama.py, trimmed to the decoder layers
+# the model: tests/distributed/llama.py, the one the distributed tests shard (same model, same plan)
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def repeat_kv(hidden_states, n_rep: int):
-    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
-    if n_rep == 1:
-        return hidden_states
-    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads, kv_heads, impl):
-        super().__init__()
-        self.head_dim, self.impl = dim // heads, impl
-        self.num_key_value_groups = heads // kv_heads
-        self.scaling = self.head_dim ** -0.5
-        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
-
-    def forward(self, x, cos, sin):
-        input_shape = x.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)   # -1: the rank's own head count
-        q = self.q_proj(x).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(x).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(x).view(hidden_shape).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
-        if self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
-        else:
-            t = q.shape[2]
-            mask = torch.full((t, t), torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(1)
-            w = torch.matmul(q, k.transpose(2, 3)) * self.scaling + mask
-            out = torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
-        return self.o_proj(out.transpose(1, 2).reshape(*input_shape, -1).contiguous())
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, dim, heads, kv_heads, ffn, impl):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(dim), RMSNorm(dim)
-        self.self_attn = Attention(dim, heads, kv_heads, impl)
-        self.gate_proj = nn.Linear(dim, ffn, bias=False)
-        self.up_proj = nn.Linear(dim, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, dim, bias=False)
-
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-class Llama(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(a.dim, a.heads, a.kv_heads, a.ffn, a.attention)
-                                    for _ in range(a.layers))
-        self.norm = RMSNorm(a.dim)
-        head_dim = a.dim // a.heads
-        self.register_buffer("inv_freq", 1.0 / (500000 ** (torch.arange(0, head_dim, 2).float() / head_dim)))
-
-    def forward(self, x):
-        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
-        emb = torch.cat([pos[:, None] * self.inv_freq[None]] * 2, dim=-1)[None]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
-
-
-TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-           "self_attn.o_proj": "rowwise", "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
+from llama import Llama, tensor_parallel  # noqa: E402
 
 
 def build(a, device, dtype, mesh) -> nn.Module:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     torch.manual_seed(0)   # every rank builds the same full model, then keeps its shards
     with torch.device(device):
-        model = Llama(a).to(dtype)
+        model = Llama(a.dim, a.heads, a.kv_heads, a.ffn, a.layers, attention=a.attention,
+                      rope_base=500000.0).to(dtype)   # Llama 3's rotary base
     for p in model.parameters():   # 1/sqrt(fan_in)-scaled weights keep activations of order 1 over 8 layers
         if p.dim() == 2:
             nn.init.normal_(p, std=p.shape[1] ** -0.5)
-    style = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    for layer in model.layers:
-        parallelize_module(layer, mesh, {n: style[s]() for n, s in TP_PLAN.items()})
-    return model
+    return tensor_parallel(model, mesh)
 
 
 # --------------------------------------------------------------------------------------------

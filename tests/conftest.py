@@ -32,6 +32,12 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
+    from known_gaps import KNOWN_GAPS
+
+    for item in items:   # specified, not built yet: strict xfail (tests/known_gaps.py says why)
+        reason = KNOWN_GAPS.get(item.nodeid) or KNOWN_GAPS.get(item.nodeid.split("[")[0])
+        if reason:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -82,7 +82,7 @@ def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, 
     Fills the report's sites and stage timings; when a stage raises, the unmodified `aten_gm` comes back
     and the report says why (strict=True re-raises)."""
     ctx = Context(target=target, fake_mode=fake_mode_for(example_inputs), allowed_ops=opts.ops,
-                  validate=opts.validate, repro_dir=opts.repro_dir)
+                  validate=opts.validate, repro_dir=opts.repro_dir, check_stages=opts.check_stages)
     work = _copy(aten_gm)
     snapshots: list[tuple[str, str]] = []
 

@@ -22,6 +22,8 @@ class Options:
     validate: check every rewritten site against the region it replaced (float64 CPU, random inputs)
               and undo the rewrites that differ; False skips the check (passes/validate.py).
     repro_dir: where repro files go (a failed pass, a site that failed validation); default: the temp dir.
+    check_stages: lint the graph and check that every node keeps its example value between the pass
+              stages (each stage's promise about its sites is checked always); for debugging a stage.
     mode:     the inner Inductor's mode, as torch.compile(mode=...) names it: "default", "reduce-overhead"
               (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs" (torch._inductor.list_mode_options()).
               torch.compile(model, backend="attnlower", mode=...) sets it; so does options={"mode": ...}
@@ -39,6 +41,7 @@ class Options:
     dump_dot: bool = False
     validate: bool = True
     mode: str = "default"
+    check_stages: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -13,9 +13,12 @@ import torch
 import torch.fx as fx
 
 from ..lowering.plan import MAX_HEAD_DIM   # the kernels pad D to a power of two up to this
-from .site import AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused, ScoreTerm
+from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
+                   ScoreTerm)
+from .masks import LENGTH_KINDS
 from .visibility import MASKED
-from .vocabulary import shape_of, value_of
+from .layout import NotAView, lift_to_problem
+from .vocabulary import shape_of, size_sources, sizes_equal, value_of
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -23,7 +26,7 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     chosen: dict[str, int] = {}
     for site in ctx.open_sites(gm):
         try:
-            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.lengths)
+            decision = analyze_site(site.match, ctx.target, ctx.allowed_ops, site.mask, site.paged_mask, site.alibi)
         except Refused as e:
             site.refuse(str(e))
             continue
@@ -36,8 +39,10 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
 
 
-def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[Decision | None, str]:
-    """Paged attention when K/V are block-table gathers and the mask is none or a length mask."""
+def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo | None) -> tuple[Decision | None, str]:
+    """Paged attention when K/V are block-table gathers and the mask is one the paged op computes
+    (`paged_mask`, read by `masks.classify_length_mask`): none, `key < lengths[b]`, and causal or a
+    causal band within the chunk, aligned to each sequence's end."""
     pk, pv = m.paged
     if "paged_attention" not in allowed_ops:
         return None, "paged_attention is not among the enabled ops"
@@ -47,38 +52,42 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, lengths) -> tuple[De
         return None, "is_causal on a gathered cache (top-left causal is not the paged op's alignment)"
     if not (bool(pk.block_size == pv.block_size) and bool(pk.heads == pv.heads)):
         return None, "K and V pools differ in block size or heads"
-    seq_lens, nan_for_empty, kind = None, False, "none"
-    if len(m.terms) > 1:
-        return None, "more than one mask term"
-    if m.terms:
-        t = m.terms[0]
-        if t.kind not in ("keep", "fill"):
-            return None, "an additive mask"
-        seq_lens = lengths
-        if seq_lens is None:
-            return None, "the mask is not `key position < seq_lens[b]`"
-        if t.value != float("-inf") and not m.safe_softmax:
-            return None, "a finite fill gives a uniform average for empty sequences, which the paged op does not"
-        nan_for_empty = not m.safe_softmax
-        kind = "length"
+    mask = paged_mask if paged_mask is not None else MaskInfo("none", reason="no mask")
+    if mask.kind not in ("none",) + LENGTH_KINDS:
+        return None, f"the mask is not one the paged op computes: {mask.reason}"
+    seq_lens = mask.lengths
+    if seq_lens is not None and not (isinstance(m.q_len, int) and m.q_len == 1):
+        # the op's contract (docs/INTERFACES.md, paged): 0 < seq_len < Tq raises; the source computes there
+        # (its queries before the sequence's first token see no key): only lengths >= Tq would be equal
+        return None, (f"{mask.kind} mask with Tq = {m.q_len} queries: paged_attention refuses a sequence shorter "
+                      f"than its Tq queries (0 < seq_len < Tq raises), where the source computes rows with no "
+                      f"visible key; the lengths are data, so seq_len >= Tq is not proven")
+    if seq_lens is None and not bool(m.q_len <= pk.length):
+        return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim,
-        dtype=str(dtype).replace("torch.", ""), mask_kind=kind, softcap=m.softcap, scale=m.paged_scale,
+        dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
+        window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
         paged_block_size=pk.block_size, target=target.describe())
     why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
-           f"read in place, no gather" + (f"; lengths from {seq_lens.name}" if seq_lens is not None else
-                                          "; every gathered key visible"))
-    return Decision(spec=spec, bias=BiasPlan(), mask=MaskInfo(kind=kind, reason=why), reason=why,
-                    paged=PagedPlan(pk, pv, seq_lens, nan_for_empty)), ""
+           f"read in place, no gather" + (f"; lengths from {seq_lens.name}: {mask.reason}" if seq_lens is not None
+                                          else "; every gathered key visible"))
+    # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
+    # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
+    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
+    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
+                    speculated=mask.speculated_from), ""
 
 
 def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
-                 lengths: fx.Node | None = None) -> Decision:
+                 paged_mask: MaskInfo | None = None, alibi: AlibiInfo | None = None) -> Decision:
     """Choose the op for a proven site on `target` (a Target: attnlower/target.py), or raise Refused with the reason.
 
-    `classified` is the classification of the site's one mask term and `lengths` its lengths when it is
-    a length mask (stage classify_masks); a site with one term must come with its classification.
+    `classified` is the classification of the site's mask term (or of its terms' conjunction) and
+    `paged_mask` the mask read as the paged op's, where K/V are paged (stage classify_masks); a site with
+    one term must come with its classification. `alibi`: a bias term proven ALiBi on the keys the other
+    terms (then `classified`) leave visible.
     """
     qv = value_of(m.q.source)
     dtype = qv.dtype
@@ -100,33 +109,53 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
 
     paged_note = ""
     if m.paged is not None:
-        decision, paged_note = _paged_decision(m, target, allowed_ops, lengths)
+        decision, paged_note = _paged_decision(m, target, allowed_ops, paged_mask)
         if decision is not None:
             decision.reason += _head_scale_note(m)
             return decision
         paged_note = f" (a paged gather was seen, but {paged_note}: dense path on the gathered K/V)"
 
     causal, bottom_right, window = m.is_causal, False, 0
+    speculated: tuple = ()
     mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
     terms = [t for t in m.terms]
+    finite = [t for t in terms if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED)]
+    fill_note = ""
     for t in terms:
-        if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED):
-            raise Refused(f"a mask fills scores with {t.value}, which does not mask them out "
-                          "(only -inf or values <= -1e30 are equivalent to masking)")
-        problem = lift_problem(t, m.batch, m.q_heads)
+        problem = lift_problem(t, m)
         if problem:
             raise Refused(problem)
     if causal and terms:
         raise Refused("SDPA with both is_causal and attn_mask")
-    if len(terms) == 1:
-        t = terms[0]
-        if classified is None:
-            raise ValueError("analyze_site: a site with one mask term needs its classification "
-                             "(masks.classify_mask of the term; the classify_masks stage records it)")
+    alibi_used = None
+    if alibi is not None:
         info = classified
-        if t.kind == "bias" and t.value != 1.0:
+        if (info is not None and info.kind in ("causal", "band") and not info.data_dependent
+                and (not info.bottom_right or bool(m.q_len <= m.k_len))):
+            # the masks are the op's causal / band pattern and the bias its ALiBi on what they leave visible
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
+            speculated = info.speculated_from + alibi.speculated_from
+            mask = MaskInfo(info.kind, causal=info.causal, bottom_right=info.bottom_right, window=info.window,
+                            reason=f"{info.reason}; {alibi.reason}", speculated_from=speculated)
+            terms, classified, alibi_used = [], None, alibi
+        else:
+            classified = None       # the terms stay one combined bias
+    if len(terms) == 1 and classified is None:
+        raise ValueError("analyze_site: a site with one mask term needs its classification "
+                         "(masks.classify_mask of the term; the classify_masks stage records it)")
+    if finite:
+        # a finite fill is -inf masking only where proven (`_finite_fill_problem`); else it needs the op's
+        # fill mode (masked scores take the value), which the ops do not have yet
+        problem = _finite_fill_problem(m, finite, classified)
+        if problem:
+            raise Refused(problem)
+        fill_note = _finite_fill_note(m, finite)
+    if terms and classified is not None:
+        t = terms[0]
+        info = classified
+        if len(terms) == 1 and t.kind == "bias" and t.value != 1.0:
             # a factor moves finite masking values (finfo.min * 1e-10 no longer masks): only the sum is exact
             info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")
         mask = info
@@ -134,10 +163,10 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         # A pure causal/band mask never empties a row when every query sees its diagonal key.
         diagonal_visible = not info.bottom_right or bool(m.q_len <= m.k_len)
         if pure and info.kind == "none":
-            terms = []
+            terms, speculated = [], info.speculated_from
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
-            terms = []
+            terms, speculated = [], info.speculated_from
     elif terms:
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
     if terms:
@@ -152,36 +181,135 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
-        target=target.describe(),
+        alibi=alibi_used is not None, target=target.describe(),
     )
-    why = _why(spec, mask) + paged_note + _head_scale_note(m)
-    return Decision(spec=spec, bias=bias, mask=mask, reason=why)
+    why = _why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _head_scale_note(m)
+    return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 
 
-def lift_problem(term: ScoreTerm, batch, heads) -> str:
+# fp32 exp(x) is exactly 0 for x < ln(2^-150) = -103.97 (2^-149 is the smallest denormal; the kernels' exp2 of
+# x * log2(e) underflows at the same point): a masked key whose score is this far below its row's maximum
+# weighs exactly 0, as a -inf one does.
+EXP_UNDERFLOW = 104.0
+
+
+def visible_score_bound(m: AttentionMatch) -> tuple[float, str] | None:
+    """(B, why) with |s| <= B for every finite score at the softmax input, proven from the chain alone, or
+    None. Data cannot be bounded; what can: a softcap (|s| <= cap), or a Q·Kᵀ product computed in a dtype
+    whose finite values are bounded (fp16: 65504) times the scalars applied after it. A per-head scale that
+    is data, or any term adding to the visible scores, leaves them unbounded."""
+    if m.head_scale is not None:
+        return None
+    if m.softcap:
+        return float(m.softcap), f"the softcap bounds every score by {m.softcap:g}"
+    dtype = value_of(m.q_operand.node).dtype
+    largest = torch.finfo(dtype).max if dtype.is_floating_point else None
+    if largest is None or largest > 1e30:
+        return None
+    bound = largest * abs(m.score_scale)
+    return bound, f"Q·Kᵀ is computed in {str(dtype).replace('torch.', '')} (|q·k| <= {largest:g}), times {m.score_scale:g}"
+
+
+def _finite_fill_problem(m: AttentionMatch, finite: list[ScoreTerm], classified: MaskInfo | None) -> str:
+    """Why the finite fills of `finite` cannot be proven equivalent to -inf masking, or "".
+
+    Equivalent iff in every row (1) some key stays visible, and (2) exp(fill - max visible score) underflows
+    to 0 in fp32, i.e. max visible score > fill + 104. (1) holds for a mask proven causal / a band whose
+    diagonal key is visible, or none (shape-only or from a guarded buffer); never for padding or other data.
+    (2) needs a lower bound on the scores: `visible_score_bound`; a finite visible score is assumed (an
+    overflowing product makes eager's own result meaningless)."""
+    worst = max(t.value for t in finite)
+    what = f"a mask fills scores with {worst}, which does not mask them out as -inf does (its value in the scores' dtype)"
+    fix = "; equal to eager only with the op's fill mode (masked scores take the value), which the ops do not have yet"
+    if classified is None:
+        return f"{what}, and the {len(m.terms)} mask terms are not one proven mask{fix}"
+    pure = classified.kind in ("none", "causal", "band") and not classified.data_dependent
+    diagonal = not classified.bottom_right or bool(m.q_len <= m.k_len)
+    if not (pure and diagonal):
+        return (f"{what}, and the mask ({classified.kind}) can leave a row with no visible key, whose "
+                f"softmax then averages the filled keys{fix}")
+    bound = visible_score_bound(m)
+    if bound is None:
+        return (f"{what}: every row keeps a visible key, but nothing bounds the scores (data), so a row whose "
+                f"scores all sit within {EXP_UNDERFLOW:g} of {worst:g} would still weigh the filled keys{fix}")
+    limit, why = bound
+    if not worst < -(limit + EXP_UNDERFLOW):
+        return (f"{what}: every row keeps a visible key and {why}, so scores may reach -{limit:g}, within "
+                f"{EXP_UNDERFLOW:g} of the fill{fix}")
+    return ""
+
+
+def _finite_fill_note(m: AttentionMatch, finite: list[ScoreTerm]) -> str:
+    limit, why = visible_score_bound(m)
+    worst = max(t.value for t in finite)
+    return (f"; the fill {worst:g} is -inf masking: every row keeps a visible key, and {why}, so a filled key "
+            f"weighs exp({worst:g} + {limit:g}) = 0 in fp32")
+
+
+def _lift_note(terms: list[ScoreTerm], m: AttentionMatch) -> str:
+    """What lifting the bias terms to the problem's [B, Hq, Tq, Tk] costs, when it is not a view."""
+    notes, shapes = [], []
+    for t in terms:
+        shape = term_shape(t)
+        shape = shape[max(len(shape) - len(t.score_shape), 0):]
+        plan = lift_to_problem(shape, t.score_shape, problem_shape(m))
+        if plan is None:
+            shapes.append([1] * (4 - len(shape)) + shape[-4:])
+            continue
+        aligned, expand_to, reshape_to = plan
+        shapes.append(reshape_to)
+        if any(not sizes_equal(a, b) for a, b in zip(aligned, expand_to)):
+            notes.append(f"`{t.node.name}` {shape}, added under the {list(t.score_shape)} view of the scores, "
+                         f"is materialized as a {reshape_to} bias (its own size, not the scores')")
+    if len(terms) > 1:
+        total = [next((d for d in dims if not sizes_equal(d, 1)), 1) for dims in zip(*shapes)]
+        notes.append(f"the {len(terms)} terms are summed into one {total} bias (the op takes one bias)")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def lift_problem(term: ScoreTerm, m: AttentionMatch) -> str:
     """Why `term` cannot be given to the op as a bias broadcastable to [B, Hq, Tq, Tk], or "".
 
-    A term broadcasts against the scores where it is applied (`term.score_shape`): 4-D scores in the
-    op's [B, Hq] order, or scores flattened to [B*H, Tq, Tk] (the rewrite views a full B*H dim as [B, Hq]).
+    A term broadcasts against the scores where it is applied (`term.score_shape`), any regrouping of the
+    problem's [B, Hq, Tq, Tk] scores (`[B*H, Tq, Tk]`, Swin's `[B, nW, H, N, N]`): `layout.lift_to_problem`
+    says how it becomes a bias of the problem (the rewrite follows the same plan).
     """
-    shape = list(shape_of(term.node))
-    if term.row_inserted and shape:
-        shape = shape[:-1] + [1] + shape[-1:]
+    shape = term_shape(term)
     score_shape = list(term.score_shape)
     extra = len(shape) - len(score_shape)
     if extra > 0 and any(not bool(s == 1) for s in shape[:extra]):
         return f"a mask/bias of shape {shape} has more dims than the scores {score_shape} it is applied to"
-    shape = shape[max(extra, 0):]
-    lead = score_shape[:-2]
-    x_lead = shape[:len(shape) - 2] if len(shape) == len(score_shape) else []
-    if all(bool(d == 1) for d in x_lead):
-        return ""
-    if len(lead) == 2 and bool(lead[0] == batch) and bool(lead[1] == heads):
-        return ""
-    if len(lead) == 1 and bool(lead[0] == batch * heads) and isinstance(heads, int):
-        return ""
-    return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, whose leading dims are "
-            f"not the attention's [B={batch}, H={heads}] (or [B*H] with a static H)")
+    problem = problem_shape(m)
+    try:
+        plan = lift_to_problem(shape, score_shape, problem)
+    except NotAView as e:
+        return (f"a mask/bias of shape {shape} is applied to scores of shape {score_shape}, which are not a "
+                f"regrouping of the attention's [B={m.batch}, H={m.q_heads}, Tq, Tk] ({e})")
+    if plan is not None:
+        _, expand_to, reshape_to = plan
+        if sum(not isinstance(x, int) for x in reshape_to) > 1 and size_sources(
+                reshape_to, m.output, set(m.region)) is None:
+            return (f"a mask/bias of shape {shape} on scores of shape {score_shape} would be reshaped to "
+                    f"{reshape_to}, whose symbolic sizes no tensor outside the attention holds")
+        changed = [x for x, have in zip(expand_to, [1] * (len(expand_to) - len(shape)) + shape[max(extra, 0):])
+                   if not sizes_equal(x, have)]
+        if any(not isinstance(x, int) for x in changed) and size_sources(changed, m.output, set(m.region)) is None:
+            return (f"a mask/bias of shape {shape} would be expanded to {expand_to}, whose symbolic sizes no "
+                    "tensor outside the attention holds")
+    return ""
+
+
+def term_shape(term: ScoreTerm) -> list:
+    """The term's shape as it broadcasts against its scores (a decode einsum's term gets its row dim)."""
+    shape = list(shape_of(term.node))
+    if term.row_inserted and shape:
+        shape = shape[:-1] + [1] + shape[-1:]
+    return shape
+
+
+def problem_shape(m: AttentionMatch) -> list:
+    """The attention problem's [B, Hq, Tq, Tk]."""
+    return [m.batch, m.q_heads, m.q_len, m.k_len]
 
 
 def _head_scale_note(m: AttentionMatch) -> str:

@@ -11,6 +11,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .buffers import mark_static_inputs
+
 
 def fake_mode_for(example_inputs: Sequence[object]) -> FakeTensorMode:
     """The fake mode Dynamo traced with (so symbolic sizes survive), or a fresh one outside Dynamo."""
@@ -52,6 +54,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: Sequence[object]) -> fx.GraphMod
             del body.meta["_checkpoint_context_fn"]   # run as plain activation checkpointing, as Dynamo made it
     aten.graph.eliminate_dead_code()
     aten.recompile()
+    mark_static_inputs(aten, gm, example_inputs)   # module buffers a mask may be proven from (passes/buffers.py)
     return aten
 
 

@@ -10,14 +10,16 @@ through a block table (`pool[table]`, any gather spelling), which the paged op r
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from .layout import Layout, NotAView, is_scale_node, layout_chain, layout_of, scale_of
+from .layout import (Layout, NotAView, contiguous_strides, dim_holding, is_scale_node, layout_chain, layout_of,
+                     scale_of)
 from .site import AttentionChain, AttentionMatch, Context, Operand, OperandRef, PagedRef, Refused
-from .vocabulary import is_one, shape_of, sizes_equal, value_of
+from .vocabulary import is_one, shape_of, size_hint, sizes_equal, static_size, value_of
 
 aten = torch.ops.aten
 
@@ -94,67 +96,92 @@ def resolve_operand(operand: fx.Node, to_logical: Callable[[Layout], Layout], ro
 
 
 def _fit(src: fx.Node, lay: Layout, role: str):
-    """Match the logical dims to dims of `src`; return (steps, heads of the prepared tensor)."""
+    """Express the logical `[B, H, T, D]` layout `lay` as steps from `src`; return (steps, heads of the
+    prepared tensor).
+
+    Each logical dim is a list of sub-dims of `src`'s (virtual, contiguous) index space. Every sub-dim
+    must lie within one dim of `src`, and the sub-dims within a dim must tile it exactly (no slice, no
+    stride): the steps then unflatten each dim of `src` into its sub-dims, permute them into the logical
+    order and flatten the sub-dims of each logical dim back into one (fairseq's `[T, B, E]` read as
+    `[B, H, T, D]`: unflatten E, permute; block-local attention's `[B, H, nB, Tb, D]` read with `H * nB`
+    heads: flatten). Unflatten and permute are views; a flatten is a view wherever the strides allow it,
+    else a copy of the operand. K/V may broadcast over the heads (GQA / MQA): that sub-dim is dropped and
+    the op reads the group from the head count.
+    """
     shape = shape_of(src)
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc = acc * s
-    strides.reverse()
+    strides = contiguous_strides(shape)
     if len(lay.dims) != 4:
         raise NotAView("logical operand is not 4-D")
 
-    wanted: list[tuple[object, object] | None] = []   # per logical dim: (size, stride) in src, or None = size 1
+    wanted: list[list[tuple[object, object]]] = []   # per logical dim: its sub-dims in src, outer first
     heads = None
     for k in range(4):
         subs = lay.clean(k)
         if k == 1 and role == "kv":
-            if len(subs) == 2 and not sizes_equal(subs[0][1], 0) and sizes_equal(subs[1][1], 0):
-                heads = subs[0][0]           # GQA: head h reads source head h // group
-                subs = subs[:1]
+            if len(subs) >= 2 and not sizes_equal(subs[0][1], 0) and sizes_equal(subs[-1][1], 0):
+                heads = math.prod(size for size, _ in subs[:-1])   # GQA: head h reads source head h // group
+                subs = subs[:-1]
             elif len(subs) == 1 and sizes_equal(subs[0][1], 0):
                 heads = 1                    # MQA: every head reads the one source head
                 subs = []
-        if len(subs) > 1:
-            raise NotAView(f"logical dim {k} mixes several source dims")
-        if subs and sizes_equal(subs[0][1], 0):
+        if any(sizes_equal(st, 0) for _, st in subs):
             raise NotAView(f"logical dim {k} is a broadcast")
-        wanted.append(subs[0] if subs else None)
+        wanted.append(subs)
     if heads is None:
         heads = lay.shape[1]
 
-    used: dict[int, int] = {}
-    for k, w in enumerate(wanted):
-        if w is None:
+    # each sub-dim to the dim of src it lies in, as (logical dim, size, stride relative to that dim)
+    per_dim: dict[int, list[tuple[tuple[int, int], object, object]]] = {d: [] for d in range(len(shape))}
+    for k, subs in enumerate(wanted):
+        for index, (size, stride) in enumerate(subs):
+            d = dim_holding(shape, strides, size, stride)
+            if d is None:
+                raise NotAView(f"logical dim {k} is not made of whole dims of {src.name} or of pieces of them")
+            per_dim[d].append(((k, index), size, stride // strides[d]))
+    # per dim of src: its pieces ((logical dim, index among that dim's sub-dims), size), outer first
+    pieces: list[list[tuple[tuple[int, int], object]]] = []
+    for d, held in per_dim.items():
+        if not held:
+            if not is_one(shape[d]):
+                raise NotAView(f"{src.name} has a dim of size {shape[d]} the operand does not use")
+            pieces.append([])
             continue
-        for d, (s, st) in enumerate(zip(shape, strides)):
-            if d not in used.values() and not is_one(s) and sizes_equal(s, w[0]) and sizes_equal(st, w[1]):
-                used[k] = d
-                break
-        else:
-            raise NotAView(f"logical dim {k} is not a whole dim of {src.name}")
-    spare = [d for d in range(len(shape)) if d not in used.values()]
-    for d in spare:
-        if not is_one(shape[d]):
-            raise NotAView(f"{src.name} has a dim of size {shape[d]} the operand does not use")
-    for k in range(4):
-        if k not in used and spare:
-            used[k] = spare.pop(0)
+        held.sort(key=lambda piece: -(size_hint(piece[2]) or 0))
+        expected = 1
+        for _, size, relative in reversed(held):
+            if not sizes_equal(relative, expected):
+                raise NotAView(f"dim {d} of {src.name} is not tiled by the operand's dims (a slice or a step)")
+            expected = expected * size
+        if not sizes_equal(expected, shape[d]):
+            raise NotAView(f"dim {d} of {src.name} is not tiled by the operand's dims (a slice)")
+        pieces.append([(key, size) for key, size, _ in held])
+
     steps: list[tuple[str, object]] = []
-    for d in sorted(spare, reverse=True):   # size-1 dims nobody needs
-        steps.append(("squeeze", d))
-        for k in used:
-            if used[k] > d:
-                used[k] -= 1
-    rank = len(shape) - len(spare)
+    for d in reversed(range(len(shape))):             # from the back: earlier dims keep their index
+        if len(pieces[d]) > 1:
+            sizes = [static_size(size) for _, size in pieces[d]]
+            if sum(not isinstance(size, int) for size in sizes) > 1:
+                raise NotAView(f"dim {d} of {src.name} splits into {sizes}: more than one symbolic size")
+            steps.append(("unflatten", (d, sizes)))
+    flat = [piece for ps in pieces for piece in (ps or [None])]   # the dims after unflattening
+    spare = [i for i, piece in enumerate(flat) if piece is None]
+    for i in reversed(spare):                          # size-1 dims nobody needs
+        steps.append(("squeeze", i))
+    flat = [piece for piece in flat if piece is not None]
+    # permute: logical dim 0's pieces first, each logical dim's pieces outer first (their order in `wanted`)
+    order = sorted(range(len(flat)), key=lambda i: flat[i][0])
+    if order != list(range(len(order))):
+        steps.append(("permute", order))
+    at = 0
     for k in range(4):
-        if k not in used:
-            steps.append(("unsqueeze", rank))
-            used[k] = rank
-            rank += 1
-    perm = [used[k] for k in range(4)]
-    if perm != list(range(4)):
-        steps.append(("permute", perm))
+        count = len(wanted[k])
+        if count == 0:
+            steps.append(("unsqueeze", at))
+            at += 1
+            continue
+        if count > 1:
+            steps.append(("flatten", (at, at + count - 1)))
+        at += 1
     return steps, heads
 
 

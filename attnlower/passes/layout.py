@@ -57,6 +57,18 @@ class Layout:
         """Sub-dims of dim k without size-1 entries."""
         return [(s, st) for s, st in self.dims[k] if not is_one(s)]
 
+    def coalesced(self, k: int) -> list[SubDim]:
+        """Sub-dims of dim k without size-1 entries, neighbours merged where they are one strided run
+        (outer stride = inner size * inner stride): the fewest (size, stride) pairs that describe it."""
+        merged: list[SubDim] = []
+        for s, st in self.clean(k):
+            if merged and sizes_equal(merged[-1][1], s * st):
+                outer, _ = merged.pop()
+                merged.append((outer * s, st))
+            else:
+                merged.append((s, st))
+        return merged
+
     # -- the view ops ---------------------------------------------------------------------------
     def permute(self, perm: Sequence[int]) -> "Layout":
         """The layout after `x.permute(perm)`."""
@@ -132,6 +144,70 @@ class Layout:
         d = dim % len(dims)
         dims[d] = list(dims[d]) + [(repeats, 0)]
         return Layout(dims)
+
+
+def contiguous_strides(shape: Sequence[object]) -> list[object]:
+    """The row-major strides of `shape`."""
+    strides, acc = [], 1
+    for size in reversed(list(shape)):
+        strides.append(acc)
+        acc = acc * size
+    strides.reverse()
+    return strides
+
+
+def dim_holding(shape: Sequence[object], strides: Sequence[object], size, stride) -> int | None:
+    """The dim d of a tensor of `shape` (with `strides`) within which the sub-dim (size, stride) lies:
+    its stride a multiple of d's, its extent inside d's; None when there is none."""
+    for d in range(len(shape)):
+        if is_one(shape[d]):
+            continue
+        if not sizes_equal(stride % strides[d], 0):
+            continue
+        relative = stride // strides[d]
+        if sizes_equal(shape[d] % (relative * size), 0):
+            return d
+    return None
+
+
+def lift_to_problem(term_shape: Sequence[object], score_shape: Sequence[object], problem: Sequence[object]):
+    """How a term that broadcasts against scores of `score_shape` becomes a bias of the `problem`
+    `[B, H, Tq, Tk]`, the scores `score_shape` being a regrouping (a reshape) of the problem's.
+
+    None when the term broadcasts against the problem as it is (the scores are the problem's shape, or the
+    term does not vary over their batch dims). Else `(aligned, expand_to, reshape_to)`: the term viewed with
+    the scores' rank (`aligned`, leading 1s added), expanded to `expand_to` (the scores' shape, except the
+    dims the term does not vary over and that hold only problem dims it does not vary over either: kept at
+    1), then reshaped to `reshape_to` (the problem's shape, 1 where the term is a broadcast). What that
+    materializes is the bias's own size, never the scores' (Swin's `[nW, 1, N, N]` window mask under a
+    `[B, nW, H, N, N]` view becomes `[B * nW, 1, N, N]`). Raises NotAView when the scores are not a
+    regrouping of the problem.
+    """
+    rank = len(score_shape)
+    t = list(term_shape)
+    t = t[len(t) - rank:] if len(t) > rank else [1] * (rank - len(t)) + t
+    if rank == 4 and all(sizes_equal(a, b) for a, b in zip(score_shape, problem)):
+        return None
+    if all(is_one(d) for d in t[:-2]):
+        return None
+    term_strides = [0 if is_one(size) else st for size, st in zip(t, contiguous_strides(t))]
+    canonical = Layout([[(score_shape[d], term_strides[d])] for d in range(rank)]).reshape(list(problem))
+    broadcast = [all(sizes_equal(st, 0) for _, st in canonical.clean(k)) for k in range(4)]
+    # which dims of the problem each dim of the scores holds pieces of
+    owners = Layout.contiguous(score_shape).reshape(list(problem))
+    view_strides = contiguous_strides(score_shape)
+    holds: list[set[int]] = [set() for _ in range(rank)]
+    for k in range(4):
+        for size, stride in owners.clean(k):
+            d = dim_holding(score_shape, view_strides, size, stride)
+            if d is None:
+                raise NotAView(f"scores {list(score_shape)} are not a regrouping of {list(problem)}")
+            holds[d].add(k)
+    stays_one = [broadcast[k] and all(all(broadcast[kk] for kk in holds[d]) for d in range(rank) if k in holds[d])
+                 for k in range(4)]
+    expand_to = [1 if all(stays_one[k] for k in holds[d]) else score_shape[d] for d in range(rank)]
+    reshape_to = [1 if stays_one[k] else problem[k] for k in range(4)]
+    return t, expand_to, reshape_to
 
 
 # Ops that keep every value and only move them; the handler maps (layout, node) -> layout.

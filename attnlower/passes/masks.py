@@ -30,15 +30,18 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .layout import NotAView, layout_chain, layout_of
-from .site import Context, MaskInfo
+from .layout import NotAView, lift_to_problem
+from .site import AlibiInfo, Context, MaskInfo
+from .buffers import describe_guard, static_value
+from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
 from .visibility import MASKED, Visibility
 from .vocabulary import (BROADCASTS, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
-                         shape_of, size_read_index, sizes_equal, value_of)
+                         size_read_index, sizes_equal)
 
 aten = torch.ops.aten
 
-__all__ = ["classify_masks", "classify_mask", "length_mask_lengths", "MAX_EVAL_ELEMENTS", "POLARITIES"]
+__all__ = ["classify_masks", "classify_mask", "classify_conjunction", "classify_length_mask", "LENGTH_KINDS",
+           "MAX_EVAL_ELEMENTS", "POLARITIES"]
 
 POLARITIES = ("keep", "fill", "additive")
 # how a score term uses its mask (site.ScoreTerm.kind -> polarity)
@@ -46,22 +49,137 @@ POLARITY_OF_TERM = {"bias": "additive", "fill": "fill", "keep": "keep"}
 
 
 def classify_masks(gm: fx.GraphModule, ctx: Context) -> str:
-    """Classify the one mask term of each open site of `gm` (`site.mask`); where K/V are read from a
-    paged cache, also see whether that mask is `key < lengths[b]` (`site.lengths`, which the paged op reads).
-
-    A site with several terms keeps them as one bias (the analyzer says so); none is classified here.
+    """Classify the mask of each open site of `gm` (`site.mask`): its one term, or the conjunction of its
+    terms when every one of them masks; where K/V are read from a paged cache, also read the mask as the
+    paged op's (`site.paged_mask`: `key < lengths[b]`, causal within a chunk aligned to each sequence's end).
     """
     kinds = []
     for site in ctx.open_sites(gm):
         m = site.match
-        if len(m.terms) != 1:
+        if m.paged is not None:
+            site.paged_mask = _paged_reading(m)
+        if not m.terms:
             continue
-        term = m.terms[0]
-        site.mask = classify_mask(term.node, POLARITY_OF_TERM[term.kind], m.q_len, m.k_len)
-        if m.paged is not None and term.kind in ("keep", "fill"):
-            site.lengths = length_mask_lengths(term.node, term.kind, m.k_len)
-        kinds.append(site.mask.kind)
+        if len(m.terms) == 1:
+            term = m.terms[0]
+            site.mask = classify_mask(term.node, POLARITY_OF_TERM[term.kind], m.q_len, m.k_len)
+        elif all(_masking_term(t) for t in m.terms):
+            site.mask = classify_conjunction([(t.node, POLARITY_OF_TERM[t.kind]) for t in m.terms], m.q_len, m.k_len)
+            if site.mask.kind == "tensor":
+                site.mask = None     # not one mask: the terms stay separate biases (the analyzer says so)
+        if len(m.terms) > 1 and (site.mask is None or site.mask.kind == "tensor"):
+            _find_alibi(site)
+        if site.mask is not None:
+            kinds.append(site.mask.kind)
     return f"{len(kinds)} mask(s) classified" + (f": {', '.join(kinds)}" if kinds else "")
+
+
+def _find_alibi(site) -> None:
+    """A site with a bias term besides its masks: when the masks alone are a causal pattern (or a band)
+    and the bias is ALiBi on the keys they leave visible (`classify_alibi`), record both."""
+    m = site.match
+    for term in m.terms:
+        if term.kind != "bias" or term.value != 1.0:
+            continue
+        others = [t for t in m.terms if t is not term]
+        if not all(t.kind != "bias" or t.value == 1.0 for t in others) or not all(_masking_term(t) for t in others):
+            continue
+        mask = classify_conjunction([(t.node, POLARITY_OF_TERM[t.kind]) for t in others], m.q_len, m.k_len)
+        if mask.kind not in ("causal", "band") or mask.data_dependent:
+            continue
+        alibi = classify_alibi(term, mask, m)
+        if alibi is not None:
+            site.mask, site.alibi = mask, alibi
+            return
+
+
+def classify_alibi(term, mask: MaskInfo, m) -> AlibiInfo | None:
+    """The bias term as ALiBi, proven from its value: on every key `mask` (causal / band) leaves visible it
+    equals `slopes[h] * (j - (i + off))` for one slope per head (off = Tk - Tq when bottom-right), constant
+    over the batch and finite everywhere; None otherwise. Its value is evaluated at the traced sizes (a
+    module buffer at its real value, guarded by the rewrite), so only static sizes are read."""
+    if not all(isinstance(x, int) for x in (m.batch, m.q_heads, m.q_len, m.k_len)):
+        return None
+    facts = _GraphFacts([term.node], (m.q_len, m.k_len))
+    if facts.mutation_reason() or facts.data_reason.get(term.node):
+        return None
+    try:
+        evaluator = _Evaluator([term.node], facts)
+        if evaluator.symbols or evaluator.largest_numel({}) > MAX_EVAL_ELEMENTS:
+            return None
+        (value,) = evaluator.run({})
+    except _Refusal:
+        return None
+    if not value.is_floating_point():
+        return None
+    value = value.to(torch.float64)
+    if term.row_inserted:
+        value = value.unsqueeze(-2)
+    shape = list(value.shape)
+    score_shape = list(term.score_shape)
+    if len(shape) > len(score_shape):
+        value = value.reshape(shape[len(shape) - len(score_shape):])
+        shape = list(value.shape)
+    problem = [m.batch, m.q_heads, m.q_len, m.k_len]
+    try:
+        plan = lift_to_problem(shape, score_shape, problem)
+    except NotAView:
+        return None
+    if plan is not None:
+        aligned, expand_to, reshape_to = plan
+        value = value.reshape(aligned).expand(expand_to).reshape(reshape_to)
+    while value.dim() < 4:
+        value = value.unsqueeze(0)
+    value = value.expand(value.shape[0], m.q_heads, m.q_len, m.k_len)
+    if not bool(torch.isfinite(value).all()) or not bool((value == value[:1]).all()):
+        return None                           # -inf somewhere (a mask, not a slope), or it varies over the batch
+    value = value[0]                          # [Hq, Tq, Tk]
+    model = Visibility(mask.kind, mask.bottom_right, mask.window)
+    visible = model.visible(m.q_len, m.k_len)
+    off = m.k_len - m.q_len if mask.bottom_right else 0
+    distance = (torch.arange(m.k_len).view(1, -1) - torch.arange(m.q_len).view(-1, 1) - off).to(torch.float64)
+    fit = visible & (distance != 0)
+    if not bool(fit.any()):
+        return None
+    i, j = [int(x) for x in fit.nonzero()[0]]
+    slopes = value[:, i, j] / distance[i, j]
+    want = slopes.view(-1, 1, 1) * distance
+    scale = value[:, visible].abs().max().clamp_min(1.0)
+    if not bool(((value - want).abs()[:, visible] <= 1e-6 * scale).all()):
+        return None
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    source = f" of {_buffers_named(speculated)}" if speculated else ""
+    reason = (f"ALiBi: `{term.node.name}` equals slope[h] * (j - i{' - (Tk - Tq)' if off else ''}) on every visible key, "
+              f"proven from the value{source}" + (f" ({'; '.join(describe_guard(b) for b in speculated)})" if speculated else ""))
+    return AlibiInfo(term=term, slopes=slopes.to(torch.float32), speculated_from=speculated, reason=reason)
+
+
+def _masking_term(term) -> bool:
+    """A term that can only mask: a fill / keep (which keys it hides, whatever value they take: the
+    analyzer judges a finite value), or a float added as it is (the classifier then proves it holds 0 and
+    masking values only)."""
+    if term.kind == "bias":
+        return term.value == 1.0
+    return True
+
+
+def _paged_reading(m) -> MaskInfo:
+    """The site's terms read as the paged op's mask (`classify_length_mask`), or why they cannot be."""
+    if not m.terms:
+        return MaskInfo("none", reason="no mask: every gathered key visible")
+    for t in m.terms:
+        if t.kind != "bias" and t.value != -math.inf:
+            return MaskInfo("tensor", reason=f"masked keys take the finite value {t.value:g}, not -inf: a sequence "
+                                             "with no visible key averages them, which the paged op does not compute")
+        if t.kind == "bias" and t.value != 1.0:
+            return MaskInfo("tensor", reason=f"the mask is added times {t.value:g}")
+        shape = t.score_shape
+        if len(shape) != 4 or not (sizes_equal(shape[0], m.batch) and sizes_equal(shape[1], m.q_heads)):
+            return MaskInfo("tensor", reason=f"the mask is applied to scores of shape {list(shape)}, not the "
+                                             f"[B={m.batch}, H={m.q_heads}, Tq, Tk] the lengths are read against")
+    return classify_length_mask([(t.node, POLARITY_OF_TERM[t.kind], t.row_inserted) for t in m.terms],
+                                m.q_len, m.k_len)
+
 
 # Largest tensor the classifier materializes on CPU while evaluating a mask: a bool [8192, 8192]
 # pattern is 64M elements (64 MiB); beyond that the evaluation costs more than the proof is worth.
@@ -94,11 +212,26 @@ def classify_mask(mask: fx.Node, polarity: str, q_len, k_len) -> MaskInfo:
         )
     if not isinstance(mask, fx.Node):
         raise TypeError(f"classify_mask: expected the fx.Node producing the mask, got {type(mask).__name__}")
-    facts = _GraphFacts(mask, (q_len, k_len))
+    return classify_conjunction([(mask, polarity)], q_len, k_len)
+
+
+def classify_conjunction(masks: list[tuple[fx.Node, str]], q_len, k_len) -> MaskInfo:
+    """Classify several masks applied to the same scores as one: a key is visible iff every mask
+    leaves it visible (each `(node, polarity)` as in `classify_mask`). Exact when each masks with
+    -inf (or a value that masks as -inf does): the order they are applied in then does not matter."""
+    for mask, polarity in masks:
+        if polarity not in POLARITIES:
+            raise ValueError(f"classify_conjunction: polarity must be one of {POLARITIES}, got {polarity!r}")
+        if not isinstance(mask, fx.Node):
+            raise TypeError(f"classify_conjunction: expected fx.Nodes producing the masks, got {type(mask).__name__}")
+    facts = _GraphFacts([m for m, _ in masks], (q_len, k_len))
     try:
-        return _classify(mask, polarity, q_len, k_len, facts)
+        return _classify(masks, q_len, k_len, facts)
     except _Refusal as refusal:
-        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=str(refusal))
+        reason = str(refusal)
+        if facts.speculated and not reason.startswith("buffer"):
+            reason += f" (from the value of {_buffers_named(sorted(facts.speculated, key=facts.order.__getitem__))})"
+        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,14 +273,18 @@ def _is_sym(value: Any) -> bool:
 class _GraphFacts:
     """What the classifier needs to know about the graph around one mask node."""
 
-    def __init__(self, mask: fx.Node, sizes: Iterable[Any]):
-        self.graph = mask.graph
+    def __init__(self, masks: fx.Node | list[fx.Node], sizes: Iterable[Any]):
+        roots = [masks] if isinstance(masks, fx.Node) else list(masks)
+        self.graph = roots[0].graph
+        self.known: dict[fx.Node, torch.Tensor] = {}  # module buffers read at their real value (guarded)
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
-        self.ancestors = self._value_ancestors([mask])
+        self.ancestors = self._value_ancestors(roots)
         self.data_reason: dict[fx.Node, str | None] = {}
         for node in sorted(self.ancestors, key=self.order.__getitem__):
             self.data_reason[node] = self._own_data_reason(node)
         self.data_dependent_seen = False  # set once a data-dependent factor is found
+        self.finite_fills: set[float] = set()  # masking values met that are finite (finfo.min, not -inf)
+        self.speculated: set[fx.Node] = set()  # module buffers whose value an evaluation read (buffers.py)
         self.shape_env = self._find_shape_env(list(self.ancestors) + list(sizes))
 
     @staticmethod
@@ -168,10 +305,29 @@ class _GraphFacts:
 
     def _own_data_reason(self, node: fx.Node) -> str | None:
         """Why `node`'s value depends on tensor data, or None when it depends on sizes only."""
+        reason = self.intrinsic_data_reason(node)
+        if reason:
+            return reason
+        for inp in self._value_inputs(node):
+            reason = self.data_reason.get(inp)
+            if reason:
+                return reason
+        return None
+
+    def intrinsic_data_reason(self, node: fx.Node) -> str | None:
+        """Why `node` itself reads data (an input, an attribute, random numbers), whatever its inputs hold."""
         if node.op == "placeholder":
             if "val" not in node.meta:
                 return f"input `{node.name}` has no metadata (treated as tensor data)"
-            return f"reads tensor input `{node.name}`" if isinstance(node.meta["val"], torch.Tensor) else None
+            if not isinstance(node.meta["val"], torch.Tensor):
+                return None
+            value = self.known.get(node)
+            if value is None:
+                value = static_value(node)   # a module buffer whose value can be guarded
+            if value is not None:
+                self.known[node] = value
+                return None
+            return f"reads tensor input `{node.name}`"
         if node.op == "get_attr":
             owner = self.graph.owning_module
             try:
@@ -195,10 +351,6 @@ class _GraphFacts:
                 return f"draws random numbers ({_describe(node)})"
             if op_name(node) in UNINITIALIZED:
                 return f"reads uninitialized memory ({_describe(node)})"
-        for inp in self._value_inputs(node):
-            reason = self.data_reason.get(inp)
-            if reason:
-                return reason
         return None
 
     def mutation_reason(self) -> str | None:
@@ -356,7 +508,10 @@ def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _Grap
         return constant == 0
     if polarity == "fill":
         return constant != 0
-    return constant == -math.inf or constant <= _additive_threshold(dtypes | {_dtype_of(value)})
+    masks = constant == -math.inf or constant <= _additive_threshold(dtypes | {_dtype_of(value)})
+    if masks and constant != -math.inf:
+        facts.finite_fills.add(constant)
+    return masks
 
 
 def _static_scalar(value: Any, facts: _GraphFacts) -> float | None:
@@ -509,11 +664,12 @@ class _Evaluator:
     so it costs no memory whatever its size.
     """
 
-    def __init__(self, outputs: list[fx.Node], facts: _GraphFacts):
+    def __init__(self, outputs: list[fx.Node], facts: _GraphFacts, given: Iterable[fx.Node] = ()):
         self.facts = facts
-        needed = facts._value_ancestors(outputs)
+        self.given = set(given)   # nodes whose values `run` is handed (cut there: their inputs are not needed)
+        needed = ancestors(outputs, lambda n: [] if n in self.given else facts._value_inputs(n))
         for node in needed:
-            if facts.data_reason.get(node):
+            if node not in self.given and facts.intrinsic_data_reason(node):
                 raise _Refusal(f"internal: data-free factor depends on {_describe(node)}")
         stand_in_for = set()
         for node in needed:
@@ -525,9 +681,11 @@ class _Evaluator:
         self.inputs: list[tuple[fx.Node, Any]] = []  # (placeholder in the original graph or stand-in, its meta value)
         ordered = sorted(needed | stand_in_for, key=facts.order.__getitem__)
         for node in ordered:
-            if node.op == "placeholder" or node in stand_in_for:
+            if node.op == "placeholder" or node in stand_in_for or node in self.given:
                 if "val" not in node.meta:
                     raise _Refusal(f"input {_describe(node)} of the mask has no metadata")
+                if node in facts.known and node not in stand_in_for:
+                    facts.speculated.add(node)
                 env[node] = graph.placeholder(f"in_{node.name}")
                 self.inputs.append((node, node.meta["val"]))
         for node in ordered:
@@ -552,8 +710,11 @@ class _Evaluator:
             largest = max(largest, numel)
         return largest
 
-    def run(self, subs: dict) -> list[torch.Tensor]:
-        args = [self._concrete_input(node, value, subs) for node, value in self.inputs]
+    def run(self, subs: dict, values: dict | None = None) -> list[torch.Tensor]:
+        """The outputs at the sizes `subs`; `values` holds a tensor for each of the `given` nodes."""
+        values = values or {}
+        args = [values[node] if node in self.given else self._concrete_input(node, value, subs)
+                for node, value in self.inputs]
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         # Real tensors even when called under the backend's fake mode; no autograd bookkeeping.
@@ -562,6 +723,8 @@ class _Evaluator:
         return [r if isinstance(r, torch.Tensor) else torch.tensor(r) for r in results]
 
     def _concrete_input(self, node: fx.Node, value: Any, subs: dict) -> Any:
+        if node in self.facts.known:
+            return self.facts.known[node]
         if isinstance(value, torch.Tensor):
             shape = [self.facts.concrete(s, subs) for s in value.shape]
             return torch.zeros((), dtype=value.dtype).expand(shape)
@@ -583,8 +746,9 @@ def _sizes_of(value: Any) -> list[Any]:
     return []
 
 
-def _visibility(value: torch.Tensor, factor: _Factor) -> torch.Tensor:
-    """Bool tensor, True where the factor leaves the score visible; refuses values that are not a mask."""
+def _visibility(value: torch.Tensor, factor: _Factor, facts: _GraphFacts | None = None) -> torch.Tensor:
+    """Bool tensor, True where the factor leaves the score visible; refuses values that are not a mask.
+    (`facts` records the finite masking values an additive factor holds.)"""
     if factor.polarity in ("keep", "fill"):
         if value.dtype != torch.bool:
             raise _Refusal(f"a {factor.polarity} mask factor has dtype {value.dtype}, expected bool")
@@ -595,6 +759,8 @@ def _visibility(value: torch.Tensor, factor: _Factor) -> torch.Tensor:
     visible = value == 0
     masked = (value == -math.inf) | (value <= _additive_threshold(factor.dtypes | {value.dtype}))
     other = ~(visible | masked)
+    if facts is not None and bool((masked & (value != -math.inf)).any()):
+        facts.finite_fills.add(float(value[masked & (value != -math.inf)].max()))
     if other.any():
         example = value[other].reshape(-1)[0].item()
         raise _Refusal(f"additive mask holds {example!r} besides 0 and -inf/finfo.min: a general bias, not a mask")
@@ -710,12 +876,12 @@ def _padding_shape(node: fx.Node, k_len: Any, facts: _GraphFacts) -> bool:
     return all(facts.same_size(d, 1) for d in dims[-3:-1])
 
 
-def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
+def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts) -> MaskInfo:
     mutated = facts.mutation_reason()
     if mutated:
         facts.data_dependent_seen = any(facts.data_reason.values())
         raise _Refusal(mutated)
-    factors = _factorize(mask, polarity, facts)
+    factors = [f for mask, polarity in masks for f in _factorize(mask, polarity, facts)]
     data_factors = [f for f in factors if isinstance(f.value, fx.Node) and facts.data_reason.get(f.value)]
     free_factors = [f for f in factors if f not in data_factors]
     facts.data_dependent_seen = bool(data_factors)
@@ -736,8 +902,13 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
     if data_factors:
         sources = "; ".join(f"{_describe(f.value)} {facts.data_reason[f.value]}" for f in data_factors)
         padding = f"; padding: {sources}"
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    if speculated:
+        checked += (f", proven from the value of {_buffers_named(speculated)} "
+                    f"({'; '.join(describe_guard(b) for b in speculated)})")
     if data_factors and model.kind == "none":
-        return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}")
+        return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}",
+                        speculated_from=speculated)
     kind = model.kind + ("+padding" if data_factors else "")
     return MaskInfo(
         kind,
@@ -746,7 +917,13 @@ def _classify(mask: fx.Node, polarity: str, q_len, k_len, facts: _GraphFacts) ->
         window=model.window,
         data_dependent=bool(data_factors),
         reason=f"{checked}{padding}",
+        speculated_from=speculated,
     )
+
+
+def _buffers_named(nodes) -> str:
+    names = ", ".join(f"`{n.name}`" for n in nodes)
+    return f"buffer{'s' if len(nodes) > 1 else ''} {names}"
 
 
 # Ops between a triangle and its use that keep which elements are nonzero, and those that negate it.
@@ -831,6 +1008,9 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     symbols = set(evaluator.symbols)
     for size in (q_len, k_len):
         symbols |= facts.expr(size).free_symbols
+    if symbols and facts.speculated:
+        # a buffer's value proves nothing at sizes not evaluated: read it as a function of the indices
+        return _symbolic_pattern(factors, q_len, k_len, facts)
     substitutions = facts.substitutions(symbols)
     samples: list[_Sample] = []
     for index, subs in enumerate(substitutions):
@@ -847,7 +1027,7 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
         visible = None
         for factor in factors:
             value = next(values) if isinstance(factor.value, fx.Node) else torch.tensor(factor.value)
-            part = _visibility(value, factor)
+            part = _visibility(value, factor, facts)
             try:
                 visible = part if visible is None else visible & part
             except RuntimeError as error:
@@ -864,61 +1044,295 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
     return model, f"{model.describe()}, {how}"
 
 
+def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str]:
+    """The data-free factors (module buffers read as tables) as formulas over the query index i and the
+    key index j, for every size: a conjunction of `j - i <= E` (causal, E = 0 top-left or Tk - Tq
+    bottom-right) and `j - i >= E'` (a band of E - E' + 1 keys), compared as expressions."""
+    buffers = _buffers_named(sorted(facts.speculated, key=facts.order.__getitem__))
+    reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)),
+                              tables=facts.known)
+    atoms = []
+    for factor in factors:
+        if not isinstance(factor.value, fx.Node):
+            if not bool(_visibility(torch.tensor(factor.value), factor).all()):
+                raise _Refusal(f"a constant factor hides every key")
+            continue
+        if factor.polarity == "additive":
+            raise _Refusal(f"{buffers} read at symbolic sizes in an additive mask: not read as a formula")
+        try:
+            read = reader.read(factor.value)
+            if read.kind != "bool":
+                raise NotSymbolic(f"{_describe(factor.value)} is not a bool mask")
+            formula = resolve_tables(reader, read.value)
+        except NotSymbolic as e:
+            raise _Refusal(f"{buffers} read at symbolic sizes, and its mask is not a formula of the "
+                           f"positions: {e}") from e
+        names = {len(read.shape) - 2: _I, len(read.shape) - 1: _J}
+        mapping = {INDEX[k]: (sympy.Integer(0) if facts.same_size(size, 1) else names.get(k, INDEX[k]))
+                   for k, size in enumerate(read.shape)}
+        formula = formula.xreplace(mapping)
+        if formula.free_symbols & set(INDEX):
+            raise _Refusal(f"{buffers}: the mask varies over the batch or the heads")
+        visible = formula if factor.polarity == "keep" else sympy.Not(formula)
+        atoms += _conjuncts(visible, factor.value)
+    upper, lower = set(), set()
+    for e in atoms:                                    # e <= 0, linear in i and j
+        cj, ci = e.coeff(_J), e.coeff(_I)
+        rest = sympy.expand(e - cj * _J - ci * _I)
+        if rest.free_symbols & {_I, _J, _LB}:
+            raise _Refusal(f"{buffers}: the bound {e} <= 0 is not linear in the positions")
+        if (cj, ci) == (1, -1):
+            upper.add(sympy.expand(-rest))              # j - i <= -rest
+        elif (cj, ci) == (-1, 1):
+            lower.add(sympy.expand(rest))               # j - i >= rest
+        else:
+            raise _Refusal(f"{buffers}: the bound {e} <= 0 is not on j - i")
+    if len(upper) > 1 or len(lower) > 1:
+        raise _Refusal(f"{buffers}: several bounds on j - i ({sorted(map(str, upper | lower))})")
+    if not upper:
+        if lower:
+            raise _Refusal(f"{buffers}: keys after the query are visible (no upper bound on j - i)")
+        return Visibility("none"), f"every key visible, proven for every size"
+    (bound,) = upper
+    tq, tk = facts.expr(q_len), facts.expr(k_len)
+    if sympy.expand(bound) == 0:
+        bottom_right = False
+    elif sympy.expand(bound - (tk - tq)) == 0:
+        bottom_right = True
+    else:
+        raise _Refusal(f"{buffers}: visible iff j - i <= {bound}, neither top-left (0) nor bottom-right (Tk - Tq)")
+    if not lower:
+        model = Visibility("causal", bottom_right)
+    else:
+        width = sympy.expand(bound - next(iter(lower)) + 1)
+        if not (width.is_Integer and int(width) > 0):
+            raise _Refusal(f"{buffers}: a band of {width} keys, not a fixed width")
+        model = Visibility("band", bottom_right, int(width))
+    return model, f"{model.describe()}, proven for every size"
+
+
 # --------------------------------------------------------------------------------------------------
-# Length masks, proven structurally. `classify_mask` calls a data-dependent [B|1, 1, 1, Tk] factor
-# "padding" by its shape alone (what padding a user's attention_mask holds is data); the paged op
-# needs more: the very tensor of lengths to read, which only the mask's structure can name.
+# Length masks: the paged op's visibility, a function of each sequence's length, proven symbolically.
+#
+# `classify_mask` calls a data-dependent [B|1, 1, 1, Tk] factor "padding" by its shape alone (what padding
+# a user's attention_mask holds is data). The paged op needs more: the very tensor of lengths to read,
+# and, for a chunk of Tq > 1 queries, the causal bound aligned to each sequence's end. Both are relations
+# between the key index j, the query index i and the length L[b]: the data factors are read as formulas
+# (`symbolic.IndexInterpreter`) and held against the op's relations exactly, for every length.
+
+LENGTH_KINDS = ("length", "causal+length", "band+length")
+_B, _H, _I, _J = (sympy.Symbol(n, integer=True, nonnegative=True) for n in ("b", "h", "i", "j"))
+_LB = sympy.Symbol("L_b", integer=True)
+# the indices of the scores [B, H, Tq, Tk] a mask broadcasts against; without a query dim (decode einsum) [B, H, Tk]
+SCORE_INDICES = {4: (_B, _H, _I, _J), 3: (_B, _H, _J)}
 
 
-def length_mask_lengths(mask: fx.Node, polarity: str, k_len) -> fx.Node | None:
-    """If `mask` is `kv_pos < seq_lens[b]` (keep) or `kv_pos >= seq_lens[b]` (fill), broadcast as
-    `[B, 1, 1, Tk]`, return the `[B]` seq_lens node; otherwise None.
+def classify_length_mask(masks: list[tuple[fx.Node, str, bool]], q_len, k_len) -> MaskInfo:
+    """The paged op's mask, proven for every length: kind "length" (key j visible iff j < L[b]),
+    "causal+length" (also j <= L[b] - Tq + i: query i sits at position L[b] - Tq + i, the chunk aligned
+    to each sequence's end) or "band+length" (also j > L[b] - Tq + i - window), with `lengths` the
+    rank-1 integer node L; kind "none" when every key is visible; else kind "tensor" with the reason.
 
-    Proven structurally: one side is `arange(Tk)` laid along the key dim (a view, possibly plus 0),
-    the other a view of a rank-1 integer tensor laid along the batch dim of a rank-4 mask.
+    `masks` are the terms applied to the scores [B, H, Tq, Tk]: `(node, polarity, row_inserted)`, where
+    `row_inserted` says the scores had no query dim where the term was applied (a decode einsum's [B, H, Tk]).
+    Every masked key must take -inf: a finite masking value gives a sequence with no visible key the
+    average of its masked keys, which the paged op does not compute.
     """
-    t = mask.target
-    ops_keep = {aten.lt.Tensor: False, aten.gt.Tensor: True}      # value: arange is on the right
-    ops_fill = {aten.ge.Tensor: False, aten.le.Tensor: True}
-    table = ops_keep if polarity == "keep" else ops_fill if polarity == "fill" else {}
-    if t not in table or len(shape_of(mask)) != 4:
-        return None
-    a, b = mask.args
-    if table[t]:
-        a, b = b, a
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    # a: positions along the key dim
-    chain_a = layout_chain(a)
-    src_a = chain_a[-1]
-    while src_a.target is aten.add.Tensor and src_a.args[1] == 0:
-        chain_a2 = layout_chain(src_a.args[0])
-        chain_a = chain_a + chain_a2
-        src_a = chain_a[-1]
-    if src_a.target not in (aten.arange.default, aten.arange.start):
-        return None
-    if src_a.target is aten.arange.start and src_a.args[0] != 0:
-        return None
-    if len(src_a.args) > (2 if src_a.target is aten.arange.start else 1) and src_a.target is aten.arange.start_step:
-        return None
+    facts = _GraphFacts([m for m, _, _ in masks], (q_len, k_len))
     try:
-        lay_a = layout_of(a, src_a, [n for n in reversed(chain_a[:-1]) if n.target is not aten.add.Tensor])
-    except NotAView:
-        return None
-    if lay_a.clean(len(lay_a.dims) - 1) != [(shape_of(src_a)[0], 1)] or not sizes_equal(shape_of(src_a)[0], k_len):
-        return None
-    if any(lay_a.clean(k) and not all(sizes_equal(st, 0) for _, st in lay_a.clean(k)) for k in range(len(lay_a.dims) - 1)):
-        return None
-    # b: one length per batch row
-    chain_b = layout_chain(b)
-    src_b = chain_b[-1]
-    if len(shape_of(src_b)) != 1 or value_of(src_b).dtype.is_floating_point:
-        return None
-    try:
-        lay_b = layout_of(b, src_b, list(reversed(chain_b[:-1])))
-    except NotAView:
-        return None
-    nb = len(lay_b.dims)
-    if nb != 4 or lay_b.clean(0) != [(shape_of(src_b)[0], 1)] or any(lay_b.clean(k) for k in (1, 2, 3)):
-        return None
-    return src_b
+        return _classify_lengths(masks, q_len, k_len, facts)
+    except _Refusal as refusal:
+        return MaskInfo("tensor", data_dependent=facts.data_dependent_seen, reason=str(refusal))
+
+
+def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
+    mutated = facts.mutation_reason()
+    if mutated:
+        raise _Refusal(mutated)
+    factors: list[tuple[_Factor, int]] = []
+    for mask, polarity, row_inserted in masks:
+        rank = 3 if row_inserted else 4
+        factors += [(f, rank) for f in _factorize(mask, polarity, facts)]
+    data = [(f, r) for f, r in factors if isinstance(f.value, fx.Node) and facts.data_reason.get(f.value)]
+    free = [f for f, r in factors if (f, r) not in data]
+    facts.data_dependent_seen = bool(data)
+    model, checked = _prove_pattern(free, q_len, k_len, facts)
+    if model.kind != "none":
+        if model.bottom_right:
+            raise _Refusal(f"{checked}: aligned to the end of the gathered keys (Tk = {k_len}), not to each "
+                           "sequence's length; the paged op aligns a chunk's queries to the end of each sequence")
+        raise _Refusal(f"{checked}: aligned top-left (query i sees keys <= i); the paged op aligns a chunk's "
+                       "queries to the end of each sequence")
+    speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
+    if not data:
+        if facts.finite_fills:
+            raise _Refusal(_finite_fill_reason(facts))
+        return MaskInfo("none", reason=checked, speculated_from=speculated)
+    reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)))
+    atoms: list[sympy.Expr] = []
+    for factor, rank in data:
+        if factor.polarity == "additive":
+            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data: its values cannot be read")
+        try:
+            read = reader.read(factor.value)
+        except NotSymbolic as e:
+            raise _Refusal(f"{_describe(factor.value)} is not a relation of positions and lengths: {e}") from e
+        if read.kind != "bool":
+            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        formula = _at_score_indices(read, rank, facts)
+        atoms += _conjuncts(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
+    if facts.finite_fills:
+        raise _Refusal(_finite_fill_reason(facts))
+    lengths = reader.lengths
+    if lengths is None:
+        raise _Refusal("the mask reads data but no tensor of lengths")
+    causal, window, length = _length_relations(atoms, q_len, facts)
+    kind = "band+length" if window else "causal+length" if causal else "length"
+    _cross_check(data, lengths, causal, window, q_len, k_len, facts)
+    what = {"length": f"key j visible iff j < `{lengths.name}`[b]",
+            "causal+length": f"key j visible iff j <= `{lengths.name}`[b] - Tq + i (causal within the chunk, "
+                             "aligned to each sequence's end)",
+            "band+length": f"key j visible iff `{lengths.name}`[b] - Tq + i - {window} < j <= `{lengths.name}`[b] - Tq + i "
+                           "(a causal band within the chunk, aligned to each sequence's end)"}[kind]
+    return MaskInfo(kind, causal=causal, bottom_right=causal, window=window, data_dependent=True,
+                    reason=f"{what}, proven for every length", lengths=lengths, speculated_from=speculated)
+
+
+def _finite_fill_reason(facts: _GraphFacts) -> str:
+    shown = ", ".join(f"{v:g}" for v in sorted(facts.finite_fills))
+    return (f"masked keys take the finite value {shown}, not -inf: a sequence with no visible key averages "
+            "them, which the paged op does not compute")
+
+
+def _at_score_indices(read, rank: int, facts: _GraphFacts) -> sympy.Basic:
+    """`read`'s formula with its own indices renamed to the scores' (b, h, i, j), right-aligned; the
+    lengths read at the batch index become the symbol L_b."""
+    names = SCORE_INDICES[rank]
+    shift = rank - len(read.shape)
+    mapping = {}
+    for k, size in enumerate(read.shape):
+        if facts.same_size(size, 1):
+            mapping[INDEX[k]] = sympy.Integer(0)
+        elif k + shift < 0:
+            raise _Refusal(f"the mask has more dims than the scores ({len(read.shape)} > {rank})")
+        else:
+            mapping[INDEX[k]] = names[k + shift]
+    formula = read.value.xreplace(mapping)
+    for applied in formula.atoms(sympy.core.function.AppliedUndef):
+        if applied.func == LENGTH and applied.args != (_B,):
+            raise _Refusal(f"the lengths are read at index {applied.args[0]}, not at the batch index b")
+    formula = formula.xreplace({LENGTH(_B): _LB})
+    if formula.free_symbols & {_B, _H}:
+        raise _Refusal("the mask varies over the batch or the heads other than through the lengths")
+    return formula
+
+
+def _conjuncts(formula, node: fx.Node) -> list[sympy.Expr]:
+    """The formula (True = visible) as a conjunction of atoms `e <= 0` (integer, linear), or a refusal."""
+    out: list[sympy.Expr] = []
+    work = [formula]
+    while work:
+        f = work.pop()
+        if f is sympy.true:
+            continue
+        if f is sympy.false:
+            raise _Refusal(f"{_describe(node)} hides every key")
+        if isinstance(f, sympy.And):
+            work.extend(f.args)
+        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.Or):
+            work.extend(sympy.Not(a) for a in f.args[0].args)
+        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.And):
+            raise _Refusal(f"{_describe(node)} leaves a key visible when any of several conditions holds")
+        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.core.relational.Relational):
+            work.append(f.args[0].negated)
+        elif isinstance(f, (sympy.Lt, sympy.Le, sympy.Gt, sympy.Ge)):
+            lhs, rhs = f.lhs, f.rhs
+            if isinstance(f, (sympy.Gt, sympy.Ge)):
+                lhs, rhs = rhs, lhs
+            e = sympy.expand(lhs - rhs + (1 if isinstance(f, (sympy.Lt, sympy.Gt)) else 0))  # integers: a < b iff a - b + 1 <= 0
+            out.append(e)
+        else:
+            raise _Refusal(f"{_describe(node)} is {f}, not a conjunction of bounds on the key position")
+    return out
+
+
+def _length_relations(atoms: list[sympy.Expr], q_len, facts: _GraphFacts) -> tuple[bool, int, bool]:
+    """(causal, window, length) from atoms `e <= 0`: `j - L_b + 1` (j < L_b), `j - L_b - i + Tq`
+    (j <= L_b - Tq + i) and `-j + L_b + i - Tq - W + 1` (j > L_b - Tq + i - W); any other refuses."""
+    tq = facts.expr(q_len)
+    length = causal = False
+    window = 0
+    for e in atoms:
+        try:
+            poly = sympy.Poly(e, _I, _J, _LB)
+        except sympy.PolynomialError as error:
+            raise _Refusal(f"the bound {e} <= 0 is not linear in the positions and the length") from error
+        if poly.total_degree() > 1:
+            raise _Refusal(f"the bound {e} <= 0 is not linear in the positions and the length")
+        cj, ci, cl = (poly.coeff_monomial(x) for x in (_J, _I, _LB))
+        rest = sympy.expand(e - cj * _J - ci * _I - cl * _LB)
+        shown = _show_bound(e)
+        if (cj, cl) == (1, -1) and ci == 0 and sympy.expand(rest - 1) == 0:
+            length = True
+        elif (cj, cl, ci) == (1, -1, -1) and sympy.expand(rest - tq) == 0:
+            causal = True
+        elif (cj, cl, ci) == (-1, 1, 1) and (w := sympy.expand(1 - tq - rest)).is_Integer and int(w) > 0:
+            if window and window != int(w):
+                raise _Refusal(f"two windows, {window} and {int(w)}")
+            window = int(w)
+        else:
+            raise _Refusal(f"the bound {shown} is not one the paged op computes (j < L[b], "
+                           "j <= L[b] - Tq + i, j > L[b] - Tq + i - window)")
+    if window and not causal:
+        raise _Refusal(f"a window of {window} keys without the causal bound j <= L[b] - Tq + i")
+    if not (length or causal):
+        raise _Refusal("no bound j < L[b]: keys past a sequence's length would be visible")
+    return causal, window, length
+
+
+def _show_bound(e: sympy.Expr) -> str:
+    """`e <= 0` in the user's terms, solved for the key position j (i is the query's, L[b] the length)."""
+    cj = e.coeff(_J)
+    if cj in (1, -1):
+        rest = sympy.expand(-(e - cj * _J) / cj)
+        shown = f"j {'<=' if cj == 1 else '>='} {rest}"
+    else:
+        shown = f"{e} <= 0"
+    return shown.replace("L_b", "L[b]")
+
+
+def _cross_check(data, lengths: fx.Node, causal: bool, window: int, q_len, k_len, facts: _GraphFacts) -> None:
+    """Evaluate the data factors on drawn lengths at the traced sizes and compare with the proven
+    relations: a second, independent reading of the same nodes (a bug in either refuses the site)."""
+    evaluator = _Evaluator([f.value for f, _ in data], facts, given=[lengths])
+    batch_size = _tensor_val(lengths).shape[0]
+    symbols = set(evaluator.symbols)
+    for size in (q_len, k_len, batch_size):
+        symbols |= facts.expr(size).free_symbols
+    subs = facts.substitutions(symbols)[0]           # the traced sizes
+    tq, tk, batch = (facts.concrete(x, subs) for x in (q_len, k_len, batch_size))
+    if max(evaluator.largest_numel(subs), batch * tq * tk) > MAX_EVAL_ELEMENTS:
+        return   # too large to evaluate: the symbolic proof stands alone
+    generator = torch.Generator().manual_seed(0)
+    dtype = _tensor_val(lengths).dtype
+    draws = [torch.randint(0, tk + 1, (batch,), generator=generator), torch.zeros(batch, dtype=torch.long),
+             torch.full((batch,), tk), torch.arange(batch) % (tk + 1)]
+    i = torch.arange(tq).view(1, 1, -1, 1)
+    j = torch.arange(tk).view(1, 1, 1, -1)
+    for drawn in draws:
+        values = iter(evaluator.run(subs, {lengths: drawn.to(dtype)}))
+        got = None
+        for factor, rank in data:
+            part = _visibility(next(values), factor)
+            part = part.unsqueeze(-2) if rank == 3 else part
+            got = part if got is None else got & part
+        lens = drawn.view(-1, 1, 1, 1)
+        want = j < lens
+        if causal:
+            want = want & (j <= lens - tq + i)
+        if window:
+            want = want & (j > lens - tq + i - window)
+        shape = torch.broadcast_shapes(got.shape, want.shape)
+        if not torch.equal(got.expand(shape), want.expand(shape)):
+            raise _Refusal(f"internal: the mask evaluated at lengths {drawn.tolist()} differs from its proven "
+                           "reading (a bug of attnlower: please report it)")

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .constants import constant_value
 from .layout import Layout, NotAView
 from .site import Refused
-from .vocabulary import shape_of
+from .vocabulary import shape_of, sizes_equal, static_size
 
 aten = torch.ops.aten
 
@@ -162,17 +162,28 @@ def logical_map(batch_shape, batch, heads):
     return to_logical
 
 
-def output_steps(pv: Product) -> tuple[tuple[str, object], ...]:
-    """The steps from the op's `[B, Hq, Tq, Dv]` result to the P·V product's own layout."""
-    n = len(pv.batch_shape)
-    if n == 2:
-        steps: tuple = ()
+def output_steps(pv: Product, batch, heads, transposed: bool = False) -> tuple[tuple[str, object], ...]:
+    """The steps from the op's `[B, Hq, Tq, Dv]` result to the P·V product's own layout.
+
+    `transposed`: the product is `X @ Pᵀ` (P its right operand), whose matmul-order result is the op's
+    `[.., Dv, Tq]`. The product's batch dims are the op's `[B, Hq]` as they are, flattened (`[B*H]`),
+    absent (B = H = 1), or split further (`[B, H, nBlocks]` with `Hq = H * nBlocks`).
+    """
+    steps: tuple = (("permute", (0, 1, 3, 2)),) if transposed else ()
+    shape = [static_size(size) for size in pv.batch_shape]
+    n = len(shape)
+    if n == 2 and sizes_equal(shape[0], batch) and sizes_equal(shape[1], heads):
+        pass
     elif n == 1:
-        steps = (("flatten", (0, 1)),)
+        steps += (("flatten", (0, 1)),)
     elif n == 0:
-        steps = (("squeeze", 0), ("squeeze", 0))
+        steps += (("squeeze", 0), ("squeeze", 0))
     else:
-        raise Refused("the P·V product has more than two batch dims")
+        split = (1, shape[1:]) if sizes_equal(shape[0], batch) else (0, shape)
+        if sum(not isinstance(size, int) for size in split[1]) > 1:
+            raise Refused(f"the P·V product's batch dims {shape} hold more than one symbolic size "
+                          f"besides the batch: they cannot be split back from the op's [B, H]")
+        steps += ((("unflatten", split),) if split[0] == 1 else (("flatten", (0, 1)), ("unflatten", split)))
     if pv.left.row_inserted:
         steps += (("squeeze", -2),)   # the implied query row
     if pv.out_perm is not None:

@@ -14,7 +14,10 @@ import torch
 import torch.fx as fx
 
 from .site import AttentionMatch, Context, Decision, Refused
-from .vocabulary import reads_only_size, size_sources, value_of
+from .analyze import problem_shape
+from .buffers import freeze
+from .layout import lift_to_problem
+from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
 
 aten = torch.ops.aten
 
@@ -31,6 +34,10 @@ def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             continue
         created: list[fx.Node] = []
         site.replaced = rewrite_site(gm, site.match, site.decision, ctx.fake_mode, created)
+        for buffer in site.decision.speculated:
+            # the op no longer reads the buffer its structure was proven from: guard its value, and let
+            # the graph read it as the constant it now is (validation then checks at its real value)
+            freeze(gm, buffer)
         inserted = set(created)
         # the replacement: the one inserted node that the replaced node's users now read
         (site.replacement,) = [n for n in created if any(u not in inserted for u in n.users)]
@@ -99,12 +106,24 @@ class _Emitter:
         return n
 
 
+def _unflatten(emit: "_Emitter", x: fx.Node, arg) -> fx.Node:
+    """`x.unflatten(dim, sizes)`; symbolic sizes are read from `x` itself where they cannot be -1."""
+    dim, sizes = arg
+    symbolic = [i for i, size in enumerate(sizes) if not isinstance(size, int)]
+    if len(symbolic) > 1:
+        raise ValueError(f"unflatten to {list(sizes)}: more than one symbolic size; the stage that "
+                         "planned the step should have refused the site")
+    sizes = [-1 if i in symbolic else size for i, size in enumerate(sizes)]
+    return emit(aten.unflatten.int, (x, dim, sizes))
+
+
 # The layout steps an OperandRef or an output carries: (kind, arg) -> the node that takes the step.
 _STEPS = {
     "squeeze": lambda emit, x, dim: emit(aten.squeeze.dim, (x, dim)),
     "unsqueeze": lambda emit, x, dim: emit(aten.unsqueeze.default, (x, dim)),
     "permute": lambda emit, x, perm: emit(aten.permute.default, (x, list(perm))),
     "flatten": lambda emit, x, dims: emit(aten.flatten.using_ints, (x, *dims)),
+    "unflatten": _unflatten,
 }
 
 
@@ -145,27 +164,46 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
 def _term_tensor(emit: _Emitter, term, m: AttentionMatch) -> fx.Node:
     """The term's tensor, broadcastable to the op's [B, Hq, Tq, Tk].
 
-    The term broadcasts against the scores where it was applied (`term.score_shape`). On scores
-    flattened to [B*H, Tq, Tk] (bmm, baddbmm) a term with a full B*H dim is viewed as [B, Hq, ...]:
-    reshape is row-major, exactly as the source's views flattened [B, H] (`analyze.lift_problem`
-    refuses what this cannot express). A term that broadcasts over the leading dims keeps its broadcast.
+    The term broadcasts against the scores where it was applied (`term.score_shape`), a regrouping of the
+    problem's scores (`[B*H, Tq, Tk]`, Swin's `[B, nW, H, N, N]`). `layout.lift_to_problem` plans how it
+    becomes a bias of the problem: as it is, or expanded over the scores' dims it varies with and reshaped
+    (`analyze.lift_problem` refused what this cannot express).
     """
     x = term.node
+    if term.row_inserted and value_of(x).dim():   # scores without a Tq dim (decode einsum): give the term its row
+        x = emit(aten.unsqueeze.default, (x, -2))
     shape = list(value_of(x).shape)
     score_shape = list(term.score_shape)
-    if term.row_inserted and shape:   # scores without a Tq dim (decode einsum): give the term its row
-        x = emit(aten.unsqueeze.default, (x, -2))
-        shape = list(value_of(x).shape)
     extra = len(shape) - len(score_shape)
     if extra > 0:  # leading dims of size 1 (lift_problem checked)
         x = emit(aten.squeeze.dims, (x, list(range(extra))))
         shape = shape[extra:]
-    x_lead = shape[:max(len(shape) - 2, 0)] if len(shape) == len(score_shape) else []
-    if all(bool(d == 1) for d in x_lead) or len(score_shape) == 4:
+    plan = lift_to_problem(shape, score_shape, problem_shape(m))
+    if plan is None:
+        if len(shape) > 4:     # scores of more dims, the term constant over their leading ones
+            x = emit(aten.squeeze.dims, (x, list(range(len(shape) - 4))))
         return x
-    # scores [B*H, Tq, Tk], term [B*H, tq|1, tk]: split the flat dim as the op's [B, Hq]
-    tail = [d if isinstance(d, int) else emit(aten.sym_size.int, (x, i)) for i, d in enumerate(shape) if i >= 1]
-    return emit(aten.reshape.default, (x, [-1, int(m.q_heads)] + tail))
+    aligned, expand_to, reshape_to = plan
+    for _ in range(len(aligned) - len(shape)):
+        x = emit(aten.unsqueeze.default, (x, 0))
+    if any(not sizes_equal(a, b) for a, b in zip(expand_to, aligned)):
+        sizes = [-1 if sizes_equal(a, b) else a for a, b in zip(expand_to, aligned)]
+        x = emit(aten.expand.default, (x, _size_args(emit, sizes, m)))
+    return emit(aten.reshape.default, (x, _size_args(emit, reshape_to, m, one_free=True)))
+
+
+def _size_args(emit: _Emitter, sizes, m: AttentionMatch, one_free: bool = False) -> list:
+    """`sizes` as arguments of a node: ints as they are, a symbolic size as -1 (`one_free`: the first one, for
+    a reshape) or read from a tensor outside the region that holds it (analyze.lift_problem checked one does)."""
+    out = list(sizes)
+    symbolic = [i for i, size in enumerate(out) if not isinstance(size, int)]
+    if one_free and symbolic:
+        out[symbolic.pop(0)] = -1
+    if symbolic:
+        sources = size_sources([out[i] for i in symbolic], m.output, set(m.region))
+        for i, source in zip(symbolic, sources):
+            out[i] = emit(aten.sym_size.int, source) if isinstance(source, tuple) else source
+    return out
 
 
 def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node | None:
@@ -212,20 +250,35 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
     bias = _bias_node(emit, decision, m)
+    slopes = _alibi_slopes(gm, decision, q, fake_mode) if decision.alibi is not None else None
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
-                    dict(bias=bias, alibi_slopes=None, **common), name="attnlower_sliding")
+                    dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")
     else:
         call = emit(torch.ops.attnlower.flash_attention.default, (q, k, v),
-                    dict(bias=bias, alibi_slopes=None, causal=s.causal, **common), name="attnlower_flash")
+                    dict(bias=bias, alibi_slopes=slopes, causal=s.causal, **common), name="attnlower_flash")
     out = emit(operator.getitem, (call, 0))
     old_dtype = value_of(m.output).dtype
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode) -> fx.Node:
+    """The proven ALiBi slopes (fp32 [Hq]) as a constant of the graph, on q's device."""
+    slopes = decision.alibi.slopes.to(value_of(q).device)
+    name, index = "_tensor_constant_attnlower_alibi", 0
+    while hasattr(gm, f"{name}_{index}"):
+        index += 1
+    gm.register_buffer(f"{name}_{index}", slopes, persistent=False)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.get_attr(f"{name}_{index}")
+    node.meta["val"] = fake_mode.from_tensor(slopes) if fake_mode is not None else slopes
+    return node
 
 
 def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
@@ -307,11 +360,20 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
             seq_lens = emit(aten._to_copy.default, (seq_lens,), {"dtype": torch.int32})
     s = decision.spec
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
-               dict(alibi_slopes=None, scale=float(s.scale), causal=False, window=0, softcap=float(s.softcap)),
+               dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
+                    softcap=float(s.softcap)),
                name="attnlower_paged")
     if plan.nan_for_empty:
-        # eager softmax over a row of -inf gives NaN; the paged op gives 0 for an empty sequence
-        empty = emit(aten.eq.Scalar, (seq_lens, 0))
-        empty = emit(aten.view.default, (empty, [-1, 1, 1, 1]))
+        # eager softmax over a row of -inf gives NaN; the paged op gives 0 for a row with no visible key:
+        # a sequence of length 0, or (causal) a query before its sequence's first token, L[b] - Tq + i < 0
+        lens = emit(aten.view.default, (seq_lens, [-1, 1, 1, 1]))
+        if s.causal:
+            q_len = m.q_len if isinstance(m.q_len, int) else emit(aten.sym_size.int, (q, 2))
+            rows = emit(aten.arange.default, (q_len,), {"dtype": torch.int64, "device": value_of(q).device})
+            rows = emit(aten.view.default, (rows, [1, 1, -1, 1]))
+            first = emit(aten.add.Tensor, (lens, rows))               # L[b] + i
+            empty = emit(aten.lt.Scalar, (first, q_len))             # L[b] - Tq + i < 0
+        else:
+            empty = emit(aten.le.Scalar, (lens, 0))
         out = emit(aten.masked_fill.Scalar, (out, empty, float("nan")))
     return _finish(emit, m, out)

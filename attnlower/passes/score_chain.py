@@ -22,12 +22,12 @@ import torch
 import torch.fx as fx
 
 from .anchors import manual_softmax, row_max_of
-from .constants import constant_value
+from .constants import constant_value, real_float
 from .layout import Layout, NotAView, layout_of
-from .products import Product, logical_map, output_steps, read_product
+from .products import Product, ProductOperand, logical_map, output_steps, read_product
 from .sdpa import sdpa_arguments
 from .site import AttentionChain, Context, HeadScale, Operand, Refused, ScoreTerm
-from .vocabulary import (ADDS, MASKED_FILLS, MULTIPLIES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
+from .vocabulary import (ADDS, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
                          WHERES, is_one, reads_only_size, shape_of, size_sources, sizes_equal, value_of)
 
 aten = torch.ops.aten
@@ -234,7 +234,13 @@ def _score_add(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     return _scores_operand(cur, scores)
 
 
-def _fill_value(v: float, post: float) -> float:
+def _fill_value(v: float, post: float, at: fx.Node | None = None) -> float:
+    """A fill `v` applied at node `at`, in the units of the softmax input: rounded to the scores' dtype
+    there first (fp16 makes -1e9 -inf, a real mask; bf16 makes it -998244352), then times `post`."""
+    if at is not None and math.isfinite(v):
+        dtype = value_of(at).dtype
+        if dtype.is_floating_point:
+            v = real_float(lambda: torch.tensor(v, dtype=dtype))
     return v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
 
 
@@ -244,7 +250,7 @@ def _score_masked_fill(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     v = constant_value(val)
     if v is None:
         raise Refused("masked_fill with a value that is data")
-    w.add_term("fill", m, _fill_value(v, w.post), cur)
+    w.add_term("fill", m, _fill_value(v, w.post, cur), cur)
     return _scores_operand(cur, s)
 
 
@@ -257,7 +263,7 @@ def _score_where(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     v = constant_value(b if a_is else a)
     if v is None:
         raise Refused("where() fills with a tensor that is data")
-    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post), cur)
+    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post, cur), cur)
     return _scores_operand(cur, a if a_is else b)
 
 
@@ -298,8 +304,10 @@ def _heads_split(shape, chain: list[fx.Node]):
         return lead[0], lead[1]
     if len(lead) == 0:
         return 1, 1
-    if len(lead) != 1:
-        raise Refused(f"scores have {len(lead)} batch dims; expected [B, H, Tq, Tk]")
+    if len(lead) > 2:
+        # [B, H, nBlocks, Tq, Tk] (block-local attention): the extra dims fold into the heads; the
+        # operands are read with H * nBlocks heads (kv._fit), the output split back (products.output_steps)
+        return lead[0], math.prod(lead[1:])
     for n in chain:
         s = shape_of(n)
         if len(s) == 4 and not is_one(s[0]) and not is_one(s[1]) and sizes_equal(s[0] * s[1], lead[0]):
@@ -329,7 +337,7 @@ PROBABILITY_RULES: dict[object, Callable[[fx.Node, ProbabilityWalk], fx.Node]] =
 probability_rule = _registrar(PROBABILITY_RULES)   # @probability_rule(*ops): the probability-chain rule of `ops`
 
 
-@probability_rule(*SCORE_PASS_THROUGH)
+@probability_rule(*SCORE_PASS_THROUGH, *PERMUTES)
 def _probabilities_pass_through(u: fx.Node, w: ProbabilityWalk) -> fx.Node:
     # their layout on the way is checked as a whole at P·V (`_check_probabilities_layout`)
     w.chain.append(u)
@@ -449,27 +457,41 @@ def softmax_chain(sm: fx.Node) -> AttentionChain:
     pv = read_product(pv_node, "pv")
     if pv.extra_terms or pv.alpha != 1.0:
         raise Refused("the P·V product adds or scales")
-    if pv.left.node is not (p_chain[-1] if p_chain else sm):
-        raise Refused("the probabilities are not the first operand of the P·V product")
+    p_node = p_chain[-1] if p_chain else sm
+    if pv.left.node is p_node and pv.right.node is p_node:
+        raise Refused("the probabilities are multiplied by themselves")
+    # X @ Pᵀ = (P @ Xᵀ)ᵀ: P as the right operand (taming-transformers' `bmm(v, w_.permute(0, 2, 1))`) is
+    # attention with V = Xᵀ, and the op's output transposed
+    transposed = pv.right.node is p_node
+    if pv.left.node is not p_node and not transposed:
+        raise Refused("the probabilities are not an operand of the P·V product")
+    p_operand, x_operand = (pv.right, pv.left) if transposed else (pv.left, pv.right)
+    if transposed and qk.left.row_inserted:
+        raise Refused("the probabilities have no query dim and are the right operand of the P·V product")
 
     # probabilities must reach P·V with their [B, H, Tq, Tk] layout unchanged
-    _check_probabilities_layout(pv, sm, p_chain, batch, heads, q_len, k_len)
+    _check_probabilities_layout(pv, p_operand, transposed, sm, p_chain, batch, heads, q_len, k_len)
 
     logical_qk = logical_map(qk.batch_shape, batch, heads)
     logical_pv = logical_map(pv.batch_shape, batch, heads)
     q_operand = Operand(qk.left.node, lambda lay: logical_qk(qk.left.in_matmul_order(lay)))
     k_operand = Operand(qk.right.node, lambda lay: logical_qk(qk.right.in_matmul_order(lay)).transpose(2, 3))
-    v_operand = Operand(pv.right.node, lambda lay: logical_pv(pv.right.in_matmul_order(lay)))
+    if transposed:
+        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay).transpose(-2, -1)))
+    else:
+        v_operand = Operand(x_operand.node, lambda lay: logical_pv(x_operand.in_matmul_order(lay)))
     head_dim = shape_of(qk.left.node)[qk.left.node_dim(-1)]
     out_shape = shape_of(pv_node)
-    v_head_dim = out_shape[-1] if pv.out_perm is None else out_shape[pv.out_perm.index(len(out_shape) - 1)]
+    value_dim = len(out_shape) - (2 if transposed else 1)          # in matmul order
+    v_head_dim = out_shape[value_dim] if pv.out_perm is None else out_shape[pv.out_perm.index(value_dim)]
     if pv.left.row_inserted != qk.left.row_inserted:
         raise Refused("one product has a query dim and the other not")
     return AttentionChain(
         spelling=("manual-softmax " if manual else "") + qk.spelling, q_operand=q_operand, k_operand=k_operand,
         v_operand=v_operand, batch=batch, q_heads=heads, q_len=q_len, k_len=k_len, head_dim=head_dim,
         v_head_dim=v_head_dim, score_scale=post, softcap=softcap, terms=terms, dropout_p=probabilities.dropout_p,
-        safe_softmax=sm.target is aten._safe_softmax.default, output=pv_node, output_steps=output_steps(pv),
+        safe_softmax=sm.target is aten._safe_softmax.default, output=pv_node,
+        output_steps=output_steps(pv, batch, heads, transposed),
         region=region, shape_reads=shape_reads, head_scale=head_scale,
     )
 
@@ -534,16 +556,20 @@ def _size_reads(region: list[fx.Node], sm: fx.Node, p_chain: list[fx.Node]) -> l
     return shape_reads
 
 
-def _check_probabilities_layout(pv: Product, sm: fx.Node, p_chain, batch, heads, q_len, k_len) -> None:
-    """The probabilities reach P·V as the [B, H, Tq, Tk] the softmax made, moved by views only."""
+def _check_probabilities_layout(pv: Product, p: ProductOperand, transposed: bool, sm: fx.Node, p_chain,
+                                batch, heads, q_len, k_len) -> None:
+    """The probabilities reach P·V as the [B, H, Tq, Tk] the softmax made, moved by views only (and, as
+    the right operand `transposed`, with their last two dims swapped: `X @ Pᵀ`)."""
     chain = [n for n in p_chain if n.target not in (aten.dropout.default, aten.native_dropout.default)
              and n.target is not operator.getitem]
-    p = pv.left
     lay = layout_of(p.node, sm, chain) if p.node is not sm else Layout.contiguous(shape_of(sm))
-    lay = logical_map(pv.batch_shape, batch, heads)(p.in_matmul_order(lay))
+    lay = p.in_matmul_order(lay)
+    if transposed:
+        lay = lay.transpose(-2, -1)
+    lay = logical_map(pv.batch_shape, batch, heads)(lay)
     ref = Layout.contiguous([batch, heads, q_len, k_len])
     for k in range(4):
-        got, want = lay.clean(k), ref.clean(k)
+        got, want = lay.coalesced(k), ref.coalesced(k)
         if len(got) != len(want) or any(not (sizes_equal(g[0], w[0]) and sizes_equal(g[1], w[1]))
                                         for g, w in zip(got, want)):
             raise Refused("the probabilities reach the P·V product rearranged")

@@ -6,7 +6,7 @@ before it proved and adds its own fact, or refuses the site with the reason (`Re
     find_anchors    anchor, spelling                    a softmax or an SDPA call
     score_chain     chain: AttentionChain               up to Q·Kᵀ and down to P·V: terms, scale, products
     resolve_kv      match: AttentionMatch               q/k/v traced to their sources (OperandRef, PagedRef)
-    classify_masks  mask: MaskInfo, lengths             what the one mask term computes
+    classify_masks  mask, paged_mask: MaskInfo          what the mask terms compute; as the paged op's mask
     analyze         decision: Decision                  the op and its AttentionSpec
     rewrite         replacement                         the op call inserted, the output's users rerouted
     validate        validated                           checked against the replaced region, or undone
@@ -161,15 +161,21 @@ class AttentionMatch(AttentionChain):
 class MaskInfo:
     """What a mask does to the scores, as far as it could be proven.
 
-    kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor"
-        (the paged path says "length": `key < lengths[b]`).
+    kind: "none" | "causal" | "band" | "padding" | "causal+padding" | "band+padding" | "tensor";
+        the paged op's readings (`masks.classify_length_mask`): "length" (key j visible iff
+        j < lengths[b]), "causal+length" (also j <= lengths[b] - Tq + i: the chunk's queries aligned to
+        each sequence's end), "band+length" (also j > lengths[b] - Tq + i - window).
     causal: key j > i + off is masked (kinds "causal"/"band" and their "+padding" forms); for the kinds
         without padding nothing else is masked.
-    bottom_right: the causal/band diagonal is aligned bottom-right (off = Tk - Tq); always False when
-        Tq == Tk at every evaluated size.
+    bottom_right: the causal/band diagonal is aligned bottom-right (off = Tk - Tq; for the length kinds
+        off = lengths[b] - Tq, aligned to each sequence's end); always False when Tq == Tk at every
+        evaluated size.
     window: band width (kinds "band", "band+padding"): key j visible iff i + off - window < j <= i + off.
     data_dependent: the mask reads tensor data (an input, parameter, buffer or constant), not only sizes.
     reason: one line for the report: what was proven, or why nothing could be.
+    lengths: the length kinds' tensor of lengths (what the paged op reads as `seq_lens`).
+    speculated_from: the module buffers whose value (not only shape) the proof read: a structure proven
+        from them holds only while they keep that value, so the rewrite guards them (`buffers.freeze`).
 
     Only kinds "none", "causal" and "band" with data_dependent=False let the analyzer drop the mask
     tensor and use the kernel's own causal/window logic; every other kind is passed on as a bias.
@@ -180,6 +186,21 @@ class MaskInfo:
     bottom_right: bool = False
     window: int = 0
     data_dependent: bool = False
+    reason: str = ""
+    lengths: fx.Node | None = None     # the length kinds: the rank-1 integer node of lengths the mask reads
+    speculated_from: tuple = ()        # module buffers (placeholders) whose value the proof read (buffers.py)
+
+
+@dataclass(frozen=True)
+class AlibiInfo:
+    """A bias term proven to be ALiBi: on every key the site's mask leaves visible it equals
+    `slopes[h] * (j - (i + off))` (the op's `alibi_slopes` convention), and it is finite everywhere.
+    `term` is the ScoreTerm it replaces, `slopes` the fp32 [Hq] values (a constant of the graph),
+    `speculated_from` the module buffers it was read from (guarded by the rewrite)."""
+
+    term: object
+    slopes: torch.Tensor
+    speculated_from: tuple = ()
     reason: str = ""
 
 
@@ -205,6 +226,8 @@ class AttentionSpec:
     scale: float = 1.0
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
+    alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
+    fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
     paged_block_size: int | None = None
     target: str = "cpu"
 
@@ -242,6 +265,8 @@ class Decision:
     mask: MaskInfo
     reason: str
     paged: PagedPlan | None = None
+    speculated: tuple = ()      # module buffers the op no longer reads: the rewrite guards them (buffers.freeze)
+    alibi: AlibiInfo | None = None   # the slopes the op takes as `alibi_slopes` (spec.alibi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +283,9 @@ class AttentionSite:
     refusal: str | None = None  # why the site stays unfused; None while it is not refused
     chain: AttentionChain | None = None
     match: AttentionMatch | None = None
-    mask: MaskInfo | None = None          # the classification of its one mask term, when it has one
-    lengths: fx.Node | None = None        # `lengths` when that term is `key < lengths[b]` (the paged op reads it)
+    mask: MaskInfo | None = None          # its mask term classified (or its terms' conjunction, when all mask)
+    paged_mask: MaskInfo | None = None    # where K/V are paged: the mask read as the paged op's (length kinds)
+    alibi: AlibiInfo | None = None        # a bias term proven ALiBi on the keys `mask` leaves visible
     decision: Decision | None = None
     replaced: list[str] = field(default_factory=list)  # names of the nodes the rewrite replaced
     replacement: fx.Node | None = None    # the inserted node the replaced output's users now read
@@ -295,6 +321,7 @@ class Context:
     allowed_ops: tuple[str, ...]       # the fused ops a site may become (options["ops"])
     validate: bool = True              # check each rewrite against the region it replaced (options["validate"])
     repro_dir: str | None = None       # where a failed validation writes its repro
+    check_stages: bool = False         # lint the graph and check every node's value between stages (options)
     sites: list[AttentionSite] = field(default_factory=list)   # every site, in report order
     in_checkpoint: bool = False        # the graph being worked on is the body of a torch.utils.checkpoint call
 

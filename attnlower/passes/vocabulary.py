@@ -171,6 +171,13 @@ def ancestors(roots, inputs_of=lambda n: n.all_input_nodes) -> set[fx.Node]:
     return seen
 
 
+def static_size(size):
+    """An int for a size that is one (a SymInt whose expression is a number), else the size as it is."""
+    if isinstance(size, torch.SymInt) and size.node.expr.is_number:
+        return int(size.node.expr)
+    return size
+
+
 def size_hint(size) -> int | None:
     """An int size, or the example value's hint of a symbolic one (None when there is neither).
 

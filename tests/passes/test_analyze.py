@@ -21,7 +21,7 @@ def decide(fn, *args, target=Target("cpu"), ops=ALL):
     """analyze_site on `fn`'s one site, as the analyze stage would call it."""
     (site,) = found_sites(fn, *args, last="classify_masks")
     assert site.open, site.refusal
-    return analyze_site(site.match, target, ops, site.mask, site.lengths)
+    return analyze_site(site.match, target, ops, site.mask, site.paged_mask)
 
 
 def mistral_window(q, k, v):

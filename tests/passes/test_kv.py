@@ -18,7 +18,7 @@ from attnlower.passes.layout import NotAView
 from attnlower.passes.site import Operand
 from attnlower.passes.canonicalize import to_aten
 from attnlower.report.names import argument_names
-from helpers import B, H, T, D, qkv
+from helpers import B, H, T, D, found_sites, qkv
 
 
 def _sdpa_operands(fn, *args) -> tuple[fx.Node, fx.Node, fx.Node, dict[str, fx.Node]]:
@@ -93,8 +93,33 @@ def test_nanogpt_bshd_view_is_read_in_place_with_a_permute():
 
     q, _, _, _ = _sdpa_operands(nanogpt, torch.randn(B, T, H * D), *qkv()[1:])
     ref = resolve_operand(q, as_is, "q")
-    assert ref.steps == (("permute", [0, 2, 1, 3]),)
-    assert list(ref.source.meta["val"].shape) == [B, T, H, D]      # the view, not a transposed copy
+    # the [B, T, H * D] input itself, its last dim split into the heads: views only, no copy
+    assert ref.steps == (("unflatten", (2, [H, D])), ("permute", [0, 2, 1, 3]))
+    assert ref.source.op == "placeholder" and list(ref.source.meta["val"].shape) == [B, T, H * D]
+
+
+def test_a_sequence_first_input_split_into_heads_is_read_in_place():
+    # fairseq: q.view(T, B * H, D).transpose(0, 1) of a [T, B, E] input, heads from the [B, H, T, S] view
+    def fairseq(x, k, v):
+        q = x.view(T, B * H, D).transpose(0, 1)
+        s = torch.bmm(q, k.reshape(B * H, T, D).transpose(1, 2)).view(B, H, T, T).view(B * H, T, T)
+        return torch.bmm(s.softmax(-1), v.reshape(B * H, T, D))
+
+    (site,) = found_sites(fairseq, torch.randn(T, B, H * D), *qkv()[1:])
+    ref = site.match.q
+    assert ref.source.op == "placeholder" and list(ref.source.meta["val"].shape) == [T, B, H * D]
+    assert ref.steps == (("unflatten", (2, [H, D])), ("permute", [1, 2, 0, 3])), ref.steps
+
+
+def test_a_slice_of_a_dim_is_not_a_view_of_it():
+    # q holds half of the features: the source's last dim is not tiled by the operand's head dim
+    def half(x, k, v):
+        q = x[..., :D].view(B, T, 1, D).transpose(1, 2).expand(B, H, T, D)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    x = torch.randn(B, T, 2 * D)
+    (site,) = found_sites(half, x, *qkv()[1:])
+    assert site.match.q.source.op != "placeholder"      # read from the slice, not from x
 
 
 def test_a_query_scale_is_taken_out_of_q_but_never_out_of_v():

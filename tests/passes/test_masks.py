@@ -10,7 +10,7 @@ import torch.fx as fx
 import pytest
 
 from attnlower.passes.canonicalize import to_aten
-from attnlower.passes.masks import classify_mask, length_mask_lengths
+from attnlower.passes.masks import LENGTH_KINDS, classify_length_mask, classify_mask
 from attnlower.passes.site import MaskInfo
 
 aten = torch.ops.aten
@@ -492,11 +492,16 @@ LENGTHS = torch.tensor([5, 11])
 
 
 def length_site(fn, *args):
-    """(mask, polarity, Tk, the graph's placeholder holding the lengths) of `fn`'s one masked softmax."""
+    """(mask, polarity, Tq, Tk, the graph's placeholder holding the lengths) of `fn`'s one masked softmax."""
     gm = trace(fn, *args)
-    mask, polarity, _, k_len = mask_site(gm)
+    mask, polarity, q_len, k_len = mask_site(gm)
     (lengths,) = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["val"].dim() == 1]
-    return mask, polarity, k_len, lengths
+    return mask, polarity, q_len, k_len, lengths
+
+
+def read_lengths(mask, polarity, q_len, k_len):
+    """The mask read as the paged op's (`classify_length_mask`), applied to [B, H, Tq, Tk] scores."""
+    return classify_length_mask([(mask, polarity, False)], q_len, k_len)
 
 
 def positions_lt_lengths(q, k, lens):
@@ -516,18 +521,14 @@ def positions_ge_lengths_filled(q, k, lens):
     return scores(q, k).masked_fill(pad, float("-inf")).softmax(-1)
 
 
-@pytest.mark.parametrize("fn", [lengths_gt_positions, positions_ge_lengths_filled])
+@pytest.mark.parametrize("fn", [lengths_gt_positions, positions_ge_lengths_filled, positions_lt_lengths])
 def test_length_mask_gives_the_lengths(fn):
-    mask, polarity, k_len, lengths = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
-    assert length_mask_lengths(mask, polarity, k_len) is lengths
+    mask, polarity, q_len, k_len, lengths = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind == "length" and info.lengths is lengths and not info.causal, info
     other = {"keep": "fill", "fill": "keep"}[polarity]
-    assert length_mask_lengths(mask, other, k_len) is None        # the same comparison, read the other way
-
-
-def test_positions_below_lengths_as_a_keep_mask():
-    mask, polarity, k_len, lengths = length_site(positions_lt_lengths, *qkv(4, 12)[:2], LENGTHS)
-    keep = mask.args[0]                      # the fill is `~keep`: the comparison itself keeps
-    assert polarity == "fill" and length_mask_lengths(keep, "keep", k_len) is lengths
+    flipped = read_lengths(mask, other, q_len, k_len)      # the same comparison, read the other way
+    assert flipped.kind not in LENGTH_KINDS, flipped
 
 
 def test_positions_must_start_at_zero_and_span_the_keys():
@@ -540,8 +541,12 @@ def test_positions_must_start_at_zero_and_span_the_keys():
         return torch.where(F_pad(keep), scores(q, k), float("-inf")).softmax(-1)
 
     for fn in (shifted, one_short):
-        mask, polarity, k_len, _ = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
-        assert length_mask_lengths(mask, polarity, k_len) is None, fn.__name__
+        mask, polarity, q_len, k_len, _ = length_site(fn, *qkv(4, 12)[:2], LENGTHS)
+        info = read_lengths(mask, polarity, q_len, k_len)
+        assert info.kind not in LENGTH_KINDS, (fn.__name__, info)
+    # the shifted positions are read exactly: j + 1 < L[b] is a bound the paged op does not compute
+    mask, polarity, q_len, k_len, _ = length_site(shifted, *qkv(4, 12)[:2], LENGTHS)
+    assert "is not one the paged op computes" in read_lengths(mask, polarity, q_len, k_len).reason
 
 
 def F_pad(keep):
@@ -554,13 +559,65 @@ def test_lengths_laid_along_heads_or_a_causal_compare_are_not_lengths():
         keep = torch.arange(k.shape[-2]).view(1, 1, 1, -1) < lens.view(1, -1, 1, 1)
         return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
 
-    mask, polarity, k_len, _ = length_site(per_head, *qkv(4, 12, heads=2)[:2], LENGTHS)
-    assert length_mask_lengths(mask, polarity, k_len) is None
+    mask, polarity, q_len, k_len, _ = length_site(per_head, *qkv(4, 12, heads=2)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind not in LENGTH_KINDS and "not at the batch index" in info.reason, info
 
     def causal(q, k):
         t = q.shape[-2]
         keep = torch.arange(t).view(1, 1, -1, 1) >= torch.arange(t).view(1, 1, 1, -1)
         return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
 
-    mask, polarity, _, k_len = mask_site(trace(causal, *qkv(6)[:2]))
-    assert length_mask_lengths(mask, polarity, k_len) is None
+    mask, polarity, q_len, k_len = mask_site(trace(causal, *qkv(6)[:2]))
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind not in LENGTH_KINDS and "top-left" in info.reason, info
+
+
+# chunked prefill: Tq new queries at the end of each sequence, query i at position L[b] - Tq + i
+
+def chunk_causal(q, k, lens):
+    tq = q.shape[-2]
+    pos = lens[:, None] - tq + torch.arange(tq)[None, :]                          # [B, Tq]
+    hidden = (torch.arange(k.shape[-2])[None, None, :] >= lens[:, None, None]) | \
+             (torch.arange(k.shape[-2])[None, None, :] > pos[:, :, None])
+    return scores(q, k).masked_fill(hidden[:, None], float("-inf")).softmax(-1)
+
+
+def chunk_band(q, k, lens):
+    tq, j = q.shape[-2], torch.arange(k.shape[-2]).view(1, 1, 1, -1)
+    pos = (lens.view(-1, 1) - tq + torch.arange(tq).view(1, -1)).view(-1, 1, tq, 1)
+    keep = (j <= pos) & (j > pos - 3) & (j < lens.view(-1, 1, 1, 1))
+    return torch.where(keep, scores(q, k), float("-inf")).softmax(-1)
+
+
+def chunk_off_by_one(q, k, lens):
+    tq, j = q.shape[-2], torch.arange(k.shape[-2]).view(1, 1, 1, -1)
+    pos = (lens.view(-1, 1) - tq + torch.arange(tq).view(1, -1)).view(-1, 1, tq, 1)
+    return torch.where((j < pos) & (j < lens.view(-1, 1, 1, 1)), scores(q, k), float("-inf")).softmax(-1)
+
+
+def test_chunk_causal_aligned_to_each_sequence_end():
+    mask, polarity, q_len, k_len, lengths = length_site(chunk_causal, *qkv(4, 12)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind == "causal+length" and info.causal and info.lengths is lengths and info.window == 0, info
+
+
+def test_chunk_band_and_an_off_by_one_causal():
+    mask, polarity, q_len, k_len, _ = length_site(chunk_band, *qkv(4, 12)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind == "band+length" and info.causal and info.window == 3, info
+    mask, polarity, q_len, k_len, _ = length_site(chunk_off_by_one, *qkv(4, 12)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind not in LENGTH_KINDS and "j <= L[b] + i - 5" in info.reason, info   # Tq = 4: one key short
+
+
+def test_finite_length_fill_is_not_a_paged_mask():
+    def finite(q, k, lens):
+        keep = torch.arange(k.shape[-2]).view(1, 1, 1, -1) < lens.view(-1, 1, 1, 1)
+        bias = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        return (scores(q, k) + bias).softmax(-1)
+
+    mask, polarity, q_len, k_len, _ = length_site(finite, *qkv(4, 12)[:2], LENGTHS)
+    info = read_lengths(mask, polarity, q_len, k_len)
+    assert info.kind not in LENGTH_KINDS and "finite value" in info.reason, info
+

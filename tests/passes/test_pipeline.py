@@ -91,3 +91,37 @@ def test_checkpoint_bodies_get_every_stage_after_the_graph():
     assert [n.split(" [")[0] for n in bodies] == [s.name for s in STAGES]
     (site,) = ctx.sites
     assert site.rewritten, site.refusal
+
+
+def test_check_stages_option_turns_the_full_checks_on(monkeypatch):
+    """options={"check_stages": True} lints between stages even without ATTNLOWER_CHECK_STAGES: a stage
+    that leaves a node without its example value is caught, naming the stage."""
+    import dataclasses
+
+    from attnlower.compiler import backend
+    from attnlower.passes import pipeline
+    from attnlower.passes.pipeline import StageInvariantError
+
+    monkeypatch.delenv("ATTNLOWER_CHECK_STAGES", raising=False)
+
+    def drops_a_value(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                node.meta.pop("val", None)
+                break
+        return "dropped one example value"
+
+    stages = list(pipeline.STAGES)
+    stages[0] = dataclasses.replace(stages[0], run=drops_a_value)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages))
+
+    def attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+    q = torch.randn(2, 3, 5, 8)
+    torch._dynamo.reset()
+    torch.compile(attention, backend="attnlower", options={"inner": "eager"})(q, q, q)   # unchecked: runs
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="after stage functionalize: .* has no example value"):
+        torch.compile(attention, backend="attnlower",
+                      options={"inner": "eager", "strict": True, "check_stages": True})(q, q, q)

@@ -52,8 +52,8 @@ def _break_decision(monkeypatch, **spec_changes):
     """Make the analyzer's specs wrong: every decision's spec gets `spec_changes`."""
     analyze = analyze_stage.analyze_site
 
-    def broken(m, target, ops, mask, lengths):
-        d = analyze(m, target, ops, mask, lengths)
+    def broken(m, target, ops, *classified):
+        d = analyze(m, target, ops, *classified)
         d.spec = dataclasses.replace(d.spec, **spec_changes)
         return d
 

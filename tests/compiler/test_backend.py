@@ -1,0 +1,79 @@
+"""compiler/backend.py, the driver: what a user gets when something below it fails (the graph compiled
+unmodified, the reason in the report, a repro file that runs), and graph breaks attributed to the graph
+they preceded."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnlower.compiler import backend
+
+
+def attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+
+
+def _qkv():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 5, 16, generator=g) for _ in range(3)]
+
+
+def _compile(fn, *args, **options):
+    torch._dynamo.reset()
+    start = len(backend.reports())
+    out = torch.compile(fn, backend="attnlower", options={"inner": "eager", **options})(*args)
+    return out, backend.reports()[start:]
+
+
+def test_a_graph_that_cannot_be_traced_to_aten_runs_unmodified_with_the_reason(monkeypatch, tmp_path, caplog):
+    def broken(gm, example_inputs):
+        raise RuntimeError("trace broken on purpose")
+
+    monkeypatch.setattr(backend, "to_aten", broken)
+    args = _qkv()
+    out, (report,) = _compile(attention, *args, repro_dir=str(tmp_path))
+    torch.testing.assert_close(out, attention(*args))
+    assert report.error.startswith("canonicalization to aten failed, RuntimeError: trace broken on purpose")
+    assert report.sites == [] and report.repro and report.repro.startswith(str(tmp_path))
+    compile(open(report.repro).read(), report.repro, "exec")   # the repro is valid Python
+    assert any("could not trace graph" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception, match="trace broken on purpose"):
+        _compile(attention, *args, strict=True)
+
+
+def test_the_repro_of_a_failed_stage_replays_the_stages(monkeypatch, tmp_path):
+    """A stage that fails leaves the graph unmodified and a repro file; the file, run as a script, replays
+    the real stages (strict) on the same aten graph: here, with the failure patched in only for the test,
+    they run through."""
+    import dataclasses
+
+    from attnlower.passes import pipeline
+
+    def failing(gm, ctx):
+        raise RuntimeError("stage broken on purpose")
+
+    stages = list(pipeline.STAGES)
+    stages[1] = dataclasses.replace(stages[1], run=failing)
+    monkeypatch.setattr(pipeline, "STAGES", type(pipeline.STAGES)(stages))
+    args = _qkv()
+    out, (report,) = _compile(attention, *args, repro_dir=str(tmp_path))
+    torch.testing.assert_close(out, attention(*args))
+    assert "stage broken on purpose" in report.error and all(s.op is None for s in report.sites)
+    r = subprocess.run([sys.executable, report.repro], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ran without error" in r.stdout
+
+
+def test_graph_breaks_belong_to_the_graph_after_them():
+    def fn(q, k, v):
+        x = attention(q, k, v)
+        torch._dynamo.graph_break()
+        return attention(x, k, v)
+
+    _, reports = _compile(fn, *_qkv())
+    assert len(reports) == 2
+    assert [len(r.graph_breaks) for r in reports] == [1, 0]
+    assert "graph break" in str(reports[0]) and [r.count() for r in reports] == [1, 1]

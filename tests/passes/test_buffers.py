@@ -1,0 +1,65 @@
+"""passes/buffers.py: which graph inputs are module buffers a proof may read, the guard, the freeze."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from attnlower.passes.buffers import STATIC_INPUT, freeze, static_value
+from helpers import aten_graphs
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x.masked_fill(~self.mask, 0.0) @ self.weight
+
+
+def _placeholders(model, x):
+    (gm,) = aten_graphs(model, x)
+    return gm, {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def test_only_module_buffers_are_marked():
+    gm, inputs = _placeholders(Holder(), torch.randn(4, 4))
+    marked = [n for n in inputs.values() if STATIC_INPUT in n.meta]
+    assert len(marked) == 1 and marked[0].meta["val"].dtype == torch.bool   # the buffer; not x, not the parameter
+
+
+def test_no_value_outside_a_dynamo_frame():
+    """Outside the frame being compiled no guard can be added: the buffer is data."""
+    gm, inputs = _placeholders(Holder(), torch.randn(4, 4))
+    (buffer,) = [n for n in inputs.values() if STATIC_INPUT in n.meta]
+    assert static_value(buffer) is None
+
+
+def test_freeze_guards_and_replaces_the_reads():
+    seen = {}
+
+    def backend(gm, example_inputs):
+        from attnlower.passes.canonicalize import to_aten
+
+        aten = to_aten(gm, example_inputs)
+        (buffer,) = [n for n in aten.graph.nodes if n.op == "placeholder" and STATIC_INPUT in n.meta]
+        seen["value"] = static_value(buffer)
+        constant = freeze(aten, buffer)
+        seen["constant"] = constant
+        seen["unused"] = not buffer.users
+        aten.recompile()
+        return aten
+
+    model = Holder()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert seen["value"] is model.mask and seen["unused"]
+    assert seen["constant"].op == "get_attr" and seen["constant"].target.startswith("_tensor_constant_attnlower")
+    with torch.no_grad():
+        model.mask.fill_(True)                 # the guard fails: recompiled, and the new value is used
+    seen.clear()
+    torch.testing.assert_close(compiled(x), model(x))
+    assert "constant" in seen
