@@ -62,7 +62,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
                     alibi_slopes: Tensor | None = None, scale: float | None = None,
                     causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
                     dropout_p: float = 0.0, empty_rows_nan: bool = False, sinks: Tensor | None = None,
-                    doc_ids: Tensor | None = None, fill: float | None = None) -> Tensor:
+                    doc_ids: Tensor | None = None, fill: float | None = None,
+                    verified: Tensor | None = None) -> Tensor:
     """Dense attention `softmax(scale * q kᵀ + bias) v`, returns `[B, Hq, Tq, Dv]` in q's dtype.
 
     Args:
@@ -87,14 +88,18 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
             as masks written with -1e9 / -10000.0 / finfo.min compute): a row with every key masked then
             averages all Tk keys, and a row whose scores sit near the fill gives the masked keys their weight.
             None (or -inf) masks. Masked: a False `bias` entry, causal, window; a float bias adds.
+        verified: a one-element bool tensor on q's device, for a structure proven from a mask's value (issue 22,
+            class 1): True computes with causal / window / alibi_slopes and never reads `bias`; False with `bias`
+            alone over every key block (causal / window / alibi ignored). Read by the kernels (one launch, no host
+            sync, CUDA-graph safe), so a mask that stops matching its structure between calls falls back exactly.
     """
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
     op = (_impl.flash_attention if path == "direct" else _impl.EAGER_AUTOGRAD["flash_attention"].apply
           if path == "autograd" else torch.ops.attnlower.flash_attention)
     return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
-              doc_ids, fill)[0]
+              doc_ids, fill, verified)[0]
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
@@ -102,7 +107,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
                              scale: float | None = None, bottom_right: bool = False,
                              softcap: float = 0.0, dropout_p: float = 0.0,
                              empty_rows_nan: bool = False, sinks: Tensor | None = None,
-                             doc_ids: Tensor | None = None, fill: float | None = None) -> Tensor:
+                             doc_ids: Tensor | None = None, fill: float | None = None,
+                             verified: Tensor | None = None) -> Tensor:
     """Causal attention over the `window` most recent keys: query `i` sees `i - window < j <= i`.
 
     With `bottom_right`, `i` is shifted by `Tk - Tq` (queries are the last Tq positions).
@@ -111,11 +117,11 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     check_window_type("sliding_window_attention", window)
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
     op = (_impl.sliding_window_attention if path == "direct" else _impl.EAGER_AUTOGRAD["sliding_window_attention"].apply
           if path == "autograd" else torch.ops.attnlower.sliding_window_attention)
     return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
-              doc_ids, fill)[0]
+              doc_ids, fill, verified)[0]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,

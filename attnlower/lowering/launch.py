@@ -112,10 +112,16 @@ def _doc_args(doc_ids: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[
     return doc_ids, bounds, (0 if one else doc_ids.stride(0), doc_ids.stride(1), 0 if one else bounds.stride(0))
 
 
-def _plan(params, direction, q, k, v, bias, alibi_slopes, configs, sinks=None, doc_ids=None) -> planning.DensePlan:
+def _verified_arg(verified: Tensor | None, q: Tensor) -> Tensor:
+    """The flag's pointer (q stands in when there is none: never read)."""
+    return q if verified is None else verified
+
+
+def _plan(params, direction, q, k, v, bias, alibi_slopes, configs, sinks=None, doc_ids=None,
+          verified=None) -> planning.DensePlan:
     return planning.dense_plan(params, direction, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(v),
                                planning.Meta.of(bias), alibi_slopes is not None, planning.target_of(q.device),
-                               configs, sinks is not None, doc_ids is not None)
+                               configs, sinks is not None, doc_ids is not None, verified is not None)
 
 
 def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
@@ -124,7 +130,7 @@ def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, bias: Tensor | None = None,
                   alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
-                  sinks: Tensor | None = None, doc_ids: Tensor | None = None,
+                  sinks: Tensor | None = None, doc_ids: Tensor | None = None, verified: Tensor | None = None,
                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Dense attention forward (docs/INTERFACES.md, "Semantics (dense ops)") -> (out, lse).
 
@@ -133,9 +139,12 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     [B, Hq, Tq] contiguous.
     sinks: float [Hq] logits in the normalizer (lse includes them; a row with no visible key gives 0).
     doc_ids: int [B|1, Tk] document ids (Tq <= Tk): key blocks of other documents are skipped.
+    verified: a one-element bool device tensor: True runs params' causal / window / alibi without reading the bias,
+    False the bias alone over every block (the kernels read the flag: one launch, no host sync).
     `config` overrides the tiles from configs.flash_config (tests, benchmarks).
     """
-    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks, doc_ids)
+    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks, doc_ids,
+                 verified)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     out = out_like(q, v.shape[3])
@@ -156,7 +165,8 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     sinks_t, stride_sink = _sink_args(sinks, q)
     docs_t, bounds, stride_docs = _doc_args(doc_ids, q)
     fastpath.launch(kernel(flash_fwd, fwd.kernel), fwd.grid, (
-        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, out, lse, _rng_arg(rng_state, params, q),
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, _verified_arg(verified, q), out, lse,
+        _rng_arg(rng_state, params, q),
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *out.stride(),
         q_heads, q_heads // kv_heads, tq, tk,
         params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
@@ -169,6 +179,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    params: AttentionParams, *, bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
                    rng_state: Tensor | None = None, bias_requires_grad: bool = False,
                    sinks: Tensor | None = None, sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
+                   verified: Tensor | None = None,
                    config_kv: KernelConfig | None = None, config_q: KernelConfig | None = None,
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients (dq, dk, dv, dbias, dsinks) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
@@ -183,7 +194,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     `config_kv` / `config_q` override the tiles of the dK/dV and dQ kernels.
     """
     overrides = (config_kv, config_q) if config_kv is not None or config_q is not None else ()
-    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides, sinks, doc_ids)
+    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides, sinks, doc_ids, verified)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     dq, dk, dv = _out_like(q), _out_like(k), _out_like(v)
@@ -227,7 +238,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     # the dQ kernel writes every row's sink term (rows < Tq of every (b, h)): no zero-fill needed
     dsink_rows = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device) if want_dsinks else delta
     fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
-        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, grad_out, lse, delta, lse_fill, dq, dsink_rows, rng,
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, _verified_arg(verified, q), grad_out, lse, delta, lse_fill,
+        dq, dsink_rows, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *grad_out.stride(),
         *dq.stride(),
         q_heads, group, tq, tk, *runtime,
@@ -235,7 +247,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
     fastpath.launch(kernel(flash_bwd, dkdv.kernel), dkdv.grid, (
-        q, k, v, bias_t, slopes, docs_t, bounds, grad_out, lse, delta, lse_fill, dk, dv, ds_t, rng,
+        q, k, v, bias_t, slopes, docs_t, bounds, _verified_arg(verified, q), grad_out, lse, delta, lse_fill, dk, dv,
+        ds_t, rng,
         *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *stride_docs, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,

@@ -261,6 +261,17 @@ def _check_doc_ids(op: str, doc_ids, batch, tq, tk) -> None:
                          f"position's document), got Tq={tq}, Tk={tk}")
 
 
+def _check_verified(op: str, verified, bias) -> None:
+    if verified is None:
+        return
+    if verified.dtype != torch.bool or math.prod(verified.shape) != 1:
+        raise ValueError(f"attnlower::{op}: expected verified a one-element bool tensor (the device-side check that the "
+                         f"proven structure still holds), got {verified.dtype} {_shape(verified)}")
+    if bias is None:
+        raise ValueError(f"attnlower::{op}: verified needs the source's mask as bias (what runs when verified is "
+                         f"False), got bias=None")
+
+
 def _check_fill(op: str, fill: float | None) -> None:
     if fill is not None and (math.isnan(fill) or fill == math.inf):
         raise ValueError(f"attnlower::{op}: expected fill a finite float (the value masked scores take) or None / "
@@ -279,17 +290,18 @@ def validate_dense(op: str, bound: dict) -> bool:
     runs_kernels = _runs_kernels(q.device, q.dtype)
     _validate_dense(op, _meta(q), _meta(bound["k"]), _meta(bound["v"]), _meta(bound["bias"]),
                     _meta(bound["alibi_slopes"]), bound["scale"], bound["softcap"], bound["dropout_p"],
-                    _meta(bound.get("sinks")), _meta(bound.get("doc_ids")), bound.get("fill"), runs_kernels)
+                    _meta(bound.get("sinks")), _meta(bound.get("doc_ids")), bound.get("fill"),
+                    _meta(bound.get("verified")), runs_kernels)
     return runs_kernels
 
 
 @cached_unless_symbolic   # validation runs once per signature, like the plans
-def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, sinks, doc_ids, fill,
+def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, sinks, doc_ids, fill, verified,
                     runs_kernels) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(op, name, t, 4, "[B, H, T, D]")
     _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks,
-                        "doc_ids": doc_ids})
+                        "doc_ids": doc_ids, "verified": verified})
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k.dtype == v.dtype):
@@ -312,6 +324,7 @@ def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, 
     _check_alibi(op, alibi_slopes, batch, q_heads)
     _check_sinks(op, sinks, q_heads)
     _check_doc_ids(op, doc_ids, batch, tq, k.shape[2])
+    _check_verified(op, verified, bias)
     _check_scalars(op, scale, softcap, dropout_p)
     _check_fill(op, fill)
 

@@ -139,7 +139,8 @@ def bias_kind(bias: Meta | None) -> int:
 
 def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype, bias: int,
                      has_alibi: bool, target: Target, has_sinks: bool = False,
-                     v_head_dim: int | None = None, has_docs: bool = False) -> dict[str, Any]:
+                     v_head_dim: int | None = None, has_docs: bool = False,
+                     has_verified: bool = False) -> dict[str, Any]:
     """The constexprs shared by every dense kernel (forward, dK/dV, dQ). v_head_dim: Dv (None: = head_dim)."""
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     return dict(
@@ -148,7 +149,7 @@ def dense_constexprs(params: AttentionParams, head_dim: int, dtype: torch.dtype,
         IS_CAUSAL=params.is_causal, HAS_WINDOW=params.window > 0, HAS_SOFTCAP=params.softcap > 0,
         HAS_ALIBI=has_alibi, BIAS_KIND=bias, HAS_DROPOUT=params.dropout_p > 0,
         DOT_PRECISION=DOT_CODES[dense_dot_precision(dtype, target)],   # kernels/common.py: an int constexpr
-        HAS_FILL=params.has_fill, HAS_SINKS=has_sinks, HAS_DOCS=has_docs,
+        HAS_FILL=params.has_fill, HAS_SINKS=has_sinks, HAS_DOCS=has_docs, HAS_VERIFIED=has_verified,
     )
 
 
@@ -183,11 +184,12 @@ def check_paged_head_dims(head_dim: int, v_head_dim: int) -> None:
 @cached_unless_symbolic
 def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Meta, bias: Meta | None,
                has_alibi: bool, target: Target, configs: tuple = (), has_sinks: bool = False,
-               has_docs: bool = False) -> DensePlan:
+               has_docs: bool = False, has_verified: bool = False) -> DensePlan:
     """The plan of a dense forward (`direction="fwd"`) or backward (`"bwd"`).
 
     configs: tile overrides, () for the configs.flash_config choice; one KernelConfig for the
-    forward, (dK/dV, dQ) for the backward (either may be None). has_sinks / has_docs: sinks / doc_ids are passed.
+    forward, (dK/dV, dQ) for the backward (either may be None). has_sinks / has_docs / has_verified: sinks / doc_ids /
+    a verified flag are passed.
     """
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"dense_plan: expected direction 'fwd' or 'bwd', got {direction!r}")
@@ -199,7 +201,7 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
     if tk == 0:
         return DensePlan((), "no_keys")
     shared = dense_constexprs(params, head_dim, q.dtype, bias_kind(bias), has_alibi, target, has_sinks, v_head_dim,
-                              has_docs)
+                              has_docs, has_verified)
 
     def config(which: str, override) -> KernelConfig:
         if override is not None:

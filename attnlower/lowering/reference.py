@@ -252,15 +252,29 @@ def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, r
 def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
                             bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
                             rng_state: Tensor | None = None, sinks: Tensor | None = None,
-                            doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            doc_ids: Tensor | None = None, verified: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
 
     out: `[B, Hq, Tq, Dv]` in q's dtype and layout (`out_like`). lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
     rows. `params.window > 0` restricts each query to the `window` most recent keys (sliding op).
+    verified (one-element bool): both calls computed, `where(verified, structured, dense)`: the structure (causal /
+    window / alibi, no bias) where it holds, the bias alone (no causal / window / alibi) where it does not.
     """
+    if verified is not None:
+        structured, dense = _verified_pair(params)
+        kw = dict(rng_state=rng_state, sinks=sinks, doc_ids=doc_ids)
+        s_out, s_lse = reference_flash_forward(q, k, v, structured, alibi_slopes=alibi_slopes, **kw)
+        d_out, d_lse = reference_flash_forward(q, k, v, dense, bias=bias, **kw)
+        ok = verified.reshape(()).to(q.device)
+        return torch.where(ok, s_out, d_out, out=out_like(q, v.shape[3])), torch.where(ok, s_lse, d_lse)
     geometry = _dense_geometry(q, k, params, doc_ids)
     return _attention_forward(q, k, v, bias, alibi_slopes, params.scale, params.softcap, params.dropout_p,
                               rng_state, params.empty_rows_nan, geometry, params.mask_fill, sinks)
+
+
+def _verified_pair(params: AttentionParams) -> tuple[AttentionParams, AttentionParams]:
+    """(the structured call's params, the fallback's): the fallback drops causal / window (alibi: its caller)."""
+    return params, params._replace(causal=False, window=0)
 
 
 def _dense_geometry(q: Tensor, k: Tensor, params: AttentionParams, doc_ids: Tensor | None) -> _Geometry:
@@ -280,7 +294,8 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              params: AttentionParams, *, bias: Tensor | None = None,
                              alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
                              bias_requires_grad: bool = False, sinks: Tensor | None = None,
-                             sinks_requires_grad: bool = False, doc_ids: Tensor | None = None
+                             sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
+                             verified: Tensor | None = None
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients `(dq, dk, dv, dbias, dsinks)` of the dense forward, recomputing P from `lse` per chunk.
 
@@ -291,8 +306,22 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     dS = 0 at the filled positions (their score is the constant fill), which still feed dV through P.
     With sinks, lse includes them (so does P's normalizer) and dsinks[h] = -sum_{b,i} exp(sink_h - lse) * delta,
     delta = rowsum(dO * O). `dbias` is None unless `bias_requires_grad` (and the bias is float), `dsinks` unless
-    `sinks_requires_grad` (and sinks are given).
+    `sinks_requires_grad` (and sinks are given). With `verified`, both calls' gradients, selected as the forward's
+    outputs (the structured call's dbias is 0: it does not read the bias).
     """
+    if verified is not None:
+        structured, dense = _verified_pair(params)
+        kw = dict(rng_state=rng_state, sinks=sinks, sinks_requires_grad=sinks_requires_grad, doc_ids=doc_ids)
+        s_out, s_lse = reference_flash_forward(q, k, v, structured, alibi_slopes=alibi_slopes, rng_state=rng_state,
+                                               sinks=sinks, doc_ids=doc_ids)
+        d_out, d_lse = reference_flash_forward(q, k, v, dense, bias=bias, rng_state=rng_state, sinks=sinks,
+                                               doc_ids=doc_ids)
+        s_grads = reference_flash_backward(grad_out, q, k, v, s_out, s_lse, structured, alibi_slopes=alibi_slopes, **kw)
+        d_grads = reference_flash_backward(grad_out, q, k, v, d_out, d_lse, dense, bias=bias,
+                                           bias_requires_grad=bias_requires_grad, **kw)
+        ok = verified.reshape(()).to(q.device)
+        pick = lambda s, d: None if d is None else torch.where(ok, torch.zeros_like(d) if s is None else s, d)  # noqa: E731
+        return tuple(pick(s, d) for s, d in zip(s_grads, d_grads))
     scale, softcap, dropout_p = params.scale, params.softcap, params.dropout_p
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]

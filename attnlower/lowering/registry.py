@@ -152,6 +152,9 @@ FILL = Arg("fill", "float?", None)
 SINKS = Arg("sinks", "Tensor?", None)
 # Document ids [B|1, Tk] (packed sequences, issue 21.3): key j visible only within query i's document; a launcher keyword.
 DOC_IDS = Arg("doc_ids", "Tensor?", None)
+# A one-element bool device tensor (issue 22 class 1): True -> the proven structure (causal / window / alibi, the bias
+# unread), False -> the bias over every block (the structure ignored); read by the kernels, never by the host.
+VERIFIED = Arg("verified", "Tensor?", None)
 
 DENSE_RETURNS = (("out", "Tensor"), ("lse", "Tensor"), ("rng_state", "Tensor"))
 # The scalar semantics every dense call carries into its backward, in the backward schema's order.
@@ -170,7 +173,7 @@ _DENSE_REFERENCES = {"forward": ("attnlower.lowering.reference", "reference_flas
 FLASH = OpDef(
     "flash_attention",
     args=(Q, K, V, BIAS, ALIBI_SLOPES, SCALE, CAUSAL, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN, SINKS, DOC_IDS,
-          FILL),
+          FILL, VERIFIED),
     returns=DENSE_RETURNS, family="dense", doc="dense attention, prefill or training",
     kernels=_DENSE_KERNELS, launchers=_DENSE_LAUNCHERS, references=_DENSE_REFERENCES,
     backward="flash_attention_backward", non_differentiable=("lse", "rng_state"),
@@ -178,7 +181,7 @@ FLASH = OpDef(
 SLIDING = OpDef(
     "sliding_window_attention",
     args=(Q, K, V, WINDOW, BIAS, ALIBI_SLOPES, SCALE, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN, SINKS,
-          DOC_IDS, FILL),
+          DOC_IDS, FILL, VERIFIED),
     returns=DENSE_RETURNS, family="dense", doc="causal attention over the `window` most recent keys",
     fixed=(("causal", True),),
     kernels=_DENSE_KERNELS, launchers=_DENSE_LAUNCHERS, references=_DENSE_REFERENCES,
@@ -191,7 +194,7 @@ DENSE_BACKWARD = OpDef(
           *(Arg(n, t) for n, t in DENSE_RETURNS), *(a.required() for a in DENSE_PARAMS),
           Arg("bias_requires_grad", "bool"),
           # appended with defaults (positional calls of the 17 arguments above keep their meaning)
-          SINKS, DOC_IDS, Arg("sinks_requires_grad", "bool", False), FILL),
+          SINKS, DOC_IDS, Arg("sinks_requires_grad", "bool", False), FILL, VERIFIED),
     returns=(("grad_q", "Tensor"), ("grad_k", "Tensor"), ("grad_v", "Tensor"), ("grad_bias", "Tensor"),
              ("grad_sinks", "Tensor")),
     family="dense_backward",

@@ -131,14 +131,16 @@ def record_launches(quick: bool) -> None:
                                   bias=torch.zeros(1, 1, 96, 96, dtype=torch.bool)),
                              dict(sinks=torch.zeros(4, dtype=dtype), causal=True),
                              dict(doc_ids=torch.zeros(1, 96, dtype=torch.int32), causal=True),
-                             dict(doc_ids=torch.zeros(1, 96, dtype=torch.int64), fill=-1e9, dropout_p=0.1, rng=rng)]
+                             dict(doc_ids=torch.zeros(1, 96, dtype=torch.int64), fill=-1e9, dropout_p=0.1, rng=rng),
+                             dict(verified=torch.ones((), dtype=torch.bool), causal=True, window=32,
+                                  bias=torch.zeros(96, 96, dtype=dtype))]
             for var in variants:
                 bias, alibi = var.get("bias"), var.get("alibi")
                 params = AttentionParams(d ** -0.5, var.get("causal", False), window=var.get("window", 0),
                                          softcap=var.get("softcap", 0.0), dropout_p=var.get("dropout_p", 0.0),
                                          mask_fill=var.get("fill", float("-inf")))
                 tensors = dict(bias=bias, alibi_slopes=alibi, rng_state=var.get("rng"), sinks=var.get("sinks"),
-                               doc_ids=var.get("doc_ids"))
+                               doc_ids=var.get("doc_ids"), verified=var.get("verified"))
                 out, lse = launch.flash_forward(q, k, v, params, **tensors)
                 launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors,
                                       bias_requires_grad=bias is not None and bias.dtype != torch.bool,
@@ -186,7 +188,7 @@ def record_inductor_launches() -> None:
             bias = torch.zeros(1, 4, 96, 96, dtype=dtype)
             params = AttentionParams(0.1, True, True, window=40, softcap=30.0, dropout_p=0.1, mask_fill=-1e9)
             tensors = dict(bias=bias, alibi_slopes=torch.ones(4), rng_state=rng, sinks=torch.zeros(4),
-                           doc_ids=torch.zeros(1, 96, dtype=torch.int32))
+                           doc_ids=torch.zeros(1, 96, dtype=torch.int32), verified=torch.ones((), dtype=torch.bool))
             out, lse = launch.flash_forward(q, k, v, params, **tensors)
             launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors, bias_requires_grad=True,
                                   sinks_requires_grad=True)
@@ -267,7 +269,7 @@ def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
     c = dict(launch_.constexprs)
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
         c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
-                 HAS_FILL=True, HAS_DOCS=True)
+                 HAS_FILL=True, HAS_DOCS=True, HAS_VERIFIED=True)
         if launch_.kernel != "_flash_bwd_dkdv_kernel":
             c["HAS_SINKS"] = True
         bias_dtype = torch.float32
@@ -327,7 +329,7 @@ def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
     pointer_dtype = {"Bias": bias_dtype or dtype, "Slopes": torch.float32, "Lse": torch.float32,
                      "Delta": torch.float32, "LseFill": torch.float32, "Sinks": torch.float32,
                      "DSinks": torch.float32, "sinks_ptr": torch.float32, "DocIds": torch.int64,
-                     "Bounds": torch.int32, "Rng": torch.int64, "DS": torch.float32,
+                     "Bounds": torch.int32, "Verified": torch.bool, "Rng": torch.int64, "DS": torch.float32,
                      "block_table_ptr": torch.int32, "seq_lens_ptr": torch.int32, "alibi_ptr": torch.float32,
                      "m_ws_ptr": torch.float32, "l_ws_ptr": torch.float32, "acc_ws_ptr": torch.float32,
                      "err_ptr": torch.int32}

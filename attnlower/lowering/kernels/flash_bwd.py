@@ -22,6 +22,8 @@ Symbols: as in flash_fwd.py, plus
                           dV by _bwd_dv_fill_inner for the tiles where some row's exp(fill - lse) is not 0
   DocIds, Bounds          HAS_DOCS: as in flash_fwd.py; the dQ kernel visits the forward's document range, the dK/dV
                           kernel the query blocks holding the key block's documents (_doc_query_range)
+  Verified                HAS_VERIFIED: as in flash_fwd.py (the fallback visits every block; dS is written to the
+                          bias gradient only in the fallback, where the bias was used)
   Sinks, DSinks           HAS_SINKS: lse includes the sink, so P and dS need nothing more; WRITE_DSINKS: the dQ
                           kernel writes each row's -exp(sink - lse) * delta to DSinks (fp32 [B, Hq, Tq]), which the
                           launcher sums over (B, Tq) into dsinks [Hq] (deterministic)
@@ -36,8 +38,9 @@ import triton
 import triton.language as tl
 
 from attnlower.lowering.kernels.common import LOG2E, _as_fp32, _dot, _load_tile, _online_softmax_step
-from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _doc_bounds, _doc_key_range, _dropout_keep, _fill_log2,
-                                                  _kv_block_range, _load_docs, _load_rng, _scores, _sink_log2, _span)
+from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _doc_bounds, _doc_key_range, _dropout_keep,
+                                                  _fallback_range, _fill_log2, _kv_block_range, _load_docs,
+                                                  _load_fallback, _load_rng, _scores, _sink_log2, _span)
 
 
 @triton.jit
@@ -90,13 +93,14 @@ def _in_fill_frame(lse2, fill_log2):
 
 
 @triton.jit
-def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m, offs_d,
+def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, fallback, sink2, frame, lo, hi, offs_m, offs_d,
                     stride_kn, stride_kd, stride_bm, stride_bn, stride_dn,
                     sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HEAD_DIM_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """L_i = log2 sum_j 2^(s_ij - frame_i) of each row, recomputed over the forward's key blocks [lo, hi) (every
     tile masked) plus the filled keys of the blocks it skipped ([0, lo) and [cdiv(hi), Tk), counted: each is the
     fill) and the sink (sink2, log2 units). Exact where the stored lse rounded log(n) away (a row at the fill:
@@ -116,8 +120,9 @@ def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, 
         doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, _, _ = _scores(_dot(q, kt, None, DOT_PRECISION), offs_m, offs_n,
                           bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q, N_CTX_K,
-                          HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, HAS_DOCS, True)
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback, N_CTX_Q,
+                          N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, HAS_DOCS,
+                          HAS_VERIFIED, True)
         _, _, m, l = _online_softmax_step(s - frame[:, None], m, l)
     if IS_CAUSAL or HAS_DOCS:
         skipped = (lo + tl.maximum(N_CTX_K - tl.cdiv(hi, BLOCK_N) * BLOCK_N, 0)).to(tl.float32)
@@ -176,7 +181,8 @@ def _doc_query_range(bounds_base, start_n, lo, hi, N_CTX_Q, N_CTX_K, diag_offset
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
-                    slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d, offs_dv,
+                    slope, doc_base, doc_k, fallback, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d,
+                    offs_dv,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
                     stride_dsm, stride_dsn, stride_dn,
                     sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
@@ -184,8 +190,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DS: tl.constexpr, MASK_EDGES: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr, WRITE_DS: tl.constexpr,
+                    MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dk, dv of one key block over the query blocks [lo, hi) of one query head."""
     offs_m0 = tl.arange(0, BLOCK_M)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -200,9 +206,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
         doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
-                               N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS,
-                               MASK_EDGES)
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback,
+                               N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
+                               HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
         lse2 = _load_lse2(lse_base, offs_m, offs_m, N_CTX_Q)
         if HAS_FILL:
             frame = tl.where(_in_fill_frame(lse2, fill_log2), fill_log2, 0.0)
@@ -225,7 +231,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
             ds = tl.where(filled, 0.0, ds)   # a filled score is a constant
         if WRITE_DS:
             ds_ptrs = ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :] * stride_dsn
-            tl.store(ds_ptrs, ds.to(ds_base.dtype.element_ty),
+            ds_bias = ds
+            if HAS_VERIFIED:
+                ds_bias = tl.where(fallback, ds, 0.0)   # the structure verified: the bias was not used
+            tl.store(ds_ptrs, ds_bias.to(ds_base.dtype.element_ty),
                      mask=(offs_m[:, None] < N_CTX_Q) & (offs_n[None, :] < N_CTX_K))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -265,7 +274,7 @@ def _bwd_dv_fill_inner(dv, do_base, lse_base, lse_fill_base, seed, rng_lo, rng_h
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, Bias, Slopes, DocIds, Bounds, DO, Lse, Delta, LseFill, DK, DV, DS, Rng,
+    Q, K, V, Bias, Slopes, DocIds, Bounds, Verified, DO, Lse, Delta, LseFill, DK, DV, DS, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -282,6 +291,7 @@ def _flash_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_VERIFIED: tl.constexpr,
 ):
     """dk, dv of one key block of one (batch, kv head). Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -315,6 +325,9 @@ def _flash_bwd_dkdv_kernel(
 
     lo, full_lo, full_hi, hi = _q_block_range(start_n, N_CTX_Q, N_CTX_K, diag_offset, window,
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    fallback = _load_fallback(Verified, HAS_VERIFIED)
+    if HAS_VERIFIED:
+        lo, full_lo, full_hi, hi = _fallback_range(fallback, lo, full_lo, full_hi, hi, N_CTX_Q)
     doc_base = DocIds + off_z * stride_dz
     doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
     if HAS_DOCS:   # only the query blocks of the key block's documents (device-side bounds), every tile masked
@@ -334,13 +347,15 @@ def _flash_bwd_dkdv_kernel(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
+            if HAS_VERIFIED:
+                slope = tl.where(fallback, 0.0, slope)
         # span 0: causal-diagonal blocks (masked; empty when not causal), 1: interior blocks (no
         # element masks), 2: window-edge / Tq-tail blocks (masked)
         for span in tl.static_range(3):
             if IS_CAUSAL or span != 0:
                 start, end = _span(span, lo, full_lo, full_hi, hi)
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base,
-                                         bias_base, ds_base, slope, doc_base, doc_k,
+                                         bias_base, ds_base, slope, doc_base, doc_k, fallback,
                                          seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
                                          offs_dv,
                                          stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
@@ -349,7 +364,7 @@ def _flash_bwd_dkdv_kernel(
                                          N_CTX_Q, N_CTX_K, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
                                          HAS_SOFTCAP, HAS_ALIBI,
                                          BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
-                                         WRITE_DS, span != 1, DOT_PRECISION)
+                                         HAS_VERIFIED, WRITE_DS, span != 1, DOT_PRECISION)
         if HAS_FILL and (IS_CAUSAL or HAS_DOCS):
             # the skipped query blocks [0, lo) and [cdiv(hi), Tq) see this key block only as filled pairs
             hi_up = tl.cdiv(hi, BLOCK_M) * BLOCK_M
@@ -375,16 +390,16 @@ def _flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo,
-                  rng_hi, off_hz, lo, hi, offs_m, offs_d, offs_dv,
+def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, fallback, seed,
+                  rng_lo, rng_hi, off_hz, lo, hi, offs_m, offs_d, offs_dv,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                   sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                   HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_EDGES: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr,
+                  MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dq of one query block over the key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -399,9 +414,9 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
         doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
-                               N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS,
-                               MASK_EDGES)
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback,
+                               N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
+                               HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
         if HAS_FILL:
             p = tl.math.exp2((s - frame[:, None]) - lse2[:, None])
         else:
@@ -421,7 +436,7 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, DO, Lse, Delta, LseFill, DQ, DSinks, Rng,
+    Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, Verified, DO, Lse, Delta, LseFill, DQ, DSinks, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -436,7 +451,7 @@ def _flash_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_FILL: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr,
-    WRITE_DSINKS: tl.constexpr,
+    HAS_VERIFIED: tl.constexpr, WRITE_DSINKS: tl.constexpr,
 ):
     """dq of one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -470,13 +485,18 @@ def _flash_bwd_dq_kernel(
     k_base = K + off_z * stride_kz + off_hkv * stride_kh
     v_base = V + off_z * stride_vz + off_hkv * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
+    fallback = _load_fallback(Verified, HAS_VERIFIED)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
+        if HAS_VERIFIED:
+            slope = tl.where(fallback, 0.0, slope)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
                                                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_VERIFIED:
+        lo, full_lo, full_hi, hi = _fallback_range(fallback, lo, full_lo, full_hi, hi, N_CTX_K)
     doc_base = DocIds + off_z * stride_dz
     doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
     if HAS_DOCS:   # the forward's document range
@@ -492,12 +512,13 @@ def _flash_bwd_dq_kernel(
         in_frame = _in_fill_frame(lse2, fill_log2)
         frame = tl.where(in_frame, fill_log2, 0.0)
         if tl.max(in_frame.to(tl.int32), 0) > 0:
-            lse2 = tl.where(in_frame, _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo,
-                                                      hi, offs_m, offs_d, stride_kn, stride_kd, stride_bm, stride_bn,
-                                                      stride_dn, sm_scale, softcap, diag_offset, window, fill_log2,
-                                                      N_CTX_Q, N_CTX_K, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-                                                      HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW,
-                                                      HAS_SINKS, HAS_DOCS, DOT_PRECISION), lse2)
+            lse2 = tl.where(in_frame, _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, fallback, sink2,
+                                                      frame, lo, hi, offs_m, offs_d, stride_kn, stride_kd, stride_bm,
+                                                      stride_bn, stride_dn, sm_scale, softcap, diag_offset, window,
+                                                      fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                      HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL,
+                                                      HAS_WINDOW, HAS_SINKS, HAS_DOCS, HAS_VERIFIED, DOT_PRECISION),
+                            lse2)
         tl.store(LseFill + row, lse2, mask=offs_m < N_CTX_Q)
     if WRITE_DSINKS:
         # the sink's probability exp(sink - lse) (in the row's frame), times -delta; 0 on empty rows and past Tq
@@ -508,12 +529,12 @@ def _flash_bwd_dq_kernel(
         if HAS_WINDOW or span != 0:
             start, end = _span(span, lo, full_lo, full_hi, hi)
             dq = _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q,
-                               seed, rng_lo, rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
+                               fallback, seed, rng_lo, rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                                sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, span != 1,
-                               DOT_PRECISION)
+                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, HAS_VERIFIED,
+                               span != 1, DOT_PRECISION)
 
     dq = dq * sm_scale
     mask = offs_m[:, None] < N_CTX_Q
