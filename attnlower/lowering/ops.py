@@ -265,8 +265,8 @@ def _check_verified(op: str, verified, bias) -> None:
     if verified is None:
         return
     if verified.dtype != torch.bool or math.prod(verified.shape) != 1:
-        raise ValueError(f"attnlower::{op}: expected verified a one-element bool tensor (the device-side check that the "
-                         f"proven structure still holds), got {verified.dtype} {_shape(verified)}")
+        raise ValueError(f"attnlower::{op}: expected verified a one-element bool tensor (the device-side check that "
+                         f"the proven structure still holds), got {verified.dtype} {_shape(verified)}")
     if bias is None:
         raise ValueError(f"attnlower::{op}: verified needs the source's mask as bias (what runs when verified is "
                          f"False), got bias=None")

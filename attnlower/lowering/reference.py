@@ -320,8 +320,8 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
         d_grads = reference_flash_backward(grad_out, q, k, v, d_out, d_lse, dense, bias=bias,
                                            bias_requires_grad=bias_requires_grad, **kw)
         ok = verified.reshape(()).to(q.device)
-        pick = lambda s, d: None if d is None else torch.where(ok, torch.zeros_like(d) if s is None else s, d)  # noqa: E731
-        return tuple(pick(s, d) for s, d in zip(s_grads, d_grads))
+        return tuple(None if d is None else torch.where(ok, torch.zeros_like(d) if s is None else s, d)
+                     for s, d in zip(s_grads, d_grads))
     scale, softcap, dropout_p = params.scale, params.softcap, params.dropout_p
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]

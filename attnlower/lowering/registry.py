@@ -150,7 +150,8 @@ EMPTY_ROWS_NAN = Arg("empty_rows_nan", "bool", False)
 FILL = Arg("fill", "float?", None)
 # One logit per query head [Hq] in the softmax denominator, adding no value (issue 21.2); a launcher keyword.
 SINKS = Arg("sinks", "Tensor?", None)
-# Document ids [B|1, Tk] (packed sequences, issue 21.3): key j visible only within query i's document; a launcher keyword.
+# Document ids [B|1, Tk] (packed sequences, issue 21.3): key j visible only within query i's document; a launcher
+# keyword.
 DOC_IDS = Arg("doc_ids", "Tensor?", None)
 # A one-element bool device tensor (issue 22 class 1): True -> the proven structure (causal / window / alibi, the bias
 # unread), False -> the bias over every block (the structure ignored); read by the kernels, never by the host.

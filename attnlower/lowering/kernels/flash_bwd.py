@@ -10,8 +10,9 @@
    accumulation stays in registers; the price is recomputing q·k and p once more.
 
 Symbols: as in flash_fwd.py, plus
-  DO, Delta, DQ, DK, DV   dO [B, Hq, Tq, Dv] (any strides), delta fp32 [B, Hq, Tq], dq [B, Hq, Tq, D], dk [B, Hkv, Tk, D],
-                          dv [B, Hkv, Tk, Dv] (HEAD_DIM / HEAD_DIM_V: the q/k and the v head dims, as in flash_fwd.py)
+  DO, Delta, DQ, DK, DV   dO [B, Hq, Tq, Dv] (any strides), delta fp32 [B, Hq, Tq], dq [B, Hq, Tq, D],
+                          dk [B, Hkv, Tk, D], dv [B, Hkv, Tk, Dv] (HEAD_DIM / HEAD_DIM_V: the q/k and the v head
+                          dims, as in flash_fwd.py)
   DS, stride_dsz/...      dS = d loss / d score (the score after soft-cap, the quantity the float bias is
                           added to), written through 4 strides when WRITE_DS
   HKV                     number of kv heads (H // GROUP)
@@ -318,8 +319,8 @@ def _flash_bwd_dkdv_kernel(
     # k and v stay in SRAM for the whole loop over the group's query heads and query blocks
     k = _load_tile(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    offs_n, offs_d, N_CTX_K, HEAD_DIM, True, PAD_D)
-    v = _load_tile(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   offs_n, offs_dv, N_CTX_K, HEAD_DIM_V, True, PAD_DV)
+    v = _load_tile(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_dv[None, :] * stride_vd, offs_n, offs_dv, N_CTX_K, HEAD_DIM_V, True, PAD_DV)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
 

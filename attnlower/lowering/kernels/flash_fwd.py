@@ -10,10 +10,11 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   Bias                 bool keep-mask (BIAS_KIND 1) or float additive bias (BIAS_KIND 2), read through its
                        own 4 strides as if it were [B, Hq, Tq, Tk]
   Slopes               fp32 ALiBi slopes read at b * stride_sz + h * stride_sh (stride_sz = 0 for [Hq])
-  DocIds, Bounds       HAS_DOCS (packed sequences): document ids [B|1, Tk] through (stride_dz, stride_dn) (batch stride
-                       0 for [1, Tk]); row i takes the id of key position i + off. Bounds int32 [B|1, 2, Tk] (batch
-                       stride stride_boz): each position's run of equal ids (lowering/documents.py); a query
-                       block visits only the key blocks of its rows' documents (_doc_key_range), every tile masked
+  DocIds, Bounds       HAS_DOCS (packed sequences): document ids [B|1, Tk] through (stride_dz, stride_dn)
+                       (batch stride 0 for [1, Tk]); row i takes the id of key position i + off. Bounds int32
+                       [B|1, 2, Tk] (batch stride stride_boz): each position's run of equal ids
+                       (lowering/documents.py); a query block visits only the key blocks of its rows' documents
+                       (_doc_key_range), every tile masked
   Verified             HAS_VERIFIED (issue 22, class 1): one bool on the device. True: IS_CAUSAL / HAS_WINDOW /
                        HAS_ALIBI describe the call and the bias is not read (its loads masked off); False
                        (`fallback`): the bias alone over every key block (causal / window / alibi ignored). One
@@ -29,7 +30,8 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
   window               W (HAS_WINDOW): key j also needs j > i + off - W
   sm_scale, softcap    score scale, tanh soft-cap (HAS_SOFTCAP)
   dropout_p            probability of dropping one p_ij (HAS_DROPOUT)
-  fill, fill_log2      HAS_FILL (the fill mode): every masked pair (a False keep-mask entry, causal, window) takes
+  fill, fill_log2      HAS_FILL (the fill mode): every masked pair (a False keep-mask entry, causal, window, two
+                       documents) takes
                        the score `fill` instead of -inf; fill_log2 = max(fill, BIAS_FLOOR) * log2(e). Key blocks
                        the block range skips then hold only filled pairs: _fwd_fill_inner adds them (V only)
                        for the tiles that have a row they do not underflow in (FILL_REACH)
@@ -275,12 +277,12 @@ def _doc_key_range(bounds_base, start_m, lo, hi, N_CTX_Q, N_CTX_K, diag_offset,
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, fallback, seed, rng_lo, rng_hi,
-               off_hz,
-               start_m, lo, hi, offs_m, offs_d, offs_dv,
+               off_hz, start_m, lo, hi, offs_m, offs_d, offs_dv,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr, MASK_EDGES: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -456,7 +458,8 @@ def _flash_fwd_kernel(
         if HAS_WINDOW or span != 0:
             start, end = _span(span, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q,
-                                       fallback, seed, rng_lo, rng_hi, off_hz, start_m, start, end, offs_m, offs_d, offs_dv,
+                                       fallback, seed, rng_lo, rng_hi, off_hz, start_m, start, end, offs_m, offs_d,
+                                       offs_dv,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                                        sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
                                        N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
