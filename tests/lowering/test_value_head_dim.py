@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.library import opcheck
 
 import attnlower.ops as public
 from attnlower.lowering import plan as planning
@@ -146,3 +147,12 @@ def test_plan_reads_the_value_head_dim():
     c = paged["launches"][0]["constexprs"]
     assert (c["QK_CHUNK"], c["NUM_QK_CHUNKS"], c["HEAD_DIM_V_PAD"]) == (64, 9, 512)
     assert paged["launches"][-1]["constexprs"]["HEAD_DIM_V"] == 512
+
+
+def test_opcheck_paged_value_head_dim():
+    """The paged op's fake and real implementations agree on out [.., Dv] with v a prefix view of the k pool."""
+    pool = torch.randn(6, 1, 4, 26)
+    table = torch.tensor([[2, 0, 5], [1, 3, 4]], dtype=torch.int32)
+    q = torch.randn(2, 4, 2, 26)
+    opcheck(torch.ops.attnlower.paged_attention, (q, pool, pool[..., :20], table, torch.tensor([9, 5], dtype=torch.int32)),
+            dict(scale=0.2, sinks=torch.randn(4)))
