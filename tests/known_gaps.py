@@ -11,20 +11,11 @@ NEEDS_FILL_MODE = ("issue 22 class 2: a finite fill that is not provably -inf ma
 NEEDS_SHORT_SEQUENCE_ROWS = ("issue 22 class 5: chunked prefill through paged_attention needs the op to give "
                              "rows before a sequence's first key the source's value (0 / NaN) when the rewrite "
                              "asks; the op raises for 0 < seq_len < Tq (issue 19.4), so Tq > 1 stays dense")
-VALIDATOR_FLOAT64_SLOPES = ("issue 19.3: the validator's float64 copy passes float64 ALiBi slopes, which the op "
-                            "rejects (it takes float32 slopes); the site equals eager without validation")
-VALIDATOR_FLOAT32_CONSTANT = ("issue 19.3: the validator's float64 copy keeps a `torch.zeros(...)` mask "
-                              "built without a dtype in float32 (SDPA with float64 q and a float32 mask is wrong "
-                              "on CPU); the site equals eager without validation")
 DATA_ALIAS_BLIND_SPOT = ("issue 22 class 1: a buffer written through .data (or a NumPy / DLPack alias) "
                          "changes neither its _version nor its identity, so the backend's guard does not see "
                          "it; closing it needs the op's device-side `verified` input (docs/design/issue22.md)")
 
 KNOWN_GAPS = {
-    "tests/passes/test_spelling_class_buffer_masks.py::test_xtransformers_alibi_buffer_becomes_slopes":
-        VALIDATOR_FLOAT64_SLOPES,
-    "tests/passes/test_spelling_class_buffer_masks.py::test_xtransformers_alibi_buffer_rescaled_after_compiling":
-        VALIDATOR_FLOAT64_SLOPES,
     "tests/passes/test_spelling_class_buffer_masks.py::test_nanogpt_buffer_written_through_data_after_compiling":
         DATA_ALIAS_BLIND_SPOT,
     "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_causal_and_padding": NEEDS_FILL_MODE,
@@ -35,8 +26,6 @@ KNOWN_GAPS = {
     "tests/passes/test_spelling_class_finite_fills.py::test_gpt2_v4_masked_bias_buffer": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_fill_near_the_scores_is_not_minus_inf": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_distilbert_finfo_min_fill[fp16]": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_paged.py::test_decode_length_mask_spellings[additive_inf]":
-        VALIDATOR_FLOAT32_CONSTANT,
     "tests/passes/test_spelling_class_paged.py::test_vllm_layout_chunked_prefill": NEEDS_SHORT_SEQUENCE_ROWS,
     "tests/passes/test_spelling_class_paged.py::test_flashinfer_layout_chunked_prefill": NEEDS_SHORT_SEQUENCE_ROWS,
     "tests/passes/test_spelling_class_paged.py::test_chunked_prefill_whole_sequence": NEEDS_SHORT_SEQUENCE_ROWS,

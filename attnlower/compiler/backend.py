@@ -11,6 +11,7 @@ compiled as it came.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ import torch.fx as fx
 
 from ..passes.canonicalize import checkpoint_bodies, fake_mode_for, to_aten
 from ..passes.pipeline import run_stages
+from ..passes.validate_first_call import FirstCallChecked, split_first_call_checks
 from ..passes.site import Context
 from ..report.records import CompileReport, keep, reports
 from ..report.rows import site_rows
@@ -47,7 +49,7 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     graph_id = next(_graph_ids)
     target = target_for(_device_of(example_inputs))
     report = keep(CompileReport(graph_id=graph_id, target=target.describe(), inner=opts.inner,
-                                graph_breaks=new_graph_breaks()))
+                                graph_breaks=new_graph_breaks(), passes_enabled=opts.enable))
 
     try:
         aten_gm = to_aten(gm, example_inputs)
@@ -60,6 +62,8 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     snapshots: list[tuple[str, str]] = []
     if opts.enable:
         aten_gm, snapshots = _run_passes(aten_gm, example_inputs, opts, target, report)
+    # sites validated on the first call: their checks run in a copy of the graph, on that call only
+    aten_gm, first_call = split_first_call_checks(aten_gm)
     describe_sites(report, before_gm, gm, target, explain=opts.explain)   # the user's names, why this op, savings
     if opts.explain:
         print(report.table())
@@ -69,11 +73,21 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
         write_graph_dump(opts.dump_dir, report, gm, before_text, snapshots, aten_gm,
                          before_gm=before_gm, mlir=opts.dump_mlir, dot=opts.dump_dot)
     if opts.inner == "eager":
-        return aten_gm
-    from .inductor import compile_with_inductor
+        compiled = aten_gm
+    else:
+        from .inductor import compile_with_inductor
 
-    with _checkpoint_remat_off(aten_gm):
-        return compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
+        with _checkpoint_remat_off(aten_gm):
+            compiled = compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
+    if first_call is None:
+        return compiled
+    tracing = torch._guards.TracingContext.try_get()
+
+    def recompile():   # a site failed its first-call check: the graph again, that site refused (validate)
+        with torch._guards.tracing(tracing) if tracing is not None else contextlib.nullcontext():
+            return attnlower_backend(gm, example_inputs, options)
+
+    return FirstCallChecked(compiled, *first_call, report, strict=opts.strict, recompile=recompile)
 
 
 def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, report: CompileReport):

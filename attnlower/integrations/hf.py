@@ -27,6 +27,8 @@ import torch
 # right after transformers.modeling_utils, or by a user who uses transformers.
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import continuous_batching
+
 NAME = "attnlower"
 
 
@@ -38,6 +40,8 @@ def register(name: str = NAME) -> None:
     AttentionInterface.register(name, attention_forward)
     # The "sdpa" mask builder: a bool keep-mask, or None where plain causal (or nothing) is exact.
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    # generate_batch() / init_continuous_batching(): HF's paged cache read in place (continuous_batching.py)
+    continuous_batching.enable()
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -52,6 +56,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which the attnlower "
                                   "ops do not compute; use attn_implementation='eager' for this model")
+    serving = kwargs.get(continuous_batching.KV_KWARG)
+    if serving is not None:   # transformers' continuous batching: its paged cache, read in place
+        return continuous_batching.attend(module, query, serving, scaling, sliding_window, softcap, kwargs), None
+    if kwargs.get("read_index") is not None and kwargs.get("cu_seq_lens_q") is not None:
+        raise RuntimeError(f"attn_implementation='{NAME}' was called by transformers' continuous batching without "
+                           "attnlower's cache update, so key/value are a dense copy of the cache; call "
+                           "attnlower.integrations.continuous_batching.enable() (it warns when this transformers "
+                           f"differs from the {continuous_batching.WRITTEN_AGAINST} it was written against)")
     paged = getattr(key, "_attnlower_paged", None)
     if paged is not None:
         return paged.attend(module, query, value, attention_mask, scaling, sliding_window, softcap, dropout)

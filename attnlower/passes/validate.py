@@ -40,11 +40,13 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from .sdpa import argument_position
+from .sdpa import sdpa_arguments
 from .site import Context
+from .validate_first_call import CannotPlan, first_call_check, plan_for
+from .validate_sizes import CannotReduce, reduce_pair
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
-                         PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS, ancestors,
-                         op_name)
+                         MOVES, PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS,
+                         ancestors, op_name)
 
 aten = torch.ops.aten
 log = logging.getLogger("attnlower")
@@ -69,6 +71,20 @@ REDUCED_SIZE = 17
 # casts and copies move it, an added offset shifts it, a getitem picks it out of a tuple.
 _KEEPS_INDEX_ROLE = (COPIES | CASTS | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES | SLICES | ADDS | SUBTRACTS
                      | {operator.getitem})
+# Ops whose result is a view or a copy of (part of) one input: a boundary value made by one of these is
+# drawn at that input and recomputed, so two views of one tensor are drawn as one (`_Pair._absorbable`).
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default}
+_VIEWS = (COPIES | RESHAPES | BROADCASTS | PERMUTES | SQUEEZES | SLICES | MOVES | _SPLITS
+          | {aten.narrow.default, aten.unflatten.int, operator.getitem})
+# Ops a mask or a bias is built with from its sources (padding masks from an attention_mask, ALiBi from
+# slopes and positions): cheap, deterministic, elementwise or along one dim. A boundary mask or bias made
+# by one of these is computed from what made it, so its draws are values its producer can give.
+_PRODUCERS = CASTS | {aten.cumsum.default, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+                      aten.tril.default, aten.triu.default, aten.any.dim, aten.all.dim, aten.sum.dim_IntList,
+                      aten.amax.default, aten.floor_divide.default, aten.__and__.Tensor, aten.__or__.Tensor,
+                      aten.__xor__.Tensor}
+# ... and index ops, when what indexes is computed from sizes alone (`padding[batch_idx, kv_idx]`)
+_INDEXING = {aten.index.Tensor, aten.index_select.default, aten.embedding.default, aten.gather.default}
 
 
 @dataclass
@@ -83,6 +99,7 @@ class Verdict:
     reason: str = ""          # on failure: "translation validation failed: ..."
     repro: str | None = None
     cached: bool = False      # the verdict of an identical site checked earlier in this process
+    first_call: Any = None    # validate_first_call.Plan: checked on the graph's first call, pending
 
 
 class CannotCheck(Exception):
@@ -111,13 +128,22 @@ def validate(gm: fx.GraphModule, ctx: Context) -> str:
             site.validated = "not checked: options validate=False"
         return "off (validate=False)"
     shape_env = getattr(ctx.fake_mode, "shape_env", None)
-    refused = cached = unchecked = 0
+    refused = cached = unchecked = first_call = 0
     for site in rewritten:
         old, new = site.match.output, site.replacement
-        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir)
+        verdict = validate_rewrite(gm, old, new, shape_env=shape_env, repro_dir=ctx.repro_dir,
+                                   site=(site.index, f"site {site.index} ({site.location})"),
+                                   first_call=not ctx.in_checkpoint)
         site.validated = verdict.checked_on
         cached += verdict.cached
         unchecked += verdict.checked_on.startswith("not validated")
+        plan = verdict.first_call
+        if plan is not None and not plan.result:
+            first_call += 1
+            if verdict.cached:
+                plan.also.append(site.index)      # its report row learns the verdict with the checked one's
+            else:
+                _insert_first_call_check(gm, new, plan)
         if not verdict.ok:
             # undo: the old output is still in the graph; the inserted nodes die in clean_up
             new.replace_all_uses_with(old)
@@ -126,27 +152,74 @@ def validate(gm: fx.GraphModule, ctx: Context) -> str:
             refused += 1
             log.warning("attnlower: site %d (%s) refused: %s", site.index, site.location, verdict.reason)
     return (f"{len(rewritten)} checked ({cached} by an identical earlier site), {refused} refused, "
-            f"{unchecked} too large to check")
+            f"{first_call} checked on the first call, {unchecked} not validated")
+
+
+def _insert_first_call_check(gm: fx.GraphModule, new: fx.Node, plan) -> None:
+    """`first_call_check(plan, new, *boundary)` after `new`, read by `new`'s users: the backend keeps it
+    in the graph of the first call only (validate_first_call.split_first_call_checks)."""
+    graph = new.graph
+    with graph.inserting_after(new):
+        check = graph.call_function(first_call_check, (plan.id, new, *plan.boundary))
+    check.meta["val"] = new.meta.get("val")
+    check.meta["stack_trace"] = new.meta.get("stack_trace", "")
+    new.replace_all_uses_with(check, delete_user_cb=lambda user: user is not check)
+
+
+def refuse_by_structure(key: str, reason: str) -> None:
+    """Every later site of structure `key` is refused with `reason` (a failed first-call check)."""
+    _CHECKED[key] = Verdict(False, "first call: the sampled elements differ", reason)
+
+
+def record_first_call(plan) -> None:
+    """A first-call check ran: identical sites compiled later take its verdict."""
+    if plan.key and not plan.failed and plan.result.startswith("first call"):
+        _CHECKED[plan.key] = Verdict(True, plan.result)
 
 
 # --------------------------------------------------------------------------------------------
 # one rewrite
 
 def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
-                     repro_dir: str | None = None, draws: int = 3) -> Verdict:
-    """Evaluate `old` (the replaced node) and `new` (its replacement) on random boundary inputs."""
+                     repro_dir: str | None = None, draws: int = 3, site: tuple[int, str] = (0, "site"),
+                     first_call: bool = False) -> Verdict:
+    """Evaluate `old` (the replaced node) and `new` (its replacement) on random boundary inputs.
+
+    A static pair too large to evaluate is checked at reduced sizes (validate_sizes); when that cannot
+    be done and `first_call` allows, on the first call of the graph (validate_first_call: the verdict
+    carries the plan, pending); else it is left fused, "not validated", with the reason. `site` is the
+    site's (report row, description) for the first-call check's messages."""
     try:
         pair = _Pair(gm, old, new, shape_env)
     except CannotCheck as e:
         return Verdict(False, f"not checked: {e}", f"translation validation could not run: {e}; "
                        "the site stays unfused (set options validate=False to skip the check)")
-    if pair.too_large:
-        return Verdict(True, f"not validated: {pair.too_large}")
     key = pair.key()
     if key in _CHECKED:
         v = _CHECKED[key]
         return Verdict(v.ok, v.checked_on + " (same structure as a site checked earlier: not re-run)",
-                       v.reason, v.repro, cached=True)
+                       v.reason, v.repro, cached=True, first_call=v.first_call)
+    if pair.too_large:
+        if pair.subs:
+            return Verdict(True, f"not validated: {pair.too_large}")
+        try:
+            # a static region: generalized over its sizes and checked smaller (validate_sizes says why
+            # that is sound), or else on the first call
+            pair.use(reduce_pair(pair, MAX_ELEMENTS))
+        except CannotReduce as e:
+            why = f"{pair.too_large}: smaller sizes not possible ({e})"
+            if not first_call:
+                return Verdict(True, f"not validated: {why}; inside a checkpoint body there is no first-call check")
+            try:
+                plan = plan_for(pair, site[1], site[0])
+            except CannotPlan as e2:
+                return Verdict(True, f"not validated: {why}; no first-call check either: {e2}")
+            plan.key, plan.boundary, plan.why = key, list(pair.boundary), why
+            verdict = Verdict(True, f"first-call check pending: {why}; the first call compares "
+                                    f"{plan.describe(plan.source_shape)} with the source on the real inputs",
+                              first_call=plan)
+            _CHECKED[key] = verdict
+            return verdict
     verdict = pair.check(draws, repro_dir)
     _CHECKED[key] = verdict
     return verdict
@@ -191,6 +264,24 @@ def _graph_facts(graph: fx.Graph):
     return facts
 
 
+def score_shape(n: fx.Node, value) -> tuple | None:
+    """The shape `[..., Tq, Tk]` of the scores attention call `n` makes inside (an SDPA-family call or
+    an attnlower op, in a graph or a copy), from its arguments' values (`value(arg)`); else None."""
+    if not (_is_attention_op(n) or n.target is sdpa_reference):
+        return None
+    q, k = value(n.args[0]), value(n.args[1])
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2:
+        return None
+    if "paged" in str(n.target):
+        table = value(n.args[3])
+        return (*q.shape[:-1], table.shape[-1] * k.shape[2]) if isinstance(table, torch.Tensor) else None
+    return (*q.shape[:-1], k.shape[-2])
+
+
+def _numel_hint(val: torch.Tensor) -> int:
+    return math.prod(int(s) if isinstance(s, int) else (s.node.hint or 0) for s in val.shape)
+
+
 def _concrete(x, subs: dict) -> int:
     if isinstance(x, int):
         return x
@@ -228,10 +319,46 @@ class _Pair:
         # the module owning the nodes: a site inside a higher-order op's subgraph is checked there
         gm = old.graph.owning_module or gm
         self.gm, self.old, self.new = gm, old, new
-        anc_old, anc_new = ancestors([old]), ancestors([new])
-        shared = anc_old & anc_new
         self.pure, order, root, writers = _graph_facts(gm.graph)
-        pure = self.pure
+        self.root, self.writers = root, writers
+        # Cut at the values both sides share, then move the cut up to the true sources: a boundary
+        # value that is a view of another (or a mask / bias built from others, `_absorbable`) is
+        # recomputed on both sides from what made it, until nothing more can be.
+        absorbed: set[fx.Node] = set()
+        while True:
+            boundary, computed = self._cut(absorbed, order)
+            self.computed = computed
+            more = {b for b in boundary if self._absorbable(b)}
+            if not more:
+                break
+            absorbed |= more
+        self.absorbed = absorbed
+        self.boundary = sorted(boundary, key=order.__getitem__)
+        self._check_writes(order)
+        for n in computed["old"] | computed["new"]:
+            if _is_random(n):
+                raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
+            if n.target is aten.view.dtype:
+                raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
+        self.shape_env = shape_env
+        self.subs, self.sizes_note = self._sizes(shape_env)
+        self.inputs = [self._input(b) for b in self.boundary]
+        self.largest = max([self._numel(n) for n in computed["old"] | computed["new"] | set(self.boundary)] + [1])
+        self.too_large = ""
+        if self.largest > MAX_ELEMENTS:
+            why = ", and smaller sizes were not possible" if self.subs else ""
+            self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
+                              f"over the {MAX_ELEMENTS} a float64 CPU check may use{why}")
+        self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+
+    def _cut(self, absorbed: set, order: dict) -> tuple[set, dict]:
+        """(boundary, {side: the nodes it computes}): each side is walked up from its output through
+        what it alone computes, size-only nodes and the `absorbed` ones; the rest is its boundary."""
+        old, new, pure, root, writers = self.old, self.new, self.pure, self.root, self.writers
+        if not hasattr(self, "_ancestors"):
+            self._ancestors = ancestors([old]), ancestors([new])
+        anc_old, anc_new = self._ancestors
+        shared = anc_old & anc_new
         boundary: set[fx.Node] = set()
         computed = {}
         for side, out, anc in (("old", old, anc_old), ("new", new, anc_new)):
@@ -243,7 +370,7 @@ class _Pair:
                         continue
                     own = n in anc and n not in shared
                     if n.op == "placeholder" or (n.op == "get_attr" and n not in pure) or not (
-                            n in pure or own or n in replay):
+                            n in pure or own or n in replay or n in absorbed):
                         boundary.add(n)       # computed outside the region from tensor data
                         continue
                     inside.add(n)
@@ -256,26 +383,44 @@ class _Pair:
                             replay.add(w)
                             stack.append(w)
             computed[side] = inside
-        self.boundary = sorted(boundary, key=order.__getitem__)
-        self.computed = computed
-        self.root, self.writers = root, writers
-        self._check_writes(order)
-        for n in computed["old"] | computed["new"]:
-            if _is_random(n):
-                raise CannotCheck(f"{n.name} ({n.target}) draws random numbers")
-            if n.target is aten.view.dtype:
-                raise CannotCheck(f"{n.name} reinterprets bits (view.dtype), which float64 would change")
-        self.shape_env = shape_env
-        self.subs, self.sizes_note = self._sizes(shape_env)
-        self.inputs = [self._input(b) for b in self.boundary]
-        self.largest = max([self._numel(n) for n in computed["old"] | computed["new"]] + [1])
-        self.too_large = ""
-        if self.largest > MAX_ELEMENTS:
-            why = ("smaller sizes were not possible" if self.subs else
-                   "static sizes cannot be reduced soundly")
-            self.too_large = (f"the region makes a tensor of {self.largest} elements at {self.sizes_note}, "
-                              f"over the {MAX_ELEMENTS} a float64 CPU check may use, and {why}")
-        self._graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+        return boundary, computed
+
+    def _absorbable(self, b: fx.Node) -> bool:
+        """Whether boundary value `b` is drawn at what makes it instead (and recomputed on both sides).
+
+        - A view or copy of another value (`_VIEWS`): two views of one tensor must be drawn as one, or
+          a rewrite reading V through an equivalent view (V before its transpose, then permuted) sees
+          other numbers than the source.
+        - A mask or bias built by cheap elementwise ops (`_PRODUCERS`, pointwise ops, index ops whose
+          indices are computed from sizes) that reaches no product operand: its draws must be values
+          its producer can give (BLOOM's ALiBi, slopes x distances, is finite and bounded; a padding
+          mask from an attention_mask holds 0 and finfo.min). Its sources are drawn instead.
+
+        Only where nothing writes in place into the memory `b` or its inputs read (the recomputed value
+        is then the value the region read), and `b` stays within the size budget.
+        """
+        if b.op != "call_function" or _is_random(b) or b.target is aten.view.dtype:
+            return False
+        schema = getattr(b.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return False
+        if any(self.root.get(n, n) in self.writers for n in [b, *b.all_input_nodes]):
+            return False
+        val = b.meta.get("val")
+        if b.target is operator.getitem:      # a piece of a split: the split is the view
+            return getattr(b.args[0], "target", None) in _SPLITS
+        if b.target in _VIEWS:
+            return True
+        if not isinstance(val, torch.Tensor) or _numel_hint(val) > MAX_ELEMENTS or self._feeds_product(b):
+            return False
+        if b.target in _PRODUCERS or torch.Tag.pointwise in getattr(b.target, "tags", ()):
+            return True
+        if b.target in _INDEXING:
+            data = {aten.index.Tensor: [b.args[0]], aten.index_select.default: [b.args[0]],
+                    aten.embedding.default: [b.args[0]], aten.gather.default: [b.args[0]]}[b.target]
+            indices = [a for a in b.all_input_nodes if a not in data]
+            return all(i in self.pure for i in indices)
+        return False
 
     @property
     def old_gm(self) -> fx.GraphModule:
@@ -284,6 +429,17 @@ class _Pair:
     @property
     def new_gm(self) -> fx.GraphModule:
         return self.graphs()[1]
+
+    def native_source(self) -> fx.GraphModule:
+        """The source region as it runs in the graph (its own dtypes and devices): a first-call fallback."""
+        return self._extract(self.computed["old"], self.old, "NativeSource", native=True)
+
+    def use(self, reduction) -> None:
+        """Check at the reduced sizes of `reduction` (validate_sizes.reduce_pair) from now on."""
+        self._graphs = (reduction.old_gm, reduction.new_gm)
+        self.inputs = reduction.inputs
+        self.sizes_note = (f"{reduction.note} (the traced static sizes generalized; "
+                           "passes/validate_sizes.py says why that is sound)")
 
     def graphs(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         """The two standalone graphs, built on first use (a cache hit never needs them)."""
@@ -339,13 +495,14 @@ class _Pair:
         return hints, f"the size hints {names(hints)} (smaller sizes break the graph's guards)"
 
     def _numel(self, n: fx.Node) -> int:
+        """The largest tensor `n` makes, the scores an attention op makes inside included."""
         val = n.meta.get("val")
         vals = val if isinstance(val, (tuple, list)) else [val]
-        best = 0
-        for v in vals:
-            if isinstance(v, torch.Tensor):
-                best = max(best, math.prod(_concrete(s, self.subs) for s in v.shape))
-        return best
+        shapes = [v.shape for v in vals if isinstance(v, torch.Tensor)]
+        scores = score_shape(n, lambda a: a.meta.get("val") if isinstance(a, fx.Node) else None)
+        if scores is not None:
+            shapes.append(scores)
+        return max([math.prod(_concrete(s, self.subs) for s in shape) for shape in shapes] + [0])
 
     # -- boundary inputs -----------------------------------------------------------------------
     def _input(self, b: fx.Node) -> _Input:
@@ -476,18 +633,21 @@ class _Pair:
         return None
 
     # -- the standalone graphs -----------------------------------------------------------------
-    def _extract(self, inside: set[fx.Node], out: fx.Node, name: str) -> fx.GraphModule:
+    def _extract(self, inside: set[fx.Node], out: fx.Node, name: str, native: bool = False) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for b in self.boundary:
             env[b] = g.placeholder(b.name)
+            env[b].meta["val"] = b.meta.get("val")
         for n in self.gm.graph.nodes:
             if n in inside:
                 env[n] = g.node_copy(n, lambda a: env[a])
-                _to_float64_cpu(env[n])
+                if not native:
+                    _to_float64_cpu(env[n])
         g.output(env[out])
         module = fx.GraphModule(self.gm, g, class_name=name)
-        _constants_to_float64_cpu(module)
+        if not native:
+            _constants_to_float64_cpu(module)
         return module
 
     def key(self) -> str:
@@ -544,17 +704,40 @@ class _Pair:
         return Verdict(True, checked_on)
 
     def _compare(self, inputs: list) -> str:
-        with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
+        old_gm, new_gm = self.graphs()
+        with _reference_ops():                    # one thread for the comparison too
             try:
-                want = self.old_gm(*_cloned(inputs))
+                want = run_float64(old_gm, _cloned(inputs))
             except Exception as e:
                 return f"{_SOURCE_RAISED} {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             try:
-                got = self.new_gm(*_cloned(inputs))
+                got = run_float64(new_gm, _cloned(inputs))
             except Exception as e:
                 return (f"the rewrite raised {type(e).__name__} where the source computes: "
                         f"{str(e).splitlines()[0][:200]}")
             return compare(want, got)
+
+
+def compare_scaled(want: torch.Tensor, got: torch.Tensor, tolerance: float) -> str:
+    """'' when max |got - want| <= tolerance * max |want| (finite values; NaN where and only where
+    `want` is NaN), else why not: the first-call check's rule, where `got` is the op's low-precision output."""
+    if tuple(want.shape) != tuple(got.shape):
+        return f"shape {list(got.shape)} where the source gives {list(want.shape)}"
+    a, b = want.double(), got.double()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
+                f"{int(nan_b.sum())} in the rewrite")
+    a, b = a[~nan_a], b[~nan_a]
+    if a.numel() == 0:
+        return ""
+    same = a == b
+    err = float(torch.where(same, torch.zeros_like(a), (a - b).abs()).max())
+    finite = a[torch.isfinite(a)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    if not err <= tolerance * max(scale, 1e-30):
+        return f"max abs error {err:.3g} (tolerance {tolerance:g} x max |source| {scale:.3g})"
+    return ""
 
 
 def compare(want: torch.Tensor, got: torch.Tensor) -> str:
@@ -666,15 +849,126 @@ def _to_float64_cpu(n: fx.Node) -> None:
         n.args = (*n.args[:2], False)             # half_to_float: the input is float64 now
     elif t in DROPOUTS:
         n.args = (n.args[0], 0.0, *n.args[2:])
-    elif t in (aten.scaled_dot_product_attention.default,
-               aten._scaled_dot_product_flash_attention_for_cpu.default):
-        position, keyword = argument_position(t, "dropout_p")
-        if keyword in n.kwargs:
-            n.kwargs = {**n.kwargs, keyword: 0.0}
-        elif len(n.args) > position:
-            n.args = (*n.args[:position], 0.0, *n.args[position + 1:])
+    elif t in _SDPA_OUTPUTS:
+        _sdpa_to_reference(n)                     # torch's kernel is not trusted here (sdpa_reference)
     elif _is_attention_op(n) and "dropout_p" in n.kwargs:
         n.kwargs = {**n.kwargs, "dropout_p": 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# one dtype the validator controls
+
+def _as_float64(x):
+    """A floating tensor as float64 on CPU (itself when it already is: in-place writes stay in place),
+    inside lists, tuples and dicts too (by hand: pytree's tree_map cost 0.5 s of a 1 s GPT-2 check)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() and (x.dtype != torch.float64 or x.device.type != "cpu"):
+            return x.to("cpu", torch.float64)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_float64(v) for v in x) if not hasattr(x, "_fields") else type(x)(*map(_as_float64, x))
+    if isinstance(x, dict):
+        return {k: _as_float64(v) for k, v in x.items()}
+    return x
+
+
+class _Float64Run(fx.Interpreter):
+    """Runs a copy with every floating value in float64 on CPU: the arguments of each node and its results.
+
+    The copies' casts and factory dtypes are rewritten to float64 (`_to_float64_cpu`) and the default
+    dtype is float64 while they run (`_reference_ops`), so this converts nothing on a copy that is right;
+    it is what makes that hold for every value, whatever an op does with dtypes it was not given (a
+    `full` without a dtype, a constant, a module buffer): torch's CPU SDPA with float64 q/k/v and a
+    float32 mask returns wrong numbers (`sdpa_reference`), and no op may see mixed precisions here."""
+
+    def run_node(self, n: fx.Node):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = _as_float64(args), op_contract_dtypes(n.target, _as_float64(kwargs))
+            return _as_float64(getattr(self, n.op)(n.target, args, kwargs))
+
+
+def op_contract_dtypes(target, kwargs: dict) -> dict:
+    """`kwargs` of a call of `target` with the arguments whose dtype an attnlower op's contract fixes in
+    that dtype: ALiBi slopes are float32 (docs/INTERFACES.md section 1), whatever the other inputs are. The
+    rewrite passes them as a float32 constant, so float64 -> float32 gives back exactly its values."""
+    if getattr(target, "namespace", None) == "attnlower" and isinstance(kwargs.get("alibi_slopes"), torch.Tensor):
+        return {**kwargs, "alibi_slopes": kwargs["alibi_slopes"].to(torch.float32)}
+    return kwargs
+
+
+def run_float64(module: torch.nn.Module, inputs: list):
+    """`module` (a Source / Rewrite copy, or a repro file's class of one) on `inputs`, every floating
+    value float64 on CPU (`_Float64Run`)."""
+    if not isinstance(module, fx.GraphModule):
+        module = fx.symbolic_trace(module)
+    with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
+        return _Float64Run(module).run(*inputs)
+
+
+def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, outputs=0, query_positions=None):
+    """torch's `scaled_dot_product_attention` by its documented math definition, in the inputs' dtype.
+
+    The validator evaluates a source region's SDPA call with this, never with torch's kernel: on CPU
+    (torch 2.13.0) the kernel gives wrong numbers for float64 q/k/v with a float32 mask:
+
+        q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+        mask = torch.triu(torch.full((16, 16), float("-inf")), 1)              # float32
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # off by ~2.9
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())        # right (~1e-16)
+
+    Semantics (torch's docs and its math backend): scores `q·kᵀ * scale` (scale 1/sqrt(E) by default)
+    plus the causal mask (top-left: key j hidden from query i when j > i) plus `attn_mask` (bool: False
+    hides; float: added); `enable_gqa` repeats each KV head for its group of query heads; softmax over
+    the keys, where a row whose scores are all -inf gives 0 (the math backend's `_safe_softmax`); then
+    `· v`. `query_positions` (the first-call check's sampled rows) gives each query row's position for
+    the causal mask. `outputs` > 0 returns an `outputs`-tuple (out, logsumexp, None, ...) for the op
+    forms that return one (`_scaled_dot_product_flash_attention_for_cpu`, ...).
+    """
+    if dropout_p:
+        raise ValueError(f"sdpa_reference runs without dropout, got dropout_p={dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention takes attn_mask or is_causal, not both")
+    length, keys = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        group = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        rows = torch.arange(length) if query_positions is None else query_positions
+        scores = scores.masked_fill(torch.arange(keys)[None, :] > rows[:, None], float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    out = probs @ value
+    if not outputs:
+        return out
+    return (out, torch.logsumexp(scores, dim=-1)) + (None,) * (outputs - 2)
+
+
+_SDPA_OUTPUTS = {  # how many results each op of the SDPA family returns (0: one tensor)
+    aten.scaled_dot_product_attention.default: 0,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 2,
+    aten._scaled_dot_product_flash_attention.default: 9,
+    aten._scaled_dot_product_efficient_attention.default: 4,
+    aten._scaled_dot_product_cudnn_attention.default: 9,
+}
+
+
+def _sdpa_to_reference(n: fx.Node) -> None:
+    """Make a copied SDPA-family call a call of `sdpa_reference` with the same arguments, dropout off."""
+    a = sdpa_arguments(n)
+    outputs = _SDPA_OUTPUTS[n.target]
+    n.target = sdpa_reference
+    n.args = (a.q, a.k, a.v)
+    n.kwargs = {"attn_mask": a.mask, "is_causal": bool(a.is_causal), "scale": a.scale,
+                "enable_gqa": bool(a.enable_gqa), "outputs": outputs}
 
 
 @contextlib.contextmanager
@@ -685,12 +979,14 @@ def _reference_ops():
     at every size measured (0.96 s vs 0.36 s at 393k elements, 6.4 s vs 5.9 s at 8.4M). An idle
     many-core host might gain from threads at the largest sizes: unmeasured."""
     saved = os.environ.pop("ATTNLOWER_CPU_KERNELS", None)
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)        # a factory op without a dtype makes float64 too
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
         if saved is not None:
             os.environ["ATTNLOWER_CPU_KERNELS"] = saved
 
@@ -751,7 +1047,13 @@ def _draw(i: _Input, style: int, g: torch.Generator):
         t = t.to(i.dtype)
     else:
         values = torch.tensor([0, 1, -1, 2, -2, 3], dtype=torch.int64)
-        t = values[torch.randint(0, (2, 6, 3)[style % 3], base_shape, generator=g)].to(i.dtype)
+        t = values[torch.randint(0, (2, 6, 3)[style % 3], base_shape, generator=g)]
+        if style and t.numel():
+            rows = _rows(t)
+            rows[0] = 0                       # an all-zero row: a sequence with every token padded
+            if style == 2 and rows.shape[0] > 1:
+                rows[1] = 1                   # and one with none
+        t = t.to(i.dtype)
     if i.kind in ("data", "float"):
         t = t.to(torch.float64)               # torch.where of python scalars gives the default dtype
     t = t.expand(i.shape) if list(t.shape) != list(i.shape) else t
@@ -783,10 +1085,13 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
         f.write("# attnlower translation validation: the rewrite of a site differs from the region it replaced.\n")
         f.write(f"# {failure}\n")
         f.write("# Run: python this_file.py  (evaluates both in float64 on CPU and prints the difference)\n")
-        f.write("import base64\nimport io\n\nimport torch\nfrom torch import device\n"
+        f.write("import base64\nimport io\n\nimport torch\nimport torch.fx\nfrom torch import device\n"
                 "from math import inf, nan  # printed graphs spell them bare\n\n"
                 "import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower\n"
-                "from attnlower.passes.validate import compare\n\n")
+                "from attnlower.passes.validate import compare, run_float64, sdpa_reference\n\n"
+                "# the copies call SDPA by its math definition (validate.sdpa_reference): a leaf when traced\n"
+                "attnlower_passes_validate_sdpa_reference = sdpa_reference\n"
+                "torch.fx.wrap('attnlower_passes_validate_sdpa_reference')\n\n")
         for gm in (pair.old_gm, pair.new_gm):
             f.write(gm.print_readable(print_output=False))
             f.write("\n\n")
@@ -797,7 +1102,7 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
                 "    for name, value in data['constants'].items():\n"
                 "        setattr(source, name, value)\n"
                 "        setattr(rewrite, name, value)\n"
-                "    want = source(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
-                "    got = rewrite(*[x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    want = run_float64(source, [x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
+                "    got = run_float64(rewrite, [x.clone() if isinstance(x, torch.Tensor) else x for x in data['inputs']])\n"
                 "    print(compare(want, got) or 'the two agree')\n")
     return path

@@ -274,20 +274,23 @@ def _memory_str(mem: dict | None) -> str:
 
 
 def site_table_markdown(report: CompileReport) -> str:
-    """sites.md: one row per site (location, shapes, mask, op, kernel, memory, why)."""
-    lines = [f"# graph {report.graph_id} ({report.target}, inner={report.inner})", "",
-             f"{len(report.sites)} site(s), {report.count()} rewritten, {len(report.refused)} left unfused.", ""]
+    """sites.md: one row per site (location, shapes, mask, op, kernel, memory, why, validation)."""
+    lines = [f"# graph {report.graph_id} ({report.target}, inner={report.inner})", ""]
+    if not report.passes_enabled:
+        return "\n".join(lines + ["Passes off (options enable=False): no attention site was looked for; "
+                                   "the graph was compiled as traced.", ""])
+    lines += [f"{len(report.sites)} site(s), {report.count()} rewritten, {len(report.refused)} left unfused.", ""]
     if report.error:
         lines += [f"**passes failed, graph compiled unmodified:** {report.error}", f"repro: `{report.repro}`", ""]
     lines += ["memory: bytes the fused op writes (output + lse) vs the intermediates of the unfused subgraph "
               "(scores, probabilities) at the example sizes.", "",
               "| # | location | q | k | v | spelling | mask | op | kernel | memory fused vs unfused | why | "
-              "why this op | saves |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "why this op | saves | validation |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in report.sites:
         cells = [str(s.index), s.location, s.shapes.get("q", "?"), s.shapes.get("k", "?"), s.shapes.get("v", "?"),
                  s.spelling, s.mask, s.op or "(unfused)", _kernel_str(s.kernel), _memory_str(s.memory), s.reason,
-                 s.choice or "-", s.saves or "-"]
+                 s.choice or "-", s.saves or "-", s.validation_status()]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -6,8 +6,14 @@ process, oldest first (`attnlower.inspect` and `attnlower dump` read the ones th
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# The site table's columns and the widest each may grow, in characters: a longer cell wraps at spaces, and a
+# single word longer than its cap (a path, a shape) widens the column instead, so no cell is ever cut.
+_COLUMNS = (("#", 4), ("location", 56), ("q / k / v [B, H, T, D]", 40), ("mask", 24), ("op", 26), ("why", 72))
+_NOTE_WIDTH = 100   # the lines under a row (why this op, savings, validation) wrap here
 
 
 @dataclass
@@ -36,6 +42,14 @@ class Site:
         """Replaced by a fused op."""
         return self.op is not None
 
+    def validation_status(self) -> str:
+        """What translation validation checked this site on, or why it did not check it (table and sites.md)."""
+        if not self.validated:
+            return "not checked: the site was not rewritten" if not self.rewritten else "not checked"
+        if self.validated.startswith(("not ", "first-call check pending")):
+            return self.validated   # "not checked: options validate=False", "not validated: ...", still to come
+        return ("passed on " if self.rewritten else "failed on ") + self.validated
+
 
 @dataclass(repr=False)
 class CompileReport:
@@ -51,6 +65,7 @@ class CompileReport:
     inner: str = "inductor"
     kernels: str = ""          # with explain: which Triton kernels the first call compiles
     graph_breaks: list[Any] = field(default_factory=list)  # graph_breaks.GraphBreak taken before this graph
+    passes_enabled: bool = True  # options enable: False means no site was looked for (not that none was found)
 
     @property
     def rewritten(self) -> list[Site]:
@@ -82,36 +97,73 @@ class CompileReport:
     def __str__(self) -> str:
         return self.table()
 
-    def table(self) -> str:
-        """The site table: one row per site, then what was proven, why this op, and what it saves."""
-        head = (f"attnlower graph {self.graph_id} on {self.target}: {len(self.sites)} attention site(s), "
+    def summary(self) -> str:
+        """The table's first line: how many sites were found and rewritten, or that the passes were off."""
+        if not self.passes_enabled:
+            return (f"attnlower graph {self.graph_id} on {self.target}: passes off (options enable=False), "
+                    "no attention site looked for; the graph was compiled as traced")
+        return (f"attnlower graph {self.graph_id} on {self.target}: {len(self.sites)} attention site(s), "
                 f"{len(self.rewritten)} rewritten")
+
+    def table(self) -> str:
+        """The site table: one row per site (long cells wrapped at spaces), then why this op, what it saves and
+        what translation validation checked."""
+        head = self.summary()
         if self.error:
             head += f"\n  passes failed, graph left unmodified: {self.error}" + (f" (repro: {self.repro})" if self.repro else "")
         if self.graph_breaks:
             head += (f"\n  Dynamo broke the code before this graph ({sum(b.count for b in self.graph_breaks)} "
                      "graph break(s)); attention past a break is not in this graph:")
             head += "".join(f"\n  - {b.describe()}" for b in self.graph_breaks)
-        rows = [("#", "location", "q / k / v [B, H, T, D]", "mask", "op", "why")]
+        rows = [tuple(name for name, _ in _COLUMNS)]
         for s in self.sites:
-            shapes = " ".join(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))
+            shapes = tuple(str(s.shapes.get(n, "?")) for n in ("q", "k", "v"))   # wraps between shapes only
             rows.append((str(s.index), s.location, shapes, s.mask, s.op or "(unfused)", s.reason))
         if len(rows) == 1:
-            return head
-        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]) - 1)]
+            return head + ("\n" + "  " + self.kernels if self.kernels else "")
+        limits = [_column_width([r[i] for r in rows], cap) for i, (_, cap) in enumerate(_COLUMNS)]
+        wrapped = [[_wrap(c, w) for c, w in zip(r, limits)] for r in rows]
+        widths = [max(len(line) for r in wrapped for line in r[i]) for i in range(len(_COLUMNS))]   # shrink to fit
+        indent = " " * (4 + widths[0])
         lines = [head]
-        for i, r in enumerate(rows):
-            cells = [c[:w].ljust(w) for c, w in zip(r[:-1], widths)]
-            lines.append("  " + "  ".join(cells) + "  " + r[-1])
+        for i, cells in enumerate(wrapped):
+            for k in range(max(len(c) for c in cells)):
+                parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths)]
+                lines.append(("  " + "  ".join(parts)).rstrip())
             s = self.sites[i - 1] if i else None
-            indent = " " * (4 + widths[0])
-            if s is not None and s.choice:
-                lines.append(f"{indent}op: {s.choice}")
-            if s is not None and s.saves:
-                lines.append(f"{indent}saves: {s.saves}")
+            if s is None:
+                continue
+            for label, text in (("op", s.choice), ("saves", s.saves), ("validation", s.validation_status())):
+                if text:
+                    lines += textwrap.wrap(f"{label}: {text}", _NOTE_WIDTH, initial_indent=indent,
+                                           subsequent_indent=indent + "  ", break_long_words=False,
+                                           break_on_hyphens=False)
         if self.kernels:
             lines.append("  " + self.kernels)
         return "\n".join(lines)
+
+
+def _units(cell: str | tuple[str, ...]) -> list[str]:
+    """What a cell may be broken between: its words, or the items of a tuple cell (shapes stay whole)."""
+    return cell.split() if isinstance(cell, str) else list(cell)
+
+
+def _wrap(cell: str | tuple[str, ...], width: int) -> list[str]:
+    """The cell in lines of at most `width` characters, broken between units only (a longer unit keeps a line)."""
+    lines: list[str] = []
+    for unit in _units(cell):
+        if lines and len(lines[-1]) + 1 + len(unit) <= width:
+            lines[-1] += " " + unit
+        else:
+            lines.append(unit)
+    return lines or [""]
+
+
+def _column_width(cells: list, cap: int) -> int:
+    """The narrowest width that fits every cell of a column within `cap`, widened to its longest unit."""
+    longest = max(len(" ".join(_units(c))) for c in cells)
+    longest_unit = max((len(u) for c in cells for u in _units(c)), default=0)
+    return min(longest, max(cap, longest_unit))
 
 
 class Reports(list):

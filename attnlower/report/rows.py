@@ -33,8 +33,7 @@ def site_row(site: AttentionSite) -> Site:
             "v": format_dims((m.batch, m.kv_heads, m.k_len, m.v_head_dim)),
         }
         row.memory = memory_estimate(m)
-    if site.decision is not None:
-        row.mask = site.decision.mask.kind
+    row.mask = mask_kind(site)
     if site.rewritten:
         row.op = site.decision.spec.op
         row.spec = site.decision.spec.as_dict()
@@ -45,3 +44,20 @@ def site_row(site: AttentionSite) -> Site:
     row.validated = site.validated
     row.validation_repro = site.validation_repro
     return row
+
+
+def mask_kind(site: AttentionSite) -> str:
+    """The mask column: what the site's mask was proven to be, also when the site was refused after (or before)
+    the proof. "none" only when the site has no mask term; a term the stages did not classify says so."""
+    if site.decision is not None:
+        return site.decision.mask.kind
+    if site.mask is not None:
+        return site.mask.kind
+    chain = site.match or site.chain
+    if chain is None:
+        return "unknown (not read)"   # refused before its score chain was read
+    if not chain.terms:
+        return "none"
+    if len(chain.terms) > 1:
+        return f"{len(chain.terms)} terms, unclassified"
+    return f"{chain.terms[0].kind} term, unclassified"

@@ -98,6 +98,8 @@ def test_sites_md_has_one_row_per_site(dumped):
     assert "(unfused)" in rows[2] and "not a matmul" in rows[2]
     assert "KiB vs" in rows[0]
     assert "not sliding" in rows[0] and "not flash" in rows[1] and "not materialized" in rows[0]
+    assert "| validation |" in text
+    assert rows[0].rstrip(" |").split("| ")[-1].startswith("passed on float64 CPU, 3 input draws"), rows[0]
 
 
 def test_kernel_sources_load_and_name_their_constexprs(dumped):

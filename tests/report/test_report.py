@@ -69,6 +69,16 @@ def test_print_shows_the_table_not_the_dataclass():
     assert str(Reports()) == "attnlower: no graph was compiled"
 
 
+def test_the_table_says_what_each_site_was_checked_on():
+    (report,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.validated.startswith("float64 CPU, 3 input draws"), site.validated
+    flat = " ".join(report.table().split())   # the notes wrap at word boundaries
+    assert f"validation: passed on {' '.join(site.validated.split())}" in flat, report.table()
+    (off,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager", "validate": False})
+    assert "validation: not checked: options validate=False" in off.table()
+
+
 def test_causal_reason_says_each_clause_once():
     (report,) = attnlower.inspect(Causal(), *_qkv(), options={"inner": "eager"})
     (site,) = report.sites
