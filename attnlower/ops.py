@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 from attnlower.lowering import ops as _impl  # importing it registers torch.ops.attnlower.*
+from attnlower.lowering.documents import doc_ids_from_cu_seqlens, doc_ids_from_position_ids
 from attnlower.lowering.ops import check_window_type
 
-__all__ = ["flash_attention", "sliding_window_attention", "paged_attention"]
+__all__ = ["flash_attention", "sliding_window_attention", "paged_attention", "doc_ids_from_position_ids",
+           "doc_ids_from_cu_seqlens"]
 
 
 def _direct(*tensors) -> bool:
@@ -59,7 +61,9 @@ def _check_optional_tensors(op: str, **named) -> None:
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
                     alibi_slopes: Tensor | None = None, scale: float | None = None,
                     causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
-                    dropout_p: float = 0.0, empty_rows_nan: bool = False) -> Tensor:
+                    dropout_p: float = 0.0, empty_rows_nan: bool = False, sinks: Tensor | None = None,
+                    doc_ids: Tensor | None = None, fill: float | None = None,
+                    verified: Tensor | None = None) -> Tensor:
     """Dense attention `softmax(scale * q kᵀ + bias) v`, returns `[B, Hq, Tq, Dv]` in q's dtype.
 
     Args:
@@ -72,20 +76,39 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
         softcap: when > 0, scores become `softcap * tanh(scores / softcap)` before bias/alibi.
         dropout_p: attention dropout probability (training); pass 0.0 in eval.
         empty_rows_nan: rows with every key masked give NaN (eager softmax) instead of 0.
+        sinks: float `[Hq]` (any float dtype), one logit per query head that joins the softmax denominator
+            unscaled and unmasked and adds no value (GPT-OSS, StreamingLLM): `p_ij = exp(s_ij) / (sum_j exp(s_ij)
+            + exp(sinks[h]))`; a row with no visible key gives 0 (whatever `empty_rows_nan`). Receives a gradient.
+        doc_ids: int32 / int64 `[B, Tk]` or `[1, Tk]` document ids (packed sequences; needs Tq <= Tk): query `i`
+            (key position `i + off`, `off` as for causal) sees key `j` only when `doc_ids[b, i + off] ==
+            doc_ids[b, j]`, on top of bias / causal / window. Any ids are exact; rows whose ids are non-decreasing
+            (documents as runs: `doc_ids_from_position_ids`, `doc_ids_from_cu_seqlens`) skip the key blocks of
+            other documents, forward and backward.
+        fill: a finite value every masked score takes instead of being removed (`masked_fill(~keep, fill)`,
+            as masks written with -1e9 / -10000.0 / finfo.min compute): a row with every key masked then
+            averages all Tk keys, and a row whose scores sit near the fill gives the masked keys their weight.
+            None (or -inf) masks. Masked: a False `bias` entry, causal, window; a float bias adds.
+        verified: a one-element bool tensor on q's device, for a structure proven from a mask's value (issue 22,
+            class 1): True computes with causal / window / alibi_slopes and never reads `bias`; False with `bias`
+            alone over every key block (causal / window / alibi ignored). Read by the kernels (one launch, no host
+            sync, CUDA-graph safe), so a mask that stops matching its structure between calls falls back exactly.
     """
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
     op = (_impl.flash_attention if path == "direct" else _impl.EAGER_AUTOGRAD["flash_attention"].apply
           if path == "autograd" else torch.ops.attnlower.flash_attention)
-    return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
+    return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
+              doc_ids, fill, verified)[0]
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
                              bias: Tensor | None = None, *, alibi_slopes: Tensor | None = None,
                              scale: float | None = None, bottom_right: bool = False,
                              softcap: float = 0.0, dropout_p: float = 0.0,
-                             empty_rows_nan: bool = False) -> Tensor:
+                             empty_rows_nan: bool = False, sinks: Tensor | None = None,
+                             doc_ids: Tensor | None = None, fill: float | None = None,
+                             verified: Tensor | None = None) -> Tensor:
     """Causal attention over the `window` most recent keys: query `i` sees `i - window < j <= i`.
 
     With `bottom_right`, `i` is shifted by `Tk - Tq` (queries are the last Tq positions).
@@ -94,16 +117,17 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     check_window_type("sliding_window_attention", window)
     if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
         _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes))
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
     op = (_impl.sliding_window_attention if path == "direct" else _impl.EAGER_AUTOGRAD["sliding_window_attention"].apply
           if path == "autograd" else torch.ops.attnlower.sliding_window_attention)
-    return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan)[0]
+    return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
+              doc_ids, fill, verified)[0]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                     seq_lens: Tensor, *, alibi_slopes: Tensor | None = None,
                     scale: float | None = None, causal: bool = True, window: int = 0,
-                    softcap: float = 0.0) -> Tensor:
+                    softcap: float = 0.0, sinks: Tensor | None = None, fill: float | None = None) -> Tensor:
     """Attention of `q [B, Hq, Tq, D]` over a paged KV cache (decode or chunked prefill).
 
     Args:
@@ -113,15 +137,24 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
         seq_lens: int32 `[B]`; the queries are the last Tq tokens of each sequence.
         causal: query at position `p` sees keys `t <= p`.
         window: when > 0, also only keys `t > p - window`.
-        alibi_slopes, scale, softcap: as in `flash_attention`.
+        alibi_slopes, scale, softcap, sinks: as in `flash_attention` (split-KV adds the sink once, in the reduce).
+        fill: refused (NotImplementedError, below); None or -inf masks.
     Rows with no visible key give 0. No autograd.
 
     A block id outside `[0, num_blocks)` or a length outside `[0, max_blocks * block_size]` raises
     `PagedInputError`: on CPU at once; on CUDA, without a host sync, at the next paged call or at
     `attnlower.check_errors()` (the kernel never reads outside its tensors either way).
     `attnlower.set_paged_checks(False)` skips the reports for loops that validate their tables.
+
+    `fill` (a finite value for masked scores, as in `flash_attention`) is refused: a row of an empty
+    sequence (seq_lens 0, a padding slot) would average the table's unused blocks, whatever they hold.
     """
+    if fill is not None and fill != float("-inf"):
+        raise NotImplementedError(
+            f"attnlower.ops.paged_attention: fill={fill} (masked scores taking a finite value) is not supported: a "
+            f"fully masked row would average every key, and a row of an empty sequence (a padding slot) the "
+            f"table's unused blocks, whatever they hold; gather the cache and call flash_attention(..., fill=...)")
     check_window_type("paged_attention", window)
-    op = (_impl.paged_attention_impl if _direct(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes)
+    op = (_impl.paged_attention_impl if _direct(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks)
           else torch.ops.attnlower.paged_attention)
-    return op(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap)
+    return op(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap, sinks)

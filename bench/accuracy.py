@@ -59,7 +59,7 @@ def attnlower(q, k, v, grad_out, causal, window, scale, configs=None):
     fwd_cfg, kv_cfg, q_cfg = configs or (None, None, None)
     params = AttentionParams(scale, causal or window > 0, window=window)
     out, lse = flash_forward(q, k, v, params, config=fwd_cfg)
-    dq, dk, dv, _ = flash_backward(grad_out, q, k, v, out, lse, params, config_kv=kv_cfg, config_q=q_cfg)
+    dq, dk, dv, *_ = flash_backward(grad_out, q, k, v, out, lse, params, config_kv=kv_cfg, config_q=q_cfg)
     return [out, dq, dk, dv]
 
 

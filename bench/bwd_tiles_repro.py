@@ -76,7 +76,7 @@ def run_backward(q, k, v, grad_out, causal, cfg, patch):
     try:
         params = AttentionParams(1.0 / math.sqrt(q.shape[-1]), causal)
         out, lse = launch.flash_forward(q, k, v, params)
-        dq, dk, dv, _ = launch.flash_backward(grad_out, q, k, v, out, lse, params, config_kv=KernelConfig(*cfg))
+        dq, dk, dv, *_ = launch.flash_backward(grad_out, q, k, v, out, lse, params, config_kv=KernelConfig(*cfg))
     finally:
         launch.flash_bwd._flash_bwd_dkdv_kernel = saved
     return dq, dk, dv

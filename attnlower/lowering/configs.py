@@ -137,14 +137,20 @@ def _by_head_dim_key(head_dim_pad: int) -> int:
 _PAGED_MIN_BLOCK_M = 16
 # Rows per program once GROUP * Tq is large (chunked prefill): caps the fp32 accumulator at
 # BLOCK_M x HEAD_DIM_PAD per program. unmeasured starting point (no GPU this session); sweep with bench/paged.py
-_PAGED_MAX_BLOCK_M = {128: 64, 256: 32}                 # keyed by padded head dim upper bound
+# 512: a value head dim up to 512 (MLA's absorbed decode, Dv = 512; q·k then runs in 64-wide chunks): a
+# [16, 512] fp32 accumulator. Unmeasured starting point (no GPU this session), fits sm_90
+# (tests/lowering/sm90_compile.py --fits); sweep with bench/paged.py --mla.
+_PAGED_MAX_BLOCK_M = {128: 64, 256: 32, 512: 16}        # keyed by padded head dim upper bound
 # Key tokens per tile: 64 keeps K+V tiles of 2 stages at 64 KB (bf16, D=128) on Hopper.
 # unmeasured starting point (no GPU this session); sweep with bench/paged.py
-_PAGED_BLOCK_N = {128: 64, 256: 32}
+_PAGED_BLOCK_N = {128: 64, 256: 32, 512: 32}
 # unmeasured starting point (no GPU this session); sweep with bench/paged.py
 _PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192
 _PAGED_NUM_WARPS_LARGE = 8
 _PAGED_NUM_STAGES = 2
+# A 512-wide accumulator (MLA decode): 8 warps. sm90_compile.py (triton 3.9, bf16, 576 / 512, 16x32 tiles, 2 stages,
+# 2026-12-04): 4 warps spill 560-632 bytes per thread, 8 warps 40-48; speed unmeasured (no GPU this session).
+_PAGED_WIDE_V = 512
 # The paged constants below were timed, not swept, on H100 (2026-11-23, bf16 Hq=32 Hkv=8 D=128,
 # block 16): decode at 0.95-0.98x cuDNN SDPA on a contiguous cache for B >= 8 (bench/RESULTS.md).
 # Split-KV: aim for this many programs per SM so latency of the gathers is hidden,
@@ -172,6 +178,7 @@ def _by_head_dim(table: dict[int, int], head_dim_pad: int) -> int:
 def paged_config(arch: int, head_dim: int, dtype, block_size: int, group: int, tq: int) -> KernelConfig:
     """Tiles, warps and stages of the paged-attention kernel.
 
+    head_dim: the widest register tile's dims (the plan passes max(q's chunk, Dv padded)).
     `group * tq` query rows of one KV head share each K/V tile; BLOCK_M covers them up to a cap,
     BLOCK_N (key tokens per tile) does not depend on the cache's block_size (the kernel gathers
     per token). `arch` (SM version, 0 off-GPU), `dtype` and `block_size` are accepted so that
@@ -183,6 +190,8 @@ def paged_config(arch: int, head_dim: int, dtype, block_size: int, group: int, t
     block_m = min(max(_PAGED_MIN_BLOCK_M, _next_power_of_2(rows)), _by_head_dim(_PAGED_MAX_BLOCK_M, head_dim_pad))
     block_n = _by_head_dim(_PAGED_BLOCK_N, head_dim_pad)
     num_warps = _PAGED_NUM_WARPS_SMALL if block_m * head_dim_pad <= 8192 else _PAGED_NUM_WARPS_LARGE
+    if head_dim_pad >= _PAGED_WIDE_V:
+        num_warps = _PAGED_NUM_WARPS_LARGE
     return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=_PAGED_NUM_STAGES)
 
 

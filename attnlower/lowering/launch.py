@@ -21,10 +21,12 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from attnlower.lowering import fastpath
+from attnlower.lowering.documents import document_bounds
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels import flash_bwd, flash_fwd
 from attnlower.lowering.params import AttentionParams
+from attnlower.lowering.reference import out_like
 
 
 _tracing = threading.local()
@@ -94,10 +96,32 @@ def _rng_arg(rng_state: Tensor | None, params: AttentionParams, q: Tensor) -> Te
     return rng_state
 
 
-def _plan(params, direction, q, k, v, bias, alibi_slopes, configs) -> planning.DensePlan:
+def _sink_args(sinks: Tensor | None, q: Tensor) -> tuple[Tensor, int]:
+    """(sinks pointer, stride over the head); q stands in when there are none (never read)."""
+    return (q, 0) if sinks is None else (sinks, sinks.stride(0))
+
+
+def _doc_args(doc_ids: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """(ids, bounds, (ids' batch stride, ids' position stride, bounds' batch stride)); [1, Tk] ids and their
+    bounds get batch stride 0. The bounds are computed here on the device (lowering/documents.py: a few small
+    ops, no host read, graph-safe), in the forward and again in the backward (8 bytes per token, not saved)."""
+    if doc_ids is None:
+        return q, q, (0, 0, 0)
+    bounds = document_bounds(doc_ids)
+    one = doc_ids.shape[0] == 1
+    return doc_ids, bounds, (0 if one else doc_ids.stride(0), doc_ids.stride(1), 0 if one else bounds.stride(0))
+
+
+def _verified_arg(verified: Tensor | None, q: Tensor) -> Tensor:
+    """The flag's pointer (q stands in when there is none: never read)."""
+    return q if verified is None else verified
+
+
+def _plan(params, direction, q, k, v, bias, alibi_slopes, configs, sinks=None, doc_ids=None,
+          verified=None) -> planning.DensePlan:
     return planning.dense_plan(params, direction, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(v),
                                planning.Meta.of(bias), alibi_slopes is not None, planning.target_of(q.device),
-                               configs)
+                               configs, sinks is not None, doc_ids is not None, verified is not None)
 
 
 def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
@@ -106,33 +130,47 @@ def _diag_offset(q: Tensor, k: Tensor, params: AttentionParams) -> int:
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, bias: Tensor | None = None,
                   alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
+                  sinks: Tensor | None = None, doc_ids: Tensor | None = None, verified: Tensor | None = None,
                   config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Dense attention forward (docs/INTERFACES.md, "Semantics (dense ops)") -> (out, lse).
 
-    q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D], any strides. params.window > 0 is the sliding op
-    (always causal). Returns out [B, Hq, Tq, D] in q's dtype and layout (stride order) and lse fp32
+    q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], any strides. params.window > 0 is the sliding op
+    (always causal). Returns out [B, Hq, Tq, Dv] in q's dtype and layout (stride order) and lse fp32
     [B, Hq, Tq] contiguous.
+    sinks: float [Hq] logits in the normalizer (lse includes them; a row with no visible key gives 0).
+    doc_ids: int [B|1, Tk] document ids (Tq <= Tk): key blocks of other documents are skipped.
+    verified: a one-element bool device tensor: True runs params' causal / window / alibi without reading the bias,
+    False the bias alone over every block (the kernels read the flag: one launch, no host sync).
     `config` overrides the tiles from configs.flash_config (tests, benchmarks).
     """
-    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else ())
+    plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks, doc_ids,
+                 verified)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
-    out = _out_like(q)
+    out = out_like(q, v.shape[3])
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if plan.trivial == "empty":
         return out, lse
-    if plan.trivial == "no_keys":  # every row is empty
+    if plan.trivial == "no_keys":  # every row is empty (with sinks: the sink takes the whole softmax)
+        if sinks is not None:
+            out.zero_()
+            lse.copy_(sinks.float().view(1, q_heads, 1).expand(batch, q_heads, tq))
+            return out, lse
         out.fill_(float("nan") if params.empty_rows_nan else 0.0)
         lse.fill_(float("-inf"))
         return out, lse
     (fwd,) = plan.launches
     bias_t, stride_b = _bias_args(bias, q, k)
     slopes, stride_s = _slope_args(alibi_slopes, q)
+    sinks_t, stride_sink = _sink_args(sinks, q)
+    docs_t, bounds, stride_docs = _doc_args(doc_ids, q)
     fastpath.launch(kernel(flash_fwd, fwd.kernel), fwd.grid, (
-        q, k, v, bias_t, slopes, out, lse, _rng_arg(rng_state, params, q),
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *out.stride(),
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, _verified_arg(verified, q), out, lse,
+        _rng_arg(rng_state, params, q),
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *out.stride(),
         q_heads, q_heads // kv_heads, tq, tk,
         params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
+        params.mask_fill,
     ), fwd.launch_kwargs)
     return out, lse
 
@@ -140,19 +178,23 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
 def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    params: AttentionParams, *, bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
                    rng_state: Tensor | None = None, bias_requires_grad: bool = False,
+                   sinks: Tensor | None = None, sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
+                   verified: Tensor | None = None,
                    config_kv: KernelConfig | None = None, config_q: KernelConfig | None = None,
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients (dq, dk, dv, dbias) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients (dq, dk, dv, dbias, dsinks) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
 
-    dq [B, Hq, Tq, D], dk / dv [B, Hkv, Tk, D] (reduced over the GQA group inside the kernel), each in
+    dq [B, Hq, Tq, D], dk [B, Hkv, Tk, D], dv [B, Hkv, Tk, Dv] (reduced over the GQA group inside the kernel), each in
     its input's dtype and layout (stride order). dbias (only when bias_requires_grad, float bias) has the bias's
     shape and dtype. Cost of dbias: the kernel writes dS once per (b, h, i, j); a bias of the full
     shape [B, Hq, Tq, Tk] receives it directly, a broadcast bias gets a full fp32 [B, Hq, Tq, Tk]
     buffer (4 bytes per score: B*Hq*Tq*Tk*4 bytes of memory and traffic) summed to its shape afterwards.
+    dsinks (only when sinks_requires_grad with sinks): [Hq] in sinks' dtype, from an fp32 [B, Hq, Tq] buffer of
+    per-row terms the dQ kernel writes, summed here.
     `config_kv` / `config_q` override the tiles of the dK/dV and dQ kernels.
     """
     overrides = (config_kv, config_q) if config_kv is not None or config_q is not None else ()
-    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides)
+    plan = _plan(params, "bwd", q, k, v, bias, alibi_slopes, overrides, sinks, doc_ids, verified)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     dq, dk, dv = _out_like(q), _out_like(k), _out_like(v)
@@ -168,11 +210,12 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         ds_dtype = bias.dtype if tuple(bias.shape) == full_shape else torch.float32
         ds_full = torch.zeros(full_shape, dtype=ds_dtype, device=q.device)
 
+    want_dsinks = sinks_requires_grad and sinks is not None
     if plan.trivial:
         dq.zero_(), dk.zero_(), dv.zero_()
         if ds_full is not None:
             dbias = ds_full.sum_to_size(bias.shape).to(bias.dtype)
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, (torch.zeros_like(sinks) if want_dsinks else None)
 
     pre, dkdv, dq_launch = plan.launches
     bias_t, stride_b = _bias_args(bias, q, k)
@@ -180,25 +223,38 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     rng = _rng_arg(rng_state, params, q)
     lse = lse.contiguous()  # fp32 [B, Hq, Tq]: ours is already contiguous, this is a no-op then
     group = q_heads // kv_heads
-    runtime = (params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p)
+    runtime = (params.scale, params.softcap, _diag_offset(q, k, params), params.window, params.dropout_p,
+               params.mask_fill)
 
     delta = fastpath.scratch(torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device))
+    # fill mode: the dQ kernel writes each row's normalizer in its frame (kernels/flash_bwd.py), read by dK/dV
+    lse_fill = (fastpath.scratch(torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device))
+                if params.has_fill else delta)
     fastpath.launch(kernel(flash_bwd, pre.kernel), pre.grid, (
         out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), q_heads, tq), pre.launch_kwargs)
+    # dQ first: in fill mode it writes lse_fill, which dK/dV reads (otherwise the two are independent)
+    sinks_t, stride_sink = _sink_args(sinks, q)
+    docs_t, bounds, stride_docs = _doc_args(doc_ids, q)
+    # the dQ kernel writes every row's sink term (rows < Tq of every (b, h)): no zero-fill needed
+    dsink_rows = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device) if want_dsinks else delta
+    fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
+        q, k, v, bias_t, slopes, sinks_t, docs_t, bounds, _verified_arg(verified, q), grad_out, lse, delta, lse_fill,
+        dq, dsink_rows, rng,
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, stride_sink, *stride_docs, *grad_out.stride(),
+        *dq.stride(),
+        q_heads, group, tq, tk, *runtime,
+    ), dict(dq_launch.launch_kwargs, WRITE_DSINKS=want_dsinks))
     ds_t = ds_full if ds_full is not None else q
     stride_ds = ds_full.stride() if ds_full is not None else (0, 0, 0, 0)
     fastpath.launch(kernel(flash_bwd, dkdv.kernel), dkdv.grid, (
-        q, k, v, bias_t, slopes, grad_out, lse, delta, dk, dv, ds_t, rng,
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(),
+        q, k, v, bias_t, slopes, docs_t, bounds, _verified_arg(verified, q), grad_out, lse, delta, lse_fill, dk, dv,
+        ds_t, rng,
+        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *stride_docs, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *stride_ds,
         q_heads, kv_heads, group, tq, tk, *runtime,
     ), dict(dkdv.launch_kwargs, WRITE_DS=ds_full is not None))
-    fastpath.launch(kernel(flash_bwd, dq_launch.kernel), dq_launch.grid, (
-        q, k, v, bias_t, slopes, grad_out, lse, delta, dq, rng,
-        *q.stride(), *k.stride(), *v.stride(), *stride_b, *stride_s, *grad_out.stride(), *dq.stride(),
-        q_heads, group, tq, tk, *runtime,
-    ), dq_launch.launch_kwargs)
     if ds_full is not None:
         dbias = ds_full if ds_full.dtype == bias.dtype and tuple(bias.shape) == ds_full.shape \
             else ds_full.sum_to_size(bias.shape).to(bias.dtype)
-    return dq, dk, dv, dbias
+    dsinks = dsink_rows.sum(dim=(0, 2)).to(sinks.dtype) if want_dsinks else None
+    return dq, dk, dv, dbias, dsinks

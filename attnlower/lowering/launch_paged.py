@@ -21,15 +21,18 @@ from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
 from attnlower.lowering.kernels.paged_decode import _paged_attn_kernel, _paged_reduce_kernel
 from attnlower.lowering.params import AttentionParams
+from attnlower.lowering.reference import out_like
 
 
 def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-                  params: AttentionParams, *, alibi_slopes: Tensor | None = None,
+                  params: AttentionParams, *, alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
                   num_splits: int | None = None, config: KernelConfig | None = None) -> Tensor:
-    """Paged attention (docs/INTERFACES.md, "Semantics (paged)") -> out [B, Hq, Tq, D] in q's layout.
+    """Paged attention (docs/INTERFACES.md, "Semantics (paged)") -> out [B, Hq, Tq, Dv] in q's layout.
 
-    q [B, Hq, Tq, D]; k_cache / v_cache [num_blocks, Hkv, block_size, D]; block_table
-    [B, max_blocks] int32; seq_lens [B] int32; alibi_slopes None, fp32 [Hq] or [B, Hq].
+    q [B, Hq, Tq, D]; k_cache [num_blocks, Hkv, block_size, D], v_cache [num_blocks, Hkv, block_size, Dv] (any
+    strides: MLA passes a prefix view of the k pool; D <= 576, Dv <= 512); block_table
+    [B, max_blocks] int32; seq_lens [B] int32; alibi_slopes None, fp32 [Hq] or [B, Hq]; sinks None or float
+    [Hq] (split-KV: added once, by the reduce kernel).
     `num_splits` and `config` override the heuristics (tests and benchmarks); None = choose.
     Raises errors.PagedInputError for a bad table or lengths: at once on CPU; on CUDA at the next
     paged call or `attnlower.check_errors()` (no host sync here).
@@ -37,10 +40,11 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     checks = errors.paged_checks_enabled()
     plan = planning.paged_plan(params, planning.Meta.of(q), planning.Meta.of(k_cache),
                                planning.Meta.of(block_table), alibi_slopes is not None,
-                               planning.target_of(q.device), checks, num_splits, config)
+                               planning.target_of(q.device), checks, num_splits, config, sinks is not None,
+                               v_cache.shape[3])
     batch, q_heads, tq, head_dim = q.shape
     num_blocks, kv_heads = k_cache.shape[0], k_cache.shape[1]
-    out = torch.empty_like(q)   # q's layout (stride order): a [B, T, H, D] view in gives BSHD memory out
+    out = out_like(q, v_cache.shape[3])   # q's layout (stride order): a [B, T, H, D] view in gives BSHD memory out
     if plan.trivial:
         return out
     flags = errors.device_flags(q.device) if checks else None
@@ -54,11 +58,12 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     else:
         stride_ab = stride_ah = 0
 
+    sinks_t, stride_sink = (sinks, sinks.stride(0)) if sinks is not None else (seq_lens, 0)
     rows_total = batch * q_heads * tq
     if plan.num_splits > 1:
         m_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device))
         l_ws = fastpath.scratch(torch.empty_like(m_ws))
-        acc_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total, head_dim), dtype=torch.float32,
+        acc_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total, v_cache.shape[3]), dtype=torch.float32,
                                               device=q.device))
     else:
         m_ws = l_ws = acc_ws = None
@@ -67,11 +72,11 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         fastpath.launch(_paged_attn_kernel, attn.grid, (
-            q, k_cache, v_cache, block_table, seq_lens, alibi_slopes,
+            q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks_t,
             out, m_ws, l_ws, acc_ws, flags.flags if flags is not None else seq_lens,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *block_table.stride(), seq_lens.stride(0),
-            stride_ab, stride_ah,
+            stride_ab, stride_ah, stride_sink,
             *out.stride(),
             q_heads, kv_heads, tq, rows_total,
             params.scale, params.softcap, params.window, plan.num_splits, num_blocks, block_table.shape[1],
@@ -79,8 +84,8 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
         if plan.num_splits > 1:
             reduce = plan.launches[1]
             fastpath.launch(_paged_reduce_kernel, reduce.grid, (
-                out, m_ws, l_ws, acc_ws, *out.stride(), q_heads, tq, rows_total, plan.num_splits),
-                reduce.launch_kwargs)
+                out, m_ws, l_ws, acc_ws, sinks_t, *out.stride(), stride_sink, q_heads, tq, rows_total,
+                plan.num_splits), reduce.launch_kwargs)
         if flags is not None:
             flags.after_launch(q.shape)
     return out

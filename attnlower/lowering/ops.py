@@ -47,7 +47,7 @@ from torch import Tensor
 
 from attnlower.lowering import errors, fastpath, registry
 from attnlower.lowering.params import AttentionParams
-from attnlower.lowering.plan import cached_unless_symbolic
+from attnlower.lowering.plan import cached_unless_symbolic, check_dense_head_dims, check_paged_head_dims
 from attnlower.lowering import reference  # noqa: F401  the references _run reads by name (registry.OpDef.references)
 from attnlower.lowering.reference import out_like
 
@@ -234,25 +234,74 @@ def _check_bias(op: str, bias: Tensor | None, target: list) -> None:
                          f"got shape {shape}; each dim must equal the target's or be 1")
 
 
-def validate_dense(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                   alibi_slopes: Tensor | None, scale: float | None, softcap: float,
-                   dropout_p: float) -> bool:
-    """Check the inputs of a dense op; returns whether they run the Triton kernels.
+def _check_sinks(op: str, sinks, q_heads) -> None:
+    if sinks is None:
+        return
+    if _shape(sinks) != [q_heads]:
+        raise ValueError(f"attnlower::{op}: expected sinks of shape [Hq]={[q_heads]} (one logit per query head), got "
+                         f"{_shape(sinks)}; a per-KV-head sink repeats over its group: "
+                         f"sinks.repeat_interleave(Hq // Hkv)")
+    if not sinks.dtype.is_floating_point:
+        raise ValueError(f"attnlower::{op}: expected sinks of a float dtype (any: read as float32), got {sinks.dtype}; "
+                         f"pass sinks.float()")
 
-    Raises ValueError saying what was expected, what came, and what to do. Cached per
-    (shapes, dtypes, devices, scalars): a repeat call costs one lookup.
+
+def _check_doc_ids(op: str, doc_ids, batch, tq, tk) -> None:
+    if doc_ids is None:
+        return
+    shape = _shape(doc_ids)
+    if len(shape) != 2 or shape[0] not in (batch, 1) or shape[1] != tk:
+        raise ValueError(f"attnlower::{op}: expected doc_ids of shape [B, Tk]={[batch, tk]} (or [1, Tk]), got {shape}; "
+                         f"one document id per key position")
+    if doc_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"attnlower::{op}: expected doc_ids of dtype int32 or int64, got {doc_ids.dtype}; pass "
+                         f"position-derived ids (attnlower.ops.doc_ids_from_position_ids) or ids.to(torch.int32)")
+    if tq > tk:
+        raise ValueError(f"attnlower::{op}: doc_ids needs Tq <= Tk (query i is key position i + off and takes that "
+                         f"position's document), got Tq={tq}, Tk={tk}")
+
+
+def _check_verified(op: str, verified, bias) -> None:
+    if verified is None:
+        return
+    if verified.dtype != torch.bool or math.prod(verified.shape) != 1:
+        raise ValueError(f"attnlower::{op}: expected verified a one-element bool tensor (the device-side check that "
+                         f"the proven structure still holds), got {verified.dtype} {_shape(verified)}")
+    if bias is None:
+        raise ValueError(f"attnlower::{op}: verified needs the source's mask as bias (what runs when verified is "
+                         f"False), got bias=None")
+
+
+def _check_fill(op: str, fill: float | None) -> None:
+    if fill is not None and (math.isnan(fill) or fill == math.inf):
+        raise ValueError(f"attnlower::{op}: expected fill a finite float (the value masked scores take) or None / "
+                         f"-inf (masking), got {fill}")
+
+
+def validate_dense(op: str, bound: dict) -> bool:
+    """Check the inputs of a dense op (its arguments by name, `OpDef.bind`'s dict); returns whether they run
+    the Triton kernels.
+
+    Raises ValueError saying what was expected, what came, and what to do (NotImplementedError for a limit of
+    the kernels, naming the fallback). Cached per (shapes, dtypes, devices, scalars): a repeat call costs one
+    lookup. The fake implementations call it too, so bad inputs fail at trace time.
     """
+    q = bound["q"]
     runs_kernels = _runs_kernels(q.device, q.dtype)
-    _validate_dense(op, _meta(q), _meta(k), _meta(v), _meta(bias), _meta(alibi_slopes), scale, softcap,
-                    dropout_p, runs_kernels)
+    _validate_dense(op, _meta(q), _meta(bound["k"]), _meta(bound["v"]), _meta(bound["bias"]),
+                    _meta(bound["alibi_slopes"]), bound["scale"], bound["softcap"], bound["dropout_p"],
+                    _meta(bound.get("sinks")), _meta(bound.get("doc_ids")), bound.get("fill"),
+                    _meta(bound.get("verified")), runs_kernels)
     return runs_kernels
 
 
 @cached_unless_symbolic   # validation runs once per signature, like the plans
-def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, runs_kernels) -> None:
+def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, sinks, doc_ids, fill, verified,
+                    runs_kernels) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(op, name, t, 4, "[B, H, T, D]")
-    _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes})
+    _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks,
+                        "doc_ids": doc_ids, "verified": verified})
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k.dtype == v.dtype):
@@ -268,13 +317,16 @@ def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, 
     if k.shape[3] != head_dim:
         raise ValueError(f"attnlower::{op}: expected k's head_dim to equal q's ({head_dim}), got "
                          f"q {_shape(q)} and k {_shape(k)}")
-    if runs_kernels and v.shape[3] != head_dim:
-        raise ValueError(f"attnlower::{op}: the Triton kernels expect v's head_dim to equal q's "
-                         f"({head_dim}), got v {_shape(v)}; pad v, or run on CPU through the reference")
+    if runs_kernels:   # the kernels' limits (NotImplementedError naming them and the fallback), also at trace time
+        check_dense_head_dims(head_dim, v.shape[3])
     _check_heads(op, q_heads, k.shape[1])
     _check_bias(op, bias, [batch, q_heads, tq, k.shape[2]])
     _check_alibi(op, alibi_slopes, batch, q_heads)
+    _check_sinks(op, sinks, q_heads)
+    _check_doc_ids(op, doc_ids, batch, tq, k.shape[2])
+    _check_verified(op, verified, bias)
     _check_scalars(op, scale, softcap, dropout_p)
+    _check_fill(op, fill)
 
 
 def check_window_type(op: str, window) -> None:
@@ -286,7 +338,7 @@ def check_window_type(op: str, window) -> None:
 
 def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                    seq_lens: Tensor, alibi_slopes: Tensor | None, scale: float | None,
-                   window: int, softcap: float) -> bool:
+                   window: int, softcap: float, sinks: Tensor | None = None) -> bool:
     """Check the inputs of `paged_attention`; returns whether they run the Triton kernel.
 
     Checks what the host knows (shapes, dtypes, devices, scalars), cached per signature. The
@@ -294,19 +346,19 @@ def validate_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Ten
     """
     runs_kernels = _runs_kernels(q.device, q.dtype)
     _validate_paged(_meta(q), _meta(k_cache), _meta(v_cache), _meta(block_table), _meta(seq_lens),
-                    _meta(alibi_slopes), scale, window, softcap, runs_kernels)
+                    _meta(alibi_slopes), scale, window, softcap, _meta(sinks), runs_kernels)
     return runs_kernels
 
 
 @cached_unless_symbolic   # validation runs once per signature, like the plans
-def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap,
+def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap, sinks,
                     runs_kernels) -> None:
     op = "paged_attention"
     _check_rank(op, "q", q, 4, "[B, Hq, Tq, D]")
     _check_rank(op, "k_cache", k_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_rank(op, "v_cache", v_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_devices(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
-                        "seq_lens": seq_lens, "alibi_slopes": alibi_slopes})
+                        "seq_lens": seq_lens, "alibi_slopes": alibi_slopes, "sinks": sinks})
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_float_dtype(op, name, t, runs_kernels)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
@@ -319,9 +371,8 @@ def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sc
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"attnlower::{op}: expected k_cache's head_dim to equal q's ({head_dim}), "
                          f"got q {_shape(q)} and k_cache {_shape(k_cache)}")
-    if runs_kernels and v_cache.shape[3] != head_dim:
-        raise ValueError(f"attnlower::{op}: the Triton kernel expects v_cache's head_dim to equal "
-                         f"q's ({head_dim}), got v_cache {_shape(v_cache)}")
+    if runs_kernels:
+        check_paged_head_dims(head_dim, v_cache.shape[3])
     _check_heads(op, q_heads, k_cache.shape[1])
     if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"attnlower::{op}: expected block_table int32 [B, max_blocks] with B={batch}, "
@@ -334,6 +385,7 @@ def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sc
     if window < 0:
         raise ValueError(f"attnlower::{op}: expected window >= 0 (0 = no window), got {window}")
     _check_alibi(op, alibi_slopes, batch, q_heads)
+    _check_sinks(op, sinks, q_heads)
     _check_scalars(op, scale, softcap, 0.0)
 
 
@@ -366,7 +418,8 @@ def _dense_params(op: registry.OpDef, q: Tensor, bound: dict) -> AttentionParams
         q.shape[-1], bound["scale"], causal=bool(op.param(bound, "causal", False)),
         bottom_right=bool(bound["bottom_right"]), window=int(op.param(bound, "window", 0)),
         softcap=float(bound["softcap"]), dropout_p=float(bound["dropout_p"]),
-        empty_rows_nan=bool(bound["empty_rows_nan"]))
+        empty_rows_nan=bool(bound["empty_rows_nan"]),
+        mask_fill=float("-inf") if bound.get("fill") is None else float(bound["fill"]))
 
 
 def _device_guard(device: torch.device):
@@ -385,8 +438,7 @@ def _dense_forward(op: registry.OpDef, bound: dict, fast=None):
     """One dense forward call through the launcher (or the reference); `fast`: its fastpath.call_key, to cache
     the launches it makes."""
     q, k, v = bound["q"], bound["k"], bound["v"]
-    runs_kernels = validate_dense(op.name, q, k, v, bound["bias"], bound["alibi_slopes"], bound["scale"],
-                                  bound["softcap"], bound["dropout_p"])
+    runs_kernels = validate_dense(op.name, bound)
     params = _dense_params(op, q, bound)
     rng_state = draw_rng_state(q, params.dropout_p)
     forward = _run(op, "forward", runs_kernels, q.device)
@@ -417,8 +469,7 @@ def _tracing() -> bool:
 
 def _dense_fake(op: registry.OpDef, bound: dict):
     q, v = bound["q"], bound["v"]
-    validate_dense(op.name, q, bound["k"], v, bound["bias"], bound["alibi_slopes"], bound["scale"],
-                   bound["softcap"], bound["dropout_p"])
+    validate_dense(op.name, bound)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     rng_state = q.new_empty((2 if bound["dropout_p"] > 0 else 0,), dtype=torch.int64)
     return out_like(q, v.shape[3]), lse, rng_state
@@ -504,26 +555,29 @@ def _copy_like(like: Tensor, value: Tensor) -> Tensor:
 
 
 def _dense_backward(op: registry.OpDef, bound: dict, fast=None):
-    q, k, v, bias = bound["q"], bound["k"], bound["v"], bound["bias"]
-    runs_kernels = validate_dense(op.name, q, k, v, bias, bound["alibi_slopes"], bound["scale"], bound["softcap"],
-                                  bound["dropout_p"])
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    runs_kernels = validate_dense(op.name, bound)
     params = _dense_params(op, q, bound)
     backward = _run(op, "backward", runs_kernels, q.device)
+    # the optional tensors and the *_requires_grad flags travel as keywords (bias=, sinks=, sinks_requires_grad=, ...)
+    optional = {a.name: bound[a.name] for a in op.args if a.type == "Tensor?" or a.name.endswith("_requires_grad")}
     records: list = []
     with _device_guard(q.device), fastpath.recording(records):
-        dq, dk, dv, dbias = backward(bound["grad_out"], q, k, v, bound["out"], bound["lse"], params, bias=bias,
-                                     alibi_slopes=bound["alibi_slopes"], rng_state=bound["rng_state"],
-                                     bias_requires_grad=bound["bias_requires_grad"])
-    if fast is not None and runs_kernels and dbias is None:
+        dq, dk, dv, dbias, dsinks = backward(bound["grad_out"], q, k, v, bound["out"], bound["lse"], params,
+                                             rng_state=bound["rng_state"], **optional)
+    # a bias or sinks gradient is reduced after the kernels: never a cached launch
+    if fast is not None and runs_kernels and dbias is None and dsinks is None:
         fastpath.remember(fast[0], records, tuple(bound[a.name] for a in op.args if a.is_tensor), (dq, dk, dv))
     if not runs_kernels:
         dq, dk, dv = _copy_like(q, dq), _copy_like(k, dk), _copy_like(v, dv)
-    return dq, dk, dv, (dbias if dbias is not None else q.new_empty((0,)))
+    return (dq, dk, dv, dbias if dbias is not None else q.new_empty((0,)),
+            dsinks if dsinks is not None else q.new_empty((0,)))
 
 
 def _dense_backward_impl(op: registry.OpDef) -> Callable:
-    """The implementation of the dense backward op: gradients (dq, dk, dv, dbias), each in its input's layout;
-    dbias is an empty tensor unless bias_requires_grad with a float bias (a triton_op returns no optional tensor).
+    """The implementation of the dense backward op: gradients (dq, dk, dv, dbias, dsinks), each in its input's
+    layout; dbias is an empty tensor unless bias_requires_grad with a float bias, dsinks unless sinks_requires_grad
+    with sinks (a triton_op returns no optional tensor).
     A repeat call of a known signature without a bias gradient launches its three cached kernels (the bias
     gradient's buffer must start zeroed and be reduced afterwards: that call takes the launcher's path)."""
     names, count = op.arg_names, len(op.args)
@@ -541,7 +595,8 @@ def _dense_backward_impl(op: registry.OpDef) -> Callable:
                 if call is not None and not fastpath.hooks_active():
                     q = args[1]
                     dq, dk, dv = call(fast[1], q.device)
-                    return dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device)
+                    return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
+                            fastpath.alloc((0,), (1,), q.dtype, q.device))
         return _dense_backward(op, dict(zip(names, args)), fast)
 
     impl.__name__ = impl.__qualname__ = op.name
@@ -554,13 +609,14 @@ flash_attention_backward = _dense_backward_impl(registry.DENSE_BACKWARD)
 
 
 def _dense_backward_fake(op: registry.OpDef, bound: dict):
-    q, k, v, bias = bound["q"], bound["k"], bound["v"], bound["bias"]
-    validate_dense(op.name, q, k, v, bias, bound["alibi_slopes"], bound["scale"], bound["softcap"], bound["dropout_p"])
+    q, k, v, bias, sinks = bound["q"], bound["k"], bound["v"], bound["bias"], bound["sinks"]
+    validate_dense(op.name, bound)
     if bound["bias_requires_grad"] and bias is not None and bias.dtype != torch.bool:
         dbias = bias.new_empty(bias.shape)
     else:
         dbias = q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dsinks = sinks.new_empty(sinks.shape) if bound["sinks_requires_grad"] and sinks is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsinks
 
 
 _IMPLS = {"flash_attention": flash_attention, "sliding_window_attention": sliding_window_attention,
@@ -602,9 +658,9 @@ _flash_op, _sliding_op, _backward_op = (_DENSE_OPS[n] for n in _IMPLS)
 
 
 def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
-                         causal=True, window=0, softcap=0.0):
+                         causal=True, window=0, softcap=0.0, sinks=None):
     """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv] in q's layout. Inference only."""
-    tensors = (q, k_cache, v_cache, block_table, seq_lens, alibi_slopes)
+    tensors = (q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks)
     fast = None
     if fastpath.ENABLED:  # a repeat call of a known signature: the cached launches (lowering/fastpath.py)
         fast = fastpath.call_key("paged_attention", (scale, causal, window, softcap, errors.paged_checks_mode()),
@@ -620,13 +676,13 @@ def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slope
                     flags.after_launch(q.shape)
                 return out
     runs_kernels = validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale,
-                                  window, softcap)
+                                  window, softcap, sinks)
     params = AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), window=int(window),
                                      softcap=float(softcap))
     forward = _run(registry.PAGED, "forward", runs_kernels, q.device)
     records: list = []
     with fastpath.recording(records):
-        out = forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=alibi_slopes)
+        out = forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=alibi_slopes, sinks=sinks)
     if fast is not None and runs_kernels:
         flags = errors.device_flags(q.device) if errors.paged_checks_enabled() else None
         fastpath.remember(fast[0], records, tensors, (out,), (flags.flags,) if flags is not None else (), flags)
@@ -646,8 +702,8 @@ paged_attention = getattr(torch.ops.attnlower, registry.PAGED.name)
 
 @torch.library.register_fake(registry.PAGED.qualname)
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None,
-                          scale=None, causal=True, window=0, softcap=0.0):
-    validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap)
+                          scale=None, causal=True, window=0, softcap=0.0, sinks=None):
+    validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap, sinks)
     return out_like(q, v_cache.shape[3])
 
 

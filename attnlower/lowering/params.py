@@ -5,12 +5,12 @@ everything below the schema (validation, the launch plan, the launchers, the ref
 `AttentionParams` and the tensors. Optional tensors travel as keywords of the launchers
 (`bias=`, `alibi_slopes=`, `rng_state=`), so a new input is a new keyword, not a new position.
 
-How the planned variants land here without another signature change:
-  - a fill value for masked scores (issue 12, item 7): a field `mask_fill: float = -inf`; the plan
-    turns it into a constexpr / runtime scalar;
-  - attention sinks (issue 15): a `sinks=` tensor keyword of the launchers and the reference; the
-    plan reads its presence from the tensors' metadata (HAS_SINKS), as it does for alibi today;
-  - a V head dim different from Q/K's (issue 15): nothing here: the plan reads Dv from v's shape.
+How the op features land here:
+  - a fill value for masked scores (issue 22, class 2): the field `mask_fill` (-inf = masking); the plan
+    turns it into the constexpr HAS_FILL and the kernels take it as a runtime scalar;
+  - attention sinks, document ids (issue 21): tensors, so `sinks=` / `doc_ids=` keywords of the launchers
+    and the reference; the plan reads their presence (HAS_SINKS, HAS_DOCS), as it does for alibi;
+  - a V head dim different from Q/K's (issue 21): nothing here: the plan reads Dv from v's shape.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class AttentionParams(NamedTuple):
     softcap:        > 0: scores become softcap * tanh(scores / softcap) before bias / alibi.
     dropout_p:      attention dropout probability (dense ops, training).
     empty_rows_nan: rows with no visible key give NaN (eager softmax) instead of 0.
+    mask_fill:      the score every masked position takes (a finite replace-fill: `masked_fill(~keep, f)`,
+                    so a fully masked row averages every key); -inf (the default) masks them out.
 
     Immutable and hashable: it is part of the key of the launch-plan cache (`lowering/plan.py`). A
     NamedTuple rather than a frozen dataclass: its hash and equality run in C, and every op call
@@ -41,6 +43,12 @@ class AttentionParams(NamedTuple):
     softcap: float = 0.0
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
+    mask_fill: float = float("-inf")
+
+    @property
+    def has_fill(self) -> bool:
+        """Whether masked scores take a finite value (the fill mode) instead of -inf."""
+        return self.mask_fill != float("-inf")
 
     @property
     def is_causal(self) -> bool:

@@ -39,12 +39,15 @@ class _Geometry:
         (`Tk - Tq` bottom-right, 0 top-left), or an int64 `[B, 1, 1, 1]` tensor for paged
         attention, where each sequence has its own length.
     key_lens: None (all `Tk` keys exist) or int64 `[B, 1, 1, 1]`: keys at or past it are padding.
+    docs: None or int64 `[B, Tk]` document ids (dense only): query i (key position i + query_offset) sees key j only
+        when their ids are equal.
     """
 
     query_offset: int | Tensor
     causal: bool
     window: int
     key_lens: Tensor | None = None
+    docs: Tensor | None = None
 
 
 def _compute_dtype(q: Tensor) -> torch.dtype:
@@ -121,10 +124,14 @@ def dropout_keep_mask(rng_state: Tensor, dropout_p: float, shape: tuple[int, int
 
 def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, scale: float,
                   softcap: float, alibi_slopes: Tensor | None, bias4: Tensor | None,
-                  geometry: _Geometry) -> tuple[Tensor, Tensor | None]:
+                  geometry: _Geometry, fill: float = float("-inf")
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Masked scores `[B, Hq, c, Tk]` of query rows `rows` (steps 1-5 of the contract).
 
-    Returns the scores and, when softcap > 0, `tanh(scale * q.k / softcap)` for the backward.
+    Returns the scores, `tanh(scale * q.k / softcap)` when softcap > 0 (for the backward), and in fill mode
+    (`fill` finite) the bool mask of the positions whose score was replaced by `fill` (their gradient is 0).
+    Masked positions are a False keep-mask entry, causal, window, other documents and paging; a float bias adds
+    (its -inf entries stay -inf: they are not masks).
     """
     cd = k.dtype
     s = _unfold_heads(torch.matmul(q_folded, k.transpose(-1, -2)), q_heads) * scale
@@ -139,25 +146,36 @@ def _chunk_scores(q_folded: Tensor, k: Tensor, rows: slice, *, q_heads: int, sca
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(cd).reshape(-1 if alibi_slopes.dim() == 2 else 1, q_heads, 1, 1)
         s = s + slopes * (key_pos - query_pos).to(cd)
+    hidden = None
     if bias4 is not None:
         bias_rows = _bias_rows(bias4, rows)
         if bias_rows.dtype == torch.bool:
-            s = s.masked_fill(~bias_rows, float("-inf"))
+            hidden = ~bias_rows
         else:
             s = s + bias_rows.to(cd)
 
-    hidden = None
+    def hide(more: Tensor) -> None:
+        nonlocal hidden
+        hidden = more if hidden is None else hidden | more
+
     if geometry.causal:
-        hidden = key_pos > query_pos
+        hide(key_pos > query_pos)
     if geometry.window > 0:
-        outside = key_pos <= query_pos - geometry.window
-        hidden = outside if hidden is None else hidden | outside
+        hide(key_pos <= query_pos - geometry.window)
     if geometry.key_lens is not None:
-        padding = key_pos >= geometry.key_lens
-        hidden = padding if hidden is None else hidden | padding
+        hide(key_pos >= geometry.key_lens)
+    if geometry.docs is not None:
+        off = geometry.query_offset
+        q_docs = geometry.docs[:, rows.start + off:rows.stop + off]
+        hide(q_docs[:, None, :, None] != geometry.docs[:, None, None, :])
+    filled = None
     if hidden is not None:
-        s = s.masked_fill(hidden, float("-inf"))
-    return s, tanh_term
+        if fill == float("-inf"):
+            s = s.masked_fill(hidden, float("-inf"))
+        else:
+            filled = hidden.expand(s.shape)
+            s = s.masked_fill(filled, fill)
+    return s, tanh_term, filled
 
 
 def out_like(q: Tensor, dv, dtype: torch.dtype | None = None) -> Tensor:
@@ -175,30 +193,52 @@ def out_like(q: Tensor, dv, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty_permuted((*q.shape[:-1], dv), tuple(order), dtype=dtype or q.dtype, device=q.device)
 
 
+def _softmax(s: Tensor, sink: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(p, lse, empty) of scores s `[B, Hq, c, Tk]`, with an optional sink logit `[1, Hq, 1, 1]` in the normalizer
+    (it adds no column). Empty rows (every score and the sink -inf) give p = 0, lse = -inf (subtracting 0
+    instead of -inf there, so exp gives 0, not NaN); a sink makes no row empty."""
+    row_max = s.amax(dim=-1, keepdim=True)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
+    empty = row_max == float("-inf")
+    shift = torch.where(empty, 0.0, row_max)
+    exp_s = torch.exp(s - shift)
+    row_sum = exp_s.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        row_sum = row_sum + torch.exp(sink - shift)
+    p = torch.where(empty, 0.0, exp_s / row_sum)
+    return p, shift + torch.log(row_sum), empty
+
+
+def _sink_logits(sinks: Tensor | None, cd: torch.dtype) -> Tensor | None:
+    return None if sinks is None else sinks.to(cd).view(1, -1, 1, 1)
+
+
 def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, rng_state,
-                       empty_rows_nan, geometry: _Geometry) -> tuple[Tensor, Tensor]:
+                       empty_rows_nan, geometry: _Geometry, fill: float = float("-inf"),
+                       sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     cd = _compute_dtype(q)
     out = out_like(q, dv)
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
-    if tk == 0:  # no keys at all: every row is empty
+    if tk == 0:  # no keys at all: every row is empty (with sinks: out 0, lse = the sink)
+        if sinks is not None:
+            out.fill_(0.0)
+            lse.copy_(sinks.float().view(1, -1, 1).expand(batch, q_heads, tq))
+            return out, lse
         out.fill_(float("nan") if empty_rows_nan else 0.0)
         lse.fill_(float("-inf"))
         return out, lse
 
     k_c, v_c, bias4 = k.to(cd), v.to(cd), _bias_as_4d(bias)
+    sink = _sink_logits(sinks, cd)
     for rows in _query_chunks(batch, q_heads, tq, tk, cd):
         q_folded = _fold_heads(q[:, :, rows].to(cd), kv_heads)
-        s, _ = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale, softcap=softcap,
-                             alibi_slopes=alibi_slopes, bias4=bias4, geometry=geometry)
-        row_max = s.amax(dim=-1, keepdim=True)
-        empty = row_max == float("-inf")
-        # Empty rows: subtract 0 instead of -inf so exp gives 0 (not NaN) and lse gives -inf.
-        exp_s = torch.exp(s - torch.where(empty, 0.0, row_max))
-        row_sum = exp_s.sum(dim=-1, keepdim=True)
-        p = torch.where(empty, 0.0, exp_s / row_sum)
-        lse[:, :, rows] = (torch.where(empty, 0.0, row_max) + torch.log(row_sum)).squeeze(-1).float()
+        s, _, _ = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale, softcap=softcap,
+                                alibi_slopes=alibi_slopes, bias4=bias4, geometry=geometry, fill=fill)
+        p, lse_rows, empty = _softmax(s, sink)
+        lse[:, :, rows] = lse_rows.squeeze(-1).float()
         if dropout_p > 0:
             keep = _dropout_keep(rng_state, dropout_p, (batch, q_heads, tq, tk), rows, q.device)
             p = p * keep / (1.0 - dropout_p)
@@ -211,17 +251,37 @@ def _attention_forward(q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, r
 
 def reference_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
                             bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                            rng_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            rng_state: Tensor | None = None, sinks: Tensor | None = None,
+                            doc_ids: Tensor | None = None, verified: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense (flash / sliding-window) attention forward; returns `(out, lse)`.
 
     out: `[B, Hq, Tq, Dv]` in q's dtype and layout (`out_like`). lse: fp32 `[B, Hq, Tq]`, `-inf` for empty
     rows. `params.window > 0` restricts each query to the `window` most recent keys (sliding op).
+    verified (one-element bool): both calls computed, `where(verified, structured, dense)`: the structure (causal /
+    window / alibi, no bias) where it holds, the bias alone (no causal / window / alibi) where it does not.
     """
-    tq, tk = q.shape[2], k.shape[2]
-    geometry = _Geometry(query_offset=tk - tq if params.bottom_right else 0, causal=params.causal,
-                         window=params.window)
+    if verified is not None:
+        structured, dense = _verified_pair(params)
+        kw = dict(rng_state=rng_state, sinks=sinks, doc_ids=doc_ids)
+        s_out, s_lse = reference_flash_forward(q, k, v, structured, alibi_slopes=alibi_slopes, **kw)
+        d_out, d_lse = reference_flash_forward(q, k, v, dense, bias=bias, **kw)
+        ok = verified.reshape(()).to(q.device)
+        return torch.where(ok, s_out, d_out, out=out_like(q, v.shape[3])), torch.where(ok, s_lse, d_lse)
+    geometry = _dense_geometry(q, k, params, doc_ids)
     return _attention_forward(q, k, v, bias, alibi_slopes, params.scale, params.softcap, params.dropout_p,
-                              rng_state, params.empty_rows_nan, geometry)
+                              rng_state, params.empty_rows_nan, geometry, params.mask_fill, sinks)
+
+
+def _verified_pair(params: AttentionParams) -> tuple[AttentionParams, AttentionParams]:
+    """(the structured call's params, the fallback's): the fallback drops causal / window (alibi: its caller)."""
+    return params, params._replace(causal=False, window=0)
+
+
+def _dense_geometry(q: Tensor, k: Tensor, params: AttentionParams, doc_ids: Tensor | None) -> _Geometry:
+    batch, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    docs = None if doc_ids is None else doc_ids.to(device=q.device, dtype=torch.int64).expand(batch, tk)
+    return _Geometry(query_offset=tk - tq if params.bottom_right else 0, causal=params.causal, window=params.window,
+                     docs=docs)
 
 
 def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
@@ -233,22 +293,40 @@ def _reduce_to_bias_shape(ds: Tensor, bias4: Tensor) -> Tensor:
 def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              params: AttentionParams, *, bias: Tensor | None = None,
                              alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
-                             bias_requires_grad: bool = False
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients `(dq, dk, dv, dbias)` of the dense forward, recomputing P from `lse` per chunk.
+                             bias_requires_grad: bool = False, sinks: Tensor | None = None,
+                             sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
+                             verified: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients `(dq, dk, dv, dbias, dsinks)` of the dense forward, recomputing P from `lse` per chunk.
 
     With Z = P * keep / (1 - dropout_p) (Z = P without dropout), O = Z V:
     dV = Zᵀ dO;  dZ = dO Vᵀ;  dP = dZ * keep / (1 - dropout_p);  dS = P * (dP - rowsum(dO * O));
     dbias = dS (reduced to the bias's shape); through softcap, dX = dS * (1 - tanh²(X / softcap));
-    dQ = scale * dX K;  dK = scale * dXᵀ Q (summed over the GQA group). Empty rows get 0.
-    `dbias` is None unless `bias_requires_grad` (and the bias is float).
+    dQ = scale * dX K;  dK = scale * dXᵀ Q (summed over the GQA group). Empty rows get 0. In fill mode
+    dS = 0 at the filled positions (their score is the constant fill), which still feed dV through P.
+    With sinks, lse includes them (so does P's normalizer) and dsinks[h] = -sum_{b,i} exp(sink_h - lse) * delta,
+    delta = rowsum(dO * O). `dbias` is None unless `bias_requires_grad` (and the bias is float), `dsinks` unless
+    `sinks_requires_grad` (and sinks are given). With `verified`, both calls' gradients, selected as the forward's
+    outputs (the structured call's dbias is 0: it does not read the bias).
     """
+    if verified is not None:
+        structured, dense = _verified_pair(params)
+        kw = dict(rng_state=rng_state, sinks=sinks, sinks_requires_grad=sinks_requires_grad, doc_ids=doc_ids)
+        s_out, s_lse = reference_flash_forward(q, k, v, structured, alibi_slopes=alibi_slopes, rng_state=rng_state,
+                                               sinks=sinks, doc_ids=doc_ids)
+        d_out, d_lse = reference_flash_forward(q, k, v, dense, bias=bias, rng_state=rng_state, sinks=sinks,
+                                               doc_ids=doc_ids)
+        s_grads = reference_flash_backward(grad_out, q, k, v, s_out, s_lse, structured, alibi_slopes=alibi_slopes, **kw)
+        d_grads = reference_flash_backward(grad_out, q, k, v, d_out, d_lse, dense, bias=bias,
+                                           bias_requires_grad=bias_requires_grad, **kw)
+        ok = verified.reshape(()).to(q.device)
+        return tuple(None if d is None else torch.where(ok, torch.zeros_like(d) if s is None else s, d)
+                     for s, d in zip(s_grads, d_grads))
     scale, softcap, dropout_p = params.scale, params.softcap, params.dropout_p
-    causal, bottom_right, window = params.causal, params.bottom_right, params.window
     batch, q_heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     cd = _compute_dtype(q)
-    geometry = _Geometry(query_offset=tk - tq if bottom_right else 0, causal=causal, window=window)
+    geometry = _dense_geometry(q, k, params, doc_ids)
     k_c, v_c, bias4 = k.to(cd), v.to(cd), _bias_as_4d(bias)
     want_dbias = bias_requires_grad and bias is not None and bias.dtype != torch.bool
 
@@ -256,17 +334,26 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
     dbias4 = torch.zeros(bias4.shape, dtype=cd, device=q.device) if want_dbias else None
+    sink = _sink_logits(sinks, cd)
+    dsinks = torch.zeros(q_heads, dtype=cd, device=q.device) if sinks_requires_grad and sinks is not None else None
     for rows in _query_chunks(batch, q_heads, tq, tk, cd) if tk > 0 else ():
         q_folded = _fold_heads(q[:, :, rows].to(cd), kv_heads)
-        s, tanh_term = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale,
-                                     softcap=softcap, alibi_slopes=alibi_slopes, bias4=bias4,
-                                     geometry=geometry)
+        s, tanh_term, filled = _chunk_scores(q_folded, k_c, rows, q_heads=q_heads, scale=scale,
+                                             softcap=softcap, alibi_slopes=alibi_slopes, bias4=bias4,
+                                             geometry=geometry, fill=params.mask_fill)
         lse_rows = lse[:, :, rows].to(cd).unsqueeze(-1)
         empty = lse_rows == float("-inf")
-        p = torch.exp(s - torch.where(empty, 0.0, lse_rows))  # empty rows: s is all -inf -> 0
+        if filled is None:
+            p = torch.exp(s - torch.where(empty, 0.0, lse_rows))  # empty rows: s is all -inf -> 0
+        else:
+            # fill mode: P from the scores themselves, not from lse. A row near a large fill (-1e9, finfo.min) has
+            # lse = fill + log(n), which fp32 rounds to the fill; exp(s - lse) would lose log(n)
+            p, lse_rows, _ = _softmax(s, sink)
         grad_rows = grad_out[:, :, rows].to(cd)
         # rowsum(dO * O); empty rows' O may be NaN (empty_rows_nan) and must not leak.
         delta = torch.where(empty, 0.0, (grad_rows * out[:, :, rows].to(cd)).sum(-1, keepdim=True))
+        if dsinks is not None:   # the sink's probability is exp(sink - lse); rows with no key have O = 0, delta 0
+            dsinks -= (torch.exp(sink - torch.where(empty, 0.0, lse_rows)) * delta).sum(dim=(0, 2, 3))
         grad_folded = _fold_heads(grad_rows, kv_heads)
         dp = _unfold_heads(torch.matmul(grad_folded, v_c.transpose(-1, -2)), q_heads)
         z = p
@@ -277,6 +364,8 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
             dp = dp * keep_scaled
         dv += torch.matmul(_fold_heads(z, kv_heads).transpose(-1, -2), grad_folded)
         ds = p * (dp - delta)
+        if filled is not None:  # a replaced score is a constant: no gradient (its p still weighs V above)
+            ds = ds.masked_fill(filled, 0.0)
         if dbias4 is not None:
             reduced = _reduce_to_bias_shape(ds, bias4)
             if bias4.shape[2] == 1:
@@ -291,12 +380,14 @@ def reference_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     dbias = None
     if dbias4 is not None:
         dbias = dbias4.reshape(bias.shape).to(bias.dtype).contiguous()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+    if dsinks is not None:
+        dsinks = dsinks.to(sinks.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dsinks
 
 
 def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, params: AttentionParams, *,
-                            alibi_slopes: Tensor | None = None) -> Tensor:
+                            alibi_slopes: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
     """Attention of `q [B, Hq, Tq, D]` over a paged KV cache; returns `out [B, Hq, Tq, Dv]`.
 
     Gathers each sequence's blocks through `block_table` into a dense `[B, Hkv, L, D]` (L the
@@ -346,5 +437,5 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=params.causal,
                          window=params.window, key_lens=lens.view(-1, 1, 1, 1))
     out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, params.scale,
-                                params.softcap, 0.0, None, False, geometry)
+                                params.softcap, 0.0, None, False, geometry, sinks=sinks)
     return out

@@ -146,6 +146,16 @@ WINDOW = Arg("window", "int")
 SOFTCAP = Arg("softcap", "float", 0.0)
 DROPOUT_P = Arg("dropout_p", "float", 0.0)
 EMPTY_ROWS_NAN = Arg("empty_rows_nan", "bool", False)
+# Masked scores take this value instead of -inf (None: masking); AttentionParams.mask_fill (issue 22, class 2).
+FILL = Arg("fill", "float?", None)
+# One logit per query head [Hq] in the softmax denominator, adding no value (issue 21.2); a launcher keyword.
+SINKS = Arg("sinks", "Tensor?", None)
+# Document ids [B|1, Tk] (packed sequences, issue 21.3): key j visible only within query i's document; a launcher
+# keyword.
+DOC_IDS = Arg("doc_ids", "Tensor?", None)
+# A one-element bool device tensor (issue 22 class 1): True -> the proven structure (causal / window / alibi, the bias
+# unread), False -> the bias over every block (the structure ignored); read by the kernels, never by the host.
+VERIFIED = Arg("verified", "Tensor?", None)
 
 DENSE_RETURNS = (("out", "Tensor"), ("lse", "Tensor"), ("rng_state", "Tensor"))
 # The scalar semantics every dense call carries into its backward, in the backward schema's order.
@@ -163,14 +173,16 @@ _DENSE_REFERENCES = {"forward": ("attnlower.lowering.reference", "reference_flas
 
 FLASH = OpDef(
     "flash_attention",
-    args=(Q, K, V, BIAS, ALIBI_SLOPES, SCALE, CAUSAL, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN),
+    args=(Q, K, V, BIAS, ALIBI_SLOPES, SCALE, CAUSAL, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN, SINKS, DOC_IDS,
+          FILL, VERIFIED),
     returns=DENSE_RETURNS, family="dense", doc="dense attention, prefill or training",
     kernels=_DENSE_KERNELS, launchers=_DENSE_LAUNCHERS, references=_DENSE_REFERENCES,
     backward="flash_attention_backward", non_differentiable=("lse", "rng_state"),
 )
 SLIDING = OpDef(
     "sliding_window_attention",
-    args=(Q, K, V, WINDOW, BIAS, ALIBI_SLOPES, SCALE, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN),
+    args=(Q, K, V, WINDOW, BIAS, ALIBI_SLOPES, SCALE, BOTTOM_RIGHT, SOFTCAP, DROPOUT_P, EMPTY_ROWS_NAN, SINKS,
+          DOC_IDS, FILL, VERIFIED),
     returns=DENSE_RETURNS, family="dense", doc="causal attention over the `window` most recent keys",
     fixed=(("causal", True),),
     kernels=_DENSE_KERNELS, launchers=_DENSE_LAUNCHERS, references=_DENSE_REFERENCES,
@@ -181,17 +193,21 @@ DENSE_BACKWARD = OpDef(
     # grad_out, what the forward read and wrote (saved), its scalar semantics, and which float bias wants a gradient
     args=(Arg("grad_out", "Tensor"), *(a.required() for a in (Q, K, V, BIAS, ALIBI_SLOPES)),
           *(Arg(n, t) for n, t in DENSE_RETURNS), *(a.required() for a in DENSE_PARAMS),
-          Arg("bias_requires_grad", "bool")),
-    returns=(("grad_q", "Tensor"), ("grad_k", "Tensor"), ("grad_v", "Tensor"), ("grad_bias", "Tensor")),
-    family="dense_backward", doc="the gradients of both dense ops (grad_bias is empty unless bias_requires_grad)",
+          Arg("bias_requires_grad", "bool"),
+          # appended with defaults (positional calls of the 17 arguments above keep their meaning)
+          SINKS, DOC_IDS, Arg("sinks_requires_grad", "bool", False), FILL, VERIFIED),
+    returns=(("grad_q", "Tensor"), ("grad_k", "Tensor"), ("grad_v", "Tensor"), ("grad_bias", "Tensor"),
+             ("grad_sinks", "Tensor")),
+    family="dense_backward",
+    doc="the gradients of both dense ops (grad_bias / grad_sinks are empty unless bias / sinks_requires_grad)",
     kernels={"backward": _DENSE_KERNELS["backward"]}, launchers={"backward": _DENSE_LAUNCHERS["backward"]},
-    references={"backward": _DENSE_REFERENCES["backward"]}, grads=("q", "k", "v", "bias"),
+    references={"backward": _DENSE_REFERENCES["backward"]}, grads=("q", "k", "v", "bias", "sinks"),
 )
 PAGED = OpDef(
     "paged_attention",
     args=(Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"), Arg("block_table", "Tensor"),
           Arg("seq_lens", "Tensor"), ALIBI_SLOPES, SCALE, Arg("causal", "bool", True), Arg("window", "int", 0),
-          SOFTCAP),
+          SOFTCAP, SINKS),
     returns=(("out", "Tensor"),), family="paged", doc="attention over a paged KV cache (inference)",
     kernels={"forward": KernelSet("attnlower.lowering.kernels.paged_decode",
                                   ("_paged_attn_kernel", "_paged_reduce_kernel"))},

@@ -10,12 +10,17 @@ import torch
 
 
 def oracle(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_right=False,
-           softcap=0.0, window=0, empty_rows_nan=False, keep=None, dropout_p=0.0):
-    """Naive float64 attention; returns (out, lse). Differentiable (no in-place ops)."""
+           softcap=0.0, window=0, empty_rows_nan=False, keep=None, dropout_p=0.0, sinks=None, fill=None,
+           doc_ids=None):
+    """Naive float64 attention; returns (out, lse). Differentiable (no in-place ops).
+
+    sinks [Hq]: a logit column per head in the softmax (no value; lse includes it). fill: masked pairs (bool
+    bias False, causal, window, documents) take this score instead of being removed. doc_ids [B|1, Tk]: query i
+    (key position i + off) sees key j only when their ids are equal."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    tq, tk = q.shape[2], k.shape[2]
+    batch, heads, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = scale * q @ k.transpose(-1, -2)
     if softcap:
@@ -35,11 +40,22 @@ def oracle(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_righ
         visible = visible & (j <= i)
     if window:
         visible = visible & (j > i - window)
+    if doc_ids is not None:
+        docs = doc_ids.long().expand(batch, tk)
+        visible = visible & (docs[:, off:off + tq][:, None, :, None] == docs[:, None, None, :])
+    if fill is not None:
+        s = torch.where(visible, s, torch.full_like(s, fill))
+        visible = torch.ones_like(visible)
     visible = visible & (s != -math.inf)
     s = torch.where(visible, s, -1e300)  # finite, so autograd through empty rows stays NaN-free
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, heads, 1, 1).expand(batch, heads, tq, 1)], dim=-1)
+        visible = torch.cat([visible, torch.ones_like(visible[..., :1])], dim=-1)
     has_key = visible.any(-1, keepdim=True)
     p = torch.where(has_key, torch.softmax(s, -1), 0.0)
     lse = torch.where(has_key, torch.logsumexp(s, -1, keepdim=True), -math.inf).squeeze(-1)
+    if sinks is not None:
+        p = p[..., :-1]
     if keep is not None:
         p = p * keep / (1 - dropout_p)
     out = p @ v

@@ -126,25 +126,54 @@ def record_launches(quick: bool) -> None:
                 variants += [dict(bias=torch.zeros(96, 96, dtype=dtype)),
                              dict(bias=torch.zeros(1, 1, 96, 96, dtype=torch.bool), causal=True),
                              dict(softcap=30.0, alibi=torch.ones(4)),
-                             dict(dropout_p=0.1, rng=rng)]
+                             dict(dropout_p=0.1, rng=rng),
+                             dict(fill=-1e9, causal=True, window=32,
+                                  bias=torch.zeros(1, 1, 96, 96, dtype=torch.bool)),
+                             dict(sinks=torch.zeros(4, dtype=dtype), causal=True),
+                             dict(doc_ids=torch.zeros(1, 96, dtype=torch.int32), causal=True),
+                             dict(doc_ids=torch.zeros(1, 96, dtype=torch.int64), fill=-1e9, dropout_p=0.1, rng=rng),
+                             dict(verified=torch.ones((), dtype=torch.bool), causal=True, window=32,
+                                  bias=torch.zeros(96, 96, dtype=dtype))]
             for var in variants:
                 bias, alibi = var.get("bias"), var.get("alibi")
                 params = AttentionParams(d ** -0.5, var.get("causal", False), window=var.get("window", 0),
-                                         softcap=var.get("softcap", 0.0), dropout_p=var.get("dropout_p", 0.0))
-                tensors = dict(bias=bias, alibi_slopes=alibi, rng_state=var.get("rng"))
+                                         softcap=var.get("softcap", 0.0), dropout_p=var.get("dropout_p", 0.0),
+                                         mask_fill=var.get("fill", float("-inf")))
+                tensors = dict(bias=bias, alibi_slopes=alibi, rng_state=var.get("rng"), sinks=var.get("sinks"),
+                               doc_ids=var.get("doc_ids"), verified=var.get("verified"))
                 out, lse = launch.flash_forward(q, k, v, params, **tensors)
                 launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors,
-                                      bias_requires_grad=bias is not None and bias.dtype != torch.bool)
+                                      bias_requires_grad=bias is not None and bias.dtype != torch.bool,
+                                      sinks_requires_grad=var.get("sinks") is not None)
             for seq_len in (197, 1024, 4096):  # the length-keyed forward tiles (configs._FLASH_FWD_BY_LEN)
                 for causal in (False, True):
                     config = configs.flash_config(90, d, dtype, causal, 0, "fwd", seq_len=seq_len)
                     launch.flash_forward(q, k, v, AttentionParams(d ** -0.5, causal), config=config)
+            if d == 80:   # Dv != Dqk, both padded apart (issue 21.1)
+                vv = torch.empty(1, 2, 96, 48, dtype=dtype)
+                params = AttentionParams(d ** -0.5, True, mask_fill=-1e9)
+                out, lse = launch.flash_forward(q, k, vv, params, sinks=torch.zeros(4))
+                launch.flash_backward(torch.empty_like(out), q, k, vv, out, lse, params, sinks=torch.zeros(4),
+                                      sinks_requires_grad=True)
             for tq, splits in ((1, None), (1, 1), (16, None)):
                 caches = torch.empty(64, 2, 16, d, dtype=dtype)
                 table = torch.zeros(2, 512, dtype=torch.int32)  # 8192 keys wide: the launcher splits KV
                 lens = torch.tensor([100, 7], dtype=torch.int32)
-                launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
-                                           AttentionParams(d ** -0.5, True), num_splits=splits)
+                for sinks in (None, torch.zeros(8, dtype=dtype)):
+                    launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
+                                               AttentionParams(d ** -0.5, True), num_splits=splits, sinks=sinks)
+
+
+def record_mla_launches(quick: bool) -> None:
+    """The paged kernel at MLA's absorbed decode sizes: q·k in 9 chunks of 64, v a 512-wide prefix of the pool."""
+    for dtype in [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]:
+        pool = torch.empty(64, 1, 64, 576, dtype=dtype)
+        table = torch.zeros(4, 128, dtype=torch.int32)
+        lens = torch.tensor([100, 7, 4096, 1], dtype=torch.int32)
+        for heads, splits in ((16, None), (128, 1), (16, 1)):
+            launch_paged.paged_forward(torch.empty(4, heads, 1, 576, dtype=dtype), pool, pool[..., :512], table, lens,
+                                       AttentionParams(192 ** -0.5, True), num_splits=splits,
+                                       sinks=torch.zeros(heads))
 
 
 def record_inductor_launches() -> None:
@@ -157,16 +186,18 @@ def record_inductor_launches() -> None:
             q = torch.empty(1, 4, 96, 80, dtype=dtype)
             k = v = torch.empty(1, 2, 96, 80, dtype=dtype)
             bias = torch.zeros(1, 4, 96, 96, dtype=dtype)
-            params = AttentionParams(0.1, True, True, window=40, softcap=30.0, dropout_p=0.1)
-            tensors = dict(bias=bias, alibi_slopes=torch.ones(4), rng_state=rng)
+            params = AttentionParams(0.1, True, True, window=40, softcap=30.0, dropout_p=0.1, mask_fill=-1e9)
+            tensors = dict(bias=bias, alibi_slopes=torch.ones(4), rng_state=rng, sinks=torch.zeros(4),
+                           doc_ids=torch.zeros(1, 96, dtype=torch.int32), verified=torch.ones((), dtype=torch.bool))
             out, lse = launch.flash_forward(q, k, v, params, **tensors)
-            launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors, bias_requires_grad=True)
+            launch.flash_backward(torch.empty_like(out), q, k, v, out, lse, params, **tensors, bias_requires_grad=True,
+                                  sinks_requires_grad=True)
             caches = torch.empty(64, 2, 16, 80, dtype=dtype)
             table = torch.zeros(2, 512, dtype=torch.int32)
             lens = torch.tensor([100, 7], dtype=torch.int32)
             launch_paged.paged_forward(torch.empty(2, 4, 1, 80, dtype=dtype), caches, caches, table, lens,
                                        AttentionParams(0.1, True, window=40, softcap=30.0),
-                                       alibi_slopes=torch.ones(4))
+                                       alibi_slopes=torch.ones(4), sinks=torch.zeros(4))
     finally:
         _RECORDING["typing"] = "jit"
 
@@ -180,6 +211,11 @@ FIT_GROUPS = (1, 2, 4, 8, 16)
 FIT_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 FIT_BATCHES = (1, 2, 8, 32, 128)
 FIT_PAGED_TQ = (1, 2, 4, 16, 64)
+# Dv != Dqk (issue 21.1): dense pairs (DeepSeek's prefill 192 / 128, either side wider, both padded apart) and the
+# paged ones up to MLA's absorbed decode (576 = 512 latent + 64 rope, v a prefix of the pool; q·k chunked past 256)
+FIT_DENSE_DIM_PAIRS = ((192, 128), (128, 192), (256, 64), (64, 256), (24, 16), (40, 80))
+FIT_PAGED_DIM_PAIRS = ((576, 512), (320, 256), (192, 128), (128, 512), (26, 20))
+FIT_PAGED_V_DIMS = (320, 448, 512)
 
 
 def plan_space():
@@ -191,7 +227,8 @@ def plan_space():
     table width and batch (the split count)."""
     for allow_tf32 in (False, True):
         target = plan.Target("cuda", 90, SM90_SM_COUNT, allow_tf32)
-        for dtype, d in itertools.product(FIT_DTYPES, FIT_HEAD_DIMS):
+        dense_dims = [(d, d) for d in FIT_HEAD_DIMS] + list(FIT_DENSE_DIM_PAIRS)
+        for dtype, (d, dv) in itertools.product(FIT_DTYPES, dense_dims):
             if allow_tf32 and dtype != torch.float32:
                 continue  # the flag only changes fp32 dots
             for tk, causal, window, bias_dtype, dropout in itertools.product(
@@ -200,24 +237,28 @@ def plan_space():
                     continue
                 params = AttentionParams(0.1, causal, window=window, dropout_p=dropout)
                 qm = plan.Meta((2, 8, tk, d), dtype)
-                kv = plan.Meta((2, 2, tk, d), dtype)
+                km = plan.Meta((2, 2, tk, d), dtype)
+                vm = plan.Meta((2, 2, tk, dv), dtype)
                 bias = None if bias_dtype is None else plan.Meta((2, 8, tk, tk), bias_dtype)
                 for direction in ("fwd", "bwd"):
-                    for launch_ in plan.dense_plan(params, direction, qm, kv, kv, bias, True, target).launches:
-                        yield f"dense {direction} Tk={tk}", launch_, dtype, bias_dtype, allow_tf32
-        for dtype, d in itertools.product(FIT_DTYPES, FIT_HEAD_DIMS):
+                    for launch_ in plan.dense_plan(params, direction, qm, km, vm, bias, True, target).launches:
+                        yield f"dense {direction} Tk={tk} D={d}/{dv}", launch_, dtype, bias_dtype, allow_tf32
+        paged_dims = [(d, d) for d in FIT_HEAD_DIMS] + list(FIT_PAGED_DIM_PAIRS)
+        for dtype, (d, dv) in itertools.product(FIT_DTYPES, paged_dims):
             if allow_tf32:
                 continue  # the paged plan does not read the flag
-            for group, block_size, tq, batch in itertools.product(FIT_GROUPS, FIT_BLOCK_SIZES, FIT_PAGED_TQ, FIT_BATCHES):
-                kv_heads = 2
+            groups = FIT_GROUPS + ((128,) if d > 256 else ())   # MLA: up to 128 query heads on one latent head
+            for group, block_size, tq, batch in itertools.product(groups, FIT_BLOCK_SIZES, FIT_PAGED_TQ, FIT_BATCHES):
+                kv_heads = 1 if d > 256 else 2
                 qm = plan.Meta((batch, kv_heads * group, tq, d), dtype)
                 pool = plan.Meta((64, kv_heads, block_size, d), dtype)
                 for width_tokens in (block_size, 4096, 131072):
                     table = plan.Meta((batch, max(1, width_tokens // block_size)), torch.int32)
                     for window, check in ((0, True), (64, False)):
                         params = AttentionParams(0.1, True, window=window, softcap=0.0)
-                        for launch_ in plan.paged_plan(params, qm, pool, table, True, target, check).launches:
-                            yield f"paged B={batch} Tq={tq}", launch_, dtype, None, False
+                        for launch_ in plan.paged_plan(params, qm, pool, table, True, target, check, None, None,
+                                                       True, dv).launches:
+                            yield f"paged B={batch} Tq={tq} D={d}/{dv}", launch_, dtype, None, False
 
 
 def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
@@ -227,20 +268,28 @@ def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
     Shared memory comes from the tiles the loops pipeline; the feature flags only add masks and math."""
     c = dict(launch_.constexprs)
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
-        c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True)
+        c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
+                 HAS_FILL=True, HAS_DOCS=True, HAS_VERIFIED=True)
+        if launch_.kernel != "_flash_bwd_dkdv_kernel":
+            c["HAS_SINKS"] = True
         bias_dtype = torch.float32
+    if launch_.kernel == "_flash_bwd_dq_kernel":
+        c["WRITE_DSINKS"] = True  # a launch argument, not a plan constexpr (launch.flash_backward)
     if launch_.kernel == "_flash_bwd_dkdv_kernel":
         c["WRITE_DS"] = True  # a launch argument, not a plan constexpr (launch.flash_backward)
     if launch_.kernel == "_paged_attn_kernel":
         # GROUP, BLOCK_SIZE and SPLIT only enter index math (token -> block, slot; row -> head) and the stores
         c.update(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CHECK_BOUNDS=True, GROUP=4, BLOCK_SIZE=16,
-                 SPLIT=True)
+                 SPLIT=True, HAS_SINKS=True)
+    if launch_.kernel == "_paged_reduce_kernel":
+        c["HAS_SINKS"] = True
     if dtype == torch.float16:
         dtype = torch.bfloat16  # the same element size and tensor-core shapes: the same tiles in shared memory
-    pad = c.get("HEAD_DIM_PAD")
-    if pad is not None:
-        odd = [d for d in FIT_HEAD_DIMS if plan.head_dim_pad(d) == pad and d != pad]
-        c["HEAD_DIM"] = max(odd) if odd else pad
+    for dim, padded in (("HEAD_DIM", "HEAD_DIM_PAD"), ("HEAD_DIM_V", "HEAD_DIM_V_PAD"), ("HEAD_DIM", "QK_CHUNK")):
+        pad = c.get(padded)
+        if pad is not None and (padded != "QK_CHUNK" or c["NUM_QK_CHUNKS"] == 1):   # chunked q·k: its own D
+            odd = [d for d in FIT_HEAD_DIMS + FIT_PAGED_V_DIMS if plan.head_dim_pad(d) == pad and d != pad]
+            c[dim] = max(odd) if odd else pad
     key = (launch_.kernel, dtype, bias_dtype if "BIAS_KIND" in c else None, tuple(sorted(c.items())),
            launch_.config.num_warps, launch_.config.num_stages)
     return key, c
@@ -278,11 +327,13 @@ _SIZE_ARGS = {"H", "HKV", "GROUP", "N_CTX_Q", "N_CTX_K", "Hq", "Hkv", "Tq"}
 def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
     """Positional runtime arguments of `fn`: tensors of the right dtype per pointer, ints, floats."""
     pointer_dtype = {"Bias": bias_dtype or dtype, "Slopes": torch.float32, "Lse": torch.float32,
-                     "Delta": torch.float32, "Rng": torch.int64, "DS": torch.float32,
+                     "Delta": torch.float32, "LseFill": torch.float32, "Sinks": torch.float32,
+                     "DSinks": torch.float32, "sinks_ptr": torch.float32, "DocIds": torch.int64,
+                     "Bounds": torch.int32, "Verified": torch.bool, "Rng": torch.int64, "DS": torch.float32,
                      "block_table_ptr": torch.int32, "seq_lens_ptr": torch.int32, "alibi_ptr": torch.float32,
                      "m_ws_ptr": torch.float32, "l_ws_ptr": torch.float32, "acc_ws_ptr": torch.float32,
                      "err_ptr": torch.int32}
-    floats = {"sm_scale", "softcap", "dropout_p", "scale"}
+    floats = {"sm_scale", "softcap", "dropout_p", "scale", "fill"}
     args = []
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
@@ -337,7 +388,9 @@ def expected_writes(launch_: Launch) -> set:
         return writes | ({"err_ptr"} if c.get("CHECK_BOUNDS") else set())
     return {"_flash_fwd_kernel": {"Out", "Lse"}, "_flash_bwd_preprocess_kernel": {"Delta"},
             "_flash_bwd_dkdv_kernel": {"DK", "DV"} | ({"DS"} if c.get("WRITE_DS") else set()),
-            "_flash_bwd_dq_kernel": {"DQ"}, "_paged_reduce_kernel": {"out_ptr"}}[launch_.fn.__name__]
+            "_flash_bwd_dq_kernel": {"DQ"} | ({"LseFill"} if c.get("HAS_FILL") else set())
+            | ({"DSinks"} if c.get("WRITE_DSINKS") else set()),
+            "_paged_reduce_kernel": {"out_ptr"}}[launch_.fn.__name__]
 
 
 class _Sm90Driver:
@@ -464,6 +517,7 @@ def main() -> int:
         items = [(launch_, False) for launch_ in reps.values()]
     else:
         record_launches(ns.quick)
+        record_mla_launches(ns.quick)
         if ns.inductor:
             record_inductor_launches()
         items = [(launch_, False) for launch_ in LAUNCHES.values()]

@@ -219,8 +219,10 @@ def test_paged_config_tiles():
     assert prefill.block_m == 64 and prefill.block_n == 64            # 40 rows -> 64
     big = paged_config(90, 256, torch.float32, 16, 8, 64)
     assert big.block_m <= 32 and big.block_n <= 32                     # keeps the D=256 tiles small
-    with pytest.raises(ValueError, match="head dims up to 256"):
-        paged_config(90, 320, torch.float32, 16, 1, 1)
+    wide = paged_config(90, 512, torch.bfloat16, 16, 16, 1)          # MLA's 512-wide accumulator
+    assert (wide.block_m, wide.block_n, wide.num_warps) == (16, 32, 8)
+    with pytest.raises(ValueError, match="head dims up to 512"):
+        paged_config(90, 640, torch.float32, 16, 1, 1)
 
 
 def test_paged_rejects_bad_num_splits():

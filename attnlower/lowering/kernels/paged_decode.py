@@ -4,7 +4,12 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
   B            batch (sequences);        b = program's sequence
   Hq, Hkv      query / KV heads;         GROUP = Hq // Hkv query heads share one KV head
   Tq           queries per sequence;     query i sits at position pos = seq_len - Tq + i
-  D            head dim (HEAD_DIM), padded to the power of two HEAD_DIM_PAD for the tiles
+  D            q/k head dim (HEAD_DIM). q·k runs over NUM_QK_CHUNKS chunks of QK_CHUNK dims: one chunk of the
+               power of two >= max(D, 16) up to 256 dims (q then stays in registers for the whole key loop);
+               past 256 (MLA's absorbed decode: 576 = 512 latent + 64 rope) chunks of 64, q's chunk re-read
+               (from L1 / L2) per key tile
+  Dv           v head dim (HEAD_DIM_V, up to 512), padded to the power of two HEAD_DIM_V_PAD: the accumulator,
+               out and the split-KV workspace are Dv wide; v_cache may be any view (MLA: a prefix of the k pool)
   M            rows of one KV head's problem = GROUP * Tq; row r is query head
                kvh * GROUP + r // Tq, query r % Tq. All GROUP heads of a KV head are packed
                into the M dimension so every K/V tile loaded is shared by all of them, and
@@ -14,11 +19,15 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                tile may cover part of a cache block or span several
   BLOCK_SIZE   tokens per cache block: token t of sequence b lives in physical block
                block_table[b, t // BLOCK_SIZE] at slot t % BLOCK_SIZE
-  k_cache, v_cache   [num_blocks, Hkv, BLOCK_SIZE, D]
+  k_cache, v_cache   [num_blocks, Hkv, BLOCK_SIZE, D] and [num_blocks, Hkv, BLOCK_SIZE, Dv]
   scale        softmax scale applied to q.k; SOFTCAP > 0 then applies softcap * tanh(s / softcap)
   alibi        s += slope[b?, h] * (t - pos)
   visible      t < seq_len and (not IS_CAUSAL or t <= pos) and (not HAS_WINDOW or t > pos - window)
   m, l, acc    online-softmax running max (log2 units), running sum, unnormalized output
+  sinks        HAS_SINKS: one logit per query head (read as fp32) in the normalizer, adding no value: unsplit,
+               the online softmax starts from it (m = sink * log2(e), l = 1); split, the partials never see it
+               and `_paged_reduce_kernel` adds it once: M = max(max_s m_s, sink), L = sum_s l_s 2^(m_s - M)
+               + 2^(sink - M). A row with no visible key then gives 0
   NUM_SPLITS   split-KV (flash-decoding): the key range of one program's rows is cut into
                num_splits contiguous, BLOCK_N-aligned chunks; each writes its partial (m, l, acc)
                to a workspace of R = B * Hq * Tq rows, and `_paged_reduce_kernel` combines them.
@@ -64,29 +73,53 @@ def _flag(err_ptr, kinds, b, num_blocks, capacity):
 
 
 @triton.jit
+def _load_q_chunk(q_rows, offs_c, row_ok, stride_qd, c: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  QK_CHUNK: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr):
+    """Dims [c * QK_CHUNK, (c + 1) * QK_CHUNK) of the tile's q rows, [BLOCK_M, QK_CHUNK] (0 past HEAD_DIM)."""
+    d = c * QK_CHUNK + offs_c
+    q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_FP32_INPUTS:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _load_k_chunk(k_cols, offs_c, tok_ok, stride_kd, c: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  QK_CHUNK: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr):
+    """The same dims of the tile's keys, transposed: [QK_CHUNK, BLOCK_N] (0 past HEAD_DIM and on masked tokens)."""
+    d = c * QK_CHUNK + offs_c
+    k = tl.load(k_cols + d[:, None] * stride_kd, mask=tok_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+    if DOT_FP32_INPUTS:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
 def _paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr,
+    q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
     out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, err_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kh, stride_kt, stride_kd,
     stride_vn, stride_vh, stride_vt, stride_vd,
     stride_btb, stride_btn,
     stride_sl,
-    stride_ab, stride_ah,
+    stride_ab, stride_ah, stride_sink,
     stride_ob, stride_oh, stride_ot, stride_od,
     Hq, Hkv, Tq, rows_total,
     scale, softcap, window, num_splits, num_blocks, max_blocks,
     GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, QK_CHUNK: tl.constexpr, NUM_QK_CHUNKS: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SPLIT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
-    tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "HEAD_DIM_PAD must cover HEAD_DIM")
+    tl.static_assert(HEAD_DIM <= QK_CHUNK * NUM_QK_CHUNKS, "the q·k chunks must cover HEAD_DIM")
+    tl.static_assert(HEAD_DIM_V <= HEAD_DIM_V_PAD, "HEAD_DIM_V_PAD must cover HEAD_DIM_V")
 
     # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
     scale, softcap = _as_fp32(scale), _as_fp32(softcap)
@@ -98,10 +131,11 @@ def _paged_attn_kernel(
     rows_m = GROUP * Tq
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_c = tl.arange(0, QK_CHUNK)           # q/k dims of one chunk
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < rows_m
-    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     g = offs_m // Tq
     qi = offs_m % Tq
     head = kvh * GROUP + g
@@ -117,12 +151,10 @@ def _paged_attn_kernel(
     seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)   # never index past the table
     pos = seq_len - Tq + qi                                  # [BLOCK_M]
 
-    # load q: it stays in registers for the whole key loop (int64: large q views overflow int32)
-    q_off = (b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-             + qi.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32_INPUTS:
-        q = q.to(tl.float32)
+    # q's rows (int64: large q views overflow int32); one chunk: loaded once, kept for the whole key loop
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh \
+        + qi.to(tl.int64)[:, None] * stride_qt
+    q = _load_q_chunk(q_rows, offs_c, row_ok, stride_qd, 0, HEAD_DIM, QK_CHUNK, DOT_FP32_INPUTS)
 
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0).to(tl.float32)
@@ -149,7 +181,11 @@ def _paged_attn_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if HAS_SINKS and not SPLIT:   # the sink as a virtual key already seen (split: the reduce adds it once)
+        sink = tl.load(sinks_ptr + head * stride_sink, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
+        m_i = sink
+        l_i = tl.where(sink == float("-inf"), 0.0, 1.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
 
     kv_head_off_k = kvh.to(tl.int64) * stride_kh
     kv_head_off_v = kvh.to(tl.int64) * stride_vh
@@ -168,13 +204,15 @@ def _paged_attn_kernel(
         tok_ok = tok_ok & ~bad_block                           # a bad block's tokens are never loaded
         phys = tl.where(bad_block, 0, phys)
         slot = (tok % BLOCK_SIZE).to(tl.int64)
-        # K loaded already transposed, [HEAD_DIM_PAD, BLOCK_N]
-        k_off = phys[None, :] * stride_kn + kv_head_off_k + slot[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        k = tl.load(k_ptr + k_off, mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
-        if DOT_FP32_INPUTS:
-            k = k.to(tl.float32)
-
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+        # K chunks loaded already transposed, [QK_CHUNK, BLOCK_N]
+        k_cols = k_ptr + phys[None, :] * stride_kn + kv_head_off_k + slot[None, :] * stride_kt
+        s = tl.dot(q, _load_k_chunk(k_cols, offs_c, tok_ok, stride_kd, 0, HEAD_DIM, QK_CHUNK, DOT_FP32_INPUTS),
+                   input_precision=DOT_PRECISION)
+        for c in tl.static_range(1, NUM_QK_CHUNKS):
+            q_c = _load_q_chunk(q_rows, offs_c, row_ok, stride_qd, c, HEAD_DIM, QK_CHUNK, DOT_FP32_INPUTS)
+            s = tl.dot(q_c, _load_k_chunk(k_cols, offs_c, tok_ok, stride_kd, c, HEAD_DIM, QK_CHUNK, DOT_FP32_INPUTS),
+                       s, input_precision=DOT_PRECISION)
+        s = s * scale
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
         if HAS_ALIBI:
@@ -194,8 +232,8 @@ def _paged_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
 
-        v_off = phys[:, None] * stride_vn + kv_head_off_v + slot[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        v = tl.load(v_ptr + v_off, mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+        v_off = phys[:, None] * stride_vn + kv_head_off_v + slot[:, None] * stride_vt + offs_dv[None, :] * stride_vd
+        v = tl.load(v_ptr + v_off, mask=tok_ok[:, None] & dv_ok[None, :], other=0.0)
         p_low = p.to(v.dtype)           # P rounded to V's dtype, as the tensor-core dot takes it
         if DOT_FP32_INPUTS:
             acc = tl.dot(p_low.to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
@@ -213,44 +251,49 @@ def _paged_attn_kernel(
         ws_row = pid_s.to(tl.int64) * rows_total + row_global
         tl.store(m_ws_ptr + ws_row, m_i, mask=row_ok)
         tl.store(l_ws_ptr + ws_row, l_i, mask=row_ok)
-        tl.store(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
+                 mask=row_ok[:, None] & dv_ok[None, :])
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
         # out[b, head, qi, :] through its strides: it has q's layout (lowering/launch_paged.py)
         o_off = (b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
-                 + qi.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od)
-        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 + qi.to(tl.int64)[:, None] * stride_ot + offs_dv[None, :] * stride_od)
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
 def _paged_reduce_kernel(
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr,
-    stride_ob, stride_oh, stride_ot, stride_od,
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+    stride_ob, stride_oh, stride_ot, stride_od, stride_sink,
     Hq, Tq, rows_total, num_splits,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """Combine the num_splits partial (m, l, acc) of one output row into softmax(s) @ v."""
+    """Combine the num_splits partial (m, l, acc) of one output row (and the sink, once) into softmax(s) @ v."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_V_PAD)
     s_ok = offs_s < num_splits
-    d_ok = offs_d < HEAD_DIM
+    d_ok = offs_d < HEAD_DIM_V
     ws_row = offs_s.to(tl.int64) * rows_total + row
 
-    m = tl.load(m_ws_ptr + ws_row, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)    # all splits empty: weights 0
-    w = tl.exp2(m - m_safe)
-    l_sum = tl.sum(l * w, axis=0)
-    acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
     # row = (b * Hq + h) * Tq + i: out[b, h, i, :] through its strides (q's layout)
     b = row // (Hq * Tq)
     h = (row // Tq) % Hq
     i = row % Tq
+    m = tl.load(m_ws_ptr + ws_row, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h * stride_sink).to(tl.float32) * LOG2E
+        m_max = tl.maximum(m_max, sink)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)    # all splits empty: weights 0
+    w = tl.exp2(m - m_safe)
+    l_sum = tl.sum(l * w, axis=0)
+    if HAS_SINKS:
+        l_sum += tl.exp2(sink - m_safe)
+    acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
     o_off = b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -1,0 +1,232 @@
+"""Document mode (issue 21.3) beyond tests/lowering/test_features_issue21.py: the device-side bounds
+(lowering/documents.py), documents combined with the other features (fill, dropout, Dv != Dqk, GQA, half
+precision, a window), and block skipping with documents that do not start on tile edges. Float64 oracle of
+attention_oracle.py, fresh inputs, every output buffer poisoned (NaN) before the launch.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnlower.ops as public
+from attnlower.lowering.documents import document_bounds
+from attnlower.lowering.launch import flash_backward, flash_forward
+from attnlower.lowering.params import AttentionParams
+
+from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
+
+OPS = torch.ops.attnlower
+TOLERANCES = {
+    torch.float32: ((2e-5, 1e-5), (5e-5, 1e-5)),
+    torch.float16: ((5e-3, 1e-2), (2e-2, 2e-2)),
+    torch.bfloat16: ((2e-2, 2e-2), (8e-2, 5e-2)),
+}
+
+
+@pytest.fixture(params=["reference", "kernel"])
+def path(request, monkeypatch):
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialized():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def ids(*rows) -> torch.Tensor:
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]).to(torch.int32)
+
+
+def test_document_bounds():
+    """Each position's run [start, end); rows whose ids decrease anywhere get [0, Tk) (no skipping)."""
+    got = document_bounds(torch.tensor([[0, 0, 1, 1, 1, 4], [3, 3, 3, 3, 3, 3], [0, 1, 0, 2, 2, 2]]))
+    assert got.dtype == torch.int32 and got.shape == (3, 2, 6)
+    assert got[0].tolist() == [[0, 0, 2, 2, 2, 5], [2, 2, 5, 5, 5, 6]]
+    assert got[1].tolist() == [[0] * 6, [6] * 6]
+    assert got[2].tolist() == [[0] * 6, [6] * 6]
+    assert document_bounds(torch.tensor([[7]], dtype=torch.int64)).tolist() == [[[0], [1]]]
+
+
+def _check(run, inputs, oracle_kw, dtype=torch.float32):
+    out, lse = run(**inputs)
+    leaves = {n: t.detach().double().requires_grad_() for n, t in inputs.items() if t.requires_grad}
+    want, want_lse = oracle(leaves["q"], leaves["k"], leaves["v"], sinks=leaves.get("sinks"), **oracle_kw)
+    (fa, fr), (ba, br) = TOLERANCES[dtype]
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want.detach(), atol=fa, rtol=fr)
+    torch.testing.assert_close(lse.double(), want_lse.detach(), atol=fa, rtol=fr)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    names = list(leaves)
+    got = torch.autograd.grad((out.double() * w).sum(), [inputs[n] for n in names])
+    ref = torch.autograd.grad((want * w).sum(), [leaves[n] for n in names])
+    for n, g, r in zip(names, got, ref):
+        torch.testing.assert_close(g.double(), r, atol=ba, rtol=br, msg=lambda m: f"d{n}: {m}")
+
+
+def _qkv(b, hq, hkv, tq, tk, d, dv=None, dtype=torch.float32):
+    return dict(q=torch.randn(b, hq, tq, d, dtype=dtype, requires_grad=True),
+                k=torch.randn(b, hkv, tk, d, dtype=dtype, requires_grad=True),
+                v=torch.randn(b, hkv, tk, dv or d, dtype=dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("fill", [-1e9, -2.0])
+def test_documents_with_fill(path, fill):
+    """Pairs of two documents are masked too, so in fill mode they take the fill: -2 weighs every other document's
+    keys (the kernels visit the skipped blocks), -1e9 none."""
+    doc_ids = ids([5, 20, 12], [37])
+    _check(lambda q, k, v: OPS.flash_attention(q, k, v, causal=True, doc_ids=doc_ids, fill=fill)[:2],
+           _qkv(2, 4, 2, 37, 37, 16), dict(causal=True, doc_ids=doc_ids, fill=fill))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_documents_half_precision_value_dim_window(path, dtype):
+    doc_ids = ids([9, 1, 27], [18, 19])
+    inputs = _qkv(2, 6, 2, 37, 37, 24, dv=40, dtype=dtype)
+    _check(lambda q, k, v: OPS.sliding_window_attention(q, k, v, 11, doc_ids=doc_ids)[:2], inputs,
+           dict(causal=True, window=11, doc_ids=doc_ids), dtype=dtype)
+
+
+def test_documents_bottom_right_with_sinks_and_a_batch_wide_row(path):
+    """[1, Tk] ids for the batch, Tq < Tk bottom-right, sinks: rows take the ids of the last Tq key positions."""
+    doc_ids = ids([3, 17, 4, 13])
+    inputs = _qkv(2, 4, 4, 21, 37, 16)
+    inputs["sinks"] = torch.randn(4, requires_grad=True)
+    _check(lambda q, k, v, sinks: OPS.flash_attention(q, k, v, causal=True, bottom_right=True, sinks=sinks,
+                                                      doc_ids=doc_ids)[:2],
+           inputs, dict(causal=True, bottom_right=True, doc_ids=doc_ids))
+
+
+def test_documents_with_negative_and_repeated_unsorted_ids(path):
+    """Ids that repeat after another document and are negative: exact (no skipping on that row)."""
+    doc_ids = torch.tensor([[-3] * 10 + [5] * 10 + [-3] * 10 + [0] * 7, list(range(37))], dtype=torch.int64)
+    _check(lambda q, k, v: OPS.flash_attention(q, k, v, doc_ids=doc_ids)[:2], _qkv(2, 2, 2, 37, 37, 16),
+           dict(doc_ids=doc_ids))
+
+
+def test_documents_dropout_kernels():
+    """Dropout with documents: the mask read back through v = identity, then every gradient against the oracle."""
+    torch.manual_seed(4)
+    dropout_p = 0.25
+    doc_ids = ids([11, 3, 18])
+    q, k = torch.randn(1, 2, 32, 32), torch.randn(1, 1, 32, 32)
+    rng = torch.tensor([5, 1 << 9], dtype=torch.int64)
+    params = AttentionParams(0.5, True, dropout_p=dropout_p)
+    eye = torch.eye(32).expand(1, 1, 32, 32)
+    probe, _ = flash_forward(q, k, eye, params, rng_state=rng, doc_ids=doc_ids)
+    p, _ = oracle(q, k, eye, scale=0.5, causal=True, doc_ids=doc_ids)
+    keep = probe != 0
+    torch.testing.assert_close(probe[keep].double(), p[keep] / (1 - dropout_p), atol=1e-6, rtol=1e-5)
+    v = torch.randn(1, 1, 32, 32)
+    out, lse = flash_forward(q, k, v, params, rng_state=rng, doc_ids=doc_ids)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want, _ = oracle(*leaves, scale=0.5, causal=True, doc_ids=doc_ids, keep=keep, dropout_p=dropout_p)
+    torch.testing.assert_close(out.double(), want.detach(), atol=2e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    grads = flash_backward(grad_out, q, k, v, out, lse, params, rng_state=rng, doc_ids=doc_ids)
+    want.backward(grad_out.double())
+    for got, leaf in zip(grads[:3], leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=5e-5, rtol=1e-5)
+
+
+def test_skipping_with_documents_off_the_tile_edges(monkeypatch):
+    """Documents of 21 / 43 / 40 tokens (edges inside 16-key tiles), causal: keys and values of the one tile inside
+    the middle document are NaN. No query tile of the other documents may visit it (forward and dQ; a query tile
+    straddling documents 0 and 1 stops at its causal edge, one of document 2 starts at its document), so they come
+    out exact with dq; dk / dv too for the keys whose 16-key tile holds no key of the middle document (the dK/dV
+    kernel visits the rows of every document in its tile, and the NaN rows of the middle document reach a tile it
+    shares with document 0 as 0 * NaN through delta = rowsum(dO * O): a visit, not a skip)."""
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
+    lengths = [21, 43, 40]
+    doc_ids = ids(lengths)
+    t = sum(lengths)
+    middle = torch.zeros(t, dtype=torch.bool)
+    middle[21:64] = True
+    inner = torch.zeros(t, dtype=torch.bool)
+    inner[32:48] = True          # the one 16-token tile inside the middle document
+    clean = dict(q=torch.randn(1, 2, t, 16), k=torch.randn(1, 2, t, 16), v=torch.randn(1, 2, t, 16))
+    poisoned = {n: x.clone() for n, x in clean.items()}
+    poisoned["k"][:, :, inner] = math.nan
+    poisoned["v"][:, :, inner] = math.nan
+    for x in poisoned.values():
+        x.requires_grad_(True)
+    out = public.flash_attention(poisoned["q"], poisoned["k"], poisoned["v"], causal=True, doc_ids=doc_ids)
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    grad_out[:, :, middle] = 0.0
+    out.backward(grad_out.float())
+    ref = {n: x.double().requires_grad_(True) for n, x in clean.items()}
+    want, _ = oracle(ref["q"], ref["k"], ref["v"], causal=True, doc_ids=doc_ids)
+    (want * grad_out).sum().backward()
+    keep = ~middle
+    keys = keep.clone()
+    keys[16:64] = False          # key tiles holding part of the middle document
+    torch.testing.assert_close(out[:, :, keep].double(), want[:, :, keep].detach(), atol=2e-5, rtol=1e-5)
+    for n, rows in (("q", keep), ("k", keys), ("v", keys)):
+        torch.testing.assert_close(poisoned[n].grad[:, :, rows].double(), ref[n].grad[:, :, rows],
+                                   atol=5e-5, rtol=1e-5, msg=lambda m: f"d{n}: {m}")
+
+
+TRACE_SCRIPT = """
+import sys, torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+import attnlower.ops as public
+import attnlower.lowering.ops as lowering_ops
+
+lowering_ops.TRACE_CPU_KERNELS = True
+graphs = []
+
+def capture(gm, example_inputs):
+    graphs.append(gm)
+    raise RuntimeError("captured")          # nothing runs: the kernels are compiled ones, there is no GPU
+
+def backend(gm, example_inputs):
+    return aot_module_simplified(gm, example_inputs, fw_compiler=capture)
+
+def step(q, k, v, mask, sinks, position_ids, verified):
+    return public.flash_attention(q, k, v, mask, causal=True, sinks=sinks, fill=-1e9, verified=verified,
+                                  doc_ids=public.doc_ids_from_position_ids(position_ids))
+
+q, k = torch.randn(1, 4, 20, 24), torch.randn(1, 2, 20, 24)
+v = torch.randn(1, 2, 20, 16)
+args = (q, k, v, torch.ones(20, 20, dtype=torch.bool).tril(), torch.randn(4),
+        torch.tensor([list(range(8)) + list(range(12))]), torch.tensor(True))
+try:
+    torch.compile(step, backend=backend, fullgraph=True)(*args)
+except Exception as error:
+    assert "captured" in str(error), error
+(gm,) = graphs
+for node in gm.graph.nodes:
+    if node.op == "call_function":
+        name = str(node.target)
+        if "triton_kernel_wrapper" in name:
+            name += ":" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        print(name)
+"""
+
+
+def test_new_arguments_trace_into_the_kernel_launch():
+    """Under AOTAutograd the op with sinks, documents, a fill, a verified flag and Dv != Dqk decomposes into its
+    Triton launch (Inductor would launch it itself), the document bounds into plain device ops: no opaque op, no
+    host read (fullgraph=True)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="0", ATTNLOWER_CPU_KERNELS="triton",
+               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("ATTNLOWER_TEST_DEVICE", None)
+    proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    targets = proc.stdout.split()
+    assert "triton_kernel_wrapper_functional:_flash_fwd_kernel" in targets, targets
+    assert any("searchsorted" in t for t in targets), targets          # the document bounds, on the device
+    assert not any(t.startswith("attnlower.") for t in targets), targets
