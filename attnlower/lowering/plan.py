@@ -181,6 +181,20 @@ def check_paged_head_dims(head_dim: int, v_head_dim: int) -> None:
             f"{head_dim} and {v_head_dim}; gather the cache and run on CPU through the reference implementation")
 
 
+def _rows_for(cfg: KernelConfig, tq: int) -> KernelConfig:
+    """A 16-row tile (tl.dot's minimum) when Tq <= 16, the tables' tile otherwise. A decode step through the
+    dense kernel (Tq = 1) with the 128-row tile wasted 127 rows, and with Tq = 1 a compile-time constant (Triton
+    and Inductor specialize ints equal to 1) that launch needed 262144 bytes of shared memory on sm_90, over the
+    232448 a block gets (H200, triton 3.6, 2026-12-03, D = 128, Tk = 4096; tests/lowering/sm90_compile.py --fits
+    now compiles Tq = 1)."""
+    if type(tq) is not int or tq > _FEW_ROWS:   # a symbolic length (tracing): no guard on it
+        return cfg
+    return cfg if _FEW_ROWS >= cfg.block_m else KernelConfig(_FEW_ROWS, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+_FEW_ROWS = 16   # decode and speculative steps (Tq <= 16) take 16-row tiles; longer Tq keep the measured tables
+
+
 @cached_unless_symbolic
 def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Meta, bias: Meta | None,
                has_alibi: bool, target: Target, configs: tuple = (), has_sinks: bool = False,
@@ -214,12 +228,16 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
 
     if direction == "fwd":
         cfg = config("fwd", configs[0] if configs else None)
+        if not configs or configs[0] is None:
+            cfg = _rows_for(cfg, tq)
         fwd = KernelLaunch("_flash_fwd_kernel", (_cdiv(tq, cfg.block_m), batch * q_heads, 1), cfg,
                            tuple(dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                       EMPTY_ROWS_NAN=params.empty_rows_nan, **shared).items()))
         return DensePlan((fwd,))
     cfg_kv = config("bwd_kv", configs[0] if configs else None)
     cfg_q = config("bwd_q", configs[1] if configs else None)
+    if not configs or configs[1] is None:
+        cfg_q = _rows_for(cfg_q, tq)
     pre_cfg = KernelConfig(cfg_q.block_m, cfg_q.block_n, cfg_q.num_warps, 3)  # 3: Triton's default; no loop to pipeline
     pre = KernelLaunch("_flash_bwd_preprocess_kernel", (_cdiv(tq, cfg_q.block_m), batch * q_heads, 1), pre_cfg,
                        (("BLOCK_M", cfg_q.block_m), ("HEAD_DIM_V", v_head_dim),

@@ -131,9 +131,10 @@ def fast_equals_jit(_iters):
         fastpath.ENABLED = True
         first = public.flash_attention(q, k, v, bias, causal=True)   # JIT, recorded
         again = public.flash_attention(q, k, v, bias, causal=True)   # cached launch
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=None if bias is None
-                                             else bias.float() + torch.full((77, 77), float("-inf"),
-                                                                            device="cuda").triu(1),
+        # float64 copies (SDPA's math backend): fp32 SDPA on a misaligned q faults on the H200 (torch 2.11)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=None if bias is None
+                                             else bias.double() + torch.full((77, 77), float("-inf"), device="cuda",
+                                                                             dtype=torch.float64).triu(1),
                                              is_causal=bias is None, enable_gqa=True)
         tag = f"{dtype} {layout} {case}"
         if not (torch.equal(want, first) and torch.equal(first, again)):

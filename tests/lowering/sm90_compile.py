@@ -56,8 +56,8 @@ _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp
 class Launch:
     """One recorded launch: kernel, Triton signature, constexprs and options.
 
-    typing "jit": as Triton's own launcher types the arguments (floats fp32). "inductor": as Inductor's
-    generated code does (floats fp64, ints equal to 1 specialized as constexprs, debug=True).
+    typing "jit": as Triton's own launcher types the arguments (floats fp32, ints equal to 1 constexprs).
+    "inductor": as Inductor's generated code does (floats fp64, ints equal to 1 constexprs, debug=True).
     """
 
     def __init__(self, fn: JITFunction, args: tuple, kwargs: dict, typing: str = "jit"):
@@ -72,7 +72,7 @@ class Launch:
         for name in names:
             value = bound[name]
             if name in constexpr_names or value is None or \
-                    (typing == "inductor" and type(value) is int and value == 1):
+                    (type(value) is int and value == 1):   # Triton's JIT and Inductor both specialize 1s
                 signature[name] = "constexpr"
                 constexprs[name] = value
             elif isinstance(value, torch.Tensor):
@@ -219,7 +219,8 @@ FIT_PAGED_V_DIMS = (320, 448, 512)
 
 
 def plan_space():
-    """Every launch the plan can choose over the grid above: yields (what, KernelLaunch, dtype, bias dtype).
+    """Every launch the plan can choose over the grid above: yields (what, KernelLaunch, dtype, bias dtype, TF32,
+    Tq).
 
     The grid covers every input of the plan's choices: head dim (its padded class and odd values), dtype
     and the TF32 flag (fp32 dot precision), key length (the length-keyed forward tiles), causal / window
@@ -236,13 +237,15 @@ def plan_space():
                 if window and not causal:
                     continue
                 params = AttentionParams(0.1, causal, window=window, dropout_p=dropout)
-                qm = plan.Meta((2, 8, tk, d), dtype)
-                km = plan.Meta((2, 2, tk, d), dtype)
-                vm = plan.Meta((2, 2, tk, dv), dtype)
-                bias = None if bias_dtype is None else plan.Meta((2, 8, tk, tk), bias_dtype)
-                for direction in ("fwd", "bwd"):
-                    for launch_ in plan.dense_plan(params, direction, qm, km, vm, bias, True, target).launches:
-                        yield f"dense {direction} Tk={tk} D={d}/{dv}", launch_, dtype, bias_dtype, allow_tf32
+                for tq in sorted({tk, 1}):   # Tq = Tk, and a decode step (Tq = 1: a constexpr once launched)
+                    qm = plan.Meta((2, 8, tq, d), dtype)
+                    km = plan.Meta((2, 2, tk, d), dtype)
+                    vm = plan.Meta((2, 2, tk, dv), dtype)
+                    bias = None if bias_dtype is None else plan.Meta((2, 8, tq, tk), bias_dtype)
+                    for direction in ("fwd", "bwd"):
+                        for launch_ in plan.dense_plan(params, direction, qm, km, vm, bias, True, target).launches:
+                            yield (f"dense {direction} Tq={tq} Tk={tk} D={d}/{dv}", launch_, dtype, bias_dtype,
+                                   allow_tf32, tq)
         paged_dims = [(d, d) for d in FIT_HEAD_DIMS] + list(FIT_PAGED_DIM_PAIRS)
         for dtype, (d, dv) in itertools.product(FIT_DTYPES, paged_dims):
             if allow_tf32:
@@ -258,7 +261,7 @@ def plan_space():
                         params = AttentionParams(0.1, True, window=window, softcap=0.0)
                         for launch_ in plan.paged_plan(params, qm, pool, table, True, target, check, None, None,
                                                        True, dv).launches:
-                            yield f"paged B={batch} Tq={tq} D={d}/{dv}", launch_, dtype, None, False
+                            yield f"paged B={batch} Tq={tq} D={d}/{dv}", launch_, dtype, None, False, tq
 
 
 def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
@@ -307,13 +310,15 @@ def fits_launches() -> tuple[dict, int]:
     """The representative compiles of the plan space: {key: Launch}, and how many plan launches they cover."""
     reps: dict = {}
     count = 0
-    for what, launch_, dtype, bias_dtype, _ in plan_space():
+    for what, launch_, dtype, bias_dtype, _, tq in plan_space():
         count += 1
         key, constexprs = _representative(launch_, dtype, bias_dtype)
+        ones = {"N_CTX_Q", "Tq"} if tq == 1 else set()   # launched, Tq = 1 is a constexpr (it changes the compile)
+        key += (tuple(sorted(ones)),)
         if key in reps:
             continue
         fn = _kernel_fn(launch_.kernel)
-        args = _synthetic_args(fn, constexprs, dtype, key[2])
+        args = _synthetic_args(fn, constexprs, dtype, key[2], ones)
         rec = Launch(fn, args, dict(constexprs, num_warps=launch_.config.num_warps,
                                     num_stages=launch_.config.num_stages))
         rec.tag = what
@@ -324,8 +329,9 @@ def fits_launches() -> tuple[dict, int]:
 _SIZE_ARGS = {"H", "HKV", "GROUP", "N_CTX_Q", "N_CTX_K", "Hq", "Hkv", "Tq"}
 
 
-def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
-    """Positional runtime arguments of `fn`: tensors of the right dtype per pointer, ints, floats."""
+def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype, ones: set = frozenset()) -> tuple:
+    """Positional runtime arguments of `fn`: tensors of the right dtype per pointer, ints, floats; the size
+    arguments named in `ones` are 1."""
     pointer_dtype = {"Bias": bias_dtype or dtype, "Slopes": torch.float32, "Lse": torch.float32,
                      "Delta": torch.float32, "LseFill": torch.float32, "Sinks": torch.float32,
                      "DSinks": torch.float32, "sinks_ptr": torch.float32, "DocIds": torch.int64,
@@ -342,6 +348,8 @@ def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
             args.append(torch.empty(1, dtype=pointer_dtype.get(name, dtype)))
         elif name in floats:
             args.append(0.5)
+        elif name in ones:
+            args.append(1)
         else:
             args.append(48)  # strides and sizes: a multiple of 16 (Triton's "divisible by 16" specialization)
     return tuple(args)
@@ -350,8 +358,23 @@ def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype) -> tuple:
 # ------------------------------------------------------------------------------------ compiling
 
 
+def divisibility_attrs(launch_: Launch) -> dict:
+    """What a GPU launch tells the compiler about its arguments: every pointer 16-byte aligned and every int
+    a multiple of 16 (Triton's `tt.divisibility` specialization; Inductor's `configs` say the same). That is
+    the worst case for shared memory: with it the compiler vectorizes and pipelines loads through shared
+    memory (cp.async stages); without it (a compile with no attrs) it does not, and a kernel measured that
+    way needed 98304 bytes where the H200 launch of the same kernel needed 262144 (2026-12-03,
+    /work/gpu-logs/call4/probe.log: the dense decode Tq=1, Tk=4096, D=128 under Inductor)."""
+    attrs = {}
+    for index, (name, kind) in enumerate(launch_.signature.items()):
+        if kind.startswith("*") or kind in ("i32", "i64"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def compile_launch(launch_: Launch):
-    src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature, constexprs=launch_.constexprs)
+    src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature, constexprs=launch_.constexprs,
+                                    attrs=divisibility_attrs(launch_))
     return triton.compile(src, target=TARGET, options=launch_.options)
 
 

@@ -613,8 +613,9 @@ def test_kernel_plan_uses_the_real_lengths():
                                  head_dim=128, dtype=torch.bfloat16, target=h200)
     long_q = planning.kernel_plan("flash_attention", params, batch=2, q_heads=8, kv_heads=8, tq=197, tk=197,
                                   head_dim=128, dtype=torch.bfloat16, target=h200)
-    # the forward's tiles follow Tk (configs._FLASH_FWD_BY_LEN): Tk=4096 non-causal and Tk=197 differ
-    assert (short["launches"][0]["block_m"], short["launches"][0]["block_n"]) == (128, 128)
+    # the forward's key tiles follow Tk (configs._FLASH_FWD_BY_LEN): Tk=4096 non-causal and Tk=197 differ; its
+    # row tile is no taller than Tq needs (16, tl.dot's minimum, for a decode step: plan._rows_for)
+    assert (short["launches"][0]["block_m"], short["launches"][0]["block_n"]) == (16, 128)
     assert (long_q["launches"][0]["block_m"], long_q["launches"][0]["block_n"]) == (128, 32)
     assert short["launches"][0]["grid"] == [1, 16, 1] and short["kernels"] == ["_flash_fwd_kernel"]
     paged = planning.kernel_plan("paged_attention", AttentionParams(0.125, True), batch=1, q_heads=32, kv_heads=8,
