@@ -14,6 +14,7 @@ joint-graph pattern tables and put back afterwards. Every other pattern (pad_mm,
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -92,8 +93,49 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[torch.Ten
     """
     if dynamo_gm is not None and dynamo_gm is not gm:
         keep_dynamo_input_facts(dynamo_gm, gm)
-    with without_sfdp():
+    with without_sfdp(), keyed_on_op_schemas():
         return _inductor_for_mode(mode)(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def keyed_on_op_schemas() -> Iterator[None]:
+    """Within: Inductor's and AOTAutograd's on-disk caches key on attnlower's op schemas.
+
+    Their keys hold the graph's code, which names an op but not its schema. A compiled backward cached before an
+    op gained an argument then calls it with the old positional list: `flash_attention_backward` got `True` where
+    `doc_ids` now sits (seen 2026-12-03 on a machine whose cache predated `doc_ids`; a fresh cache dir passed).
+    A no-op post-grad pass whose uuid is the schemas' hash puts them in the key (Inductor hashes a custom pass's
+    uuid). A pass the user set stays theirs, and then the key is theirs too."""
+    from torch._inductor import config
+
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:   # a torch without custom passes: nothing to key on
+        yield
+        return
+    if config.post_grad_custom_post_pass is not None:
+        yield
+        return
+
+    class _SchemaKey(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return _schema_hash()
+
+    with config.patch(post_grad_custom_post_pass=_SchemaKey()):
+        yield
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_hash() -> str:
+    import hashlib
+
+    from attnlower.lowering import registry
+
+    text = "\n".join(f"{op.qualname}{op.schema}" for op in registry.OPS.values())
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _inductor_for_mode(mode: str):
