@@ -147,6 +147,17 @@ def check_tma_layout(name: str, t: Tensor) -> None:
                                   f"launch.flash_forward")
 
 
+def layout_problem(**tensors: Tensor) -> str | None:
+    """Why one of `tensors` (name=tensor) cannot go through a TMA descriptor, or None when all can: the
+    router's check (launch.flash_forward picks the Triton kernel then, which takes any strides)."""
+    for name, t in tensors.items():
+        try:
+            check_tma_layout(name, t)
+        except NotImplementedError as refusal:
+            return str(refusal)
+    return None
+
+
 def heads_per_group(tk: int, head_dim: int, elem_bytes: int, group: int, bh: int) -> int:
     """How many (batch, query head) pairs one tile group spans: their K and V fit L2_KV_BYTES."""
     kv_bytes_per_q_head = 2 * tk * head_dim * elem_bytes / group  # a GQA group shares its K and V
@@ -243,21 +254,24 @@ def _sm90_device(index: int) -> int:
 
 def gluon_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, bias: Tensor | None = None,
                         alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
-                        config: GluonFwdConfig | None = None) -> tuple[Tensor, Tensor]:
+                        config: GluonFwdConfig | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense attention forward on Hopper -> (out, lse), as `launch.flash_forward` computes it.
 
     q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D] (TMA-compatible strides: module docstring). Returns out
-    [B, Hq, Tq, D] contiguous in q's dtype and lse fp32 [B, Hq, Tq] (natural log, -inf on empty rows).
+    [B, Hq, Tq, D] in q's dtype, contiguous unless `out` (an uninitialized [B, Hq, Tq, D] tensor of q's dtype
+    with a TMA-compatible layout, written in place: launch.flash_forward passes one in q's layout) is given,
+    and lse fp32 [B, Hq, Tq] contiguous (natural log, -inf on empty rows).
     Raises NotImplementedError for what it does not support (module docstring): fall back then.
     """
     out, lse, _ = gluon_flash_forward_with_kernel(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes,
-                                                  rng_state=rng_state, config=config)
+                                                  rng_state=rng_state, config=config, out=out)
     return out, lse
 
 
 def gluon_flash_forward_with_kernel(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
                                     bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                                    rng_state: Tensor | None = None, config: GluonFwdConfig | None = None):
+                                    rng_state: Tensor | None = None, config: GluonFwdConfig | None = None,
+                                    out: Tensor | None = None):
     """`gluon_flash_forward`, also returning the compiled kernel it launched (None when it launched none):
     benchmarks read its registers, spills and shared memory (`n_regs`, `n_spills`, `metadata.shared`)."""
     if q.device.type != "cuda":
@@ -268,7 +282,11 @@ def gluon_flash_forward_with_kernel(q: Tensor, k: Tensor, v: Tensor, params: Att
     launch = plan_gluon_forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state,
                                 config=config, sm_count=sm_count)
     batch, q_heads, tq, head_dim = q.shape
-    out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (batch, q_heads, tq, head_dim) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"gluon_flash_forward: expected out {[batch, q_heads, tq, head_dim]} {q.dtype} on {q.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if launch is None:
         if out.numel() and k.shape[2] == 0:  # no keys: every row is empty
