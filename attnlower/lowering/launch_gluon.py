@@ -51,7 +51,8 @@ L2_KV_BYTES = 16 * 2**20
 
 @dataclass(frozen=True)
 class GluonFwdConfig:
-    """The Gluon forward's tuning knobs (all unmeasured until bench/gluon_probe.py has run).
+    """The Gluon forward's tuning knobs (timed by bench/gluon_probe.py on an H200, 2026-12-03: bench/RESULTS.md;
+    the configs production calls take are chosen in plan.choose_forward_kernel).
 
     block_n: key rows of a K/V tile (the wgmma N of S = Q K^T); num_stages: depth of the K and of the
     V shared-memory rings; pingpong: the two consumer warpgroups take turns issuing wgmmas.
@@ -63,7 +64,8 @@ class GluonFwdConfig:
 
 
 # FlashAttention-3's Hopper forward uses 128-key tiles for D = 128 with 2 stages; D = 64 tiles are half
-# the bytes, so one stage more fits. Starting points, unmeasured on our kernel (bench/gluon_probe.py).
+# the bytes, so one stage more fits. Starting points; at D=128 the H200 measured this config (ping-pong) fastest
+# non-causal, 1-2% ahead of no ping-pong (bench/RESULTS.md, 2026-12-03 evening); D=64 is not routed to Gluon.
 _DEFAULT_CONFIGS = {64: GluonFwdConfig(block_n=128, num_stages=3), 128: GluonFwdConfig(block_n=128, num_stages=2)}
 
 # 227 KB: the most shared memory one block may use on H100 / H200.
