@@ -5,9 +5,12 @@ this module:
 
     Target, target_for(device)       the device the kernels are chosen for (lowering/target.py's one Target)
     kernels_of(op, when)             the @triton.jit entry points an op launches (from the op registry)
-    kernel_plan(spec, target, q_len, k_len)
+    inductor_launches_kernels(target, inner)
+                                     whether a compiled graph's dense ops become Inductor's own Triton launches
+    kernel_plan(spec, target, q_len, k_len, traced)
                                      the kernels, tiles and constexprs a site's spec launches with, planned
-                                     by the launchers' own planner on the site's real Tq and Tk
+                                     by the launchers' own planner on the site's real Tq and Tk (the dense
+                                     forward: the Gluon kernel or the Triton one, plan.choose_forward_kernel)
 """
 from __future__ import annotations
 
@@ -27,6 +30,17 @@ def kernels_of(op: str, when: str | None = None) -> list[tuple[str, tuple[str, .
     return [group for group in kernel_table().get(op, ()) if when is None or group[2] == when]
 
 
+def inductor_launches_kernels(target: Target, inner: str) -> bool:
+    """Whether a graph compiled with the inner compiler `inner` on `target` has its dense ops decomposed into
+    Triton kernel launches Inductor makes itself (lowering/ops.py, ATTNLOWER_INDUCTOR_KERNELS): its forward is
+    then always the Triton kernel (kernel_plan's `traced`)."""
+    if inner != "inductor" or target.kind != "cuda":
+        return False
+    from .lowering import ops
+
+    return ops.INDUCTOR_KERNELS
+
+
 def _runs(target: Target) -> str:
     if target.kind == "cuda":
         return "triton"
@@ -36,11 +50,17 @@ def _runs(target: Target) -> str:
             "or on CPU with ATTNLOWER_CPU_KERNELS=triton")
 
 
-def kernel_plan(spec, target: Target, q_len=None, k_len=None) -> dict[str, Any]:
+def kernel_plan(spec, target: Target, q_len=None, k_len=None, traced: bool = False) -> dict[str, Any]:
     """The kernels `spec.op` (an AttentionSpec) launches on `target`, their tile config and the constexprs
     the spec fixes, from the launchers' own planner (`lowering.plan.kernel_plan`) on the site's Tq and Tk
     (for the paged op Tk is the gathered width: the block table's width in tokens), for batch 1. What
-    depends on runtime values the spec does not hold (the paged split count) is named, not valued.
+    depends on runtime values the spec does not hold (the paged split count; whether the tensors are
+    TMA-readable, which the Gluon forward needs) is named, not valued.
+
+    traced: the op runs inside a graph Inductor compiles with the dense kernels decomposed (the default for CUDA
+    graphs, ATTNLOWER_INDUCTOR_KERNELS=1): Inductor launches the Triton forward then. False: the call runs eagerly
+    (inner="eager", ATTNLOWER_INDUCTOR_KERNELS=0, a direct call), which takes the Gluon forward where
+    `plan.choose_forward_kernel` picks it (sm_90, triton 3.6, D = Dv = 128, ...).
     """
     from .lowering import plan as planning
     from .lowering.params import AttentionParams
@@ -67,7 +87,7 @@ def kernel_plan(spec, target: Target, q_len=None, k_len=None) -> dict[str, Any]:
     try:
         planned = planning.kernel_plan(spec.op, params, batch=1, q_heads=heads[0], kv_heads=heads[1], tq=tq, tk=tk,
                                        head_dim=head_dim, dtype=dtype, target=where, bias=spec.bias_kind,
-                                       block_size=spec.paged_block_size or 16)
+                                       block_size=spec.paged_block_size or 16, traced=traced)
     except (NotImplementedError, ValueError) as e:  # a limit of the kernels: no plan to show
         plan["constexprs"] = {}
         plan["note"] = f"no launch plan: {e}"
@@ -79,6 +99,9 @@ def kernel_plan(spec, target: Target, q_len=None, k_len=None) -> dict[str, Any]:
         plan["note"] = "; ".join(notes)
         return plan
     first = planned["launches"][0]
+    if first["kernel"] == planning.GLUON_FORWARD:   # the forward is the Gluon kernel; the backward stays Triton's
+        plan["runs"] = "gluon forward (Hopper, warp-specialized), triton backward"
+        plan["kernels"] = [first["kernel"]] + [k for _, names, _ in kernels_of(spec.op, "backward") for k in names]
     constexprs = dict(first["constexprs"])
     if spec.op == "paged_attention":
         constexprs["SPLIT"] = "chosen at launch (paged_num_splits: SM count, table width)"

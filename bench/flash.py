@@ -8,6 +8,8 @@ forward ("fwd") and forward + backward ("fwd+bwd"). Each candidate's output is f
 SDPA's (math backend for small N, flash otherwise); then timed with triton.testing.do_bench (median):
 
   attnlower       launch.flash_forward (+ flash_backward), the kernels alone, tiles as the launcher picks them
+                  (and the forward kernel: Gluon where plan.choose_forward_kernel picks it; ATTNLOWER_GLUON=0 for
+                  the Triton forward alone)
   attnlower-len   the same with the forward tiles configs.flash_config picks from the sequence length
                   (what the launcher gets once it passes seq_len; identical to attnlower until then)
   sdpa-flash / sdpa-cudnn / sdpa-efficient   F.scaled_dot_product_attention under sdpa_kernel(backend)

@@ -162,7 +162,11 @@ def rand(b, h, n, d, seed=5):
 
 def triton_forward(q, k, v, causal):
     from attnlower.lowering import launch
+    from attnlower.lowering import plan as planning
     from attnlower.lowering.params import AttentionParams
+    # this column is the Triton kernel: the launcher would route D=128 to the Gluon one (plan.choose_forward_kernel);
+    # the Gluon columns call launch_gluon directly, which this switch does not touch
+    planning.GLUON_ENABLED = False
     return launch.flash_forward(q, k, v, AttentionParams(q.shape[-1] ** -0.5, causal))[0]
 
 

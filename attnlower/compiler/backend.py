@@ -30,7 +30,7 @@ from ..passes.site import Context
 from ..report.records import CompileReport, keep, reports
 from ..report.rows import site_rows
 from ..report.words import describe_sites
-from ..target import target_for
+from ..target import inductor_launches_kernels, target_for
 from .graph_breaks import new_graph_breaks
 from .options import Options
 
@@ -117,7 +117,8 @@ def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, 
         report.repro = _write_repro(aten_gm, example_inputs, e, opts)
         result = aten_gm
     finally:
-        report.sites = site_rows(ctx.sites, target, kernel_plans=bool(opts.dump_dir))
+        report.sites = site_rows(ctx.sites, target, kernel_plans=bool(opts.dump_dir),
+                                 traced=bool(opts.dump_dir) and inductor_launches_kernels(target, opts.inner))
         report.seconds_in_passes = time.perf_counter() - started
     if report.error:
         for s in report.sites:

@@ -2,6 +2,9 @@
 
 Each launcher asks one function here for its configuration. Every constant says which
 measurement chose it (GPU, shape, date) or that it is a starting point awaiting one.
+
+Not here: which kernel the dense forward launches on Hopper (the Gluon one or `_flash_fwd_kernel`) and the Gluon
+config it then takes: `plan.choose_forward_kernel`, with the H200 measurement beside its constants.
 """
 from __future__ import annotations
 

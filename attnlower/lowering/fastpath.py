@@ -61,6 +61,15 @@ def scratch(t: Tensor) -> Tensor:
     return t
 
 
+def uncacheable(reason: str) -> None:
+    """Declare that this call made a launch the cached path cannot replay (the Gluon forward: its TMA descriptors
+    hold the tensors' addresses and CompiledKernel.run would get the first call's): `remember` then caches
+    nothing, and every call of the signature goes through the launchers."""
+    into = getattr(_recording, "into", None)
+    if into is not None:
+        into.append(("uncacheable", reason))
+
+
 def launch(fn, grid: tuple, args: tuple, kwargs: dict):
     """`fn[grid](*args, **kwargs)`, recorded when a `recording()` is active. Returns Triton's result."""
     compiled = fn[grid](*args, **kwargs)
@@ -197,6 +206,8 @@ class CachedCall:
         allocated: list[Tensor] = []
         kernels = []
         fresh = [t for t in returned] + [record[1] for record in records if record[0] == "scratch"]
+        if any(record[0] == "uncacheable" for record in records):
+            return None
         for record in records:
             if record[0] == "scratch":
                 continue

@@ -6,6 +6,11 @@ these functions add the tensors and their strides and launch `kernels/flash_fwd.
 `kernels/flash_bwd.py`. Inputs arrive validated by `lowering/ops.py` (docs/INTERFACES.md section 1).
 q, k, v, bias and grad_out may have any strides (BSHD views included): nothing here copies them.
 
+The forward launches the Gluon Hopper kernel instead (`launch_gluon.py`) where `plan.choose_forward_kernel`
+picks it (sm_90, triton 3.6, D = Dv = 128, no optional feature, long enough: measured faster there) and the
+tensors are TMA-readable; never while traced (Inductor's wrap_triton takes no Gluon kernel), never with a
+`config` override (that one sets the Triton kernel's tiles), never with ATTNLOWER_GLUON=0.
+
 Graph-safe: no host syncs and no per-call CPU tensors. The dropout seed and base counter are read
 by the kernels from `rng_state` (int64 [2] on the device), the way SDPA keeps its philox state, so
 the launches can be captured in a CUDA graph. Kernels are launched through `wrap_triton`, so when
@@ -14,6 +19,7 @@ the ops are traced (torch.compile) Inductor receives the kernel calls themselves
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import torch
@@ -30,6 +36,8 @@ from attnlower.lowering.reference import out_like
 
 
 _tracing = threading.local()
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -141,13 +149,24 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
     doc_ids: int [B|1, Tk] document ids (Tq <= Tk): key blocks of other documents are skipped.
     verified: a one-element bool device tensor: True runs params' causal / window / alibi without reading the bias,
     False the bias alone over every block (the kernels read the flag: one launch, no host sync).
-    `config` overrides the tiles from configs.flash_config (tests, benchmarks).
+    `config` overrides the tiles from configs.flash_config (tests, benchmarks) and keeps the Triton kernel.
+    Without it, the Gluon forward runs where plan.choose_forward_kernel picks it and q, k, v are TMA-readable
+    (same contract: out in q's layout, lse fp32 contiguous; the backward reads either).
     """
     plan = _plan(params, "fwd", q, k, v, bias, alibi_slopes, (config,) if config is not None else (), sinks, doc_ids,
                  verified)
     batch, q_heads, tq, head_dim = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     out = out_like(q, v.shape[3])
+    if config is None and not plan.trivial:
+        choice = planning.choose_forward_kernel(
+            params, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(v), planning.Meta.of(bias),
+            alibi_slopes is not None, planning.target_of(q.device), sinks is not None, doc_ids is not None,
+            verified is not None, planning.GLUON_ENABLED, tracing())
+        if choice.gluon is not None:
+            lse = _gluon_forward(q, k, v, params, choice.gluon, out)
+            if lse is not None:
+                return out, lse
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if plan.trivial == "empty":
         return out, lse
@@ -173,6 +192,27 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, b
         params.mask_fill,
     ), fwd.launch_kwargs)
     return out, lse
+
+
+def _gluon_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, config, out: Tensor) -> Tensor | None:
+    """The Gluon forward into `out` -> lse; None when the tensors are not TMA-readable (the Triton kernel, which takes
+    any strides, runs then) or launch_gluon refuses the call after all (logged once: the router and the launcher
+    disagree, which is a bug to report)."""
+    from attnlower.lowering import launch_gluon
+
+    if launch_gluon.layout_problem(q=q, k=k, v=v, out=out) is not None:
+        return None
+    # the cached path would replay the first call's TMA descriptors (its tensors' addresses): not cached
+    fastpath.uncacheable("the Gluon forward's TMA descriptors hold the tensors' addresses")
+    try:
+        _, lse = launch_gluon.gluon_flash_forward(q, k, v, params, config=config, out=out)
+    except NotImplementedError as refusal:
+        if str(refusal) not in _warned:
+            _warned.add(str(refusal))
+            log.warning("attnlower: the Gluon forward was chosen (plan.choose_forward_kernel) but refused the call: "
+                        "%s; launching the Triton forward instead (ATTNLOWER_GLUON=0 skips the Gluon kernel)", refusal)
+        return None
+    return lse
 
 
 def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

@@ -51,7 +51,8 @@ L2_KV_BYTES = 16 * 2**20
 
 @dataclass(frozen=True)
 class GluonFwdConfig:
-    """The Gluon forward's tuning knobs (all unmeasured until bench/gluon_probe.py has run).
+    """The Gluon forward's tuning knobs (timed by bench/gluon_probe.py on an H200, 2026-12-03: bench/RESULTS.md;
+    the configs production calls take are chosen in plan.choose_forward_kernel).
 
     block_n: key rows of a K/V tile (the wgmma N of S = Q K^T); num_stages: depth of the K and of the
     V shared-memory rings; pingpong: the two consumer warpgroups take turns issuing wgmmas.
@@ -63,7 +64,8 @@ class GluonFwdConfig:
 
 
 # FlashAttention-3's Hopper forward uses 128-key tiles for D = 128 with 2 stages; D = 64 tiles are half
-# the bytes, so one stage more fits. Starting points, unmeasured on our kernel (bench/gluon_probe.py).
+# the bytes, so one stage more fits. Starting points; at D=128 the H200 measured this config (ping-pong) fastest
+# non-causal, 1-2% ahead of no ping-pong (bench/RESULTS.md, 2026-12-03 evening); D=64 is not routed to Gluon.
 _DEFAULT_CONFIGS = {64: GluonFwdConfig(block_n=128, num_stages=3), 128: GluonFwdConfig(block_n=128, num_stages=2)}
 
 # 227 KB: the most shared memory one block may use on H100 / H200.
@@ -145,6 +147,17 @@ def check_tma_layout(name: str, t: Tensor) -> None:
         raise NotImplementedError(f"gluon_flash_forward: expected {name}'s data 16-byte aligned for TMA, got address "
                                   f"{t.data_ptr():#x} (an offset view?); call {name}.clone() first or use "
                                   f"launch.flash_forward")
+
+
+def layout_problem(**tensors: Tensor) -> str | None:
+    """Why one of `tensors` (name=tensor) cannot go through a TMA descriptor, or None when all can: the
+    router's check (launch.flash_forward picks the Triton kernel then, which takes any strides)."""
+    for name, t in tensors.items():
+        try:
+            check_tma_layout(name, t)
+        except NotImplementedError as refusal:
+            return str(refusal)
+    return None
 
 
 def heads_per_group(tk: int, head_dim: int, elem_bytes: int, group: int, bh: int) -> int:
@@ -243,21 +256,24 @@ def _sm90_device(index: int) -> int:
 
 def gluon_flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *, bias: Tensor | None = None,
                         alibi_slopes: Tensor | None = None, rng_state: Tensor | None = None,
-                        config: GluonFwdConfig | None = None) -> tuple[Tensor, Tensor]:
+                        config: GluonFwdConfig | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense attention forward on Hopper -> (out, lse), as `launch.flash_forward` computes it.
 
     q [B, Hq, Tq, D], k / v [B, Hkv, Tk, D] (TMA-compatible strides: module docstring). Returns out
-    [B, Hq, Tq, D] contiguous in q's dtype and lse fp32 [B, Hq, Tq] (natural log, -inf on empty rows).
+    [B, Hq, Tq, D] in q's dtype, contiguous unless `out` (an uninitialized [B, Hq, Tq, D] tensor of q's dtype
+    with a TMA-compatible layout, written in place: launch.flash_forward passes one in q's layout) is given,
+    and lse fp32 [B, Hq, Tq] contiguous (natural log, -inf on empty rows).
     Raises NotImplementedError for what it does not support (module docstring): fall back then.
     """
     out, lse, _ = gluon_flash_forward_with_kernel(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes,
-                                                  rng_state=rng_state, config=config)
+                                                  rng_state=rng_state, config=config, out=out)
     return out, lse
 
 
 def gluon_flash_forward_with_kernel(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, *,
                                     bias: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                                    rng_state: Tensor | None = None, config: GluonFwdConfig | None = None):
+                                    rng_state: Tensor | None = None, config: GluonFwdConfig | None = None,
+                                    out: Tensor | None = None):
     """`gluon_flash_forward`, also returning the compiled kernel it launched (None when it launched none):
     benchmarks read its registers, spills and shared memory (`n_regs`, `n_spills`, `metadata.shared`)."""
     if q.device.type != "cuda":
@@ -268,7 +284,11 @@ def gluon_flash_forward_with_kernel(q: Tensor, k: Tensor, v: Tensor, params: Att
     launch = plan_gluon_forward(q, k, v, params, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state,
                                 config=config, sm_count=sm_count)
     batch, q_heads, tq, head_dim = q.shape
-    out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, q_heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (batch, q_heads, tq, head_dim) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"gluon_flash_forward: expected out {[batch, q_heads, tq, head_dim]} {q.dtype} on {q.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
     lse = torch.empty((batch, q_heads, tq), dtype=torch.float32, device=q.device)
     if launch is None:
         if out.numel() and k.shape[2] == 0:  # no keys: every row is empty

@@ -16,12 +16,14 @@ This module does not import triton, so the dump tool can show plans where triton
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
+from attnlower.lowering.launch_gluon import GluonFwdConfig, default_config as gluon_default_config
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.target import Target, target_of  # noqa: F401  (one Target: lowering/target.py)
 
@@ -94,13 +96,13 @@ def cached_unless_symbolic(fn):
     cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
 
     @functools.wraps(fn)
-    def call(*args):
+    def call(*args, **kwargs):
         try:
-            return cached(*args)
+            return cached(*args, **kwargs)
         except TypeError as error:  # a SymInt: "unhashable type: non-nested SymInt"
             if "unhashable" not in str(error):
                 raise
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     call.cache_info = cached.cache_info
     call.cache_clear = cached.cache_clear
@@ -251,6 +253,105 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
     return DensePlan((pre, dkdv, dq))
 
 
+# ------------------------------------------------------------------ the dense forward's kernel: Gluon or Triton
+
+TRITON_FORWARD = "_flash_fwd_kernel"
+GLUON_FORWARD = "_gluon_attn_fwd_kernel"   # kernels/gluon_fwd.py, launched by launch_gluon.py
+
+
+def _gluon_from_env() -> bool:
+    value = os.environ.get("ATTNLOWER_GLUON", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"ATTNLOWER_GLUON: expected 1 (eager dense forwards on Hopper take the Gluon kernel where "
+                         f"it was measured faster, the default) or 0 (always the Triton kernel), got {value!r}")
+    return value == "1"
+
+
+# ATTNLOWER_GLUON=0: every dense forward launches the Triton kernel (read once, at import; tests set this).
+GLUON_ENABLED = _gluon_from_env()
+
+# Where the Gluon forward runs: measured on an H200 (torch 2.11.0+cu130, triton 3.6.0, 2026-12-03,
+# bench/gluon_probe.py, /work/gpu-logs/call4/gluon_probe.log, bench/RESULTS.md "the Gluon forward's first run").
+# Forward TFLOP/s, bf16, B*N = 16384 tokens, H*D = 2048, Tq = Tk = N, Hq = Hkv, BHSD-contiguous:
+#   D=128 non-causal  N=1024 / 4096 / 16384: Gluon ping-pong 506 / 552 / 561, Triton 349 / 471 / 489
+#   D=128 causal      N=1024 / 4096 / 16384: Gluon without ping-pong 343 / 428 / 458, Triton 322 / 414 / 437
+#                     (ping-pong causal: 213 at N=1024, 0.49x cuDNN, so causal calls take pingpong=False)
+#   D=64  every case: Triton 365-424 vs Gluon 249-403: D=64 keeps the Triton kernel.
+# fp16 was not timed (same kernel, same tensor-core rate as bf16; correctness checked on the H200).
+GLUON_ARCH = 90                 # sm_90 only (wgmma, TMA, setmaxnreg)
+GLUON_HEAD_DIM = 128            # D = Dv = 128 (D = 64 measured slower than Triton, above)
+GLUON_MIN_LENGTH = 1024         # Tq and Tk >= the shortest length measured; shorter calls are unmeasured: Triton
+GLUON_CONFIGS = {               # causal -> the Gluon variant measured fastest (block_n 128, 2 stages)
+    False: gluon_default_config(128),                                  # "ws": ping-pong
+    True: GluonFwdConfig(block_n=128, num_stages=2, pingpong=False),   # "ws-nopp"
+}
+GLUON_TRITON = "3.6"            # Gluon's API changes between releases: written for triton 3.6.x (launch_gluon.py)
+_GLUON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class ForwardChoice(NamedTuple):
+    """Which kernel a dense forward launches: `gluon` the Gluon config (kernel GLUON_FORWARD) or None (the Triton
+    kernel, TRITON_FORWARD, planned by dense_plan); `reason` says why, either way (the dump's note)."""
+
+    gluon: GluonFwdConfig | None
+    reason: str
+
+    @property
+    def kernel(self) -> str:
+        return GLUON_FORWARD if self.gluon is not None else TRITON_FORWARD
+
+
+@cached_unless_symbolic
+def choose_forward_kernel(params: AttentionParams, q: Meta, k: Meta, v: Meta, bias: Meta | None, has_alibi: bool,
+                          target: Target, has_sinks: bool = False, has_docs: bool = False,
+                          has_verified: bool = False, enabled: bool = True, tracing: bool = False) -> ForwardChoice:
+    """The one decision: the Gluon forward (launch_gluon.py) or the Triton one (launch.flash_forward's default).
+
+    Gluon when every condition holds, in this order (the reason names the first that fails): enabled
+    (ATTNLOWER_GLUON, GLUON_ENABLED), not tracing (inside torch.compile Inductor launches the kernels itself through
+    wrap_triton, which compiles a kernel as plain Triton and knows only Triton's TensorDescriptor: no Gluon), a CUDA
+    sm_90 target with triton 3.6.x, no bias / ALiBi / soft-cap / dropout / window / sinks / documents / fill /
+    verified flag, fp16 or bf16, D = Dv = 128, Tq and Tk >= GLUON_MIN_LENGTH; the config then follows causal
+    (GLUON_CONFIGS). One more condition is the launcher's, at run time (a plan holds no strides or addresses): q, k,
+    v (and out, allocated in q's layout) must be TMA-readable (launch_gluon.layout_problem), else Triton.
+    """
+    def triton(why: str) -> ForwardChoice:
+        return ForwardChoice(None, why)
+
+    if not enabled:
+        return triton("ATTNLOWER_GLUON=0")
+    if tracing:
+        return triton("traced: Inductor launches Triton kernels itself (wrap_triton takes no Gluon kernel)")
+    if target.kind != "cuda" or target.arch != GLUON_ARCH:
+        where = f"sm_{target.arch}" if target.kind == "cuda" else target.kind
+        return triton(f"the Gluon forward needs an sm_{GLUON_ARCH} GPU, this target is {where}")
+    if not target.triton.startswith(GLUON_TRITON + "."):
+        return triton(f"the Gluon forward is written for triton {GLUON_TRITON}.x, installed: "
+                      f"triton {target.triton or '(unknown)'}")
+    features = [(bias is not None, "a bias"), (has_alibi, "ALiBi"), (params.softcap > 0, "soft-capping"),
+                (params.dropout_p > 0, "dropout"), (params.window > 0, "a window"), (has_sinks, "sinks"),
+                (has_docs, "doc_ids"), (params.has_fill, "a fill"), (has_verified, "a verified flag")]
+    lacking = [what for present, what in features if present]
+    if lacking:
+        return triton(f"the Gluon forward takes no {', '.join(lacking)}")
+    if q.dtype not in _GLUON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return triton(f"the Gluon forward takes fp16 / bf16 q, k, v of one dtype, got {q.dtype}")
+    batch, q_heads, tq, head_dim = q.shape
+    tk, v_head_dim = k.shape[2], v.shape[3]
+    if head_dim != GLUON_HEAD_DIM or v_head_dim != GLUON_HEAD_DIM:
+        return triton(f"routed to Gluon only at D = Dv = {GLUON_HEAD_DIM} (D = 64 measured slower than Triton), "
+                      f"got D = {head_dim}, Dv = {v_head_dim}")
+    if tq < GLUON_MIN_LENGTH or tk < GLUON_MIN_LENGTH:
+        return triton(f"routed to Gluon only for Tq, Tk >= {GLUON_MIN_LENGTH} (measured at 1024..16384), "
+                      f"got Tq = {tq}, Tk = {tk}")
+    if batch * q_heads == 0 or max(batch, q_heads, tq, tk) >= 2**31:
+        return triton(f"the Gluon forward needs 0 < sizes < 2**31 (int32 TMA coordinates), got q {list(q.shape)}")
+    config = GLUON_CONFIGS[bool(params.causal)]
+    return ForwardChoice(config, f"Gluon warp-specialized forward ({'no ping-pong' if params.causal else 'ping-pong'}"
+                                 f", block_n={config.block_n}, {config.num_stages} stages): measured faster than "
+                                 f"Triton at D=128 on an H200")
+
+
 def paged_qk_chunks(head_dim: int) -> tuple[int, int]:
     """(QK_CHUNK, NUM_QK_CHUNKS) of the paged kernel's q·k: one power-of-two chunk up to 256 dims, else chunks of
     PAGED_QK_CHUNK (576 -> 9 x 64; 25% of q·k wasted if 576 were padded to 1024 instead)."""
@@ -320,12 +421,15 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
 def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, kv_heads: int, tq: int, tk: int,
                 head_dim: int, dtype: torch.dtype, target: Target, bias: str = "none", has_alibi: bool = False,
                 block_size: int = 16, direction: str = "forward", v_head_dim: int | None = None,
-                has_sinks: bool = False, has_docs: bool = False) -> dict[str, Any]:
+                has_sinks: bool = False, has_docs: bool = False, traced: bool = False) -> dict[str, Any]:
     """The launches `op` makes for one call of these sizes on `target`: what the dump and the report show.
 
-    The same planner the launchers use (dense_plan / paged_plan) on the real Tq and Tk (for the paged op, Tk
-    is the block table's width in tokens: the split-KV decision reads it, never the lengths). bias: "none",
-    "bool" or "float". v_head_dim: Dv (None: = head_dim); has_sinks / has_docs: the call passes sinks / doc_ids.
+    The same planner the launchers use (choose_forward_kernel, dense_plan / paged_plan) on the real Tq and Tk (for
+    the paged op, Tk is the block table's width in tokens: the split-KV decision reads it, never the lengths). bias:
+    "none", "bool" or "float". v_head_dim: Dv (None: = head_dim); has_sinks / has_docs: the call passes sinks /
+    doc_ids. traced: the call sits in a graph Inductor compiles with the kernels decomposed (it launches the Triton
+    forward then); False: an eager call, which takes the Gluon forward where choose_forward_kernel picks it (the
+    note then says it is subject to the tensors' layout, and names the Triton tiles used otherwise).
     Returns {"kernels": [...], "launches": [{kernel, grid, block_m, block_n, num_warps,
     num_stages, constexprs}, ...], "note": ...}; raises what the planner raises for a shape the kernels
     do not support (NotImplementedError / ValueError).
@@ -344,6 +448,11 @@ def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, k
         bias_meta = {"none": None, "bool": Meta((1,), torch.bool), "float": Meta((1,), dtype)}[bias]
         planned = dense_plan(params, "fwd" if direction == "forward" else "bwd", q, k, v, bias_meta, has_alibi,
                              target, (), has_sinks, has_docs)
+        if direction == "forward" and not planned.trivial:
+            choice = choose_forward_kernel(params, q, k, v, bias_meta, has_alibi, target, has_sinks, has_docs, False,
+                                           GLUON_ENABLED, traced)
+            if choice.gluon is not None:
+                return _gluon_kernel_plan(params, q, k, v, choice, target, planned.launches[0])
     else:
         max_blocks = max(1, -(-tk // block_size))
         pool = Meta((1, kv_heads, block_size, head_dim), dtype)
@@ -357,3 +466,26 @@ def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, k
                      num_stages=launch.config.num_stages, constexprs=dict(launch.constexprs))
                 for launch in planned.launches]
     return {"kernels": list(spec.kernels[direction].names), "launches": launches, "note": note}
+
+
+def _gluon_kernel_plan(params: AttentionParams, q: Meta, k: Meta, v: Meta, choice: ForwardChoice, target: Target,
+                       fallback: KernelLaunch) -> dict[str, Any]:
+    """kernel_plan's answer where choose_forward_kernel picks the Gluon forward: launch_gluon's own host-side plan
+    (on meta tensors: no GPU, no triton import), and the Triton launch taken when the layout is not TMA-readable."""
+    from attnlower.lowering import launch_gluon
+
+    def meta(m: Meta) -> torch.Tensor:
+        return torch.empty(m.shape, dtype=m.dtype, device="meta")
+
+    gluon = launch_gluon.plan_gluon_forward(meta(q), meta(k), meta(v), params, config=choice.gluon,
+                                            sm_count=target.sm_count or 132)
+    launch = dict(kernel=GLUON_FORWARD, grid=list(gluon.grid), block_m=launch_gluon.BLOCK_M,
+                  block_n=choice.gluon.block_n, num_warps=gluon.options["num_warps"],
+                  num_stages=choice.gluon.num_stages, constexprs=dict(gluon.constexprs))
+    note = (f"{choice.reason}; when q, k, v are TMA-readable (last dim contiguous, other strides multiples of 16 "
+            f"bytes, 16-byte aligned data: launch_gluon.check_tma_layout, decided at run time), else "
+            f"{fallback.kernel} with BLOCK_M={fallback.config.block_m}, BLOCK_N={fallback.config.block_n}, "
+            f"num_warps={fallback.config.num_warps}, num_stages={fallback.config.num_stages}; the Gluon kernel runs "
+            f"2 more warpgroups (consumers) besides these num_warps; inside torch.compile (kernels decomposed for "
+            f"Inductor) the Triton kernel runs")
+    return {"kernels": [GLUON_FORWARD], "launches": [launch], "note": note}

@@ -24,6 +24,8 @@ class Target(NamedTuple):
     allow_tf32: torch.backends.cuda.matmul.allow_tf32 (fp32 dots may use TF32 when True).
     shared_memory_per_block: the most shared memory one block may use (bytes; 232448 on H100 / H200).
     name: the device's name, as `describe()` prints it.
+    triton: the installed Triton's version on a CUDA target ("" elsewhere): the Gluon forward is written for
+        one Triton release (plan.choose_forward_kernel reads it).
     """
 
     kind: str
@@ -32,6 +34,7 @@ class Target(NamedTuple):
     allow_tf32: bool = False
     shared_memory_per_block: int = 0
     name: str = "cpu"
+    triton: str = ""
 
     @property
     def tensor_core_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -54,7 +57,16 @@ INTERPRET = Target("interpret", 0, 4, False, 0, "interpret")
 def _cuda_target(device: torch.device, allow_tf32: bool) -> Target:
     props = torch.cuda.get_device_properties(device)
     return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, allow_tf32,
-                  getattr(props, "shared_memory_per_block_optin", 0), props.name)
+                  getattr(props, "shared_memory_per_block_optin", 0), props.name, _triton_version())
+
+
+def _triton_version() -> str:
+    """The installed Triton's version ("" without Triton: then no kernel runs at all)."""
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
 
 
 def target_of(device: torch.device) -> Target:

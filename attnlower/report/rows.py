@@ -7,14 +7,16 @@ from .costs import memory_estimate
 from .records import Site, format_dims
 
 
-def site_rows(sites: list[AttentionSite], target, kernel_plans: bool = False) -> list[Site]:
+def site_rows(sites: list[AttentionSite], target, kernel_plans: bool = False, traced: bool = False) -> list[Site]:
     """The report's rows of `sites`, in order; `kernel_plans` adds each rewritten site's launch plan
-    (what the dump shows; it imports the lowering's planner, so only when asked)."""
+    (what the dump shows; it imports the lowering's planner, so only when asked); `traced`: Inductor launches
+    the ops' kernels itself (target.inductor_launches_kernels), so the plans name the kernels it launches."""
     rows = [site_row(s) for s in sites]
     if kernel_plans:
         for site, row in zip(sites, rows):
             if site.rewritten:
-                row.kernel = kernel_plan(site.decision.spec, target, site.match.q_len, site.match.k_len)
+                row.kernel = kernel_plan(site.decision.spec, target, site.match.q_len, site.match.k_len,
+                                         traced=traced)
     return rows
 
 
