@@ -142,6 +142,11 @@ def test_skipping_with_documents_off_the_tile_edges(monkeypatch):
     out exact with dq; dk / dv too for the keys whose 16-key tile holds no key of the middle document (the dK/dV
     kernel visits the rows of every document in its tile, and the NaN rows of the middle document reach a tile it
     shares with document 0 as 0 * NaN through delta = rowsum(dO * O): a visit, not a skip)."""
+    if torch.get_default_device().type != "cpu":
+        # measured on an H200 (2026-12-03): the GPU's tiles (32 / 64 / 128 keys) straddle the middle document, so
+        # its NaN tile is visited (masked, 0 * NaN) and the premise below does not hold there; the GPU runs the
+        # other document tests against the oracle
+        pytest.skip("the premise is the interpreter's 16-key tiles")
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
     lengths = [21, 43, 40]
     doc_ids = ids(lengths)

@@ -55,8 +55,9 @@ def _gluon_unavailable_reason() -> str | None:
 
 
 def _cpu_qkv(tq=64, tk=64, d=64, dtype=torch.bfloat16, hq=2, hkv=2):
-    return (torch.randn(1, hq, tq, d, dtype=dtype), torch.randn(1, hkv, tk, d, dtype=dtype),
-            torch.randn(1, hkv, tk, d, dtype=dtype))
+    # on CPU whatever the default device (ATTNLOWER_TEST_DEVICE=cuda sets it to the GPU)
+    return (torch.randn(1, hq, tq, d, dtype=dtype, device="cpu"), torch.randn(1, hkv, tk, d, dtype=dtype, device="cpu"),
+            torch.randn(1, hkv, tk, d, dtype=dtype, device="cpu"))
 
 
 @pytest.mark.parametrize("kind", ["bias", "alibi", "softcap", "dropout", "window", "head_dim", "fp32"])
