@@ -453,7 +453,10 @@ class _Generalizer:
     # -- after the walk -----------------------------------------------------------------------------
     def check_guards(self, subs: dict) -> None:
         for guard in self.env.guards:
-            if not bool(guard.expr.xreplace(subs)):
+            held = guard.expr.xreplace(subs)
+            if held.free_symbols:   # a size the reduction does not set (GPT-2's qkv split: `(s6 + 767) // 768 == 3`)
+                raise CannotReduce(f"a condition the ops need, {guard.expr}, reads a size the reduction does not set")
+            if not bool(held):
                 raise CannotReduce(f"the reduced sizes break a condition the ops need: {guard.expr}")
 
     def largest(self, subs: dict) -> int:

@@ -230,3 +230,23 @@ def test_a_rewrite_that_drops_a_shifted_mask_is_refused_at_reduced_sizes(monkeyp
     reports, got, want = _compile(_case(_shifted, *_qkv()), repro_dir=str(tmp_path))
     (site,) = _assert_refused(reports, got, want, tmp_path)
     assert f"reduced sizes {T}->62" in site.reason, site.reason
+
+
+def test_hf_gpt2_qkv_split_at_its_real_width_is_fused():
+    """HF GPT-2 (sdpa) at its real width, B=8, T=128: the region's largest tensor is c_attn's [8, 128, 2304] output,
+    split in three by `split(768)`. Generalized, the split's chunk count `(s + 767) // 768 == 3` reads a size the
+    reduction does not set: that must not fail the passes (it did, on an H200 run, 2026-12-03: the graph compiled
+    unmodified); the site is checked on its first call instead."""
+    import transformers
+
+    torch.manual_seed(0)
+    net = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 100, (8, 128))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        reports = attnlower.inspect(net, ids, options={"inner": "eager"})
+    sites = _sites(reports)
+    assert len(sites) == 1 and sites[0].rewritten, [(s.op, s.reason) for s in sites]
+    validated = sites[0].validated
+    assert validated.startswith(("passed", "first call")) and "reads a size the reduction does not set" in validated, \
+        validated
