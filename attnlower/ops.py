@@ -127,7 +127,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                     seq_lens: Tensor, *, alibi_slopes: Tensor | None = None,
                     scale: float | None = None, causal: bool = True, window: int = 0,
-                    softcap: float = 0.0, sinks: Tensor | None = None, fill: float | None = None) -> Tensor:
+                    softcap: float = 0.0, sinks: Tensor | None = None, fill: float | None = None,
+                    empty_rows_nan: bool | None = None) -> Tensor:
     """Attention of `q [B, Hq, Tq, D]` over a paged KV cache (decode or chunked prefill).
 
     Args:
@@ -139,7 +140,12 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
         window: when > 0, also only keys `t > p - window`.
         alibi_slopes, scale, softcap, sinks: as in `flash_attention` (split-KV adds the sink once, in the reduce).
         fill: refused (NotImplementedError, below); None or -inf masks.
-    Rows with no visible key give 0. No autograd.
+        empty_rows_nan: None (default): a sequence shorter than its Tq queries (0 < seq_len < Tq) raises
+            `PagedInputError`, and the rows of an empty sequence give 0. False / True: such a chunk is computed;
+            its queries before the sequence's first token (position < 0; causal) and every row of an empty
+            sequence see no key and give 0 / NaN, as `flash_attention(empty_rows_nan=...)`: SDPA's value / eager
+            softmax's. A finite sink keeps a row from being empty (0 either way).
+    Rows with no visible key give 0 unless `empty_rows_nan=True`. No autograd.
 
     A block id outside `[0, num_blocks)` or a length outside `[0, max_blocks * block_size]` raises
     `PagedInputError`: on CPU at once; on CUDA, without a host sync, at the next paged call or at
@@ -157,4 +163,5 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
     check_window_type("paged_attention", window)
     op = (_impl.paged_attention_impl if _direct(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks)
           else torch.ops.attnlower.paged_attention)
-    return op(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap, sinks)
+    return op(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, causal, window, softcap, sinks,
+              empty_rows_nan)

@@ -82,7 +82,8 @@ def kernel_plan(spec, target: Target, q_len=None, k_len=None, traced: bool = Fal
     if k_len is None or size_hint(k_len) is None:
         notes.append(f"Tk unknown: planned for Tk={tk}")
     params = AttentionParams(spec.scale, causal=spec.causal, bottom_right=spec.bottom_right, window=spec.window,
-                             softcap=spec.softcap, dropout_p=spec.dropout_p, empty_rows_nan=spec.empty_rows_nan)
+                             softcap=spec.softcap, dropout_p=spec.dropout_p, empty_rows_nan=spec.empty_rows_nan,
+                             short_sequences=spec.op == "paged_attention")   # the paged rewrite passes empty_rows_nan
     where = target if target.kind == "cuda" else INTERPRET
     try:
         planned = planning.kernel_plan(spec.op, params, batch=1, q_heads=heads[0], kv_heads=heads[1], tq=tq, tk=tk,

@@ -8,9 +8,6 @@ covers every parametrization of the test.
 
 NEEDS_FILL_MODE = ("issue 22 class 2: a finite fill that is not provably -inf masking needs the op's fill "
                    "mode (masked scores take the fill: a fully masked row is a uniform average); refused today")
-NEEDS_SHORT_SEQUENCE_ROWS = ("issue 22 class 5: chunked prefill through paged_attention needs the op to give "
-                             "rows before a sequence's first key the source's value (0 / NaN) when the rewrite "
-                             "asks; the op raises for 0 < seq_len < Tq (issue 19.4), so Tq > 1 stays dense")
 DATA_ALIAS_BLIND_SPOT = ("issue 22 class 1: a buffer written through .data (or a NumPy / DLPack alias) "
                          "changes neither its _version nor its identity, so the backend's guard does not see "
                          "it; closing it needs the op's device-side `verified` input (docs/design/issue22.md)")
@@ -27,11 +24,4 @@ KNOWN_GAPS = {
     "tests/passes/test_spelling_class_finite_fills.py::test_gpt2_v4_masked_bias_buffer": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_fill_near_the_scores_is_not_minus_inf": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_distilbert_finfo_min_fill[fp16]": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_paged.py::test_vllm_layout_chunked_prefill": NEEDS_SHORT_SEQUENCE_ROWS,
-    "tests/passes/test_spelling_class_paged.py::test_flashinfer_layout_chunked_prefill": NEEDS_SHORT_SEQUENCE_ROWS,
-    "tests/passes/test_spelling_class_paged.py::test_chunked_prefill_whole_sequence": NEEDS_SHORT_SEQUENCE_ROWS,
-    "tests/passes/test_spelling_class_paged.py::test_chunk_longer_than_a_sequence_gives_eager_nan_rows":
-        NEEDS_SHORT_SEQUENCE_ROWS,
-    "tests/passes/test_spelling_class_paged.py::test_chunked_prefill_dynamic_shapes_one_graph":
-        NEEDS_SHORT_SEQUENCE_ROWS,
 }

@@ -23,8 +23,9 @@ serving loops that validate their tables themselves; the clamps stay. The refere
 What is an error (docs/INTERFACES.md, "Semantics (paged)"): a block id outside the pool among the
 blocks a sequence uses, a negative length, a length beyond the table (max_blocks * block_size), and a
 sequence shorter than its Tq queries (0 < seq_len < Tq: the queries are the last Tq tokens of the
-sequence, so some would sit before its first token). An empty sequence (seq_len = 0, a padding slot of a
-fixed-size batch) is not an error: its rows are 0.
+sequence, so some would sit before its first token) unless the call opts in with `empty_rows_nan=False / True`
+(those queries see no key: 0 / NaN). An empty sequence (seq_len = 0, a padding slot of a fixed-size batch) is not
+an error: its rows are 0 (NaN with `empty_rows_nan=True`).
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *,
         got.append("a negative seq_len")
     if kinds & SHORTER_THAN_TQ:
         got.append(f"a seq_len shorter than its {'Tq' if tq is None else f'Tq={tq}'} queries (the queries are "
-                   f"the last Tq tokens of the sequence: append them to the cache before attending)")
+                   f"the last Tq tokens of the sequence: append them to the cache before attending, or pass "
+                   f"empty_rows_nan=False / True to compute a chunk longer than the sequence, its queries before "
+                   f"the first token giving 0 / NaN)")
     if lazily:
         which = call or "an earlier call on this device"
         when = (f"{which} (reported lazily: the check reads no GPU value on the hot path; its output was "
@@ -99,9 +102,9 @@ def paged_input_message(kinds: int, seq: int, num_blocks: int, capacity: int, *,
     else:
         when = "this call"
     return (f"attnlower::paged_attention: {when} got, for sequence {seq}, {' and '.join(got)}; expected "
-            f"0 <= seq_len <= {capacity} (and seq_len >= Tq unless 0) and every block id a sequence uses in "
-            f"[0, {num_blocks}). Build the table and lengths with PagedKVCache.block_table(...) / .seq_lens(...), "
-            f"or widen the table")
+            f"0 <= seq_len <= {capacity} (and seq_len >= Tq unless 0 or empty_rows_nan is set) and every block "
+            f"id a sequence uses in [0, {num_blocks}). Build the table and lengths with "
+            f"PagedKVCache.block_table(...) / .seq_lens(...), or widen the table")
 
 
 class _DeviceFlags:

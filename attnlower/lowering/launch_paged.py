@@ -32,7 +32,8 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     q [B, Hq, Tq, D]; k_cache [num_blocks, Hkv, block_size, D], v_cache [num_blocks, Hkv, block_size, Dv] (any
     strides: MLA passes a prefix view of the k pool; D <= 576, Dv <= 512); block_table
     [B, max_blocks] int32; seq_lens [B] int32; alibi_slopes None, fp32 [Hq] or [B, Hq]; sinks None or float
-    [Hq] (split-KV: added once, by the reduce kernel).
+    [Hq] (split-KV: added once, by the reduce kernel). `params.short_sequences`: a sequence shorter than Tq is computed
+    (else an error); rows with no visible key are 0, NaN with `params.empty_rows_nan` (split-KV: decided by the reduce).
     `num_splits` and `config` override the heuristics (tests and benchmarks); None = choose.
     Raises errors.PagedInputError for a bad table or lengths: at once on CPU; on CUDA at the next
     paged call or `attnlower.check_errors()` (no host sync here).

@@ -658,13 +658,13 @@ _flash_op, _sliding_op, _backward_op = (_DENSE_OPS[n] for n in _IMPLS)
 
 
 def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None, scale=None,
-                         causal=True, window=0, softcap=0.0, sinks=None):
+                         causal=True, window=0, softcap=0.0, sinks=None, empty_rows_nan=None):
     """Attention over a paged KV cache; returns out [B, Hq, Tq, Dv] in q's layout. Inference only."""
     tensors = (q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks)
     fast = None
     if fastpath.ENABLED:  # a repeat call of a known signature: the cached launches (lowering/fastpath.py)
-        fast = fastpath.call_key("paged_attention", (scale, causal, window, softcap, errors.paged_checks_mode()),
-                                 tensors)
+        fast = fastpath.call_key("paged_attention", (scale, causal, window, softcap, empty_rows_nan,
+                                                     errors.paged_checks_mode()), tensors)
         if fast is not None:
             call = fastpath.lookup(fast[0])
             if call is not None and not fastpath.hooks_active():
@@ -678,7 +678,8 @@ def paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, alibi_slope
     runs_kernels = validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale,
                                   window, softcap, sinks)
     params = AttentionParams.resolve(q.shape[-1], scale, causal=bool(causal), window=int(window),
-                                     softcap=float(softcap))
+                                     softcap=float(softcap),
+                                     empty_rows_nan=bool(empty_rows_nan), short_sequences=empty_rows_nan is not None)
     forward = _run(registry.PAGED, "forward", runs_kernels, q.device)
     records: list = []
     with fastpath.recording(records):
@@ -702,7 +703,7 @@ paged_attention = getattr(torch.ops.attnlower, registry.PAGED.name)
 
 @torch.library.register_fake(registry.PAGED.qualname)
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes=None,
-                          scale=None, causal=True, window=0, softcap=0.0, sinks=None):
+                          scale=None, causal=True, window=0, softcap=0.0, sinks=None, empty_rows_nan=None):
     validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, scale, window, softcap, sinks)
     return out_like(q, v_cache.shape[3])
 

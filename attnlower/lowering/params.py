@@ -30,6 +30,9 @@ class AttentionParams(NamedTuple):
     empty_rows_nan: rows with no visible key give NaN (eager softmax) instead of 0.
     mask_fill:      the score every masked position takes (a finite replace-fill: `masked_fill(~keep, f)`,
                     so a fully masked row averages every key); -inf (the default) masks them out.
+    short_sequences: paged only: a sequence shorter than its Tq queries (0 < seq_len < Tq) is computed, its queries
+                    before the first token empty rows (0 / NaN by empty_rows_nan), instead of an error; the paged op
+                    sets it when its `empty_rows_nan` is given (False / True), not for its default None.
 
     Immutable and hashable: it is part of the key of the launch-plan cache (`lowering/plan.py`). A
     NamedTuple rather than a frozen dataclass: its hash and equality run in C, and every op call
@@ -44,6 +47,7 @@ class AttentionParams(NamedTuple):
     dropout_p: float = 0.0
     empty_rows_nan: bool = False
     mask_fill: float = float("-inf")
+    short_sequences: bool = False
 
     @property
     def has_fill(self) -> bool:

@@ -405,14 +405,15 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=params.causal, HAS_WINDOW=params.window > 0,
         HAS_SOFTCAP=params.softcap > 0, HAS_ALIBI=has_alibi, SPLIT=num_splits > 1,
         CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs,
-        HAS_SINKS=has_sinks).items()))
+        HAS_SINKS=has_sinks, SHORT_SEQUENCES=params.short_sequences,
+        EMPTY_ROWS_NAN=bool(params.empty_rows_nan)).items()))
     if num_splits == 1:
         return PagedPlan((attn,), 1)
     # 4 warps cover a 128-wide row of the reduce; 8 for 256 and wider (unmeasured starting point, as before)
     reduce_cfg = KernelConfig(1, 1, 4 if v_pad <= 128 else 8, 1)
     reduce = KernelLaunch("_paged_reduce_kernel", (batch * q_heads * tq, 1, 1), reduce_cfg, (
         ("HEAD_DIM_V", v_head_dim), ("HEAD_DIM_V_PAD", v_pad), ("SPLITS_PAD", max(2, _next_power_of_2(num_splits))),
-        ("HAS_SINKS", has_sinks)))
+        ("HAS_SINKS", has_sinks), ("EMPTY_ROWS_NAN", bool(params.empty_rows_nan))))
     return PagedPlan((attn, reduce), num_splits)
 
 

@@ -393,9 +393,10 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     Gathers each sequence's blocks through `block_table` into a dense `[B, Hkv, L, D]` (L the
     longest sequence), zeroes positions past each sequence's length (pool memory there may hold
     anything, even NaN, and `0 * NaN` would leak through P V), then runs the dense reference with
-    query `i` at position `seq_lens[b] - Tq + i`. Empty rows give 0. A length outside
-    `[0, max_blocks * block_size]`, a length in `(0, Tq)` or a used block id outside `[0, num_blocks)` raises
-    errors.PagedInputError, the kernel's error (raised here at once: the reference reads on the host).
+    query `i` at position `seq_lens[b] - Tq + i`. Rows with no visible key give 0, NaN with
+    `params.empty_rows_nan` True. A length outside `[0, max_blocks * block_size]`, a length in `(0, Tq)` unless
+    `params.short_sequences`, or a used block id outside `[0, num_blocks)` raises errors.PagedInputError,
+    the kernel's error (raised here at once: the reference reads on the host).
     """
     batch, _, tq, _ = q.shape
     num_blocks, kv_heads, block_size, _ = k_cache.shape
@@ -408,7 +409,7 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         raise errors.PagedInputError(errors.paged_input_message(kinds, b, num_blocks, capacity, lazily=False)
                                      + f" (seq_lens[{b}] = {int(lens[b])})")
     short = (lens > 0) & (lens < tq)
-    if bool(short.any()):
+    if not params.short_sequences and bool(short.any()):
         b = int(short.nonzero()[0, 0])
         raise errors.PagedInputError(errors.paged_input_message(errors.SHORTER_THAN_TQ, b, num_blocks, capacity,
                                                                 lazily=False, tq=tq)
@@ -437,5 +438,5 @@ def reference_paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     geometry = _Geometry(query_offset=(lens - tq).view(-1, 1, 1, 1), causal=params.causal,
                          window=params.window, key_lens=lens.view(-1, 1, 1, 1))
     out, _ = _attention_forward(q, gather(k_cache), gather(v_cache), None, alibi_slopes, params.scale,
-                                params.softcap, 0.0, None, False, geometry, sinks=sinks)
+                                params.softcap, 0.0, None, bool(params.empty_rows_nan), geometry, sinks=sinks)
     return out

@@ -39,8 +39,10 @@ class Arg(NamedTuple):
     def schema(self) -> str:
         if self.default is REQUIRED:
             return f"{self.type} {self.name}"
-        value = {None: "None", True: "True", False: "False"}.get(self.default, self.default) \
-            if not isinstance(self.default, float) else repr(self.default)
+        # by identity: a dict lookup would spell an int default 0 as False (0 == False)
+        value = next((text for const, text in ((None, "None"), (True, "True"), (False, "False"))
+                      if self.default is const), self.default) if not isinstance(self.default, float) \
+            else repr(self.default)
         return f"{self.type} {self.name}={value}"
 
     def required(self) -> "Arg":
@@ -100,7 +102,7 @@ class OpDef:
         import torch
 
         py = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float?": Optional[float], "float": float,
-              "bool": bool, "int": int}
+              "bool": bool, "bool?": Optional[bool], "int": int}
         params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=py[a.type],
                                     default=inspect.Parameter.empty if a.default is REQUIRED else a.default)
                   for a in self.args]
@@ -146,6 +148,10 @@ WINDOW = Arg("window", "int")
 SOFTCAP = Arg("softcap", "float", 0.0)
 DROPOUT_P = Arg("dropout_p", "float", 0.0)
 EMPTY_ROWS_NAN = Arg("empty_rows_nan", "bool", False)
+# paged: None (the default) keeps 0 < seq_len < Tq an error (PagedInputError); False / True opt in to chunks longer than
+# a sequence, whose rows before its first token (and every row of an empty sequence) see no key and give 0 / NaN
+# as the dense ops' empty_rows_nan (issue 22 class 5).
+PAGED_EMPTY_ROWS_NAN = Arg("empty_rows_nan", "bool?", None)
 # Masked scores take this value instead of -inf (None: masking); AttentionParams.mask_fill (issue 22, class 2).
 FILL = Arg("fill", "float?", None)
 # One logit per query head [Hq] in the softmax denominator, adding no value (issue 21.2); a launcher keyword.
@@ -207,7 +213,7 @@ PAGED = OpDef(
     "paged_attention",
     args=(Arg("q", "Tensor"), Arg("k_cache", "Tensor"), Arg("v_cache", "Tensor"), Arg("block_table", "Tensor"),
           Arg("seq_lens", "Tensor"), ALIBI_SLOPES, SCALE, Arg("causal", "bool", True), Arg("window", "int", 0),
-          SOFTCAP, SINKS),
+          SOFTCAP, SINKS, PAGED_EMPTY_ROWS_NAN),
     returns=(("out", "Tensor"),), family="paged", doc="attention over a paged KV cache (inference)",
     kernels={"forward": KernelSet("attnlower.lowering.kernels.paged_decode",
                                   ("_paged_attn_kernel", "_paged_reduce_kernel"))},

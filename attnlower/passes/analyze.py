@@ -87,6 +87,18 @@ def head_dim_problem(head_dim, v_head_dim, limit_qk: int, limit_v: int, kernels:
     return ""
 
 
+def _empty_rows_note(m: AttentionMatch, mask: MaskInfo, nan_for_empty: bool) -> str:
+    """What the paged rewrite gives the rows with no visible key, said as the source's value."""
+    if mask.lengths is None:
+        return ""
+    value = "NaN, as the source's softmax gives" if nan_for_empty else "0, as the source's safe softmax (SDPA) gives"
+    chunk = not (isinstance(m.q_len, int) and m.q_len == 1)
+    rows = ("queries before their sequence's first token (position L[b] - Tq + i < 0, a chunk longer than its "
+            "sequence) and the rows of an empty sequence" if chunk and mask.causal
+            else "the rows of an empty sequence (L[b] = 0)")
+    return f"; {rows} see no key: {value} (empty_rows_nan={nan_for_empty})"
+
+
 def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo | None) -> tuple[Decision | None, str]:
     """Paged attention when K/V are block-table gathers and the mask is one the paged op computes
     (`paged_mask`, read by `masks.classify_length_mask`): none, `key < lengths[b]`, and causal or a
@@ -107,32 +119,31 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     if mask.kind not in ("none",) + LENGTH_KINDS:
         return None, f"the mask is not one the paged op computes: {mask.reason}"
     seq_lens = mask.lengths
-    if seq_lens is not None and not (isinstance(m.q_len, int) and m.q_len == 1):
-        # the op's contract (docs/INTERFACES.md, paged): 0 < seq_len < Tq raises; the source computes there
-        # (its queries before the sequence's first token see no key): only lengths >= Tq would be equal
-        return None, (f"{mask.kind} mask with Tq = {m.q_len} queries: paged_attention refuses a sequence shorter "
-                      f"than its Tq queries (0 < seq_len < Tq raises), where the source computes rows with no "
-                      f"visible key; the lengths are data, so seq_len >= Tq is not proven")
     if seq_lens is None and not bool(m.q_len <= pk.length):
         return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
     if m.sinks is not None and not op_takes("paged_attention", "sinks"):
         return None, "paged_attention takes no `sinks` argument yet (issue 21)"
+    # what the source gives a row with no visible key (a sequence of length 0; causal: a query before its sequence's
+    # first token, L[b] - Tq + i < 0): NaN from eager's softmax, 0 from SDPA's safe softmax. The op gives the same
+    # under empty_rows_nan (passed always: it also lets a chunk be longer than its sequence, which the lengths, data,
+    # never rule out); with sinks a row is empty only where its sink is -inf, in the source as in the op
+    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
+    if m.sinks is not None and m.sinks.form == "rescale" and nan_for_empty:
+        # softmax(s) of an empty row is NaN and NaN times the weight stays NaN; the op with a finite sink gives 0
+        return None, (f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
+                      f"visible key: eager gives NaN there, the op with sinks 0")
     dtype = value_of(m.q.source).dtype
     spec = AttentionSpec(
         op="paged_attention", q_heads=m.q_heads, kv_heads=pk.heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim,
         sinks=m.sinks is not None,
         dtype=str(dtype).replace("torch.", ""), causal=mask.causal, bottom_right=mask.bottom_right,
-        window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale,
+        window=mask.window, mask_kind=mask.kind, softcap=m.softcap, scale=m.paged_scale, empty_rows_nan=nan_for_empty,
         paged_block_size=pk.block_size, target=target.describe())
     why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
            f"read in place, no gather" + (f"; lengths from {seq_lens.name}: {mask.reason}" if seq_lens is not None
                                           else "; every gathered key visible"))
-    # eager softmax gives NaN for a row with no visible key (a sequence of length 0, or a query before the
-    # sequence's first token); the paged op gives 0 there, as SDPA's safe softmax does
-    # (with sinks only where the sink is -inf: the rewrite tests it; a finite sink takes the whole softmax, out 0)
-    nan_for_empty = bool(m.terms) and seq_lens is not None and not m.safe_softmax
-    why += _sinks_note(m)
-    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens, nan_for_empty),
+    why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m)
+    return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens),
                     speculated=mask.speculated_from), ""
 
 

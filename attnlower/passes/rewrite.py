@@ -454,24 +454,10 @@ def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> lis
     s = decision.spec
     sinks = _sinks(emit, m) if m.sinks is not None else None
     extra = {"sinks": sinks} if sinks is not None else {}
+    # empty_rows_nan, always passed: a chunk may be longer than its sequence (lengths are data), and its queries
+    # before the sequence's first token, like every row of an empty sequence, take the source's value (0 / NaN)
     out = emit(torch.ops.attnlower.paged_attention.default, (q, pools[0], pools[1], table, seq_lens),
                dict(alibi_slopes=None, scale=float(s.scale), causal=s.causal, window=int(s.window),
-                    softcap=float(s.softcap), **extra),
+                    softcap=float(s.softcap), **extra, empty_rows_nan=s.empty_rows_nan),
                name="attnlower_paged")
-    if plan.nan_for_empty:
-        # eager softmax over a row of -inf gives NaN; the paged op gives 0 for a row with no visible key:
-        # a sequence of length 0, or (causal) a query before its sequence's first token, L[b] - Tq + i < 0
-        lens = emit(aten.view.default, (seq_lens, [-1, 1, 1, 1]))
-        if s.causal:
-            q_len = m.q_len if isinstance(m.q_len, int) else emit(aten.sym_size.int, (q, 2))
-            rows = emit(aten.arange.default, (q_len,), {"dtype": torch.int64, "device": value_of(q).device})
-            rows = emit(aten.view.default, (rows, [1, 1, -1, 1]))
-            first = emit(aten.add.Tensor, (lens, rows))               # L[b] + i
-            empty = emit(aten.lt.Scalar, (first, q_len))             # L[b] - Tq + i < 0
-        else:
-            empty = emit(aten.le.Scalar, (lens, 0))
-        if sinks is not None:   # a row with a finite sink is not empty (the sink takes the softmax: 0 in both)
-            no_sink = emit(aten.view.default, (emit(aten.isneginf.default, (sinks,)), [1, -1, 1, 1]))
-            empty = emit(aten.bitwise_and.Tensor, (empty, no_sink))
-        out = emit(aten.masked_fill.Scalar, (out, empty, float("nan")))
     return _finish(emit, m, out)

@@ -282,7 +282,6 @@ class PagedPlan:
     k: PagedRef
     v: PagedRef
     seq_lens: fx.Node | None
-    nan_for_empty: bool      # the source gives NaN for a sequence of length 0 (eager softmax of -inf)
 
 
 @dataclass

@@ -300,6 +300,7 @@ class _Input:
     high: int = 0                 # inclusive, for index / length
     value: Any = None             # for size / scalar inputs
     source_dtype: torch.dtype | None = None   # the dtype in the graph (drawn as float64 when a float)
+    queries: int = 0              # lengths read by paged_attention: its Tq (a draw holds a sequence shorter than it)
 
     def describe(self) -> str:
         if self.kind in ("size", "scalar"):
@@ -308,6 +309,8 @@ class _Input:
             return f"{self.node.name}={self.value:.6g} (guarded)"
         dims = ",".join(str(s) for s in self.shape)
         extra = f" in [{self.low}, {self.high}]" if self.kind in ("index", "length") else ""
+        if self.queries > 1:
+            extra += f" (draws after the first: one length in [1, Tq={self.queries}))"
         short = {torch.float64: "f64", torch.bool: "bool", torch.int64: "i64", torch.int32: "i32"}
         return f"{short.get(self.dtype, str(self.dtype).replace('torch.', ''))}[{dims}]{extra}"
 
@@ -531,8 +534,8 @@ class _Pair:
         rng = self._int_range(b)
         if rng is None:
             return _Input(b, "int", shape, stride, val.dtype, -2, 3)
-        kind, low, high = rng
-        return _Input(b, kind, shape, stride, val.dtype, low, high)
+        kind, low, high, queries = rng
+        return _Input(b, kind, shape, stride, val.dtype, low, high, queries=queries)
 
     def _guarded_value(self, b: fx.Node):
         """The value of a one-element tensor that the region reads only through `.item()`, where the
@@ -587,7 +590,8 @@ class _Pair:
         return False
 
     def _int_range(self, b: fx.Node):
-        """(kind, low, high) of an integer input from how the region consumes it, or None for a number."""
+        """(kind, low, high, queries) of an integer input from how the region consumes it, or None for a number;
+        queries: the Tq of a paged_attention reading it as its lengths (else 0)."""
         found = None
         stack, seen = [b], set()
         while stack:
@@ -598,7 +602,9 @@ class _Pair:
                 seen.add(u)
                 rng = self._consumer_range(n, u)
                 if rng is not None:
-                    found = rng if found is None else (found[0], max(found[1], rng[1]), min(found[2], rng[2]))
+                    rng = (*rng, 0) if len(rng) == 3 else rng
+                    found = rng if found is None else (found[0], max(found[1], rng[1]), min(found[2], rng[2]),
+                                                       max(found[3], rng[3]))
                 elif u.target in _KEEPS_INDEX_ROLE:
                     stack.append(u)
         return found
@@ -624,7 +630,7 @@ class _Pair:
             if n is table:
                 return ("index", 0, size(cache, 0) - 1)
             if n is lens:
-                return ("length", 0, size(table, 1) * size(cache, 2))
+                return ("length", 0, size(table, 1) * size(cache, 2), size(u.args[0], 2))
         if t in COMPARISONS:
             other = u.args[1] if u.args[0] is n else u.args[0]
             if isinstance(other, fx.Node) and other in self.pure:
@@ -1044,6 +1050,12 @@ def _draw(i: _Input, style: int, g: torch.Generator):
             t.view(-1)[0], t.view(-1)[-1] = i.low, i.high
         elif style == 2:
             t.fill_(i.high if i.kind == "length" else i.low)
+        # a chunk of Tq queries longer than its sequence (its first queries see no key): in every draw but the
+        # first, one sequence gets a length in [1, Tq) (the last with the edge values: the first is 0 there)
+        short = min(i.queries - 1, i.high)
+        if i.kind == "length" and style > 0 and n and short >= 1 and max(i.low, 1) <= short:
+            t.view(-1)[-1 if style == 1 and n > 1 else 0] = int(torch.randint(max(i.low, 1), short + 1, (),
+                                                                              generator=g))
         t = t.to(i.dtype)
     else:
         values = torch.tensor([0, 1, -1, 2, -2, 3], dtype=torch.int64)

@@ -50,7 +50,10 @@ def oracle(q, k, v, bias=None, alibi=None, scale=None, causal=False, bottom_righ
     s = torch.where(visible, s, -1e300)  # finite, so autograd through empty rows stays NaN-free
     if sinks is not None:
         s = torch.cat([s, sinks.double().view(1, heads, 1, 1).expand(batch, heads, tq, 1)], dim=-1)
-        visible = torch.cat([visible, torch.ones_like(visible[..., :1])], dim=-1)
+        # a -inf sink is no key (a row with nothing else is empty); not ones_like(visible[..., :1]): with Tk = 0
+        # that slice is empty and the sink column would be lost
+        sink_seen = (sinks.view(1, heads, 1, 1) != -math.inf).expand(batch, heads, tq, 1)
+        visible = torch.cat([visible, sink_seen], dim=-1)
     has_key = visible.any(-1, keepdim=True)
     p = torch.where(has_key, torch.softmax(s, -1), 0.0)
     lse = torch.where(has_key, torch.logsumexp(s, -1, keepdim=True), -math.inf).squeeze(-1)

@@ -206,6 +206,26 @@ def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_
     assert len(attn.compiled) == 2
 
 
+def test_paged_empty_rows_nan_is_part_of_the_key(paged_stub):
+    """None (short sequences an error), False and True are three kernels (SHORT_SEQUENCES, EMPTY_ROWS_NAN); a
+    repeat call of each reuses its own launch."""
+    k_cache = torch.randn(6, 2, 4, 16)
+    table = torch.arange(6, dtype=torch.int32).view(2, 3)
+    lens = torch.tensor([2, 9], dtype=torch.int32)     # Tq = 4: sequence 0 is shorter than the chunk
+    q = torch.randn(2, 4, 4, 16)
+    attn = paged_stub["_paged_attn_kernel"]
+    outs = {}
+    for option in (False, True, False, True):
+        outs[option] = public.paged_attention(q, k_cache, k_cache, table, lens, empty_rows_nan=option)
+    assert len(attn.compiled) == 2 and all(len(c.runs) == 1 for _, c in attn.compiled)
+    constexprs = [dict(zip(attn.arg_names, c.bound_args)) for _, c in attn.compiled]
+    assert [(c["SHORT_SEQUENCES"], c["EMPTY_ROWS_NAN"]) for c in constexprs] == [(True, False), (True, True)]
+    lens_ok = torch.tensor([4, 9], dtype=torch.int32)
+    public.paged_attention(q, k_cache, k_cache, table, lens_ok)
+    assert len(attn.compiled) == 3 and dict(zip(attn.arg_names, attn.compiled[2][1].bound_args))[
+        "SHORT_SEQUENCES"] is False
+
+
 def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
     from attnlower.lowering.kernels import flash_bwd
 

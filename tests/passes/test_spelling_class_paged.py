@@ -9,8 +9,8 @@ the ways models spell masks. Recognized, the site reads the pools in place (`pag
 
 The op is inference-only (no autograd): forward tests only. Each test checks eager parity (NaN where eager
 has NaN), the op, the proven mask ("length", "causal" for the prefill) and the pool's block size. Nothing is
-skipped: the chunked prefills and several mask spellings fail until issue 22 lands
-(docs/design/issue22.md, class 5).
+skipped (docs/design/issue22.md, class 5). A chunk may be longer than a sequence (the lengths are data): the
+rewrite passes `paged_attention(empty_rows_nan=...)` with the source's value for the rows before its first token.
 """
 from __future__ import annotations
 
@@ -169,6 +169,19 @@ def test_chunk_longer_than_a_sequence_gives_eager_nan_rows():
     for fn, layout in ((S.vllm_chunked_prefill, "vllm"), (S.flashinfer_chunked_prefill, "flashinfer")):
         _, sites = S.check_forward(fn, *S.paged_inputs(4, layout=layout, lens=(2, 37)))
         paged_site(sites, causal=True)
+
+
+@pytest.mark.parametrize("fn, layout, value", [(S.vllm_chunked_prefill, "vllm", "NaN"),
+                                               (S.flashinfer_chunked_prefill, "flashinfer", "0")])
+def test_chunk_report_says_what_rows_before_a_sequence_take(fn, layout, value):
+    """The rewrite passes empty_rows_nan with the source's value (eager softmax: NaN, SDPA: 0), and the report
+    says so; the real lengths (29, 37) are all >= Tq: the op must not raise for shorter ones either (data)."""
+    _, sites = S.check_forward(fn, *S.paged_inputs(4, layout=layout))
+    site = paged_site(sites, causal=True)
+    S.assert_site(site, PAGED, empty_rows_nan=value == "NaN")
+    assert "queries before their sequence's first token" in site.reason, S.describe(sites)
+    assert f"see no key: {value}, as the source's" in site.reason, S.describe(sites)
+    assert "[1, Tq=4)" in site.validated, site.validated
 
 
 def test_chunked_prefill_dynamic_shapes_one_graph():

@@ -635,3 +635,34 @@ def test_int_draws_have_an_all_zero_row():
     for style in (1, 2):
         rows = V._draw(spec, style, g)
         assert not rows.any(-1).all(), f"draw {style} has no all-zero row"
+
+
+def test_paged_length_draws_hold_a_sequence_shorter_than_the_chunk():
+    """Lengths read by paged_attention with Tq queries: every draw after the first holds a length in [1, Tq) (a
+    chunk longer than its sequence, whose first queries see no key), besides the edge draw's 0 and capacity."""
+    node = torch.fx.Graph().placeholder("seq_lens")
+    spec = V._Input(node, "length", (3,), (1,), torch.int32, 0, 40, queries=5)
+    g = torch.Generator().manual_seed(0)
+    draws = [V._draw(spec, style, g) for style in range(3)]
+    for style in (1, 2):
+        assert ((draws[style] >= 1) & (draws[style] < 5)).any(), (style, draws[style])
+    assert draws[1][0] == 0, "the edge draw keeps an empty sequence"
+    decode = V._Input(node, "length", (3,), (1,), torch.int32, 0, 40, queries=1)
+    assert (V._draw(decode, 2, g) == 40).all(), "Tq = 1: no length is shorter than the chunk"
+
+
+def test_paged_chunk_rewrite_that_refuses_short_sequences_is_refused(monkeypatch, tmp_path):
+    """A chunked-prefill rewrite without empty_rows_nan (the op then raises for 0 < seq_len < Tq) is wrong where
+    the source computes: the lengths are data. The real lengths (29, 37) are all >= Tq = 4: only the validator's
+    short draws show it."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import spellings_issue22 as S
+
+    _break_decision(monkeypatch, empty_rows_nan=None)
+    args = S.paged_inputs(4, layout="flashinfer")
+    case = M.Case(M.Fn(S.flashinfer_chunked_prefill, "flashinfer_chunked_prefill"), M.Inputs(args), M.expect(1))
+    reports, got, want = _compile(case, repro_dir=str(tmp_path))
+    (site,) = _sites(reports)
+    assert not site.rewritten and site.reason.startswith("translation validation failed"), site.reason
+    assert "shorter than its Tq=4 queries" in site.reason, site.reason
+    assert _max_rel(got, want) < 1e-6

@@ -34,8 +34,12 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
 
   num_blocks   blocks in the pool; max_blocks: columns of block_table; capacity = max_blocks * BLOCK_SIZE
   CHECK_BOUNDS record bad inputs in Err (int32 [4], lowering/errors.py): bit 1 a block id outside
-               [0, num_blocks), bit 2 seq_len > capacity, bit 4 seq_len < 0, bit 8 0 < seq_len < Tq;
-               Err[1] = smallest such b.
+               [0, num_blocks), bit 2 seq_len > capacity, bit 4 seq_len < 0, bit 8 0 < seq_len < Tq
+               (unless SHORT_SEQUENCES); Err[1] = smallest such b.
+  SHORT_SEQUENCES  the call set empty_rows_nan (False / True): 0 < seq_len < Tq is computed, not reported; its
+               queries at pos < 0 see no key (causal) and are empty rows
+  EMPTY_ROWS_NAN   an empty row (no visible key and no finite sink: l = 0) is written NaN instead of 0; split,
+               the reduce decides it from the combined L
                Whatever CHECK_BOUNDS says, reads are clamped: seq_len to [0, capacity], and a bad
                block id's tokens are masked (never loaded), so no input makes the kernel read
                outside its tensors.
@@ -45,7 +49,7 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                (triton 3.9 returns garbage); the products of the rounded values are the same.
 
 Scores are fp32 and use exp2 (scores are scaled by LOG2E after softcap/alibi). An empty row
-(no visible key) keeps m = -inf and l = 0 and is written as 0.
+(no visible key, no finite sink) keeps m = -inf and l = 0 and is written as 0, or NaN with EMPTY_ROWS_NAN.
 """
 import triton
 import triton.language as tl
@@ -116,6 +120,7 @@ def _paged_attn_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SPLIT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SHORT_SEQUENCES: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(HEAD_DIM <= QK_CHUNK * NUM_QK_CHUNKS, "the q·k chunks must cover HEAD_DIM")
@@ -144,7 +149,10 @@ def _paged_attn_kernel(
     capacity = max_blocks * BLOCK_SIZE
     if CHECK_BOUNDS:
         bad_len = tl.where(seq_len < 0, 4, 0) | tl.where(seq_len > capacity, 2, 0)
-        short = tl.where((seq_len > 0) & (seq_len < Tq), 8, 0)   # queries before the sequence's first token
+        if SHORT_SEQUENCES:   # the call opted in: its queries before the first token are empty rows
+            short = bad_len * 0
+        else:                 # queries before the sequence's first token: an error
+            short = tl.where((seq_len > 0) & (seq_len < Tq), 8, 0)
         if ((bad_len | short) != 0) & (pid_m == 0) & (pid_s == 0) & (kvh == 0):  # once per sequence
             _flag(err_ptr, bad_len | short, b, num_blocks, capacity)
         len_ok = bad_len == 0  # a bad length makes the table's padding look used: report the length only
@@ -255,6 +263,8 @@ def _paged_attn_kernel(
                  mask=row_ok[:, None] & dv_ok[None, :])
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
+        if EMPTY_ROWS_NAN:
+            out = tl.where((l_i > 0.0)[:, None], out, float("nan"))
         # out[b, head, qi, :] through its strides: it has q's layout (lowering/launch_paged.py)
         o_off = (b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
                  + qi.to(tl.int64)[:, None] * stride_ot + offs_dv[None, :] * stride_od)
@@ -267,7 +277,7 @@ def _paged_reduce_kernel(
     stride_ob, stride_oh, stride_ot, stride_od, stride_sink,
     Hq, Tq, rows_total, num_splits,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
 ):
     """Combine the num_splits partial (m, l, acc) of one output row (and the sink, once) into softmax(s) @ v."""
     row = tl.program_id(0).to(tl.int64)
@@ -295,5 +305,7 @@ def _paged_reduce_kernel(
     acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    if EMPTY_ROWS_NAN:   # every split empty and no finite sink: the row saw no key
+        out = tl.where(l_sum > 0.0, out, float("nan"))
     o_off = b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
