@@ -180,6 +180,18 @@ def record_first_call(plan) -> None:
 # --------------------------------------------------------------------------------------------
 # one rewrite
 
+def _reduced(pair):
+    """`reduce_pair` at MAX_ELEMENTS; an error inside it (a case the reduction does not know) is a reason not to
+    reduce, said with its type, so that the site falls back to its first-call check instead of failing the
+    graph's passes (a TypeError there once left every site of HF GPT-2 unfused)."""
+    try:
+        return reduce_pair(pair, MAX_ELEMENTS)
+    except CannotReduce:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in the site's validation line
+        raise CannotReduce(f"the reduction failed: {type(e).__name__}: {e}") from e
+
+
 def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_env=None,
                      repro_dir: str | None = None, draws: int = 3, site: tuple[int, str] = (0, "site"),
                      first_call: bool = False) -> Verdict:
@@ -205,7 +217,7 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
         try:
             # a static region: generalized over its sizes and checked smaller (validate_sizes says why
             # that is sound), or else on the first call
-            pair.use(reduce_pair(pair, MAX_ELEMENTS))
+            pair.use(_reduced(pair))
         except CannotReduce as e:
             why = f"{pair.too_large}: smaller sizes not possible ({e})"
             if not first_call:

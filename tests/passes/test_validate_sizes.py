@@ -250,3 +250,18 @@ def test_hf_gpt2_qkv_split_at_its_real_width_is_fused():
     validated = sites[0].validated
     assert validated.startswith(("passed", "first call")) and "reads a size the reduction does not set" in validated, \
         validated
+
+
+def test_an_error_inside_the_reduction_falls_back_to_the_first_call_check(monkeypatch):
+    """A case the reduction does not know raises inside it: the site is still fused and checked on its first call,
+    its validation line names the error; the graph's other work is not lost."""
+    def broken(pair, budget):
+        raise TypeError("cannot determine truth value of Relational")
+
+    monkeypatch.setattr(V, "reduce_pair", broken)
+    reports, got, want = _compile(_case(causal_tril, *_qkv()))
+    (site,) = _sites(reports)
+    assert site.rewritten, site.reason
+    assert site.validated.startswith("first call:"), site.validated
+    assert "the reduction failed: TypeError: cannot determine truth value" in site.validated, site.validated
+    assert _max_rel(got, want) < 1e-5
