@@ -1,5 +1,8 @@
 """Triton backward kernels of the dense attention ops: the FlashAttention-2 scheme in three launches.
 
+Where they run: CUDA tensors on the GPU; CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1 set
+before triton is imported) and only when ATTNLOWER_CPU_KERNELS=triton asks (else CPU runs lowering/reference.py).
+
 1. `_flash_bwd_preprocess_kernel`: delta_i = rowsum(dO_i * O_i) (fp32), 0 on empty rows.
 2. `_flash_bwd_dkdv_kernel`: one program per (key block, batch, kv head); holds k, v and the dk, dv
    accumulators and loops over every query head of the GQA group and the query blocks that can see

@@ -1,5 +1,8 @@
 """Triton forward kernel of the dense attention ops (flash_attention, sliding_window_attention).
 
+Where they run: CUDA tensors on the GPU; CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1 set
+before triton is imported) and only when ATTNLOWER_CPU_KERNELS=triton asks (else CPU runs lowering/reference.py).
+
 Semantics: docs/INTERFACES.md, "Semantics (dense ops)". Grid, strides and configs: lowering/launch.py.
 
 Symbols used by every function in this file (and by flash_bwd.py, which imports the helpers):

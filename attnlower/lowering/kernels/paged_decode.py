@@ -1,5 +1,8 @@
 """Triton kernels for `attnlower::paged_attention`: decode (Tq = 1) and chunked prefill (Tq > 1).
 
+Where they run: CUDA tensors on the GPU; CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1 set
+before triton is imported) and only when ATTNLOWER_CPU_KERNELS=triton asks (else CPU runs lowering/reference.py).
+
 Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
   B            batch (sequences);        b = program's sequence
   Hq, Hkv      query / KV heads;         GROUP = Hq // Hkv query heads share one KV head
