@@ -172,6 +172,37 @@ def plot_speedups(rows: list[dict], out_dir: str | Path, title: str = "end to en
 _PLOTTERS = {"flash.json": plot_flash, "sliding.json": plot_sliding, "paged.json": plot_paged}
 
 
+def plot_gluon_probe(data: dict, out_dir: str | Path) -> list[Path]:
+    """gluon_probe.json (bench/gluon_probe.py) -> one PNG per head dim, forward TFLOP/s against N, full and
+    causal side by side: cuDNN, FA2, today's Triton kernel and each Gluon variant."""
+    plt = _pyplot()
+    device, _, rest = data.get("header", "").partition(" torch ")
+    torch_version, _, triton_version = rest.partition(" triton ")
+    meta = dict(device=device or "?", torch=torch_version or "?", triton=triton_version or "?")
+    rows = [r for r in data["records"] if r.get("kind") == "time" and r.get("tflops")]
+    written = []
+    for head_dim in sorted({r["D"] for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, squeeze=False)
+        for j, causal in enumerate((False, True)):
+            ax = axes[0][j]
+            sel = [r for r in rows if r["D"] == head_dim and r["causal"] == causal]
+            for impl in _impls(sel):
+                pts = sorted((r["N"], r["tflops"]) for r in sel if r["impl"] == impl)
+                ax.plot(*zip(*pts), label=impl, **_STYLE.get(impl, dict(marker=".")))
+            ax.set_xscale("log", base=2)
+            ax.set_title("causal" if causal else "full")
+            ax.set_xlabel("sequence length N (B*N = 16384)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("forward TFLOP/s")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(_title(meta, f"dense forward, bf16, D={head_dim}"), fontsize=10)
+        written.append(_save(fig, Path(out_dir) / f"gluon_probe_D{head_dim}.png"))
+    return written
+
+
+_PLOTTERS["gluon_probe.json"] = plot_gluon_probe
+
+
 def plot_file(path: str | Path) -> list[Path]:
     """Draw the chart(s) of one bench JSON next to it. What the bench scripts call after writing it;
     prints (instead of raising) when matplotlib is missing, so a benchmark never fails on its picture."""
