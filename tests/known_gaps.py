@@ -18,10 +18,5 @@ KNOWN_GAPS = {
         DATA_ALIAS_BLIND_SPOT,
     "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_causal_and_padding": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_gradients": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_annotated_encoder_fully_padded_sequence": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_annotated_subsequent_mask_is_causal": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_annotated_fill_in_bf16": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_gpt2_v4_masked_bias_buffer": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_fill_near_the_scores_is_not_minus_inf": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_distilbert_finfo_min_fill[fp16]": NEEDS_FILL_MODE,
 }

@@ -256,7 +256,7 @@ class AttentionSpec:
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
     sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
     documents: bool = False            # packed sequences: document ids passed as `doc_ids` (issue 21)
-    fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
+    fill: float | None = None          # masked scores take this value (the op's fill mode); None: -inf masking
     paged_block_size: int | None = None
     target: str = "cpu"
 

@@ -183,12 +183,15 @@ def test_fill_proven_minus_inf_by_a_softcap():
     assert "softcap" in site.reason, S.describe(sites)
 
 
-def test_fill_within_reach_of_a_softcap_is_refused():
-    """cap 20, fill -100: a visible score can be -20, only 80 above the fill: exp(-80) is not 0 in fp32."""
+def test_fill_within_reach_of_a_softcap_takes_the_fill_mode():
+    """cap 20, fill -100: a visible score can be -20, only 80 above the fill: exp(-80) is not 0 in fp32, so
+    -100 is not -inf masking (the reason says why) and the op's fill mode computes it. (Until the ops had a
+    fill mode this site was refused for that reason.)"""
     q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
     _, sites = S.check_forward(lambda q, k, v: softcapped_fill(q, k, v, fill=-100.0), q, k, v)
     site = S.only(sites)
-    assert site.op is None and "fill mode" in site.reason and "within 104" in site.reason, S.describe(sites)
+    S.assert_site(site, FLASH, mask="causal", causal=True, bias_kind="none", softcap=20.0, fill=fill_is(-100.0))
+    assert "fill mode" in site.reason and "within 104" in site.reason, S.describe(sites)
 
 
 def test_minus_1e9_in_fp16_scores_is_minus_inf():
