@@ -18,5 +18,4 @@ KNOWN_GAPS = {
         DATA_ALIAS_BLIND_SPOT,
     "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_causal_and_padding": NEEDS_FILL_MODE,
     "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_gradients": NEEDS_FILL_MODE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_gpt2_v4_masked_bias_buffer": NEEDS_FILL_MODE,
 }

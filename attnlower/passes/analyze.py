@@ -144,7 +144,7 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                                           else "; every gathered key visible"))
     why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens),
-                    speculated=mask.speculated_from), ""
+                    speculated=mask.speculated_from + _fill_buffers(m, mask.speculated_from)), ""
 
 
 def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
@@ -230,6 +230,11 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
                          f"masked averages all Tk keys, as eager does); not -inf masking: {problem}")
         else:
             fill_note = _finite_fill_note(m, finite)
+        buffers = [b for t in finite for b in t.speculated_from]
+        if buffers:
+            from .buffers import describe_guard
+            fill_note += (f" (the fill read from the value of buffer `{buffers[0].name}`, "
+                          f"{describe_guard(buffers[0])})")
     if terms and classified is not None:
         t = terms[0]
         info = classified
@@ -290,7 +295,14 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     )
     why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
            + _documents_note(documents) + documents_note + _head_scale_note(m))
+    speculated += _fill_buffers(m, speculated)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
+
+
+def _fill_buffers(m: AttentionMatch, already: tuple) -> tuple:
+    """The module buffers the site's fill values were read from (a fill baked into the op, or the bias built from
+    the term): guarded and frozen by the rewrite, as a buffer a structure was proven from."""
+    return tuple(b for t in m.terms for b in t.speculated_from if b not in already)
 
 
 # With sinks, a finite fill at or below this masks as -inf does (fp16's finfo.min, what HF fills fp16 masks with):

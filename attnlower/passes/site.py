@@ -50,6 +50,7 @@ class ScoreTerm:
     score_shape: tuple = ()              # the scores' shape where the term is applied: it broadcasts against it
     score_dtype: torch.dtype | None = None  # the scores' dtype there: a bool / int bias is that kind of number
     row_inserted: bool = False           # the scores had no Tq dim (decode einsum): unsqueeze(-2) the term first
+    speculated_from: tuple = ()          # module buffers its fill value was read from (guarded by the rewrite)
 
 
 @dataclass

@@ -105,6 +105,20 @@ def test_gpt2_v4_masked_bias_buffer():
                   fill=lambda f: f is None or f == float("-inf") or f == -1e4)
 
 
+def test_gpt2_v4_masked_bias_changed_after_compiling():
+    """The fill read from `masked_bias` is baked into the op: the buffer is guarded like a mask buffer, so an
+    in-place change recompiles and the new fill is read (here -5.0: near the scores, so every filled key
+    weighs; a graph that kept -1e4 would differ)."""
+    torch.manual_seed(0)
+    model = S.GPT2V4Attention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    assert "masked_bias" in S.only(sites).reason, S.describe(sites)
+    with torch.no_grad():
+        model.masked_bias.fill_(-5.0)
+    S.assert_matches_eager(compiled(x), model(x), what="after masked_bias.fill_(-5.0)")
+
+
 def causal_fill_minus_1e4(q, k, v):
     """GPT-2 4.0's semantics with the fill as a literal: `where(causal, scores, tensor(-1e4))`."""
     s = q @ k.transpose(-1, -2) / S.D ** 0.5
