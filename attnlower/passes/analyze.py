@@ -371,7 +371,7 @@ def _fill_mode_value(terms: list[ScoreTerm], finite: list[ScoreTerm], problem: s
     values = sorted({t.value for t in finite})
     if len(values) > 1:
         raise Refused(f"{problem}; and the site fills with {len(values)} different finite values "
-                      f"({', '.join(f'{v:g}' for v in values)}): the op's fill mode takes one")
+                      f"({' and '.join(f'{v:g}' for v in values)}): the op's fill mode takes one")
     others = [t for t in terms if t not in finite]
     if others:
         t = others[0]
