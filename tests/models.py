@@ -506,14 +506,18 @@ def _cumsum_scores(q, k, v):
     return s.softmax(dim=-1) @ v
 
 
-def _finite_fill(q, k, v):
-    # the Annotated Transformer's -1e9: a fully masked row would be uniform, not empty; not -inf
+def _two_finite_fills(q, k, v):
+    # two different finite fills (-1e9 above the diagonal, then -1e4 on the first key): the op's fill mode gives
+    # every masked score one value, and neither fill is provably -inf masking (nothing bounds the scores)
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     s = s.masked_fill(~_causal_keep(q.shape[-2]), -1e9)
+    first = torch.zeros(q.shape[-2], k.shape[-2], dtype=torch.bool)
+    first[:, 0] = True
+    s = s.masked_fill(first, -1e4)
     return s.softmax(dim=-1) @ v
 
 
-NEGATIVES = ("softmax_other_dim", "probs_returned", "no_pv_matmul", "cumsum_scores", "finite_fill")
+NEGATIVES = ("softmax_other_dim", "probs_returned", "no_pv_matmul", "cumsum_scores", "two_finite_fills")
 
 
 def negative(kind: str, seed: int = 0) -> Case:
@@ -521,7 +525,7 @@ def negative(kind: str, seed: int = 0) -> Case:
     torch.manual_seed(seed)
     table = {"softmax_other_dim": (_softmax_other_dim, ""), "probs_returned": (_probs_returned, PROBS_USED),
              "no_pv_matmul": (_no_pv_matmul, ""), "cumsum_scores": (_cumsum_scores, ""),
-             "finite_fill": (_finite_fill, "does not mask them out")}
+             "two_finite_fills": (_two_finite_fills, "2 different finite values")}
     if kind not in table:
         raise ValueError(f"expected one of {NEGATIVES}, got {kind!r}")
     fn, reason = table[kind]

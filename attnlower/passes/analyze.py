@@ -144,7 +144,7 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
                                           else "; every gathered key visible"))
     why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens),
-                    speculated=mask.speculated_from), ""
+                    speculated=mask.speculated_from + _fill_buffers(m, mask.speculated_from)), ""
 
 
 def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classified: MaskInfo | None = None,
@@ -191,7 +191,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     bias = BiasPlan()
     terms = [t for t in m.terms]
     finite = [t for t in terms if t.kind in ("fill", "keep") and not (t.value == float("-inf") or t.value <= MASKED)]
-    fill_note = ""
+    fill_note, fill = "", None
     for t in terms:
         problem = lift_problem(t, m)
         if problem:
@@ -221,12 +221,20 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         fill_note = (f"; the fill {max(t.value for t in finite):g} is -inf masking: every row keeps its sink, "
                      f"a filled key weighs exp(fill - sink) = 0 in fp32 for any sink above fill + {EXP_UNDERFLOW:g}")
     elif finite:
-        # a finite fill is -inf masking only where proven (`_finite_fill_problem`); else it needs the op's
-        # fill mode (masked scores take the value), which the ops do not have yet
+        # a finite fill is -inf masking where proven (`_finite_fill_problem`: the kernels then skip masked blocks
+        # outright); else the op's fill mode computes it exactly (masked scores take the value)
         problem = _finite_fill_problem(m, finite, classified)
         if problem:
-            raise Refused(problem)
-        fill_note = _finite_fill_note(m, finite)
+            fill = _fill_mode_value(terms, finite, problem)
+            fill_note = (f"; masked keys take {fill:g} as the source's fill does (op fill mode: a row with every key "
+                         f"masked averages all Tk keys, as eager does); not -inf masking: {problem}")
+        else:
+            fill_note = _finite_fill_note(m, finite)
+        buffers = [b for t in finite for b in t.speculated_from]
+        if buffers:
+            from .buffers import describe_guard
+            fill_note += (f" (the fill read from the value of buffer `{buffers[0].name}`, "
+                          f"{describe_guard(buffers[0])})")
     if terms and classified is not None:
         t = terms[0]
         info = classified
@@ -235,13 +243,19 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
             info = MaskInfo(kind="tensor", reason=f"bias enters the scores times {t.value:g}")
         mask = info
         pure = info.kind in ("none", "causal", "band") and not info.data_dependent
-        # A pure causal/band mask never empties a row when every query sees its diagonal key.
-        diagonal_visible = not info.bottom_right or bool(m.q_len <= m.k_len)
+        # A pure causal/band mask never empties a row when every query sees its diagonal key; in fill mode an
+        # empty row is the uniform average the op's fill gives it too.
+        diagonal_visible = not info.bottom_right or bool(m.q_len <= m.k_len) or fill is not None
         if pure and info.kind == "none":
-            terms, speculated = [], info.speculated_from
+            terms, speculated, fill = [], info.speculated_from, None
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms, speculated = [], info.speculated_from
+        elif fill is not None and info.kind in ("causal+padding", "band+padding"):
+            # the structure lets the kernel skip key blocks; the mask stays the keep-mask (its hidden keys include
+            # the structure's), every key it hides takes the fill
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
+            speculated = info.speculated_from
         elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
             # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
             doc_op = "sliding_window_attention" if info.window else "flash_attention"
@@ -252,9 +266,11 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
                 documents_note = (f"; {info.kind} proven, but attnlower::{doc_op} takes no `doc_ids` argument yet "
                                   f"(issue 21): the mask goes in as a dense bias, no block skipped")
     elif terms:
-        mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one bias")
+        what = "keep-mask" if fill is not None else "bias"
+        mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one {what}")
     if terms:
-        as_bool = len(terms) == 1 and terms[0].kind in ("fill", "keep") and terms[0].value == float("-inf")
+        as_bool = (fill is not None
+                   or len(terms) == 1 and terms[0].kind in ("fill", "keep") and terms[0].value == float("-inf"))
         bias = BiasPlan(kind="bool" if as_bool else "float", terms=terms)
 
     op = "sliding_window_attention" if window > 0 else "flash_attention"
@@ -262,23 +278,31 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
     if m.sinks is not None:
         _needs_argument(op, "sinks", "per-head sinks in the softmax denominator")
-        if m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax:
+        if m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax and fill is None:
             # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
             raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
                           f"visible key: eager gives NaN there, the op with sinks 0")
     # what the source gives a row with no visible key: NaN (eager softmax) or 0; with sinks such a row is empty
     # only when its sink is -inf (the op gives NaN there under empty_rows_nan, as eager's 0 / 0), else 0 for both
-    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax)
+    # (in fill mode no row is empty: a row with every key masked averages them)
+    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax and fill is None)
     spec = AttentionSpec(
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         alibi=alibi_used is not None, sinks=m.sinks is not None, documents=documents is not None,
-        target=target.describe(),
+        fill=fill, target=target.describe(),
     )
     why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
            + _documents_note(documents) + documents_note + _head_scale_note(m))
+    speculated += _fill_buffers(m, speculated)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
+
+
+def _fill_buffers(m: AttentionMatch, already: tuple) -> tuple:
+    """The module buffers the site's fill values were read from (a fill baked into the op, or the bias built from
+    the term): guarded and frozen by the rewrite, as a buffer a structure was proven from."""
+    return tuple(b for t in m.terms for b in t.speculated_from if b not in already)
 
 
 # With sinks, a finite fill at or below this masks as -inf does (fp16's finfo.min, what HF fills fp16 masks with):
@@ -318,23 +342,44 @@ def _finite_fill_problem(m: AttentionMatch, finite: list[ScoreTerm], classified:
     overflowing product makes eager's own result meaningless)."""
     worst = max(t.value for t in finite)
     what = f"a mask fills scores with {worst}, which does not mask them out as -inf does (its value in the scores' dtype)"
-    fix = "; equal to eager only with the op's fill mode (masked scores take the value), which the ops do not have yet"
     if classified is None:
-        return f"{what}, and the {len(m.terms)} mask terms are not one proven mask{fix}"
+        return f"{what}, and the {len(m.terms)} mask terms are not one proven mask"
     pure = classified.kind in ("none", "causal", "band") and not classified.data_dependent
     diagonal = not classified.bottom_right or bool(m.q_len <= m.k_len)
     if not (pure and diagonal):
         return (f"{what}, and the mask ({classified.kind}) can leave a row with no visible key, whose "
-                f"softmax then averages the filled keys{fix}")
+                f"softmax then averages the filled keys")
     bound = visible_score_bound(m)
     if bound is None:
         return (f"{what}: every row keeps a visible key, but nothing bounds the scores (data), so a row whose "
-                f"scores all sit within {EXP_UNDERFLOW:g} of {worst:g} would still weigh the filled keys{fix}")
+                f"scores all sit within {EXP_UNDERFLOW:g} of {worst:g} would still weigh the filled keys")
     limit, why = bound
     if not worst < -(limit + EXP_UNDERFLOW):
         return (f"{what}: every row keeps a visible key and {why}, so scores may reach -{limit:g}, within "
-                f"{EXP_UNDERFLOW:g} of the fill{fix}")
+                f"{EXP_UNDERFLOW:g} of the fill")
     return ""
+
+
+def _fill_mode_value(terms: list[ScoreTerm], finite: list[ScoreTerm], problem: str) -> float:
+    """The one value the op's fill mode gives every masked score, or raise Refused saying why the site's terms
+    are not one fill (`problem`: why the fill is not -inf masking).
+
+    The op replaces every score its mask hides (a False keep-mask entry, causal, window) by `fill`, after the
+    scores and any float bias. That is the source's computation when every term is a fill / keep of that one
+    value: their conjunction hides the union of what each hides, and all of it takes the value, in any order.
+    A -inf mask or an additive term beside it would need a second bias (and an order) the op does not take."""
+    values = sorted({t.value for t in finite})
+    if len(values) > 1:
+        raise Refused(f"{problem}; and the site fills with {len(values)} different finite values "
+                      f"({' and '.join(f'{v:g}' for v in values)}): the op's fill mode takes one")
+    others = [t for t in terms if t not in finite]
+    if others:
+        t = others[0]
+        what = ("a -inf mask" if t.kind in ("fill", "keep") else
+                "an additive bias" if t.kind == "bias" else f"a {t.kind} term")
+        raise Refused(f"{problem}; and {what} (`{t.node.name}`) is applied with the finite fill {values[0]:g}: "
+                      f"the op's fill mode takes one keep-mask whose hidden keys all take the fill")
+    return values[0]
 
 
 def _finite_fill_note(m: AttentionMatch, finite: list[ScoreTerm]) -> str:

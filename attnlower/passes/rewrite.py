@@ -262,9 +262,13 @@ def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node
     if plan.kind == "none":
         return None
     if plan.kind == "bool":
-        (t,) = plan.terms
-        keep = _term_tensor(emit, t, m)
-        return keep if t.kind == "keep" else emit(aten.bitwise_not.default, (keep,))
+        # one keep-mask: a key is visible iff every term leaves it visible (several terms: fill mode, one value)
+        keep = None
+        for t in plan.terms:
+            x = _term_tensor(emit, t, m)
+            x = x if t.kind == "keep" else emit(aten.bitwise_not.default, (x,))
+            keep = x if keep is None else emit(aten.bitwise_and.Tensor, (keep, x))
+        return keep
     total = None
     for t in plan.terms:
         x = _term_tensor(emit, t, m)
@@ -312,6 +316,8 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
         common["sinks"] = _sinks(emit, m)
     if s.documents:
         common["doc_ids"] = _doc_ids(emit, decision.mask)
+    if s.fill is not None:
+        common["fill"] = float(s.fill)     # every masked score takes it, as the source's masked_fill / where
     if s.op == "sliding_window_attention":
         call = emit(torch.ops.attnlower.sliding_window_attention.default, (q, k, v, s.window),
                     dict(bias=bias, alibi_slopes=slopes, **common), name="attnlower_sliding")

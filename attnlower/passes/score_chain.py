@@ -22,12 +22,13 @@ import torch
 import torch.fx as fx
 
 from .anchors import manual_softmax, row_max_of, softmax_sink
+from .buffers import static_value
 from .constants import constant_value, real_float
 from .layout import Layout, NotAView, layout_chain, layout_of
 from .products import Product, ProductOperand, einsum_row_indices, logical_map, output_steps, read_product
 from .sdpa import sdpa_arguments
 from .site import AttentionChain, Context, HeadScale, Operand, Refused, ScoreTerm, Sinks
-from .vocabulary import (ADDS, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
+from .vocabulary import (ADDS, CONSTANT_PRESERVING, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
                          WHERES, is_one, reads_only_size, shape_of, size_sources, sizes_equal, value_of)
 
 aten = torch.ops.aten
@@ -75,13 +76,14 @@ class ScoreWalk:
     # a column concatenated to the scores (`cat([scores, column], -1)`, GPT-OSS's sinks): (column, post there)
     sink: tuple[fx.Node, float] | None = None
 
-    def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node) -> None:
-        """Record a mask / bias term applied at node `at` (refused inside the softcap or below a head scale)."""
+    def add_term(self, kind: str, node: fx.Node, value: float, at: fx.Node, speculated_from: tuple = ()) -> None:
+        """Record a mask / bias term applied at node `at` (refused inside the softcap or below a head scale);
+        `speculated_from`: the module buffers its value was read from (`_fill_constant`)."""
         if self.inside_tanh:
             raise Refused("a mask or bias is applied inside the softcap's tanh")
         self.refuse_below_head_scale("a mask or bias")
         val = value_of(at)
-        self.terms.append(ScoreTerm(kind, node, value, tuple(shape_of(at)), val.dtype))
+        self.terms.append(ScoreTerm(kind, node, value, tuple(shape_of(at)), val.dtype, speculated_from=speculated_from))
 
     def refuse_below_head_scale(self, what: str) -> None:
         """Refuse `what` when a per-head scale that is data was already met (it would scale `what` too)."""
@@ -254,13 +256,39 @@ def _fill_value(v: float, post: float, at: fx.Node | None = None) -> float:
     return v * post if math.isfinite(v) else v * (1 if post > 0 else -1)
 
 
+def _fill_constant(x) -> tuple[float | None, tuple]:
+    """(the fill value, the module buffers it was read from): a constant (`constant_value`), or a one-element
+    module buffer (GPT-2 4.0's `masked_bias`, -1e4) read at its value through casts and copies (`.to(w.dtype)`
+    rounds it as the source does); the rewrite guards such a buffer (`buffers.freeze`). (None, ()) for data."""
+    v = constant_value(x)
+    if v is not None or not isinstance(x, fx.Node):
+        return v, ()
+    chain, node = [], x
+    while node.op == "call_function" and node.target in CONSTANT_PRESERVING and node.args \
+            and isinstance(node.args[0], fx.Node):
+        chain.append(node)
+        node = node.args[0]
+    buffer = static_value(node)
+    if buffer is None or buffer.numel() != 1:
+        return None, ()
+
+    def read():
+        value = buffer.detach().reshape(())
+        for step in reversed(chain):        # each cast rounds as the source's does
+            out = step.meta.get("val")
+            if isinstance(out, torch.Tensor):
+                value = value.to(out.dtype)
+        return value
+    return real_float(read), (node,)
+
+
 @score_rule(*MASKED_FILLS)
 def _score_masked_fill(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     s, m, val = cur.args[0], cur.args[1], cur.args[2]
-    v = constant_value(val)
+    v, buffers = _fill_constant(val)
     if v is None:
         raise Refused("masked_fill with a value that is data")
-    w.add_term("fill", m, _fill_value(v, w.post, cur), cur)
+    w.add_term("fill", m, _fill_value(v, w.post, cur), cur, buffers)
     return _scores_operand(cur, s)
 
 
@@ -270,10 +298,10 @@ def _score_where(cur: fx.Node, w: ScoreWalk) -> fx.Node:
     a_is, b_is = carries_scores(a), carries_scores(b)
     if a_is == b_is:
         raise Refused("cannot tell the scores from the fill value in a where")
-    v = constant_value(b if a_is else a)
+    v, buffers = _fill_constant(b if a_is else a)
     if v is None:
         raise Refused("where() fills with a tensor that is data")
-    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post, cur), cur)
+    w.add_term("keep" if a_is else "fill", m, _fill_value(v, w.post, cur), cur, buffers)
     return _scores_operand(cur, a if a_is else b)
 
 

@@ -50,6 +50,7 @@ class ScoreTerm:
     score_shape: tuple = ()              # the scores' shape where the term is applied: it broadcasts against it
     score_dtype: torch.dtype | None = None  # the scores' dtype there: a bool / int bias is that kind of number
     row_inserted: bool = False           # the scores had no Tq dim (decode einsum): unsqueeze(-2) the term first
+    speculated_from: tuple = ()          # module buffers its fill value was read from (guarded by the rewrite)
 
 
 @dataclass
@@ -256,7 +257,7 @@ class AttentionSpec:
     alibi: bool = False                # ALiBi slopes passed as `alibi_slopes` (proven from a bias term)
     sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
     documents: bool = False            # packed sequences: document ids passed as `doc_ids` (issue 21)
-    fill: float | None = None          # masked scores take this value (the op's fill mode, not in the ops yet)
+    fill: float | None = None          # masked scores take this value (the op's fill mode); None: -inf masking
     paged_block_size: int | None = None
     target: str = "cpu"
 

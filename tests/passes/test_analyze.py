@@ -42,13 +42,26 @@ def test_without_the_sliding_op_a_band_is_refused():
         decide(mistral_window, *qkv(t=12), ops=("flash_attention",))
 
 
-def test_a_finite_fill_that_does_not_mask_is_refused():
+def test_a_finite_fill_that_does_not_mask_takes_the_op_fill_mode():
     def bert_old(q, k, v):   # old BERT: (1 - mask) * -10000.0 added to the scores, here as a fill
         s = q @ k.mT / math.sqrt(q.size(-1))
         return s.masked_fill(torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).triu(1), -10000.0).softmax(-1) @ v
 
-    with pytest.raises(Refused, match="fills scores with -10000.0, which does not mask them out"):
-        decide(bert_old, *qkv(t=6))
+    d = decide(bert_old, *qkv(t=6))
+    assert (d.spec.op, d.spec.causal, d.spec.fill, d.bias.kind) == ("flash_attention", True, -10000.0, "none")
+    assert "fills scores with -10000.0, which does not mask them out" in d.reason and "op fill mode" in d.reason
+
+
+def test_a_finite_fill_beside_a_minus_inf_mask_is_refused():
+    """The op's fill mode takes one keep-mask whose hidden keys all take the fill: a -inf mask beside it would
+    need a second bias."""
+    def fill_and_inf(q, k, v):
+        s = q @ k.mT / math.sqrt(q.size(-1))
+        s = s.masked_fill(torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).triu(1), -10000.0)
+        return s.masked_fill(torch.eye(q.size(-2), k.size(-2), dtype=torch.bool), float("-inf")).softmax(-1) @ v
+
+    with pytest.raises(Refused, match="a -inf mask .* is applied with the finite fill -10000"):
+        decide(fill_and_inf, *qkv(t=6))
 
 
 def test_head_dims_past_the_kernels_and_float64_on_cuda_are_refused():

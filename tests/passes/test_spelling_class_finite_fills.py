@@ -105,6 +105,20 @@ def test_gpt2_v4_masked_bias_buffer():
                   fill=lambda f: f is None or f == float("-inf") or f == -1e4)
 
 
+def test_gpt2_v4_masked_bias_changed_after_compiling():
+    """The fill read from `masked_bias` is baked into the op: the buffer is guarded like a mask buffer, so an
+    in-place change recompiles and the new fill is read (here -5.0: near the scores, so every filled key
+    weighs; a graph that kept -1e4 would differ)."""
+    torch.manual_seed(0)
+    model = S.GPT2V4Attention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    assert "masked_bias" in S.only(sites).reason, S.describe(sites)
+    with torch.no_grad():
+        model.masked_bias.fill_(-5.0)
+    S.assert_matches_eager(compiled(x), model(x), what="after masked_bias.fill_(-5.0)")
+
+
 def causal_fill_minus_1e4(q, k, v):
     """GPT-2 4.0's semantics with the fill as a literal: `where(causal, scores, tensor(-1e4))`."""
     s = q @ k.transpose(-1, -2) / S.D ** 0.5
@@ -183,12 +197,15 @@ def test_fill_proven_minus_inf_by_a_softcap():
     assert "softcap" in site.reason, S.describe(sites)
 
 
-def test_fill_within_reach_of_a_softcap_is_refused():
-    """cap 20, fill -100: a visible score can be -20, only 80 above the fill: exp(-80) is not 0 in fp32."""
+def test_fill_within_reach_of_a_softcap_takes_the_fill_mode():
+    """cap 20, fill -100: a visible score can be -20, only 80 above the fill: exp(-80) is not 0 in fp32, so
+    -100 is not -inf masking (the reason says why) and the op's fill mode computes it. (Until the ops had a
+    fill mode this site was refused for that reason.)"""
     q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
     _, sites = S.check_forward(lambda q, k, v: softcapped_fill(q, k, v, fill=-100.0), q, k, v)
     site = S.only(sites)
-    assert site.op is None and "fill mode" in site.reason and "within 104" in site.reason, S.describe(sites)
+    S.assert_site(site, FLASH, mask="causal", causal=True, bias_kind="none", softcap=20.0, fill=fill_is(-100.0))
+    assert "fill mode" in site.reason and "within 104" in site.reason, S.describe(sites)
 
 
 def test_minus_1e9_in_fp16_scores_is_minus_inf():

@@ -305,6 +305,37 @@ def test_all_false_mask_rows_agree_with_eager_nan():
     assert torch.allclose(got.nan_to_num(), want.nan_to_num(), atol=1e-5)
 
 
+def _padding_fill(q, k, v, keep):
+    """The Annotated Transformer's encoder mask: `masked_fill(keep == 0, -1e9)` over a [B, 1, 1, Tk] keep-mask."""
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return torch.softmax(s.masked_fill(keep == 0, -1e9), dim=-1) @ v
+
+
+def _padding_keep():
+    keep = torch.rand(M.B, 1, 1, M.S) > 0.3
+    keep[1] = False                              # sequence 1 all padding: eager averages every key
+    return keep
+
+
+def test_fill_mode_is_checked_on_fully_masked_rows():
+    """A finite fill: the rewrite passes the fill to the op, and validation checks it where fill and -inf masking
+    differ most, on draws whose keep-mask hides every key of a row (the bool draws' all-False rows)."""
+    q, k, v = M.qkv()
+    keep = _padding_keep()
+    reports, got, want = _compile(M.Case(M.Fn(_padding_fill, "padding_fill"), M.Inputs((q, k, v, keep)), M.expect(1)))
+    (site,) = _sites(reports)
+    assert site.rewritten and site.spec["fill"] == -1e9 and site.validated.startswith("float64 CPU"), site.reason
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(want[1], v[1].mean(-2, keepdim=True).expand_as(want[1]),
+                                                                    atol=1e-5)
+
+
+def test_fill_mode_dropped_is_refused(monkeypatch, tmp_path):
+    """A rewrite that treats the finite fill as -inf masking gives 0 (or NaN) where eager averages: refused."""
+    _break_decision(monkeypatch, fill=None)
+    case = M.Case(M.Fn(_padding_fill, "padding_fill"), M.Inputs((*M.qkv(), _padding_keep())), M.expect_refused())
+    _assert_refused(*_compile(case, repro_dir=str(tmp_path)), tmp_path)
+
+
 def test_dynamic_graph_is_checked_at_the_size_hints():
     c = M.handwritten("div")
     reports = attnlower.inspect(c.model, *c.inputs.args, options={"inner": "eager"}, dynamic=True)

@@ -35,10 +35,13 @@ class Causal(torch.nn.Module):
 
 
 class FiniteFill(torch.nn.Module):
-    """A causal mask filled with -1e4: refused (a finite fill does not mask), after the mask was classified."""
+    """A causal mask filled with -1e4, then again with -1e3: refused (two different finite fills; the op's fill
+    mode takes one), after the mask was classified."""
 
     def forward(self, q, k, v):
-        return torch.softmax(_causal_scores(q, k, fill=-1e4), dim=-1) @ v
+        t = q.size(-2)
+        hidden = torch.tril(torch.ones(t, t, dtype=torch.bool)).logical_not()
+        return torch.softmax(_causal_scores(q, k, fill=-1e4).masked_fill(hidden, -1e3), dim=-1) @ v
 
 
 class NoAttention(torch.nn.Module):
@@ -131,7 +134,7 @@ def test_enable_false_says_the_passes_were_off_not_that_nothing_was_found():
 def test_a_refused_site_shows_the_mask_it_had():
     report = _inspect(FiniteFill())
     (site,) = report.sites
-    assert not site.rewritten and "-10000.0" in site.reason
+    assert not site.rewritten and "different finite values (-10000 and -1000)" in site.reason, site.reason
     assert site.mask == "causal", site.mask
     header, row = report.table().splitlines()[1:3]
     assert row.split()[row.split().index("(unfused)") - 1] == "causal", report.table()
