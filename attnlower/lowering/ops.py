@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from attnlower.lowering import errors, fastpath, registry
+from attnlower.lowering.env import switch_from_env
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.plan import cached_unless_symbolic, check_dense_head_dims, check_paged_head_dims
 from attnlower.lowering import reference  # noqa: F401  the references _run reads by name (registry.OpDef.references)
@@ -69,15 +70,8 @@ TRACE_CPU_KERNELS = False
 # the accumulator past tl.dot's fp32 check; the kernels now cast every float scalar to fp32 at entry
 # (kernels/common.py, _as_fp32), and tests/lowering/test_sm90_compile.py compiles every kernel with
 # Inductor's typing. ATTNLOWER_INDUCTOR_KERNELS=0 keeps each call one opaque op (the previous behaviour).
-def _inductor_kernels_from_env() -> bool:
-    value = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"ATTNLOWER_INDUCTOR_KERNELS: expected 1 (Inductor launches the dense kernels itself, "
-                         f"the default) or 0 (each call stays one opaque op), got {value!r}")
-    return value == "1"
-
-
-INDUCTOR_KERNELS = _inductor_kernels_from_env()
+INDUCTOR_KERNELS = switch_from_env("ATTNLOWER_INDUCTOR_KERNELS", on="Inductor launches the dense kernels itself",
+                                   off="each call stays one opaque op")
 
 
 # --------------------------------------------------------------------------- dispatch
