@@ -505,25 +505,42 @@ def _decompose_when_traced(op_def, body: Callable) -> None:
     op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
 
 
+def _cached_launch_lookup(op: registry.OpDef) -> Callable:
+    """`lookup(args, kwargs) -> (args, fast, call)` for a dense op's implementation: the arguments in schema order,
+    the call's fastpath key (None when fastpath is off or the call has none) and the cached launch to run instead
+    of the implementation (None unless one is cached and no hook wants to see the call)."""
+    count = len(op.args)
+    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
+    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+
+    def lookup(args: tuple, kwargs: dict) -> tuple:
+        if kwargs or len(args) != count:
+            args = tuple(op.bind(args, kwargs).values())
+        if not fastpath.ENABLED:
+            return args, None, None
+        fast = fastpath.call_key(op.name, scalars(args), tensors(args))
+        if fast is None:
+            return args, None, None
+        call = fastpath.lookup(fast[0])
+        if call is not None and fastpath.hooks_active():
+            call = None
+        return args, fast, call
+
+    return lookup
+
+
 def _dense_forward_impl(op: registry.OpDef) -> Callable:
     """The implementation of a dense forward op, read off its registry entry: `impl(*args, **kwargs)` in schema
     order, returns (out, lse, rng_state). A repeat call of a known signature on CUDA launches its cached kernel
     (lowering/fastpath.py) before anything else runs; its key holds every tensor and scalar argument."""
-    names, count = op.arg_names, len(op.args)
-    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
-    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    names = op.arg_names
+    cached_launch = _cached_launch_lookup(op)
     has_window = "window" in names
 
     def impl(*args, **kwargs):
-        if kwargs or len(args) != count:
-            args = tuple(op.bind(args, kwargs).values())
-        fast = None
-        if fastpath.ENABLED:
-            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
-            if fast is not None:
-                call = fastpath.lookup(fast[0])
-                if call is not None and not fastpath.hooks_active():
-                    return _dense_cached(call, args[0], fast[1])
+        args, fast, call = cached_launch(args, kwargs)
+        if call is not None:
+            return _dense_cached(call, args[0], fast[1])
         bound = dict(zip(names, args))
         if has_window:
             _check_window(bound["window"])
@@ -574,23 +591,16 @@ def _dense_backward_impl(op: registry.OpDef) -> Callable:
     with sinks (a triton_op returns no optional tensor).
     A repeat call of a known signature without a bias gradient launches its three cached kernels (the bias
     gradient's buffer must start zeroed and be reduced afterwards: that call takes the launcher's path)."""
-    names, count = op.arg_names, len(op.args)
-    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
-    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    names = op.arg_names
+    cached_launch = _cached_launch_lookup(op)
 
     def impl(*args, **kwargs):
-        if kwargs or len(args) != count:
-            args = tuple(op.bind(args, kwargs).values())
-        fast = None
-        if fastpath.ENABLED:
-            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
-            if fast is not None:
-                call = fastpath.lookup(fast[0])
-                if call is not None and not fastpath.hooks_active():
-                    q = args[1]
-                    dq, dk, dv = call(fast[1], q.device)
-                    return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
-                            fastpath.alloc((0,), (1,), q.dtype, q.device))
+        args, fast, call = cached_launch(args, kwargs)
+        if call is not None:
+            q = args[1]
+            dq, dk, dv = call(fast[1], q.device)
+            return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
+                    fastpath.alloc((0,), (1,), q.dtype, q.device))
         return _dense_backward(op, dict(zip(names, args)), fast)
 
     impl.__name__ = impl.__qualname__ = op.name
