@@ -954,6 +954,20 @@ class _Documents:
     from_positions: tuple = ()    # (diff, ne, cumsum): how `node` is computed from the positions, when they bound keys
 
 
+def _read_bool_factor(reader: IndexInterpreter, factor, relation: str):
+    """The symbolic read of a data factor that keeps or drops keys, or a refusal: a float mask that is data (its
+    values cannot be read), a factor the reader cannot write as a relation of `relation`, a value that is not bool."""
+    if factor.polarity == "additive":
+        raise _Refusal(f"{_describe(factor.value)} is a float mask that is data: its values cannot be read")
+    try:
+        read = reader.read(factor.value)
+    except NotSymbolic as e:
+        raise _Refusal(f"{_describe(factor.value)} is not a relation of {relation}: {e}") from e
+    if read.kind != "bool":
+        raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+    return read
+
+
 def _documents_or_none(data_factors, q_len, k_len, facts: _GraphFacts) -> "_Documents | None":
     try:
         return _read_documents(data_factors, q_len, k_len, facts)
@@ -965,14 +979,7 @@ def _read_documents(data_factors, q_len, k_len, facts: _GraphFacts) -> _Document
     reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)), functions=True)
     atoms: list = []
     for factor in data_factors:
-        if factor.polarity == "additive":
-            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data")
-        try:
-            read = reader.read(factor.value)
-        except NotSymbolic as e:
-            raise _Refusal(f"{_describe(factor.value)} is not a relation of document ids: {e}") from e
-        if read.kind != "bool":
-            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        read = _read_bool_factor(reader, factor, "document ids")
         names = SCORE_INDICES[4]
         shift = 4 - len(read.shape)
         if shift < 0:
@@ -1499,14 +1506,7 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
     reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)))
     atoms: list[sympy.Expr] = []
     for factor, rank in data:
-        if factor.polarity == "additive":
-            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data: its values cannot be read")
-        try:
-            read = reader.read(factor.value)
-        except NotSymbolic as e:
-            raise _Refusal(f"{_describe(factor.value)} is not a relation of positions and lengths: {e}") from e
-        if read.kind != "bool":
-            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        read = _read_bool_factor(reader, factor, "positions and lengths")
         formula = _at_score_indices(read, rank, facts, reader.lengths)
         atoms += _conjuncts(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
     if facts.finite_fills:
