@@ -166,6 +166,17 @@ def _check_float_dtype(op: str, name: str, t: _Meta, runs_kernels: bool) -> None
                          f"run float64 on CPU tensors through the reference implementation")
 
 
+def _check_float_inputs(op: str, named: dict[str, _Meta], runs_kernels: bool, fix: str) -> None:
+    """Each of `named` of a float dtype the path can run (_check_float_dtype), and all of one dtype (`fix`: how to
+    get there)."""
+    for name, t in named.items():
+        _check_float_dtype(op, name, t, runs_kernels)
+    dtypes = [t.dtype for t in named.values()]
+    if len(set(dtypes)) > 1:
+        raise ValueError(f"attnlower::{op}: expected {', '.join(named)} of one dtype, got "
+                         f"{', '.join(str(d) for d in dtypes)}; {fix}")
+
+
 def _check_devices(op: str, named: dict[str, Tensor | None]) -> None:
     devices = {name: t.device for name, t in named.items() if t is not None}
     first_name, first = next(iter(devices.items()))
@@ -296,11 +307,7 @@ def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, 
         _check_rank(op, name, t, 4, "[B, H, T, D]")
     _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks,
                         "doc_ids": doc_ids, "verified": verified})
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float_dtype(op, name, t, runs_kernels)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attnlower::{op}: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}; cast k and v to q.dtype")
+    _check_float_inputs(op, {"q": q, "k": k, "v": v}, runs_kernels, fix="cast k and v to q.dtype")
     batch, q_heads, tq, head_dim = q.shape
     if k.shape[0] != batch or v.shape[0] != batch:
         raise ValueError(f"attnlower::{op}: expected q, k, v with one batch size, got q {_shape(q)}, "
@@ -353,11 +360,8 @@ def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sc
     _check_rank(op, "v_cache", v_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_devices(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
                         "seq_lens": seq_lens, "alibi_slopes": alibi_slopes, "sinks": sinks})
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_float_dtype(op, name, t, runs_kernels)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"attnlower::{op}: expected q, k_cache, v_cache of one dtype, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}; cast q to the cache's dtype")
+    _check_float_inputs(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, runs_kernels,
+                        fix="cast q to the cache's dtype")
     batch, q_heads, _, head_dim = q.shape
     if list(k_cache.shape[:3]) != list(v_cache.shape[:3]):
         raise ValueError(f"attnlower::{op}: expected k_cache and v_cache with the same "
