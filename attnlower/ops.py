@@ -58,6 +58,19 @@ def _check_optional_tensors(op: str, **named) -> None:
                              f"{type(value).__name__} {value!r}{hint}")
 
 
+def _dense_op(name: str, q, k, v, bias, alibi_slopes, sinks, doc_ids, verified):
+    """What runs the dense op `name` for these tensors (see _plain_eager): its implementation, its eager autograd
+    Function, or `torch.ops.attnlower.<name>`; a bool or number passed for bias or alibi_slopes raises first."""
+    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
+        _check_optional_tensors(name, bias=bias, alibi_slopes=alibi_slopes)
+    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
+    if path == "direct":
+        return getattr(_impl, name)
+    if path == "autograd":
+        return _impl.EAGER_AUTOGRAD[name].apply
+    return getattr(torch.ops.attnlower, name)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
                     alibi_slopes: Tensor | None = None, scale: float | None = None,
                     causal: bool = False, bottom_right: bool = False, softcap: float = 0.0,
@@ -93,11 +106,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
             alone over every key block (causal / window / alibi ignored). Read by the kernels (one launch, no host
             sync, CUDA-graph safe), so a mask that stops matching its structure between calls falls back exactly.
     """
-    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
-        _check_optional_tensors("flash_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
-    op = (_impl.flash_attention if path == "direct" else _impl.EAGER_AUTOGRAD["flash_attention"].apply
-          if path == "autograd" else torch.ops.attnlower.flash_attention)
+    op = _dense_op("flash_attention", q, k, v, bias, alibi_slopes, sinks, doc_ids, verified)
     return op(q, k, v, bias, alibi_slopes, scale, causal, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
               doc_ids, fill, verified)[0]
 
@@ -115,11 +124,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     `window` must be an int > 0; the other arguments are as in `flash_attention`.
     """
     check_window_type("sliding_window_attention", window)
-    if bias is not None and type(bias) is not Tensor or alibi_slopes is not None and type(alibi_slopes) is not Tensor:
-        _check_optional_tensors("sliding_window_attention", bias=bias, alibi_slopes=alibi_slopes)
-    path = _plain_eager((q, k, v, bias, alibi_slopes, sinks, doc_ids, verified))
-    op = (_impl.sliding_window_attention if path == "direct" else _impl.EAGER_AUTOGRAD["sliding_window_attention"].apply
-          if path == "autograd" else torch.ops.attnlower.sliding_window_attention)
+    op = _dense_op("sliding_window_attention", q, k, v, bias, alibi_slopes, sinks, doc_ids, verified)
     return op(q, k, v, window, bias, alibi_slopes, scale, bottom_right, softcap, dropout_p, empty_rows_nan, sinks,
               doc_ids, fill, verified)[0]
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from attnlower.lowering import errors, fastpath, registry
+from attnlower.lowering.env import switch_from_env
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.plan import cached_unless_symbolic, check_dense_head_dims, check_paged_head_dims
 from attnlower.lowering import reference  # noqa: F401  the references _run reads by name (registry.OpDef.references)
@@ -69,15 +70,8 @@ TRACE_CPU_KERNELS = False
 # the accumulator past tl.dot's fp32 check; the kernels now cast every float scalar to fp32 at entry
 # (kernels/common.py, _as_fp32), and tests/lowering/test_sm90_compile.py compiles every kernel with
 # Inductor's typing. ATTNLOWER_INDUCTOR_KERNELS=0 keeps each call one opaque op (the previous behaviour).
-def _inductor_kernels_from_env() -> bool:
-    value = os.environ.get("ATTNLOWER_INDUCTOR_KERNELS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"ATTNLOWER_INDUCTOR_KERNELS: expected 1 (Inductor launches the dense kernels itself, "
-                         f"the default) or 0 (each call stays one opaque op), got {value!r}")
-    return value == "1"
-
-
-INDUCTOR_KERNELS = _inductor_kernels_from_env()
+INDUCTOR_KERNELS = switch_from_env("ATTNLOWER_INDUCTOR_KERNELS", on="Inductor launches the dense kernels itself",
+                                   off="each call stays one opaque op")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -170,6 +164,17 @@ def _check_float_dtype(op: str, name: str, t: _Meta, runs_kernels: bool) -> None
         raise ValueError(f"attnlower::{op}: expected {name} of dtype float16, bfloat16 or float32 "
                          f"for the Triton kernels ({where}), got float64; compute in float32, or "
                          f"run float64 on CPU tensors through the reference implementation")
+
+
+def _check_float_inputs(op: str, named: dict[str, _Meta], runs_kernels: bool, fix: str) -> None:
+    """Each of `named` of a float dtype the path can run (_check_float_dtype), and all of one dtype (`fix`: how to
+    get there)."""
+    for name, t in named.items():
+        _check_float_dtype(op, name, t, runs_kernels)
+    dtypes = [t.dtype for t in named.values()]
+    if len(set(dtypes)) > 1:
+        raise ValueError(f"attnlower::{op}: expected {', '.join(named)} of one dtype, got "
+                         f"{', '.join(str(d) for d in dtypes)}; {fix}")
 
 
 def _check_devices(op: str, named: dict[str, Tensor | None]) -> None:
@@ -302,11 +307,7 @@ def _validate_dense(op, q, k, v, bias, alibi_slopes, scale, softcap, dropout_p, 
         _check_rank(op, name, t, 4, "[B, H, T, D]")
     _check_devices(op, {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks,
                         "doc_ids": doc_ids, "verified": verified})
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float_dtype(op, name, t, runs_kernels)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attnlower::{op}: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}; cast k and v to q.dtype")
+    _check_float_inputs(op, {"q": q, "k": k, "v": v}, runs_kernels, fix="cast k and v to q.dtype")
     batch, q_heads, tq, head_dim = q.shape
     if k.shape[0] != batch or v.shape[0] != batch:
         raise ValueError(f"attnlower::{op}: expected q, k, v with one batch size, got q {_shape(q)}, "
@@ -359,11 +360,8 @@ def _validate_paged(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sc
     _check_rank(op, "v_cache", v_cache, 4, "[num_blocks, Hkv, block_size, D]")
     _check_devices(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
                         "seq_lens": seq_lens, "alibi_slopes": alibi_slopes, "sinks": sinks})
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_float_dtype(op, name, t, runs_kernels)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"attnlower::{op}: expected q, k_cache, v_cache of one dtype, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}; cast q to the cache's dtype")
+    _check_float_inputs(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, runs_kernels,
+                        fix="cast q to the cache's dtype")
     batch, q_heads, _, head_dim = q.shape
     if list(k_cache.shape[:3]) != list(v_cache.shape[:3]):
         raise ValueError(f"attnlower::{op}: expected k_cache and v_cache with the same "
@@ -511,25 +509,42 @@ def _decompose_when_traced(op_def, body: Callable) -> None:
     op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
 
 
+def _cached_launch_lookup(op: registry.OpDef) -> Callable:
+    """`lookup(args, kwargs) -> (args, fast, call)` for a dense op's implementation: the arguments in schema order,
+    the call's fastpath key (None when fastpath is off or the call has none) and the cached launch to run instead
+    of the implementation (None unless one is cached and no hook wants to see the call)."""
+    count = len(op.args)
+    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
+    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+
+    def lookup(args: tuple, kwargs: dict) -> tuple:
+        if kwargs or len(args) != count:
+            args = tuple(op.bind(args, kwargs).values())
+        if not fastpath.ENABLED:
+            return args, None, None
+        fast = fastpath.call_key(op.name, scalars(args), tensors(args))
+        if fast is None:
+            return args, None, None
+        call = fastpath.lookup(fast[0])
+        if call is not None and fastpath.hooks_active():
+            call = None
+        return args, fast, call
+
+    return lookup
+
+
 def _dense_forward_impl(op: registry.OpDef) -> Callable:
     """The implementation of a dense forward op, read off its registry entry: `impl(*args, **kwargs)` in schema
     order, returns (out, lse, rng_state). A repeat call of a known signature on CUDA launches its cached kernel
     (lowering/fastpath.py) before anything else runs; its key holds every tensor and scalar argument."""
-    names, count = op.arg_names, len(op.args)
-    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
-    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    names = op.arg_names
+    cached_launch = _cached_launch_lookup(op)
     has_window = "window" in names
 
     def impl(*args, **kwargs):
-        if kwargs or len(args) != count:
-            args = tuple(op.bind(args, kwargs).values())
-        fast = None
-        if fastpath.ENABLED:
-            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
-            if fast is not None:
-                call = fastpath.lookup(fast[0])
-                if call is not None and not fastpath.hooks_active():
-                    return _dense_cached(call, args[0], fast[1])
+        args, fast, call = cached_launch(args, kwargs)
+        if call is not None:
+            return _dense_cached(call, args[0], fast[1])
         bound = dict(zip(names, args))
         if has_window:
             _check_window(bound["window"])
@@ -580,23 +595,16 @@ def _dense_backward_impl(op: registry.OpDef) -> Callable:
     with sinks (a triton_op returns no optional tensor).
     A repeat call of a known signature without a bias gradient launches its three cached kernels (the bias
     gradient's buffer must start zeroed and be reduced afterwards: that call takes the launcher's path)."""
-    names, count = op.arg_names, len(op.args)
-    tensors = operator.itemgetter(*(i for i, a in enumerate(op.args) if a.is_tensor))
-    scalars = operator.itemgetter(*(i for i, a in enumerate(op.args) if not a.is_tensor))
+    names = op.arg_names
+    cached_launch = _cached_launch_lookup(op)
 
     def impl(*args, **kwargs):
-        if kwargs or len(args) != count:
-            args = tuple(op.bind(args, kwargs).values())
-        fast = None
-        if fastpath.ENABLED:
-            fast = fastpath.call_key(op.name, scalars(args), tensors(args))
-            if fast is not None:
-                call = fastpath.lookup(fast[0])
-                if call is not None and not fastpath.hooks_active():
-                    q = args[1]
-                    dq, dk, dv = call(fast[1], q.device)
-                    return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
-                            fastpath.alloc((0,), (1,), q.dtype, q.device))
+        args, fast, call = cached_launch(args, kwargs)
+        if call is not None:
+            q = args[1]
+            dq, dk, dv = call(fast[1], q.device)
+            return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
+                    fastpath.alloc((0,), (1,), q.dtype, q.device))
         return _dense_backward(op, dict(zip(names, args)), fast)
 
     impl.__name__ = impl.__qualname__ = op.name

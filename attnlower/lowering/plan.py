@@ -16,13 +16,13 @@ This module does not import triton, so the dump tool can show plans where triton
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
+from attnlower.lowering.env import switch_from_env
 from attnlower.lowering.launch_gluon import GluonFwdConfig, default_config as gluon_default_config
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.target import Target, target_of  # noqa: F401  (one Target: lowering/target.py)
@@ -260,11 +260,8 @@ GLUON_FORWARD = "_gluon_attn_fwd_kernel"   # kernels/gluon_fwd.py, launched by l
 
 
 def _gluon_from_env() -> bool:
-    value = os.environ.get("ATTNLOWER_GLUON", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"ATTNLOWER_GLUON: expected 1 (eager dense forwards on Hopper take the Gluon kernel where "
-                         f"it was measured faster, the default) or 0 (always the Triton kernel), got {value!r}")
-    return value == "1"
+    return switch_from_env("ATTNLOWER_GLUON", on="eager dense forwards on Hopper take the Gluon kernel where it was "
+                                                 "measured faster", off="always the Triton kernel")
 
 
 # ATTNLOWER_GLUON=0: every dense forward launches the Triton kernel (read once, at import; tests set this).

@@ -954,6 +954,20 @@ class _Documents:
     from_positions: tuple = ()    # (diff, ne, cumsum): how `node` is computed from the positions, when they bound keys
 
 
+def _read_bool_factor(reader: IndexInterpreter, factor, relation: str):
+    """The symbolic read of a data factor that keeps or drops keys, or a refusal: a float mask that is data (its
+    values cannot be read), a factor the reader cannot write as a relation of `relation`, a value that is not bool."""
+    if factor.polarity == "additive":
+        raise _Refusal(f"{_describe(factor.value)} is a float mask that is data: its values cannot be read")
+    try:
+        read = reader.read(factor.value)
+    except NotSymbolic as e:
+        raise _Refusal(f"{_describe(factor.value)} is not a relation of {relation}: {e}") from e
+    if read.kind != "bool":
+        raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+    return read
+
+
 def _documents_or_none(data_factors, q_len, k_len, facts: _GraphFacts) -> "_Documents | None":
     try:
         return _read_documents(data_factors, q_len, k_len, facts)
@@ -965,14 +979,7 @@ def _read_documents(data_factors, q_len, k_len, facts: _GraphFacts) -> _Document
     reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)), functions=True)
     atoms: list = []
     for factor in data_factors:
-        if factor.polarity == "additive":
-            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data")
-        try:
-            read = reader.read(factor.value)
-        except NotSymbolic as e:
-            raise _Refusal(f"{_describe(factor.value)} is not a relation of document ids: {e}") from e
-        if read.kind != "bool":
-            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        read = _read_bool_factor(reader, factor, "document ids")
         names = SCORE_INDICES[4]
         shift = 4 - len(read.shape)
         if shift < 0:
@@ -1014,9 +1021,10 @@ def _read_documents(data_factors, q_len, k_len, facts: _GraphFacts) -> _Document
     return _Documents(node, roles, offset, model, reason, chain)
 
 
-def _relations(formula, node: fx.Node) -> list:
-    """The formula (True = visible) as a conjunction of relations, or a refusal."""
-    out, work = [], [formula]
+def _conjunction_atoms(formula, node: fx.Node):
+    """The atoms of the formula (True = visible) read as a conjunction, in turn: `And` flattened, `Not` pushed
+    through `Or` and into relations; each caller says which atoms it accepts. Refuses a formula that hides every key."""
+    work = [formula]
     while work:
         f = work.pop()
         if f is sympy.true:
@@ -1029,10 +1037,17 @@ def _relations(formula, node: fx.Node) -> list:
             work.extend(sympy.Not(a) for a in f.args[0].args)
         elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.core.relational.Relational):
             work.append(f.args[0].negated)
-        elif isinstance(f, sympy.core.relational.Relational) and not isinstance(f, sympy.Ne):
-            out.append(f)
         else:
+            yield f
+
+
+def _relations(formula, node: fx.Node) -> list:
+    """The formula (True = visible) as a conjunction of relations, or a refusal."""
+    out = []
+    for f in _conjunction_atoms(formula, node):
+        if not isinstance(f, sympy.core.relational.Relational) or isinstance(f, sympy.Ne):
             raise _Refusal(f"{_describe(node)} is {f}, not a conjunction of relations")
+        out.append(f)
     return out
 
 
@@ -1491,14 +1506,7 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
     reader = IndexInterpreter(facts.expr, facts.same_size, lambda n: bool(facts.data_reason.get(n)))
     atoms: list[sympy.Expr] = []
     for factor, rank in data:
-        if factor.polarity == "additive":
-            raise _Refusal(f"{_describe(factor.value)} is a float mask that is data: its values cannot be read")
-        try:
-            read = reader.read(factor.value)
-        except NotSymbolic as e:
-            raise _Refusal(f"{_describe(factor.value)} is not a relation of positions and lengths: {e}") from e
-        if read.kind != "bool":
-            raise _Refusal(f"{_describe(factor.value)} is not a bool mask")
+        read = _read_bool_factor(reader, factor, "positions and lengths")
         formula = _at_score_indices(read, rank, facts, reader.lengths)
         atoms += _conjuncts(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
     if facts.finite_fills:
@@ -1562,29 +1570,16 @@ def _numel(node: fx.Node):
 def _conjuncts(formula, node: fx.Node) -> list[sympy.Expr]:
     """The formula (True = visible) as a conjunction of atoms `e <= 0` (integer, linear), or a refusal."""
     out: list[sympy.Expr] = []
-    work = [formula]
-    while work:
-        f = work.pop()
-        if f is sympy.true:
-            continue
-        if f is sympy.false:
-            raise _Refusal(f"{_describe(node)} hides every key")
-        if isinstance(f, sympy.And):
-            work.extend(f.args)
-        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.Or):
-            work.extend(sympy.Not(a) for a in f.args[0].args)
-        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.And):
+    for f in _conjunction_atoms(formula, node):
+        if isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.And):
             raise _Refusal(f"{_describe(node)} leaves a key visible when any of several conditions holds")
-        elif isinstance(f, sympy.Not) and isinstance(f.args[0], sympy.core.relational.Relational):
-            work.append(f.args[0].negated)
-        elif isinstance(f, (sympy.Lt, sympy.Le, sympy.Gt, sympy.Ge)):
-            lhs, rhs = f.lhs, f.rhs
-            if isinstance(f, (sympy.Gt, sympy.Ge)):
-                lhs, rhs = rhs, lhs
-            e = sympy.expand(lhs - rhs + (1 if isinstance(f, (sympy.Lt, sympy.Gt)) else 0))  # integers: a < b iff a - b + 1 <= 0
-            out.append(e)
-        else:
+        if not isinstance(f, (sympy.Lt, sympy.Le, sympy.Gt, sympy.Ge)):
             raise _Refusal(f"{_describe(node)} is {f}, not a conjunction of bounds on the key position")
+        lhs, rhs = f.lhs, f.rhs
+        if isinstance(f, (sympy.Gt, sympy.Ge)):
+            lhs, rhs = rhs, lhs
+        e = sympy.expand(lhs - rhs + (1 if isinstance(f, (sympy.Lt, sympy.Gt)) else 0))  # integers: a < b iff a - b + 1 <= 0
+        out.append(e)
     return out
 
 

@@ -28,8 +28,9 @@ from .layout import Layout, NotAView, layout_chain, layout_of
 from .products import Product, ProductOperand, einsum_row_indices, logical_map, output_steps, read_product
 from .sdpa import sdpa_arguments
 from .site import AttentionChain, Context, HeadScale, Operand, Refused, ScoreTerm, Sinks
-from .vocabulary import (ADDS, CONSTANT_PRESERVING, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH, SOFTMAX_OPS, SUBTRACTS,
-                         WHERES, is_one, reads_only_size, shape_of, size_sources, sizes_equal, value_of)
+from .vocabulary import (ADDS, CONSTANT_PRESERVING, MASKED_FILLS, MULTIPLIES, PERMUTES, PRODUCTS, SCALES, SCORE_PASS_THROUGH,
+                         SOFTMAX_OPS, SUBTRACTS, WHERES, is_one, reads_only_size, rule_registrar, shape_of, size_sources,
+                         sizes_equal, value_of)
 
 aten = torch.ops.aten
 
@@ -99,18 +100,7 @@ class ScoreWalk:
 SCORE_RULES: dict[object, Callable[[fx.Node, "ScoreWalk"], fx.Node]] = {}
 
 
-def _registrar(table: dict):
-    """A decorator factory: `@rule(*ops)` enters the decorated function in `table` for each of `ops`."""
-    def rule(*ops):
-        def register(fn):
-            for op in ops:
-                table[op] = fn
-            return fn
-        return register
-    return rule
-
-
-score_rule = _registrar(SCORE_RULES)   # @score_rule(*ops): the score-chain rule of `ops`
+score_rule = rule_registrar(SCORE_RULES)   # @score_rule(*ops): the score-chain rule of `ops`
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -404,7 +394,7 @@ class ProbabilityWalk:
 PROBABILITY_RULES: dict[object, Callable[[fx.Node, ProbabilityWalk], fx.Node]] = {}
 
 
-probability_rule = _registrar(PROBABILITY_RULES)   # @probability_rule(*ops): the probability-chain rule of `ops`
+probability_rule = rule_registrar(PROBABILITY_RULES)   # @probability_rule(*ops): the probability-chain rule of `ops`
 
 
 @probability_rule(*SCORE_PASS_THROUGH, *PERMUTES)

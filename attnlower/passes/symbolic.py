@@ -22,7 +22,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .vocabulary import op_name, value_of
+from .vocabulary import op_name, rule_registrar, value_of
 
 aten = torch.ops.aten
 
@@ -171,12 +171,7 @@ class IndexInterpreter:
 _RULES: dict[str, Callable[[IndexInterpreter, fx.Node], IndexExpr]] = {}
 
 
-def _rule(*names):
-    def register(fn):
-        for name in names:
-            _RULES[name] = fn
-        return fn
-    return register
+_rule = rule_registrar(_RULES)   # @_rule(*names): the rule of the ops named `names`
 
 
 @_rule("arange")

@@ -736,51 +736,45 @@ class _Pair:
             return compare(want, got)
 
 
-def compare_scaled(want: torch.Tensor, got: torch.Tensor, tolerance: float) -> str:
-    """'' when max |got - want| <= tolerance * max |want| (finite values; NaN where and only where
-    `want` is NaN), else why not: the first-call check's rule, where `got` is the op's low-precision output."""
+def _max_error(want: torch.Tensor, got: torch.Tensor) -> tuple[str, float, float]:
+    """What `compare` and `compare_scaled` measure: (why not, 0, 0) when the shapes or the NaN patterns differ (NaN
+    must stand where and only where `want` is NaN), else ('', max |got - want|, max |want|) over the elements where
+    `want` is not NaN: equal values count 0 (equal infinities included), the scale reads finite values only
+    (1.0 when there are none); nothing to compare gives ('', 0.0, 1.0)."""
     if tuple(want.shape) != tuple(got.shape):
-        return f"shape {list(got.shape)} where the source gives {list(want.shape)}"
+        return f"shape {list(got.shape)} where the source gives {list(want.shape)}", 0.0, 0.0
     a, b = want.double(), got.double()
     nan_a, nan_b = torch.isnan(a), torch.isnan(b)
     if not torch.equal(nan_a, nan_b):
         return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
-                f"{int(nan_b.sum())} in the rewrite")
-    a, b = a[~nan_a], b[~nan_a]
+                f"{int(nan_b.sum())} in the rewrite, {int((nan_a != nan_b).sum())} position(s) disagree"), 0.0, 0.0
+    keep = ~nan_a
+    a, b = a[keep], b[keep]
     if a.numel() == 0:
-        return ""
-    same = a == b
-    err = float(torch.where(same, torch.zeros_like(a), (a - b).abs()).max())
+        return "", 0.0, 1.0
+    err = float(torch.where(a == b, torch.zeros_like(a), (a - b).abs()).max())   # inf - inf is NaN: fails below
     finite = a[torch.isfinite(a)]
-    scale = float(finite.abs().max()) if finite.numel() else 1.0
-    if not err <= tolerance * max(scale, 1e-30):
+    return "", err, float(finite.abs().max()) if finite.numel() else 1.0
+
+
+def compare_scaled(want: torch.Tensor, got: torch.Tensor, tolerance: float) -> str:
+    """'' when max |got - want| <= tolerance * max |want| (finite values; NaN where and only where
+    `want` is NaN), else why not: the first-call check's rule, where `got` is the op's low-precision output."""
+    why, err, scale = _max_error(want, got)
+    if not why and not err <= tolerance * max(scale, 1e-30):
         return f"max abs error {err:.3g} (tolerance {tolerance:g} x max |source| {scale:.3g})"
-    return ""
+    return why
 
 
 def compare(want: torch.Tensor, got: torch.Tensor) -> str:
     """'' when `got` equals `want` within TOLERANCE (NaN where and only where `want` is NaN), else why not."""
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
         return f"the source gives {type(want).__name__}, the rewrite {type(got).__name__}"
-    if tuple(want.shape) != tuple(got.shape):
-        return f"shape {list(got.shape)} where the source gives {list(want.shape)}"
-    a, b = want.double(), got.double()
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
-                f"{int(nan_b.sum())} in the rewrite, {int((nan_a != nan_b).sum())} position(s) disagree")
-    keep = ~nan_a
-    a, b = a[keep], b[keep]
-    if a.numel() == 0:
-        return ""
-    same = a == b                                 # equal infinities included
-    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
-    err = float(diff.max())
-    finite = a[torch.isfinite(a)]
-    scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
-    if not err <= TOLERANCE * scale:              # NaN-safe: inf - inf gives NaN, which fails too
+    why, err, scale = _max_error(want, got)
+    scale = max(1.0, scale)                        # absolute below |source| = 1, relative above
+    if not why and not err <= TOLERANCE * scale:   # NaN-safe: inf - inf gives NaN, which fails too
         return f"max abs error {err:.3g} (tolerance {TOLERANCE * scale:.3g})"
-    return ""
+    return why
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ def op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def rule_registrar(table: dict):
+    """A decorator factory for a stage's table of rules per op family: `@rule(*ops)` enters the decorated
+    function in `table` under each of `ops` (OpOverloads or op names, whichever the table is keyed by)."""
+    def rule(*ops):
+        def register(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return register
+    return rule
+
+
 # --------------------------------------------------------------------------------------------
 # Ops that move or copy values without changing them. The stages combine the families they accept.
 

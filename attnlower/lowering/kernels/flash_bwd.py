@@ -41,10 +41,11 @@ Symbols: as in flash_fwd.py, plus
 import triton
 import triton.language as tl
 
-from attnlower.lowering.kernels.common import LOG2E, _as_fp32, _dot, _load_tile, _online_softmax_step
-from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _doc_bounds, _doc_key_range, _dropout_keep,
-                                                  _fallback_range, _fill_log2, _kv_block_range, _load_docs,
-                                                  _load_fallback, _load_rng, _scores, _sink_log2, _span)
+from attnlower.lowering.kernels.common import LOG2E, _dot, _load_tile, _online_softmax_step
+from attnlower.lowering.kernels.flash_fwd import (BIAS_FLOOR, _alibi_slope, _check_dense_constexprs, _doc_bounds,
+                                                  _doc_key_range, _dropout_keep, _entry_scalars, _fallback_range,
+                                                  _kv_block_range, _load_docs, _load_fallback, _query_block_program,
+                                                  _scores, _sink_log2, _span)
 
 
 @triton.jit
@@ -184,6 +185,25 @@ def _doc_query_range(bounds_base, start_n, lo, hi, N_CTX_Q, N_CTX_K, diag_offset
 
 
 @triton.jit
+def _recompute_p(s, lse2, frame, HAS_FILL: tl.constexpr):
+    """The forward's probabilities of a tile, exp2(s - lse2); with HAS_FILL in each row's frame (see the header)."""
+    if HAS_FILL:
+        return tl.math.exp2((s - frame[:, None]) - lse2[:, None])
+    else:
+        return tl.math.exp2(s - lse2[:, None])
+
+
+@triton.jit
+def _score_grad(p, dp, delta, filled, HAS_FILL: tl.constexpr):
+    """dS = P * (dP - delta) of a tile: the gradient of the score after the soft-cap; 0 where the pair is filled
+    (a filled score is a constant)."""
+    ds = p * (dp - delta[:, None])
+    if HAS_FILL:
+        ds = tl.where(filled, 0.0, ds)
+    return ds
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
                     slope, doc_base, doc_k, fallback, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d,
                     offs_dv,
@@ -214,12 +234,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
                                N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
                                HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
         lse2 = _load_lse2(lse_base, offs_m, offs_m, N_CTX_Q)
+        frame = 0.0
         if HAS_FILL:
             frame = tl.where(_in_fill_frame(lse2, fill_log2), fill_log2, 0.0)
             lse2 = tl.load(lse_fill_base + offs_m, mask=offs_m < N_CTX_Q, other=float("inf"))
-            p = tl.math.exp2((s - frame[:, None]) - lse2[:, None])
-        else:
-            p = tl.math.exp2(s - lse2[:, None])
+        p = _recompute_p(s, lse2, frame, HAS_FILL)
         delta = tl.load(delta_base + offs_m, mask=offs_m < N_CTX_Q, other=0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
@@ -230,9 +249,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
         else:
             pd = p
         dv = _dot(tl.trans(pd.to(do.dtype)), do, dv, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_FILL:
-            ds = tl.where(filled, 0.0, ds)   # a filled score is a constant
+        ds = _score_grad(p, dp, delta, filled, HAS_FILL)
         if WRITE_DS:
             ds_ptrs = ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :] * stride_dsn
             ds_bias = ds
@@ -298,21 +315,13 @@ def _flash_bwd_dkdv_kernel(
     HAS_VERIFIED: tl.constexpr,
 ):
     """dk, dv of one key block of one (batch, kv head). Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(HEAD_DIM_PAD >= HEAD_DIM and HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD: pow2 >= max(D, 16)")
-    tl.static_assert(HEAD_DIM_V_PAD >= HEAD_DIM_V and HEAD_DIM_V_PAD >= 16, "HEAD_DIM_V_PAD: pow2 >= max(Dv, 16)")
-    tl.static_assert(HEAD_DIM_PAD <= 256 and HEAD_DIM_V_PAD <= 256, "dense kernels: head dims up to 256")
-    tl.static_assert(not HAS_WINDOW or IS_CAUSAL, "a window is always causal")
+    _check_dense_constexprs(BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, IS_CAUSAL, HAS_WINDOW)
     start_n = tl.program_id(0) * BLOCK_N
     off_zkv = tl.program_id(1)
     off_z = (off_zkv // HKV).to(tl.int64)
     off_hkv = (off_zkv % HKV).to(tl.int64)
-    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
-    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
-    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
-    fill_log2 = 0.0
-    if HAS_FILL:
-        fill_log2 = _fill_log2(fill)
+    seed, rng_lo, rng_hi, sm_scale, softcap, dropout_p, fill_log2 = _entry_scalars(Rng, sm_scale, softcap, dropout_p,
+                                                                                   fill, HAS_DROPOUT, HAS_FILL)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
@@ -348,11 +357,7 @@ def _flash_bwd_dkdv_kernel(
         delta_base = Delta + off_hz * N_CTX_Q
         bias_base = Bias + off_z * stride_bz + off_h * stride_bh
         ds_base = DS + off_z * stride_dsz + off_h * stride_dsh
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
-            if HAS_VERIFIED:
-                slope = tl.where(fallback, 0.0, slope)
+        slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
         # span 0: causal-diagonal blocks (masked; empty when not causal), 1: interior blocks (no
         # element masks), 2: window-edge / Tq-tail blocks (masked)
         for span in tl.static_range(3):
@@ -393,6 +398,8 @@ def _flash_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask_v)
 
 
+# The mirror of _bwd_dkdv_inner (key blocks for one query block): a @triton.jit function spells out its every
+# argument, so the two signatures and loop heads stay alike; what both compute is shared (_recompute_p, _score_grad).
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, fallback, seed,
                   rng_lo, rng_hi, off_hz, lo, hi, offs_m, offs_d, offs_dv,
@@ -421,23 +428,20 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
                                slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback,
                                N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
                                HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
-        if HAS_FILL:
-            p = tl.math.exp2((s - frame[:, None]) - lse2[:, None])
-        else:
-            p = tl.math.exp2(s - lse2[:, None])
+        p = _recompute_p(s, lse2, frame, HAS_FILL)
         dp = _dot(do, vt, None, DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_FILL:
-            ds = tl.where(filled, 0.0, ds)   # a filled score is a constant
+        ds = _score_grad(p, dp, delta, filled, HAS_FILL)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
     return dq
 
 
+# Its pointers, strides and constexprs repeat the forward kernel's: a Triton kernel spells out every argument (the
+# launcher passes them by position); the prologue both share is in flash_fwd.py (_check_dense_constexprs, ...).
 @triton.jit
 def _flash_bwd_dq_kernel(
     Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, Verified, DO, Lse, Delta, LseFill, DQ, DSinks, Rng,
@@ -458,22 +462,10 @@ def _flash_bwd_dq_kernel(
     HAS_VERIFIED: tl.constexpr, WRITE_DSINKS: tl.constexpr,
 ):
     """dq of one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(HEAD_DIM_PAD >= HEAD_DIM and HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD: pow2 >= max(D, 16)")
-    tl.static_assert(HEAD_DIM_V_PAD >= HEAD_DIM_V and HEAD_DIM_V_PAD >= 16, "HEAD_DIM_V_PAD: pow2 >= max(Dv, 16)")
-    tl.static_assert(HEAD_DIM_PAD <= 256 and HEAD_DIM_V_PAD <= 256, "dense kernels: head dims up to 256")
-    tl.static_assert(not HAS_WINDOW or IS_CAUSAL, "a window is always causal")
-    start_m = tl.program_id(0) * BLOCK_M
-    off_hz = tl.program_id(1)
-    off_z = (off_hz // H).to(tl.int64)
-    off_h = (off_hz % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
-    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
-    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
-    fill_log2 = 0.0
-    if HAS_FILL:
-        fill_log2 = _fill_log2(fill)
+    _check_dense_constexprs(BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, IS_CAUSAL, HAS_WINDOW)
+    start_m, off_hz, off_z, off_h, off_hkv = _query_block_program(H, GROUP, BLOCK_M)
+    seed, rng_lo, rng_hi, sm_scale, softcap, dropout_p, fill_log2 = _entry_scalars(Rng, sm_scale, softcap, dropout_p,
+                                                                                   fill, HAS_DROPOUT, HAS_FILL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
@@ -490,11 +482,7 @@ def _flash_bwd_dq_kernel(
     v_base = V + off_z * stride_vz + off_hkv * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
     fallback = _load_fallback(Verified, HAS_VERIFIED)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
-        if HAS_VERIFIED:
-            slope = tl.where(fallback, 0.0, slope)
+    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,

@@ -388,6 +388,54 @@ def _fill_needed(m_i, fill_log2, offs_m, N_CTX_Q):
 
 
 @triton.jit
+def _check_dense_constexprs(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+                            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The tile and head-dim rules every dense kernel (forward, dK/dV, dQ) checks at compile time."""
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(HEAD_DIM_PAD >= HEAD_DIM and HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD: pow2 >= max(D, 16)")
+    tl.static_assert(HEAD_DIM_V_PAD >= HEAD_DIM_V and HEAD_DIM_V_PAD >= 16, "HEAD_DIM_V_PAD: pow2 >= max(Dv, 16)")
+    tl.static_assert(HEAD_DIM_PAD <= 256 and HEAD_DIM_V_PAD <= 256, "dense kernels: head dims up to 256")
+    tl.static_assert(not HAS_WINDOW or IS_CAUSAL, "a window is always causal")
+
+
+@triton.jit
+def _entry_scalars(Rng, sm_scale, softcap, dropout_p, fill, HAS_DROPOUT: tl.constexpr, HAS_FILL: tl.constexpr):
+    """What every dense kernel reads at entry: (seed, rng_lo, rng_hi) (_load_rng), sm_scale, softcap and dropout_p
+    in fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32), and fill_log2 (0.0 without
+    HAS_FILL)."""
+    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
+    fill_log2 = 0.0
+    if HAS_FILL:
+        fill_log2 = _fill_log2(fill)
+    return seed, rng_lo, rng_hi, _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p), fill_log2
+
+
+@triton.jit
+def _query_block_program(H, GROUP, BLOCK_M: tl.constexpr):
+    """(start_m, off_hz, off_z, off_h, off_hkv) of a program of the grid (cdiv(Tq, BLOCK_M), B * Hq): the forward's
+    and the dQ kernel's."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_hz = tl.program_id(1)
+    off_z = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    return start_m, off_hz, off_z, off_h, off_h // GROUP
+
+
+@triton.jit
+def _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI: tl.constexpr,
+                 HAS_VERIFIED: tl.constexpr):
+    """Query head off_h's ALiBi slope in fp32; 0.0 without alibi, and where the verified structure falls back
+    (alibi is part of the proven structure)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
+        if HAS_VERIFIED:
+            slope = tl.where(fallback, 0.0, slope)
+    return slope
+
+
+@triton.jit
 def _flash_fwd_kernel(
     Q, K, V, Bias, Slopes, Sinks, DocIds, Bounds, Verified, Out, Lse, Rng,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -406,23 +454,11 @@ def _flash_fwd_kernel(
     HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr,
 ):
     """One program = one query block of one (batch, query head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(HEAD_DIM_PAD >= HEAD_DIM and HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD: pow2 >= max(D, 16)")
-    tl.static_assert(HEAD_DIM_V_PAD >= HEAD_DIM_V and HEAD_DIM_V_PAD >= 16, "HEAD_DIM_V_PAD: pow2 >= max(Dv, 16)")
-    tl.static_assert(HEAD_DIM_PAD <= 256 and HEAD_DIM_V_PAD <= 256, "dense kernels: head dims up to 256")
+    _check_dense_constexprs(BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, IS_CAUSAL, HAS_WINDOW)
     tl.static_assert((BIAS_KIND >= 0) and (BIAS_KIND <= 2), "BIAS_KIND: 0 none, 1 bool, 2 float")
-    tl.static_assert(not HAS_WINDOW or IS_CAUSAL, "a window is always causal")
-    start_m = tl.program_id(0) * BLOCK_M
-    off_hz = tl.program_id(1)
-    off_z = (off_hz // H).to(tl.int64)
-    off_h = (off_hz % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-    seed, rng_lo, rng_hi = _load_rng(Rng, HAS_DROPOUT)
-    # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
-    sm_scale, softcap, dropout_p = _as_fp32(sm_scale), _as_fp32(softcap), _as_fp32(dropout_p)
-    fill_log2 = 0.0
-    if HAS_FILL:
-        fill_log2 = _fill_log2(fill)
+    start_m, off_hz, off_z, off_h, off_hkv = _query_block_program(H, GROUP, BLOCK_M)
+    seed, rng_lo, rng_hi, sm_scale, softcap, dropout_p, fill_log2 = _entry_scalars(Rng, sm_scale, softcap, dropout_p,
+                                                                                   fill, HAS_DROPOUT, HAS_FILL)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -435,11 +471,7 @@ def _flash_fwd_kernel(
     doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
 
     fallback = _load_fallback(Verified, HAS_VERIFIED)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
-        if HAS_VERIFIED:
-            slope = tl.where(fallback, 0.0, slope)   # alibi is part of the proven structure
+    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
 
     # load q: it stays in registers / SRAM for the whole key loop
     q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
