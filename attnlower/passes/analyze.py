@@ -14,8 +14,8 @@ import torch.fx as fx
 
 from ..lowering import plan as _plan
 from ..lowering.plan import MAX_HEAD_DIM   # the dense kernels pad each head dim to a power of two up to this
-from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan, Refused,
-                   ScoreTerm)
+from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan,
+                   Refused, ScoreTerm, adjacent_key_parts, problem_shape)
 from .masks import DOCUMENT_KINDS, LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
@@ -450,16 +450,10 @@ def term_shape(term: ScoreTerm) -> list:
     return shape
 
 
-def problem_shape(m: AttentionMatch) -> list:
-    """The attention problem's [B, Hq, Tq, Tk]."""
-    return [m.batch, m.q_heads, m.q_len, m.k_len]
-
-
 def _split_note(m: AttentionMatch) -> str:
     """What reading a split head dim (`Q·Kᵀ + Q2·K2ᵀ`) as one product costs."""
     if m.split is None:
         return ""
-    from .rewrite import adjacent_key_parts
 
     q2, k2 = m.split
     parts = f"Q·Kᵀ + Q2·K2ᵀ is one product over head dims {m.head_dim} = q/k parts side by side"

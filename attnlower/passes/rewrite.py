@@ -13,8 +13,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .site import AttentionMatch, Context, Decision, Refused
-from .analyze import problem_shape
+from .site import AttentionMatch, Context, Decision, Refused, adjacent_key_parts, problem_shape
 from .buffers import freeze
 from .layout import lift_to_problem
 from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
@@ -177,31 +176,6 @@ def _query(emit: _Emitter, m: AttentionMatch) -> fx.Node:
     if value_of(scaled) is not None and value_of(scaled).dtype != dtype:
         scaled = emit(aten._to_copy.default, (scaled,), {"dtype": dtype})
     return scaled
-
-
-def adjacent_key_parts(m: AttentionMatch) -> fx.Node | None:
-    """The buffer K1 and K2 of a split head dim are adjacent slices of (`buf[..., :R]`, `buf[..., R:]` under
-    the same views: vLLM / FlashMLA keep the latent and the rotary key in one row), else None."""
-    k1, k2 = m.k, m.split[1]
-    a, b = k1.source, k2.source
-    if not all(n.op == "call_function" and n.target is aten.slice.Tensor for n in (a, b)):
-        return None
-    base = a.args[0]
-    rank = len(value_of(base).shape)
-    if b.args[0] is not base or k1.steps != k2.steps or k1.heads != k2.heads:
-        return None
-    dims = {x.args[1] % rank if len(x.args) > 1 else 0 for x in (a, b)}
-    if dims != {rank - 1} or any(len(x.args) > 4 and x.args[4] != 1 for x in (a, b)):
-        return None
-    end_a = value_of(a).shape[-1]
-    start_a = a.args[2] if len(a.args) > 2 else 0
-    start_b = b.args[2] if len(b.args) > 2 else 0
-    if start_a not in (0, None) or not isinstance(start_b, int) or start_b != end_a \
-            or not sizes_equal(end_a + value_of(b).shape[-1], value_of(base).shape[-1]):
-        return None
-    if any(kind == "unflatten" and arg[0] % rank == rank - 1 for kind, arg in k1.steps):
-        return None
-    return base
 
 
 def _split_keys(emit: _Emitter, m: AttentionMatch) -> fx.Node:

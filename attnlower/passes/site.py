@@ -24,6 +24,9 @@ import torch
 import torch.fx as fx
 
 from .layout import Layout
+from .vocabulary import sizes_equal, value_of
+
+aten = torch.ops.aten
 
 
 class Refused(Exception):
@@ -386,3 +389,35 @@ def source_location(node: fx.Node) -> str:
         return node.name
     name, line, function, code = frame
     return f"{name}:{line} in {function}: {code}"[:160]
+
+
+# ---- facts of one match, read by the analyzer and the rewrite alike
+
+def problem_shape(m: AttentionMatch) -> list:
+    """The attention problem's [B, Hq, Tq, Tk]."""
+    return [m.batch, m.q_heads, m.q_len, m.k_len]
+
+
+def adjacent_key_parts(m: AttentionMatch) -> fx.Node | None:
+    """The buffer K1 and K2 of a split head dim are adjacent slices of (`buf[..., :R]`, `buf[..., R:]` under
+    the same views: vLLM / FlashMLA keep the latent and the rotary key in one row), else None."""
+    k1, k2 = m.k, m.split[1]
+    a, b = k1.source, k2.source
+    if not all(n.op == "call_function" and n.target is aten.slice.Tensor for n in (a, b)):
+        return None
+    base = a.args[0]
+    rank = len(value_of(base).shape)
+    if b.args[0] is not base or k1.steps != k2.steps or k1.heads != k2.heads:
+        return None
+    dims = {x.args[1] % rank if len(x.args) > 1 else 0 for x in (a, b)}
+    if dims != {rank - 1} or any(len(x.args) > 4 and x.args[4] != 1 for x in (a, b)):
+        return None
+    end_a = value_of(a).shape[-1]
+    start_a = a.args[2] if len(a.args) > 2 else 0
+    start_b = b.args[2] if len(b.args) > 2 else 0
+    if start_a not in (0, None) or not isinstance(start_b, int) or start_b != end_a \
+            or not sizes_equal(end_a + value_of(b).shape[-1], value_of(base).shape[-1]):
+        return None
+    if any(kind == "unflatten" and arg[0] % rank == rank - 1 for kind, arg in k1.steps):
+        return None
+    return base
