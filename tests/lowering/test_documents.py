@@ -15,29 +15,10 @@ from attnlower.lowering.documents import document_bounds
 from attnlower.lowering.launch import flash_backward, flash_forward
 from attnlower.lowering.params import AttentionParams
 
-from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
+from attention_oracle import TOLERANCES, oracle  # sibling helper; pytest puts tests/lowering on sys.path
 
 OPS = torch.ops.attnlower
-TOLERANCES = {
-    torch.float32: ((2e-5, 1e-5), (5e-5, 1e-5)),
-    torch.float16: ((5e-3, 1e-2), (2e-2, 2e-2)),
-    torch.bfloat16: ((2e-2, 2e-2), (8e-2, 5e-2)),
-}
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _poison_uninitialized():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 
 def ids(*rows) -> torch.Tensor:

@@ -24,11 +24,6 @@ OPS = torch.ops.attnlower
 F32 = torch.float32
 
 
-@pytest.fixture(params=["reference", "kernel"])
-def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
-    return request.param
-
 
 def _randn(*shape, dtype=F32, requires_grad=False, scale=1.0):
     return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_(requires_grad)

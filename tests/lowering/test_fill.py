@@ -21,29 +21,10 @@ import attnlower.ops as ops
 from attnlower.lowering.launch import flash_backward, flash_forward
 from attnlower.lowering.params import AttentionParams
 
+from attention_oracle import TOLERANCES  # sibling helper; pytest puts tests/lowering on sys.path
+
 OPS = torch.ops.attnlower
-# (forward atol/rtol, backward atol/rtol) per dtype, as tests/lowering/test_flash_kernel.py
-TOLERANCES = {
-    torch.float32: ((2e-5, 1e-5), (5e-5, 1e-5)),
-    torch.float16: ((5e-3, 1e-2), (2e-2, 2e-2)),
-    torch.bfloat16: ((2e-2, 2e-2), (8e-2, 5e-2)),
-}
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _poison_uninitialized():
-    """torch.empty returns NaN-filled memory while this is on: unwritten outputs cannot pass."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 
 def fill_oracle(q, k, v, fill, *, bias=None, scale=None, causal=False, bottom_right=False, window=0, softcap=0.0,

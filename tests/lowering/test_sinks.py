@@ -21,23 +21,8 @@ from attnlower.lowering.params import AttentionParams
 from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
 
 OPS = torch.ops.attnlower
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 F32_FWD, F32_BWD = dict(atol=2e-5, rtol=1e-5), dict(atol=5e-5, rtol=1e-5)
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _poison_uninitialized():
-    """torch.empty returns NaN-filled memory while this is on: unwritten outputs cannot pass."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 def _paged_dense(pool, table_row, length):

@@ -17,23 +17,9 @@ from attnlower.lowering.launch_paged import paged_forward
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.target import Target
 
-from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
+from attention_oracle import TOLERANCES, oracle  # sibling helper; pytest puts tests/lowering on sys.path
 
-TOLERANCES = {
-    torch.float32: ((2e-5, 1e-5), (5e-5, 1e-5)),
-    torch.float16: ((5e-3, 1e-2), (2e-2, 2e-2)),
-    torch.bfloat16: ((2e-2, 2e-2), (8e-2, 5e-2)),
-}
-
-
-@pytest.fixture(autouse=True)
-def _poison_uninitialized():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 CASES = [  # (Dqk, Dv, dtype, kwargs)
     (80, 48, torch.float32, dict(causal=True, bottom_right=True)),

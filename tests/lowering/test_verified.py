@@ -18,28 +18,10 @@ import attnlower.ops as public
 from attnlower.lowering.launch import flash_backward, flash_forward
 from attnlower.lowering.params import AttentionParams
 
-from attention_oracle import oracle  # sibling helper; pytest puts tests/lowering on sys.path
+from attention_oracle import TOLERANCES, oracle  # sibling helper; pytest puts tests/lowering on sys.path
 
 OPS = torch.ops.attnlower
-TOLERANCES = {
-    torch.float32: ((2e-5, 1e-5), (5e-5, 1e-5)),
-    torch.bfloat16: ((2e-2, 2e-2), (8e-2, 5e-2)),
-}
-
-
-@pytest.fixture(params=["reference", "kernel"])
-def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton" if request.param == "kernel" else "reference")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _poison_uninitialized():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 
 def _inputs(dtype=torch.float32, hq=6, hkv=2, tq=37, tk=37, d=16):
