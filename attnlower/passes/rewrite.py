@@ -386,19 +386,20 @@ def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:
 def _finish(emit: _Emitter, m: AttentionMatch, out: fx.Node) -> list[str]:
     """Bring the op's [B, Hq, Tq, Dv] result to the replaced node's shape and strides, reroute users."""
     out = _take_steps(emit, out, m.output_steps)
-    out = _match_strides(emit, out, value_of(m.output))
+    out = _match_strides(emit, out, m.output)
     m.output.replace_all_uses_with(out)
     return [n.name for n in m.region]
 
 
-def _match_strides(emit: _Emitter, out: fx.Node, want) -> fx.Node:
+def _match_strides(emit: _Emitter, out: fx.Node, replaced: fx.Node) -> fx.Node:
     """The graph after the site was traced with the replaced node's strides (SDPA returns q's
-    dim order, and a later `.view` may rely on it): copy into that order when ours differs."""
-    have = value_of(out)
-    if have is None or want is None or not hasattr(want, "stride"):
+    dim order, and a later `.view` may rely on it): copy into that order when ours differs and
+    something downstream can tell (HF's eager `(p @ v).transpose(1, 2).contiguous()` cannot: the op's
+    q-ordered result makes that `.contiguous()` a no-op, which Inductor then drops)."""
+    have, want = value_of(out), value_of(replaced)
+    if have is None or want is None or not hasattr(want, "stride") or _same_strides(have, want):
         return out
-    big = [d for d in range(want.dim()) if not bool(want.shape[d] == 1)]
-    if all(bool(have.stride()[d] == want.stride()[d]) for d in big):
+    if not _strides_observed(replaced, have):
         return out
     order = sorted(range(want.dim()), key=lambda d: (-int(want.stride()[d]) if isinstance(want.stride()[d], int)
                                                      else -want.stride()[d].node.hint, d))
@@ -406,6 +407,68 @@ def _match_strides(emit: _Emitter, out: fx.Node, want) -> fx.Node:
     x = emit(aten.permute.default, (out, order))
     x = emit(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
     return emit(aten.permute.default, (x, inverse))
+
+
+# Readers for which the input's strides make no difference.
+_SIZE_READS = frozenset({aten.sym_size.int, aten.sym_numel.default})
+
+
+def _strides_observed(node: fx.Node, value) -> bool:
+    """Whether giving `node` the strides of `value` (same sizes) could reach anything that depends on them.
+
+    Walks the users with the new layout: a user is computed again on it (fake tensors) and, where its result has
+    the strides it was traced with, nothing past it can tell; a contiguous copy (`.contiguous()`) and a size read
+    never can. Anything else (a result laid out differently and read by an op that is not walked, a view the new
+    strides do not allow, a graph output: the caller sees it) can."""
+    for user in node.users:
+        if user.target in _SIZE_READS:
+            continue
+        if user.target is aten.clone.default and user.kwargs.get("memory_format") == torch.contiguous_format:
+            continue
+        traced = value_of(user)
+        if user.op != "call_function" or not isinstance(traced, torch.Tensor) or len(user.users) == 0:
+            return True
+        args, kwargs = fx.node.map_arg((user.args, user.kwargs), lambda n: value if n is node else value_of(n))
+        if not _static_call(args, kwargs):
+            return True   # symbolic sizes: comparing them would add guards to the user's graph; keep the layout
+        try:
+            again = user.target(*args, **kwargs)
+        except Exception:   # noqa: BLE001 - e.g. a `.view` the new strides do not allow: the layout matters
+            return True
+        if not isinstance(again, torch.Tensor) or again.shape != traced.shape:
+            return True
+        if _same_strides(again, traced):
+            continue
+        if user.target not in _STRIDE_FOLLOWING or _strides_observed(user, again):
+            return True
+    return False
+
+
+# Ops whose result is a view following the input's strides, for any strides: the walk goes on through them.
+_STRIDE_FOLLOWING = frozenset({
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.alias.default, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.reshape.default, aten.view.default, aten._unsafe_view.default})
+
+
+def _static_call(args, kwargs) -> bool:
+    """Every size, stride and integer argument of a call a plain int."""
+    static = True
+
+    def check(a):
+        nonlocal static
+        if isinstance(a, torch.Tensor):
+            static = static and all(type(x) is int for x in (*a.shape, *a.stride()))
+        elif isinstance(a, torch.SymInt):
+            static = False
+        return a
+
+    fx.node.map_aggregate((args, kwargs), check)
+    return static
+
+
+def _same_strides(a, b) -> bool:
+    return all(bool(a.shape[d] == 1) or bool(a.stride()[d] == b.stride()[d]) for d in range(a.dim()))
 
 
 def _rewrite_paged(emit: _Emitter, m: AttentionMatch, decision: Decision) -> list[str]:

@@ -193,3 +193,53 @@ def test_a_site_the_op_refuses_at_trace_time_is_undone(monkeypatch):
     assert not any(str(n.target).startswith("attnlower.") for n in gm.graph.nodes)   # the inserted nodes are gone
     x = qkv()
     torch.testing.assert_close(gm(*x)[0], F.scaled_dot_product_attention(*x))
+
+
+# ---- the output's layout -----------------------------------------------------------------------------
+# The op returns q's dim order; the replaced matmul returned [B, H, T, D] contiguous. The rewrite copies into
+# the old order only where something downstream can tell (issue 18 item 7: GPT-2 eager had a copy per layer).
+
+def _bshd_views(t=9):
+    """q, k, v as [B, H, T, D] views of [B, T, H, D] memory (a head split then a transpose, as GPT-2 writes it)."""
+    return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(t=t)]
+
+
+def gpt2_eager(q, k, v):
+    # transformers' eager_attention_forward as GPT-2 calls it, then the merge of heads
+    w = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5
+    w = F.softmax(w, dim=-1)
+    out = torch.matmul(w, v).transpose(1, 2).contiguous()
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def heads_as_rows(q, k, v):
+    # a consumer that views the result with the matmul's strides: [B, H, T, D] -> [B, H*T, D] is a view only there
+    out = F.softmax(q @ k.transpose(-1, -2) * D ** -0.5, dim=-1) @ v
+    return out.view(out.shape[0], -1, out.shape[-1])
+
+
+def returned_as_is(q, k, v):
+    return F.softmax(q @ k.transpose(-1, -2) * D ** -0.5, dim=-1) @ v
+
+
+def _copies(created):
+    return [n for n in created if n.target is aten.clone.default]
+
+
+def test_a_result_merged_through_contiguous_keeps_the_ops_layout():
+    args = _bshd_views()
+    gm, site, inputs = _analyzed(gpt2_eager, *args)
+    created, (out,) = _rewrite_and_run(gm, site, inputs)
+    assert not _copies(created)              # `.contiguous()` after the transpose now copies nothing
+    torch.testing.assert_close(out, gpt2_eager(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [heads_as_rows, returned_as_is])
+def test_a_result_whose_strides_are_read_gets_the_replaced_layout(fn):
+    args = _bshd_views()
+    gm, site, inputs = _analyzed(fn, *args)
+    created, (out,) = _rewrite_and_run(gm, site, inputs)
+    assert len(_copies(created)) == 1
+    want = fn(*args)
+    assert out.stride() == want.stride()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
