@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--agree-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request count may take")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="float32 (TF32 off) checks agreement: bf16's rounding splits greedy paths of a random model")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, 2 tiny layers, fp32, a few requests, graphs off: checks the script, measures nothing")
     args = p.parse_args(argv)
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     from attnlower.integrations import continuous_batching
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = False   # fp32 means fp32 in every implementation (the default too)
     model = build_model(args, device, dtype)
     batches = {n: make_requests(args, n, model.config.vocab_size, args.seed + 2) for n in args.requests}
     info = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
