@@ -52,14 +52,12 @@ def register(name: str = NAME) -> None:
 def mask_builder(sdpa_mask):
     """The mask function registered for "attnlower": None where HF's flash-attention mask builder returns None
     (no 2-D padding mask, no extra mask function, queries and keys from position 0, Tq == Tk), so that the
-    attention function reads packed documents from position_ids as the flash path does; `sdpa_mask` otherwise.
-    Only while the ops take `doc_ids` (else the sdpa mask, a dense bias, keeps packed rows exact)."""
+    attention function reads packed documents from position_ids as the flash path does; `sdpa_mask` otherwise."""
 
     def attnlower_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                        attention_mask=None, use_vmap=False, **kwargs):
         # (a 2-D mask of all ones would qualify too, but telling needs a host sync: it keeps sdpa's mask)
-        if (attention_mask is None and not use_vmap and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-                and _ops_take("flash_attention", "doc_ids")):
+        if attention_mask is None and not use_vmap and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
             return None
         extra = {} if mask_function is None else {"mask_function": mask_function}
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -78,9 +76,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     from attnlower import ops
 
     sinks = kwargs.get("s_aux")
-    if sinks is not None and not _ops_take("flash_attention", "sinks"):
-        raise NotImplementedError("attn_implementation='attnlower' got attention sinks (s_aux), which this version of "
-                                  "the attnlower ops does not compute; use attn_implementation='eager' for this model")
     extra = {} if sinks is None else {"sinks": sinks}
     serving = kwargs.get(continuous_batching.KV_KWARG)
     if serving is not None:   # transformers' continuous batching: its paged cache, read in place
@@ -132,11 +127,9 @@ _LAST_DOCUMENTS: list = []   # [(position_ids, its _version, doc_ids)]: every la
 def _documents(kwargs: dict, q_len: int):
     """doc_ids [B|1, Tq] of packed rows, from `cu_seq_lens_q` (DataCollatorWithFlattening(return_flash_attn_kwargs=
     True)) or from position_ids that restart per document, computed on the device (no host sync), once per
-    position_ids tensor; None when neither is given, or the ops take no doc_ids."""
+    position_ids tensor; None when neither is given."""
     from attnlower import ops
 
-    if not _ops_take("flash_attention", "doc_ids"):
-        return None
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None and cu_seqlens.dim() == 1:
         return ops.doc_ids_from_cu_seqlens(cu_seqlens, q_len)
@@ -153,13 +146,6 @@ def _documents(kwargs: dict, q_len: int):
     # the same tensor, not written since (a static buffer refilled in place is new data): every layer reuses it
     _LAST_DOCUMENTS[:] = [(position_ids, position_ids._version, doc_ids)]
     return doc_ids
-
-
-def _ops_take(op: str, argument: str) -> bool:
-    """Whether the op `attnlower::<op>` has the argument `argument` (the issue-21 features reach the ops in steps)."""
-    from attnlower.passes.analyze import op_takes
-
-    return op_takes(op, argument)
 
 
 # ------------------------------------------------------------------------------------------------

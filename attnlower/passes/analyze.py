@@ -12,19 +12,13 @@ import math
 import torch
 import torch.fx as fx
 
-from ..lowering import plan as _plan
-from ..lowering.plan import MAX_HEAD_DIM   # the dense kernels pad each head dim to a power of two up to this
+from ..lowering.plan import MAX_HEAD_DIM, PAGED_MAX_HEAD_DIM_QK, PAGED_MAX_HEAD_DIM_V   # the kernels' head-dim limits
 from .site import (AlibiInfo, AttentionMatch, AttentionSpec, BiasPlan, Context, Decision, MaskInfo, PagedPlan,
                    Refused, ScoreTerm, adjacent_key_parts, problem_shape)
 from .masks import DOCUMENT_KINDS, LENGTH_KINDS
 from .visibility import MASKED
 from .layout import NotAView, lift_to_problem
 from .vocabulary import shape_of, size_sources, sizes_equal, value_of
-
-# The paged kernel's limits (docs/design/issue21.md: MLA's absorbed decode reads q/k of 576 = 512 + 64 dims in
-# chunks and holds up to 512 value dims); the dense limit until the lowering states its own.
-PAGED_MAX_HEAD_DIM_QK = getattr(_plan, "PAGED_MAX_HEAD_DIM_QK", MAX_HEAD_DIM)
-PAGED_MAX_HEAD_DIM_V = getattr(_plan, "PAGED_MAX_HEAD_DIM_V", MAX_HEAD_DIM)
 
 
 def analyze(gm: fx.GraphModule, ctx: Context) -> str:
@@ -43,21 +37,6 @@ def analyze(gm: fx.GraphModule, ctx: Context) -> str:
             continue
         chosen[decision.spec.op] = chosen.get(decision.spec.op, 0) + 1
     return ", ".join(f"{n} {op}" for op, n in chosen.items()) or "no op chosen"
-
-
-def op_takes(op: str, argument: str) -> bool:
-    """Whether `torch.ops.attnlower.<op>` has an argument `argument` (its schema, as the lowering registered
-    it): the features of issue 21 (`sinks`, `doc_ids`) reach the pass side before every op has them."""
-    import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower
-
-    overload = getattr(getattr(torch.ops.attnlower, op), "default")
-    return any(a.name == argument for a in overload._schema.arguments)
-
-
-def _needs_argument(op: str, argument: str, what: str) -> None:
-    if not op_takes(op, argument):
-        raise Refused(f"{what}: attnlower::{op} takes no `{argument}` argument yet (issue 21, "
-                      f"docs/design/issue21.md: the op side adds it)")
 
 
 def _documents_note(documents: MaskInfo | None) -> str:
@@ -121,8 +100,6 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     seq_lens = mask.lengths
     if seq_lens is None and not bool(m.q_len <= pk.length):
         return None, f"Tq = {m.q_len} queries over {pk.length} gathered keys: more queries than the sequence holds"
-    if m.sinks is not None and not op_takes("paged_attention", "sinks"):
-        return None, "paged_attention takes no `sinks` argument yet (issue 21)"
     # what the source gives a row with no visible key (a sequence of length 0; causal: a query before its sequence's
     # first token, L[b] - Tq + i < 0): NaN from eager's softmax, 0 from SDPA's safe softmax. The op gives the same
     # under empty_rows_nan (passed always: it also lets a chunk be longer than its sequence, which the lengths, data,
@@ -185,7 +162,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
 
     causal, bottom_right, window = m.is_causal, False, 0
     speculated: tuple = ()
-    documents, documents_note = None, ""
+    documents = None
     mask = MaskInfo(kind="causal" if causal else "none", causal=causal,
                     reason="SDPA is_causal=True (top-left)" if causal else "no mask")
     bias = BiasPlan()
@@ -258,13 +235,8 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
             speculated = info.speculated_from
         elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
             # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
-            doc_op = "sliding_window_attention" if info.window else "flash_attention"
-            if op_takes(doc_op, "doc_ids"):
-                causal, bottom_right, window = info.causal, info.bottom_right, info.window
-                terms, speculated, documents = [], info.speculated_from, info
-            else:
-                documents_note = (f"; {info.kind} proven, but attnlower::{doc_op} takes no `doc_ids` argument yet "
-                                  f"(issue 21): the mask goes in as a dense bias, no block skipped")
+            causal, bottom_right, window = info.causal, info.bottom_right, info.window
+            terms, speculated, documents = [], info.speculated_from, info
     elif terms:
         what = "keep-mask" if fill is not None else "bias"
         mask = MaskInfo(kind="tensor", reason=f"{len(terms)} mask/bias terms combined into one {what}")
@@ -276,12 +248,10 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     op = "sliding_window_attention" if window > 0 else "flash_attention"
     if op not in allowed_ops:
         raise Refused(f"{op} is not among the enabled ops {list(allowed_ops)}")
-    if m.sinks is not None:
-        _needs_argument(op, "sinks", "per-head sinks in the softmax denominator")
-        if m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax and fill is None:
-            # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
-            raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
-                          f"visible key: eager gives NaN there, the op with sinks 0")
+    if m.sinks is not None and m.sinks.form == "rescale" and bias.kind != "none" and not m.safe_softmax and fill is None:
+        # softmax(s) of a fully masked row is NaN and NaN times the weight stays NaN; the op gives 0
+        raise Refused(f"the sinks rescale the output of a softmax whose {mask.kind} mask can leave a row with no "
+                      f"visible key: eager gives NaN there, the op with sinks 0")
     # what the source gives a row with no visible key: NaN (eager softmax) or 0; with sinks such a row is empty
     # only when its sink is -inf (the op gives NaN there under empty_rows_nan, as eager's 0 / 0), else 0 for both
     # (in fill mode no row is empty: a row with every key masked averages them)
@@ -294,7 +264,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         fill=fill, target=target.describe(),
     )
     why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
-           + _documents_note(documents) + documents_note + _head_scale_note(m))
+           + _documents_note(documents) + _head_scale_note(m))
     speculated += _fill_buffers(m, speculated)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
 

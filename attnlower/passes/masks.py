@@ -274,7 +274,7 @@ def _is_sym(value: Any) -> bool:
 class _GraphFacts:
     """What the classifier needs to know about the graph around one mask node."""
 
-    def __init__(self, masks: fx.Node | list[fx.Node], sizes: Iterable[Any]):
+    def __init__(self, masks: fx.Node | list[fx.Node], sizes: Iterable[Any], score_sizes: dict | None = None):
         roots = [masks] if isinstance(masks, fx.Node) else list(masks)
         self.graph = roots[0].graph
         self.known: dict[fx.Node, torch.Tensor] = {}  # module buffers read at their real value (guarded)
@@ -287,7 +287,7 @@ class _GraphFacts:
         self.finite_fills: set[float] = set()  # masking values met that are finite (finfo.min, not -inf)
         self.speculated: set[fx.Node] = set()  # module buffers whose value an evaluation read (buffers.py)
         self.shape_env = self._find_shape_env(list(self.ancestors) + list(sizes))
-        self.score_sizes: dict = {}  # score index symbol -> its size, where the caller knows it
+        self.score_sizes: dict = score_sizes or {}  # score index symbol -> its size, where the caller knows it
 
     @staticmethod
     def _value_inputs(node: fx.Node) -> list[fx.Node]:
@@ -1472,8 +1472,8 @@ def classify_length_mask(masks: list[tuple[fx.Node, str, bool]], q_len, k_len, *
     `batch` / `q_heads`: the scores' B and H where known (with B = 1 and one length, the lengths read at
     index 0 are read at the batch index).
     """
-    facts = _GraphFacts([m for m, _, _ in masks], (q_len, k_len))
-    facts.score_sizes = {_B: batch, _H: q_heads, _I: q_len, _J: k_len}
+    facts = _GraphFacts([m for m, _, _ in masks], (q_len, k_len),
+                        score_sizes={_B: batch, _H: q_heads, _I: q_len, _J: k_len})
     try:
         return _classify_lengths(masks, q_len, k_len, facts)
     except _Refusal as refusal:

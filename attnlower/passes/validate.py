@@ -12,18 +12,17 @@ they share, and evaluates the two on random values at that cut, in float64 on CP
 - nodes computed only from sizes and constants (arange, tril of ones, full, comparisons of those:
   mask builders) are recomputed on both sides, so a proven causal mask keeps its real value;
 - float casts (to fp16 / bf16 / fp32) become casts to float64 on both sides and devices become CPU,
-  so the comparison can be tight (`TOLERANCE`); NaN positions must match exactly;
+  so the comparison can be tight (`evaluate.TOLERANCE`); NaN positions must match exactly;
 - dropout is switched off on both sides (p = 0), which the report says.
 
 A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the stage
 reroutes the users of the new output back to the old one, and the clean_up stage removes the new nodes.
 Identical sites (same subgraph structure, shapes and constants, e.g. the layers of one model)
-are checked once per process (`_CHECKED`).
+are checked once per process (`verdicts.py`).
 """
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import logging
@@ -37,13 +36,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from .sdpa import sdpa_arguments
+from .evaluate import (compare, constants_to_float64_cpu, is_attention_op, reference_ops, run_float64, score_shape,
+                       to_float64_cpu)
 from .site import Context
 from .validate_first_call import CannotPlan, first_call_check, plan_for
 from .validate_sizes import CannotReduce, reduce_pair
+from .verdicts import Verdict, earlier, remember
 from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS, FLOAT_DTYPES, MATRIX_PRODUCTS,
                          MOVES, PERMUTES, RESHAPES, SIZE_QUERIES, SLICES, SOFTMAX_FORMS, SQUEEZES, SUBTRACTS,
                          ancestors, op_name)
@@ -51,11 +51,6 @@ from .vocabulary import (ADDS, BROADCASTS, CASTS, COMPARISONS, COPIES, DROPOUTS,
 aten = torch.ops.aten
 log = logging.getLogger("attnlower")
 
-# max |source - rewrite| / max(1, max |source|). Both sides run in float64: over 66 comparisons
-# of correct sites (tests/models.py's hand-written, SDPA and HF cases, 2026-12-01) the largest was
-# 7.5e-16. 1e-6 leaves nine orders of magnitude for other orderings, and every deliberately broken
-# rewrite in tests/passes/test_validate.py is still refused.
-TOLERANCE = 1e-6
 # Largest tensor (elements) either side may create. One site's check (3 draws, one thread) took, on
 # the 2-core dev box (2026-12-01, timing the validate pass on an eager causal site, D=64): 0.36 s at
 # 393k score elements, 1.07 s at 1.6M, 5.9 s at 8.4M, i.e. ~0.7 us per element. 2**21 (~1.4 s)
@@ -87,31 +82,8 @@ _PRODUCERS = CASTS | {aten.cumsum.default, aten.where.ScalarOther, aten.where.Sc
 _INDEXING = {aten.index.Tensor, aten.index_select.default, aten.embedding.default, aten.gather.default}
 
 
-@dataclass
-class Verdict:
-    """What validation found for one site.
-
-    ok False means the rewrite must be undone; `checked_on` goes to `Site.validated` either way.
-    """
-
-    ok: bool
-    checked_on: str
-    reason: str = ""          # on failure: "translation validation failed: ..."
-    repro: str | None = None
-    cached: bool = False      # the verdict of an identical site checked earlier in this process
-    first_call: Any = None    # validate_first_call.Plan: checked on the graph's first call, pending
-
-
 class CannotCheck(Exception):
     """The pair cannot be evaluated (random op, bitcast, ...); the message says why."""
-
-
-_CHECKED: dict[str, Verdict] = {}
-
-
-def clear_cache() -> None:
-    """Forget the verdicts of earlier sites (tests use it to force a fresh check)."""
-    _CHECKED.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,17 +138,6 @@ def _insert_first_call_check(gm: fx.GraphModule, new: fx.Node, plan) -> None:
     new.replace_all_uses_with(check, delete_user_cb=lambda user: user is not check)
 
 
-def refuse_by_structure(key: str, reason: str) -> None:
-    """Every later site of structure `key` is refused with `reason` (a failed first-call check)."""
-    _CHECKED[key] = Verdict(False, "first call: the sampled elements differ", reason)
-
-
-def record_first_call(plan) -> None:
-    """A first-call check ran: identical sites compiled later take its verdict."""
-    if plan.key and not plan.failed and plan.result.startswith("first call"):
-        _CHECKED[plan.key] = Verdict(True, plan.result)
-
-
 # --------------------------------------------------------------------------------------------
 # one rewrite
 
@@ -207,8 +168,8 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
         return Verdict(False, f"not checked: {e}", f"translation validation could not run: {e}; "
                        "the site stays unfused (set options validate=False to skip the check)")
     key = pair.key()
-    if key in _CHECKED:
-        v = _CHECKED[key]
+    v = earlier(key)
+    if v is not None:
         return Verdict(v.ok, v.checked_on + " (same structure as a site checked earlier: not re-run)",
                        v.reason, v.repro, cached=True, first_call=v.first_call)
     if pair.too_large:
@@ -230,11 +191,8 @@ def validate_rewrite(gm: fx.GraphModule, old: fx.Node, new: fx.Node, *, shape_en
             verdict = Verdict(True, f"first-call check pending: {why}; the first call compares "
                                     f"{plan.describe(plan.source_shape)} with the source on the real inputs",
                               first_call=plan)
-            _CHECKED[key] = verdict
-            return verdict
-    verdict = pair.check(draws, repro_dir)
-    _CHECKED[key] = verdict
-    return verdict
+            return remember(key, verdict)
+    return remember(key, pair.check(draws, repro_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +202,7 @@ def _is_random(n: fx.Node) -> bool:
     tags = getattr(n.target, "tags", ())
     # dropout, in ops of its own or inside attention ops, is switched off in the copies (p = 0)
     return (torch.Tag.nondeterministic_seeded in tags and n.target not in DROPOUTS
-            and not _is_attention_op(n))
+            and not is_attention_op(n))
 
 
 def _size_only(graph: fx.Graph) -> set[fx.Node]:
@@ -274,20 +232,6 @@ def _graph_facts(graph: fx.Graph):
     facts = (_size_only(graph), {n: i for i, n in enumerate(graph.nodes)}, *_aliasing(graph))
     _FACTS[:] = [(weakref.ref(graph), len(graph.nodes), facts)]
     return facts
-
-
-def score_shape(n: fx.Node, value) -> tuple | None:
-    """The shape `[..., Tq, Tk]` of the scores attention call `n` makes inside (an SDPA-family call or
-    an attnlower op, in a graph or a copy), from its arguments' values (`value(arg)`); else None."""
-    if not (_is_attention_op(n) or n.target is sdpa_reference):
-        return None
-    q, k = value(n.args[0]), value(n.args[1])
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2:
-        return None
-    if "paged" in str(n.target):
-        table = value(n.args[3])
-        return (*q.shape[:-1], table.shape[-1] * k.shape[2]) if isinstance(table, torch.Tensor) else None
-    return (*q.shape[:-1], k.shape[-2])
 
 
 def _numel_hint(val: torch.Tensor) -> int:
@@ -594,7 +538,7 @@ class _Pair:
                 seen.add(u)
                 if u.target in MATRIX_PRODUCTS and not (u.target is aten.baddbmm.default and u.args[0] is n):
                     return True               # (baddbmm's first operand is added, not multiplied)
-                if _is_attention_op(u):
+                if is_attention_op(u):
                     if any(a is n for a in u.args[:3]):
                         return True
                     continue
@@ -637,7 +581,7 @@ class _Pair:
             for dim, idx in enumerate(u.args[1]):
                 if idx is n:
                     return ("index", 0, size(u.args[0], dim) - 1)
-        if _is_attention_op(u) and "paged" in str(t):
+        if is_attention_op(u) and "paged" in str(t):
             table, lens, cache = u.args[3], u.args[4], u.args[1]
             if n is table:
                 return ("index", 0, size(cache, 0) - 1)
@@ -661,11 +605,11 @@ class _Pair:
             if n in inside:
                 env[n] = g.node_copy(n, lambda a: env[a])
                 if not native:
-                    _to_float64_cpu(env[n])
+                    to_float64_cpu(env[n])
         g.output(env[out])
         module = fx.GraphModule(self.gm, g, class_name=name)
         if not native:
-            _constants_to_float64_cpu(module)
+            constants_to_float64_cpu(module)
         return module
 
     def key(self) -> str:
@@ -723,7 +667,7 @@ class _Pair:
 
     def _compare(self, inputs: list) -> str:
         old_gm, new_gm = self.graphs()
-        with _reference_ops():                    # one thread for the comparison too
+        with reference_ops():                    # one thread for the comparison too
             try:
                 want = run_float64(old_gm, _cloned(inputs))
             except Exception as e:
@@ -734,47 +678,6 @@ class _Pair:
                 return (f"the rewrite raised {type(e).__name__} where the source computes: "
                         f"{str(e).splitlines()[0][:200]}")
             return compare(want, got)
-
-
-def _max_error(want: torch.Tensor, got: torch.Tensor) -> tuple[str, float, float]:
-    """What `compare` and `compare_scaled` measure: (why not, 0, 0) when the shapes or the NaN patterns differ (NaN
-    must stand where and only where `want` is NaN), else ('', max |got - want|, max |want|) over the elements where
-    `want` is not NaN: equal values count 0 (equal infinities included), the scale reads finite values only
-    (1.0 when there are none); nothing to compare gives ('', 0.0, 1.0)."""
-    if tuple(want.shape) != tuple(got.shape):
-        return f"shape {list(got.shape)} where the source gives {list(want.shape)}", 0.0, 0.0
-    a, b = want.double(), got.double()
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return (f"NaN pattern differs: {int(nan_a.sum())} NaN element(s) in the source, "
-                f"{int(nan_b.sum())} in the rewrite, {int((nan_a != nan_b).sum())} position(s) disagree"), 0.0, 0.0
-    keep = ~nan_a
-    a, b = a[keep], b[keep]
-    if a.numel() == 0:
-        return "", 0.0, 1.0
-    err = float(torch.where(a == b, torch.zeros_like(a), (a - b).abs()).max())   # inf - inf is NaN: fails below
-    finite = a[torch.isfinite(a)]
-    return "", err, float(finite.abs().max()) if finite.numel() else 1.0
-
-
-def compare_scaled(want: torch.Tensor, got: torch.Tensor, tolerance: float) -> str:
-    """'' when max |got - want| <= tolerance * max |want| (finite values; NaN where and only where
-    `want` is NaN), else why not: the first-call check's rule, where `got` is the op's low-precision output."""
-    why, err, scale = _max_error(want, got)
-    if not why and not err <= tolerance * max(scale, 1e-30):
-        return f"max abs error {err:.3g} (tolerance {tolerance:g} x max |source| {scale:.3g})"
-    return why
-
-
-def compare(want: torch.Tensor, got: torch.Tensor) -> str:
-    """'' when `got` equals `want` within TOLERANCE (NaN where and only where `want` is NaN), else why not."""
-    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
-        return f"the source gives {type(want).__name__}, the rewrite {type(got).__name__}"
-    why, err, scale = _max_error(want, got)
-    scale = max(1.0, scale)                        # absolute below |source| = 1, relative above
-    if not why and not err <= TOLERANCE * scale:   # NaN-safe: inf - inf gives NaN, which fails too
-        return f"max abs error {err:.3g} (tolerance {TOLERANCE * scale:.3g})"
-    return why
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,184 +726,7 @@ def _guards_hold(shape_env, subs: dict) -> bool:
     return True
 
 
-def _is_attention_op(n: fx.Node) -> bool:
-    ns = getattr(n.target, "namespace", None)
-    return ns == "attnlower" or n.target in (aten.scaled_dot_product_attention.default,
-                                             aten._scaled_dot_product_flash_attention_for_cpu.default)
-
-
 _SOURCE_RAISED = "the source region raised"
-
-
-def _constants_to_float64_cpu(module: fx.GraphModule) -> None:
-    """The float tensors a copy reads through get_attr (constants the trace lifted, e.g. BLOOM's ALiBi
-    slopes) become float64 on CPU in the copy, as its casts do; the source module keeps its own
-    (fx.GraphModule copies dotted attribute paths into fresh submodules, so nothing is shared)."""
-    for n in module.graph.nodes:
-        if n.op != "get_attr":
-            continue
-        *path, leaf = str(n.target).split(".")
-        owner = module.get_submodule(".".join(path)) if path else module
-        value = getattr(owner, leaf, None)
-        if isinstance(value, torch.Tensor) and value.dtype in FLOAT_DTYPES and (
-                value.dtype != torch.float64 or value.device.type != "cpu"):
-            setattr(owner, leaf, value.detach().to("cpu", torch.float64))
-
-
-def _to_float64_cpu(n: fx.Node) -> None:
-    """In a copied node: float casts and dtypes become float64, devices CPU, dropout p = 0."""
-    def conv(a):
-        if isinstance(a, torch.dtype) and a in FLOAT_DTYPES:
-            return torch.float64
-        if isinstance(a, torch.device):
-            return torch.device("cpu")
-        return a
-    n.args, n.kwargs = tree_map(conv, n.args), tree_map(conv, n.kwargs)
-    t = n.target
-    if t in (aten._softmax.default, aten._log_softmax.default):
-        n.args = (*n.args[:2], False)             # half_to_float: the input is float64 now
-    elif t in DROPOUTS:
-        n.args = (n.args[0], 0.0, *n.args[2:])
-    elif t in _SDPA_OUTPUTS:
-        _sdpa_to_reference(n)                     # torch's kernel is not trusted here (sdpa_reference)
-    elif _is_attention_op(n) and "dropout_p" in n.kwargs:
-        n.kwargs = {**n.kwargs, "dropout_p": 0.0}
-
-
-# --------------------------------------------------------------------------------------------
-# one dtype the validator controls
-
-def _as_float64(x):
-    """A floating tensor as float64 on CPU (itself when it already is: in-place writes stay in place),
-    inside lists, tuples and dicts too (by hand: pytree's tree_map cost 0.5 s of a 1 s GPT-2 check)."""
-    if isinstance(x, torch.Tensor):
-        if x.is_floating_point() and (x.dtype != torch.float64 or x.device.type != "cpu"):
-            return x.to("cpu", torch.float64)
-        return x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_as_float64(v) for v in x) if not hasattr(x, "_fields") else type(x)(*map(_as_float64, x))
-    if isinstance(x, dict):
-        return {k: _as_float64(v) for k, v in x.items()}
-    return x
-
-
-class _Float64Run(fx.Interpreter):
-    """Runs a copy with every floating value in float64 on CPU: the arguments of each node and its results.
-
-    The copies' casts and factory dtypes are rewritten to float64 (`_to_float64_cpu`) and the default
-    dtype is float64 while they run (`_reference_ops`), so this converts nothing on a copy that is right;
-    it is what makes that hold for every value, whatever an op does with dtypes it was not given (a
-    `full` without a dtype, a constant, a module buffer): torch's CPU SDPA with float64 q/k/v and a
-    float32 mask returns wrong numbers (`sdpa_reference`), and no op may see mixed precisions here."""
-
-    def run_node(self, n: fx.Node):
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            args, kwargs = _as_float64(args), op_contract_dtypes(n.target, _as_float64(kwargs))
-            return _as_float64(getattr(self, n.op)(n.target, args, kwargs))
-
-
-def op_contract_dtypes(target, kwargs: dict) -> dict:
-    """`kwargs` of a call of `target` with the arguments whose dtype an attnlower op's contract fixes in
-    that dtype: ALiBi slopes are float32 (docs/INTERFACES.md section 1), whatever the other inputs are. The
-    rewrite passes them as a float32 constant, so float64 -> float32 gives back exactly its values."""
-    if getattr(target, "namespace", None) == "attnlower" and isinstance(kwargs.get("alibi_slopes"), torch.Tensor):
-        return {**kwargs, "alibi_slopes": kwargs["alibi_slopes"].to(torch.float32)}
-    return kwargs
-
-
-def run_float64(module: torch.nn.Module, inputs: list):
-    """`module` (a Source / Rewrite copy, or a repro file's class of one) on `inputs`, every floating
-    value float64 on CPU (`_Float64Run`)."""
-    if not isinstance(module, fx.GraphModule):
-        module = fx.symbolic_trace(module)
-    with _reference_ops(), unset_fake_temporarily(), torch.no_grad():
-        return _Float64Run(module).run(*inputs)
-
-
-def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, outputs=0, query_positions=None):
-    """torch's `scaled_dot_product_attention` by its documented math definition, in the inputs' dtype.
-
-    The validator evaluates a source region's SDPA call with this, never with torch's kernel: on CPU
-    (torch 2.13.0) the kernel gives wrong numbers for float64 q/k/v with a float32 mask:
-
-        q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
-        mask = torch.triu(torch.full((16, 16), float("-inf")), 1)              # float32
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # off by ~2.9
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())        # right (~1e-16)
-
-    Semantics (torch's docs and its math backend): scores `q·kᵀ * scale` (scale 1/sqrt(E) by default)
-    plus the causal mask (top-left: key j hidden from query i when j > i) plus `attn_mask` (bool: False
-    hides; float: added); `enable_gqa` repeats each KV head for its group of query heads; softmax over
-    the keys, where a row whose scores are all -inf gives 0 (the math backend's `_safe_softmax`); then
-    `· v`. `query_positions` (the first-call check's sampled rows) gives each query row's position for
-    the causal mask. `outputs` > 0 returns an `outputs`-tuple (out, logsumexp, None, ...) for the op
-    forms that return one (`_scaled_dot_product_flash_attention_for_cpu`, ...).
-    """
-    if dropout_p:
-        raise ValueError(f"sdpa_reference runs without dropout, got dropout_p={dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("scaled_dot_product_attention takes attn_mask or is_causal, not both")
-    length, keys = query.size(-2), key.size(-2)
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
-        group = query.size(-3) // key.size(-3)
-        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
-    scores = (query @ key.transpose(-2, -1)) * scale
-    if is_causal:
-        rows = torch.arange(length) if query_positions is None else query_positions
-        scores = scores.masked_fill(torch.arange(keys)[None, :] > rows[:, None], float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
-    out = probs @ value
-    if not outputs:
-        return out
-    return (out, torch.logsumexp(scores, dim=-1)) + (None,) * (outputs - 2)
-
-
-_SDPA_OUTPUTS = {  # how many results each op of the SDPA family returns (0: one tensor)
-    aten.scaled_dot_product_attention.default: 0,
-    aten._scaled_dot_product_flash_attention_for_cpu.default: 2,
-    aten._scaled_dot_product_flash_attention.default: 9,
-    aten._scaled_dot_product_efficient_attention.default: 4,
-    aten._scaled_dot_product_cudnn_attention.default: 9,
-}
-
-
-def _sdpa_to_reference(n: fx.Node) -> None:
-    """Make a copied SDPA-family call a call of `sdpa_reference` with the same arguments, dropout off."""
-    a = sdpa_arguments(n)
-    outputs = _SDPA_OUTPUTS[n.target]
-    n.target = sdpa_reference
-    n.args = (a.q, a.k, a.v)
-    n.kwargs = {"attn_mask": a.mask, "is_causal": bool(a.is_causal), "scale": a.scale,
-                "enable_gqa": bool(a.enable_gqa), "outputs": outputs}
-
-
-@contextlib.contextmanager
-def _reference_ops():
-    """The attnlower ops run their plain reference on CPU float64 (ATTNLOWER_CPU_KERNELS aside),
-    on one CPU thread. On the busy 2-core dev box (2026-12-01) the default thread pool made a float64
-    [2, 4, 32, 16] @ [2, 4, 16, 32] take 12.3 ms instead of 0.12 ms, and whole checks were slower
-    at every size measured (0.96 s vs 0.36 s at 393k elements, 6.4 s vs 5.9 s at 8.4M). An idle
-    many-core host might gain from threads at the largest sizes: unmeasured."""
-    saved = os.environ.pop("ATTNLOWER_CPU_KERNELS", None)
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)        # a factory op without a dtype makes float64 too
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_default_dtype(dtype)
-        if saved is not None:
-            os.environ["ATTNLOWER_CPU_KERNELS"] = saved
 
 
 def _cloned(inputs: list) -> list:
@@ -1106,10 +832,10 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
         f.write("import base64\nimport io\n\nimport torch\nimport torch.fx\nfrom torch import device\n"
                 "from math import inf, nan  # printed graphs spell them bare\n\n"
                 "import attnlower.lowering.ops  # noqa: F401  registers torch.ops.attnlower\n"
-                "from attnlower.passes.validate import compare, run_float64, sdpa_reference\n\n"
-                "# the copies call SDPA by its math definition (validate.sdpa_reference): a leaf when traced\n"
-                "attnlower_passes_validate_sdpa_reference = sdpa_reference\n"
-                "torch.fx.wrap('attnlower_passes_validate_sdpa_reference')\n\n")
+                "from attnlower.passes.evaluate import compare, run_float64, sdpa_reference\n\n"
+                "# the copies call SDPA by its math definition (evaluate.sdpa_reference): a leaf when traced\n"
+                "attnlower_passes_evaluate_sdpa_reference = sdpa_reference\n"
+                "torch.fx.wrap('attnlower_passes_evaluate_sdpa_reference')\n\n")
         for gm in (pair.old_gm, pair.new_gm):
             f.write(gm.print_readable(print_output=False))
             f.write("\n\n")

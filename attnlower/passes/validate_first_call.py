@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .vocabulary import (BROADCASTS, CASTS, COPIES, DROPOUTS, PERMUTES, RESHAPES, SOFTMAX_OPS, SQUEEZES)
+from .evaluate import compare_scaled, reference_ops, sdpa_reference
+from .verdicts import record_first_call, refuse_by_structure
+from .vocabulary import BROADCASTS, CASTS, COPIES, DROPOUTS, PERMUTES, RESHAPES, SOFTMAX_OPS, SQUEEZES
 
 aten = torch.ops.aten
 log = logging.getLogger("attnlower")
@@ -82,7 +84,7 @@ class CannotPlan(Exception):
 class Plan:
     """One site's first-call check: the restricted evaluation planned at compile time."""
 
-    key: str                        # the pair's structural key (validate._CHECKED)
+    key: str                        # the pair's structural key (verdicts.py)
     site: str                       # "site 3 (file.py:12 in f: ...)", for messages
     index: int                      # the site's row in its graph's report
     source: fx.GraphModule          # the region, float64 on CPU (validate._Pair's Source copy)
@@ -112,9 +114,7 @@ class Plan:
     def run(self, out: torch.Tensor, boundary: list) -> str:
         """Compare the sampled elements of the op's `out` with the source's; '' when they agree, else why.
         Sets `error`, max |op - source| / max |source| over them."""
-        from .validate import _reference_ops, compare_scaled
-
-        with _reference_ops(), torch.no_grad():
+        with reference_ops(), torch.no_grad():
             want = _RestrictedRun(self).run(boundary)
             got = _restrict(out.detach(), self.restriction, {})
         keep = ~torch.isnan(want) & ~torch.isnan(got) & torch.isfinite(want)
@@ -249,8 +249,6 @@ def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
 
 def _rule(n: fx.Node, want: dict) -> tuple[dict, list]:
     """(the restriction `n` is computed with, [(input, the restriction it is read with)])."""
-    from .validate import sdpa_reference
-
     t, shape = n.target, _shape(n)
     inputs = _tensor_inputs(n)
     everything = ({}, [(x, {}) for x in inputs])
@@ -501,8 +499,6 @@ class _RestrictedRun:
         return _restrict(env[x], self.plan.needs.get((n, x), {}), have)
 
     def _node(self, n: fx.Node, env):
-        from .validate import sdpa_reference
-
         want = self.plan.demands[n]
         shape = _shape(n)
         restricted = [len(want[d]) if d in want else s for d, s in enumerate(shape)] if shape is not None else None
@@ -589,8 +585,6 @@ class FirstCallChecked:
         self._report()
         failed = [p for p in self.plans if p.failed]
         if failed:
-            from .validate import refuse_by_structure
-
             for plan in failed:
                 refuse_by_structure(plan.key, plan.failed)
             log.warning("attnlower: compiling graph %s again without the site(s) that failed the first-call "
@@ -604,8 +598,6 @@ class FirstCallChecked:
         return out
 
     def _report(self) -> None:
-        from .validate import record_first_call
-
         rows = {s.index: s for s in getattr(self.report, "sites", [])}
         for plan in self.plans:
             record_first_call(plan)

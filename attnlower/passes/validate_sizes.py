@@ -51,6 +51,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
+from .evaluate import op_contract_dtypes, score_shape, sdpa_reference
+
 aten = torch.ops.aten
 
 # The smallest size a reduced dim gets: above Dynamo's 0/1 specialization, a few key blocks of the
@@ -96,8 +98,6 @@ class Reduction:
 def reduce_pair(pair, budget: int) -> Reduction:
     """`pair` (a `validate._Pair` at static sizes) generalized over its largest sizes and instantiated at
     sizes where no tensor exceeds `budget` elements; raises CannotReduce saying why not."""
-    from .validate import score_shape   # validate imports this module
-
     old_gm, new_gm = pair.graphs()
     nodes = [n for gm in (old_gm, new_gm) for n in gm.graph.nodes]
     shapes = [tuple(v.shape) for n in nodes for v in _tensors(n.meta.get("val"))]
@@ -270,8 +270,6 @@ class _Generalizer:
     # -- the walk -----------------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, inputs: list) -> None:
         """Re-run `gm` on fake values of symbolic shape, generalizing the literals of each node."""
-        from .validate import op_contract_dtypes, score_shape, sdpa_reference
-
         env: dict[fx.Node, object] = {}
         placeholders = iter(inputs)
         for n in gm.graph.nodes:
@@ -483,7 +481,7 @@ class _Generalizer:
 
 
 def _sdpa_shape(query, key, value, attn_mask=None, outputs=0, **kwargs):
-    """What `validate.sdpa_reference` returns, as empty tensors: its output is q's shape with v's last dim
+    """What `evaluate.sdpa_reference` returns, as empty tensors: its output is q's shape with v's last dim
     (running its math on symbolic sizes cost ~0.1 s a call, and it takes no size literal to generalize).
     The broadcast of the mask against the scores is checked as the math would."""
     scores = torch.broadcast_shapes(tuple(query.shape[:-1]) + (key.shape[-2],),

@@ -8,6 +8,7 @@ import torch
 
 import attnlower
 from attnlower.passes import validate as V
+from attnlower.passes import verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,7 +22,7 @@ def _load():
 
 def test_first_call_seconds_are_read_from_a_real_verdict(monkeypatch):
     monkeypatch.setattr(V, "MAX_ELEMENTS", 100)      # over budget, and not reducible under it: the first call
-    V.clear_cache()
+    verdicts.clear_cache()
 
     def attention(q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
@@ -32,4 +33,4 @@ def test_first_call_seconds_are_read_from_a_real_verdict(monkeypatch):
     assert site.validated.startswith("first call:"), site.validated
     seconds = _load()._first_call_seconds(site.validated)
     assert 0 < seconds < 10, (seconds, site.validated)
-    V.clear_cache()
+    verdicts.clear_cache()

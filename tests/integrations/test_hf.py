@@ -275,32 +275,34 @@ def test_position_bias_joins_the_mask():
     torch.testing.assert_close(out, _eager(q, k, v, keep, 1.0, bias).transpose(1, 2))
 
 
-def test_attention_sinks_without_the_op_s_sinks_are_refused(monkeypatch):
-    """s_aux becomes the ops' `sinks` (tests/test_modern_attention_sinks.py); ops without a `sinks` argument
-    (before issue 21's op side) refuse it with the reason instead of dropping it."""
-    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: argument != "sinks")
-    q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(NotImplementedError, match="sinks"):
-        hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2))
+def test_attention_sinks_are_passed_as_the_ops_sinks(monkeypatch):
+    """s_aux becomes the ops' `sinks`, never dropped (GPT-OSS end to end: tests/test_modern_attention_sinks.py)."""
+    passed = []
+    real = attnlower.ops.flash_attention
+    monkeypatch.setattr(attnlower.ops, "flash_attention", lambda *a, **kw: passed.append(kw.get("sinks")) or real(*a, **kw))
+    q, sinks = torch.randn(1, 2, 3, 8), torch.zeros(2)
+    hf.attention_forward(_Module(), q, q, q, None, s_aux=sinks)
+    assert len(passed) == 1 and passed[0] is sinks
 
 
-def test_packed_rows_without_the_op_s_doc_ids_keep_the_sdpa_mask(monkeypatch):
-    """Without `doc_ids` in the ops, the mask builder is sdpa's (packed rows exact as a dense bias) and the
-    attention function passes no documents."""
-    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: argument != "doc_ids")
+def test_packed_rows_build_no_mask_and_pass_documents():
+    """Where HF's flash path builds no mask (no padding mask, Tq == Tk from position 0) the mask builder builds none,
+    and the attention function splits the row into documents at the restarts of its position_ids; anything else
+    gets sdpa's mask."""
     calls = []
     build = hf.mask_builder(lambda **kw: calls.append(kw) or "sdpa mask")
-    assert build(batch_size=1, q_length=5, kv_length=5) == "sdpa mask" and calls
-    assert hf._documents({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])}, 5) is None
+    assert build(batch_size=1, q_length=5, kv_length=5) is None and not calls
+    assert build(batch_size=1, q_length=1, kv_length=5, q_offset=4) == "sdpa mask" and calls
+    doc_ids = hf._documents({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])}, 5)
+    assert doc_ids is not None and doc_ids.tolist() == [[0, 0, 1, 1, 1]], doc_ids
 
 
 
-def test_continuous_batching_with_sinks_is_refused(monkeypatch):
+def test_continuous_batching_with_sinks_is_refused():
     """transformers' continuous batching reads its paged cache through a path that takes no sinks yet: s_aux there
-    raises instead of being dropped, also once the ops take sinks."""
+    raises instead of being dropped."""
     from attnlower.integrations import continuous_batching
 
-    monkeypatch.setattr(hf, "_ops_take", lambda op, argument: True)
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match="continuous batching.*sinks"):
         hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2), **{continuous_batching.KV_KWARG: object()})

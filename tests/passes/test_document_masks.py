@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlower.passes import analyze as analyze_module
 from attnlower.passes.analyze import analyze_site
 from attnlower.target import Target
 from helpers import found_sites
@@ -116,13 +115,8 @@ def test_what_is_not_document_masking_stays_a_data_mask(fn, extra):
     assert mask.kind == "tensor" and mask.documents is None, mask
 
 
-def test_the_analyzer_passes_documents_only_when_the_op_takes_them(monkeypatch):
+def test_the_analyzer_passes_documents():
     site, mask = mask_of(restarting, *qkv(), positions())
-    for takes in (True, False):
-        monkeypatch.setattr(analyze_module, "op_takes", lambda op, argument, takes=takes: takes)
-        d = analyze_site(site.match, Target("cpu"), ("flash_attention", "sliding_window_attention"), site.mask)
-        if takes:
-            assert (d.spec.documents, d.spec.causal, d.bias.kind) == (True, True, "none"), d.reason
-            assert "passed as doc_ids" in d.reason
-        else:   # until the op side lands: exact as a dense bias, and the report says why
-            assert (d.spec.documents, d.bias.kind) == (False, "bool") and "takes no `doc_ids`" in d.reason, d.reason
+    d = analyze_site(site.match, Target("cpu"), ("flash_attention", "sliding_window_attention"), site.mask)
+    assert (d.spec.documents, d.spec.causal, d.bias.kind) == (True, True, "none"), d.reason
+    assert "passed as doc_ids" in d.reason

@@ -130,26 +130,19 @@ def test_openai_s_head_split_folds_the_batch_into_the_heads():
     assert (site.match.batch, site.match.q_heads, site.match.kv_heads) == (1, 4, 2)
 
 
-def test_the_analyzer_passes_sinks_only_when_the_op_takes_them(monkeypatch):
+def test_the_analyzer_passes_sinks():
     (site,) = found_sites(concat, *inputs(), last="classify_masks")
-    for takes in (True, False):
-        monkeypatch.setattr(analyze_module, "op_takes", lambda op, argument, takes=takes: takes)
-        if takes:
-            d = analyze_site(site.match, Target("cpu"), ("flash_attention",), site.mask)
-            assert d.spec.sinks and "per-head sinks" in d.reason, d.reason
-        else:
-            with pytest.raises(analyze_module.Refused, match="takes no `sinks` argument yet"):
-                analyze_site(site.match, Target("cpu"), ("flash_attention",), site.mask)
+    d = analyze_site(site.match, Target("cpu"), ("flash_attention",), site.mask)
+    assert d.spec.sinks and "per-head sinks" in d.reason, d.reason
 
 
-def test_a_rescaled_output_of_a_softmax_that_can_empty_a_row_is_refused(monkeypatch):
+def test_a_rescaled_output_of_a_softmax_that_can_empty_a_row_is_refused():
     """softmax of a fully masked row is NaN and stays NaN after the rescale; the op with sinks gives 0 there."""
     def padded(q, k, v, sinks, keep):
         s = (q @ k.mT).masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         return (s.softmax(-1) @ v) * torch.exp(lse - torch.logaddexp(lse, sinks.view(1, -1, 1))).unsqueeze(-1)
 
-    monkeypatch.setattr(analyze_module, "op_takes", lambda op, argument: True)
     keep = torch.ones(B, 1, 1, T, dtype=torch.bool)
     (site,) = found_sites(padded, *inputs(), keep, last="classify_masks")
     with pytest.raises(analyze_module.Refused, match="eager gives NaN there"):

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import attnlower
+from attnlower.passes import evaluate as E
 from attnlower.passes import validate as V
+from attnlower.passes import verdicts
 from attnlower.passes import analyze as analyze_stage
 from attnlower.passes import kv
 
@@ -31,9 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     # verdicts are cached per process by structure: each test checks its own sites
-    V.clear_cache()
+    verdicts.clear_cache()
     yield
-    V.clear_cache()
+    verdicts.clear_cache()
 
 
 def _break_match(monkeypatch, edit):
@@ -124,7 +126,9 @@ def test_flipped_mask_polarity_is_refused(monkeypatch, tmp_path):
     def flip(m):
         m.terms = [dataclasses.replace(t, kind={"keep": "fill", "fill": "keep"}.get(t.kind, t.kind)) for t in m.terms]
     _break_match(monkeypatch, flip)
-    _assert_refused(*_compile(M.sdpa("bool_mask"), repro_dir=str(tmp_path)), tmp_path, what="")
+    (site,) = _assert_refused(*_compile(M.sdpa("bool_mask"), repro_dir=str(tmp_path)), tmp_path, what="")
+    shown = _run_repro(site.validation_repro)      # the source's SDPA runs as evaluate.sdpa_reference there
+    assert shown and "the two agree" not in shown, shown
 
 
 def test_flipped_causal_mask_polarity_in_a_real_model_is_refused(monkeypatch, tmp_path):
@@ -444,16 +448,6 @@ def test_a_cached_failure_refuses_every_identical_layer(monkeypatch, tmp_path):
     assert len(sites) == M.LAYERS
 
 
-def test_compare_rules():
-    a = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")]], dtype=torch.float64)
-    assert V.compare(a, a.clone()) == ""
-    assert "NaN pattern differs" in V.compare(a, torch.nan_to_num(a))
-    assert "max abs error 0.5" in V.compare(a, a + torch.tensor([[0.0, 0.5], [0.0, 0.0]], dtype=torch.float64))
-    assert "shape" in V.compare(a, a[:1])
-    inf = torch.tensor([float("inf")], dtype=torch.float64)
-    assert V.compare(inf, inf.clone()) == "" and V.compare(inf, -inf) != ""
-
-
 # ---- one dtype the validator controls (issue 19.3) --------------------------------------------------
 
 class _MhaWithCausalFloatMask(torch.nn.Module):
@@ -480,12 +474,12 @@ def test_mha_float_causal_mask_is_fused_with_parity(monkeypatch):
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double())    # right
 
     Now every floating value of a copy is float64 (checked below on every node the copies run) and the
-    source's SDPA is evaluated by its math definition (`validate.sdpa_reference`)."""
+    source's SDPA is evaluated by its math definition (`evaluate.sdpa_reference`)."""
     torch.manual_seed(0)
     model = _MhaWithCausalFloatMask().eval()
     x = torch.randn(M.B, M.S, M.HIDDEN)
     seen = []
-    run_node = V._Float64Run.run_node
+    run_node = E._Float64Run.run_node
 
     def recording(self, n):
         out = run_node(self, n)
@@ -494,7 +488,7 @@ def test_mha_float_causal_mask_is_fused_with_parity(monkeypatch):
                 seen.append((n.name, t.dtype))
         return out
 
-    monkeypatch.setattr(V._Float64Run, "run_node", recording)
+    monkeypatch.setattr(E._Float64Run, "run_node", recording)
     reports, got, want = _compile(M.Case(model, M.Inputs((x,)), M.expect(1)))
     (site,) = _sites(reports)
     assert site.rewritten, site.reason
@@ -502,49 +496,6 @@ def test_mha_float_causal_mask_is_fused_with_parity(monkeypatch):
     assert _max_rel(got, want) < 1e-5
     assert seen and all(dtype == torch.float64 for _, dtype in seen), [s for s in seen if s[1] != torch.float64]
     assert any(name.startswith("full") for name, _ in seen), "the mask's full() ran in the copy, in float64"
-
-
-def test_torch_cpu_sdpa_with_a_float32_mask_on_float64_inputs_is_what_the_reference_avoids():
-    """The torch behaviour behind the MHA refusal, kept as a test: if a torch release fixes it, this
-    fails and says the workaround's reason is gone (the math reference stays right either way)."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
-    mask = torch.triu(torch.full((16, 16), float("-inf")), 1)
-    right = V.sdpa_reference(q, k, v, attn_mask=mask.double())
-    assert (F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double()) - right).abs().max() < 1e-12
-    assert (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - right).abs().max() > 0.1
-
-
-@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "bool-empty-rows", "float-ninf-rows",
-                                  "scale", "gqa", "causal-tq-lt-tk", "causal-tq-gt-tk"])
-def test_sdpa_reference_is_torch_sdpa_where_torch_is_right(kind):
-    """`sdpa_reference` against torch's own SDPA where every input has one dtype (float64): the math
-    definition the validator uses is torch's semantics, fully masked rows (0) included."""
-    g = torch.Generator().manual_seed(0)
-    tq, tk = {"causal-tq-lt-tk": (5, 9), "causal-tq-gt-tk": (9, 5)}.get(kind, (7, 7))
-    hq, hkv = (4, 2) if kind == "gqa" else (4, 4)
-    q = torch.randn(2, hq, tq, 8, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, hkv, tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    kwargs = {}
-    if kind.startswith("causal"):
-        kwargs["is_causal"] = True
-    elif kind.startswith("bool"):
-        mask = torch.rand(2, 1, tq, tk, generator=g) > 0.4
-        if kind == "bool-empty-rows":
-            mask[:, :, 2] = False
-        kwargs["attn_mask"] = mask
-    elif kind.startswith("float"):
-        mask = torch.randn(2, 1, tq, tk, generator=g, dtype=torch.float64)
-        if kind == "float-ninf-rows":
-            mask[:, :, 3] = float("-inf")
-        kwargs["attn_mask"] = mask
-    elif kind == "scale":
-        kwargs["scale"] = 0.37
-    elif kind == "gqa":
-        kwargs["enable_gqa"] = True
-    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    got = V.sdpa_reference(q, k, v, **kwargs)
-    assert V.compare(want, got) == "", V.compare(want, got)
 
 
 # ---- boundary inputs drawn from what makes them (issue 19.3) -----------------------------------------
@@ -629,14 +580,14 @@ def test_hf_bloom_alibi_is_drawn_from_what_its_producer_can_give(monkeypatch):
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[0, :3] = 0
     biases = []
-    run_node = V._Float64Run.run_node
+    run_node = E._Float64Run.run_node
 
     def recording(self, n):
         if n.target is torch.ops.aten.baddbmm.default:
             biases.append(self.env[n.args[0]].clone())
         return run_node(self, n)
 
-    monkeypatch.setattr(V._Float64Run, "run_node", recording)
+    monkeypatch.setattr(E._Float64Run, "run_node", recording)
 
     def run(ids, mask):
         return net(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -19,7 +19,9 @@ import torch
 
 import attnlower
 from attnlower.compiler import backend
+from attnlower.passes import evaluate as E
 from attnlower.passes import validate as V
+from attnlower.passes import verdicts
 from attnlower.passes import validate_first_call as VF
 from attnlower.passes import validate_sizes as VS
 
@@ -33,9 +35,9 @@ T, WINDOW = 2048, 1500     # a band wider than any size it can be reduced to (2 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    V.clear_cache()
+    verdicts.clear_cache()
     yield
-    V.clear_cache()
+    verdicts.clear_cache()
 
 
 def _qkv(t: int = T, b: int = 1, h: int = 2, d: int = 16):
@@ -230,11 +232,11 @@ def test_restricted_evaluation_is_the_full_one_at_the_sampled_elements(case):
     assert plan.restriction, "some dim of the output is sampled"
     g = torch.Generator().manual_seed(1)
     inputs = [V._draw(i, 0, g) for i in pair.inputs]
-    full = V.run_float64(plan.source, [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
-    with V._reference_ops(), torch.no_grad():
+    full = E.run_float64(plan.source, [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+    with E.reference_ops(), torch.no_grad():
         sampled = VF._RestrictedRun(plan).run(inputs)
     want = VF._restrict(full, plan.restriction, {})
-    assert V.compare(want, sampled) == "", V.compare(want, sampled)
+    assert E.compare(want, sampled) == "", E.compare(want, sampled)
     assert plan.elements < sum(math.prod(v.shape) for n in plan.source.graph.nodes
                                for v in [n.meta.get("val")] if isinstance(v, torch.Tensor)) or \
         plan.restriction, "the check does less than the region"

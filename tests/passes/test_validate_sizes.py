@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import attnlower
 from attnlower.passes import validate as V
+from attnlower.passes import verdicts
 from attnlower.passes import validate_sizes as VS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +30,9 @@ T = 2048          # 1 x 2 x 2048 x 2048 scores: 4x validate.MAX_ELEMENTS
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    V.clear_cache()
+    verdicts.clear_cache()
     yield
-    V.clear_cache()
+    verdicts.clear_cache()
 
 
 def _qkv(t: int = T, b: int = 1, h: int = 2, d: int = 16):

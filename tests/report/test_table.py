@@ -12,15 +12,16 @@ import torch
 import attnlower
 from attnlower.passes import kv
 from attnlower.passes import validate as V
+from attnlower.passes import verdicts
 from attnlower.report.dump import site_table_markdown
 from attnlower.report.records import CompileReport, Site
 
 
 @pytest.fixture(autouse=True)
 def _fresh_validation_cache():
-    V.clear_cache()   # verdicts are cached per process by structure: each test checks its own sites
+    verdicts.clear_cache()   # verdicts are cached per process by structure: each test checks its own sites
     yield
-    V.clear_cache()
+    verdicts.clear_cache()
 
 
 def _causal_scores(q, k, fill=float("-inf")):
