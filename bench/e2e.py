@@ -308,7 +308,7 @@ def format_row(row) -> str:
     return line
 
 
-def chart(results, path: Path) -> None:
+def chart(results, path: Path, title: str | None = None) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -331,7 +331,7 @@ def chart(results, path: Path) -> None:
         ax.bar([j + (i - 2) * width for j in range(len(rows))], values, width, label=mode)
     ax.set_xticks(range(len(rows)), [r["row"] for r in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(f"speed vs {base} (x)")
-    ax.set_title(f"attnlower end to end ({torch.cuda.get_device_name()}, torch {torch.__version__})")
+    ax.set_title(title or f"attnlower end to end ({torch.cuda.get_device_name()}, torch {torch.__version__})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -365,8 +365,9 @@ def main(argv=None) -> int:
             ROWS[name](args, results)
         except Exception as error:  # noqa: BLE001 - e.g. a transformers API change: report, go on
             print(f"row group {name} failed: {type(error).__name__}: {error}", flush=True)
+        # after every group: a run cut by its time limit keeps the rows it finished
+        Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     print(f"total {time.perf_counter() - t0:.0f} s")
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     chart(results, Path(args.out + ".png"))
     return 0
 
