@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--agree-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request count may take")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold each implementation's first tokens to a plain forward of each prompt (`first ok`)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="float32 (TF32 off) checks agreement: bf16's rounding splits greedy paths of a random model")
     p.add_argument("--smoke", action="store_true",
@@ -171,9 +173,23 @@ def agreement(ours: list[list[int]], reference: list[list[int]], prefix: int) ->
     return same / max(len(reference), 1)
 
 
+def dense_first_tokens(model, requests, impl: str = "sdpa") -> list[int]:
+    """Each request's first generated token from a plain forward of its prompt alone (no continuous batching, no
+    paged cache): the ground truth every implementation's first token is held to (`first ok` in the table)."""
+    model.set_attn_implementation(impl)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [int(model(input_ids=torch.tensor([prompt], device=device)).logits[0, -1].argmax())
+                for prompt, _ in requests]
+
+
+def first_token_ok(tokens: list[list[int]], truth: list[int]) -> float:
+    return sum(bool(t) and t[0] == want for t, want in zip(tokens, truth)) / max(len(truth), 1)
+
+
 def table(results: dict, args) -> str:
     lines = [f"{'implementation':<14} {'graphs':<10} {'requests':>8} {'gen tokens':>10} {'seconds':>8} "
-             f"{'tokens/s':>10} {'vs best HF':>10} {'agree':>6}"]
+             f"{'tokens/s':>10} {'vs best HF':>10} {'agree':>6} {'first ok':>8}"]
     for count in args.requests:
         hf_best = max((r["runs"][count]["tokens_per_s"] for name, r in results.items()
                        if name != "attnlower" and "error" not in r and count in r["runs"]), default=None)
@@ -183,10 +199,10 @@ def table(results: dict, args) -> str:
                 continue
             run = r["runs"][count]
             ratio = f"{run['tokens_per_s'] / hf_best:.2f}x" if hf_best else "-"
-            agree = run.get("agree")
+            agree, first = run.get("agree"), run.get("first_ok")
             lines.append(f"{name:<14} {str(r['graphs']):<10} {count:>8} {run['generated_tokens']:>10} "
                          f"{run['seconds']:>8.2f} {run['tokens_per_s']:>10.1f} {ratio:>10} "
-                         f"{'-' if agree is None else f'{agree:.2f}':>6}")
+                         f"{'-' if agree is None else f'{agree:.2f}':>6} {'-' if first is None else f'{first:.2f}':>8}")
     return "\n".join(lines)
 
 
@@ -218,10 +234,13 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     reference = results.get("sdpa", {}).get("runs", {})
+    truth = {count: dense_first_tokens(model, requests) for count, requests in batches.items()} if args.truth else {}
     for r in results.values():
         for count, run in r.get("runs", {}).items():
             if count in reference:
                 run["agree"] = agreement(run["tokens"], reference[count]["tokens"], args.agree_tokens)
+            if count in truth:
+                run["first_ok"] = first_token_ok(run["tokens"], truth[count])
     print(table(results, args))
     out = os.environ.get("OUT")
     if out:
