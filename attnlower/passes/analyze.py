@@ -251,11 +251,15 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms, speculated = [], info.speculated_from
-        elif fill is not None and info.kind in ("causal+padding", "band+padding"):
+        elif (info.kind in ("causal+padding", "band+padding") and (fill is not None or _masks_with_minus_inf(terms))
+              and not info.speculated_from):
             # the structure lets the kernel skip key blocks; the mask stays the keep-mask (its hidden keys include
-            # the structure's), every key it hides takes the fill
+            # the structure's). Exact where a hidden key weighs the same visited or skipped: -inf (nothing), or the
+            # fill (the op's fill mode adds the skipped blocks). Not for a finite masking value (finfo.min as a
+            # float bias): a row with every key hidden averages all Tk keys there, the skipped ones too. Not from a
+            # buffer's value: the op's device check (`verified`) would drop the padding with the bias; the bias
+            # alone reads the buffer each call, exact whatever is written to it
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
-            speculated = info.speculated_from
         elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
             # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
             doc_op = "sliding_window_attention" if info.window else "flash_attention"
@@ -297,6 +301,11 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
            + _documents_note(documents) + documents_note + _head_scale_note(m))
     speculated += _fill_buffers(m, speculated)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
+
+
+def _masks_with_minus_inf(terms) -> bool:
+    """Every term hides keys with -inf (a keep / fill mask of -inf): a hidden key weighs exactly 0."""
+    return bool(terms) and all(t.kind in ("fill", "keep") and t.value == float("-inf") for t in terms)
 
 
 def _fill_buffers(m: AttentionMatch, already: tuple) -> tuple:
