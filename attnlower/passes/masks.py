@@ -35,7 +35,7 @@ from .layout import NotAView, lift_to_problem
 from .site import AlibiInfo, Context, MaskInfo
 from .buffers import describe_guard, static_value
 from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
-from .visibility import MASKED, Visibility
+from .visibility import Visibility, masking_threshold
 from .vocabulary import (BROADCASTS, value_of, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          size_read_index, sizes_equal)
 
@@ -500,16 +500,6 @@ def _dtype_of(value: Any) -> torch.dtype | None:
     return val.dtype if val is not None else None
 
 
-def _additive_threshold(dtypes: Iterable[torch.dtype]) -> float:
-    """Largest value still read as masking: -1e30, or finfo(dtype).min when a dtype on the path is
-    coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
-    threshold = MASKED
-    for dtype in dtypes:
-        if dtype is not None and dtype.is_floating_point:
-            threshold = max(threshold, torch.finfo(dtype).min)
-    return threshold
-
-
 def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _GraphFacts) -> bool:
     """True when `value` is a constant that masks under `polarity` (False for keep, True for fill,
     -inf / finfo.min for additive): the branch of a `where` / the fill of a `masked_fill`."""
@@ -520,7 +510,7 @@ def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _Grap
         return constant == 0
     if polarity == "fill":
         return constant != 0
-    masks = constant == -math.inf or constant <= _additive_threshold(dtypes | {_dtype_of(value)})
+    masks = constant == -math.inf or constant <= masking_threshold(dtypes | {_dtype_of(value)})
     if masks and constant != -math.inf:
         facts.finite_fills.add(constant)
     return masks
@@ -845,7 +835,7 @@ def _visibility(value: torch.Tensor, factor: _Factor, facts: _GraphFacts | None 
         raise _Refusal("a bool tensor is added to the scores: a 0/1 bias, not a mask")
     value = value if value.is_floating_point() else value.to(torch.float64)
     visible = value == 0
-    masked = (value == -math.inf) | (value <= _additive_threshold(factor.dtypes | {value.dtype}))
+    masked = (value == -math.inf) | (value <= masking_threshold(factor.dtypes | {value.dtype}))
     other = ~(visible | masked)
     if facts is not None and bool((masked & (value != -math.inf)).any()):
         facts.finite_fills.add(float(value[masked & (value != -math.inf)].max()))
