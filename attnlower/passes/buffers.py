@@ -179,7 +179,8 @@ def thaw(gm: fx.GraphModule) -> int:
         if constant.users:
             constant.replace_all_uses_with(node)
             thawed += 1
-        gm.graph.erase_node(constant)
+        if not constant._erased:       # an unread constant is gone already (dead-code elimination)
+            gm.graph.erase_node(constant)
         if hasattr(gm, constant.target):
             delattr(gm, constant.target)
         del node.meta["attnlower_frozen"]

@@ -13,6 +13,8 @@ from attnlower.passes.canonicalize import to_aten
 from attnlower.passes.masks import LENGTH_KINDS, classify_length_mask, classify_mask
 from attnlower.passes.site import MaskInfo
 
+import spellings_issue22 as S
+
 aten = torch.ops.aten
 NEG = torch.finfo(torch.float32).min
 
@@ -454,7 +456,6 @@ class KeyPaddingDecoder(torch.nn.Module):
 def assert_causal_and_padding(sites):
     """The report proves causal+padding, and the op skips the blocks above the diagonal: `causal=True`, with
     the mask as its bool bias (the padding)."""
-    import spellings_issue22 as S
     S.assert_site(S.only(sites), "flash_attention", mask="causal+padding", causal=True, bias_kind="bool")
 
 
@@ -462,7 +463,6 @@ def assert_causal_and_padding(sites):
                          + [("index_none", "inductor")])
 def test_key_padding_under_the_head_view_compiles_to_causal(insert, inner):
     """Left padding: the first queries of row 0 see only pad keys, NaN in eager and in the op (empty rows)."""
-    import spellings_issue22 as S
     model = KeyPaddingDecoder(insert).eval()
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
     _, sites = S.check_forward(model, x, left_padded(2, 37), inner=inner)
@@ -471,7 +471,6 @@ def test_key_padding_under_the_head_view_compiles_to_causal(insert, inner):
 
 def test_key_padding_under_the_head_view_gradients():
     """Right padding (as for training): every query keeps key 0, the gradients are finite and equal eager's."""
-    import spellings_issue22 as S
     model = KeyPaddingDecoder("unsqueeze").train()
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     attention_mask = torch.ones(2, 37, dtype=torch.long)
