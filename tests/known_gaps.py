@@ -6,24 +6,6 @@ Keys are test node ids (file::test[params]) relative to the repository root; a k
 covers every parametrization of the test.
 """
 
-MASK_FACTORS_UNDER_AN_UNSQUEEZE = (
-    "issue 22 class 2: the Annotated decoder's `(tgt != pad).unsqueeze(-2) & subsequent_mask(T)`, then "
-    "`.unsqueeze(1)` for the heads, fuses exactly with the op's fill mode (bool keep-mask + fill -1e9; forward and "
-    "gradients equal eager), but masks.py splits a conjunction only through right-aligned views, so under the middle "
-    "unsqueeze it is one [B, 1, T, T] data factor: kind `tensor`, not `causal+padding`, and no block above the "
-    "diagonal is skipped")
-DATA_ALIAS_BLIND_SPOT = ("issue 22 class 1: a buffer written through .data (or a NumPy / DLPack alias) "
-                         "changes neither its _version nor its identity, so the backend's guard does not see "
-                         "it; the ops take a device-side `verified` flag now (opsfeat), but the pass side does not "
-                         "emit it yet: the rewrite must pass the buffer mask as `bias` with `verified = (slice == "
-                         "proven pattern).all()` computed in the graph (docs/design/issue22.md, class 1 point 5)")
-
 KNOWN_GAPS = {
     # ---- earlier issues
-    "tests/passes/test_spelling_class_buffer_masks.py::test_nanogpt_buffer_written_through_data_after_compiling":
-        DATA_ALIAS_BLIND_SPOT,
-    "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_causal_and_padding":
-        MASK_FACTORS_UNDER_AN_UNSQUEEZE,
-    "tests/passes/test_spelling_class_finite_fills.py::test_annotated_decoder_gradients":
-        MASK_FACTORS_UNDER_AN_UNSQUEEZE,
 }

@@ -119,7 +119,7 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
            f"read in place, no gather" + (f"; lengths from {seq_lens.name}: {mask.reason}" if seq_lens is not None
                                           else "; every gathered key visible"))
-    why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m)
+    why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m) + _device_check_note(mask.speculated_from, None)
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens),
                     speculated=mask.speculated_from + _fill_buffers(m, mask.speculated_from)), ""
 
@@ -211,7 +211,8 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         if buffers:
             from .buffers import describe_guard
             fill_note += (f" (the fill read from the value of buffer `{buffers[0].name}`, "
-                          f"{describe_guard(buffers[0])})")
+                          f"{describe_guard(buffers[0])}; a write through its `.data` or a NumPy alias is not seen: "
+                          "the op takes the value, not the buffer)")
     if terms and classified is not None:
         t = terms[0]
         info = classified
@@ -228,11 +229,15 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         elif pure and diagonal_visible:
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
             terms, speculated = [], info.speculated_from
-        elif fill is not None and info.kind in ("causal+padding", "band+padding"):
+        elif (info.kind in ("causal+padding", "band+padding") and (fill is not None or _masks_with_minus_inf(terms))
+              and not info.speculated_from):
             # the structure lets the kernel skip key blocks; the mask stays the keep-mask (its hidden keys include
-            # the structure's), every key it hides takes the fill
+            # the structure's). Exact where a hidden key weighs the same visited or skipped: -inf (nothing), or the
+            # fill (the op's fill mode adds the skipped blocks). Not for a finite masking value (finfo.min as a
+            # float bias): a row with every key hidden averages all Tk keys there, the skipped ones too. Not from a
+            # buffer's value: the op's device check (`verified`) would drop the padding with the bias; the bias
+            # alone reads the buffer each call, exact whatever is written to it
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
-            speculated = info.speculated_from
         elif info.kind in DOCUMENT_KINDS and bool(m.q_len <= m.k_len):
             # packed sequences: the op's document mode (doc_ids), its own causal / window within documents
             causal, bottom_right, window = info.causal, info.bottom_right, info.window
@@ -244,6 +249,14 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         as_bool = (fill is not None
                    or len(terms) == 1 and terms[0].kind in ("fill", "keep") and terms[0].value == float("-inf"))
         bias = BiasPlan(kind="bool" if as_bool else "float", terms=terms)
+    fallback = None
+    if speculated and not terms and documents is None:
+        # the structure (or ALiBi) was proven from a buffer's value: the host guard recompiles on a change it sees,
+        # the op checks the value on the device each call for the writes it does not see (`.data`, NumPy aliases)
+        fallback, fill = _fallback_bias(m.terms, finite, fill)
+        if fallback is not None and m.sinks is not None and m.sinks.form == "rescale" and not m.safe_softmax \
+                and fill is None:
+            fallback = None     # the fallback can leave a row empty: NaN in eager, 0 under the sinks (refused below)
 
     op = "sliding_window_attention" if window > 0 else "flash_attention"
     if op not in allowed_ops:
@@ -255,18 +268,54 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
     # what the source gives a row with no visible key: NaN (eager softmax) or 0; with sinks such a row is empty
     # only when its sink is -inf (the op gives NaN there under empty_rows_nan, as eager's 0 / 0), else 0 for both
     # (in fill mode no row is empty: a row with every key masked averages them)
-    empty_rows_nan = bool(bias.kind != "none" and not m.safe_softmax and fill is None)
+    empty_rows_nan = bool((bias.kind != "none" or fallback is not None) and not m.safe_softmax and fill is None)
     spec = AttentionSpec(
         op=op, q_heads=m.q_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=str(dtype).replace("torch.", ""),
         causal=causal, bottom_right=bottom_right, window=window, mask_kind=mask.kind, bias_kind=bias.kind,
         softcap=m.softcap, scale=m.scale, dropout_p=m.dropout_p, empty_rows_nan=empty_rows_nan,
         alibi=alibi_used is not None, sinks=m.sinks is not None, documents=documents is not None,
-        fill=fill, target=target.describe(),
+        fill=fill, verified=fallback is not None, target=target.describe(),
     )
-    why = (_why(spec, mask) + fill_note + _lift_note(bias.terms, m) + paged_note + _split_note(m) + _sinks_note(m)
-           + _documents_note(documents) + _head_scale_note(m))
+    why = (_why(spec, mask) + _device_check_note(speculated, fallback) + fill_note + _lift_note(bias.terms, m)
+           + paged_note + _split_note(m) + _sinks_note(m) + _documents_note(documents) + _head_scale_note(m))
     speculated += _fill_buffers(m, speculated)
-    return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used)
+    return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used,
+                    fallback=fallback)
+
+
+def _fallback_bias(terms: list[ScoreTerm], finite: list[ScoreTerm], fill: float | None
+                   ) -> tuple[BiasPlan | None, float | None]:
+    """The source's mask terms as the op's `bias` where the device check finds the buffer changed, and the fill
+    both calls then take: (None, fill) when the terms are not one bias the op computes exactly (two finite fills,
+    or one beside an additive term), and the host guard alone stands.
+
+    A finite fill is the op's fill mode on both calls (also where it was proven -inf masking for the structure:
+    the proof does not hold for what the buffer now holds, and fill mode computes the structure exactly too);
+    otherwise a bool keep-mask for -inf masks, else the terms summed as a float bias (-inf, or <= -1e30: masked)."""
+    if finite:
+        try:
+            value = _fill_mode_value(terms, finite, "the fallback")
+        except Refused:
+            return None, fill
+        return BiasPlan(kind="bool", terms=list(terms)), value
+    return BiasPlan(kind="bool" if _masks_with_minus_inf(terms) else "float", terms=list(terms)), fill
+
+
+def _device_check_note(speculated: tuple, fallback: BiasPlan | None) -> str:
+    """How the structure read off a buffer stays sound, in the report's words."""
+    if not speculated:
+        return ""
+    if fallback is None:
+        return "; a write through the buffer's `.data` or a NumPy alias is not seen"
+    # the check reads the mask's [Tq, Tk] slice once per call (buffers.py)
+    return ("; checked on the device each call as well (the op's `verified`): a write the guard does not see "
+            "(through `.data`, a NumPy alias) makes the op apply the source's mask as a dense bias, every key block "
+            "visited")
+
+
+def _masks_with_minus_inf(terms) -> bool:
+    """Every term hides keys with -inf (a keep / fill mask of -inf): a hidden key weighs exactly 0."""
+    return bool(terms) and all(t.kind in ("fill", "keep") and t.value == float("-inf") for t in terms)
 
 
 def _fill_buffers(m: AttentionMatch, already: tuple) -> tuple:

@@ -9,10 +9,15 @@ with no recompile (docs/design/issue22.md, class 1). A structure proven from suc
 The guard this module installs, through the Dynamo guards of the frame being compiled: the tensor's
 identity (`ID_MATCH`: reassigning the attribute recompiles), its version counter (`_version`: every
 in-place op bumps it, `load_state_dict` included) and its data pointer (`t.data = other`). A change to
-any of them recompiles the frame and the passes prove again from the new value. Blind spots (stated in
-the report and the design note): writes that bypass the version counter, i.e. in place through
-`t.data` (`model.bias.data.fill_(0)`), through a NumPy / DLPack alias, or by a kernel writing the raw
-pointer. Tensors made under `inference_mode` have no version counter: they are never speculated on.
+any of them recompiles the frame and the passes prove again from the new value. Blind spots: writes that
+bypass the version counter, i.e. in place through `t.data` (`model.bias.data.fill_(0)`), through a NumPy /
+DLPack alias, or by a kernel writing the raw pointer. Where the op computes a structure proven from the buffer
+(causal, a band, ALiBi) the rewrite closes them on the device: the op takes the source's mask as its `bias` and
+`verified = (mask == the proven pattern).all()`, computed in the graph each call from the buffer itself (one
+read of the mask's [Tq, Tk] slice, no host sync); False makes the op apply the mask densely (docs/INTERFACES.md,
+`verified`). A value the op takes as a number (a fill read from a one-element buffer) stays behind the host
+guard alone, as does the paged op (no `verified`); the report says so. Tensors made under `inference_mode` have
+no version counter: they are never speculated on.
 
 A tensor that changes after a graph relied on it is not speculated on again (its next compile reads it
 as data, with no guard): a buffer written between calls costs one recompile, not one per call.
@@ -21,7 +26,9 @@ Only what the guard covers is offered: a placeholder that Dynamo marked as a mod
 (`_dynamo_static_input_type`), not a parameter, not requiring grad, never written by the graph itself,
 compiled inside a Dynamo frame. `freeze` then replaces the graph's reads of it by a graph constant
 (`_tensor_constant_attnlower_*`, the same tensor object: no copy), which is what the guarded graph
-computes, so translation validation checks the rewrite at the buffer's real value.
+computes, so translation validation checks the rewrite at the buffer's real value. After validation, `thaw`
+gives the reads that remain (the device check and its fallback bias) back to the placeholder: an input,
+read on every call, which Inductor neither folds nor has to trace as a real tensor.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "describe_guard"]
+__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "thaw", "describe_guard"]
 
 STATIC_INPUT = "attnlower_static_input"   # placeholder meta key: the StaticInput of a module tensor
 # The module tensors a compiled graph relies on, with the version it relied on. A tensor that changed after
@@ -125,9 +132,8 @@ def _written_by_graph(node: fx.Node) -> bool:
 
 
 def describe_guard(node: fx.Node) -> str:
-    """The guard in the report's words."""
-    return (f"guarded: a change to `{node.name}` (in place, or a new tensor) recompiles; a write through "
-            "its `.data` or a NumPy alias is not seen")
+    """The host guard in the report's words (what it does not see: the analyzer's note, `verified` or not)."""
+    return f"guarded: a change to `{node.name}` (in place, or a new tensor) recompiles"
 
 
 def freeze(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -158,6 +164,27 @@ def freeze(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     node.replace_all_uses_with(constant)
     node.meta["attnlower_frozen"] = constant
     return constant
+
+
+def thaw(gm: fx.GraphModule) -> int:
+    """Where the graph still reads a frozen buffer (the op's `verified` check and fallback bias read it each
+    call), read it from its placeholder again: the same tensor (the guard matches its identity), now an input,
+    which Inductor reads on every call (a constant it would fold, or trace as data it cannot fake). Run after
+    validation, which checked the graph at the constant's value. Returns how many buffers it gave back."""
+    thawed = 0
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        constant = node.meta.get("attnlower_frozen")
+        if constant is None or constant.graph is not gm.graph:
+            continue
+        if constant.users:
+            constant.replace_all_uses_with(node)
+            thawed += 1
+        if not constant._erased:       # an unread constant is gone already (dead-code elimination)
+            gm.graph.erase_node(constant)
+        if hasattr(gm, constant.target):
+            delattr(gm, constant.target)
+        del node.meta["attnlower_frozen"]
+    return thawed
 
 
 def _install_guards(info: StaticInput, tensor: torch.Tensor) -> None:

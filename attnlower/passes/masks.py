@@ -35,7 +35,7 @@ from .layout import NotAView, lift_to_problem
 from .site import AlibiInfo, Context, MaskInfo
 from .buffers import describe_guard, static_value
 from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
-from .visibility import MASKED, Visibility
+from .visibility import Visibility, masking_threshold
 from .vocabulary import (BROADCASTS, value_of, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
                          size_read_index, sizes_equal)
 
@@ -246,10 +246,13 @@ _CONJUNCTIONS = {
     "additive": {"add", "minimum"},  # 0 + 0 = 0; anything plus a masking value stays masking
 }
 _NEGATIONS = {"bitwise_not", "logical_not", "__invert__", "invert"}  # keep <-> fill
-# Ops whose output is the input's value, right-aligned and maybe broadcast (checked on the shapes).
+# Ops whose output is the input's value with size-1 dims inserted or removed anywhere, or broadcast, or a
+# slice that takes everything (`[:, None]` with symbolic sizes) (checked on the shapes: `_lifted_dims`).
 # (layout.py's vocabulary: no permutes, no flatten / unflatten, which would move values across dims)
-_PASS_THROUGH = op_names(COPIES | CASTS | BROADCASTS | SQUEEZES | {
-    aten.view.default, aten.view_as.default, aten.reshape.default, aten._unsafe_view.default}) | {"broadcast_to"}
+_BROADCAST_NAMES = op_names(BROADCASTS) | {"broadcast_to"}
+_PASS_THROUGH = op_names(COPIES | CASTS | SQUEEZES | {
+    aten.view.default, aten.view_as.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.slice.Tensor}) | _BROADCAST_NAMES
 class _Refusal(Exception):
     """Internal: the mask cannot be proven to be anything but a tensor; the message is the reason."""
 
@@ -478,26 +481,23 @@ def _show_subs(subs: dict) -> str:
 @dataclass(frozen=True)
 class _Factor:
     """One conjunct: `value` (a node or a Python number) read with `polarity`; `dtypes` are the float
-    dtypes the value passed through on its way to the mask (an fp16 cast makes -65504 a masking value)."""
+    dtypes the value passed through on its way to the mask (an fp16 cast makes -65504 a masking value).
+
+    `dims` places the value in the mask it is a factor of: per dim of `value`, the mask dim it runs along,
+    counted from the right (-1: the key dim, -2: the query dim), or None for a dim of size 1 that a view
+    dropped. None as a whole: right-aligned as it is (broadcasting's own placement). A factor found under a
+    view that inserts or removes size-1 dims anywhere (`make_std_mask`'s `(pad & causal).unsqueeze(1)`) keeps
+    its own dims this way: the view moves where they sit, not their order (`_lifted_dims`)."""
 
     value: Any
     polarity: str
     dtypes: frozenset = frozenset()
+    dims: tuple | None = None
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:
     val = _tensor_val(value)
     return val.dtype if val is not None else None
-
-
-def _additive_threshold(dtypes: Iterable[torch.dtype]) -> float:
-    """Largest value still read as masking: -1e30, or finfo(dtype).min when a dtype on the path is
-    coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
-    threshold = MASKED
-    for dtype in dtypes:
-        if dtype is not None and dtype.is_floating_point:
-            threshold = max(threshold, torch.finfo(dtype).min)
-    return threshold
 
 
 def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _GraphFacts) -> bool:
@@ -510,7 +510,7 @@ def _masks_everything(value: Any, polarity: str, dtypes: frozenset, facts: _Grap
         return constant == 0
     if polarity == "fill":
         return constant != 0
-    masks = constant == -math.inf or constant <= _additive_threshold(dtypes | {_dtype_of(value)})
+    masks = constant == -math.inf or constant <= masking_threshold(dtypes | {_dtype_of(value)})
     if masks and constant != -math.inf:
         facts.finite_fills.add(constant)
     return masks
@@ -530,22 +530,89 @@ def _static_scalar(value: Any, facts: _GraphFacts) -> float | None:
     return float(result.reshape(()).item())
 
 
-def _right_aligned(source: Any, result: Any, facts: _GraphFacts) -> bool:
-    """True when `result`'s value is `source`'s value right-aligned (leading 1s added or dropped,
-    size-1 dims broadcast), so a factor of `source` is a factor of `result` under broadcasting."""
+def _placement(factor: _Factor) -> tuple:
+    """`factor.dims`, spelled out: per dim of its value, the mask dim it sits at (from the right) or None."""
+    if factor.dims is not None:
+        return factor.dims
+    val = _tensor_val(factor.value)
+    rank = val.dim() if val is not None else 0
+    return tuple(range(-rank, 0))
+
+
+def _placed(dims: tuple, shape, facts: _GraphFacts) -> tuple | None:
+    """`dims` for a value of `shape`, None when it is right-aligned placement anyway (only the dims of size
+    other than 1 matter: a size-1 dim broadcasts wherever it sits)."""
+    rank = len(shape)
+    if all(d == k - rank for k, (d, size) in enumerate(zip(dims, shape)) if not facts.same_size(size, 1)):
+        return None
+    return dims
+
+
+def _lifted_dims(source: Any, result: Any, broadcast: bool, facts: _GraphFacts) -> list | None:
+    """Per dim of `source`, the dim of `result` that holds its values (None: a size-1 dim it drops), when
+    `result` is `source` with size-1 dims inserted or removed anywhere (`broadcast`: right-aligned, its
+    size-1 dims broadcast: expand); None when the op moves values across dims (a merge, a split, a permute)."""
     src, dst = _tensor_val(source), _tensor_val(result)
     if src is None or dst is None:
-        return False
-    src_dims = list(src.shape)
-    while src_dims and facts.same_size(src_dims[0], 1):
-        src_dims.pop(0)
-    dst_dims = list(dst.shape)
-    if len(src_dims) > len(dst_dims):
-        return False
-    for s, d in zip(reversed(src_dims), reversed(dst_dims)):
-        if not (facts.same_size(s, d) or facts.same_size(s, 1)):
-            return False
-    return True
+        return None
+    src, dst = list(src.shape), list(dst.shape)
+    if broadcast:
+        offset = len(dst) - len(src)
+        if offset < 0:
+            return None
+        out = []
+        for k, size in enumerate(src):
+            if facts.same_size(size, 1):
+                out.append(None)
+            elif facts.same_size(size, dst[k + offset]):
+                out.append(k + offset)
+            else:
+                return None
+        return out
+    # the dims of size other than 1 in the same order, of the same sizes: the row-major order of the
+    # elements is unchanged, so each of them is the same dim on both sides
+    src_big = [k for k, size in enumerate(src) if not facts.same_size(size, 1)]
+    dst_big = [k for k, size in enumerate(dst) if not facts.same_size(size, 1)]
+    if len(src_big) != len(dst_big) or not all(facts.same_size(src[a], dst[b]) for a, b in zip(src_big, dst_big)):
+        return None
+    out = [None] * len(src)
+    for a, b in zip(src_big, dst_big):
+        out[a] = b
+    return out
+
+
+def _factor_shape(factor: _Factor, facts: _GraphFacts) -> list:
+    """The factor's shape as it sits in the mask (right-aligned: leading dims of size 1 left out)."""
+    shape = list(_tensor_val(factor.value).shape)
+    if factor.dims is None:
+        return shape
+    sizes = {d: size for d, size in zip(factor.dims, shape) if d is not None and not facts.same_size(size, 1)}
+    rank = max((-d for d in sizes), default=0)
+    return [sizes.get(d, 1) for d in range(-rank, 0)]
+
+
+def _in_mask_frame(value: torch.Tensor, factor: _Factor) -> torch.Tensor:
+    """An evaluated factor reshaped to where it sits in the mask (size-1 dims inserted / removed: a view)."""
+    if factor.dims is None:
+        return value
+    sizes = {d: size for d, size in zip(factor.dims, value.shape) if d is not None and size != 1}
+    rank = max((-d for d in sizes), default=0)
+    return value.reshape([sizes.get(d, 1) for d in range(-rank, 0)])
+
+
+def _index_names(factor: _Factor, shape, names: tuple, facts: _GraphFacts) -> dict:
+    """The factor's own index symbols (symbolic.INDEX) renamed to the mask's `names` (right-aligned: the last
+    name is the mask's last dim) where they sit; a dim of size 1 reads index 0."""
+    dims = factor.dims if factor.dims is not None else tuple(range(-len(shape), 0))
+    mapping = {}
+    for k, (d, size) in enumerate(zip(dims, shape)):
+        if facts.same_size(size, 1):
+            mapping[INDEX[k]] = sympy.Integer(0)
+        elif len(names) + d < 0:
+            raise _Refusal(f"the mask has more dims than the scores ({-d} > {len(names)})")
+        else:
+            mapping[INDEX[k]] = names[len(names) + d]
+    return mapping
 
 
 def _same_dtype_class(a: torch.dtype | None, b: torch.dtype | None) -> bool:
@@ -563,8 +630,16 @@ def _split(factor: _Factor, facts: _GraphFacts) -> list[_Factor] | None:
     out_dtype = _dtype_of(node)
     args = node.args
 
-    def sub(value, pol=polarity):
-        return _Factor(value, pol, dtypes | {_dtype_of(value), out_dtype} - {None} if pol == "additive" else frozenset())
+    here = _placement(factor)     # where `node`'s dims sit in the mask
+
+    def sub(value, pol=polarity, dims=None):
+        if dims is None and isinstance(value, fx.Node) and _tensor_val(value) is not None:
+            rank = _tensor_val(value).dim()     # an operand broadcasts right-aligned against `node`
+            dims = here[len(here) - rank:] if rank <= len(here) else None
+        if dims is not None:
+            dims = _placed(dims, _tensor_val(value).shape, facts)
+        return _Factor(value, pol, dtypes | {_dtype_of(value), out_dtype} - {None} if pol == "additive" else frozenset(),
+                       dims)
 
     if name in _CONJUNCTIONS[polarity] and len(args) >= 2 and out_dtype is not None:
         boolean = out_dtype == torch.bool
@@ -594,20 +669,21 @@ def _split(factor: _Factor, facts: _GraphFacts) -> list[_Factor] | None:
         return None
     if name in _PASS_THROUGH and args and isinstance(args[0], fx.Node):
         source = args[0]
-        if _same_dtype_class(_dtype_of(source), out_dtype) and _right_aligned(source, node, facts):
-            return [sub(source)]
+        lifted = _lifted_dims(source, node, name in _BROADCAST_NAMES, facts)
+        if _same_dtype_class(_dtype_of(source), out_dtype) and lifted is not None:
+            return [sub(source, dims=tuple(None if d is None else here[d] for d in lifted))]
     return None
 
 
 def _factorize(mask: fx.Node, polarity: str, facts: _GraphFacts) -> list[_Factor]:
     """Split the mask into conjuncts until each one is a leaf (worklist: mask graphs can be deep)."""
     work = [_Factor(mask, polarity, frozenset({_dtype_of(mask)} - {None}))]
-    seen: set[tuple[Any, str]] = set()
+    seen: set[tuple[Any, str, Any]] = set()
     leaves: list[_Factor] = []
     while work:
         factor = work.pop()
         if isinstance(factor.value, fx.Node):
-            key = (factor.value, factor.polarity)
+            key = (factor.value, factor.polarity, factor.dims)
             if key in seen:
                 continue  # the same conjunct reached twice (a diamond): and-ing it again changes nothing
             seen.add(key)
@@ -759,7 +835,7 @@ def _visibility(value: torch.Tensor, factor: _Factor, facts: _GraphFacts | None 
         raise _Refusal("a bool tensor is added to the scores: a 0/1 bias, not a mask")
     value = value if value.is_floating_point() else value.to(torch.float64)
     visible = value == 0
-    masked = (value == -math.inf) | (value <= _additive_threshold(factor.dtypes | {value.dtype}))
+    masked = (value == -math.inf) | (value <= masking_threshold(factor.dtypes | {value.dtype}))
     other = ~(visible | masked)
     if facts is not None and bool((masked & (value != -math.inf)).any()):
         facts.finite_fills.add(float(value[masked & (value != -math.inf)].max()))
@@ -864,12 +940,11 @@ def _describe_pattern(sample: _Sample) -> str:
 # The classifier.
 
 
-def _padding_shape(node: fx.Node, k_len: Any, facts: _GraphFacts) -> bool:
-    """True when the value broadcasts as [B|1, 1, 1, Tk]: it depends on batch and key only."""
-    val = _tensor_val(node)
-    if val is None:
+def _padding_shape(factor: _Factor, k_len: Any, facts: _GraphFacts) -> bool:
+    """True when the factor broadcasts as [B|1, 1, 1, Tk] where it sits: it depends on batch and key only."""
+    if _tensor_val(factor.value) is None:
         return False
-    dims = list(val.shape)
+    dims = _factor_shape(factor, facts)
     while len(dims) > 4:
         if not facts.same_size(dims.pop(0), 1):
             return False
@@ -887,7 +962,7 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
     data_factors = [f for f in factors if isinstance(f.value, fx.Node) and facts.data_reason.get(f.value)]
     free_factors = [f for f in factors if f not in data_factors]
     facts.data_dependent_seen = bool(data_factors)
-    if any(not _padding_shape(f.value, k_len, facts) for f in data_factors):
+    if any(not _padding_shape(f, k_len, facts) for f in data_factors):
         # not padding: documents (`D[q] == D[k]`, packed sequences) when every data factor reads as them
         documents = _documents_or_none(data_factors, q_len, k_len, facts)
         if documents is not None:
@@ -897,9 +972,8 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
         if factor.polarity == "additive" and dtype is not None and not dtype.is_floating_point:
             # True + s is s + 1: a bool (or int) added to the scores is a number, never a keep-mask
             raise _Refusal(f"{_describe(factor.value)} is {dtype} added to the scores: a number, not a mask")
-        if not _padding_shape(factor.value, k_len, facts):
-            val = _tensor_val(factor.value)
-            shape = list(val.shape) if val is not None else "unknown"
+        if not _padding_shape(factor, k_len, facts):
+            shape = _factor_shape(factor, facts) if _tensor_val(factor.value) is not None else "unknown"
             raise _Refusal(
                 f"{_describe(factor.value)} {facts.data_reason[factor.value]}; its shape {shape} is not "
                 "a [B|1, 1, 1, Tk] padding mask"
@@ -980,13 +1054,7 @@ def _read_documents(data_factors, q_len, k_len, facts: _GraphFacts) -> _Document
     atoms: list = []
     for factor in data_factors:
         read = _read_bool_factor(reader, factor, "document ids")
-        names = SCORE_INDICES[4]
-        shift = 4 - len(read.shape)
-        if shift < 0:
-            raise _Refusal("the mask has more dims than the scores")
-        mapping = {INDEX[k]: (sympy.Integer(0) if facts.same_size(size, 1) else names[k + shift])
-                   for k, size in enumerate(read.shape)}
-        formula = read.value.xreplace(mapping)
+        formula = read.value.xreplace(_index_names(factor, read.shape, SCORE_INDICES[4], facts))
         atoms += _relations(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
     documents, positional = None, []
     for atom in atoms:
@@ -1244,7 +1312,7 @@ def _cross_check_documents(documents: _Documents, data_factors, bottom_right: bo
         want = (docs[:, None, off:off + tq, None] == docs[:, None, None, :]) & pattern
         got = None
         for value, factor in zip(results[1:], data_factors):
-            part = _visibility(value, factor)
+            part = _visibility(_in_mask_frame(value, factor), factor)
             got = part if got is None else got & part
         shape = torch.broadcast_shapes(got.shape, want.shape)
         if not torch.equal(got.expand(shape), want.expand(shape)):
@@ -1310,7 +1378,8 @@ def _triangle_bound(node: fx.Node, q_len, k_len, facts: _GraphFacts):
 
 def _symbolic_triangle(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> tuple[Visibility, str] | None:
     """A single `tril` / `triu` factor proven causal for every size, symbolically (no sampling)."""
-    if len(factors) != 1 or not isinstance(factors[0].value, fx.Node) or factors[0].polarity == "additive":
+    if (len(factors) != 1 or not isinstance(factors[0].value, fx.Node) or factors[0].polarity == "additive"
+            or factors[0].dims is not None):
         return None
     found = _triangle_bound(factors[0].value, q_len, k_len, facts)
     if found is None:
@@ -1357,7 +1426,7 @@ def _prove_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) -> 
         values = iter(evaluator.run(subs))
         visible = None
         for factor in factors:
-            value = next(values) if isinstance(factor.value, fx.Node) else torch.tensor(factor.value)
+            value = _in_mask_frame(next(values), factor) if isinstance(factor.value, fx.Node) else torch.tensor(factor.value)
             part = _visibility(value, factor, facts)
             try:
                 visible = part if visible is None else visible & part
@@ -1398,10 +1467,9 @@ def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) 
         except NotSymbolic as e:
             raise _Refusal(f"{buffers} read at symbolic sizes, and its mask is not a formula of the "
                            f"positions: {e}") from e
-        names = {len(read.shape) - 2: _I, len(read.shape) - 1: _J}
-        mapping = {INDEX[k]: (sympy.Integer(0) if facts.same_size(size, 1) else names.get(k, INDEX[k]))
-                   for k, size in enumerate(read.shape)}
-        formula = formula.xreplace(mapping)
+        # the mask's dims before the query dim stay index symbols: a formula that reads them varies there
+        names = INDEX[:-2] + (_I, _J)
+        formula = formula.xreplace(_index_names(factor, read.shape, names, facts))
         if formula.free_symbols & set(INDEX):
             raise _Refusal(f"{buffers}: the mask varies over the batch or the heads")
         visible = formula if factor.polarity == "keep" else sympy.Not(formula)
@@ -1507,7 +1575,7 @@ def _classify_lengths(masks, q_len, k_len, facts: _GraphFacts) -> MaskInfo:
     atoms: list[sympy.Expr] = []
     for factor, rank in data:
         read = _read_bool_factor(reader, factor, "positions and lengths")
-        formula = _at_score_indices(read, rank, facts, reader.lengths)
+        formula = _at_score_indices(read, factor, rank, facts, reader.lengths)
         atoms += _conjuncts(formula if factor.polarity == "keep" else sympy.Not(formula), factor.value)
     if facts.finite_fills:
         raise _Refusal(_finite_fill_reason(facts))
@@ -1532,21 +1600,12 @@ def _finite_fill_reason(facts: _GraphFacts) -> str:
             "them, which the paged op does not compute")
 
 
-def _at_score_indices(read, rank: int, facts: _GraphFacts, lengths: fx.Node | None = None) -> sympy.Basic:
-    """`read`'s formula with its own indices renamed to the scores' (b, h, i, j), right-aligned; the
+def _at_score_indices(read, factor: _Factor, rank: int, facts: _GraphFacts,
+                      lengths: fx.Node | None = None) -> sympy.Basic:
+    """`read` (of `factor`) as a formula of the scores' indices (b, h, i, j) where the factor sits; the
     lengths read at the batch index become the symbol L_b (with a batch of one and one length, index 0 is
     the batch index)."""
-    names = SCORE_INDICES[rank]
-    shift = rank - len(read.shape)
-    mapping = {}
-    for k, size in enumerate(read.shape):
-        if facts.same_size(size, 1):
-            mapping[INDEX[k]] = sympy.Integer(0)
-        elif k + shift < 0:
-            raise _Refusal(f"the mask has more dims than the scores ({len(read.shape)} > {rank})")
-        else:
-            mapping[INDEX[k]] = names[k + shift]
-    formula = read.value.xreplace(mapping)
+    formula = read.value.xreplace(_index_names(factor, read.shape, SCORE_INDICES[rank], facts))
     if _is_one(facts.score_sizes.get(_B), facts) and lengths is not None and _is_one(_numel(lengths), facts):
         formula = formula.xreplace({LENGTH(sympy.Integer(0)): LENGTH(_B)})  # a batch of one: b is 0
     for applied in formula.atoms(sympy.core.function.AppliedUndef):
@@ -1650,7 +1709,7 @@ def _cross_check(data, lengths: fx.Node, causal: bool, window: int, q_len, k_len
         values = iter(evaluator.run(subs, {lengths: drawn.to(dtype)}))
         got = None
         for factor, rank in data:
-            part = _visibility(next(values), factor)
+            part = _visibility(_in_mask_frame(next(values), factor), factor)
             part = part.unsqueeze(-2) if rank == 3 else part
             got = part if got is None else got & part
         lens = drawn.view(-1, 1, 1, 1)

@@ -13,9 +13,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .site import AttentionMatch, Context, Decision, Refused, adjacent_key_parts, problem_shape
+from .site import AttentionMatch, BiasPlan, Context, Decision, Refused, adjacent_key_parts, problem_shape
 from .buffers import freeze
 from .layout import lift_to_problem
+from .visibility import masking_threshold
 from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
 
 aten = torch.ops.aten
@@ -44,8 +45,9 @@ def rewrite(gm: fx.GraphModule, ctx: Context) -> str:
             site.refuse(refusal)
             continue
         for buffer in site.decision.speculated:
-            # the op no longer reads the buffer its structure was proven from: guard its value, and let
-            # the graph read it as the constant it now is (validation then checks at its real value)
+            # the op computes the structure proven from the buffer's value: guard the value (a change the guard
+            # sees recompiles; `verified` covers the rest on the device), and let the graph read it as the
+            # constant it now is (validation then checks at its real value)
             freeze(gm, buffer)
         done += 1
     return f"{done} rewritten"
@@ -231,8 +233,8 @@ def _size_args(emit: _Emitter, sizes, m: AttentionMatch, one_free: bool = False)
     return out
 
 
-def _bias_node(emit: _Emitter, decision: Decision, m: AttentionMatch) -> fx.Node | None:
-    plan = decision.bias
+def _bias_node(emit: _Emitter, plan: BiasPlan, m: AttentionMatch) -> fx.Node | None:
+    """The op's `bias` built from `plan`'s terms: one bool keep-mask, or their float sum."""
     if plan.kind == "none":
         return None
     if plan.kind == "bool":
@@ -281,11 +283,16 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     else:
         k = _prepare(emit, m.k)
     v = _prepare(emit, m.v)
-    bias = _bias_node(emit, decision, m)
+    bias = _bias_node(emit, decision.bias, m)
     slopes = _alibi_slopes(gm, decision, q, fake_mode) if decision.alibi is not None else None
     s = decision.spec
     common = dict(scale=float(s.scale), bottom_right=s.bottom_right, softcap=float(s.softcap),
                   dropout_p=float(s.dropout_p), empty_rows_nan=s.empty_rows_nan)
+    if s.verified:
+        # the structure was proven from a buffer's value: the source's mask rides along as the bias, and the op
+        # applies it (every key block) only where the check below finds the buffer no longer holds the structure
+        bias = _bias_node(emit, decision.fallback, m)
+        common["verified"] = _verified(emit, decision, m, q, k, slopes)
     if m.sinks is not None:
         common["sinks"] = _sinks(emit, m)
     if s.documents:
@@ -303,6 +310,77 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, decision: Decision, fake
     if value_of(out) is not None and hasattr(value_of(out), "dtype") and value_of(out).dtype != old_dtype:
         out = emit(aten._to_copy.default, (out,), {"dtype": old_dtype})
     return _finish(emit, m, out)
+
+
+def _verified(emit: _Emitter, decision: Decision, m: AttentionMatch, q: fx.Node, k: fx.Node,
+              slopes: fx.Node | None) -> fx.Node:
+    """The op's `verified`: one bool on the device, True iff the source's mask terms (`decision.fallback`), as
+    they read the buffer this call, hide exactly the keys the spec's structure hides (visibility.py's rule: j <=
+    i + off, and j > i + off - window for a band), an additive term holds only 0 and masking values, and an
+    ALiBi term equals `slopes[h] * (j - (i + off))` on the visible keys (to 1e-6 relative: fp32 rounding of the
+    same product).
+
+    Cost: every term is read once per call, a buffer's [Tq, Tk] slice included (nanoGPT at T = 1024: 4 MiB of
+    fp32, ~1 us at H200 bandwidth per layer: an estimate, not measured); the pattern is iota comparisons, fused
+    into the reduction (`any` of what differs, one per kind of term). No host sync: the op reads the flag on
+    the device. The op's bias, built from the same terms, is computed each call as well (nanoGPT: a [Tq, Tk]
+    bool, T * T bytes written, Inductor fuses it with the check's read); the kernels read it only where the
+    flag is False."""
+    s = decision.spec
+    device = value_of(q).device
+    tq, tk = _size(emit, q, 2, m.q_len), _size(emit, k, 2, m.k_len)
+    # the query rows' diagonal key, i + off: off = Tk - Tq bottom-right, so the rows run from Tk - Tq to Tk
+    symbolic = isinstance(tq, fx.Node) or isinstance(tk, fx.Node)
+    start = (emit(operator.sub, (tk, tq)) if symbolic else tk - tq) if s.bottom_right else 0
+    end = tk if s.bottom_right else tq
+    diagonal = emit(aten.unsqueeze.default, (emit(aten.arange.start, (start, end), {"device": device}), 1))
+    keys = emit(aten.unsqueeze.default, (emit(aten.arange.default, (tk,), {"device": device}), 0))
+    pattern = None
+    if s.causal or s.window:
+        pattern = emit(aten.le.Tensor, (keys, diagonal))                                  # [Tq, Tk]
+        if s.window:
+            inside = emit(aten.gt.Tensor, (emit(aten.add.Scalar, (keys, s.window)), diagonal))
+            pattern = emit(aten.bitwise_and.Tensor, (pattern, inside))
+    alibi_term = decision.alibi.term if decision.alibi is not None else None
+    # what differs from the structure, as bool tensors: an xor, not an `eq` of bools (Inductor's range analysis
+    # fails on `==` of two index-built bools, torch 2.13)
+    visible, wrong = None, []
+    for t in decision.fallback.terms:
+        if t is alibi_term:
+            continue
+        x = _term_tensor(emit, t, m)
+        if t.kind == "bias":      # additive: 0 is visible, -inf or at most the masking threshold hides
+            part = emit(aten.eq.Scalar, (x, 0))
+            hidden = emit(aten.le.Scalar, (x, masking_threshold({value_of(x).dtype, t.score_dtype})))
+            wrong.append(emit(aten.bitwise_not.default, (emit(aten.bitwise_or.Tensor, (part, hidden)),)))
+        else:
+            if value_of(x).dtype != torch.bool:
+                x = emit(aten.ne.Scalar, (x, 0))
+            part = x if t.kind == "keep" else emit(aten.bitwise_not.default, (x,))
+        visible = part if visible is None else emit(aten.bitwise_and.Tensor, (visible, part))
+    if visible is not None:
+        wrong.append(emit(aten.bitwise_xor.Tensor, (visible, pattern)) if pattern is not None
+                     else emit(aten.bitwise_not.default, (visible,)))
+    if alibi_term is not None:
+        x = _term_tensor(emit, alibi_term, m)
+        distance = emit(aten.sub.Tensor, (keys, diagonal))                                 # j - (i + off)
+        want = emit(aten.mul.Tensor, (emit(aten.view.default, (slopes, [-1, 1, 1])), distance))   # [Hq, Tq, Tk]
+        error = emit(aten.abs.default, (emit(aten.sub.Tensor, (x, want)),))
+        limit = emit(aten.mul.Scalar, (emit(aten.add.Scalar, (emit(aten.abs.default, (want,)), 1.0)), 1e-6))
+        far = emit(aten.gt.Tensor, (error, limit))
+        wrong.append(emit(aten.bitwise_and.Tensor, (far, pattern)) if pattern is not None else far)
+    if not wrong:
+        raise ValueError("rewrite: a site with a device check needs the source's mask terms (Decision.fallback); "
+                         "the analyze stage sets them with spec.verified")
+    failed = emit(aten.any.default, (wrong[0],))
+    for w in wrong[1:]:
+        failed = emit(aten.bitwise_or.Tensor, (failed, emit(aten.any.default, (w,))))
+    return emit(aten.bitwise_not.default, (failed,), name="attnlower_verified")
+
+
+def _size(emit: _Emitter, x: fx.Node, dim: int, size):
+    """`size` as an argument: the int, or `x`'s dim read in the graph when it is symbolic."""
+    return size if isinstance(size, int) else emit(aten.sym_size.int, (x, dim))
 
 
 def _doc_ids(emit: _Emitter, mask) -> fx.Node:
@@ -339,7 +417,8 @@ def _sinks(emit: _Emitter, m: AttentionMatch) -> fx.Node:
 
 
 def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode) -> fx.Node:
-    """The proven ALiBi slopes (fp32 [Hq]) as a constant of the graph, on q's device."""
+    """The proven ALiBi slopes (fp32 [Hq]) as a constant of the graph, on q's device, read through
+    `lift_fresh_copy` as the trace reads its own tensor literals (Inductor takes it as a constant then)."""
     slopes = decision.alibi.slopes.to(value_of(q).device)
     name, index = "_tensor_constant_attnlower_alibi", 0
     while hasattr(gm, f"{name}_{index}"):
@@ -348,8 +427,10 @@ def _alibi_slopes(gm: fx.GraphModule, decision: Decision, q: fx.Node, fake_mode)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.get_attr(f"{name}_{index}")
-    node.meta["val"] = fake_mode.from_tensor(slopes) if fake_mode is not None else slopes
-    return node
+    with gm.graph.inserting_after(node):
+        lifted = gm.graph.call_function(aten.lift_fresh_copy.default, (node,))
+    node.meta["val"] = lifted.meta["val"] = fake_mode.from_tensor(slopes) if fake_mode is not None else slopes
+    return lifted
 
 
 def _repoint_size_reads(m: AttentionMatch, fake_mode) -> None:

@@ -261,6 +261,9 @@ class AttentionSpec:
     sinks: bool = False                # a per-head sink logit passed as `sinks` (issue 21)
     documents: bool = False            # packed sequences: document ids passed as `doc_ids` (issue 21)
     fill: float | None = None          # masked scores take this value (the op's fill mode); None: -inf masking
+    # the structure (causal / window / ALiBi) was proven from a module buffer's value: checked on the device each
+    # call (the op's `verified`), the source's mask the op's bias when the check fails (Decision.fallback)
+    verified: bool = False
     paged_block_size: int | None = None
     target: str = "cpu"
 
@@ -297,8 +300,10 @@ class Decision:
     mask: MaskInfo
     reason: str
     paged: PagedPlan | None = None
-    speculated: tuple = ()      # module buffers the op no longer reads: the rewrite guards them (buffers.freeze)
+    speculated: tuple = ()      # module buffers whose value a proof read: the rewrite guards them (buffers.freeze)
     alibi: AlibiInfo | None = None   # the slopes the op takes as `alibi_slopes` (spec.alibi)
+    # with spec.verified: the source's mask terms, the op's `bias` when the device check finds the buffer changed
+    fallback: BiasPlan | None = None
 
 
 # --------------------------------------------------------------------------------------------

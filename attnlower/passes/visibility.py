@@ -19,6 +19,16 @@ import torch
 MASKED = -1e30
 
 
+def masking_threshold(dtypes) -> float:
+    """The largest value an additive mask still hides a key with: MASKED, or finfo(dtype).min when a dtype on
+    its way to the scores is coarser (fp16's min is -65504, the value HF fills fp16 masks with)."""
+    threshold = MASKED
+    for dtype in dtypes:
+        if dtype is not None and dtype.is_floating_point:
+            threshold = max(threshold, torch.finfo(dtype).min)
+    return threshold
+
+
 @dataclass(frozen=True)
 class Visibility:
     """A pattern the kernels implement: kind "none" (every key), "causal", or "band" (causal, `window` keys)."""

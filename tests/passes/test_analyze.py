@@ -52,6 +52,31 @@ def test_a_finite_fill_that_does_not_mask_takes_the_op_fill_mode():
     assert "fills scores with -10000.0, which does not mask them out" in d.reason and "op fill mode" in d.reason
 
 
+def padded_causal(fill):
+    def fn(q, k, v, attention_mask):   # HF-style key padding and a causal triangle, one keep-mask
+        keep = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
+        return (q @ k.mT).masked_fill(~keep, fill).softmax(-1) @ v
+    return fn
+
+
+def test_causal_and_padding_masked_with_minus_inf_skips_the_blocks_above_the_diagonal():
+    """The structure goes to the op (blocks above the diagonal skipped) and the mask rides along as the bias:
+    a key the causal part hides weighs nothing whether its block is visited or not."""
+    attention_mask = torch.ones(2, 6, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    d = decide(padded_causal(float("-inf")), *qkv(b=2, t=6), attention_mask)
+    assert (d.mask.kind, d.spec.causal, d.bias.kind, d.spec.empty_rows_nan) == ("causal+padding", True, "bool", True)
+
+
+def test_causal_and_padding_masked_with_finfo_min_visits_every_block():
+    """finfo.min as the masking value: a fully padded row averages every key, the ones above the diagonal too,
+    so no block may be skipped (the mask is the op's float bias, causal off)."""
+    attention_mask = torch.ones(2, 6, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    d = decide(padded_causal(torch.finfo(torch.float32).min), *qkv(b=2, t=6), attention_mask)
+    assert (d.mask.kind, d.spec.causal, d.bias.kind) == ("causal+padding", False, "float")
+
+
 def test_a_finite_fill_beside_a_minus_inf_mask_is_refused():
     """The op's fill mode takes one keep-mask whose hidden keys all take the fill: a -inf mask beside it would
     need a second bias."""

@@ -63,3 +63,33 @@ def test_freeze_guards_and_replaces_the_reads():
     seen.clear()
     torch.testing.assert_close(compiled(x), model(x))
     assert "constant" in seen
+
+
+def test_thaw_gives_the_reads_left_back_to_the_input():
+    """After validation, what still reads a frozen buffer (the op's device check) reads the graph input again:
+    the same tensor, read each call (a write through `.data` is seen), which Inductor takes as an input."""
+    from attnlower.passes.buffers import thaw
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        from attnlower.passes.canonicalize import to_aten
+
+        aten = to_aten(gm, example_inputs)
+        (buffer,) = [n for n in aten.graph.nodes if n.op == "placeholder" and STATIC_INPUT in n.meta]
+        constant = freeze(aten, buffer)
+        seen["thawed"] = thaw(aten)
+        seen["reads"] = len(buffer.users)
+        seen["left"] = [n for n in aten.graph.nodes if n.op == "get_attr"] + [
+            name for name, _ in aten.named_buffers() if name == constant.target]
+        aten.recompile()
+        return aten
+
+    model = Holder()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert seen == {"thawed": 1, "reads": 1, "left": []}, seen
+    model.mask.data.fill_(True)                # not seen by the guard; read from the input all the same
+    torch.testing.assert_close(compiled(x), model(x))

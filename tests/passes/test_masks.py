@@ -13,6 +13,8 @@ from attnlower.passes.canonicalize import to_aten
 from attnlower.passes.masks import LENGTH_KINDS, classify_length_mask, classify_mask
 from attnlower.passes.site import MaskInfo
 
+import spellings_issue22 as S
+
 aten = torch.ops.aten
 NEG = torch.finfo(torch.float32).min
 
@@ -364,6 +366,116 @@ def test_query_dependent_input_mask_is_tensor():
     info = classify(fn, *qkv(16), torch.rand(2, 1, 16, 16) > 0.2)
     check(info, "tensor", data_dependent=True)
     assert "reads tensor input" in info.reason
+
+
+# ---- factors under a view that inserts size-1 dims ---------------------------------------------------
+# A mask built as [B, Tq, Tk] (a key-padding mask `[:, None, :]` and-ed with a causal `[None]`) and given its
+# head dim afterwards, in the middle: the conjunction sits under the view, and each factor's dims keep their
+# meaning through it (the padding runs along the keys, the triangle along queries and keys).
+
+HEAD_DIM_INSERTED = {
+    "index_none": lambda m: m[:, None],                                   # minGPT / lucidrains
+    "unsqueeze": lambda m: m.unsqueeze(1),                                # the Annotated Transformer
+    "view": lambda m: m.view(m.size(0), 1, m.size(1), m.size(2)),
+    "unsqueeze_expand": lambda m: m.unsqueeze(1).expand(-1, 4, -1, -1),   # one copy per head (4 heads)
+    "reshape_twice": lambda m: m.reshape(m.size(0), 1, 1, m.size(1), m.size(2)).squeeze(1),
+}
+
+
+def padding_then_heads(insert, causal_first=False, window=None, along="keys"):
+    def fn(q, k, v, attention_mask):
+        tq, tk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(tq, tk, dtype=torch.bool).tril()
+        if window is not None:
+            causal = causal & ~torch.ones(tq, tk, dtype=torch.bool).tril(-window)
+        keep = attention_mask.bool()
+        keep = keep[:, None, :] if along == "keys" else keep[:, :, None]
+        mask = causal[None] & keep if causal_first else keep & causal[None]      # [B, Tq, Tk]
+        return scores(q, k).masked_fill(~HEAD_DIM_INSERTED[insert](mask), float("-inf")).softmax(-1) @ v
+
+    return fn
+
+
+@pytest.mark.parametrize("insert", sorted(HEAD_DIM_INSERTED))
+@pytest.mark.parametrize("causal_first", [False, True], ids=["padding_first", "causal_first"])
+def test_factors_under_a_head_dim_inserted_afterwards(insert, causal_first):
+    info = classify(padding_then_heads(insert, causal_first), *qkv(16), left_padded(2, 16))
+    check(info, "causal+padding", causal=True, data_dependent=True)
+
+
+def test_a_band_under_a_head_dim_inserted_afterwards():
+    info = classify(padding_then_heads("unsqueeze", window=4), *qkv(16), left_padded(2, 16))
+    check(info, "band+padding", causal=True, window=4, data_dependent=True)
+
+
+def test_factors_under_a_view_dynamic():
+    info = classify(padding_then_heads("index_none"), *qkv(16), left_padded(2, 16), dynamic=True)
+    check(info, "causal+padding", causal=True, data_dependent=True)
+
+
+def test_padding_lifted_through_a_view_stays_on_its_own_dim():
+    """The same mask with the padding laid along the queries (`[:, :, None]`): lifted through the view it runs
+    along Tq, not Tk, so it is no key-padding mask, and the dims must not be read right-aligned."""
+    info = classify(padding_then_heads("unsqueeze", along="queries"), *qkv(16), left_padded(2, 16))
+    check(info, "tensor", data_dependent=True)
+    assert "[2, 1, 16, 1]" in info.reason, info.reason
+
+
+def test_a_view_that_merges_dims_is_not_lifted():
+    """A view that moves values across dims ([B, Tq*Tk] -> [B, 1, Tq, Tk]) keeps the conjunction one factor."""
+    def fn(q, k, v, attention_mask):
+        tq, tk = q.shape[-2], k.shape[-2]
+        mask = attention_mask.bool()[:, None, :] & torch.ones(tq, tk, dtype=torch.bool).tril()[None]
+        flat = mask.reshape(mask.size(0), tq * tk)
+        return scores(q, k).masked_fill(~flat.view(-1, 1, tq, tk), float("-inf")).softmax(-1) @ v
+
+    check(classify(fn, *qkv(16), left_padded(2, 16)), "tensor", data_dependent=True)
+
+
+class KeyPaddingDecoder(torch.nn.Module):
+    """A decoder self-attention that builds its mask once as [B, Tq, Tk], a HF / fairseq-style key-padding mask
+    (`attention_mask[:, None, :]`, 1 = a token) and-ed with `tril(...)[None]`, and gives it the head dim in the
+    middle afterwards (`HEAD_DIM_INSERTED`), masking with -inf."""
+
+    def __init__(self, insert: str, heads: int = 4, dim: int = 16):
+        super().__init__()
+        self.insert, self.heads, self.dim = insert, heads, dim
+        self.qkv = torch.nn.Linear(heads * dim, 3 * heads * dim)
+        self.proj = torch.nn.Linear(heads * dim, heads * dim)
+
+    def forward(self, x, attention_mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+        mask = causal[None] & attention_mask.bool()[:, None, :]
+        s = (q @ k.transpose(-2, -1)) * self.dim ** -0.5
+        s = s.masked_fill(~HEAD_DIM_INSERTED[self.insert](mask), float("-inf"))
+        return self.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def assert_causal_and_padding(sites):
+    """The report proves causal+padding, and the op skips the blocks above the diagonal: `causal=True`, with
+    the mask as its bool bias (the padding)."""
+    S.assert_site(S.only(sites), "flash_attention", mask="causal+padding", causal=True, bias_kind="bool")
+
+
+@pytest.mark.parametrize("insert,inner", [(name, "eager") for name in sorted(HEAD_DIM_INSERTED)]
+                         + [("index_none", "inductor")])
+def test_key_padding_under_the_head_view_compiles_to_causal(insert, inner):
+    """Left padding: the first queries of row 0 see only pad keys, NaN in eager and in the op (empty rows)."""
+    model = KeyPaddingDecoder(insert).eval()
+    x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
+    _, sites = S.check_forward(model, x, left_padded(2, 37), inner=inner)
+    assert_causal_and_padding(sites)
+
+
+def test_key_padding_under_the_head_view_gradients():
+    """Right padding (as for training): every query keeps key 0, the gradients are finite and equal eager's."""
+    model = KeyPaddingDecoder("unsqueeze").train()
+    x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    attention_mask = torch.ones(2, 37, dtype=torch.long)
+    attention_mask[1, 30:] = 0
+    assert_causal_and_padding(S.check_training(model, x, attention_mask))
 
 
 class NanoGPTMask(torch.nn.Module):

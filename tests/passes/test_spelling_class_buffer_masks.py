@@ -223,17 +223,167 @@ def test_buffer_written_by_the_graph_is_not_proven():
         S.assert_matches_eager(compiled(q, k, v), twin(q, k, v), what="next call")
 
 
-def test_nanogpt_buffer_written_through_data_after_compiling():
+# ---- writes the host guard does not see: the op's device check (`verified`) --------------------------
+
+DEVICE_CHECK = r"checked on the device each call"
+
+
+def checked_site(site):
+    """The structure is the op's, and the op checks the buffer on the device each call (the report says so)."""
+    assert site.spec.get("verified") is True, S.describe([site])
+    assert re.search(DEVICE_CHECK, site.reason), S.describe([site])
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_nanogpt_buffer_written_through_data_after_compiling(inner):
     """A write through `.data` (legacy code: `self.bias.data.copy_(...)`) bypasses the version counter, and a
-    NumPy alias likewise: the host-side guard (identity, `_version`, data pointer) cannot see it. Only a check
-    of the buffer's value on the device each call (the op's `verified` input, docs/design/issue22.md class 1)
-    closes this; until then this test fails: the compiled causal op ignores the new band."""
+    NumPy alias likewise: the host-side guard (identity, `_version`, data pointer) cannot see it. The op's
+    device check reads the slice `bias[:, :, :T, :T]` each call and falls back to it as a dense bias."""
+    torch.manual_seed(0)
+    model = S.NanoGPTAttention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x, inner=inner)
+    causal_site(S.only(sites))
+    checked_site(S.only(sites))
+    p = model.bias.shape[-1]
+    for what, value in (("a band", band(p, 5)), ("every key hidden", torch.zeros(1, 1, p, p)),
+                        ("causal again", torch.tril(torch.ones(p, p)).view(1, 1, p, p))):
+        model.bias.data.copy_(value)
+        S.assert_matches_eager(compiled(x), model(x), what=f"after a write through .data ({what})")
+
+
+def test_nanogpt_buffer_written_through_a_numpy_alias():
     torch.manual_seed(0)
     model = S.NanoGPTAttention().eval()
     x = S.randn(S.B, S.T, S.HIDDEN)
     compiled, sites = S.check_forward(model, x)
-    model.bias.data.copy_(band(model.bias.shape[-1], 5))
-    S.assert_matches_eager(compiled(x), model(x), what="after a write through .data")
+    model.bias.numpy()[0, 0, 20, 3] = 0.0       # one key hidden from one query, behind torch's back
+    S.assert_matches_eager(compiled(x), model(x), what="after a write through a NumPy alias")
+    checked_site(S.only(sites))
+
+
+def test_nanogpt_gradients_after_a_write_through_data():
+    """Training after the buffer changed behind the guard: the fallback's backward (the mask as a dense bias)."""
+    torch.manual_seed(0)
+    block = S.NanoGPTBlock().train()
+    x = S.randn(S.B, S.T, S.HIDDEN, requires_grad=True)
+    compiled, _, sites = S.compile_sites(block, x)
+    checked_site(S.only(sites))
+    block.attn.bias.data.copy_(band(block.attn.bias.shape[-1], 5))
+    want = block(x)
+    want_grads = S.grads_of(block, [x], want)
+    got = compiled(x)
+    got_grads = S.grads_of(block, [x], got)
+    S.assert_matches_eager(got, want, what="after a write through .data")
+    S.assert_grads_match(got_grads, want_grads)
+
+
+def test_the_device_check_holds_at_the_proven_value_and_fails_after_a_write():
+    """The flag itself, read off the compiled graph: True while the buffer holds the proven pattern (the
+    structured kernels run, no byte of the mask read by them), False once a write changed it, True again after
+    it is written back. A check that always failed would be exact too, and silently slow."""
+    from attnlower.compiler.backend import attnlower_backend
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        compiled = attnlower_backend(gm, example_inputs, options={"inner": "eager", "strict": True})
+        graphs.append((compiled, list(example_inputs)))
+        return compiled
+
+    torch._dynamo.reset()
+    model = S.NanoGPTAttention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    torch.compile(model, backend=keep_graph)(x)
+    (gm, inputs), = graphs
+    (flag,) = [n for n in gm.graph.nodes if n.name.startswith("attnlower_verified")]
+
+    def verified() -> bool:
+        seen = {}
+
+        class Reader(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n is flag:
+                    seen["flag"] = out
+                return out
+
+        Reader(gm).run(*inputs)
+        return bool(seen["flag"])
+
+    assert verified(), "the check fails at the value the structure was proven from"
+    p = model.bias.shape[-1]
+    model.bias.data.copy_(band(p, 5))
+    assert not verified(), "the check passes on a band"
+    model.bias.data[0, 0, 20, 3] = 0.0
+    model.bias.data.copy_(torch.tril(torch.ones(p, p)).view(1, 1, p, p))
+    assert verified(), "the check fails after the buffer was written back"
+
+
+def test_gpt_neo_band_widened_through_data():
+    """The sliding op's fallback: the band read as a dense bias, every key block visited."""
+    torch.manual_seed(0)
+    model = S.GPTNeoSelfAttention(local=True).eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    S.assert_site(S.only(sites), SLIDING, causal=True, window=S.WINDOW, bias_kind="none")
+    checked_site(S.only(sites))
+    p = model.bias.shape[-1]
+    causal = torch.tril(torch.ones(p, p, dtype=torch.bool))
+    model.bias.data.copy_(torch.bitwise_xor(causal, torch.tril(causal, -16)).view(1, 1, p, p))
+    S.assert_matches_eager(compiled(x), model(x), what="after the band was widened through .data")
+
+
+def test_gpt2_legacy_bool_buffer_emptied_through_data():
+    """`where(mask, w, finfo.min)`: the fallback is a float bias (0 / finfo.min), so a row with every key hidden
+    averages all keys, as eager does (finfo.min is not -inf)."""
+    torch.manual_seed(0)
+    model = S.GPT2LegacyAttention().eval()
+    x = S.randn(S.B, S.T, S.HIDDEN)
+    compiled, sites = S.check_forward(model, x)
+    checked_site(S.only(sites))
+    model.bias.data[:, :, 10:20] = False
+    S.assert_matches_eager(compiled(x), model(x), what="after rows were emptied through .data")
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_xtransformers_alibi_buffer_rescaled_through_data(inner):
+    """ALiBi slopes are checked too: the table `slope[h] * (j - i)` on the visible keys, against the slopes the
+    op was given; a rescaled table falls back to the table as a dense bias."""
+    model = S.XTransformersAlibi().eval()
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
+    compiled, sites = S.check_forward(model, q, k, v, inner=inner)
+    S.assert_site(S.only(sites), FLASH, causal=True, bias_kind="none", alibi=True)
+    checked_site(S.only(sites))
+    model.bias.data.mul_(3.0)
+    S.assert_matches_eager(compiled(q, k, v), model(q, k, v), what="after the ALiBi table was rescaled through .data")
+
+
+class BufferAndPadding(torch.nn.Module):
+    """nanoGPT's buffer and-ed with a HF-style key-padding mask: the mask goes in as the op's bias (the padding
+    is data), and the buffer's causal pattern is not taken from its value: the bias reads it each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(S.MAX_POSITIONS, S.MAX_POSITIONS)).view(
+            1, 1, S.MAX_POSITIONS, S.MAX_POSITIONS))
+
+    def forward(self, q, k, v, attention_mask):
+        t = q.shape[-2]
+        keep = (self.bias[:, :, :t, :t] != 0) & attention_mask.bool()[:, None, None, :]
+        return (q @ k.transpose(-1, -2) * S.D ** -0.5).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def test_buffer_beside_padding_stays_the_bias():
+    model = BufferAndPadding().eval()
+    q, k, v = (S.randn(S.B, S.H, S.T, S.D, seed=i) for i in range(3))
+    attention_mask = torch.ones(S.B, S.T, dtype=torch.long)
+    attention_mask[0, :5] = 0
+    compiled, sites = S.check_forward(model, q, k, v, attention_mask)
+    S.assert_site(S.only(sites), FLASH, mask="causal+padding", causal=False, bias_kind="bool")
+    model.bias.data.fill_(1.0)
+    S.assert_matches_eager(compiled(q, k, v, attention_mask), model(q, k, v, attention_mask),
+                           what="after a write through .data")
 
 
 def test_buffer_written_between_calls_recompiles_once():
