@@ -21,6 +21,7 @@ Prints a table and writes bench/e2e.png (and e2e.json) next to this file.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -43,13 +44,17 @@ PROFILE = False   # --profile
 SELECTED_MODES = list(MODES)   # --modes
 
 
-def cuda_ms(fn, iters: int) -> float:
-    """Median ms per call of fn() (CUDA events), after warm-up calls that compile and capture."""
+def cuda_ms(fn, iters: int, rewind=None) -> float:
+    """Median ms per call of fn() (CUDA events), after warm-up calls that compile and capture. `rewind()`, when
+    given, runs before every call, outside the timed span: it puts back the state each call advances."""
+    rewind = rewind or (lambda: None)
     for _ in range(3):
+        rewind()
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
+        rewind()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -75,11 +80,16 @@ def compiled(fn, mode: str):
     return step
 
 
-def profile_step(fn, calls: int = 5) -> dict:
-    """GPU busy ms, kernels and device-to-device copies per call of fn (torch.profiler, after warm-up)."""
+def profile_step(fn, calls: int = 5, rewind=None) -> dict:
+    """GPU busy ms, kernels and device-to-device copies per call of fn (torch.profiler, after warm-up).
+    `rewind()` runs once before the warm-up and once before the profiled calls (not inside them: its
+    kernels would count as the step's)."""
     from torch.profiler import ProfilerActivity, profile
 
+    rewind = rewind or (lambda: None)
+    rewind()
     fn()
+    rewind()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
@@ -97,16 +107,17 @@ def profile_step(fn, calls: int = 5) -> dict:
     return {"gpu_ms": busy / calls / 1e3, "kernels": kernels / calls, "copies": copies / calls}
 
 
-def run_row(name: str, make_fn, iters: int, results: list) -> None:
+def run_row(name: str, make_fn, iters: int, results: list, rewind=None) -> None:
+    """One row: make_fn() timed in every selected mode; `rewind` as cuda_ms takes it."""
     row = {"row": name}
     for mode in MODES:
         if mode not in SELECTED_MODES:
             continue
         try:
             fn = compiled(make_fn(), mode)
-            row[mode] = cuda_ms(fn, iters)
+            row[mode] = cuda_ms(fn, iters, rewind)
             if PROFILE and mode != "eager":
-                row.setdefault("profile", {})[mode] = profile_step(fn)
+                row.setdefault("profile", {})[mode] = profile_step(fn, rewind=rewind)
         except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
             row[mode] = None
             row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -184,35 +195,56 @@ def nanogpt_rows(args, results):
     run_row("nanogpt-124M train B=8 T=1024", make, max(3, args.iters // 4), results)
 
 
+def static_cache_decode(model, batch: int, prompt: int, device, dtype, steps: int = 64):
+    """(decode, rewind): one decode step of the HF causal LM `model` after a random `prompt`-token prefill, in a
+    StaticCache of `prompt + steps` positions; decode() returns the logits.
+
+    transformers 5 writes a step's K/V at the cache's own counter (`StaticLayer.cumulative_length`, advanced by
+    each call) and ignores `cache_position`: without rewind() the `steps + 1`-th call, counted over every mode
+    timed on the cache, writes at `max_cache_len` (the device-side assert `0 <= tmp < 576` of bench/e2e.py's
+    llama row on the H200). rewind() sets the counter back to `prompt`: every call is then the same step."""
+    from transformers import StaticCache
+
+    accepted = inspect.signature(StaticCache.__init__).parameters
+    # transformers before 5.2x sizes the cache up front (max_batch_size, default 1: a batch of 8 wrote
+    # past it, the device-side assert of 2026-12-03); newer ones size it from the first update
+    sizing = {k: v for k, v in dict(max_batch_size=batch, device=device, dtype=dtype).items() if k in accepted}
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps, **sizing)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, vocab, (batch, prompt), device=device), past_key_values=cache,
+              use_cache=True)
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", ())
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    if not counters:
+        raise NotImplementedError("expected a transformers 5 StaticCache (layers with a cumulative_length "
+                                  f"tensor), got {type(cache).__name__} without one: rewind it another way")
+    token = torch.randint(0, vocab, (batch, 1), device=device)
+    position = torch.tensor([prompt], device=device)
+
+    def decode():
+        with torch.no_grad():
+            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+    def rewind():
+        for counter in counters:
+            counter.fill_(prompt)
+    return decode, rewind
+
+
 def llama_decode_rows(args, results):
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to("cuda", DTYPE).eval()
     prompt = 512
-    import inspect
-
-    accepted = inspect.signature(StaticCache.__init__).parameters
     for b in (1, 8):
-        # transformers before 5.2x sizes the cache up front (max_batch_size, default 1: a batch of 8 wrote
-        # past it, the device-side assert of 2026-12-03); newer ones size it from the first update
-        sizing = {k: v for k, v in dict(max_batch_size=b, device="cuda", dtype=DTYPE).items() if k in accepted}
-        cache = StaticCache(config=config, max_cache_len=prompt + 64, **sizing)
-        with torch.no_grad():
-            model(input_ids=torch.randint(0, 32000, (b, prompt), device="cuda"), past_key_values=cache,
-                  use_cache=True)
-        token = torch.randint(0, 32000, (b, 1), device="cuda")
-        position = torch.tensor([prompt], device="cuda")
-
-        def make(token=token, position=position, cache=cache):
-            def decode():  # one step at a fixed position: the cache is rewritten in place, shapes static
-                with torch.no_grad():
-                    return model(input_ids=token, past_key_values=cache, cache_position=position,
-                                 use_cache=True).logits
-            return decode
-        run_row(f"llama-1B static-cache decode B={b} L={prompt}", make, args.iters, results)
+        # one cache for every mode; rewound before each call, so each times the step at position `prompt`
+        decode, rewind = static_cache_decode(model, b, prompt, "cuda", DTYPE)
+        run_row(f"llama-1B static-cache decode B={b} L={prompt}", lambda decode=decode: decode, args.iters,
+                results, rewind)
 
 
 def paged_rows(args, results):
