@@ -1,0 +1,146 @@
+"""Paged decode: which split count, key tile, stages and warps the H200 wants (issue 20 item 4), in one call.
+
+    python bench/paged_sweep.py                 # GPU: B 1/8/32/128, L 4096; $OUT/paged_sweep.json when OUT is set
+    python bench/paged_sweep.py --smoke         # CPU (Triton's interpreter): the script end to end, times nothing
+
+The decode shape of bench/paged.py (bf16, Hq 32, Hkv 8, D 128, cache block 16, one query per sequence, a random
+block table). For each batch size every candidate launch (`paged_forward(num_splits=, config=)`, the overrides the
+plan takes) is first checked against gather + SDPA in float32, then timed replayed from a CUDA graph (the way decode
+runs in a server), next to what the launch plan chooses today and cuDNN SDPA on an already contiguous cache (the
+target: >= 1.0x). A candidate that does not compile or fit (shared memory) is reported and skipped. The table last:
+per batch size the plan's choice, the best candidate and both against cuDNN, so `configs.py` can cite it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8,32,128")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--splits", default="1,2,4,8,16,32", help="split counts tried (capped by the length)")
+    p.add_argument("--block-n", default="32,64,128")
+    p.add_argument("--stages", default="2,3,4")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: checks the script")
+    args = p.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    args.batches, args.splits, args.block_n = ints(args.batches), ints(args.splits), ints(args.block_n)
+    args.stages, args.warps = ints(args.stages), ints(args.warps)
+    if args.smoke:
+        global Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE
+        Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 2, 16, 4
+        args.batches, args.length, args.splits, args.block_n = [2], 64, [1, 2], [16]
+        args.stages, args.warps = [1], [4]
+    elif not torch.cuda.is_available():
+        p.error("bench/paged_sweep.py times kernels on a GPU and sees none; for the CPU check run --smoke")
+    return args
+
+
+def make_inputs(batch: int, length: int, device, dtype):
+    blocks_per_seq = length // BLOCK_SIZE
+    num_blocks = batch * blocks_per_seq
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    k = torch.randn(num_blocks, KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=g).to(device, dtype)
+    v = torch.randn(num_blocks, KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=g).to(device, dtype)
+    table = torch.randperm(num_blocks, generator=g).int().view(batch, blocks_per_seq).to(device)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, generator=g).to(device, dtype)
+    return q, k, v, table, lens
+
+
+def contiguous(cache, table):
+    batch = table.shape[0]
+    return cache[table.long()].permute(0, 2, 1, 3, 4).reshape(batch, KV_HEADS, -1, HEAD_DIM).contiguous()
+
+
+def timer(smoke: bool):
+    if smoke:
+        return lambda fn: (fn(), 0.0)[1]
+    import triton
+
+    return lambda fn: triton.testing.do_bench_cudagraph(fn, return_mode="median")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from attnlower.lowering.configs import KernelConfig
+    from attnlower.lowering.launch_paged import paged_forward
+    from attnlower.lowering.params import AttentionParams
+    from attnlower.lowering import plan as planning
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    time_ms = timer(args.smoke)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    params = AttentionParams(scale, True)
+    name = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
+    print(f"{name}  torch {torch.__version__}", flush=True)
+    rows = []
+    for batch in args.batches:
+        q, k, v, table, lens = make_inputs(batch, args.length, device, dtype)
+        want = F.scaled_dot_product_attention(q.float(), contiguous(k, table).float(), contiguous(v, table).float(),
+                                              scale=scale, enable_gqa=True)
+        chosen = planning.paged_plan(params, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(table), False,
+                                     planning.target_of(q.device), True, None, None, False, HEAD_DIM)
+        row = {"batch": batch, "length": args.length, "chosen": {"splits": chosen.num_splits}, "candidates": []}
+        row["chosen"]["ms"] = time_ms(lambda: paged_forward(q, k, v, table, lens, params))
+        if not args.smoke:
+            kc, vc = contiguous(k, table), contiguous(v, table)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                row["cudnn_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, scale=scale,
+                                                                                  enable_gqa=True))
+            del kc, vc
+        splits = [s for s in args.splits if s == 1 or args.length // s >= 64]
+        for s, bn, st, w in itertools.product(splits, args.block_n, args.stages, args.warps):
+            cfg = KernelConfig(block_m=16, block_n=bn, num_warps=w, num_stages=st)
+            entry = {"splits": s, "block_n": bn, "stages": st, "warps": w}
+            try:
+                out = paged_forward(q, k, v, table, lens, params, num_splits=s, config=cfg)
+                err = (out.float() - want).abs().max().item()
+                if not err < 2e-2:
+                    entry["error"] = f"wrong: max |diff| {err:.3g}"
+                else:
+                    entry["ms"] = time_ms(lambda: paged_forward(q, k, v, table, lens, params, num_splits=s,
+                                                                config=cfg))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile / fit: reported, skipped
+                entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row["candidates"].append(entry)
+        timed = [c for c in row["candidates"] if "ms" in c]
+        row["best"] = min(timed, key=lambda c: c["ms"]) if timed else None
+        rows.append(row)
+        wrong = [c for c in row["candidates"] if c.get("error", "").startswith("wrong")]
+        if wrong:
+            print(f"B={batch}: {len(wrong)} candidate(s) WRONG: {wrong[:3]}", flush=True)
+        print(f"B={batch}: {len(timed)} of {len(row['candidates'])} candidates timed", flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    print(f"{'B':>4} {'chosen':>20} {'best':>40} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
+    for row in rows:
+        best, cudnn = row["best"], row.get("cudnn_ms")
+        ratio = (lambda ms: f"{cudnn / ms:.2f}x" if cudnn and ms else "-")
+        best_text = (f"s{best['splits']} n{best['block_n']} st{best['stages']} w{best['warps']} {best['ms']:.4f}"
+                     if best else "-")
+        print(f"{row['batch']:>4} {'s%d %.4f' % (row['chosen']['splits'], row['chosen']['ms']):>20} {best_text:>40} "
+              f"{cudnn or 0:>8.4f} {ratio(row['chosen']['ms']):>12} {ratio(best['ms'] if best else None):>10}")
+    return 1 if any(c.get("error", "").startswith("wrong") for r in rows for c in r["candidates"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
