@@ -15,7 +15,7 @@
 # e2e:      bench/e2e.py (every row group: ~8 minutes with --profile; E2E_ROWS picks some).
 # serve:    bench/serve.py in fp32 (agreement without bf16 rounding, first tokens held to a plain forward).
 #           Needs transformers >= 5.25 (the GPU image has 5.17): WHEELS=<dir of wheels> installs them privately.
-# flash / sliding / paged: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
+# flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
 # examples: GPT-2 / Llama / Mistral through torch.compile(backend="attnlower") on the GPU vs eager.
 set -uo pipefail
 OUT=${OUT:-/tmp/attnlower_out}
@@ -45,7 +45,7 @@ for stage in $stages; do
         fi
         PYTHONPATH="${WHEELS:+/tmp/serve_site:}$PYTHONPATH" timeout 300 python3 bench/serve.py --dtype float32 \
             --requests 64 --timeout 100 >"$OUT/serve.log" 2>&1; rc=$?; tail -5 "$OUT/serve.log" ;;
-    flash|sliding|paged|accuracy)
+    flash|sliding|paged|paged_sweep|accuracy)
         timeout 300 python3 "bench/$stage.py" >"$OUT/$stage.log" 2>&1; rc=$?; tail -30 "$OUT/$stage.log" ;;
     examples)
         rc=0
