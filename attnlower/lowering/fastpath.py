@@ -263,26 +263,13 @@ class CachedCall:
 _CALLS: dict[tuple, CachedCall] = {}
 
 
-def tensor_key(t, key: list, pointers: list) -> bool:
-    """Append what specializes a launch on `t` (None for an absent optional tensor) to `key` and its address to
-    `pointers`; False when `t` cannot take this path (a tensor subclass: FakeTensor, FunctionalTensor, DTensor)."""
-    if t is None:
-        key.append(None)
-        pointers.append(0)
-        return True
-    if type(t) is not Tensor:
-        return False
-    p = t.data_ptr()
-    pointers.append(p)
-    key.append((t.shape, t.stride(), t.dtype, t.device, p & 15))
-    return True
-
-
 def call_key(op: str, scalars: tuple, tensors: tuple):
     """(key, input pointers) of a call on `tensors` (first one: q), or None when it cannot take this path.
 
-    FakeTensor / FunctionalTensor (tracing, the traced decomposition) and other subclasses are not Tensor;
-    tensors off the current device would launch under another context."""
+    Per tensor the key holds what specializes a launch on it: shape, strides, dtype, device and whether its address
+    is a multiple of 16 (None for an absent optional tensor, whose pointer is 0). FakeTensor / FunctionalTensor
+    (tracing, the traced decomposition) and other subclasses are not Tensor; tensors off the current device would
+    launch under another context. One loop, no call per tensor: this runs on every launch (issue 18 item 4)."""
     q = tensors[0]
     if type(q) is not Tensor:
         return None
@@ -292,8 +279,15 @@ def call_key(op: str, scalars: tuple, tensors: tuple):
     key = [op, scalars]
     pointers: list = []
     for t in tensors:
-        if not tensor_key(t, key, pointers):
+        if t is None:
+            key.append(None)
+            pointers.append(0)
+            continue
+        if type(t) is not Tensor:
             return None
+        p = t.data_ptr()
+        pointers.append(p)
+        key.append((t.shape, t.stride(), t.dtype, t.device, p & 15))
     if q.dtype is torch.float32:  # fp32 dots: TF32 or not is part of the plan
         key.append(torch.backends.cuda.matmul.allow_tf32 if DEVICE_TYPE == "cuda" else False)
     return tuple(key), pointers
