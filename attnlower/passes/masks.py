@@ -1455,7 +1455,7 @@ def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) 
     for factor in factors:
         if not isinstance(factor.value, fx.Node):
             if not bool(_visibility(torch.tensor(factor.value), factor).all()):
-                raise _Refusal(f"a constant factor hides every key")
+                raise _Refusal("a constant factor hides every key")
             continue
         if factor.polarity == "additive":
             raise _Refusal(f"{buffers} read at symbolic sizes in an additive mask: not read as a formula")
@@ -1491,7 +1491,7 @@ def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) 
     if not upper:
         if lower:
             raise _Refusal(f"{buffers}: keys after the query are visible (no upper bound on j - i)")
-        return Visibility("none"), f"every key visible, proven for every size"
+        return Visibility("none"), "every key visible, proven for every size"
     (bound,) = upper
     tq, tk = facts.expr(q_len), facts.expr(k_len)
     if sympy.expand(bound) == 0:
