@@ -16,7 +16,8 @@ DLPack alias, or by a kernel writing the raw pointer. Where the op computes a st
 `verified = (mask == the proven pattern).all()`, computed in the graph each call from the buffer itself (one
 read of the mask's [Tq, Tk] slice, no host sync); False makes the op apply the mask densely (docs/INTERFACES.md,
 `verified`). A value the op takes as a number (a fill read from a one-element buffer) stays behind the host
-guard alone, as does the paged op (no `verified`); the report says so. Tensors made under `inference_mode` have
+guard alone, as do the paged op (no `verified`) and a structure beside documents (the check compares the whole
+mask with the structure); the report says which (`analyze._buffer_note`). Tensors made under `inference_mode` have
 no version counter: they are never speculated on.
 
 A tensor that changes after a graph relied on it is not speculated on again (its next compile reads it
@@ -132,7 +133,8 @@ def _written_by_graph(node: fx.Node) -> bool:
 
 
 def describe_guard(node: fx.Node) -> str:
-    """The host guard in the report's words (what it does not see: the analyzer's note, `verified` or not)."""
+    """The host guard in the report's words; the analyzer adds whether the op also checks the buffer on the device
+    (`analyze._buffer_note`). Said only where the rewrite does guard the buffer (`Decision.speculated`)."""
     return f"guarded: a change to `{node.name}` (in place, or a new tensor) recompiles"
 
 
