@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "thaw", "describe_guard"]
+__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "thaw", "frozen_buffers",
+           "describe_guard"]
 
 STATIC_INPUT = "attnlower_static_input"   # placeholder meta key: the StaticInput of a module tensor
 # The module tensors a compiled graph relies on, with the version it relied on. A tensor that changed after
@@ -166,6 +167,17 @@ def freeze(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     node.replace_all_uses_with(constant)
     node.meta["attnlower_frozen"] = constant
     return constant
+
+
+def frozen_buffers(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """{attribute name of the constant: its placeholder} for each buffer `freeze` made a constant of in `gm` and
+    `thaw` has not given back yet (validation reads them: the fallback check changes their value)."""
+    frozen = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        constant = node.meta.get("attnlower_frozen")
+        if constant is not None and constant.graph is gm.graph:
+            frozen[constant.target] = node
+    return frozen
 
 
 def thaw(gm: fx.GraphModule) -> int:
