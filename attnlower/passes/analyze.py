@@ -119,7 +119,8 @@ def _paged_decision(m: AttentionMatch, target, allowed_ops, paged_mask: MaskInfo
     why = (f"K/V gathered from a block pool (block {pk.block_size}) through {pk.table.name}: "
            f"read in place, no gather" + (f"; lengths from {seq_lens.name}: {mask.reason}" if seq_lens is not None
                                           else "; every gathered key visible"))
-    why += _empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m) + _device_check_note(mask.speculated_from, None)
+    why += (_empty_rows_note(m, mask, nan_for_empty) + _sinks_note(m)
+            + _buffer_note(mask, mask.speculated_from, None, "the paged op takes no `verified`"))
     return Decision(spec=spec, bias=BiasPlan(), mask=mask, reason=why, paged=PagedPlan(pk, pv, seq_lens),
                     speculated=mask.speculated_from + _fill_buffers(m, mask.speculated_from)), ""
 
@@ -249,14 +250,21 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         as_bool = (fill is not None
                    or len(terms) == 1 and terms[0].kind in ("fill", "keep") and terms[0].value == float("-inf"))
         bias = BiasPlan(kind="bool" if as_bool else "float", terms=terms)
-    fallback = None
-    if speculated and not terms and documents is None:
+    fallback, unchecked = None, ""      # unchecked: why a structure read off a buffer has the host guard alone
+    if speculated and documents is not None:
+        unchecked = ("the device check compares the whole mask with the structure, and this mask also holds the "
+                     "documents the op takes as doc_ids")
+    elif speculated and not terms:
         # the structure (or ALiBi) was proven from a buffer's value: the host guard recompiles on a change it sees,
         # the op checks the value on the device each call for the writes it does not see (`.data`, NumPy aliases)
         fallback, fill = _fallback_bias(m.terms, finite, fill)
-        if fallback is not None and m.sinks is not None and m.sinks.form == "rescale" and not m.safe_softmax \
-                and fill is None:
+        if fallback is None:
+            unchecked = ("the mask as a dense bias would need two fills, or a fill beside a -inf mask or an additive "
+                         "term, which the op does not take")
+        elif m.sinks is not None and m.sinks.form == "rescale" and not m.safe_softmax and fill is None:
             fallback = None     # the fallback can leave a row empty: NaN in eager, 0 under the sinks (refused below)
+            unchecked = ("the mask as a dense bias could leave a row with no visible key, where eager's softmax gives "
+                         "NaN and the op with sinks 0")
 
     op = "sliding_window_attention" if window > 0 else "flash_attention"
     if op not in allowed_ops:
@@ -276,7 +284,7 @@ def analyze_site(m: AttentionMatch, target, allowed_ops: tuple[str, ...], classi
         alibi=alibi_used is not None, sinks=m.sinks is not None, documents=documents is not None,
         fill=fill, verified=fallback is not None, target=target.describe(),
     )
-    why = (_why(spec, mask) + _device_check_note(speculated, fallback) + fill_note + _lift_note(bias.terms, m)
+    why = (_why(spec, mask) + _buffer_note(mask, speculated, fallback, unchecked) + fill_note + _lift_note(bias.terms, m)
            + paged_note + _split_note(m) + _sinks_note(m) + _documents_note(documents) + _head_scale_note(m))
     speculated += _fill_buffers(m, speculated)
     return Decision(spec=spec, bias=bias, mask=mask, reason=why, speculated=speculated, alibi=alibi_used,
@@ -301,16 +309,33 @@ def _fallback_bias(terms: list[ScoreTerm], finite: list[ScoreTerm], fill: float 
     return BiasPlan(kind="bool" if _masks_with_minus_inf(terms) else "float", terms=list(terms)), fill
 
 
-def _device_check_note(speculated: tuple, fallback: BiasPlan | None) -> str:
-    """How the structure read off a buffer stays sound, in the report's words."""
-    if not speculated:
+def _buffer_note(mask: MaskInfo, speculated: tuple, fallback: BiasPlan | None, unchecked: str) -> str:
+    """What keeps a pattern read off a module buffer's value true, in the report's words. Three cases:
+    the op computes the structure (`speculated`: the rewrite guards the buffers on the host, `buffers.freeze`)
+    and checks them on the device each call (`fallback`: the op's `verified`); the same with the host guard
+    alone (`unchecked` says why); or the structure is not the op's (`mask.speculated_from` not in `speculated`):
+    the op's bias reads the buffer each call, exact whatever is written to it, and this site guards nothing."""
+    from .buffers import describe_guard
+
+    if speculated:
+        guarded = "; " + "; ".join(describe_guard(b) for b in speculated)
+        if fallback is not None:
+            # the check reads the mask's [Tq, Tk] slice once per call (buffers.py)
+            return guarded + ("; checked on the device each call as well (the op's `verified`): a write the guard "
+                              "does not see (through `.data`, a NumPy alias) makes the op apply the source's mask as a "
+                              "dense bias, every key block visited")
+        return (guarded + "; not checked on the device" + (f" ({unchecked})" if unchecked else "")
+                + ": a write through the buffer's `.data` or a NumPy alias is not seen")
+    read = [b for b in mask.speculated_from if b not in speculated]
+    if not read:
         return ""
-    if fallback is None:
-        return "; a write through the buffer's `.data` or a NumPy alias is not seen"
-    # the check reads the mask's [Tq, Tk] slice once per call (buffers.py)
-    return ("; checked on the device each call as well (the op's `verified`): a write the guard does not see "
-            "(through `.data`, a NumPy alias) makes the op apply the source's mask as a dense bias, every key block "
-            "visited")
+    names = ", ".join(f"`{b.name}`" for b in read)
+    structure = mask.kind.split("+")[0]
+    why = (" (beside padding: a device check that passes makes the op ignore its bias, the padding with it)"
+           if mask.kind.endswith("+padding") else "")
+    unused = f"; the {structure} pattern its value holds skips no key block{why}" if structure in ("causal", "band") else ""
+    return (f"; no guard needed: the op's bias reads {names} each call, so any write to it (in place, a new tensor, "
+            f"through `.data`) is seen{unused}")
 
 
 def _masks_with_minus_inf(terms) -> bool:

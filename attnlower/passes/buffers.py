@@ -16,7 +16,8 @@ DLPack alias, or by a kernel writing the raw pointer. Where the op computes a st
 `verified = (mask == the proven pattern).all()`, computed in the graph each call from the buffer itself (one
 read of the mask's [Tq, Tk] slice, no host sync); False makes the op apply the mask densely (docs/INTERFACES.md,
 `verified`). A value the op takes as a number (a fill read from a one-element buffer) stays behind the host
-guard alone, as does the paged op (no `verified`); the report says so. Tensors made under `inference_mode` have
+guard alone, as do the paged op (no `verified`) and a structure beside documents (the check compares the whole
+mask with the structure); the report says which (`analyze._buffer_note`). Tensors made under `inference_mode` have
 no version counter: they are never speculated on.
 
 A tensor that changes after a graph relied on it is not speculated on again (its next compile reads it
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "thaw", "describe_guard"]
+__all__ = ["STATIC_INPUT", "StaticInput", "mark_static_inputs", "static_value", "freeze", "thaw", "frozen_buffers",
+           "describe_guard"]
 
 STATIC_INPUT = "attnlower_static_input"   # placeholder meta key: the StaticInput of a module tensor
 # The module tensors a compiled graph relies on, with the version it relied on. A tensor that changed after
@@ -132,7 +134,8 @@ def _written_by_graph(node: fx.Node) -> bool:
 
 
 def describe_guard(node: fx.Node) -> str:
-    """The host guard in the report's words (what it does not see: the analyzer's note, `verified` or not)."""
+    """The host guard in the report's words; the analyzer adds whether the op also checks the buffer on the device
+    (`analyze._buffer_note`). Said only where the rewrite does guard the buffer (`Decision.speculated`)."""
     return f"guarded: a change to `{node.name}` (in place, or a new tensor) recompiles"
 
 
@@ -164,6 +167,17 @@ def freeze(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     node.replace_all_uses_with(constant)
     node.meta["attnlower_frozen"] = constant
     return constant
+
+
+def frozen_buffers(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """{attribute name of the constant: its placeholder} for each buffer `freeze` made a constant of in `gm` and
+    `thaw` has not given back yet (validation reads them: the fallback check changes their value)."""
+    frozen = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        constant = node.meta.get("attnlower_frozen")
+        if constant is not None and constant.graph is gm.graph:
+            frozen[constant.target] = node
+    return frozen
 
 
 def thaw(gm: fx.GraphModule) -> int:

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 
 from .layout import NotAView, lift_to_problem
 from .site import AlibiInfo, Context, MaskInfo
-from .buffers import describe_guard, static_value
+from .buffers import static_value
 from .symbolic import INDEX, LENGTH, IndexInterpreter, NotSymbolic, resolve_tables
 from .visibility import Visibility, masking_threshold
 from .vocabulary import (BROADCASTS, value_of, ancestors, CASTS, COPIES, METADATA_ONLY_WRITES, SQUEEZES, UNINITIALIZED, op_name, op_names,
@@ -150,8 +150,9 @@ def classify_alibi(term, mask: MaskInfo, m) -> AlibiInfo | None:
         return None
     speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
     source = f" of {_buffers_named(speculated)}" if speculated else ""
+    # how the value stays true (a guard, the op's device check, or neither) is the analyzer's to say: it knows the op
     reason = (f"ALiBi: `{term.node.name}` equals slope[h] * (j - i{' - (Tk - Tq)' if off else ''}) on every visible key, "
-              f"proven from the value{source}" + (f" ({'; '.join(describe_guard(b) for b in speculated)})" if speculated else ""))
+              f"proven from the value{source}")
     return AlibiInfo(term=term, slopes=slopes.to(torch.float32), speculated_from=speculated, reason=reason)
 
 
@@ -984,9 +985,7 @@ def _classify(masks: list[tuple[fx.Node, str]], q_len, k_len, facts: _GraphFacts
         sources = "; ".join(f"{_describe(f.value)} {facts.data_reason[f.value]}" for f in data_factors)
         padding = f"; padding: {sources}"
     speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
-    if speculated:
-        checked += (f", proven from the value of {_buffers_named(speculated)} "
-                    f"({'; '.join(describe_guard(b) for b in speculated)})")
+    checked += _from_buffers(speculated)
     if data_factors and model.kind == "none":
         return MaskInfo("padding", data_dependent=True, reason=f"shape-only part: {checked}{padding}",
                         speculated_from=speculated)
@@ -1260,7 +1259,8 @@ def _document_mask(documents: _Documents, free_factors, data_factors, q_len, k_l
     kind = ("document" if model.kind == "none" else f"{model.kind}+document")
     speculated = tuple(sorted(facts.speculated, key=facts.order.__getitem__))
     return MaskInfo(kind, causal=model.causal, bottom_right=bottom_right, window=model.window, data_dependent=True,
-                    reason=f"{documents.reason}; shape-only part: {checked}", speculated_from=speculated,
+                    reason=f"{documents.reason}; shape-only part: {checked}{_from_buffers(speculated)}",
+                    speculated_from=speculated,
                     documents=documents.node, document_roles=documents.roles,
                     documents_from_positions=documents.from_positions)
 
@@ -1323,6 +1323,12 @@ def _cross_check_documents(documents: _Documents, data_factors, bottom_right: bo
 def _buffers_named(nodes) -> str:
     names = ", ".join(f"`{n.name}`" for n in nodes)
     return f"buffer{'s' if len(nodes) > 1 else ''} {names}"
+
+
+def _from_buffers(speculated) -> str:
+    """The clause naming the module buffers a pattern was read off. Whether anything keeps that value true (a host
+    guard, the op's device check) depends on what the analyzer makes of the pattern: its reason says so."""
+    return f", proven from the value of {_buffers_named(speculated)}" if speculated else ""
 
 
 # Ops between a triangle and its use that keep which elements are nonzero, and those that negate it.
@@ -1455,7 +1461,7 @@ def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) 
     for factor in factors:
         if not isinstance(factor.value, fx.Node):
             if not bool(_visibility(torch.tensor(factor.value), factor).all()):
-                raise _Refusal(f"a constant factor hides every key")
+                raise _Refusal("a constant factor hides every key")
             continue
         if factor.polarity == "additive":
             raise _Refusal(f"{buffers} read at symbolic sizes in an additive mask: not read as a formula")
@@ -1491,7 +1497,7 @@ def _symbolic_pattern(factors: list[_Factor], q_len, k_len, facts: _GraphFacts) 
     if not upper:
         if lower:
             raise _Refusal(f"{buffers}: keys after the query are visible (no upper bound on j - i)")
-        return Visibility("none"), f"every key visible, proven for every size"
+        return Visibility("none"), "every key visible, proven for every size"
     (bound,) = upper
     tq, tk = facts.expr(q_len), facts.expr(k_len)
     if sympy.expand(bound) == 0:

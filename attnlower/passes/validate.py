@@ -13,7 +13,12 @@ they share, and evaluates the two on random values at that cut, in float64 on CP
   mask builders) are recomputed on both sides, so a proven causal mask keeps its real value;
 - float casts (to fp16 / bf16 / fp32) become casts to float64 on both sides and devices become CPU,
   so the comparison can be tight (`evaluate.TOLERANCE`); NaN positions must match exactly;
-- dropout is switched off on both sides (p = 0), which the report says.
+- dropout is switched off on both sides (p = 0), which the report says;
+- a module buffer the rewrite froze (`buffers.freeze`: a structure proven from its value) is a constant read
+  at its real value, so the draws check the op's structured path; where the op also checks the buffer on the
+  device (`verified`), one more evaluation changes the buffer on both sides and forces `verified` False, so
+  the op's dense fallback bias is checked against the source at a value it no longer holds the structure
+  (`_Pair.fallback_graphs`).
 
 A mismatch (or a rewrite that raises where the source computes) undoes the rewrite: the stage
 reroutes the users of the new output back to the old one, and the clean_up stage removes the new nodes.
@@ -23,6 +28,7 @@ are checked once per process (`verdicts.py`).
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import logging
@@ -38,6 +44,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from .buffers import frozen_buffers
 from .evaluate import (compare, constants_to_float64_cpu, is_attention_op, reference_ops, run_float64, score_shape,
                        to_float64_cpu)
 from .site import Context
@@ -643,7 +650,8 @@ class _Pair:
         checked_on = (f"float64 CPU, {count} input draws ({', '.join(styles)}) on inputs {shapes} "
                       f"at {self.sizes_note}, dropout off")
         skipped = []
-        for d, inputs in enumerate(self._draws(count)):
+        draws = self._draws(count)
+        for d, inputs in enumerate(draws):
             failure = self._compare(inputs)
             if failure.startswith(_SOURCE_RAISED):
                 # inputs outside the source's own domain (a drawn scalar under math.sqrt) say nothing
@@ -657,16 +665,63 @@ class _Pair:
                 return Verdict(False, checked_on, reason, repro)
         if len(skipped) == count:
             d, failure = skipped[0]
-            repro = write_repro(self, self._draws(count)[d], failure, repro_dir)
+            repro = write_repro(self, draws[d], failure, repro_dir)
             return Verdict(False, checked_on, f"translation validation could not run the source on any draw "
                                               f"({failure}); repro: {repro}", repro)
         if skipped:
             checked_on += (f" (draw{'s' if len(skipped) > 1 else ''} {', '.join(str(d) for d, _ in skipped)} "
                            f"skipped: the source itself raised on {'them' if len(skipped) > 1 else 'it'})")
+        ran = next(d for d in range(count) if d not in {d for d, _ in skipped})
+        fallback = self.fallback_graphs()
+        if fallback is not None:
+            # the site's op checks a module buffer on the device: its dense fallback is checked too, once
+            source, rewrite, buffers = fallback
+            failure = self._compare(draws[ran], (source, rewrite))
+            if failure:
+                repro = write_repro(self, draws[ran], failure, repro_dir, graphs=(source, rewrite))
+                names = ", ".join(f"`{b}`" for b in buffers) or "its buffer"
+                reason = (f"translation validation failed: the op's dense fallback, which it takes when its device "
+                          f"check finds {names} changed (`verified` False), differs from the source at such a value: "
+                          f"{failure} on draw {ran} ({styles[ran]}) [{shapes}] with {FALLBACK_CHANGE}, at "
+                          f"{self.sizes_note}; repro: {repro}")
+                return Verdict(False, checked_on, reason, repro)
+            checked_on += (f"; the op's dense fallback (`verified` False) once more, on draw {ran} with "
+                           f"{FALLBACK_CHANGE}")
         return Verdict(True, checked_on)
 
-    def _compare(self, inputs: list) -> str:
+    def fallback_graphs(self) -> tuple[fx.GraphModule, fx.GraphModule, list[str]] | None:
+        """(source, rewrite, buffer placeholder names): the pair to check the dense fallback of an op that checks
+        a module buffer on the device (`verified`, issue 22 class 1), or None when the rewrite has no such op.
+
+        Both sides read every buffer `buffers.freeze` made a constant at one changed value (`_changed`: what a
+        write through `.data` could leave, no longer the structure), and the rewrite's op gets `verified` False
+        whatever its check computes, so the bias it applies densely then (`Decision.fallback`) is what is compared:
+        a wrong fallback is refused even when no draw ever makes the check fail. One evaluation per such site."""
         old_gm, new_gm = self.graphs()
+        if not any(is_attention_op(n) and isinstance(n.kwargs.get("verified"), fx.Node) for n in new_gm.graph.nodes):
+            return None
+        frozen = frozen_buffers(self.gm)
+        read = sorted({n.target for gm in (old_gm, new_gm) for n in gm.graph.nodes
+                       if n.op == "get_attr" and n.target in frozen})
+        g = torch.Generator().manual_seed(0)
+        values = {t: _changed(getattr(new_gm, t) if hasattr(new_gm, t) else getattr(old_gm, t), g) for t in read}
+        graph = copy.deepcopy(new_gm.graph)
+        for n in list(graph.nodes):
+            if is_attention_op(n) and isinstance(n.kwargs.get("verified"), fx.Node):
+                with graph.inserting_before(n):
+                    failed = graph.call_function(aten.full.default, ([], False), {"dtype": torch.bool})
+                n.kwargs = {**n.kwargs, "verified": failed}
+        graph.eliminate_dead_code()      # the check itself is not run: its result is replaced
+        source = fx.GraphModule(old_gm, copy.deepcopy(old_gm.graph), class_name="Source")
+        rewrite = fx.GraphModule(new_gm, graph, class_name="Rewrite")
+        for target, value in values.items():
+            for module in (source, rewrite):
+                if hasattr(module, target):
+                    setattr(module, target, value)
+        return source, rewrite, [frozen[t].name for t in read]
+
+    def _compare(self, inputs: list, graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None) -> str:
+        old_gm, new_gm = graphs or self.graphs()
         with reference_ops():                    # one thread for the comparison too
             try:
                 want = run_float64(old_gm, _cloned(inputs))
@@ -736,6 +791,22 @@ def _cloned(inputs: list) -> list:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1]) if t.dim() else t.view(1, 1)
+
+
+# How the fallback check changes a buffer (`_changed`), in the report's words.
+FALLBACK_CHANGE = "each module buffer the op checks changed: its entries shuffled, its first row at its least entry"
+
+
+def _changed(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A value a write through `.data` could leave in a buffer a structure was proven from: its own entries
+    shuffled (a tril of ones: a random 0 / 1 mask of the same density; an ALiBi table: no longer a function of
+    j - i) and its first row (dim -2) at its least entry (a keep-mask's row with every key hidden: NaN in eager's
+    softmax, which the fallback must give too). Values of the buffer's own kind, so each masks as it did."""
+    flat = t.reshape(-1)
+    changed = flat[torch.randperm(flat.numel(), generator=g)].reshape(t.shape).clone()
+    if changed.dim() >= 2 and changed.numel():
+        changed.select(-2, 0).fill_(flat.min())
+    return changed
 
 
 def _draw(i: _Input, style: int, g: torch.Generator):
@@ -812,13 +883,15 @@ def _draw(i: _Input, style: int, g: torch.Generator):
 # --------------------------------------------------------------------------------------------
 # the repro
 
-def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) -> str:
-    """A runnable .py holding both subgraphs and the inputs on which they differ."""
+def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None,
+                graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None) -> str:
+    """A runnable .py holding both subgraphs (`graphs`, else the pair's) and the inputs on which they differ."""
     folder = repro_dir or tempfile.gettempdir()
     os.makedirs(folder, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix="attnlower_validate_", suffix=".py", dir=folder)
+    graphs = graphs or (pair.old_gm, pair.new_gm)
     consts = {}
-    for gm in (pair.old_gm, pair.new_gm):
+    for gm in graphs:
         for n in gm.graph.nodes:
             if n.op == "get_attr":
                 consts[n.target] = getattr(gm, n.target)
@@ -836,7 +909,7 @@ def write_repro(pair: _Pair, inputs: list, failure: str, repro_dir: str | None) 
                 "# the copies call SDPA by its math definition (evaluate.sdpa_reference): a leaf when traced\n"
                 "attnlower_passes_evaluate_sdpa_reference = sdpa_reference\n"
                 "torch.fx.wrap('attnlower_passes_evaluate_sdpa_reference')\n\n")
-        for gm in (pair.old_gm, pair.new_gm):
+        for gm in graphs:
             f.write(gm.print_readable(print_output=False))
             f.write("\n\n")
         f.write(f"DATA = {blob!r}\n\n")

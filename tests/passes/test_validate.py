@@ -648,3 +648,78 @@ def test_paged_chunk_rewrite_that_refuses_short_sequences_is_refused(monkeypatch
     assert not site.rewritten and site.reason.startswith("translation validation failed"), site.reason
     assert "shorter than its Tq=4 queries" in site.reason, site.reason
     assert _max_rel(got, want) < 1e-6
+
+
+# ---- a structure proven from a module buffer: the op's dense fallback is checked too (issue 22, class 1) ------
+
+def _buffer_case(name: str) -> M.Case:
+    """Buffer masks as projects write them (tests/spellings_issue22.py), as validation cases."""
+    import spellings_issue22 as S
+
+    torch.manual_seed(0)
+    model, args = {
+        "nanogpt": lambda: (S.NanoGPTAttention(), (S.randn(S.B, S.T, S.HIDDEN),)),
+        "gpt2-legacy": lambda: (S.GPT2LegacyAttention(), (S.randn(S.B, S.T, S.HIDDEN),)),
+        "gpt2-v4-fill": lambda: (S.GPT2V4Attention(), (S.randn(S.B, S.T, S.HIDDEN),)),
+        "gpt-neo-local": lambda: (S.GPTNeoSelfAttention(local=True), (S.randn(S.B, S.T, S.HIDDEN),)),
+        "xtransformers-alibi": lambda: (S.XTransformersAlibi(), tuple(S.randn(S.B, S.H, S.T, S.D, seed=i)
+                                                                      for i in range(3))),
+    }[name]()
+    return M.Case(model.eval(), M.Inputs(args), M.expect(1))
+
+
+FALLBACK_CHECKED = "the op's dense fallback (`verified` False) once more"
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "gpt2-legacy", "gpt2-v4-fill", "gpt-neo-local", "xtransformers-alibi"])
+def test_a_buffer_site_has_its_fallback_checked(name):
+    """Each site whose op checks a buffer on the device passes the draws at the buffer's real value (the structured
+    path) and one more evaluation with the buffer changed and `verified` False (the dense fallback)."""
+    c = _buffer_case(name)
+    reports, got, want = _compile(c)
+    (site,) = _sites(reports)
+    assert site.rewritten and site.spec["verified"], (site.op, site.reason)
+    assert FALLBACK_CHECKED in site.validated, site.validated
+    assert _max_rel(got, want) < c.expected.rtol
+
+
+def test_a_site_without_a_device_check_has_no_fallback_check():
+    reports, _, _ = _compile(M.handwritten("div"))
+    (site,) = _sites(reports)
+    assert site.rewritten and not site.spec["verified"] and FALLBACK_CHECKED not in site.validated, site.validated
+
+
+def _break_fallback(monkeypatch, edit):
+    """Make the analyzer's fallback bias wrong (the bias the op applies densely when its device check fails);
+    the structure, the check and everything at the buffer's real value stay right."""
+    fallback_bias = analyze_stage._fallback_bias
+
+    def broken(terms, finite, fill):
+        plan, fill = fallback_bias(terms, finite, fill)
+        return (edit(plan) if plan is not None else None), fill
+
+    monkeypatch.setattr(analyze_stage, "_fallback_bias", broken)
+
+
+def test_a_fallback_that_masks_with_a_finite_value_is_refused(monkeypatch, tmp_path):
+    """nanoGPT's `masked_fill(bias == 0, -inf)` as a fallback bias of -1 where masked: identical at the buffer's
+    real value (the check passes, the fallback never runs there), wrong once the buffer changes. Refused, and the
+    reason says it was the fallback."""
+    _break_fallback(monkeypatch, lambda plan: analyze_stage.BiasPlan(
+        kind="float", terms=[dataclasses.replace(t, value=-1.0) for t in plan.terms]))
+    reports, got, want = _compile(_buffer_case("nanogpt"), repro_dir=str(tmp_path))
+    (site,) = _assert_refused(reports, got, want, tmp_path, what="the op's dense fallback")
+    # (`model.bias`: the buffer as `_compile`'s closure reads it)
+    assert "device check finds `model.bias` changed (`verified` False)" in site.reason, site.reason
+    assert "its entries shuffled" in site.reason, site.reason
+    shown = _run_repro(site.validation_repro)      # the repro holds the changed buffer and the forced flag
+    assert shown.startswith(("max abs error", "NaN pattern differs")), shown
+
+
+def test_a_fallback_that_turns_a_finite_mask_into_minus_inf_is_refused(monkeypatch, tmp_path):
+    """GPT-2 4.2x's `where(bias, w, finfo.min)` as a bool keep-mask fallback: equal wherever a row keeps a key,
+    NaN where eager averages a row with every key hidden, which only a changed buffer gives (its emptied row)."""
+    _break_fallback(monkeypatch, lambda plan: dataclasses.replace(plan, kind="bool"))
+    reports, got, want = _compile(_buffer_case("gpt2-legacy"), repro_dir=str(tmp_path))
+    (site,) = _assert_refused(reports, got, want, tmp_path, what="the op's dense fallback")
+    assert "NaN pattern differs" in site.reason, site.reason

@@ -239,3 +239,102 @@ def test_op_choice_says_what_documents_do():
     bias = Site(0, "f.py:1 in f: x", "sdpa", op="flash_attention", reason="band+document mask passed as a bias",
                 spec={"documents": False, "bias_kind": "bool", "mask_kind": "band+document"})
     assert "needs the op's doc_ids" in op_choice(bias)
+
+
+# ---- a mask read off a module buffer: what keeps it true, said as it is (issue 22, class 1) ---------------
+
+class NanoGPTWithMasks(nn.Module):
+    """nanoGPT's attention (`register_buffer("bias", tril(...))`, `bias[:, :, :T, :T]`) as forks extend it: and-ed
+    with HF-style key padding (`attention_mask[:, None, None, :]`), or with packed sequences whose position ids
+    restart at 0 (a document mask)."""
+
+    def __init__(self, extra: str | None = None, block_size: int = 64):
+        super().__init__()
+        self.extra = extra
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, q, k, v, extra=None):
+        t = q.size(-2)
+        keep = self.bias[:, :, :t, :t] != 0
+        if self.extra == "padding":
+            keep = keep & extra.bool()[:, None, None, :]
+        elif self.extra == "documents":
+            doc = (extra == 0).cumsum(-1)
+            keep = keep & (doc[:, None, :, None] == doc[:, None, None, :])
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        return F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def _buffer_case(extra):
+    t = 37
+    q, k, v = _qkv(t, 16)
+    if extra == "padding":
+        data = torch.ones(2, t, dtype=torch.long)
+        data[0, :5] = 0
+    elif extra == "documents":
+        data = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in ((10, 20, 7), (30, 7))])
+    else:
+        data = None
+    return NanoGPTWithMasks(extra).eval(), (q, k, v) + ((data,) if data is not None else ())
+
+
+def _recompiles_after_an_in_place_write(model, args) -> int:
+    """Compile `model`, write its buffer in place (a value the causal pattern still holds), call again: how many
+    graphs the second call compiled (1: the host guard saw the write; 0: no guard on the buffer)."""
+    from attnlower.report.records import reports
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attnlower", options={"inner": "eager"})
+    compiled(*args)
+    start = len(reports())
+    with torch.no_grad():
+        model.bias[0, 0, 20, 3] = 0.0           # one key hidden from one query
+    torch.testing.assert_close(compiled(*args), model(*args), equal_nan=True)
+    return len(reports()) - start
+
+
+GUARDED = "guarded: a change to `self.bias` (in place, or a new tensor) recompiles"
+
+
+def test_a_buffer_structure_checked_on_the_device_says_guard_and_check():
+    """nanoGPT: causal from the buffer's value, behind the host guard and the op's device check."""
+    model, args = _buffer_case(None)
+    (report,) = attnlower.inspect(model, *args, options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.spec["causal"] and site.spec["verified"], str(report)
+    assert "proven from the value of buffer `self.bias`" in site.reason, site.reason
+    assert GUARDED in site.reason and "checked on the device each call" in site.reason, site.reason
+    assert "not checked on the device" not in site.reason and "no guard needed" not in site.reason, site.reason
+    assert _recompiles_after_an_in_place_write(model, args) == 1
+
+
+def test_a_buffer_structure_behind_the_host_guard_alone_says_so():
+    """nanoGPT with packed sequences: causal from the buffer, documents as doc_ids; the device check compares the
+    whole mask with the structure, so it is not made here: the reason names the guard and what it misses."""
+    model, args = _buffer_case("documents")
+    (report,) = attnlower.inspect(model, *args, options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.spec["causal"] and site.spec["documents"] and not site.spec["verified"], str(report)
+    assert "proven from the value of buffer `self.bias`" in site.reason, site.reason
+    assert GUARDED in site.reason, site.reason
+    assert re.search(r"not checked on the device \(.*documents.*\): a write through the buffer's `\.data` or a "
+                     r"NumPy alias is not seen", site.reason), site.reason
+    assert "checked on the device each call" not in site.reason, site.reason
+    assert _recompiles_after_an_in_place_write(model, args) == 1
+
+
+def test_a_buffer_mask_kept_as_the_bias_claims_no_guard():
+    """nanoGPT's buffer and-ed with key padding: the mask is the op's bias, read each call; nothing is guarded
+    (an in-place write recompiles nothing and is seen all the same), and the reason says so."""
+    model, args = _buffer_case("padding")
+    (report,) = attnlower.inspect(model, *args, options={"inner": "eager"})
+    (site,) = report.sites
+    assert site.mask == "causal+padding" and site.spec["bias_kind"] == "bool", str(report)
+    assert not site.spec["causal"] and not site.spec["verified"], str(report)
+    assert "proven from the value of buffer `self.bias`" in site.reason, site.reason
+    assert "guarded" not in site.reason and "recompiles" not in site.reason, site.reason
+    assert "checked on the device" not in site.reason, site.reason
+    assert "no guard needed: the op's bias reads `self.bias` each call" in site.reason, site.reason
+    assert "skips no key block (beside padding" in site.reason, site.reason
+    assert not INTERNAL.search(site.reason), site.reason
+    assert _recompiles_after_an_in_place_write(model, args) == 0
