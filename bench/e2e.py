@@ -41,6 +41,7 @@ from attnlower.compiler.backend import attnlower_backend  # noqa: E402  (no entr
 MODES = ["eager", "inductor", "inductor+cg", "attnlower", "attnlower+cg"]
 DTYPE = torch.bfloat16
 PROFILE = False   # --profile
+CPROFILE: str | None = None   # --cprofile MODE: where that mode's host time goes, per row
 SELECTED_MODES = list(MODES)   # --modes
 
 
@@ -382,12 +383,13 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="every GPT-2 shape (B 1/2/8 x T 128/1024)")
     p.add_argument("--out", default=str(Path(__file__).with_name("e2e")))
     p.add_argument("--profile", action="store_true", help="GPU busy, kernels and copies per call (torch.profiler)")
+    p.add_argument("--cprofile", choices=MODES, default=None, help="cProfile this mode's calls: where host time goes")
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="the columns to run")
     p.add_argument("--gpt2-impl", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa"])
     p.add_argument("--gpt2-shapes", nargs="+", default=None, metavar="BxT", help="e.g. 2x1024 8x128")
     args = p.parse_args(argv)
-    global PROFILE, SELECTED_MODES
-    PROFILE, SELECTED_MODES = args.profile, args.modes
+    global PROFILE, SELECTED_MODES, CPROFILE
+    PROFILE, SELECTED_MODES, CPROFILE = args.profile, args.modes, args.cprofile
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU")
         return 1
