@@ -119,6 +119,12 @@ def dedupe(text: str) -> str:
     """
     out, i = [], 0
     while i < len(text):
+        if text[i] == "`":   # code the report quotes (`doc = (pos == 0).cumsum(-1)`) is never cut
+            end = text.find("`", i + 1)
+            end = len(text) - 1 if end < 0 else end
+            out.append(text[i:end + 1])
+            i = end + 1
+            continue
         if text[i] != "(":
             out.append(text[i])
             i += 1

@@ -138,6 +138,14 @@ def test_dedupe_the_issue_example():
         == "causal (top-left), blocks above the diagonal skipped (SDPA is_causal=True)"
 
 
+def test_dedupe_never_cuts_quoted_code():
+    # a document mask's reason quotes its source line twice: the second quote kept whole (it read "`doc =.cumsum`")
+    code = "`doc = (pos == 0).cumsum(-1)` at model.py:3"
+    text = f"key j visible within the query's document: {code}[b, i]; documents {code} [1, 8] passed as doc_ids"
+    assert names.dedupe(text) == text
+    assert names.dedupe(f"{code} (pos == 0)") == f"{code}"      # a clause outside the quotes still goes
+
+
 def test_source_names():
     assert names.source_name("L_attention_mask_") == "attention_mask"
     assert names.source_name("L_self_modules_attn_buffers_bias_") == "self.attn.bias"
