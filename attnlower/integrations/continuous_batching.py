@@ -320,9 +320,10 @@ def decode_layout(kv: LayerKV, cu_q: torch.Tensor, cu_k: torch.Tensor, num_token
 
 @torch.compiler.disable   # the layout is cached per forward in Python; the op itself is opaque anyway
 def attend(module, query: torch.Tensor, kv: LayerKV, scaling: float | None, sliding_window: int | None,
-           softcap: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
+           softcap: float | None, kwargs: dict[str, Any], sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the packed queries `[1, Hq, N, D]` over HF's paged cache through `paged_attention`;
-    returns `[1, N, Hq, D]` as transformers' attention functions do."""
+    returns `[1, N, Hq, D]` as transformers' attention functions do. `sinks`: GPT-OSS's `s_aux`, one logit per
+    query head (the op adds it once per row; the padding rows it keeps from being empty are never read back)."""
     from attnlower import ops
 
     if query.shape[0] != 1:
@@ -338,7 +339,7 @@ def attend(module, query: torch.Tensor, kv: LayerKV, scaling: float | None, slid
     q_rows = query.new_zeros(rows, layout.segment, heads, head_dim)
     q_rows[layout.row_of_token, layout.slot_of_token] = query[0].transpose(0, 1)
     out = ops.paged_attention(q_rows.transpose(1, 2), kv.k_pool, kv.v_pool, layout.block_table, layout.seq_lens,
-                              scale=scaling, causal=True, window=window, softcap=float(softcap or 0.0))
+                              scale=scaling, causal=True, window=window, softcap=float(softcap or 0.0), sinks=sinks)
     stats[kv.source] += 1
     stats["decode_fast_path"] += kv.block_table is not None
     stats["query_tokens"] += num_tokens

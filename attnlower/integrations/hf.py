@@ -79,11 +79,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     extra = {} if sinks is None else {"sinks": sinks}
     serving = kwargs.get(continuous_batching.KV_KWARG)
     if serving is not None:   # transformers' continuous batching: its paged cache, read in place
-        if sinks is not None:
-            raise NotImplementedError("attn_implementation='attnlower' under transformers' continuous batching got "
-                                      "attention sinks (s_aux), which its paged path does not pass on yet; use "
-                                      "generate() with attnlower's PagedCache, or attn_implementation='eager'")
-        return continuous_batching.attend(module, query, serving, scaling, sliding_window, softcap, kwargs), None
+        return continuous_batching.attend(module, query, serving, scaling, sliding_window, softcap, kwargs,
+                                          sinks), None
     if kwargs.get("read_index") is not None and kwargs.get("cu_seq_lens_q") is not None:
         raise RuntimeError(f"attn_implementation='{NAME}' was called by transformers' continuous batching without "
                            "attnlower's cache update, so key/value are a dense copy of the cache; call "

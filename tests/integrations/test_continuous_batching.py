@@ -176,6 +176,22 @@ def test_gemma2_alternating_sliding_and_full_layers_with_softcap_match_paged_eag
     assert _generate(model, "attnlower", prompts) == _generate(model, "paged|eager", prompts)
 
 
+def test_gpt_oss_sinks_and_alternating_window_match_paged_eager(monkeypatch):
+    """GPT-OSS: a learned sink per head (`s_aux`, O(1) here) on sliding and full layers, read in place through
+    paged_attention(sinks=...); HF's own paged|eager adds the sink as a concatenated column."""
+    from spellings_issue21 import gpt_oss
+
+    model, prompts = gpt_oss("eager"), _prompts()
+    want = _generate(model, "paged|eager", prompts)
+    seen = []
+    real = attnlower.ops.paged_attention
+    monkeypatch.setattr(attnlower.ops, "paged_attention",
+                        lambda *a, **k: seen.append(k.get("sinks")) or real(*a, **k))
+    assert _generate(model, "attnlower", prompts) == want
+    assert seen and all(s is not None for s in seen)       # every layer's call took its sinks
+    assert {s.data_ptr() for s in seen} == {layer.self_attn.sinks.data_ptr() for layer in model.model.layers}
+
+
 def test_one_token_per_row_and_one_row_per_request_give_the_same_tokens(monkeypatch):
     """The query regrouping is a layout only: forcing any segment length changes no token."""
     model, prompts = _model("llama"), _prompts()

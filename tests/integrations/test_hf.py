@@ -295,14 +295,3 @@ def test_packed_rows_build_no_mask_and_pass_documents():
     assert build(batch_size=1, q_length=1, kv_length=5, q_offset=4) == "sdpa mask" and calls
     doc_ids = hf._documents({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])}, 5)
     assert doc_ids is not None and doc_ids.tolist() == [[0, 0, 1, 1, 1]], doc_ids
-
-
-
-def test_continuous_batching_with_sinks_is_refused():
-    """transformers' continuous batching reads its paged cache through a path that takes no sinks yet: s_aux there
-    raises instead of being dropped."""
-    from attnlower.integrations import continuous_batching
-
-    q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(NotImplementedError, match="continuous batching.*sinks"):
-        hf.attention_forward(_Module(), q, q, q, None, s_aux=torch.zeros(2), **{continuous_batching.KV_KWARG: object()})
