@@ -12,7 +12,8 @@
 #           rerun on CUDA through ATTNLOWER_TEST_DEVICE=cuda, plus the tests marked gpu (real sizes); names stream
 #           to the log (-v) and a junit file, so a run cut by its limit still says what failed. 194 s on 16
 #           cores (2026-12-04); test_sm90_compile.py is left out (ptxas only: CI runs it without a GPU).
-# e2e:      bench/e2e.py (every row group: ~8 minutes with --profile; E2E_ROWS picks some).
+# e2e:      bench/e2e.py (every row group: ~8 minutes with --profile; E2E_ROWS picks some, E2E_ARGS adds flags,
+#           e.g. "--cprofile attnlower").
 # serve:    bench/serve.py in fp32 (agreement without bf16 rounding, first tokens held to a plain forward).
 #           Needs transformers >= 5.25 (the GPU image has 5.17): WHEELS=<dir of wheels> installs them privately.
 # flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
@@ -37,7 +38,7 @@ for stage in $stages; do
         rc=$?; grep -E " (FAILED|ERROR) " "$OUT/gpu_tests.log" | sed 's/.*\] //' | sort -u | head -30
         tail -1 "$OUT/gpu_tests.log" ;;
     e2e)
-        timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py --profile --iters 10 --out "$OUT/e2e" ${E2E_ROWS:+--rows $E2E_ROWS} \
+        timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py --profile --iters 10 --out "$OUT/e2e" ${E2E_ROWS:+--rows $E2E_ROWS} ${E2E_ARGS:-} \
             >"$OUT/e2e.log" 2>&1; rc=$?; grep -E "x$|x,|fail|Error" "$OUT/e2e.log" | cut -c1-220 | tail -20 ;;
     serve)
         if [ -n "${WHEELS:-}" ]; then
