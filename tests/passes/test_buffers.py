@@ -36,24 +36,32 @@ def test_no_value_outside_a_dynamo_frame():
     assert static_value(buffer) is None
 
 
-def test_freeze_guards_and_replaces_the_reads():
-    seen = {}
-
+def _compiled_with(model, look):
+    """`model` compiled by a backend that hands `look(aten_graph, buffer_placeholder)` the aten graph of each frame
+    and its one marked buffer, then runs the graph as `look` left it."""
     def backend(gm, example_inputs):
         from attnlower.passes.canonicalize import to_aten
 
         aten = to_aten(gm, example_inputs)
         (buffer,) = [n for n in aten.graph.nodes if n.op == "placeholder" and STATIC_INPUT in n.meta]
-        seen["value"] = static_value(buffer)
-        constant = freeze(aten, buffer)
-        seen["constant"] = constant
-        seen["unused"] = not buffer.users
+        look(aten, buffer)
         aten.recompile()
         return aten
 
-    model = Holder()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend)
+
+
+def test_freeze_guards_and_replaces_the_reads():
+    seen = {}
+
+    def look(aten, buffer):
+        seen["value"] = static_value(buffer)
+        seen["constant"] = freeze(aten, buffer)
+        seen["unused"] = not buffer.users
+
+    model = Holder()
+    compiled = _compiled_with(model, look)
     x = torch.randn(4, 4)
     torch.testing.assert_close(compiled(x), model(x))
     assert seen["value"] is model.mask and seen["unused"]
@@ -72,22 +80,15 @@ def test_thaw_gives_the_reads_left_back_to_the_input():
 
     seen = {}
 
-    def backend(gm, example_inputs):
-        from attnlower.passes.canonicalize import to_aten
-
-        aten = to_aten(gm, example_inputs)
-        (buffer,) = [n for n in aten.graph.nodes if n.op == "placeholder" and STATIC_INPUT in n.meta]
+    def look(aten, buffer):
         constant = freeze(aten, buffer)
         seen["thawed"] = thaw(aten)
         seen["reads"] = len(buffer.users)
         seen["left"] = [n for n in aten.graph.nodes if n.op == "get_attr"] + [
             name for name, _ in aten.named_buffers() if name == constant.target]
-        aten.recompile()
-        return aten
 
     model = Holder()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
+    compiled = _compiled_with(model, look)
     x = torch.randn(4, 4)
     torch.testing.assert_close(compiled(x), model(x))
     assert seen == {"thawed": 1, "reads": 1, "left": []}, seen
