@@ -17,7 +17,7 @@ from .site import AttentionMatch, BiasPlan, Context, Decision, Refused, adjacent
 from .buffers import freeze
 from .layout import lift_to_problem
 from .visibility import masking_threshold
-from .vocabulary import reads_only_size, size_sources, sizes_equal, value_of
+from .vocabulary import SIZE_QUERIES, op_name, reads_only_size, size_sources, sizes_equal, value_of
 
 aten = torch.ops.aten
 
@@ -490,8 +490,8 @@ def _match_strides(emit: _Emitter, out: fx.Node, replaced: fx.Node) -> fx.Node:
     return emit(aten.permute.default, (x, inverse))
 
 
-# Readers for which the input's strides make no difference.
-_SIZE_READS = frozenset({aten.sym_size.int, aten.sym_numel.default})
+# The size queries whose answer does not depend on the layout (a stride or storage offset does).
+_LAYOUT_BLIND_QUERIES = SIZE_QUERIES - {"sym_stride", "stride", "sym_storage_offset"}
 
 
 def _strides_observed(node: fx.Node, value) -> bool:
@@ -502,7 +502,7 @@ def _strides_observed(node: fx.Node, value) -> bool:
     never can. Anything else (a result laid out differently and read by an op that is not walked, a view the new
     strides do not allow, a graph output: the caller sees it) can."""
     for user in node.users:
-        if user.target in _SIZE_READS:
+        if user.op == "call_function" and op_name(user) in _LAYOUT_BLIND_QUERIES:
             continue
         if user.target is aten.clone.default and user.kwargs.get("memory_format") == torch.contiguous_format:
             continue
@@ -534,18 +534,10 @@ _STRIDE_FOLLOWING = frozenset({
 
 def _static_call(args, kwargs) -> bool:
     """Every size, stride and integer argument of a call a plain int."""
-    static = True
-
-    def check(a):
-        nonlocal static
-        if isinstance(a, torch.Tensor):
-            static = static and all(type(x) is int for x in (*a.shape, *a.stride()))
-        elif isinstance(a, torch.SymInt):
-            static = False
-        return a
-
-    fx.node.map_aggregate((args, kwargs), check)
-    return static
+    leaves: list = []
+    fx.node.map_aggregate((args, kwargs), leaves.append)
+    return not any(isinstance(a, torch.SymInt) or isinstance(a, torch.Tensor) and not all(
+        type(x) is int for x in (*a.shape, *a.stride())) for a in leaves)
 
 
 def _same_strides(a, b) -> bool:
