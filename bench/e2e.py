@@ -108,6 +108,33 @@ def profile_step(fn, calls: int = 5, rewind=None) -> dict:
     return {"gpu_ms": busy / calls / 1e3, "kernels": kernels / calls, "copies": copies / calls}
 
 
+def host_profile(fn, calls: int = 20, rewind=None, top: int = 25) -> list[str]:
+    """Where the host time of `calls` calls of fn goes (cProfile, after warm-up; the GPU is synchronized once, at
+    the end): the `top` functions by own time, with µs per call of fn, as printable lines."""
+    import cProfile
+    import pstats
+
+    rewind = rewind or (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    rewind()
+    fn()
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        rewind()
+        fn()
+    profiler.disable()
+    sync()
+    stats = pstats.Stats(profiler).stats   # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    lines = [f"{'own us/call':>11} {'cum us/call':>11} {'n/call':>7}  function"]
+    for (file, line, func), (_, ncalls, own, cum, _) in rows:
+        where = f"{Path(file).name}:{line} {func}" if line else func
+        lines.append(f"{own / calls * 1e6:11.1f} {cum / calls * 1e6:11.1f} {ncalls / calls:7.1f}  {where}")
+    return lines
+
+
 def run_row(name: str, make_fn, iters: int, results: list, rewind=None) -> None:
     """One row: make_fn() timed in every selected mode; `rewind` as cuda_ms takes it."""
     row = {"row": name}
@@ -119,6 +146,9 @@ def run_row(name: str, make_fn, iters: int, results: list, rewind=None) -> None:
             row[mode] = cuda_ms(fn, iters, rewind)
             if PROFILE and mode != "eager":
                 row.setdefault("profile", {})[mode] = profile_step(fn, rewind=rewind)
+            if mode == CPROFILE:
+                row["cprofile"] = {mode: host_profile(fn, rewind=rewind)}
+                print(f"  cProfile of {name} [{mode}], per call:", *row["cprofile"][mode], sep="\n    ", flush=True)
         except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
             row[mode] = None
             row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
