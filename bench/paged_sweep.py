@@ -76,6 +76,19 @@ def timer(smoke: bool):
     return lambda fn: triton.testing.do_bench_cudagraph(fn, return_mode="median")
 
 
+def summary(row: dict, columns: bool = False) -> str:
+    """One batch size's plan choice and best candidate, each against cuDNN (a table line with `columns`)."""
+    best, cudnn, chosen = row["best"], row.get("cudnn_ms"), row["chosen"]
+    ratio = (lambda ms: f"{cudnn / ms:.2f}x" if cudnn and ms else "-")
+    best_text = (f"s{best['splits']} n{best['block_n']} st{best['stages']} w{best['warps']} {best['ms']:.4f}"
+                 if best else "-")
+    if columns:
+        return (f"{row['batch']:>4} {'s%d %.4f' % (chosen['splits'], chosen['ms']):>20} {best_text:>40} "
+                f"{cudnn or 0:>8.4f} {ratio(chosen['ms']):>12} {ratio(best['ms'] if best else None):>10}")
+    return (f"chosen s{chosen['splits']} {chosen['ms']:.4f} ms ({ratio(chosen['ms'])} cuDNN), best {best_text} ms "
+            f"({ratio(best['ms'] if best else None)} cuDNN), cuDNN {cudnn or 0:.4f} ms")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from attnlower.lowering.configs import KernelConfig
@@ -128,17 +141,13 @@ def main(argv=None) -> int:
         wrong = [c for c in row["candidates"] if c.get("error", "").startswith("wrong")]
         if wrong:
             print(f"B={batch}: {len(wrong)} candidate(s) WRONG: {wrong[:3]}", flush=True)
-        print(f"B={batch}: {len(timed)} of {len(row['candidates'])} candidates timed", flush=True)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+        print(f"B={batch}: {len(timed)} of {len(row['candidates'])} candidates timed; " + summary(row), flush=True)
+        if os.environ.get("OUT"):   # after every batch size: a run cut by its time limit keeps what it finished
+            Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps({"device": name, "rows": rows},
+                                                                              indent=1))
     print(f"{'B':>4} {'chosen':>20} {'best':>40} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
     for row in rows:
-        best, cudnn = row["best"], row.get("cudnn_ms")
-        ratio = (lambda ms: f"{cudnn / ms:.2f}x" if cudnn and ms else "-")
-        best_text = (f"s{best['splits']} n{best['block_n']} st{best['stages']} w{best['warps']} {best['ms']:.4f}"
-                     if best else "-")
-        print(f"{row['batch']:>4} {'s%d %.4f' % (row['chosen']['splits'], row['chosen']['ms']):>20} {best_text:>40} "
-              f"{cudnn or 0:>8.4f} {ratio(row['chosen']['ms']):>12} {ratio(best['ms'] if best else None):>10}")
+        print(summary(row, columns=True))
     return 1 if any(c.get("error", "").startswith("wrong") for r in rows for c in r["candidates"]) else 0
 
 
