@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--truth", action=argparse.BooleanOptionalAction, default=True,
                    help="hold every generated token to an fp32 eager forward of its sequence (`greedy ok`)")
     p.add_argument("--tie", type=float, default=None,
-                   help="logit gap still counted greedy (default: 1e-3 in float32, 0.25 in bfloat16)")
+                   help="logit gap still counted greedy. Defaults from the H200 (2026-12-04, 64-256 requests): "
+                        "1e-3 in float32 (attnlower's worst gap there 1.7e-6), 0.25 in bfloat16 (attnlower's and "
+                        "sdpa's worst gaps 0.10-0.13: bf16 rounding of a 16-layer model)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="float32 (TF32 off) checks agreement: bf16's rounding splits greedy paths of a random model")
     p.add_argument("--smoke", action="store_true",
