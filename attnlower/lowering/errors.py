@@ -119,9 +119,14 @@ class _DeviceFlags:
         if device.type == "cuda":
             # device="cpu" explicitly: under torch.set_default_device("cuda") a bare zeros() is a CUDA tensor,
             # which cannot be pinned (seen on an H200 with ATTNLOWER_TEST_DEVICE=cuda)
-            self.host = torch.zeros((_RING, 4), dtype=torch.int32, device="cpu").pin_memory()
-            self.host_view = self.host.numpy()  # reads without dispatching a torch op
-            self.last_slot = 0
+            self.attach_ring(torch.zeros((_RING, 4), dtype=torch.int32, device="cpu").pin_memory())
+
+    def attach_ring(self, host: torch.Tensor) -> None:
+        """Keep the per-call copies of the flags in `host` (int32 [_RING, 4], pinned on CUDA)."""
+        self.host = host
+        self.host_view = host.numpy()      # reads without dispatching a torch op
+        self.host_slots = host.unbind(0)   # one view per slot, made once: indexing per call is a torch op
+        self.last_slot = 0
 
     def after_launch(self, q_shape=None) -> None:
         self.calls += 1
@@ -133,7 +138,7 @@ class _DeviceFlags:
             # check_errors(), which reads the device flags themselves.
             slot = self.calls % _RING
             self.slot_calls[slot] = (self.calls, q_shape)
-            self.host[slot].copy_(self.flags, non_blocking=True)
+            self.host_slots[slot].copy_(self.flags, non_blocking=True)
             self.last_slot = slot
 
     def before_launch(self) -> None:

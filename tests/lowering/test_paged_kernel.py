@@ -395,8 +395,7 @@ def test_lazy_report_names_the_first_bad_call(monkeypatch):
     from attnlower.lowering import errors
 
     flags = errors._DeviceFlags(torch.device("cpu"))
-    flags.host = torch.zeros((errors._RING, 4), dtype=torch.int32, device="cpu")   # stands for the pinned ring
-    flags.host_view, flags.last_slot = flags.host.numpy(), 0
+    flags.attach_ring(torch.zeros((errors._RING, 4), dtype=torch.int32, device="cpu"))   # stands for the pinned ring
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for call in (1, 2):
         flags.before_launch()                       # nothing seen yet
