@@ -26,8 +26,9 @@ Symbols: as in flash_fwd.py, plus
                           dV by _bwd_dv_fill_inner for the tiles where some row's exp(fill - lse) is not 0
   DocIds, Bounds          HAS_DOCS: as in flash_fwd.py; the dQ kernel visits the forward's document range, the dK/dV
                           kernel the query blocks holding the key block's documents (_doc_query_range)
-  Verified                HAS_VERIFIED: as in flash_fwd.py (the fallback visits every block; dS is written to the
-                          bias gradient only in the fallback, where the bias was used)
+  Verified                HAS_VERIFIED: as in flash_fwd.py (each program picks one of two loops from the flag; the
+                          fallback visits every block; dS is written to the bias gradient only in the fallback, where
+                          the bias was used: the proven structure leaves the launcher's zeros)
   Sinks, DSinks           HAS_SINKS: lse includes the sink, so P and dS need nothing more; WRITE_DSINKS: the dQ
                           kernel writes each row's -exp(sink - lse) * delta to DSinks (fp32 [B, Hq, Tq]), which the
                           launcher sums over (B, Tq) into dsinks [Hq] (deterministic)
@@ -98,14 +99,13 @@ def _in_fill_frame(lse2, fill_log2):
 
 
 @triton.jit
-def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, fallback, sink2, frame, lo, hi, offs_m, offs_d,
+def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m, offs_d,
                     stride_kn, stride_kd, stride_bm, stride_bn, stride_dn,
                     sm_scale, softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HEAD_DIM_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """L_i = log2 sum_j 2^(s_ij - frame_i) of each row, recomputed over the forward's key blocks [lo, hi) (every
     tile masked) plus the filled keys of the blocks it skipped ([0, lo) and [cdiv(hi), Tk), counted: each is the
     fill) and the sink (sink2, log2 units). Exact where the stored lse rounded log(n) away (a row at the fill:
@@ -125,9 +125,8 @@ def _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, fallback, sink
         doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, _, _ = _scores(_dot(q, kt, None, DOT_PRECISION), offs_m, offs_n,
                           bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback, N_CTX_Q,
-                          N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, HAS_DOCS,
-                          HAS_VERIFIED, True)
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
+                          N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, True, HAS_DOCS, True)
         _, _, m, l = _online_softmax_step(s - frame[:, None], m, l)
     if IS_CAUSAL or HAS_DOCS:
         skipped = (lo + tl.maximum(N_CTX_K - tl.cdiv(hi, BLOCK_N) * BLOCK_N, 0)).to(tl.float32)
@@ -205,7 +204,7 @@ def _score_grad(p, dp, delta, filled, HAS_FILL: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
-                    slope, doc_base, doc_k, fallback, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d,
+                    slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo, hi, offs_n, offs_d,
                     offs_dv,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
                     stride_dsm, stride_dsn, stride_dn,
@@ -214,7 +213,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr, WRITE_DS: tl.constexpr,
+                    HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DS: tl.constexpr,
                     MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dk, dv of one key block over the query blocks [lo, hi) of one query head."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -230,9 +229,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
         doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback,
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k,
                                N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
-                               HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
+                               HAS_DOCS, MASK_EDGES)
         lse2 = _load_lse2(lse_base, offs_m, offs_m, N_CTX_Q)
         frame = 0.0
         if HAS_FILL:
@@ -252,14 +251,40 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delt
         ds = _score_grad(p, dp, delta, filled, HAS_FILL)
         if WRITE_DS:
             ds_ptrs = ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :] * stride_dsn
-            ds_bias = ds
-            if HAS_VERIFIED:
-                ds_bias = tl.where(fallback, ds, 0.0)   # the structure verified: the bias was not used
-            tl.store(ds_ptrs, ds_bias.to(ds_base.dtype.element_ty),
+            tl.store(ds_ptrs, ds.to(ds_base.dtype.element_ty),
                      mask=(offs_m[:, None] < N_CTX_Q) & (offs_n[None, :] < N_CTX_K))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_spans(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
+                slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo, full_lo, full_hi, hi,
+                offs_n, offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                stride_dsm, stride_dsn, stride_dn, sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
+                N_CTX_Q, N_CTX_K, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One key block's loop over one query head's spans: 0 the causal-diagonal blocks (masked; empty when not
+    causal), 1 the interior blocks (no element masks), 2 the window-edge / Tq-tail blocks (masked)."""
+    for span in tl.static_range(3):
+        if IS_CAUSAL or span != 0:
+            start, end = _span(span, lo, full_lo, full_hi, hi)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base,
+                                     bias_base, ds_base, slope, doc_base, doc_k,
+                                     seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
+                                     offs_dv,
+                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                                     stride_dsm, stride_dsn, stride_dn,
+                                     sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
+                                     N_CTX_Q, N_CTX_K, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                                     HAS_SOFTCAP, HAS_ALIBI,
+                                     BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
+                                     WRITE_DS, span != 1, DOT_PRECISION)
     return dk, dv
 
 
@@ -357,23 +382,34 @@ def _flash_bwd_dkdv_kernel(
         delta_base = Delta + off_hz * N_CTX_Q
         bias_base = Bias + off_z * stride_bz + off_h * stride_bh
         ds_base = DS + off_z * stride_dsz + off_h * stride_dsh
-        slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
-        # span 0: causal-diagonal blocks (masked; empty when not causal), 1: interior blocks (no
-        # element masks), 2: window-edge / Tq-tail blocks (masked)
-        for span in tl.static_range(3):
-            if IS_CAUSAL or span != 0:
-                start, end = _span(span, lo, full_lo, full_hi, hi)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base,
-                                         bias_base, ds_base, slope, doc_base, doc_k, fallback,
-                                         seed, rng_lo, rng_hi, off_hz, start_n, start, end, offs_n, offs_d,
-                                         offs_dv,
-                                         stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                         stride_dsm, stride_dsn, stride_dn,
-                                         sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
-                                         N_CTX_Q, N_CTX_K, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
-                                         HAS_SOFTCAP, HAS_ALIBI,
-                                         BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
-                                         HAS_VERIFIED, WRITE_DS, span != 1, DOT_PRECISION)
+        slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, HAS_ALIBI)
+        # HAS_VERIFIED: the flag picks the query loop once per program (flash_fwd.py's header, Verified); the
+        # proven structure never used the bias, so its gradient stays the launcher's zeros (WRITE_DS off there)
+        if HAS_VERIFIED:
+            if fallback:
+                dk, dv = _dkdv_spans(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base,
+                                     ds_base, slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo,
+                                     full_lo, full_hi, hi, offs_n, offs_d, offs_dv, stride_qm, stride_qd, stride_dom,
+                                     stride_dod, stride_bm, stride_bn, stride_dsm, stride_dsn, stride_dn, sm_scale,
+                                     softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M,
+                                     HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, False, BIAS_KIND,
+                                     False, False, HAS_DROPOUT, HAS_FILL, HAS_DOCS, WRITE_DS, DOT_PRECISION)
+            else:
+                dk, dv = _dkdv_spans(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base,
+                                     ds_base, slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo,
+                                     full_lo, full_hi, hi, offs_n, offs_d, offs_dv, stride_qm, stride_qd, stride_dom,
+                                     stride_dod, stride_bm, stride_bn, stride_dsm, stride_dsn, stride_dn, sm_scale,
+                                     softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M,
+                                     HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI, 0,
+                                     IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, False, DOT_PRECISION)
+        else:
+            dk, dv = _dkdv_spans(dk, dv, k, v, q_base, do_base, lse_base, lse_fill_base, delta_base, bias_base, ds_base,
+                                 slope, doc_base, doc_k, seed, rng_lo, rng_hi, off_hz, start_n, lo, full_lo, full_hi,
+                                 hi, offs_n, offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm,
+                                 stride_bn, stride_dsm, stride_dsn, stride_dn, sm_scale, softcap, diag_offset, window,
+                                 dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                                 HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT,
+                                 HAS_FILL, HAS_DOCS, WRITE_DS, DOT_PRECISION)
         if HAS_FILL and (IS_CAUSAL or HAS_DOCS):
             # the skipped query blocks [0, lo) and [cdiv(hi), Tq) see this key block only as filled pairs
             hi_up = tl.cdiv(hi, BLOCK_M) * BLOCK_M
@@ -401,7 +437,7 @@ def _flash_bwd_dkdv_kernel(
 # The mirror of _bwd_dkdv_inner (key blocks for one query block): a @triton.jit function spells out its every
 # argument, so the two signatures and loop heads stay alike; what both compute is shared (_recompute_p, _score_grad).
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, fallback, seed,
+def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
                   rng_lo, rng_hi, off_hz, lo, hi, offs_m, offs_d, offs_dv,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                   sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
@@ -409,7 +445,7 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
                   HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr,
+                  HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
                   MASK_EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dq of one query block over the key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -425,9 +461,9 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
         doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, t, filled = _scores(qk, offs_m, offs_n,
                                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback,
+                               slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k,
                                N_CTX_Q, N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL,
-                               HAS_DOCS, HAS_VERIFIED, MASK_EDGES)
+                               HAS_DOCS, MASK_EDGES)
         p = _recompute_p(s, lse2, frame, HAS_FILL)
         dp = _dot(do, vt, None, DOT_PRECISION)
         if HAS_DROPOUT:
@@ -437,6 +473,30 @@ def _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slop
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_spans(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+              rng_lo, rng_hi, off_hz, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
+              sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block's loop over the forward's spans: window lower-edge (masked), interior (no element masks),
+    diagonal / Tk tail (masked)."""
+    for span in tl.static_range(3):
+        if HAS_WINDOW or span != 0:
+            start, end = _span(span, lo, full_lo, full_hi, hi)
+            dq = _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q,
+                               seed, rng_lo, rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
+                               sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
+                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
+                               span != 1, DOT_PRECISION)
     return dq
 
 
@@ -482,7 +542,7 @@ def _flash_bwd_dq_kernel(
     v_base = V + off_z * stride_vz + off_hkv * stride_vh
     bias_base = Bias + off_z * stride_bz + off_h * stride_bh
     fallback = _load_fallback(Verified, HAS_VERIFIED)
-    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
+    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _kv_block_range(start_m, N_CTX_K, diag_offset, window,
@@ -504,29 +564,54 @@ def _flash_bwd_dq_kernel(
         in_frame = _in_fill_frame(lse2, fill_log2)
         frame = tl.where(in_frame, fill_log2, 0.0)
         if tl.max(in_frame.to(tl.int32), 0) > 0:
-            lse2 = tl.where(in_frame, _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, fallback, sink2,
-                                                      frame, lo, hi, offs_m, offs_d, stride_kn, stride_kd, stride_bm,
-                                                      stride_bn, stride_dn, sm_scale, softcap, diag_offset, window,
-                                                      fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                      HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL,
-                                                      HAS_WINDOW, HAS_SINKS, HAS_DOCS, HAS_VERIFIED, DOT_PRECISION),
-                            lse2)
+            if HAS_VERIFIED:   # as the key loop below: the flag picks the code once
+                if fallback:
+                    framed = _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m,
+                                             offs_d, stride_kn, stride_kd, stride_bm, stride_bn, stride_dn, sm_scale,
+                                             softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M,
+                                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, False, BIAS_KIND, False,
+                                             False, HAS_SINKS, HAS_DOCS, DOT_PRECISION)
+                else:
+                    framed = _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m,
+                                             offs_d, stride_kn, stride_kd, stride_bm, stride_bn, stride_dn, sm_scale,
+                                             softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M,
+                                             BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, 0, IS_CAUSAL,
+                                             HAS_WINDOW, HAS_SINKS, HAS_DOCS, DOT_PRECISION)
+            else:
+                framed = _fill_frame_lse(q, k_base, bias_base, slope, doc_base, doc_q, sink2, frame, lo, hi, offs_m,
+                                         offs_d, stride_kn, stride_kd, stride_bm, stride_bn, stride_dn, sm_scale,
+                                         softcap, diag_offset, window, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_M, BLOCK_N,
+                                         HEAD_DIM, HEAD_DIM_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL,
+                                         HAS_WINDOW, HAS_SINKS, HAS_DOCS, DOT_PRECISION)
+            lse2 = tl.where(in_frame, framed, lse2)
         tl.store(LseFill + row, lse2, mask=offs_m < N_CTX_Q)
     if WRITE_DSINKS:
         # the sink's probability exp(sink - lse) (in the row's frame), times -delta; 0 on empty rows and past Tq
         tl.static_assert(HAS_SINKS, "WRITE_DSINKS needs the sinks")
         tl.store(DSinks + row, -tl.math.exp2((sink2 - frame) - lse2) * delta, mask=offs_m < N_CTX_Q)
-    # the forward's spans: window lower-edge (masked), interior (no element masks), diagonal / Tk tail (masked)
-    for span in tl.static_range(3):
-        if HAS_WINDOW or span != 0:
-            start, end = _span(span, lo, full_lo, full_hi, hi)
-            dq = _bwd_dq_inner(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q,
-                               fallback, seed, rng_lo, rng_hi, off_hz, start, end, offs_m, offs_d, offs_dv,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
-                               sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
-                               BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, HAS_VERIFIED,
-                               span != 1, DOT_PRECISION)
+    # HAS_VERIFIED: the flag picks the key loop once per program (flash_fwd.py's header, Verified)
+    if HAS_VERIFIED:
+        if fallback:
+            dq = _dq_spans(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                           rng_lo, rng_hi, off_hz, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv, stride_kn,
+                           stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn, sm_scale, softcap,
+                           diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                           HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, False, BIAS_KIND, False, False, HAS_DROPOUT,
+                           HAS_FILL, HAS_DOCS, DOT_PRECISION)
+        else:
+            dq = _dq_spans(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                           rng_lo, rng_hi, off_hz, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv, stride_kn,
+                           stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn, sm_scale, softcap,
+                           diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                           HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI, 0, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT,
+                           HAS_FILL, HAS_DOCS, DOT_PRECISION)
+    else:
+        dq = _dq_spans(dq, q, do, lse2, frame, delta, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo,
+                       rng_hi, off_hz, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
+                       stride_vn, stride_vd, stride_bm, stride_bn, stride_dn, sm_scale, softcap, diag_offset, window,
+                       dropout_p, fill_log2, N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                       HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL,
+                       HAS_DOCS, DOT_PRECISION)
 
     dq = dq * sm_scale
     mask = offs_m[:, None] < N_CTX_Q

@@ -19,9 +19,12 @@ Symbols used by every function in this file (and by flash_bwd.py, which imports 
                        (lowering/documents.py); a query block visits only the key blocks of its rows' documents
                        (_doc_key_range), every tile masked
   Verified             HAS_VERIFIED (issue 22, class 1): one bool on the device. True: IS_CAUSAL / HAS_WINDOW /
-                       HAS_ALIBI describe the call and the bias is not read (its loads masked off); False
-                       (`fallback`): the bias alone over every key block (causal / window / alibi ignored). One
-                       launch, the flag read by each program: no host sync, CUDA-graph safe
+                       HAS_ALIBI describe the call and the bias is never read; False (`fallback`): the bias alone
+                       over every key block (causal / window / alibi ignored). One launch, the flag read by each
+                       program (no host sync, CUDA-graph safe), which then runs one of two key loops, each compiled
+                       as a call without the other's mask code. (A tile carrying both, its bias loads masked off and
+                       the two structures merged per element, made the forward kernel 1.74x, dQ 1.49x and dK/dV
+                       1.22x slower than a plain causal call: H200, nanoGPT-124M training, D=64, 2026-12-04.)
   Sinks                HAS_SINKS: one logit per query head (any float dtype, read as fp32) at h * stride_sink:
                        a virtual key with a zero value, so the online softmax starts from m_i = sink * log2(e),
                        l_i = 1, acc = 0 (l_i = 0 for a -inf sink); no row is then empty, and lse includes it
@@ -97,19 +100,16 @@ def _dropout_keep(seed, rng_lo, rng_hi, off_hz, offs_m, offs_n, N_CTX_K, dropout
 
 @triton.jit
 def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset, window, fill_log2,
-            doc_q, doc_k, fallback, N_CTX_Q, N_CTX_K,
+            doc_q, doc_k, N_CTX_Q, N_CTX_K,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
-            HAS_VERIFIED: tl.constexpr, MASK_EDGES: tl.constexpr):
+            MASK_EDGES: tl.constexpr):
     """Steps 1-5 of the semantics on one [BLOCK_M, BLOCK_N] tile of q·k (fp32).
 
     Returns (s, t, filled): s in log2 units with -inf where masked (fill_log2 in fill mode; keys past Tk are
     -inf either way), t = tanh(scale * qk / softcap) (the backward needs it for the soft-cap derivative;
     equal to s when HAS_SOFTCAP is off), filled the pairs whose score is the fill (HAS_FILL; otherwise t,
     unused: their gradient is 0).
-    HAS_VERIFIED: `fallback` (a scalar bool, the negated `verified` flag) switches between the proven structure
-    (causal / window / alibi; the bias is not read: its loads are masked off) and the bias alone (causal / window
-    / alibi ignored; the caller zeroed the slope and visits every block).
     MASK_EDGES: the tile may cross Tk or the causal / window edges, so those masks are applied;
     interior tiles skip them (the block ranges guarantee every pair there is visible). HAS_DOCS: doc_q [BLOCK_M]
     and doc_k [BLOCK_N] are the rows' and keys' document ids; pairs of two documents are masked (only under
@@ -130,12 +130,8 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
         filled = (offs_m[:, None] < 0) & (offs_n[None, :] < 0)   # all False
     if BIAS_KIND != 0:
         in_bounds = (offs_m[:, None] < N_CTX_Q) & (offs_n[None, :] < N_CTX_K)
-        if HAS_VERIFIED:   # the structure is proven: no byte of the mask is read (a where: Triton 3.9's interpreter
-            in_bounds = tl.where(fallback, in_bounds, False)   # rejects a load mask `&`-ed with a loaded bool)
         if BIAS_KIND == 1:
             keep = tl.load(bias_ptrs, mask=in_bounds, other=0) != 0
-            if HAS_VERIFIED:
-                keep = keep | (fallback == 0)
             if HAS_FILL:
                 filled = keep == 0
             else:
@@ -152,26 +148,16 @@ def _scores(qk, offs_m, offs_n, bias_ptrs, slope, sm_scale, softcap, diag_offset
                 hidden = hidden | (offs_n[None, :] > offs_m[:, None] + diag_offset)
             if HAS_WINDOW:
                 hidden = hidden | (offs_n[None, :] <= offs_m[:, None] + diag_offset - window)
-            if HAS_VERIFIED:
-                hidden = hidden & (fallback == 0)
             if HAS_DOCS:
                 hidden = hidden | (doc_q[:, None] != doc_k[None, :])
             filled = (filled | hidden) & in_k
             s = tl.where(filled, fill_log2, tl.where(in_k, s, float("-inf")))
         else:
-            if HAS_VERIFIED:
-                kept = offs_n[None, :] >= 0   # the pairs causal / window keep, all of them in the fallback
-                if IS_CAUSAL:
-                    kept = kept & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
-                if HAS_WINDOW:
-                    kept = kept & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
-                visible = in_k & (kept | fallback)
-            else:
-                visible = in_k
-                if IS_CAUSAL:
-                    visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
-                if HAS_WINDOW:
-                    visible = visible & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
+            visible = in_k
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > offs_m[:, None] + diag_offset - window)
             if HAS_DOCS:
                 visible = visible & (doc_q[:, None] == doc_k[None, :])
             s = tl.where(visible, s, float("-inf"))
@@ -279,7 +265,7 @@ def _doc_key_range(bounds_base, start_m, lo, hi, N_CTX_Q, N_CTX_K, diag_offset,
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, fallback, seed, rng_lo, rng_hi,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo, rng_hi,
                off_hz, start_m, lo, hi, offs_m, offs_d, offs_dv,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
                sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
@@ -287,7 +273,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc
                HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_VERIFIED: tl.constexpr, MASK_EDGES: tl.constexpr,
+               HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_EDGES: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over key blocks [lo, hi) of one query block. The one loop body of
     the forward: the kernel walks each span of the block range through it, MASK_EDGES off only
@@ -303,12 +289,39 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc
         doc_k = _load_docs(doc_base, offs_n, N_CTX_K, stride_dn, HAS_DOCS)
         s, _, _ = _scores(qk, offs_m, offs_n,
                           bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, fallback, N_CTX_Q,
+                          slope, sm_scale, softcap, diag_offset, window, fill_log2, doc_q, doc_k, N_CTX_Q,
                           N_CTX_K, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_FILL, HAS_DOCS,
-                          HAS_VERIFIED, MASK_EDGES)
+                          MASK_EDGES)
         acc, l_i, m_i = _fwd_accumulate(acc, l_i, m_i, s, v_base, seed, rng_lo, rng_hi, off_hz, offs_m, offs_n,
                                         offs_dv, stride_vn, stride_vd, dropout_p, N_CTX_K, HEAD_DIM_V,
                                         HEAD_DIM_V_PAD, HAS_DROPOUT, MASK_EDGES, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_spans(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo, rng_hi,
+               off_hz, start_m, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
+               sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, HAS_FILL: tl.constexpr, HAS_DOCS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One query block's key loop over the spans of its block range: 0 the window's lower-edge blocks (masked;
+    empty without a window), 1 the interior blocks (no element masks), 2 the causal-diagonal / Tk-tail blocks
+    (masked)."""
+    for span in tl.static_range(3):
+        if HAS_WINDOW or span != 0:
+            start, end = _span(span, lo, full_lo, full_hi, hi)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                                       rng_lo, rng_hi, off_hz, start_m, start, end, offs_m, offs_d, offs_dv,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
+                                       sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
+                                       N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                                       HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
+                                       BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
+                                       span != 1, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -423,15 +436,12 @@ def _query_block_program(H, GROUP, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI: tl.constexpr,
-                 HAS_VERIFIED: tl.constexpr):
-    """Query head off_h's ALiBi slope in fp32; 0.0 without alibi, and where the verified structure falls back
-    (alibi is part of the proven structure)."""
+def _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, HAS_ALIBI: tl.constexpr):
+    """Query head off_h's ALiBi slope in fp32; 0.0 without alibi (a verified structure's fallback passes HAS_ALIBI
+    False to its tiles: alibi is part of the proven structure)."""
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh).to(tl.float32)
-        if HAS_VERIFIED:
-            slope = tl.where(fallback, 0.0, slope)
     return slope
 
 
@@ -471,7 +481,7 @@ def _flash_fwd_kernel(
     doc_q = _load_docs(doc_base, offs_m + diag_offset, N_CTX_Q + diag_offset, stride_dn, HAS_DOCS)
 
     fallback = _load_fallback(Verified, HAS_VERIFIED)
-    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, fallback, HAS_ALIBI, HAS_VERIFIED)
+    slope = _alibi_slope(Slopes, off_z, off_h, stride_sz, stride_sh, HAS_ALIBI)
 
     # load q: it stays in registers / SRAM for the whole key loop
     q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -487,20 +497,31 @@ def _flash_fwd_kernel(
     if HAS_DOCS:   # only the key blocks of the rows' documents (device-side bounds), every tile masked
         lo, full_lo, full_hi, hi = _doc_key_range(Bounds + off_z * stride_boz, start_m, lo, hi, N_CTX_Q, N_CTX_K,
                                                   diag_offset, BLOCK_M, BLOCK_N)
-    # span 0: window lower-edge blocks (masked; empty without a window), 1: interior blocks (no
-    # element masks), 2: causal-diagonal / Tk-tail blocks (masked)
-    for span in tl.static_range(3):
-        if HAS_WINDOW or span != 0:
-            start, end = _span(span, lo, full_lo, full_hi, hi)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q,
-                                       fallback, seed, rng_lo, rng_hi, off_hz, start_m, start, end, offs_m, offs_d,
-                                       offs_dv,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
-                                       sm_scale, softcap, diag_offset, window, dropout_p, fill_log2,
-                                       N_CTX_Q, N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-                                       HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
-                                       BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
-                                       HAS_VERIFIED, span != 1, DOT_PRECISION)
+    # HAS_VERIFIED: the flag picks the key loop once per program, not per tile (Verified, in the header)
+    if HAS_VERIFIED:
+        if fallback:   # the bias alone over every key block (all masked): causal / window / alibi ignored
+            acc, l_i, m_i = _fwd_spans(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                                       rng_lo, rng_hi, off_hz, start_m, lo, full_lo, full_hi, hi, offs_m, offs_d,
+                                       offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                       stride_dn, sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q,
+                                       N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                                       HAS_SOFTCAP, False, BIAS_KIND, False, False, HAS_DROPOUT, HAS_FILL, HAS_DOCS,
+                                       DOT_PRECISION)
+        else:          # the proven structure, no bias code at all
+            acc, l_i, m_i = _fwd_spans(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed,
+                                       rng_lo, rng_hi, off_hz, start_m, lo, full_lo, full_hi, hi, offs_m, offs_d,
+                                       offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                       stride_dn, sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q,
+                                       N_CTX_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                                       HAS_SOFTCAP, HAS_ALIBI, 0, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL,
+                                       HAS_DOCS, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_spans(acc, l_i, m_i, q, k_base, v_base, bias_base, slope, doc_base, doc_q, seed, rng_lo,
+                                   rng_hi, off_hz, start_m, lo, full_lo, full_hi, hi, offs_m, offs_d, offs_dv,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dn,
+                                   sm_scale, softcap, diag_offset, window, dropout_p, fill_log2, N_CTX_Q, N_CTX_K,
+                                   BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, HAS_SOFTCAP, HAS_ALIBI,
+                                   BIAS_KIND, IS_CAUSAL, HAS_WINDOW, HAS_DROPOUT, HAS_FILL, HAS_DOCS, DOT_PRECISION)
     if HAS_FILL and (IS_CAUSAL or HAS_DOCS):
         # the skipped key blocks [0, lo) and [cdiv(hi), Tk) hold only filled pairs: added when a row still
         # weighs them (a row with nothing visible averages every key), else skipped exactly
