@@ -144,13 +144,20 @@ _PAGED_MIN_BLOCK_M = 16
 # [16, 512] fp32 accumulator. Unmeasured starting point (no GPU this session), fits sm_90
 # (tests/lowering/sm90_compile.py --fits); sweep with bench/paged.py --mla.
 _PAGED_MAX_BLOCK_M = {128: 64, 256: 32, 512: 16}        # keyed by padded head dim upper bound
-# Key tokens per tile: 64 keeps K+V tiles of 2 stages at 64 KB (bf16, D=128) on Hopper.
-# unmeasured starting point (no GPU this session); sweep with bench/paged.py
+# Key tokens per tile: 64 keeps K+V tiles of 2 stages at 64 KB (bf16, D=128) on Hopper; wider heads take 32 to stay
+# within sm_90's shared memory (tests/lowering/sm90_compile.py --fits). Unmeasured for tiles of more than 16 rows
+# (chunked prefill); decode tiles below.
 _PAGED_BLOCK_N = {128: 64, 256: 32, 512: 32}
-# unmeasured starting point (no GPU this session); sweep with bench/paged.py
-_PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192
+_PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192; unmeasured starting point
 _PAGED_NUM_WARPS_LARGE = 8
-_PAGED_NUM_STAGES = 2
+_PAGED_NUM_STAGES = 2               # 2 beat 3 at each batch size's best decode tile (the sweep below)
+# Decode tiles (16 rows) of heads up to 128 wide: bench/paged_sweep.py on the H200 (2026-12-04,
+# /work/gpu-logs/call17: bf16, Hq 32, Hkv 8, D 128, cache block 16, L 4096, under CUDA graphs; 72 candidates per
+# batch size, each checked against SDPA first): 128 keys and 8 warps was the fastest tile at B 8 and 32 for every
+# split count from 1 to 4, and within 3% of the fastest at B=1; 64 keys / 4 warps were 14-20% slower (B=32, one
+# split: 0.1737 -> 0.1445 ms).
+_PAGED_DECODE_BLOCK_N = 128
+_PAGED_DECODE_NUM_WARPS = 8
 # A 512-wide accumulator (MLA decode): 8 warps. sm90_compile.py (triton 3.9, bf16, 576 / 512, 16x32 tiles, 2 stages,
 # 2026-12-04): 4 warps spill 560-632 bytes per thread, 8 warps 40-48; speed unmeasured (no GPU this session).
 _PAGED_WIDE_V = 512
@@ -160,9 +167,11 @@ _PAGED_WIDE_V = 512
 # never give a split fewer than _PAGED_MIN_TOKENS_PER_SPLIT keys (the reduce pass and the
 # per-split q load must stay small next to the split's K/V traffic), and keep the split count
 # within what the reduce kernel's single tile holds.
-# unmeasured starting point (no GPU this session); sweep with bench/paged.py
+# _PAGED_PROGRAMS_PER_SM: unmeasured starting point. _PAGED_MIN_TOKENS_PER_SPLIT: the same sweep at B=1 (8 programs
+# on 132 SMs) timed 32 splits of 128 keys at 0.0103 ms against 16 of 256 at 0.0113 (the earlier bound of 256 chose
+# 16); at B=8 the rule's 5 splits sit between the sweep's best 4 (0.0463 ms) and 8 (0.0489).
 _PAGED_PROGRAMS_PER_SM = 2
-_PAGED_MIN_TOKENS_PER_SPLIT = 256
+_PAGED_MIN_TOKENS_PER_SPLIT = 128
 _PAGED_MAX_SPLITS = 64
 
 
@@ -193,6 +202,8 @@ def paged_config(arch: int, head_dim: int, dtype, block_size: int, group: int, t
     block_m = min(max(_PAGED_MIN_BLOCK_M, _next_power_of_2(rows)), _by_head_dim(_PAGED_MAX_BLOCK_M, head_dim_pad))
     block_n = _by_head_dim(_PAGED_BLOCK_N, head_dim_pad)
     num_warps = _PAGED_NUM_WARPS_SMALL if block_m * head_dim_pad <= 8192 else _PAGED_NUM_WARPS_LARGE
+    if block_m == _PAGED_MIN_BLOCK_M and head_dim_pad <= 128:   # a decode tile: the swept one
+        block_n, num_warps = _PAGED_DECODE_BLOCK_N, _PAGED_DECODE_NUM_WARPS
     if head_dim_pad >= _PAGED_WIDE_V:
         num_warps = _PAGED_NUM_WARPS_LARGE
     return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=_PAGED_NUM_STAGES)

@@ -215,6 +215,7 @@ def test_paged_num_splits_heuristic():
 def test_paged_config_tiles():
     decode = paged_config(90, 128, torch.bfloat16, 16, 4, 1)
     assert decode.block_m == 16                                      # tl.dot minimum, 4 rows used
+    assert (decode.block_n, decode.num_warps, decode.num_stages) == (128, 8, 2)   # the H200 sweep's tile
     prefill = paged_config(90, 80, torch.bfloat16, 16, 8, 5)
     assert prefill.block_m == 64 and prefill.block_n == 64            # 40 rows -> 64
     big = paged_config(90, 256, torch.float32, 16, 8, 64)
