@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything attnlower checks on a GPU, in one device call; logs under $OUT, short tables last.
 #
-#   bash bench/gpu_session.sh tests flash        # stages: tests accuracy flash sliding paged examples e2e serve
+#   bash bench/gpu_session.sh tests flash        # stages: tests accuracy flash sliding paged paged_sweep modern
+#                                                #         examples e2e serve
 #
 # One device call is limited to 10 minutes, a session to 30: a fresh machine compiles every kernel
 # again (the tests stage alone took ~200 s on 16 cores). Groups estimated from 2026-11-23 runs to fit:
@@ -17,6 +18,8 @@
 # serve:    bench/serve.py in fp32 (agreement without bf16 rounding, first tokens held to a plain forward).
 #           Needs transformers >= 5.25 (the GPU image has 5.17): WHEELS=<dir of wheels> installs them privately.
 # flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
+# modern:   bench/modern.py, issue 21's rows (MLA prefill and decode, sinks, packed documents and their targets);
+#           it prints each group's seconds, compiles included.
 # examples: GPT-2 / Llama / Mistral through torch.compile(backend="attnlower") on the GPU vs eager.
 set -uo pipefail
 OUT=${OUT:-/tmp/attnlower_out}
@@ -46,7 +49,7 @@ for stage in $stages; do
         fi
         PYTHONPATH="${WHEELS:+/tmp/serve_site:}$PYTHONPATH" timeout 300 python3 bench/serve.py --dtype float32 \
             --requests 64 --timeout 100 >"$OUT/serve.log" 2>&1; rc=$?; tail -5 "$OUT/serve.log" ;;
-    flash|sliding|paged|paged_sweep|accuracy)
+    flash|sliding|paged|paged_sweep|modern|accuracy)
         timeout 300 python3 "bench/$stage.py" >"$OUT/$stage.log" 2>&1; rc=$?; tail -30 "$OUT/$stage.log" ;;
     examples)
         rc=0
