@@ -80,17 +80,28 @@ _FLASH_NARROW_WINDOW = 256
 _FLASH_PRE_HOPPER_MAX_STAGES = 2
 
 _FLASH_TABLES = {"fwd": _FLASH_FWD, "bwd_kv": _FLASH_BWD_KV, "bwd_q": _FLASH_BWD_Q}
+# The 256-wide class with 16-bit inputs (MLA's Dqk 192 / Dv 128, D 256): bench/wide_tiles.py on an H200 (torch 2.11,
+# triton 3.6, bf16, causal, H 16, B=4 T=1024 and B=1 T=4096, 2026-12-04, bench/RESULTS.md). Forward 128x64x8x2:
+# 0.110 / 0.317 ms at 192/128 (the table's 64x64x8x2: 0.186 / 0.574; the best, 64x32x4x3 at T=4096, 0.303) and the
+# fastest at 256/256 (0.134 / 0.370 vs 0.63 at T=4096). dK/dV 128x64x8x1: the fastest of five in all four cases
+# (0.52 / 1.60 ms at 192/128; 64x64x8x1: 0.67 / 2.13). dQ 128x64x8x1: the fastest at 256/256 (0.50 / 1.40) and within
+# 5% of the fastest at 192/128 (0.365 / 1.042 vs 64x32x4x2's 0.347 / 1.031; the table's 64x32x8x2: 0.52 / 1.59).
+# fp32 keeps the table above (unmeasured there).
+_FLASH_WIDE_16BIT = {"fwd": (128, 64, 8, 2), "bwd_kv": (128, 64, 8, 1), "bwd_q": (128, 64, 8, 1)}
 
 
 def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, direction: str,
-                 seq_len: int | None = None) -> KernelConfig:
+                 seq_len: int | None = None, bias_bytes: int = 0, shared_limit: int = 0) -> KernelConfig:
     """Tiles of the dense kernels.
 
     arch: SM version (90 = Hopper), 0 for Triton's interpreter. direction: "fwd" (forward, also the
     backward preprocess), "bwd_kv" (dK/dV kernel: block_n keys held, block_m queries streamed) or
     "bwd_q" (dQ kernel: block_m queries held, block_n keys streamed). seq_len: the key length Tk,
     when the caller has it (the forward's measured tiles depend on it); None gives tiles chosen to
-    be good across lengths. Any choice computes the same function: tiles only change speed.
+    be good across lengths. bias_bytes: the bias's element size (0: no bias; a bool mask is 1), whose tile the
+    forward pipelines with K and V; shared_limit: the most shared memory a block may use (the target's; 0: no
+    limit known), which the forward's stages are cut to. Any choice computes the same function: tiles only change
+    speed.
     """
     if direction not in _FLASH_TABLES:
         raise ValueError(f"flash_config: expected direction in {sorted(_FLASH_TABLES)}, got {direction!r}")
@@ -99,6 +110,8 @@ def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, dir
     head_dim_pad = max(16, _next_power_of_2(head_dim))
     key = _by_head_dim_key(head_dim_pad)
     block_m, block_n, num_warps, num_stages = _FLASH_TABLES[direction][key]
+    if key == 256 and dtype.itemsize == 2:
+        block_m, block_n, num_warps, num_stages = _FLASH_WIDE_16BIT[direction]
     if direction == "fwd" and window > 0:
         block_m, block_n, num_warps, num_stages = _FLASH_FWD_WINDOW[key]
     elif direction == "fwd" and seq_len is not None and key in _FLASH_FWD_BY_LEN and dtype.itemsize == 2:
@@ -120,7 +133,25 @@ def flash_config(arch: int, head_dim: int, dtype, causal: bool, window: int, dir
         block_n = min(block_n, 64)
     if arch < 90:
         num_stages = min(num_stages, _FLASH_PRE_HOPPER_MAX_STAGES)
+    if direction == "fwd" and shared_limit:
+        while num_stages > 1 and forward_shared_bytes(block_m, block_n, num_stages, head_dim_pad, dtype.itemsize,
+                                                      bias_bytes) > shared_limit:
+            num_stages -= 1
     return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def forward_shared_bytes(block_m: int, block_n: int, num_stages: int, head_dim_pad: int, itemsize: int,
+                         bias_bytes: int) -> int:
+    """The shared memory Triton 3.6 allocates for `_flash_fwd_kernel`: q's tile once, a K and a V tile per stage
+    and a bias tile per stage but one. Exact for every 16-bit forward compiled for sm_90 on 2026-12-04 (tiles
+    128x128x3, 128x128x2, 128x64x3, 64x64x3; no bias, bool, 16-bit and fp32 bias; .probe's compiles with
+    tests/lowering/sm90_compile.py's recorder): 128x128x3 needs 229376 bytes without a bias, 262144 with a bool
+    mask, 294912 with a 16-bit and 360448 with an fp32 bias, over the 232448 a block gets (a bench/modern.py dense
+    bias at T=8192 failed to launch on the H200 that day). fp32 inputs need less than it says (TF32 tiles: 229888
+    measured for 128x64x3 where it says 262144): an upper bound there. tests/lowering/sm90_compile.py --fits checks
+    every planned launch against the compiler itself."""
+    tile = head_dim_pad * itemsize
+    return block_m * tile + num_stages * 2 * block_n * tile + (num_stages - 1) * block_m * block_n * bias_bytes
 
 
 def _by_head_dim_key(head_dim_pad: int) -> int:

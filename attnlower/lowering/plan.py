@@ -226,7 +226,8 @@ def dense_plan(params: AttentionParams, direction: str, q: Meta, k: Meta, v: Met
         seq_len = tk if which == "fwd" else None
         # tiles for the wider of the two head dims (Dv != D: unmeasured, the tables were timed at Dv = D)
         return flash_config(target.arch, max(head_dim, v_head_dim), q.dtype, params.causal, params.window, which,
-                            seq_len=seq_len)
+                            seq_len=seq_len, bias_bytes=0 if bias is None else bias.dtype.itemsize,
+                            shared_limit=target.shared_memory_per_block)
 
     if direction == "fwd":
         cfg = config("fwd", configs[0] if configs else None)

@@ -109,7 +109,7 @@ def _record(self, *args, grid, warmup, **kwargs):
 
 def _hopper_target(device) -> plan.Target:
     # plan the launches for an H100 / H200 (sm_90, 132 SMs, TF32 off: the dot precisions CUDA gets)
-    return plan.Target("cuda", 90, SM90_SM_COUNT, False)
+    return plan.Target("cuda", 90, SM90_SM_COUNT, False, SM90_SHARED_BYTES)
 
 
 def record_launches(quick: bool) -> None:
@@ -121,7 +121,8 @@ def record_launches(quick: bool) -> None:
         for d in head_dims:
             q = torch.empty(1, 4, 96, d, dtype=dtype)
             k = v = torch.empty(1, 2, 96, d, dtype=dtype)
-            variants = [dict(), dict(causal=True), dict(causal=True, window=32)]
+            variants = [dict(), dict(causal=True), dict(causal=True, window=32),
+                        dict(doc_ids=torch.zeros(1, 96, dtype=torch.int32), causal=True)]   # + the bounds' kernel
             if not quick:
                 variants += [dict(bias=torch.zeros(96, 96, dtype=dtype)),
                              dict(bias=torch.zeros(1, 1, 96, 96, dtype=torch.bool), causal=True),
@@ -227,7 +228,7 @@ def plan_space():
     (narrow and wide), bias kind and dtype, dropout, alibi, softcap, GQA group, paged block size, Tq,
     table width and batch (the split count)."""
     for allow_tf32 in (False, True):
-        target = plan.Target("cuda", 90, SM90_SM_COUNT, allow_tf32)
+        target = plan.Target("cuda", 90, SM90_SM_COUNT, allow_tf32, SM90_SHARED_BYTES)
         dense_dims = [(d, d) for d in FIT_HEAD_DIMS] + list(FIT_DENSE_DIM_PAIRS)
         for dtype, (d, dv) in itertools.product(FIT_DTYPES, dense_dims):
             if allow_tf32 and dtype != torch.float32:
@@ -264,22 +265,42 @@ def plan_space():
                             yield f"paged B={batch} Tq={tq} D={d}/{dv}", launch_, dtype, None, False, tq
 
 
-def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
-    """The kernel compile that stands for this launch: the same tiles, warps, stages, padded head dim,
-    dtype and dot precision, with every runtime feature that adds loads or registers switched on (an odd
-    head dim when the padded class has one, float32 bias, dropout, alibi, softcap, window, dbias).
-    Shared memory comes from the tiles the loops pipeline; the feature flags only add masks and math."""
+_PLAIN_FLAGS = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_FILL", "HAS_DOCS",
+                "HAS_VERIFIED", "HAS_SINKS", "EMPTY_ROWS_NAN", "CHECK_BOUNDS", "SHORT_SEQUENCES", "MASK_EDGES")
+
+
+def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
+    """The kernel compiles that stand for this launch, as [(key, constexprs, bias dtype)]: the same tiles, warps,
+    stages, padded head dims, dtype and dot precision, compiled twice.
+
+    "every feature": each runtime feature that adds loads, registers or a second key loop switched on (an odd head
+    dim when the padded class has one, a float32 bias, dropout, alibi, softcap, window, docs, verified, dbias): the
+    most registers. "as planned": the launch's own flags with its head dims at their padded width and its real bias
+    dtype: the loads the software pipeliner buffers in full, the most shared memory. The features do not only add
+    math: with them Triton 3.6 pipelines less, and the plain kernel needs more shared memory (128x128 tiles, 3
+    stages, a bool bias: 262144 bytes as planned, 198656 with every feature; an H200 launch failed on it,
+    2026-12-04, bench/modern.py's dense-bias row)."""
     c = dict(launch_.constexprs)
+    planned = dict(c)
+    # "as planned" keeps what sets the pipelined tiles (tiles, stages, warps, head dims, dtypes, the bias kind and
+    # dtype, Tq = 1); the flags that only add masks or math are off, as in the plainest launch of these tiles (the
+    # probe above: a causal and a non-causal 64x64 bool-bias forward need the same 122880 bytes)
+    planned.update({flag: False for flag in _PLAIN_FLAGS if flag in planned})
+    if launch_.kernel == "_paged_attn_kernel":
+        planned.update(GROUP=4, BLOCK_SIZE=16, SPLIT=True)
+    every_bias = bias_dtype
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
         c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
                  HAS_FILL=True, HAS_DOCS=True, HAS_VERIFIED=True)
         if launch_.kernel != "_flash_bwd_dkdv_kernel":
             c["HAS_SINKS"] = True
-        bias_dtype = torch.float32
+        every_bias = torch.float32
     if launch_.kernel == "_flash_bwd_dq_kernel":
         c["WRITE_DSINKS"] = True  # a launch argument, not a plan constexpr (launch.flash_backward)
+        planned["WRITE_DSINKS"] = False
     if launch_.kernel == "_flash_bwd_dkdv_kernel":
         c["WRITE_DS"] = True  # a launch argument, not a plan constexpr (launch.flash_backward)
+        planned["WRITE_DS"] = bias_dtype is not None and bias_dtype != torch.bool
     if launch_.kernel == "_paged_attn_kernel":
         # GROUP, BLOCK_SIZE and SPLIT only enter index math (token -> block, slot; row -> head) and the stores
         c.update(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CHECK_BOUNDS=True, GROUP=4, BLOCK_SIZE=16,
@@ -293,9 +314,17 @@ def _representative(launch_: plan.KernelLaunch, dtype, bias_dtype):
         if pad is not None and (padded != "QK_CHUNK" or c["NUM_QK_CHUNKS"] == 1):   # chunked q·k: its own D
             odd = [d for d in FIT_HEAD_DIMS + FIT_PAGED_V_DIMS if plan.head_dim_pad(d) == pad and d != pad]
             c[dim] = max(odd) if odd else pad
-    key = (launch_.kernel, dtype, bias_dtype if "BIAS_KIND" in c else None, tuple(sorted(c.items())),
-           launch_.config.num_warps, launch_.config.num_stages)
-    return key, c
+            planned[dim] = pad
+    if bias_dtype == torch.float16:
+        bias_dtype = torch.bfloat16   # the same bytes per bias tile
+    out = []
+    for flags, bias in ((c, every_bias), (planned, bias_dtype)):
+        if flags is planned and launch_.kernel in ("_paged_reduce_kernel", "_flash_bwd_preprocess_kernel"):
+            continue  # no key loop, nothing pipelined: the "every feature" compile stands for it
+        key = (launch_.kernel, dtype, bias if "BIAS_KIND" in flags else None, tuple(sorted(flags.items())),
+               launch_.config.num_warps, launch_.config.num_stages)
+        out.append((key, flags, bias))
+    return out
 
 
 def _kernel_fn(name: str):
@@ -312,17 +341,17 @@ def fits_launches() -> tuple[dict, int]:
     count = 0
     for what, launch_, dtype, bias_dtype, _, tq in plan_space():
         count += 1
-        key, constexprs = _representative(launch_, dtype, bias_dtype)
         ones = {"N_CTX_Q", "Tq"} if tq == 1 else set()   # launched, Tq = 1 is a constexpr (it changes the compile)
-        key += (tuple(sorted(ones)),)
-        if key in reps:
-            continue
-        fn = _kernel_fn(launch_.kernel)
-        args = _synthetic_args(fn, constexprs, dtype, key[2], ones)
-        rec = Launch(fn, args, dict(constexprs, num_warps=launch_.config.num_warps,
-                                    num_stages=launch_.config.num_stages))
-        rec.tag = what
-        reps[key] = rec
+        for key, constexprs, bias in _representatives(launch_, dtype, bias_dtype):
+            key += (tuple(sorted(ones)),)
+            if key in reps:
+                continue
+            fn = _kernel_fn(launch_.kernel)
+            args = _synthetic_args(fn, constexprs, dtype, bias, ones)
+            rec = Launch(fn, args, dict(constexprs, num_warps=launch_.config.num_warps,
+                                        num_stages=launch_.config.num_stages))
+            rec.tag = what
+            reps[key] = rec
     return reps, count
 
 
@@ -413,7 +442,7 @@ def expected_writes(launch_: Launch) -> set:
             "_flash_bwd_dkdv_kernel": {"DK", "DV"} | ({"DS"} if c.get("WRITE_DS") else set()),
             "_flash_bwd_dq_kernel": {"DQ"} | ({"LseFill"} if c.get("HAS_FILL") else set())
             | ({"DSinks"} if c.get("WRITE_DSINKS") else set()),
-            "_paged_reduce_kernel": {"out_ptr"}}[launch_.fn.__name__]
+            "_paged_reduce_kernel": {"out_ptr"}, "_doc_bounds_kernel": {"bounds_ptr"}}[launch_.fn.__name__]
 
 
 class _Sm90Driver:
