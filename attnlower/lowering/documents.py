@@ -1,5 +1,5 @@
-"""Document mode (packed sequences, issue 21.3): ids from what models and collators hand over, and the document
-bounds the kernels skip blocks by. Every function here is a few device ops: no `.item()`, no `nonzero`, no
+"""Document mode (packed sequences, issue 21.3): ids from what models and collators hand over (the bounds the
+kernels skip blocks by are launch.document_bounds, one kernel: kernels/documents.py). Every function here is a few device ops: no `.item()`, no `nonzero`, no
 data-dependent shape, so it traces (FakeTensorMode, torch.compile(fullgraph=True)) and a CUDA graph captures it
 (a new packing copied into the captured ids replays correctly).
 
@@ -34,21 +34,3 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
                          f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
     positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.bucketize(positions, cu_seqlens[1:], right=True).to(torch.int32).unsqueeze(0)
-
-
-def document_bounds(doc_ids: Tensor) -> Tensor:
-    """int32 [B|1, 2, Tk]: for each key position, the start and the (exclusive) end of the run of equal ids it
-    belongs to, the bounds the kernels' block ranges intersect with (kernels/flash_fwd.py, _doc_key_range). A row
-    whose ids are not non-decreasing gets [0, Tk) everywhere: no block skipped, still exact (the kernels compare
-    ids inside every tile they visit). O(B * Tk log Tk) device work, no host read."""
-    ids = doc_ids
-    batch, tk = ids.shape
-    # the run index of each position: non-decreasing, so searchsorted finds each run's bounds
-    run = torch.cat([torch.zeros((batch, min(tk, 1)), dtype=torch.int64, device=ids.device),
-                     (ids[:, 1:] != ids[:, :-1]).cumsum(-1)], dim=-1)
-    start = torch.searchsorted(run, run, right=False)
-    end = torch.searchsorted(run, run, right=True)
-    monotone = (ids[:, 1:] >= ids[:, :-1]).all(-1, keepdim=True)
-    start = torch.where(monotone, start, 0)
-    end = torch.where(monotone, end, tk)
-    return torch.stack([start, end], dim=1).to(torch.int32)

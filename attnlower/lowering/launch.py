@@ -27,10 +27,9 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from attnlower.lowering import fastpath
-from attnlower.lowering.documents import document_bounds
 from attnlower.lowering import plan as planning
 from attnlower.lowering.configs import KernelConfig
-from attnlower.lowering.kernels import flash_bwd, flash_fwd
+from attnlower.lowering.kernels import documents, flash_bwd, flash_fwd
 from attnlower.lowering.params import AttentionParams
 from attnlower.lowering.reference import out_like
 
@@ -109,10 +108,24 @@ def _sink_args(sinks: Tensor | None, q: Tensor) -> tuple[Tensor, int]:
     return (q, 0) if sinks is None else (sinks, sinks.stride(0))
 
 
+_DOC_BOUNDS_BLOCK = 1024   # positions per program of _doc_bounds_kernel (each also reads the whole row once)
+
+
+def document_bounds(doc_ids: Tensor) -> Tensor:
+    """int32 [B|1, 2, Tk]: per key position the start and (exclusive) end of its run of equal ids, [0, Tk) everywhere
+    in a row that is not non-decreasing (kernels/documents.py). One launch on the device, no host read, graph-safe;
+    a launcher's own scratch (fully written before the attention kernel reads it), so the call stays cacheable."""
+    batch, tk = doc_ids.shape
+    bounds = fastpath.scratch(torch.empty((batch, 2, tk), dtype=torch.int32, device=doc_ids.device))
+    fastpath.launch(kernel(documents, "_doc_bounds_kernel"), (batch, planning._cdiv(tk, _DOC_BOUNDS_BLOCK), 1),
+                    (doc_ids, bounds, *doc_ids.stride(), *bounds.stride(), tk), dict(BLOCK=_DOC_BOUNDS_BLOCK, num_warps=4))
+    return bounds
+
+
 def _doc_args(doc_ids: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """(ids, bounds, (ids' batch stride, ids' position stride, bounds' batch stride)); [1, Tk] ids and their
-    bounds get batch stride 0. The bounds are computed here on the device (lowering/documents.py: a few small
-    ops, no host read, graph-safe), in the forward and again in the backward (8 bytes per token, not saved)."""
+    bounds get batch stride 0. The bounds are computed here on the device (`document_bounds`: one launch), in the
+    forward and again in the backward (8 bytes per token, not saved)."""
     if doc_ids is None:
         return q, q, (0, 0, 0)
     bounds = document_bounds(doc_ids)

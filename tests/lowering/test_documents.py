@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import attnlower.ops as public
-from attnlower.lowering.documents import document_bounds
-from attnlower.lowering.launch import flash_backward, flash_forward
+from attnlower.lowering.launch import document_bounds, flash_backward, flash_forward
 from attnlower.lowering.params import AttentionParams
 
 from attention_oracle import TOLERANCES, oracle  # sibling helper; pytest puts tests/lowering on sys.path
@@ -33,6 +32,37 @@ def test_document_bounds():
     assert got[1].tolist() == [[0] * 6, [6] * 6]
     assert got[2].tolist() == [[0] * 6, [6] * 6]
     assert document_bounds(torch.tensor([[7]], dtype=torch.int64)).tolist() == [[[0], [1]]]
+
+
+def _runs(row: list[int]) -> list[list[int]]:
+    """[starts, ends] of each position's run of equal values, by a plain walk; [0, n) everywhere if it ever decreases."""
+    n = len(row)
+    if any(b < a for a, b in zip(row, row[1:])):
+        return [[0] * n, [n] * n]
+    starts = [next(i for i in range(j, -1, -1) if i == 0 or row[i - 1] != row[j]) for j in range(n)]
+    ends = [next(i for i in range(j, n + 1) if i == n or row[i] != row[j]) for j in range(n)]
+    return [starts, ends]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_document_bounds_rows_longer_than_a_program_and_strided(dtype, monkeypatch):
+    """Rows spanning several programs (the block shrunk to 16 positions so the interpreter sees 5 of them): runs
+    crossing program edges, a descent in the last program only (every program must see it), strided ids."""
+    from attnlower.lowering import launch
+
+    monkeypatch.setattr(launch, "_DOC_BOUNDS_BLOCK", 16)
+    torch.manual_seed(0)
+    sorted_row = torch.sort(torch.randint(0, 9, (70,))).values
+    late_descent = sorted_row.clone()
+    late_descent[66] = -1
+    wide = torch.stack([sorted_row, late_descent, torch.zeros(70, dtype=torch.int64)]).to(dtype)
+    strided = torch.zeros(3, 140, dtype=dtype)
+    strided[:, ::2] = wide
+    for doc_ids in (wide, strided[:, ::2]):
+        got = document_bounds(doc_ids)
+        assert got.shape == (3, 2, 70) and got.dtype == torch.int32
+        for b in range(3):
+            assert got[b].tolist() == _runs(wide[b].tolist()), b
 
 
 def _check(run, inputs, oracle_kw, dtype=torch.float32):
@@ -199,8 +229,8 @@ for node in gm.graph.nodes:
 
 def test_new_arguments_trace_into_the_kernel_launch():
     """Under AOTAutograd the op with sinks, documents, a fill, a verified flag and Dv != Dqk decomposes into its
-    Triton launch (Inductor would launch it itself), the document bounds into plain device ops: no opaque op, no
-    host read (fullgraph=True)."""
+    Triton launches (Inductor would launch them itself), the document bounds' kernel first: no opaque op, no host read
+    (fullgraph=True)."""
     import os
     import subprocess
     import sys
@@ -214,5 +244,7 @@ def test_new_arguments_trace_into_the_kernel_launch():
     assert proc.returncode == 0, proc.stderr[-4000:]
     targets = proc.stdout.split()
     assert "triton_kernel_wrapper_functional:_flash_fwd_kernel" in targets, targets
-    assert any("searchsorted" in t for t in targets), targets          # the document bounds, on the device
+    assert "triton_kernel_wrapper_functional:_doc_bounds_kernel" in targets, targets   # the bounds, on the device
+    assert targets.index("triton_kernel_wrapper_functional:_doc_bounds_kernel") < \
+        targets.index("triton_kernel_wrapper_functional:_flash_fwd_kernel"), targets
     assert not any(t.startswith("attnlower.") for t in targets), targets
