@@ -2,7 +2,7 @@
 # Everything attnlower checks on a GPU, in one device call; logs under $OUT, short tables last.
 #
 #   bash bench/gpu_session.sh tests flash        # stages: tests accuracy flash sliding paged paged_sweep modern
-#                                                #         examples e2e serve
+#                                                #         wide_tiles examples e2e serve
 #
 # One device call is limited to 10 minutes, a session to 30: a fresh machine compiles every kernel
 # again (the tests stage alone took ~200 s on 16 cores). Groups estimated from 2026-11-23 runs to fit:
@@ -19,7 +19,9 @@
 #           Needs transformers >= 5.25 (the GPU image has 5.17): WHEELS=<dir of wheels> installs them privately.
 # flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
 # modern:   bench/modern.py, issue 21's rows (MLA prefill and decode, sinks, packed documents and their targets);
-#           it prints each group's seconds, compiles included.
+#           it prints each group's seconds, compiles included. MODERN_ARGS adds flags, e.g.
+#           "--groups packed --profile attnlower,flex" (GPU time per kernel).
+# wide_tiles: bench/wide_tiles.py, the 256-wide head-dim class's tiles (MLA 192/128, D 256), forward and backward.
 # examples: GPT-2 / Llama / Mistral through torch.compile(backend="attnlower") on the GPU vs eager.
 set -uo pipefail
 OUT=${OUT:-/tmp/attnlower_out}
@@ -49,7 +51,9 @@ for stage in $stages; do
         fi
         PYTHONPATH="${WHEELS:+/tmp/serve_site:}$PYTHONPATH" timeout 300 python3 bench/serve.py --dtype float32 \
             --requests 64 --timeout 100 >"$OUT/serve.log" 2>&1; rc=$?; tail -5 "$OUT/serve.log" ;;
-    flash|sliding|paged|paged_sweep|modern|accuracy)
+    modern)
+        timeout 300 python3 bench/modern.py ${MODERN_ARGS:-} >"$OUT/modern.log" 2>&1; rc=$?; tail -30 "$OUT/modern.log" ;;
+    flash|sliding|paged|paged_sweep|accuracy|wide_tiles)
         timeout 300 python3 "bench/$stage.py" >"$OUT/$stage.log" 2>&1; rc=$?; tail -30 "$OUT/$stage.log" ;;
     examples)
         rc=0

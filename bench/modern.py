@@ -104,8 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: checks the script")
+    p.add_argument("--profile", default="", help="comma-separated candidates (e.g. attnlower,flex) whose timed modes "
+                   "also get GPU time per kernel (torch.profiler, 5 calls): printed and kept in the rows")
     args = p.parse_args(argv)
     args.groups = [g for g in args.groups.split(",") if g]
+    args.profile = {name for name in args.profile.split(",") if name}
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
         p.error(f"unknown group(s) {unknown}; expected some of {list(GROUPS)}")
@@ -242,6 +245,7 @@ class Bench:
     """What every group needs: the shapes, the device, the timers, SDPA's backends and how FlexAttention runs."""
     shapes: Shapes
     smoke: bool
+    profile: frozenset = frozenset()   # candidates whose timed modes also get a per-kernel profile
 
     def __post_init__(self):
         self.device = torch.device("cpu" if self.smoke else "cuda")
@@ -269,6 +273,25 @@ class Bench:
 
         timer = triton.testing.do_bench_cudagraph if mode == "fwd graph" else triton.testing.do_bench
         return timer(fn, return_mode="median")
+
+    def kernels(self, fn, calls: int = 5) -> list[tuple[str, float]]:
+        """GPU time per call of each kernel `fn` launches ([(name, us)], largest first; torch.profiler over `calls`
+        calls after one warm-up): where a candidate's time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        if not self.smoke:
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([] if self.smoke else [ProfilerActivity.CUDA])
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if not self.smoke:
+                torch.cuda.synchronize()
+        attr = "self_device_time_total" if not self.smoke else "self_cpu_time_total"
+        rows = [(e.key, getattr(e, attr, 0.0) / calls) for e in prof.key_averages()]
+        rows = [(name, us) for name, us in rows if us > 0 and (self.smoke or not name.startswith("aten::"))]
+        return sorted(rows, key=lambda r: -r[1])[:12]
 
     def compiled(self, fn):
         """`fn` (which calls flex_attention) through torch.compile on a GPU; eager in the smoke (FlexAttention's
@@ -301,6 +324,7 @@ def measure(bench: Bench, candidate: Candidate, want: Expected) -> list[dict]:
     results = []
     for mode in forward_modes:
         results.append(_timed(bench, runs.forward, mode, errors, refusal))
+        _profiled(bench, candidate, runs.forward, results[-1])
     for mode in backward_modes:
         if refusal is not None:      # a wrong forward: the gradients of a wrong function are not timed either
             results.append({"mode": mode, "error": refusal, "err": errors})
@@ -314,7 +338,16 @@ def measure(bench: Bench, candidate: Candidate, want: Expected) -> list[dict]:
                 continue
         results.append(_timed(bench, runs.backward, mode, {**errors, **grad_errors},
                               verdict(grad_errors, bench.tolerance)))
+        _profiled(bench, candidate, runs.backward, results[-1])
     return results
+
+
+def _profiled(bench: Bench, candidate: Candidate, fn, result: dict) -> None:
+    """With --profile naming this candidate and the mode timed: its kernels, GPU us per call, into the row."""
+    if candidate.name in bench.profile and "ms" in result and result["mode"] != "fwd graph":
+        result["kernels"] = bench.kernels(fn)
+        print(f"    {candidate.name} {result['mode']} kernels (us per call): " +
+              ", ".join(f"{name[:60]} {us:.1f}" for name, us in result["kernels"]), flush=True)
 
 
 def _timed(bench: Bench, fn, mode: str, errors: dict, refusal: str | None) -> dict:
@@ -655,7 +688,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import triton
 
-    bench = Bench(SMOKE if args.smoke else GPU, args.smoke)
+    bench = Bench(SMOKE if args.smoke else GPU, args.smoke, frozenset(args.profile))
     device = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
     print(f"{device}  torch {torch.__version__}  triton {triton.__version__}  {bench.shapes.dtype}", flush=True)
     rows, seconds = [], {}
