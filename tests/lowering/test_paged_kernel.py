@@ -313,6 +313,25 @@ def test_fused_reduce_consecutive_calls_reset_their_counters():
         assert launch_paged.split_counters(out.device) is counters and not counters.any()
 
 
+def test_fused_reduce_without_counters_takes_the_separate_reduce(monkeypatch, caplog):
+    """The first split call on a device inside a CUDA graph capture cannot allocate the counters (split_counters
+    gives None): that call takes the separate reduce, said in a warning, and stays right."""
+    seen = []
+    real_reduce = launch_paged._paged_reduce_kernel
+
+    class _RecordingReduce:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real_reduce[grid]
+
+    monkeypatch.setattr(launch_paged, "split_counters", lambda device: None)
+    monkeypatch.setattr(launch_paged, "_paged_reduce_kernel", _RecordingReduce())
+    inputs = make_paged_inputs([37, 70], 4, 2, 16, 1, 8, torch.float32)
+    with caplog.at_level("WARNING", logger=launch_paged.__name__):
+        run_and_check(inputs, 0.25, True, 0, 0.0, torch.float32, num_splits=3, reduce="fused")
+    assert seen == [(8, 1, 1)] and "takes the separate reduce" in caplog.text
+
+
 def test_fused_reduce_is_the_plan_default_within_the_counters():
     target = plan.Target("cuda", 90, 132, False)
     params = AttentionParams(0.1, True)
