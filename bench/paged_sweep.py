@@ -1,14 +1,18 @@
 """Paged decode: which split count, key tile, stages and warps the H200 wants (issue 20 item 4), in one call.
 
     python bench/paged_sweep.py                 # GPU: B 1/8/32/128, L 4096; $OUT/paged_sweep.json when OUT is set
+    python bench/paged_sweep.py --batches 1,8 --splits 8,16,32 --block-n 128 --stages 2 --warps 8
+                                                # GPU, fused vs separate combine (--reduce, both by default)
     python bench/paged_sweep.py --smoke         # CPU (Triton's interpreter): the script end to end, times nothing
 
 The decode shape of bench/paged.py (bf16, Hq 32, Hkv 8, D 128, cache block 16, one query per sequence, a random
-block table). For each batch size every candidate launch (`paged_forward(num_splits=, config=)`, the overrides the
-plan takes) is first checked against gather + SDPA in float32, then timed replayed from a CUDA graph (the way decode
-runs in a server), next to what the launch plan chooses today and cuDNN SDPA on an already contiguous cache (the
-target: >= 1.0x). A candidate that does not compile or fit (shared memory) is reported and skipped. The table last:
-per batch size the plan's choice, the best candidate and both against cuDNN, so `configs.py` can cite it.
+block table). For each batch size every candidate launch (`paged_forward(num_splits=, config=, reduce=)`, the
+overrides the plan takes; `reduce` only for split counts above 1: "fused", the last split program of each tile
+combines the partials, one launch, or "separate", `_paged_reduce_kernel`, a second launch) is first checked against
+gather + SDPA in float32, then timed replayed from a CUDA graph (the way decode runs in a server), next to what the
+launch plan chooses today and cuDNN SDPA on an already contiguous cache (the target: >= 1.0x). A candidate that does
+not compile or fit (shared memory) is reported and skipped. The table last: per batch size the plan's choice, the
+best candidate and both against cuDNN, so `configs.py` can cite it.
 """
 from __future__ import annotations
 
@@ -36,15 +40,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--stages", default="2,3,4")
     p.add_argument("--warps", default="4,8")
+    p.add_argument("--reduce", default="fused,separate", help="how split candidates combine their partials")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: checks the script")
     args = p.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     args.batches, args.splits, args.block_n = ints(args.batches), ints(args.splits), ints(args.block_n)
     args.stages, args.warps = ints(args.stages), ints(args.warps)
+    args.reduce = args.reduce.split(",")
+    wrong = [r for r in args.reduce if r not in ("fused", "separate")]
+    if wrong:
+        p.error(f"--reduce: expected fused and / or separate, got {wrong}")
     if args.smoke:
         global Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE
         Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 2, 16, 4
-        args.batches, args.length, args.splits, args.block_n = [2], 64, [1, 2], [16]
+        args.batches, args.length, args.splits, args.block_n = [2], 128, [1, 2], [16]   # 2 splits of 64 keys
         args.stages, args.warps = [1], [4]
     elif not torch.cuda.is_available():
         p.error("bench/paged_sweep.py times kernels on a GPU and sees none; for the CPU check run --smoke")
@@ -80,12 +89,13 @@ def summary(row: dict, columns: bool = False) -> str:
     """One batch size's plan choice and best candidate, each against cuDNN (a table line with `columns`)."""
     best, cudnn, chosen = row["best"], row.get("cudnn_ms"), row["chosen"]
     ratio = (lambda ms: f"{cudnn / ms:.2f}x" if cudnn and ms else "-")
-    best_text = (f"s{best['splits']} n{best['block_n']} st{best['stages']} w{best['warps']} {best['ms']:.4f}"
-                 if best else "-")
+    best_text = (f"s{best['splits']} {best['reduce']} n{best['block_n']} st{best['stages']} w{best['warps']} "
+                 f"{best['ms']:.4f}" if best else "-")
+    chosen_text = f"s{chosen['splits']} {chosen['reduce']} {chosen['ms']:.4f}"
     if columns:
-        return (f"{row['batch']:>4} {'s%d %.4f' % (chosen['splits'], chosen['ms']):>20} {best_text:>40} "
+        return (f"{row['batch']:>4} {chosen_text:>26} {best_text:>48} "
                 f"{cudnn or 0:>8.4f} {ratio(chosen['ms']):>12} {ratio(best['ms'] if best else None):>10}")
-    return (f"chosen s{chosen['splits']} {chosen['ms']:.4f} ms ({ratio(chosen['ms'])} cuDNN), best {best_text} ms "
+    return (f"chosen {chosen_text} ms ({ratio(chosen['ms'])} cuDNN), best {best_text} ms "
             f"({ratio(best['ms'] if best else None)} cuDNN), cuDNN {cudnn or 0:.4f} ms")
 
 
@@ -110,7 +120,8 @@ def main(argv=None) -> int:
                                               scale=scale, enable_gqa=True)
         chosen = planning.paged_plan(params, planning.Meta.of(q), planning.Meta.of(k), planning.Meta.of(table), False,
                                      planning.target_of(q.device), True, None, None, False, HEAD_DIM)
-        row = {"batch": batch, "length": args.length, "chosen": {"splits": chosen.num_splits}, "candidates": []}
+        row = {"batch": batch, "length": args.length, "candidates": [],
+               "chosen": {"splits": chosen.num_splits, "reduce": chosen.reduce or "-"}}
         row["chosen"]["ms"] = time_ms(lambda: paged_forward(q, k, v, table, lens, params))
         if not args.smoke:
             kc, vc = contiguous(k, table), contiguous(v, table)
@@ -121,17 +132,20 @@ def main(argv=None) -> int:
                                                                                   enable_gqa=True))
             del kc, vc
         splits = [s for s in args.splits if s == 1 or args.length // s >= 64]
-        for s, bn, st, w in itertools.product(splits, args.block_n, args.stages, args.warps):
+        for s, reduce, bn, st, w in itertools.product(splits, args.reduce, args.block_n, args.stages, args.warps):
+            if s == 1 and reduce != args.reduce[0]:
+                continue   # not split: nothing to combine, one candidate
+            reduce = reduce if s > 1 else None
             cfg = KernelConfig(block_m=16, block_n=bn, num_warps=w, num_stages=st)
-            entry = {"splits": s, "block_n": bn, "stages": st, "warps": w}
+            entry = {"splits": s, "reduce": reduce or "-", "block_n": bn, "stages": st, "warps": w}
             try:
-                out = paged_forward(q, k, v, table, lens, params, num_splits=s, config=cfg)
+                out = paged_forward(q, k, v, table, lens, params, num_splits=s, config=cfg, reduce=reduce)
                 err = (out.float() - want).abs().max().item()
                 if not err < 2e-2:
                     entry["error"] = f"wrong: max |diff| {err:.3g}"
                 else:
                     entry["ms"] = time_ms(lambda: paged_forward(q, k, v, table, lens, params, num_splits=s,
-                                                                config=cfg))
+                                                                config=cfg, reduce=reduce))
             except Exception as e:  # noqa: BLE001 - a config that does not compile / fit: reported, skipped
                 entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             row["candidates"].append(entry)
@@ -145,7 +159,7 @@ def main(argv=None) -> int:
         if os.environ.get("OUT"):   # after every batch size: a run cut by its time limit keeps what it finished
             Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps({"device": name, "rows": rows},
                                                                               indent=1))
-    print(f"{'B':>4} {'chosen':>20} {'best':>40} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
+    print(f"{'B':>4} {'chosen':>26} {'best':>48} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
     for row in rows:
         print(summary(row, columns=True))
     return 1 if any(c.get("error", "").startswith("wrong") for r in rows for c in r["candidates"]) else 0

@@ -204,6 +204,16 @@ _PAGED_WIDE_V = 512
 _PAGED_PROGRAMS_PER_SM = 2
 _PAGED_MIN_TOKENS_PER_SPLIT = 128
 _PAGED_MAX_SPLITS = 64
+# How a split call combines its partials: "fused" (the last split program of each tile combines it: one launch) or
+# "separate" (`_paged_reduce_kernel`, a second launch). Fused, unmeasured (no GPU this session): it removes the
+# second launch, its dependency gap and nothing else (the workspaces stay); the two-launch path measured 0.0103 ms
+# against cuDNN's 0.0092 at B=1 (the sweep above). Time both: bench/paged_sweep.py --reduce fused,separate.
+PAGED_REDUCE = "fused"
+# The fused combine's tile counters: one int32 per (b, kvh, row tile), one buffer per device allocated once
+# (launch_paged.split_counters: 256 KiB). The default split rule splits only grids under
+# _PAGED_PROGRAMS_PER_SM * SM count programs (264 on 132 SMs); a larger grid split by an explicit num_splits takes the
+# separate reduce.
+PAGED_FUSED_MAX_TILES = 1 << 16
 
 
 def _next_power_of_2(n: int) -> int:

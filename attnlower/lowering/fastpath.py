@@ -42,7 +42,8 @@ _recording = threading.local()
 @contextlib.contextmanager
 def recording(into: list):
     """Within: every kernel launched through `launch()` is appended to `into` as (fn, grid, args, kwargs, what
-    Triton returned), and every `scratch()` buffer as ("scratch", tensor)."""
+    Triton returned), every `scratch()` buffer as ("scratch", tensor), every `persistent()` one as
+    ("persistent", tensor)."""
     before = getattr(_recording, "into", None)
     _recording.into = into
     try:
@@ -54,10 +55,21 @@ def recording(into: list):
 def scratch(t: Tensor) -> Tensor:
     """Declare `t` a launcher's own uninitialized buffer (a workspace the kernels fully write before reading):
     a cached call may allocate it afresh. Any other tensor a launch reads must be one of the call's inputs or
-    outputs, or the call is not cached (a copy made by the launcher, a zero-filled buffer, ...)."""
+    outputs, or declared `persistent`, or the call is not cached (a copy made by the launcher, a zero-filled
+    buffer, ...)."""
     into = getattr(_recording, "into", None)
     if into is not None:
         into.append(("scratch", t))
+    return t
+
+
+def persistent(t: Tensor) -> Tensor:
+    """Declare `t` a buffer the launcher keeps for the life of the process, at one address (the paged split
+    counters, launch_paged.split_counters): a cached call passes that same address. Only for tensors that are
+    never freed or replaced, whose contents every launch leaves as the next one expects."""
+    into = getattr(_recording, "into", None)
+    if into is not None:
+        into.append(("persistent", t))
     return t
 
 
@@ -193,7 +205,8 @@ class CachedKernel:
 class CachedCall:
     """Every launch of one call signature. Per call: the caller's input pointers, then fresh allocations of
     what the launchers allocated (outputs, workspaces) in the order the launches first used them, then the
-    launches. Persistent tensors (the paged error flags) are baked in by address."""
+    launches. Persistent tensors (the paged error flags, the paged split counters: `persistent`) are baked in by
+    address."""
 
     __slots__ = ("kernels", "allocs", "returns", "extra")
 
@@ -206,10 +219,11 @@ class CachedCall:
         allocated: list[Tensor] = []
         kernels = []
         fresh = [t for t in returned] + [record[1] for record in records if record[0] == "scratch"]
+        persistent = tuple(persistent) + tuple(record[1] for record in records if record[0] == "persistent")
         if any(record[0] == "uncacheable" for record in records):
             return None
         for record in records:
-            if record[0] == "scratch":
+            if record[0] in ("scratch", "persistent"):
                 continue
             fn, grid, args, kwargs, compiled = record
             if compiled is None or not hasattr(compiled, "run") or not hasattr(compiled, "function"):

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from attnlower.lowering.configs import KernelConfig, flash_config, paged_config, paged_num_splits
+from attnlower.lowering import configs
+from attnlower.lowering.configs import PAGED_FUSED_MAX_TILES, KernelConfig, flash_config, paged_config, paged_num_splits
 from attnlower.lowering.env import switch_from_env
 from attnlower.lowering.launch_gluon import GluonFwdConfig, default_config as gluon_default_config
 from attnlower.lowering.params import AttentionParams
@@ -83,11 +84,33 @@ class DensePlan:
 
 @dataclass(frozen=True)
 class PagedPlan:
-    """The kernels of one paged call: the attention kernel, then the split-KV reduce when split."""
+    """The kernels of one paged call: the attention kernel, then the split-KV reduce when split and `reduce` is
+    "separate"; with `reduce` "fused" the attention kernel combines the splits itself (FUSED_REDUCE: one launch,
+    reading the device's tile counters, launch_paged.split_counters). `reduce` is "" when not split."""
 
     launches: tuple[KernelLaunch, ...]
     num_splits: int
     trivial: str = ""
+    reduce: str = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.reduce == "fused"
+
+
+PAGED_REDUCES = ("fused", "separate")
+
+
+def _paged_reduce_from_env() -> str:
+    fused = switch_from_env("ATTNLOWER_PAGED_FUSED_REDUCE", on="split paged calls combine in the attention kernel, "
+                            "one launch", off="split paged calls combine in a second launch, _paged_reduce_kernel")
+    return configs.PAGED_REDUCE if fused else "separate"
+
+
+# How a split paged call combines its partials unless the call says (read once, at import).
+# ATTNLOWER_PAGED_FUSED_REDUCE=0 gives "separate": for a process that runs split paged calls on several streams of one
+# device at once, which would share the fused combine's per-device counters (launch_paged.split_counters).
+PAGED_REDUCE = _paged_reduce_from_env()
 
 
 def cached_unless_symbolic(fn):
@@ -371,10 +394,13 @@ def paged_dot_mode(dtype: torch.dtype, target: Target) -> tuple[str, bool]:
 def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Meta, has_alibi: bool,
                target: Target, check_bounds: bool, num_splits: int | None = None,
                config: KernelConfig | None = None, has_sinks: bool = False,
-               v_head_dim: int | None = None) -> PagedPlan:
-    """The plan of a paged call. num_splits / config: overrides (tests, benchmarks), None = choose.
-    has_sinks: a sinks tensor is passed (the unsplit kernel or the reduce adds it). v_head_dim: v_cache's head
-    dim (None: the q/k head dim).
+               v_head_dim: int | None = None, reduce: str | None = None) -> PagedPlan:
+    """The plan of a paged call. num_splits / config / reduce: overrides (tests, benchmarks), None = choose.
+    has_sinks: a sinks tensor is passed (the unsplit kernel or the combine adds it). v_head_dim: v_cache's head
+    dim (None: the q/k head dim). reduce: how a split call combines its partials, "fused" (in the attention
+    kernel, one launch) or "separate" (`_paged_reduce_kernel`); None: PAGED_REDUCE (configs.PAGED_REDUCE unless
+    ATTNLOWER_PAGED_FUSED_REDUCE=0), separate for a grid of more than configs.PAGED_FUSED_MAX_TILES tiles (the
+    counters one device holds). Ignored when not split.
 
     The split count is bounded by the table's width (max_blocks * block_size), never by
     seq_lens.max(): reading it would synchronize the host with the GPU on every decode step.
@@ -396,23 +422,35 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
         num_splits = paged_num_splits(target.sm_count, programs, block_table.shape[1] * block_size)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if reduce is not None and reduce not in PAGED_REDUCES:
+        raise ValueError(f"reduce: expected one of {PAGED_REDUCES} or None (choose), got {reduce!r}")
+    if num_splits == 1:
+        reduce = ""
+    elif reduce is None:
+        reduce = PAGED_REDUCE if programs <= PAGED_FUSED_MAX_TILES else "separate"
+    elif reduce == "fused" and programs > PAGED_FUSED_MAX_TILES:
+        raise ValueError(f"reduce='fused' needs one counter per tile: expected B * Hkv * row tiles <= "
+                         f"{PAGED_FUSED_MAX_TILES} (configs.PAGED_FUSED_MAX_TILES), got {programs}; pass "
+                         f"reduce='separate' or None")
+    splits_pad = max(2, _next_power_of_2(num_splits))
     precision, fp32_inputs = paged_dot_mode(q.dtype, target)
     attn = KernelLaunch("_paged_attn_kernel", (batch * kv_heads, m_tiles, num_splits), cfg, tuple(dict(
         GROUP=group, HEAD_DIM=head_dim, QK_CHUNK=qk_chunk, NUM_QK_CHUNKS=qk_chunks, HEAD_DIM_V=v_head_dim,
         HEAD_DIM_V_PAD=v_pad, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=params.causal, HAS_WINDOW=params.window > 0,
         HAS_SOFTCAP=params.softcap > 0, HAS_ALIBI=has_alibi, SPLIT=num_splits > 1,
+        FUSED_REDUCE=reduce == "fused", SPLITS_PAD=splits_pad if reduce == "fused" else 1,
         CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs,
         HAS_SINKS=has_sinks, SHORT_SEQUENCES=params.short_sequences,
         EMPTY_ROWS_NAN=bool(params.empty_rows_nan)).items()))
-    if num_splits == 1:
-        return PagedPlan((attn,), 1)
+    if reduce != "separate":
+        return PagedPlan((attn,), num_splits, reduce=reduce)
     # 4 warps cover a 128-wide row of the reduce; 8 for 256 and wider (unmeasured starting point, as before)
     reduce_cfg = KernelConfig(1, 1, 4 if v_pad <= 128 else 8, 1)
-    reduce = KernelLaunch("_paged_reduce_kernel", (batch * q_heads * tq, 1, 1), reduce_cfg, (
-        ("HEAD_DIM_V", v_head_dim), ("HEAD_DIM_V_PAD", v_pad), ("SPLITS_PAD", max(2, _next_power_of_2(num_splits))),
+    combine = KernelLaunch("_paged_reduce_kernel", (batch * q_heads * tq, 1, 1), reduce_cfg, (
+        ("HEAD_DIM_V", v_head_dim), ("HEAD_DIM_V_PAD", v_pad), ("SPLITS_PAD", splits_pad),
         ("HAS_SINKS", has_sinks), ("EMPTY_ROWS_NAN", bool(params.empty_rows_nan))))
-    return PagedPlan((attn, reduce), num_splits)
+    return PagedPlan((attn, combine), num_splits, reduce=reduce)
 
 
 
@@ -458,6 +496,9 @@ def kernel_plan(op: str, params: AttentionParams, *, batch: int, q_heads: int, k
         table = Meta((batch, max_blocks), torch.int32)
         planned = paged_plan(params, q, pool, table, has_alibi, target, True, None, None, has_sinks, v_head_dim)
         note = f"split-KV into {planned.num_splits} (from {target.sm_count} SMs and a {tk}-token table)"
+        if planned.num_splits > 1:
+            note += ("; the last split of each tile combines them (FUSED_REDUCE, one launch)" if planned.fused else
+                     "; _paged_reduce_kernel combines them (a second launch)")
     if planned.trivial:
         note = {"empty": "nothing to compute", "no_keys": "Tk = 0: every row is empty, no kernel"}[planned.trivial]
     launches = [dict(kernel=launch.kernel, grid=list(launch.grid), block_m=launch.config.block_m,

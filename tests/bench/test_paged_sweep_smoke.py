@@ -18,3 +18,5 @@ def test_paged_sweep_smoke_checks_and_reports_every_candidate(tmp_path):
     (row,) = json.loads((tmp_path / "paged_sweep.json").read_text())["rows"]
     assert row["candidates"] and all("ms" in c for c in row["candidates"]), row
     assert row["best"] is not None and row["chosen"]["splits"] >= 1
+    # split candidates both ways: the combine in the attention kernel and the separate reduce launch
+    assert {(c["splits"], c["reduce"]) for c in row["candidates"]} == {(1, "-"), (2, "fused"), (2, "separate")}

@@ -1,6 +1,7 @@
 """Compile attnlower's kernels for Hopper (sm_90) to PTX and cubin, without a GPU.
 
     TRITON_INTERPRET=0 python tests/lowering/sm90_compile.py [--quick] [--inductor] [--fits] [--jobs N]
+                                                             [--kernels paged]
 
 Triton's interpreter (how the CPU tests run the kernels) accepts programs the real compiler rejects
 (dot shapes, layouts, constexpr misuse, shared memory at launch). This script runs the real launchers
@@ -19,6 +20,8 @@ with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas
               kind, dropout, window, GQA group, paged block size and split count, batch size) compiled
               once per distinct kernel and checked against sm_90's limits: at most 232448 bytes of
               shared memory per block and no spilled registers beyond the 255-register limit.
+  --kernels S only the kernels whose name contains S (e.g. `paged`: `_paged_attn_kernel`, both split-KV
+              combines, and `_paged_reduce_kernel`), in any mode.
 
 Prints one line per compiled kernel and a summary line; exits 1 if any fails.
 tests/lowering/test_sm90_compile.py runs it.
@@ -160,9 +163,10 @@ def record_launches(quick: bool) -> None:
                 caches = torch.empty(64, 2, 16, d, dtype=dtype)
                 table = torch.zeros(2, 512, dtype=torch.int32)  # 8192 keys wide: the launcher splits KV
                 lens = torch.tensor([100, 7], dtype=torch.int32)
-                for sinks in (None, torch.zeros(8, dtype=dtype)):
+                for sinks, reduce in itertools.product((None, torch.zeros(8, dtype=dtype)), ("fused", "separate")):
                     launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
-                                               AttentionParams(d ** -0.5, True), num_splits=splits, sinks=sinks)
+                                               AttentionParams(d ** -0.5, True), num_splits=splits, sinks=sinks,
+                                               reduce=reduce)
 
 
 def record_mla_launches(quick: bool) -> None:
@@ -171,10 +175,10 @@ def record_mla_launches(quick: bool) -> None:
         pool = torch.empty(64, 1, 64, 576, dtype=dtype)
         table = torch.zeros(4, 128, dtype=torch.int32)
         lens = torch.tensor([100, 7, 4096, 1], dtype=torch.int32)
-        for heads, splits in ((16, None), (128, 1), (16, 1)):
+        for heads, splits, reduce in ((16, None, "fused"), (16, None, "separate"), (128, 1, None), (16, 1, None)):
             launch_paged.paged_forward(torch.empty(4, heads, 1, 576, dtype=dtype), pool, pool[..., :512], table, lens,
                                        AttentionParams(192 ** -0.5, True), num_splits=splits,
-                                       sinks=torch.zeros(heads))
+                                       sinks=torch.zeros(heads), reduce=reduce)
 
 
 def record_inductor_launches() -> None:
@@ -196,9 +200,10 @@ def record_inductor_launches() -> None:
             caches = torch.empty(64, 2, 16, 80, dtype=dtype)
             table = torch.zeros(2, 512, dtype=torch.int32)
             lens = torch.tensor([100, 7], dtype=torch.int32)
-            launch_paged.paged_forward(torch.empty(2, 4, 1, 80, dtype=dtype), caches, caches, table, lens,
-                                       AttentionParams(0.1, True, window=40, softcap=30.0),
-                                       alibi_slopes=torch.ones(4), sinks=torch.zeros(4))
+            for reduce in ("fused", "separate"):
+                launch_paged.paged_forward(torch.empty(2, 4, 1, 80, dtype=dtype), caches, caches, table, lens,
+                                           AttentionParams(0.1, True, window=40, softcap=30.0),
+                                           alibi_slopes=torch.ones(4), sinks=torch.zeros(4), reduce=reduce)
     finally:
         _RECORDING["typing"] = "jit"
 
@@ -258,10 +263,14 @@ def plan_space():
                 pool = plan.Meta((64, kv_heads, block_size, d), dtype)
                 for width_tokens in (block_size, 4096, 131072):
                     table = plan.Meta((batch, max(1, width_tokens // block_size)), torch.int32)
-                    for window, check in ((0, True), (64, False)):
+                    for (window, check), reduce in itertools.product(((0, True), (64, False)), plan.PAGED_REDUCES):
                         params = AttentionParams(0.1, True, window=window, softcap=0.0)
-                        for launch_ in plan.paged_plan(params, qm, pool, table, True, target, check, None, None,
-                                                       True, dv).launches:
+                        try:
+                            planned = plan.paged_plan(params, qm, pool, table, True, target, check, None, None,
+                                                      True, dv, reduce)
+                        except ValueError:   # more tiles than the fused combine's counters: never chosen fused
+                            continue
+                        for launch_ in planned.launches:
                             yield f"paged B={batch} Tq={tq} D={d}/{dv}", launch_, dtype, None, False, tq
 
 
@@ -305,6 +314,8 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
         # GROUP, BLOCK_SIZE and SPLIT only enter index math (token -> block, slot; row -> head) and the stores
         c.update(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CHECK_BOUNDS=True, GROUP=4, BLOCK_SIZE=16,
                  SPLIT=True, HAS_SINKS=True)
+        if c["FUSED_REDUCE"]:   # the combine's [SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most splits the plan chooses
+            c["SPLITS_PAD"] = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
     if launch_.kernel == "_paged_reduce_kernel":
         c["HAS_SINKS"] = True
     if dtype == torch.float16:
@@ -367,7 +378,7 @@ def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype, ones: set = frozens
                      "Bounds": torch.int32, "Verified": torch.bool, "Rng": torch.int64, "DS": torch.float32,
                      "block_table_ptr": torch.int32, "seq_lens_ptr": torch.int32, "alibi_ptr": torch.float32,
                      "m_ws_ptr": torch.float32, "l_ws_ptr": torch.float32, "acc_ws_ptr": torch.float32,
-                     "err_ptr": torch.int32}
+                     "counters_ptr": torch.int32, "err_ptr": torch.int32}
     floats = {"sm_scale", "softcap", "dropout_p", "scale", "fill"}
     args = []
     for i, name in enumerate(fn.arg_names):
@@ -435,8 +446,10 @@ def ttir_with_constant_scalars(launch_: Launch) -> None:
 # it treats as mutated, and then clones every input of every launch).
 def expected_writes(launch_: Launch) -> set:
     c = launch_.constexprs
-    if launch_.fn.__name__ == "_paged_attn_kernel":   # split: partial results to the workspaces, the reduce writes out
+    if launch_.fn.__name__ == "_paged_attn_kernel":   # split: partial results to the workspaces, the combine writes out
         writes = {"m_ws_ptr", "l_ws_ptr", "acc_ws_ptr"} if c.get("SPLIT") else {"out_ptr"}
+        if c.get("FUSED_REDUCE"):   # the last split of a tile writes out and counts in (then resets) its counter
+            writes |= {"out_ptr", "counters_ptr"}
         return writes | ({"err_ptr"} if c.get("CHECK_BOUNDS") else set())
     return {"_flash_fwd_kernel": {"Out", "Lse"}, "_flash_bwd_preprocess_kernel": {"Delta"},
             "_flash_bwd_dkdv_kernel": {"DK", "DV"} | ({"DS"} if c.get("WRITE_DS") else set()),
@@ -558,6 +571,7 @@ def main() -> int:
     parser.add_argument("--inductor", action="store_true", help="also compile every kernel as Inductor types it")
     parser.add_argument("--fits", action="store_true", help="only: every config the plan can choose fits sm_90")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--kernels", default="", help="only the kernels whose name contains this (e.g. paged)")
     ns = parser.parse_args()
     JITFunction.run = _record
     plan.target_of = _hopper_target
@@ -575,6 +589,7 @@ def main() -> int:
         items = [(launch_, False) for launch_ in LAUNCHES.values()]
         if ns.inductor:
             items += [(launch_, True) for launch_ in LAUNCHES.values() if launch_.typing == "inductor"]
+    items = [item for item in items if ns.kernels in item[0].fn.__name__]
     failed = run(items, ns.jobs)
     print(f"{len(items)} kernels, {failed} failed, {time.perf_counter() - t_all:.0f}s "
           f"(triton {triton.__version__}, target sm_90)")

@@ -172,13 +172,31 @@ def paged_stub(monkeypatch):
     fastpath.clear()
 
 
-def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_stub):
-    from attnlower.lowering import errors
+@pytest.fixture
+def choose_reduce(monkeypatch):
+    """Sets the plan's default way to combine split partials (configs.PAGED_REDUCE) for the public op's calls."""
+    from attnlower.lowering import plan
 
+    def choose(reduce):
+        monkeypatch.setattr(plan, "PAGED_REDUCE", reduce)
+        plan.paged_plan.cache_clear()
+    yield choose
+    plan.paged_plan.cache_clear()   # before monkeypatch restores the default: no plan made with the test's
+
+
+def _split_call():
     k_cache = torch.randn(80, 1, 8, 16)
     table = torch.arange(80, dtype=torch.int32).view(1, 80)   # 640 keys wide, one program: the plan splits KV
     lens = torch.tensor([150], dtype=torch.int32)
     q = torch.randn(1, 4, 1, 16)
+    return q, k_cache, table, lens
+
+
+def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_stub, choose_reduce):
+    from attnlower.lowering import errors
+
+    choose_reduce("separate")
+    q, k_cache, table, lens = _split_call()
     first = public.paged_attention(q, k_cache, k_cache, table, lens)
     attn, reduce = paged_stub["_paged_attn_kernel"], paged_stub["_paged_reduce_kernel"]
     assert len(attn.compiled) == 1 and len(reduce.compiled) == 1, "expected a split-KV launch pair"
@@ -204,6 +222,49 @@ def test_paged_repeat_call_reuses_the_split_launches_and_fresh_workspaces(paged_
     finally:
         errors.set_paged_checks(True)
     assert len(attn.compiled) == 2
+
+
+def test_paged_cached_fused_call_is_one_launch_and_replays_right(paged_stub, choose_reduce, monkeypatch):
+    """A repeat of a fused split call (the plan's default): one cached launch with the device's split counters
+    baked in by address (they are persistent: fastpath.persistent), fresh workspaces and out; replayed through the
+    interpreter with exactly the arguments the cached path passed, it writes the right output, twice in a row (the
+    counters come back to zero)."""
+    from attnlower.lowering import errors, launch_paged
+
+    choose_reduce("fused")
+    allocated = []
+    real_alloc = fastpath.alloc
+
+    def alloc(*args):   # the cached path's fresh tensors, to map its pointers back to tensors for the replay
+        allocated.append(real_alloc(*args))
+        return allocated[-1]
+
+    monkeypatch.setattr(fastpath, "alloc", alloc)
+    q, k_cache, table, lens = _split_call()
+    first = public.paged_attention(q, k_cache, k_cache, table, lens)
+    attn, reduce = paged_stub["_paged_attn_kernel"], paged_stub["_paged_reduce_kernel"]
+    assert len(attn.compiled) == 1 and reduce.compiled == [], "expected one fused split launch"
+    grid, compiled = attn.compiled[0]
+    names = attn.arg_names
+    bound = dict(zip(names, compiled.bound_args))
+    assert bound["FUSED_REDUCE"] is True and grid[2] > 1
+    counters = launch_paged.split_counters(q.device)
+    assert bound["counters_ptr"] is counters and not counters.any()
+    for replay in range(2):
+        allocated.clear()
+        out = public.paged_attention(q, k_cache, k_cache, table, lens)
+        assert len(attn.compiled) == 1 and reduce.compiled == [], "the repeat call went through the JIT again"
+        run_grid, _, args = compiled.runs[-1]
+        assert args[names.index("counters_ptr")] == counters.data_ptr()
+        assert args[names.index("out_ptr")] == out.data_ptr() != first.data_ptr()
+        by_pointer = {t.data_ptr(): t for t in (q, k_cache, table, lens, counters, *allocated,
+                                                 errors.device_flags(q.device).flags)}
+        tensors = [by_pointer[a] if name.endswith("_ptr") and a else a for name, a in zip(names, args)]
+        assert [name for name, a in zip(names, tensors) if name.endswith("_ptr") and isinstance(a, int) and a] == []
+        out.fill_(float("nan"))
+        attn.fn[run_grid](*tensors)
+        torch.testing.assert_close(out, first, atol=0, rtol=0)
+        assert not counters.any(), f"replay {replay}: the last split left its counter set"
 
 
 def test_paged_empty_rows_nan_is_part_of_the_key(paged_stub):

@@ -187,21 +187,174 @@ def test_paged_more_splits_than_tiles():
 
 
 def test_paged_heuristic_splits_long_decode(monkeypatch):
-    """With one program and a long table, the launcher splits on its own (and stays correct)."""
-    seen_grids = []
-    real_reduce = launch_paged._paged_reduce_kernel
+    """With one program and a long table, the launcher splits on its own (and stays correct), in one launch: the
+    attention kernel's last split combines (FUSED_REDUCE, the plan's default)."""
+    seen = []
 
     class _RecordingKernel:
-        def __getitem__(self, grid):
-            seen_grids.append(grid)
-            return real_reduce[grid]
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    monkeypatch.setattr(launch_paged, "_paged_reduce_kernel", _RecordingKernel())
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.kernel.fn.__name__, grid, kwargs.get("FUSED_REDUCE")))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_paged_attn_kernel", "_paged_reduce_kernel"):
+        monkeypatch.setattr(launch_paged, name, _RecordingKernel(getattr(launch_paged, name)))
     inputs = make_paged_inputs([600], 4, 1, 64, 1, 16, torch.float32)
     expected_splits = paged_num_splits(plan.target_of(torch.device("cpu")).sm_count, 1, inputs[3].shape[1] * 16)
     assert expected_splits > 1
     run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32)
-    assert seen_grids == [(4, 1, 1)], "expected the split path's reduce over B*Hq*Tq = 4 rows"
+    assert seen == [("_paged_attn_kernel", (1, 1, expected_splits), True)], "expected one fused split launch"
+    seen.clear()
+    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, reduce="separate")
+    assert seen == [("_paged_attn_kernel", (1, 1, expected_splits), False), ("_paged_reduce_kernel", (4, 1, 1), None)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The split-KV combine: fused into the attention kernel (its last split program per tile) or separate
+# ---------------------------------------------------------------------------------------------
+# Triton's interpreter runs a launch's programs one after another, so these tests cannot show a race between the
+# split programs of a tile (the ordering argument: kernels/paged_decode.py, `_last_split_combines`); they check the
+# combine's math, which split is last, the counters' reset and what is written. test_paged_gpu_fused_reduce runs
+# the programs concurrently on a GPU.
+
+def reference(inputs, params, sinks=None):
+    """lowering/reference.py's paged attention in float64 (sinks, empty_rows_nan, short sequences)."""
+    from attnlower.lowering.reference import reference_paged_forward
+
+    q, k_cache, v_cache, block_table, seq_lens, slopes = inputs
+    return reference_paged_forward(q.double(), k_cache.double(), v_cache.double(), block_table, seq_lens, params,
+                                   alibi_slopes=slopes, sinks=None if sinks is None else sinks.double())
+
+
+def assert_same_combine(fused, separate):
+    """The fused and separate combines run one `_combine_row` on the same partials: bit for bit in the interpreter
+    (the same numpy sums); compiled, the two kernels (other warps, other layouts) may sum the splits in another
+    order, so within fp32 rounding there."""
+    exact = fused.device.type == "cpu"
+    torch.testing.assert_close(fused, separate, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-5, equal_nan=True)
+
+
+def fused_and_separate(inputs, params, splits, sinks=None, config=None):
+    """Both combines of one split call, their counters checked back at zero; returns (fused, separate)."""
+    q, k_cache, v_cache, block_table, seq_lens, slopes = inputs
+    outs = {}
+    for reduce in ("fused", "separate"):
+        outs[reduce] = paged_forward(q, k_cache, v_cache, block_table, seq_lens, params, alibi_slopes=slopes,
+                                     sinks=sinks, num_splits=splits, config=config, reduce=reduce)
+        assert not launch_paged.split_counters(q.device).any(), f"{reduce}: a tile counter was left set"
+    return outs["fused"], outs["separate"]
+
+
+# (lens, Hq, Hkv, D, Tq, block_size, window): GQA groups 1 / 3 / 4, decode and chunks, sequences empty (0), inside
+# one key tile (3), shorter than the chunk (2 < Tq: short sequences), and long enough for every split to hold keys
+DECODE = ([0, 3, 37, 70], 6, 2, 40, 1, 8, 0)
+CHUNK3 = ([2, 19, 70], 8, 2, 24, 3, 16, 0)
+CHUNK2_WINDOW = ([0, 70, 5], 3, 3, 16, 2, 4, 9)
+FUSED_CASES = [pytest.param(*DECODE, splits, True, id=f"decode-gqa3-d40-s{splits}-nan") for splits in range(2, 8)] + [
+    pytest.param(*DECODE, 3, None, id="decode-gqa3-d40-s3-zero"),
+    pytest.param(*CHUNK3, 2, False, id="chunk3-gqa4-d24-s2-zero"),
+    pytest.param(*CHUNK3, 5, True, id="chunk3-gqa4-d24-s5-nan"),
+    pytest.param(*CHUNK2_WINDOW, 4, False, id="chunk2-mha-window-s4-zero"),
+    pytest.param(*CHUNK2_WINDOW, 7, True, id="chunk2-mha-window-s7-nan"),
+]
+
+
+@pytest.mark.usefixtures("poison_uninitialized")   # out starts NaN: every element must be written
+@pytest.mark.parametrize("lens, q_heads, kv_heads, head_dim, tq, block_size, window, splits, empty_rows_nan",
+                         FUSED_CASES)
+def test_fused_reduce_matches_separate_and_reference(lens, q_heads, kv_heads, head_dim, tq, block_size, window,
+                                                     splits, empty_rows_nan):
+    """16-key tiles: 70 keys are 5 tiles, so 6 and 7 splits leave empty splits everywhere, and a sequence of 3 or
+    5 keys leaves all but one split empty; a sequence of 0 keys (or a query before its sequence's first token) is
+    an empty row: 0, or NaN with empty_rows_nan=True. The fused combine runs the separate one's math (one
+    `_combine_row`) on the same partials (assert_same_combine)."""
+    inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, tq, block_size, torch.float32)
+    base = paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
+    config = KernelConfig(base.block_m, 16, base.num_warps, base.num_stages)
+    params = AttentionParams(head_dim ** -0.5, True, window=window, empty_rows_nan=bool(empty_rows_nan),
+                             short_sequences=empty_rows_nan is not None)
+    fused, separate = fused_and_separate(inputs, params, splits, config=config)
+    assert_same_combine(fused, separate)
+    want = reference(inputs, params)
+    assert torch.isnan(want).any() == bool(empty_rows_nan and (0 in lens or min(lens) < tq))
+    torch.testing.assert_close(fused.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.usefixtures("poison_uninitialized")
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("empty_rows_nan", [False, True])
+def test_fused_reduce_adds_the_sink_once(splits, empty_rows_nan):
+    """Sinks: the combine adds each head's sink once, after the splits (a -inf sink adds nothing: an empty row of
+    that head stays empty, NaN with empty_rows_nan); GQA group 3, a chunk of 2 queries, an empty sequence."""
+    inputs = make_paged_inputs([0, 3, 45], 6, 2, 32, 2, 8, torch.float32)
+    sinks = torch.randn(6) * 2
+    sinks[4] = float("-inf")
+    params = AttentionParams(0.2, True, empty_rows_nan=empty_rows_nan, short_sequences=True)
+    fused, separate = fused_and_separate(inputs, params, splits, sinks=sinks)
+    assert_same_combine(fused, separate)
+    want = reference(inputs, params, sinks)
+    torch.testing.assert_close(fused.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
+    empty = fused[0]                                   # sequence 0 holds no key: only the sinks
+    assert (empty[[0, 1, 2, 3, 5]] == 0).all()
+    assert empty[4].isnan().all() if empty_rows_nan else (empty[4] == 0).all()
+
+
+def test_fused_reduce_consecutive_calls_reset_their_counters():
+    """Each call leaves its tiles' counters at 0, so the next call (other lengths, other splits, more tiles) finds
+    its last split right; the counters are the device's one buffer, kept across calls."""
+    counters = launch_paged.split_counters(torch.empty(0).device)
+    for lens, splits in (([37, 70, 9], 3), ([70, 1, 64, 20], 7), ([37, 70, 9], 3)):
+        inputs = make_paged_inputs(lens, 8, 2, 16, 1, 4, torch.float32)
+        out = run_and_check(inputs, 0.25, True, 0, 0.0, torch.float32, num_splits=splits, reduce="fused")
+        assert launch_paged.split_counters(out.device) is counters and not counters.any()
+
+
+def test_fused_reduce_without_counters_takes_the_separate_reduce(monkeypatch, caplog):
+    """The first split call on a device inside a CUDA graph capture cannot allocate the counters (split_counters
+    gives None): that call takes the separate reduce, said in a warning, and stays right."""
+    seen = []
+    real_reduce = launch_paged._paged_reduce_kernel
+
+    class _RecordingReduce:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real_reduce[grid]
+
+    monkeypatch.setattr(launch_paged, "split_counters", lambda device: None)
+    monkeypatch.setattr(launch_paged, "_paged_reduce_kernel", _RecordingReduce())
+    inputs = make_paged_inputs([37, 70], 4, 2, 16, 1, 8, torch.float32)
+    with caplog.at_level("WARNING", logger=launch_paged.__name__):
+        run_and_check(inputs, 0.25, True, 0, 0.0, torch.float32, num_splits=3, reduce="fused")
+    assert seen == [(8, 1, 1)] and "takes the separate reduce" in caplog.text
+
+
+def test_fused_reduce_is_the_plan_default_within_the_counters():
+    target = plan.Target("cuda", 90, 132, False)
+    params = AttentionParams(0.1, True)
+    pool = plan.Meta((64, 8, 16, 128), torch.bfloat16)
+
+    def paged(batch, splits=None, reduce=None):
+        return plan.paged_plan(params, plan.Meta((batch, 32, 1, 128), torch.bfloat16), pool,
+                               plan.Meta((batch, 256), torch.int32), False, target, True, splits, None, False, 128,
+                               reduce)
+
+    decode = paged(1)
+    assert decode.num_splits == 32 and decode.fused and [k.kernel for k in decode.launches] == ["_paged_attn_kernel"]
+    assert dict(decode.launches[0].constexprs)["SPLITS_PAD"] == 32
+    separate = paged(1, reduce="separate")
+    assert [k.kernel for k in separate.launches] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
+    assert dict(separate.launches[0].constexprs)["FUSED_REDUCE"] is False
+    assert paged(1, splits=1).reduce == "" and not dict(paged(1, splits=1).launches[0].constexprs)["FUSED_REDUCE"]
+    many = configs.PAGED_FUSED_MAX_TILES // 8 + 1          # more tiles (B * Hkv) than the device's counters
+    assert paged(many, splits=2).reduce == "separate"
+    with pytest.raises(ValueError, match="PAGED_FUSED_MAX_TILES"):
+        paged(many, splits=2, reduce="fused")
+    with pytest.raises(ValueError, match="reduce: expected one of"):
+        paged(1, reduce="both")
 
 
 def test_paged_num_splits_heuristic():
@@ -261,6 +414,48 @@ def test_paged_gpu_shapes(head_dim, block_size, q_heads, kv_heads):
     lens = torch.randint(1, 3000, (6,)).tolist()
     inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, 1, block_size, torch.bfloat16, device="cuda")
     run_and_check(inputs, head_dim ** -0.5, True, 0, 0.0, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tq, splits", [(1, 32), (1, 7), (16, 8)])
+def test_paged_gpu_fused_reduce(dtype, tq, splits):
+    """On a GPU a tile's split programs run at once, on different SMs. The fused output is deterministic (no atomic
+    touches the math), so every call must repeat the first bit for bit; a missed ordering would show now and then
+    as a stale partial (the caching allocator hands each call the last call's workspaces, written from the other
+    query: calls alternate two), a half-written one, or a tile combined twice or never. Eagerly and replayed from a
+    CUDA graph; the counters end at zero."""
+    torch.manual_seed(3)
+    lens = torch.randint(tq, 4096, (6,)).tolist() + [4096, 0]
+    inputs = make_paged_inputs(lens, 32, 8, 128, tq, 16, dtype, device="cuda")
+    q, k_cache, v_cache, block_table, seq_lens, _ = inputs
+    queries = (q, torch.randn_like(q))
+    sinks = torch.randn(32, device="cuda")
+    params = AttentionParams(128 ** -0.5, True, empty_rows_nan=True, short_sequences=True)
+
+    def call(query, reduce):
+        return paged_forward(query, k_cache, v_cache, block_table, seq_lens, params, sinks=sinks, num_splits=splits,
+                             reduce=reduce)
+
+    firsts = [call(query, "fused") for query in queries]
+    for query, first in zip(queries, firsts):
+        want = reference((query, *inputs[1:]), params, sinks)
+        torch.testing.assert_close(first.double(), want, equal_nan=True, atol=TOLERANCE[dtype][0],
+                                   rtol=TOLERANCE[dtype][1])
+        atol, rtol = (1e-6, 1e-5) if dtype is torch.float32 else TOLERANCE[dtype]   # the splits summed in another order
+        torch.testing.assert_close(first, call(query, "separate"), equal_nan=True, atol=atol, rtol=rtol)
+    for i in range(100):
+        assert torch.equal(call(queries[i % 2], "fused").nan_to_num(7.0), firsts[i % 2].nan_to_num(7.0)), i
+    static_q = queries[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(static_q, "fused")
+    for i in range(100):
+        static_q.copy_(queries[i % 2])
+        captured.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(captured.nan_to_num(7.0), firsts[i % 2].nan_to_num(7.0)), f"replay {i}"
+    assert not launch_paged.split_counters(q.device).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,19 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
   m, l, acc    online-softmax running max (log2 units), running sum, unnormalized output
   sinks        HAS_SINKS: one logit per query head (read as fp32) in the normalizer, adding no value: unsplit,
                the online softmax starts from it (m = sink * log2(e), l = 1); split, the partials never see it
-               and `_paged_reduce_kernel` adds it once: M = max(max_s m_s, sink), L = sum_s l_s 2^(m_s - M)
+               and the combine adds it once: M = max(max_s m_s, sink), L = sum_s l_s 2^(m_s - M)
                + 2^(sink - M). A row with no visible key then gives 0
   NUM_SPLITS   split-KV (flash-decoding): the key range of one program's rows is cut into
-               num_splits contiguous, BLOCK_N-aligned chunks; each writes its partial (m, l, acc)
-               to a workspace of R = B * Hq * Tq rows, and `_paged_reduce_kernel` combines them.
+               num_splits contiguous, BLOCK_N-aligned chunks (grid axis 2); each writes its partial
+               (m, l, acc) to fp32 workspaces of R = B * Hq * Tq rows, combined by `_combine_row`
+               (once per output row) in one of two ways:
+  FUSED_REDUCE the last split program to finish a tile combines the tile's rows itself: one launch.
+               Each split program counts itself done in Counters[tile] (int32, one per
+               (b, kvh, pid_m) tile, zero between launches: the last one resets it; see
+               `_last_split_combines` for the memory ordering). Else (False, split):
+               `_paged_reduce_kernel`, a second launch, one program per output row.
+  SPLITS_PAD   power of two >= num_splits (>= 2): the combine's split axis (1, unused, in an attention
+               kernel without FUSED_REDUCE)
 
   num_blocks   blocks in the pool; max_blocks: columns of block_table; capacity = max_blocks * BLOCK_SIZE
   CHECK_BOUNDS record bad inputs in Err (int32 [4], lowering/errors.py): bit 1 a block id outside
@@ -42,7 +50,7 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
   SHORT_SEQUENCES  the call set empty_rows_nan (False / True): 0 < seq_len < Tq is computed, not reported; its
                queries at pos < 0 see no key (causal) and are empty rows
   EMPTY_ROWS_NAN   an empty row (no visible key and no finite sink: l = 0) is written NaN instead of 0; split,
-               the reduce decides it from the combined L
+               the combine decides it from the combined L
                Whatever CHECK_BOUNDS says, reads are clamped: seq_len to [0, capacity], and a bad
                block id's tokens are masked (never loaded), so no input makes the kernel read
                outside its tensors.
@@ -104,7 +112,7 @@ def _load_k_chunk(k_cols, offs_c, tok_ok, stride_kd, c: tl.constexpr, HEAD_DIM: 
 @triton.jit
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, err_ptr,
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, counters_ptr, err_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kh, stride_kt, stride_kd,
     stride_vn, stride_vh, stride_vt, stride_vd,
@@ -121,13 +129,14 @@ def _paged_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, SPLITS_PAD: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr, HAS_SINKS: tl.constexpr,
     SHORT_SEQUENCES: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(HEAD_DIM <= QK_CHUNK * NUM_QK_CHUNKS, "the q·k chunks must cover HEAD_DIM")
     tl.static_assert(HEAD_DIM_V <= HEAD_DIM_V_PAD, "HEAD_DIM_V_PAD must cover HEAD_DIM_V")
+    tl.static_assert(SPLIT or not FUSED_REDUCE, "FUSED_REDUCE combines split partials: it needs SPLIT")
 
     # fp32 whatever the caller typed them (Inductor passes fp64, see common._as_fp32)
     scale, softcap = _as_fp32(scale), _as_fp32(softcap)
@@ -192,7 +201,7 @@ def _paged_attn_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_SINKS and not SPLIT:   # the sink as a virtual key already seen (split: the reduce adds it once)
+    if HAS_SINKS and not SPLIT:   # the sink as a virtual key already seen (split: the combine adds it once)
         sink = tl.load(sinks_ptr + head * stride_sink, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
         m_i = sink
         l_i = tl.where(sink == float("-inf"), 0.0, 1.0)
@@ -264,6 +273,16 @@ def _paged_attn_kernel(
         tl.store(l_ws_ptr + ws_row, l_i, mask=row_ok)
         tl.store(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
                  mask=row_ok[:, None] & dv_ok[None, :])
+        if FUSED_REDUCE:
+            counter = counters_ptr + pid_bh * tl.num_programs(1) + pid_m    # this tile's (b, kvh, pid_m)
+            if _last_split_combines(counter, num_splits):
+                for r in range(pid_m * BLOCK_M, tl.minimum(rows_m, (pid_m + 1) * BLOCK_M)):
+                    _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+                                 pid_bh.to(tl.int64) * rows_m + r, b, kvh * GROUP + r // Tq, r % Tq,
+                                 stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
+                                 HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD, HAS_SINKS, EMPTY_ROWS_NAN)
+                # every split of this tile has counted itself: zero it for the next launch (graph-safe, no memset)
+                tl.store(counter, 0)
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]    # empty rows: acc = 0, write 0
         if EMPTY_ROWS_NAN:
@@ -275,27 +294,48 @@ def _paged_attn_kernel(
 
 
 @triton.jit
-def _paged_reduce_kernel(
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
-    stride_ob, stride_oh, stride_ot, stride_od, stride_sink,
-    Hq, Tq, rows_total, num_splits,
-    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
-):
-    """Combine the num_splits partial (m, l, acc) of one output row (and the sink, once) into softmax(s) @ v."""
-    row = tl.program_id(0).to(tl.int64)
+def _last_split_combines(counter_ptr, num_splits):
+    """Count this split program done in its tile's counter; True for the last of the num_splits to finish.
+
+    Why the last one then sees every split's partials (the PTX memory model; the pattern of CUDA's cooperative-groups
+    grid sync and CUTLASS's semaphore: barrier, then one thread's gpu-scope release):
+      - a scalar tl.atomic_add runs once per program, in thread 0, and Triton broadcasts its result to the other
+        threads through shared memory behind a bar.sync (triton 3.6's sm_90 PTX: `@p atom.global.gpu.acq_rel.add.u32`,
+        `@p st.shared`, `bar.sync 0`, where p = (tid == 0));
+      - release: the program's threads stored their partials; `debug_barrier` (bar.sync) orders all those stores
+        before thread 0's increment, a gpu-scope release (sem="acq_rel", scope="gpu"), which is cumulative: it makes
+        visible at gpu scope every store ordered before it, the other threads' included;
+      - acquire: the increment that returns num_splits - 1 is the last in the counter's modification order, so it
+        reads from the release sequence of every other split's increment, and as an acquire it synchronizes with
+        them all; the broadcast's bar.sync orders it before every thread's loads of the partials;
+      - those loads go through L2 (`_combine_row`'s ".cg"): the other SMs' stores were never in this SM's L1.
+    Triton's interpreter runs the programs one after another, so the CPU tests cannot show a race: the GPU suite runs
+    the fused path on the H200.
+    """
+    tl.debug_barrier()
+    done_before = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return done_before == num_splits - 1
+
+
+@triton.jit
+def _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, b, h, i,
+                 stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
+                 HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr):
+    """Combine the num_splits partial (m, l, acc) of workspace row `row` = (b * Hq + h) * Tq + i (and the sink,
+    once) into softmax(s) @ v, written to out[b, h, i, :] through out's strides (q's layout).
+
+    The partials are loaded through L2 (".cg", bypassing L1): in the fused mode other SMs stored them during this
+    launch (`_last_split_combines`); they are read once, so L1 would not help the separate reduce either."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_V_PAD)
     s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM_V
     ws_row = offs_s.to(tl.int64) * rows_total + row
-
-    # row = (b * Hq + h) * Tq + i: out[b, h, i, :] through its strides (q's layout)
-    b = row // (Hq * Tq)
-    h = (row // Tq) % Hq
-    i = row % Tq
-    m = tl.load(m_ws_ptr + ws_row, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0)
+    m = tl.load(m_ws_ptr + ws_row, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, axis=0)
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + h * stride_sink).to(tl.float32) * LOG2E
@@ -305,10 +345,24 @@ def _paged_reduce_kernel(
     l_sum = tl.sum(l * w, axis=0)
     if HAS_SINKS:
         l_sum += tl.exp2(sink - m_safe)
-    acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
     if EMPTY_ROWS_NAN:   # every split empty and no finite sink: the row saw no key
         out = tl.where(l_sum > 0.0, out, float("nan"))
-    o_off = b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
+    o_off = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_ot + offs_d * stride_od
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _paged_reduce_kernel(
+    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+    stride_ob, stride_oh, stride_ot, stride_od, stride_sink,
+    Hq, Tq, rows_total, num_splits,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
+):
+    """The two-launch split-KV path (FUSED_REDUCE off): one program per output row combines its num_splits
+    partials, after `_paged_attn_kernel` has finished writing them (stream order)."""
+    row = tl.program_id(0).to(tl.int64)      # (b * Hq + h) * Tq + i
+    _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, row // (Hq * Tq), (row // Tq) % Hq,
+                 row % Tq, stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
+                 HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD, HAS_SINKS, EMPTY_ROWS_NAN)
