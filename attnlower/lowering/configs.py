@@ -205,10 +205,12 @@ _PAGED_PROGRAMS_PER_SM = 2
 _PAGED_MIN_TOKENS_PER_SPLIT = 128
 _PAGED_MAX_SPLITS = 64
 # How a split call combines its partials: "fused" (the last split program of each tile combines it: one launch) or
-# "separate" (`_paged_reduce_kernel`, a second launch). Fused, unmeasured (no GPU this session): it removes the
-# second launch, its dependency gap and nothing else (the workspaces stay); the two-launch path measured 0.0103 ms
-# against cuDNN's 0.0092 at B=1 (the sweep above). Time both: bench/paged_sweep.py --reduce fused,separate.
-PAGED_REDUCE = "fused"
+# "separate" (`_paged_reduce_kernel`, a second launch). Measured on the H200 (torch 2.11, triton 3.6, 2026-12-04,
+# bench/paged_sweep.py --reduce fused,separate, bf16 Hq 32 Hkv 8 D 128 L 4096, under CUDA graphs): fused is slower,
+# B=1 32 splits 0.0172 vs 0.0111 ms, B=8 0.0628 (5 splits) vs 0.0470 (4): the last program combines its tile's rows
+# one after another while the separate kernel combines every row in parallel. Separate stays the default; fused is
+# kept selectable (paged_forward(reduce="fused")) for the next step: a combine spread over the tile's rows.
+PAGED_REDUCE = "separate"
 # The fused combine's tile counters: one int32 per (b, kvh, row tile), one buffer per device allocated once
 # (launch_paged.split_counters: 256 KiB). The default split rule splits only grids under
 # _PAGED_PROGRAMS_PER_SM * SM count programs (264 on 132 SMs); a larger grid split by an explicit num_splits takes the

@@ -263,7 +263,10 @@ def test_paged_cached_fused_call_is_one_launch_and_replays_right(paged_stub, cho
         assert [name for name, a in zip(names, tensors) if name.endswith("_ptr") and isinstance(a, int) and a] == []
         out.fill_(float("nan"))
         attn.fn[run_grid](*tensors)
-        torch.testing.assert_close(out, first, atol=0, rtol=0)
+        # bit for bit in the interpreter; on a GPU the JIT's own compile of the kernel may contract its fp32 sums
+        # differently from the cached launch's (6e-8 apart on the H200, 2026-12-04)
+        exact = out.device.type == "cpu"
+        torch.testing.assert_close(out, first, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-5)
         assert not counters.any(), f"replay {replay}: the last split left its counter set"
 
 

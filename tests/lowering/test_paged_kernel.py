@@ -187,8 +187,9 @@ def test_paged_more_splits_than_tiles():
 
 
 def test_paged_heuristic_splits_long_decode(monkeypatch):
-    """With one program and a long table, the launcher splits on its own (and stays correct), in one launch: the
-    attention kernel's last split combines (FUSED_REDUCE, the plan's default)."""
+    """With one program and a long table, the launcher splits on its own (and stays correct): by default the
+    separate reduce combines (configs.PAGED_REDUCE, timed faster on the H200); asked, in one launch whose last split
+    combines (FUSED_REDUCE)."""
     seen = []
 
     class _RecordingKernel:
@@ -206,10 +207,10 @@ def test_paged_heuristic_splits_long_decode(monkeypatch):
     inputs = make_paged_inputs([600], 4, 1, 64, 1, 16, torch.float32)
     expected_splits = paged_num_splits(plan.target_of(torch.device("cpu")).sm_count, 1, inputs[3].shape[1] * 16)
     assert expected_splits > 1
-    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32)
+    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, reduce="fused")
     assert seen == [("_paged_attn_kernel", (1, 1, expected_splits), True)], "expected one fused split launch"
     seen.clear()
-    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32, reduce="separate")
+    run_and_check(inputs, 0.125, True, 0, 0.0, torch.float32)
     assert seen == [("_paged_attn_kernel", (1, 1, expected_splits), False), ("_paged_reduce_kernel", (4, 1, 1), None)]
 
 
@@ -332,7 +333,7 @@ def test_fused_reduce_without_counters_takes_the_separate_reduce(monkeypatch, ca
     assert seen == [(8, 1, 1)] and "takes the separate reduce" in caplog.text
 
 
-def test_fused_reduce_is_the_plan_default_within_the_counters():
+def test_reduce_is_the_measured_default_and_fused_on_request_within_the_counters():
     target = plan.Target("cuda", 90, 132, False)
     params = AttentionParams(0.1, True)
     pool = plan.Meta((64, 8, 16, 128), torch.bfloat16)
@@ -342,9 +343,11 @@ def test_fused_reduce_is_the_plan_default_within_the_counters():
                                plan.Meta((batch, 256), torch.int32), False, target, True, splits, None, False, 128,
                                reduce)
 
-    decode = paged(1)
+    decode = paged(1, reduce="fused")
     assert decode.num_splits == 32 and decode.fused and [k.kernel for k in decode.launches] == ["_paged_attn_kernel"]
     assert dict(decode.launches[0].constexprs)["SPLITS_PAD"] == 32
+    # the default: the H200 timed the separate reduce faster (configs.PAGED_REDUCE)
+    assert paged(1).reduce == configs.PAGED_REDUCE == "separate"
     separate = paged(1, reduce="separate")
     assert [k.kernel for k in separate.launches] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
     assert dict(separate.launches[0].constexprs)["FUSED_REDUCE"] is False
