@@ -333,8 +333,12 @@ def _verified(emit: _Emitter, decision: Decision, m: AttentionMatch, q: fx.Node,
     symbolic = isinstance(tq, fx.Node) or isinstance(tk, fx.Node)
     start = (emit(operator.sub, (tk, tq)) if symbolic else tk - tq) if s.bottom_right else 0
     end = tk if s.bottom_right else tq
-    diagonal = emit(aten.unsqueeze.default, (emit(aten.arange.start, (start, end), {"device": device}), 1))
-    keys = emit(aten.unsqueeze.default, (emit(aten.arange.default, (tk,), {"device": device}), 0))
+    # int32 indices, the check's own: an int64 arange is the same iota as the model's own positions
+    # (`torch.arange(T)`), which AOTAutograd's CSE then shares, moving where Inductor materializes the model's
+    # (nanoGPT: into the first kernel, for the check to load). Sizes here are < 2**31 (the kernels index in int32).
+    index = {"device": device, "dtype": torch.int32}
+    diagonal = emit(aten.unsqueeze.default, (emit(aten.arange.start, (start, end), index), 1))
+    keys = emit(aten.unsqueeze.default, (emit(aten.arange.default, (tk,), index), 0))
     pattern = None
     if s.causal or s.window:
         pattern = emit(aten.le.Tensor, (keys, diagonal))                                  # [Tq, Tk]

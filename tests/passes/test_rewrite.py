@@ -243,3 +243,84 @@ def test_a_result_whose_strides_are_read_gets_the_replaced_layout(fn):
     want = fn(*args)
     assert out.stride() == want.stride()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- what Inductor receives: a buffer-proven mask vs is_causal -----------------------------------------------
+
+class _PositionsGPT(torch.nn.Module):
+    """nanoGPT's trunk: token + position embeddings (`torch.arange(T)`), one Block (buffer mask or is_causal), head."""
+
+    def __init__(self, flash: bool, t: int = 16):
+        super().__init__()
+        from models import Block
+
+        self.wte, self.wpe = torch.nn.Embedding(50, 32), torch.nn.Embedding(t, 32)
+        self.block = Block(n_embd=32, n_head=2, flash=flash)
+        self.block.attn.bias = self.block.attn.bias[:, :, :t, :t].clone() if not flash else None
+        self.head = torch.nn.Linear(32, 50)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.block(x)).sum()
+
+
+def _inductor_forward(flash: bool, monkeypatch) -> fx.GraphModule:
+    """The forward graph Inductor compiles for `_PositionsGPT(flash)` under attnlower (after AOTAutograd)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    received = []
+    real = compile_fx_module._compile_fx_inner
+
+    def recording(gm, inputs, *args, **kwargs):
+        if not kwargs.get("is_backward"):
+            received.append(gm)
+        return real(gm, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "_compile_fx_inner", recording)
+    # a cached compile skips the inner compiler: record what it would compile
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _PositionsGPT(flash)
+    idx = torch.randint(0, 50, (2, 16))
+    torch.compile(model, backend="attnlower")(idx).backward()
+    (gm,) = received
+    return gm
+
+
+def _outside_the_op(gm: fx.GraphModule) -> list[tuple]:
+    """Each node that is not the flash call nor only computes its bias / verified: (op, (shape, dtype), its users in
+    the model, its users in the check)."""
+    (call,) = [n for n in gm.graph.nodes if n.target is attnlower_ops.flash_attention.default]
+    # what feeds only the op's arguments past q, k, v (the mask and the device check), saved for the backward or not
+    own = set()
+    for node in reversed(gm.graph.nodes):
+        feeds = [u for u in node.users if u in own or u is call]
+        if node.op == "call_function" and feeds and node not in call.args[:3] \
+                and all(u in own or u is call or u.op == "output" for u in node.users):
+            own.add(node)
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n in own or n is call or n.args and n.args[0] is call:
+            continue
+        val = n.meta.get("val")
+        shape = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
+        # (users in the model, users in the check): a model node the check reads is a difference Inductor sees
+        rows.append((str(n.target), shape, sum(u not in own and u.op != "output" for u in n.users),
+                     sum(u in own for u in n.users)))
+    return rows
+
+
+def test_a_buffer_proven_mask_gives_inductor_the_is_causal_graph_outside_the_op(monkeypatch):
+    """issue 22: outside the op's call and what computes its `bias` and `verified`, Inductor's forward graph for
+    nanoGPT's buffer mask is the is_causal one. The device check's indices are its own: an int64 `arange` there was
+    CSE'd by AOTAutograd with the model's positions (`torch.arange(T)`), so the check read the model's iota and
+    Inductor materialized it in another kernel (the first, not the loss's)."""
+    causal, buffer = _inductor_forward(True, monkeypatch), _inductor_forward(False, monkeypatch)
+    assert any(n.name.startswith("any") for n in buffer.graph.nodes)   # the device check is there
+    assert _outside_the_op(buffer) == _outside_the_op(causal)
+    # the model's positions feed the model alone (its embedding and what the backward saves), as under is_causal
+    (positions,) = [n for n in buffer.graph.nodes if n.target is torch.ops.prims.iota.default
+                    and n.kwargs["dtype"] is torch.int64]
+    assert not any(u.target is aten.unsqueeze.default for u in positions.users)
