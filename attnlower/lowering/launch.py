@@ -234,7 +234,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    sinks: Tensor | None = None, sinks_requires_grad: bool = False, doc_ids: Tensor | None = None,
                    verified: Tensor | None = None,
                    config_kv: KernelConfig | None = None, config_q: KernelConfig | None = None,
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+                   dsinks_rows: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients (dq, dk, dv, dbias, dsinks) of flash_forward, FlashAttention-2 style (kernels/flash_bwd.py).
 
     dq [B, Hq, Tq, D], dk [B, Hkv, Tk, D], dv [B, Hkv, Tk, Dv] (reduced over the GQA group inside the kernel), each in
@@ -243,7 +243,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     shape [B, Hq, Tq, Tk] receives it directly, a broadcast bias gets a full fp32 [B, Hq, Tq, Tk]
     buffer (4 bytes per score: B*Hq*Tq*Tk*4 bytes of memory and traffic) summed to its shape afterwards.
     dsinks (only when sinks_requires_grad with sinks): [Hq] in sinks' dtype, from an fp32 [B, Hq, Tq] buffer of
-    per-row terms the dQ kernel writes, summed here.
+    per-row terms the dQ kernel writes, summed here (`reduce_dsinks`); `dsinks_rows` returns that buffer unsummed
+    instead (lowering/ops.py caches the call with it as an output and sums it after the cached launches too).
     `config_kv` / `config_q` override the tiles of the dK/dV and dQ kernels.
     """
     overrides = (config_kv, config_q) if config_kv is not None or config_q is not None else ()
@@ -309,5 +310,11 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     if ds_full is not None:
         dbias = ds_full if ds_full.dtype == bias.dtype and tuple(bias.shape) == ds_full.shape \
             else ds_full.sum_to_size(bias.shape).to(bias.dtype)
-    dsinks = dsink_rows.sum(dim=(0, 2)).to(sinks.dtype) if want_dsinks else None
-    return dq, dk, dv, dbias, dsinks
+    if not want_dsinks:
+        return dq, dk, dv, dbias, None
+    return dq, dk, dv, dbias, dsink_rows if dsinks_rows else reduce_dsinks(dsink_rows, sinks)
+
+
+def reduce_dsinks(rows: Tensor, sinks: Tensor) -> Tensor:
+    """The sinks' gradient [Hq] in their dtype from the dQ kernel's fp32 per-row terms [B, Hq, Tq]."""
+    return rows.sum(dim=(0, 2)).to(sinks.dtype)

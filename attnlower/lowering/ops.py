@@ -576,13 +576,20 @@ def _dense_backward(op: registry.OpDef, bound: dict, fast=None):
     backward = _run(op, "backward", runs_kernels, q.device)
     # the optional tensors and the *_requires_grad flags travel as keywords (bias=, sinks=, sinks_requires_grad=, ...)
     optional = {a.name: bound[a.name] for a in op.args if a.type == "Tensor?" or a.name.endswith("_requires_grad")}
+    if runs_kernels:   # the sinks' per-row terms come back unsummed: a cached call returns them as its 4th output
+        optional["dsinks_rows"] = True
     records: list = []
     with _device_guard(q.device), fastpath.recording(records):
         dq, dk, dv, dbias, dsinks = backward(bound["grad_out"], q, k, v, bound["out"], bound["lse"], params,
                                              rng_state=bound["rng_state"], **optional)
-    # a bias or sinks gradient is reduced after the kernels: never a cached launch
-    if fast is not None and runs_kernels and dbias is None and dsinks is None:
-        fastpath.remember(fast[0], records, tuple(bound[a.name] for a in op.args if a.is_tensor), (dq, dk, dv))
+    rows = (dsinks,) if runs_kernels and dsinks is not None else ()
+    # a bias gradient is reduced after the kernels from a zero-filled buffer: never a cached launch
+    if fast is not None and runs_kernels and dbias is None:
+        fastpath.remember(fast[0], records, tuple(bound[a.name] for a in op.args if a.is_tensor), (dq, dk, dv, *rows))
+    if rows:
+        from attnlower.lowering.launch import reduce_dsinks   # imported already: the kernels just ran
+
+        dsinks = reduce_dsinks(rows[0], bound["sinks"])
     if not runs_kernels:
         dq, dk, dv = _copy_like(q, dq), _copy_like(k, dk), _copy_like(v, dv)
     return (dq, dk, dv, dbias if dbias is not None else q.new_empty((0,)),
@@ -593,18 +600,25 @@ def _dense_backward_impl(op: registry.OpDef) -> Callable:
     """The implementation of the dense backward op: gradients (dq, dk, dv, dbias, dsinks), each in its input's
     layout; dbias is an empty tensor unless bias_requires_grad with a float bias, dsinks unless sinks_requires_grad
     with sinks (a triton_op returns no optional tensor).
-    A repeat call of a known signature without a bias gradient launches its three cached kernels (the bias
-    gradient's buffer must start zeroed and be reduced afterwards: that call takes the launcher's path)."""
+    A repeat call of a known signature without a bias gradient launches its three cached kernels, then sums the sinks'
+    per-row terms when it has sinks to differentiate (the bias gradient's buffer must start zeroed and be reduced
+    afterwards: that call takes the launcher's path)."""
     names = op.arg_names
     cached_launch = _cached_launch_lookup(op)
+    sinks_at = names.index("sinks")
 
     def impl(*args, **kwargs):
         args, fast, call = cached_launch(args, kwargs)
         if call is not None:
             q = args[1]
-            dq, dk, dv = call(fast[1], q.device)
-            return (dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device),
-                    fastpath.alloc((0,), (1,), q.dtype, q.device))
+            dq, dk, dv, *rows = call(fast[1], q.device)
+            if rows:   # sinks_requires_grad: the dQ kernel's per-row sink terms, summed as the launcher sums them
+                from attnlower.lowering.launch import reduce_dsinks   # imported already: it made this cached call
+
+                dsinks = reduce_dsinks(rows[0], args[sinks_at])
+            else:
+                dsinks = fastpath.alloc((0,), (1,), q.dtype, q.device)
+            return dq, dk, dv, fastpath.alloc((0,), (1,), q.dtype, q.device), dsinks
         return _dense_backward(op, dict(zip(names, args)), fast)
 
     impl.__name__ = impl.__qualname__ = op.name

@@ -30,17 +30,17 @@ def _run(*flags):
 
 
 def test_kernels_compile_for_sm90_with_triton_and_inductor_typing():
-    lines = _run("--quick", "--inductor")
+    lines = _run("--quick", "--inductor", "--jobs", str(min(2, os.cpu_count() or 1)))
     summary = lines[-1]
     assert " 0 failed" in summary and int(summary.split()[0]) >= 30, summary
     inductor = [line for line in lines if "[inductor]" in line]
     # 7 kernels x 2 dtypes compiled with fp64 scalars, and their TTIR with constant scalars: the dense forward,
     # preprocess, dK/dV and dQ; the paged attention kernel split with its combine fused, split without it, and the
-    # separate reduce
-    assert sum("TTIR" in line for line in inductor) == 14 and sum("shared=" in line for line in inductor) == 14
+    # separate reduce; plus the document bounds' kernel once (it reads only the int ids: one compile for both dtypes)
+    assert sum("TTIR" in line for line in inductor) == 15 and sum("shared=" in line for line in inductor) == 15
 
 
 def test_every_planned_config_fits_sm90_shared_memory():
-    lines = _run("--fits")
+    lines = _run("--fits", "--jobs", str(min(2, os.cpu_count() or 1)))
     assert lines[0].startswith("plan space:") and int(lines[0].split()[2]) > 100_000, lines[0]
     assert " 0 failed" in lines[-1], lines[-1]
