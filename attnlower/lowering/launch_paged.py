@@ -3,9 +3,10 @@ CPU under `TRITON_INTERPRET=1`).
 
 The tiles, the split-KV decision (flash-decoding; from the SM count, the grid size and the table's
 width) and the constexprs come from one cached plan (`lowering/plan.py`, `paged_plan`); this adds
-the tensors and strides and launches `_paged_attn_kernel`. Split, the partials are combined by the
-attention kernel's last split program per tile (the plan's "fused" reduce: one launch, counting
-finished splits in `split_counters`) or by `_paged_reduce_kernel` (a second launch).
+the tensors and strides and launches `_paged_attn_kernel`. Split, the partials are combined by
+`_paged_reduce_kernel` (a second launch: configs.PAGED_REDUCE, measured faster) or, asked, by the
+attention kernel's last split program per tile (the "fused" reduce: one launch, counting finished
+splits in `split_counters`).
 Inputs arrive validated by `lowering/ops.py` (docs/INTERFACES.md section 1); any strides.
 
 Graph-safe: no host syncs, no per-call CPU tensors, no memset (the fused combine leaves its counters
