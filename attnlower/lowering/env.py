@@ -1,5 +1,5 @@
-"""Reading attnlower's on/off environment switches (ATTNLOWER_GLUON, ATTNLOWER_INDUCTOR_KERNELS,
-ATTNLOWER_PAGED_FUSED_REDUCE), each once at import."""
+"""Reading attnlower's on/off environment switches (ATTNLOWER_GLUON, ATTNLOWER_INDUCTOR_KERNELS), each once at
+import."""
 from __future__ import annotations
 
 import os

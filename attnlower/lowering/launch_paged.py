@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # two split paged calls running at once on two streams of one device would count into the same counters (wrong
 # outputs). Not keyed by stream: torch.cuda.graph captures on its own stream, which would then find no counters
 # (none may be allocated during a capture). A process that overlaps paged attention on several streams of a device
-# sets ATTNLOWER_PAGED_FUSED_REDUCE=0 (plan.PAGED_REDUCE: the separate reduce, nothing shared).
+# keeps the default separate reduce (plan.PAGED_REDUCE: nothing shared).
 _COUNTERS: dict[torch.device, Tensor] = {}   # one entry per device used: bounded by the device count
 
 

@@ -101,16 +101,10 @@ class PagedPlan:
 PAGED_REDUCES = ("fused", "separate")
 
 
-def _paged_reduce_from_env() -> str:
-    fused = switch_from_env("ATTNLOWER_PAGED_FUSED_REDUCE", on="split paged calls combine in the attention kernel, "
-                            "one launch", off="split paged calls combine in a second launch, _paged_reduce_kernel")
-    return configs.PAGED_REDUCE if fused else "separate"
-
-
-# How a split paged call combines its partials unless the call says (read once, at import).
-# ATTNLOWER_PAGED_FUSED_REDUCE=0 gives "separate": for a process that runs split paged calls on several streams of one
-# device at once, which would share the fused combine's per-device counters (launch_paged.split_counters).
-PAGED_REDUCE = _paged_reduce_from_env()
+# How a split paged call combines its partials unless the call says: configs.PAGED_REDUCE ("separate", timed faster
+# on the H200). "fused", asked per call, shares per-device counters (launch_paged.split_counters): not for a process
+# that runs split paged calls on several streams of one device at once.
+PAGED_REDUCE = configs.PAGED_REDUCE
 
 
 def cached_unless_symbolic(fn):
@@ -398,9 +392,9 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
     """The plan of a paged call. num_splits / config / reduce: overrides (tests, benchmarks), None = choose.
     has_sinks: a sinks tensor is passed (the unsplit kernel or the combine adds it). v_head_dim: v_cache's head
     dim (None: the q/k head dim). reduce: how a split call combines its partials, "fused" (in the attention
-    kernel, one launch) or "separate" (`_paged_reduce_kernel`); None: PAGED_REDUCE (configs.PAGED_REDUCE unless
-    ATTNLOWER_PAGED_FUSED_REDUCE=0), separate for a grid of more than configs.PAGED_FUSED_MAX_TILES tiles (the
-    counters one device holds). Ignored when not split.
+    kernel, one launch) or "separate" (`_paged_reduce_kernel`); None: PAGED_REDUCE (configs.PAGED_REDUCE), separate
+    for a grid of more than configs.PAGED_FUSED_MAX_TILES tiles (the counters one device holds). Ignored when not
+    split.
 
     The split count is bounded by the table's width (max_blocks * block_size), never by
     seq_lens.max(): reading it would synchronize the host with the GPU on every decode step.
