@@ -18,8 +18,8 @@ with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas
               every scalar argument a constant (`generate_ttir`: constants = every non-tensor argument).
   --fits      every configuration the launch plan can choose (each op, head dim 16..256, dtype, bias
               kind, dropout, window, GQA group, paged block size and split count, batch size) compiled
-              once per distinct kernel and checked against sm_90's limits: at most 232448 bytes of
-              shared memory per block and no spilled registers beyond the 255-register limit.
+              once per distinct kernel (twice: every feature on, and as planned) up to LLVM IR, where
+              Triton fixes the shared memory, and checked against sm_90's 232448 bytes per block.
   --kernels S only the kernels whose name contains S (e.g. `paged`: `_paged_attn_kernel`, both split-KV
               combines, and `_paged_reduce_kernel`), in any mode.
 
@@ -297,6 +297,8 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
     planned.update({flag: False for flag in _PLAIN_FLAGS if flag in planned})
     if launch_.kernel == "_paged_attn_kernel":
         planned.update(GROUP=4, BLOCK_SIZE=16, SPLIT=True)
+        if planned.get("FUSED_REDUCE"):   # the combine's tile after the loop: its widest, as below
+            planned["SPLITS_PAD"] = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
     every_bias = bias_dtype
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
         c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
@@ -484,6 +486,40 @@ def inductor_mutations(launch_: Launch) -> set:
     return set(wrap.identify_mutated_tensors(launch_.fn, kwargs, {}))
 
 
+def shared_bytes_to_llir(launch_: Launch) -> int:
+    """The shared memory `launch_` needs on sm_90, from Triton's own pipeline stopped after LLVM IR: the allocation
+    pass sets it there (`ttg.shared`, what the launch checks against the device's limit), and ptxas, the slow part of
+    a compile, adds nothing to it. --fits compiles ~1000 launches: this keeps it inside CI's time
+    (`test_sm90_compile.py` checks that it agrees with the full compile)."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+
+    src = triton.compiler.ASTSource(fn=launch_.fn, signature=launch_.signature, constexprs=launch_.constexprs,
+                                    attrs=divisibility_attrs(launch_))
+    backend = make_backend(TARGET)
+    options = backend.parse_options(dict(launch_.options))
+    stages: dict = {}
+    backend.add_stages(stages, options, src.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    metadata = {"target": TARGET, **options.__dict__}
+    module = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    for ext in ("ttir", "ttgir", "llir"):
+        module = stages[ext](module, metadata)
+    return metadata["shared"]
+
+
+def check_fits(launch_: Launch) -> str:
+    """--fits: the launch's shared memory within sm_90's limit (raises when over)."""
+    t0 = time.perf_counter()
+    shared = shared_bytes_to_llir(launch_)
+    if shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
+        raise RuntimeError(f"needs {shared} bytes of shared memory, an sm_90 block gets at most {SM90_SHARED_BYTES}")
+    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}"
+
+
 def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
     """Compile one launch; returns a status line (raises on failure)."""
     t0 = time.perf_counter()
@@ -535,6 +571,8 @@ _ITEMS: list = []   # what the workers compile: forked processes inherit it (ker
 def _check_worker(index: int):
     launch_, constant_scalars = _ITEMS[index]
     try:
+        if constant_scalars == "fits":
+            return index, True, check_fits(launch_)
         return index, True, check_one(launch_, constant_scalars)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the script fails
         return index, False, (f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -580,7 +618,7 @@ def main() -> int:
     if ns.fits:
         reps, covered = fits_launches()
         print(f"plan space: {covered} launches, {len(reps)} distinct kernel compiles", flush=True)
-        items = [(launch_, False) for launch_ in reps.values()]
+        items = [(launch_, "fits") for launch_ in reps.values()]   # shared memory, up to LLVM IR (no ptxas)
     else:
         record_launches(ns.quick)
         record_mla_launches(ns.quick)
