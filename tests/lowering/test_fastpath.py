@@ -291,7 +291,8 @@ def test_paged_empty_rows_nan_is_part_of_the_key(paged_stub):
         "SHORT_SEQUENCES"] is False
 
 
-def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
+def _backward_stubs(monkeypatch) -> tuple[tuple, dict]:
+    """The three backward kernels behind stub JITs, the fast path on the test device: (names, {name: stub})."""
     from attnlower.lowering.kernels import flash_bwd
 
     names = ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
@@ -299,6 +300,11 @@ def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
     real_kernel = launch.kernel
     monkeypatch.setattr(launch, "kernel", lambda module, name: jits.get(name) or real_kernel(module, name))
     _path_on_the_test_device(monkeypatch)
+    return names, jits
+
+
+def test_backward_repeat_call_reuses_its_three_launches(monkeypatch):
+    names, jits = _backward_stubs(monkeypatch)
     q, k, v = _qkv()
     bias = torch.randn(1, 4, 9, 11)
     out, lse, rng = torch.ops.attnlower.flash_attention(q, k, v, bias, causal=True)
@@ -328,13 +334,7 @@ def test_backward_with_trained_sinks_is_cached_and_sums_the_rows_each_call(monke
     1.36 ms timed for 0.37 ms of kernels, 2026-12-04). Now the dQ kernel's per-row terms are a 4th cached output,
     summed after the cached launches as the launcher sums them."""
     from attnlower.lowering import reference
-    from attnlower.lowering.kernels import flash_bwd
-
-    names = ("_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
-    jits = {name: _StubJIT(getattr(flash_bwd, name)) for name in names}
-    real_kernel = launch.kernel
-    monkeypatch.setattr(launch, "kernel", lambda module, name: jits.get(name) or real_kernel(module, name))
-    _path_on_the_test_device(monkeypatch)
+    names, jits = _backward_stubs(monkeypatch)
     q, k, v = _qkv()
     sinks = torch.randn(q.shape[1])
     out, lse, rng = torch.ops.attnlower.flash_attention(q, k, v, causal=True, sinks=sinks)
