@@ -31,6 +31,27 @@ def _seed():
     yield
 
 
+def _torch_configs():
+    import torch._dynamo.config
+    import torch._functorch.config
+    import torch._inductor.config
+
+    return (torch._dynamo.config, torch._functorch.config, torch._inductor.config)
+
+
+@pytest.fixture(autouse=True)
+def _torch_config_intact():
+    """A test leaves every torch config entry readable. pytest 9.2's monkeypatch undoes `setattr` on a
+    torch config module by deleting the attribute (it is not in the module's __dict__), which hides
+    the entry and fails every later compile far from the cause: patch torch configs through their
+    own `config.patch(...)`. This check fails the test that did it."""
+    yield
+    hidden = [f"{module.__name__}.{name}" for module in _torch_configs()
+              for name, entry in module._config.items() if getattr(entry, "hide", False)]
+    assert not hidden, (f"this test left torch config entries deleted: {hidden}; patch them with "
+                        f"torch's `config.patch(name=value)` instead of monkeypatch.setattr")
+
+
 def pytest_collection_modifyitems(config, items):
     from known_gaps import KNOWN_GAPS
 

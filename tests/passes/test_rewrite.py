@@ -277,14 +277,16 @@ def _inductor_forward(flash: bool, monkeypatch) -> fx.GraphModule:
         return real(gm, inputs, *args, **kwargs)
 
     monkeypatch.setattr(compile_fx_module, "_compile_fx_inner", recording)
-    # a cached compile skips the inner compiler: record what it would compile
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _PositionsGPT(flash)
     idx = torch.randint(0, 50, (2, 16))
-    torch.compile(model, backend="attnlower")(idx).backward()
+    # A cached compile skips the inner compiler: record what it would compile. torch's config modules are
+    # patched through their own `patch`: pytest 9.2's monkeypatch undoes a module attribute it did not find
+    # in the module's __dict__ by deleting it, which hides a torch config entry for every later test.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(model, backend="attnlower")(idx).backward()
     (gm,) = received
     return gm
 
