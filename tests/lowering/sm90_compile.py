@@ -18,8 +18,9 @@ with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton ships ptxas
               every scalar argument a constant (`generate_ttir`: constants = every non-tensor argument).
   --fits      every configuration the launch plan can choose (each op, head dim 16..256, dtype, bias
               kind, dropout, window, GQA group, paged block size and split count, batch size) compiled
-              once per distinct kernel (twice: every feature on, and as planned) up to LLVM IR, where
-              Triton fixes the shared memory, and checked against sm_90's 232448 bytes per block.
+              once per distinct kernel (twice where a key loop is pipelined: every feature on, and as
+              planned) through Triton's passes up to its shared-memory allocation, and checked against
+              sm_90's 232448 bytes per block (a sample also read from LLVM IR: the two must agree).
   --kernels S only the kernels whose name contains S (e.g. `paged`: `_paged_attn_kernel`, both split-KV
               combines, and `_paged_reduce_kernel`), in any mode.
 
@@ -222,6 +223,7 @@ FIT_PAGED_TQ = (1, 2, 4, 16, 64)
 FIT_DENSE_DIM_PAIRS = ((192, 128), (128, 192), (256, 64), (64, 256), (24, 16), (40, 80))
 FIT_PAGED_DIM_PAIRS = ((576, 512), (320, 256), (192, 128), (128, 512), (26, 20))
 FIT_PAGED_V_DIMS = (320, 448, 512)
+FITS_CROSS_CHECK = 64   # --fits reads one launch in this many twice (allocation alone, LLVM IR): ~17 of ~1000
 
 
 def plan_space():
@@ -318,8 +320,8 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
                  SPLIT=True, HAS_SINKS=True)
         if c["FUSED_REDUCE"]:   # the combine's [SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most splits the plan chooses
             c["SPLITS_PAD"] = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
-    if launch_.kernel == "_paged_reduce_kernel":
-        c["HAS_SINKS"] = True
+    if launch_.kernel == "_paged_reduce_kernel":   # its one tile, [SPLITS_PAD, HEAD_DIM_V_PAD]: at its widest
+        c.update(HAS_SINKS=True, SPLITS_PAD=1 << (configs._PAGED_MAX_SPLITS - 1).bit_length())
     if dtype == torch.float16:
         dtype = torch.bfloat16  # the same element size and tensor-core shapes: the same tiles in shared memory
     for dim, padded in (("HEAD_DIM", "HEAD_DIM_PAD"), ("HEAD_DIM_V", "HEAD_DIM_V_PAD"), ("HEAD_DIM", "QK_CHUNK")):
@@ -332,8 +334,11 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
         bias_dtype = torch.bfloat16   # the same bytes per bias tile
     out = []
     for flags, bias in ((c, every_bias), (planned, bias_dtype)):
-        if flags is planned and launch_.kernel in ("_paged_reduce_kernel", "_flash_bwd_preprocess_kernel"):
-            continue  # no key loop, nothing pipelined: the "every feature" compile stands for it
+        if flags is planned and (launch_.kernel in ("_paged_reduce_kernel", "_flash_bwd_preprocess_kernel")
+                                 or launch_.config.num_stages == 1):
+            # no key loop, or one stage: nothing pipelined, and the "every feature" compile (the widest bias) stands
+            # for it (one-stage dK/dV and dQ: the same bytes as planned, 2026-12-04, the full --fits under triton 3.6)
+            continue
         key = (launch_.kernel, dtype, bias if "BIAS_KIND" in flags else None, tuple(sorted(flags.items())),
                launch_.config.num_warps, launch_.config.num_stages)
         out.append((key, flags, bias))
@@ -488,12 +493,9 @@ def inductor_mutations(launch_: Launch) -> set:
     return set(wrap.identify_mutated_tensors(launch_.fn, kwargs, {}))
 
 
-def shared_bytes_to_llir(launch_: Launch) -> int:
-    """The shared memory `launch_` needs on sm_90, from Triton's own pipeline stopped after LLVM IR: the allocation
-    pass sets it there (`ttg.shared`, what the launch checks against the device's limit), and ptxas, the slow part of
-    a compile, adds nothing to it: on 6 random launches of the plan space (dense forward, dK/dV twice, dQ, paged;
-    triton 3.6, 2026-12-04) it equalled the full compile's `metadata.shared` at 0.4-0.9x its time. --fits compiles
-    ~1500 launches: this keeps it inside CI's time."""
+def _to_ttgir(launch_: Launch):
+    """Triton's own pipeline for `launch_` on sm_90 up to TritonGPU IR (tiles, layouts, software pipelining
+    decided): (module, options, metadata, stages)."""
     from triton._C.libtriton import ir
     from triton.compiler.compiler import make_backend
 
@@ -509,18 +511,58 @@ def shared_bytes_to_llir(launch_: Launch) -> int:
     metadata = {"target": TARGET, **options.__dict__}
     module = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(),
                          context)
-    for ext in ("ttir", "ttgir", "llir"):
+    for ext in ("ttir", "ttgir"):
         module = stages[ext](module, metadata)
+    return module, options, metadata, stages
+
+
+def shared_bytes_to_llir(launch_: Launch) -> int:
+    """The shared memory `launch_` needs on sm_90, from Triton's own pipeline stopped after LLVM IR (`ttg.shared`,
+    what the launch checks against the device's limit; ptxas adds nothing to it: on 6 random launches of the plan
+    space, triton 3.6, 2026-12-04, it equalled the full compile's `metadata.shared`). The reference for
+    `shared_bytes_allocated`."""
+    module, _, metadata, stages = _to_ttgir(launch_)
+    stages["llir"](module, metadata)
     return metadata["shared"]
 
 
-def check_fits(launch_: Launch) -> str:
-    """--fits: the launch's shared memory within sm_90's limit (raises when over)."""
+def shared_bytes_allocated(launch_: Launch) -> int:
+    """`shared_bytes_to_llir` without the lowering to LLVM (a third of its time): after TritonGPU IR, only the passes
+    Triton's `make_llir` runs up to and including its shared-memory allocation (the same order in triton 3.6 and
+    3.9), then the `ttg.shared` the allocation wrote. On 10 random launches of the plan space it equalled the LLVM IR
+    reading under triton 3.6 and 3.9 (2026-12-04); --fits cross-checks a sample of its launches each run."""
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options
+
+    module, options, _, _ = _to_ttgir(launch_)
+    pm = ir.pass_manager(module.context)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    try:
+        passes.ttgpuir.add_allocate_warp_groups(pm, False)   # triton 3.9: (pm, consan)
+    except TypeError:
+        passes.ttgpuir.add_allocate_warp_groups(pm)          # triton 3.6
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, TARGET.arch, get_ptx_version_from_options(options, TARGET.arch))
+    try:
+        pm.run(module, "allocate_shared_memory")   # triton 3.9 names each run
+    except TypeError:
+        pm.run(module)
+    return module.get_int_attr("ttg.shared")
+
+
+def check_fits(launch_: Launch, cross_check: bool = False) -> str:
+    """--fits: the launch's shared memory within sm_90's limit (raises when over). `cross_check`: the allocation
+    alone must read what the LLVM IR reading does (raises when not: Triton's pass order changed)."""
     t0 = time.perf_counter()
-    shared = shared_bytes_to_llir(launch_)
+    shared = shared_bytes_allocated(launch_)
+    if cross_check and shared != (reference := shared_bytes_to_llir(launch_)):
+        raise RuntimeError(f"the shared-memory allocation alone read {shared} bytes, the LLVM IR {reference}: "
+                           f"shared_bytes_allocated no longer follows this Triton's make_llir")
     if shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
         raise RuntimeError(f"needs {shared} bytes of shared memory, an sm_90 block gets at most {SM90_SHARED_BYTES}")
-    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}"
+    checked = " (= LLVM IR)" if cross_check else ""
+    return f"ok  {time.perf_counter() - t0:5.1f}s shared={shared}{checked}"
 
 
 def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
@@ -574,8 +616,8 @@ _ITEMS: list = []   # what the workers compile: forked processes inherit it (ker
 def _check_worker(index: int):
     launch_, constant_scalars = _ITEMS[index]
     try:
-        if constant_scalars == "fits":
-            return index, True, check_fits(launch_)
+        if constant_scalars in ("fits", "fits+llir"):
+            return index, True, check_fits(launch_, cross_check=constant_scalars == "fits+llir")
         return index, True, check_one(launch_, constant_scalars)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the script fails
         return index, False, (f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -621,7 +663,9 @@ def main() -> int:
     if ns.fits:
         reps, covered = fits_launches()
         print(f"plan space: {covered} launches, {len(reps)} distinct kernel compiles", flush=True)
-        items = [(launch_, "fits") for launch_ in reps.values()]   # shared memory, up to LLVM IR (no ptxas)
+        # shared memory from Triton's allocation; every FITS_CROSS_CHECK-th launch also read from LLVM IR
+        items = [(launch_, "fits+llir" if i % FITS_CROSS_CHECK == 0 else "fits")
+                 for i, launch_ in enumerate(reps.values())]
     else:
         record_launches(ns.quick)
         record_mla_launches(ns.quick)
