@@ -106,7 +106,9 @@ def kernel_plan(spec, target: Target, q_len=None, k_len=None, traced: bool = Fal
     constexprs = dict(first["constexprs"])
     if spec.op == "paged_attention":
         constexprs["SPLIT"] = "chosen at launch (paged_num_splits: SM count, table width)"
-        constexprs["FUSED_REDUCE"] = "split: the last split combines (plan.PAGED_REDUCE), else False"
+        fused = planning.PAGED_REDUCE == "fused"
+        constexprs["FUSED_REDUCE"] = ("split: the last split combines (plan.PAGED_REDUCE), else False" if fused else
+                                      "False: a second launch combines the splits (plan.PAGED_REDUCE)")
         constexprs["SPLITS_PAD"] = "with FUSED_REDUCE: the split count's power of two, else 1"
     plan.update(block_m=first["block_m"], block_n=first["block_n"], num_warps=first["num_warps"],
                 num_stages=first["num_stages"], grid_for_batch_1=list(first["grid"]), constexprs=constexprs)
