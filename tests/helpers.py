@@ -67,6 +67,14 @@ def check_fused(fn, *args, op="flash_attention", rtol=1e-5, dynamic=False, inner
     return sites[0]
 
 
+def check_fused_model(fn, *args, ops: list[str]):
+    """A model's forward `fn` compiled (inner eager, strict) equals eager, its sites becoming `ops` in order."""
+    want = fn(*args)
+    got, sites = compiled_sites(fn, *args)
+    assert [s.op for s in sites] == ops, [(s.op, s.reason) for s in sites]
+    assert_matches_eager(got, want)
+
+
 def check_unfused(fn, *args, reason="", dynamic=False):
     """`fn` compiled equals eager and no site was rewritten; a refused site's reason matches `reason`."""
     want = fn(*args)

@@ -188,24 +188,8 @@ def test_skipping_with_documents_off_the_tile_edges(monkeypatch):
                                    atol=5e-5, rtol=1e-5, msg=lambda m: f"d{n}: {m}")
 
 
-TRACE_SCRIPT = """
-import sys, torch
-from torch._functorch.aot_autograd import aot_module_simplified
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-import attnlower.ops as public
-import attnlower.lowering.ops as lowering_ops
-
-lowering_ops.TRACE_CPU_KERNELS = True
-graphs = []
-
-def capture(gm, example_inputs):
-    graphs.append(gm)
-    raise RuntimeError("captured")          # nothing runs: the kernels are compiled ones, there is no GPU
-
-def backend(gm, example_inputs):
-    return aot_module_simplified(gm, example_inputs, fw_compiler=capture)
-
-def step(q, k, v, mask, sinks, position_ids, verified):
+TRACE_BODY = """
+def fn(q, k, v, mask, sinks, position_ids, verified):
     return public.flash_attention(q, k, v, mask, causal=True, sinks=sinks, fill=-1e9, verified=verified,
                                   doc_ids=public.doc_ids_from_position_ids(position_ids))
 
@@ -213,17 +197,6 @@ q, k = torch.randn(1, 4, 20, 24), torch.randn(1, 2, 20, 24)
 v = torch.randn(1, 2, 20, 16)
 args = (q, k, v, torch.ones(20, 20, dtype=torch.bool).tril(), torch.randn(4),
         torch.tensor([list(range(8)) + list(range(12))]), torch.tensor(True))
-try:
-    torch.compile(step, backend=backend, fullgraph=True)(*args)
-except Exception as error:
-    assert "captured" in str(error), error
-(gm,) = graphs
-for node in gm.graph.nodes:
-    if node.op == "call_function":
-        name = str(node.target)
-        if "triton_kernel_wrapper" in name:
-            name += ":" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
-        print(name)
 """
 
 
@@ -231,18 +204,9 @@ def test_new_arguments_trace_into_the_kernel_launch():
     """Under AOTAutograd the op with sinks, documents, a fill, a verified flag and Dv != Dqk decomposes into its
     Triton launches (Inductor would launch them itself), the document bounds' kernel first: no opaque op, no host read
     (fullgraph=True)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from traced_launches import aot_targets   # sibling helper (tests/lowering is on sys.path)
 
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="0", ATTNLOWER_CPU_KERNELS="triton",
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("ATTNLOWER_TEST_DEVICE", None)
-    proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    targets = proc.stdout.split()
+    targets = aot_targets(TRACE_BODY)
     assert "triton_kernel_wrapper_functional:_flash_fwd_kernel" in targets, targets
     assert "triton_kernel_wrapper_functional:_doc_bounds_kernel" in targets, targets   # the bounds, on the device
     assert targets.index("triton_kernel_wrapper_functional:_doc_bounds_kernel") < \

@@ -468,37 +468,11 @@ def test_failed_validation_is_not_cached():
 # ------------------------------------------------------------ what Inductor receives (triton_op)
 
 
-TRACE_SCRIPT = r"""
-import os, sys
-import torch
-from torch._functorch.aot_autograd import aot_module_simplified
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-import attnlower.ops as public
-import attnlower.lowering.ops as lowering_ops
+TRACE_BODY = """
+args = tuple(torch.randn(1, 2, 20, 16) for _ in range(3))
 
-lowering_ops.TRACE_CPU_KERNELS = sys.argv[1] == "kernels"
-graphs = []
-
-def capture(gm, example_inputs):
-    graphs.append(gm)
-    raise RuntimeError("captured")          # nothing runs: there is no GPU, the kernels are compiled ones
-
-def backend(gm, example_inputs):
-    return aot_module_simplified(gm, example_inputs, fw_compiler=capture)
-
-q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
-fn = torch.compile(lambda q, k, v: public.flash_attention(q, k, v, causal=True), backend=backend, fullgraph=True)
-try:
-    fn(q, k, v)
-except Exception as error:
-    assert "captured" in str(error), error
-(gm,) = graphs
-for node in gm.graph.nodes:
-    if node.op == "call_function":
-        name = str(node.target)
-        if "triton_kernel_wrapper" in name:
-            name += ":" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
-        print(name)
+def fn(q, k, v):
+    return public.flash_attention(q, k, v, causal=True)
 """
 
 
@@ -508,18 +482,9 @@ def test_graph_inductor_receives_holds_the_kernels(mode):
     reference opaque. Checked on CPU: the kernels are compiled (not interpreted) kernels traced on CPU
     tensors (TRACE_CPU_KERNELS); the graph is captured, never run. On a GPU, tests/lowering/test_cuda.py
     checks Inductor's output code itself."""
-    import os
-    import subprocess
-    from pathlib import Path
+    from traced_launches import aot_targets   # sibling helper (tests/lowering is on sys.path)
 
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="0", ATTNLOWER_CPU_KERNELS="triton",
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("ATTNLOWER_TEST_DEVICE", None)
-    proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT, mode], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    targets = proc.stdout.split()
+    targets = aot_targets(TRACE_BODY, kernels=mode == "kernels")
     if mode == "kernels":
         assert "triton_kernel_wrapper_functional:_flash_fwd_kernel" in targets, targets
         assert not any(t.startswith("attnlower.") for t in targets), targets

@@ -38,6 +38,12 @@ def _fresh_cache():
     verdicts.clear_cache()
 
 
+def _seeded_qkv(t: int, b: int = 1, h: int = 2, d: int = 16):
+    """q, k, v of [b, h, t, d], the same values every call (the large-site tests compare runs)."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, t, d, generator=g) for _ in range(3))
+
+
 def _break_match(monkeypatch, edit):
     """Make the detector's matches wrong: `edit(match)` runs on every proven match."""
     resolve = kv.resolve_match

@@ -21,28 +21,19 @@ import attnlower
 from attnlower.compiler import backend
 from attnlower.passes import evaluate as E
 from attnlower.passes import validate as V
-from attnlower.passes import verdicts
 from attnlower.passes import validate_first_call as VF
 from attnlower.passes import validate_sizes as VS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models as M  # noqa: E402
-from test_validate import _break_decision, _max_rel, _sites  # noqa: E402
+from test_validate import _break_decision, _fresh_cache, _max_rel, _seeded_qkv, _sites  # noqa: E402,F401
 
 T, WINDOW = 2048, 1500     # a band wider than any size it can be reduced to (2 * 1500 + 2 > T)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    verdicts.clear_cache()
-    yield
-    verdicts.clear_cache()
-
-
-def _qkv(t: int = T, b: int = 1, h: int = 2, d: int = 16):
-    g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(b, h, t, d, generator=g) for _ in range(3))
+def _qkv(t: int = T, **dims):
+    return _seeded_qkv(t, **dims)
 
 
 def wide_band(q, k, v):

@@ -17,27 +17,19 @@ import torch.nn.functional as F
 
 import attnlower
 from attnlower.passes import validate as V
-from attnlower.passes import verdicts
 from attnlower.passes import validate_sizes as VS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models as M  # noqa: E402
-from test_validate import _assert_refused, _break_decision, _compile, _max_rel, _sites  # noqa: E402
+from test_validate import (_assert_refused, _break_decision, _compile, _fresh_cache, _max_rel,  # noqa: E402,F401
+                           _seeded_qkv, _sites)
 
 T = 2048          # 1 x 2 x 2048 x 2048 scores: 4x validate.MAX_ELEMENTS
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    verdicts.clear_cache()
-    yield
-    verdicts.clear_cache()
-
-
-def _qkv(t: int = T, b: int = 1, h: int = 2, d: int = 16):
-    g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(b, h, t, d, generator=g) for _ in range(3))
+def _qkv(t: int = T, **dims):
+    return _seeded_qkv(t, **dims)
 
 
 def causal_tril(q, k, v):
