@@ -181,7 +181,11 @@ _PAGED_MAX_BLOCK_M = {128: 64, 256: 32, 512: 16}        # keyed by padded head d
 _PAGED_BLOCK_N = {128: 64, 256: 32, 512: 32}
 _PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192; unmeasured starting point
 _PAGED_NUM_WARPS_LARGE = 8
-_PAGED_NUM_STAGES = 2               # 2 beat 3 at each batch size's best decode tile (the sweep below)
+# 2 beat 3 at each batch size's best decode tile (the sweep below), measured before the kernel read the block table
+# one tile ahead from 3 stages on (TABLE_AHEAD, kernels/paged_decode.py): until then 3 and 4 stages kept one K and
+# one V buffer, as 2 does. With it, 64 keys x 3 stages x 8 warps double-buffers K and V at 2 CTAs per SM (sm_90
+# compile, triton 3.6: 71680 bytes, 116 registers; bench/RESULTS.md, 2026-12-04 night). Not yet timed: sweep again.
+_PAGED_NUM_STAGES = 2
 # Decode tiles (16 rows) of heads up to 128 wide: bench/paged_sweep.py on the H200 (2026-12-04,
 # /work/gpu-logs/call17: bf16, Hq 32, Hkv 8, D 128, cache block 16, L 4096, under CUDA graphs; 72 candidates per
 # batch size, each checked against SDPA first): 128 keys and 8 warps was the fastest tile at B 8 and 32 for every

@@ -436,7 +436,7 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
         FUSED_REDUCE=reduce == "fused", SPLITS_PAD=splits_pad if reduce == "fused" else 1,
         CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs,
         HAS_SINKS=has_sinks, SHORT_SEQUENCES=params.short_sequences,
-        EMPTY_ROWS_NAN=bool(params.empty_rows_nan)).items()))
+        EMPTY_ROWS_NAN=bool(params.empty_rows_nan), TABLE_AHEAD=cfg.num_stages >= 3).items()))
     if reduce != "separate":
         return PagedPlan((attn,), num_splits, reduce=reduce)
     # 4 warps cover a 128-wide row of the reduce; 8 for 256 and wider (unmeasured starting point, as before)

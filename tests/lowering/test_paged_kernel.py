@@ -155,6 +155,13 @@ def test_paged_fp32_matches_oracle_split_and_not(block_size, q_heads, kv_heads, 
     whole = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=1, config=config)
     split = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=3, config=config)
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    # from 3 stages the kernel reads each tile's physical blocks one iteration ahead (TABLE_AHEAD), here over tiles of
+    # 16 keys (3 per sequence of 37, split or not): the same result
+    base = config or paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
+    deep = KernelConfig(base.block_m, 16, base.num_warps, 3)
+    for splits in (1, 3):
+        ahead = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=splits, config=deep)
+        torch.testing.assert_close(ahead, whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
