@@ -17,7 +17,8 @@
 #           e.g. "--cprofile attnlower").
 # serve:    bench/serve.py in fp32 (agreement without bf16 rounding, first tokens held to a plain forward).
 #           Needs transformers >= 5.25 (the GPU image has 5.17): WHEELS=<dir of wheels> installs them privately.
-# flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run).
+# flash / sliding / paged / paged_sweep: bench/<stage>.py (ratios against SDPA and FlexAttention in the same run);
+#           SWEEP_ARGS adds flags to paged_sweep, e.g. "--reduce separate --block-n 64,128 --stages 2,3,4 --warps 8".
 # modern:   bench/modern.py, issue 21's rows (MLA prefill and decode, sinks, packed documents and their targets);
 #           it prints each group's seconds, compiles included. MODERN_ARGS adds flags, e.g.
 #           "--groups packed --profile attnlower,flex" (GPU time per kernel).
@@ -53,7 +54,10 @@ for stage in $stages; do
             --requests 64 --timeout 100 >"$OUT/serve.log" 2>&1; rc=$?; tail -5 "$OUT/serve.log" ;;
     modern)
         timeout 300 python3 bench/modern.py ${MODERN_ARGS:-} >"$OUT/modern.log" 2>&1; rc=$?; tail -30 "$OUT/modern.log" ;;
-    flash|sliding|paged|paged_sweep|accuracy|wide_tiles)
+    paged_sweep)
+        timeout 300 python3 bench/paged_sweep.py ${SWEEP_ARGS:-} >"$OUT/paged_sweep.log" 2>&1; rc=$?
+        tail -30 "$OUT/paged_sweep.log" ;;
+    flash|sliding|paged|accuracy|wide_tiles)
         timeout 300 python3 "bench/$stage.py" >"$OUT/$stage.log" 2>&1; rc=$?; tail -30 "$OUT/$stage.log" ;;
     examples)
         rc=0
