@@ -3,6 +3,9 @@
     python bench/paged_sweep.py                 # GPU: B 1/8/32/128, L 4096; $OUT/paged_sweep.json when OUT is set
     python bench/paged_sweep.py --batches 1,8 --splits 8,16,32 --block-n 128 --stages 2 --warps 8
                                                 # GPU, fused vs separate combine (--reduce, both by default)
+    python bench/paged_sweep.py --reduce separate --pdl off,on --block-n 64,128 --stages 2,3,4 --warps 8
+                                                # GPU: the reduce by programmatic dependent launch or not; 3+ stages
+                                                # read the block table a tile ahead (double-buffered K/V)
     python bench/paged_sweep.py --smoke         # CPU (Triton's interpreter): the script end to end, times nothing
 
 The decode shape of bench/paged.py (bf16, Hq 32, Hkv 8, D 128, cache block 16, one query per sequence, a random
@@ -41,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", default="2,3,4")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--reduce", default="fused,separate", help="how split candidates combine their partials")
+    p.add_argument("--pdl", default="off", help="off and / or on: the separate reduce by programmatic dependent launch")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: checks the script")
     args = p.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -50,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     wrong = [r for r in args.reduce if r not in ("fused", "separate")]
     if wrong:
         p.error(f"--reduce: expected fused and / or separate, got {wrong}")
+    args.pdl = [{"off": False, "on": True}.get(x, x) for x in args.pdl.split(",")]
+    if any(not isinstance(x, bool) for x in args.pdl):
+        p.error(f"--pdl: expected off and / or on, got {args.pdl}")
     if args.smoke:
         global Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE
         Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 2, 16, 4
@@ -89,8 +96,8 @@ def summary(row: dict, columns: bool = False) -> str:
     """One batch size's plan choice and best candidate, each against cuDNN (a table line with `columns`)."""
     best, cudnn, chosen = row["best"], row.get("cudnn_ms"), row["chosen"]
     ratio = (lambda ms: f"{cudnn / ms:.2f}x" if cudnn and ms else "-")
-    best_text = (f"s{best['splits']} {best['reduce']} n{best['block_n']} st{best['stages']} w{best['warps']} "
-                 f"{best['ms']:.4f}" if best else "-")
+    best_text = (f"s{best['splits']} {best['reduce']}{' pdl' if best.get('pdl') else ''} n{best['block_n']} "
+                 f"st{best['stages']} w{best['warps']} {best['ms']:.4f}" if best else "-")
     chosen_text = f"s{chosen['splits']} {chosen['reduce']} {chosen['ms']:.4f}"
     if columns:
         return (f"{row['batch']:>4} {chosen_text:>26} {best_text:>48} "
@@ -132,20 +139,23 @@ def main(argv=None) -> int:
                                                                                   enable_gqa=True))
             del kc, vc
         splits = [s for s in args.splits if s == 1 or args.length // s >= 64]
-        for s, reduce, bn, st, w in itertools.product(splits, args.reduce, args.block_n, args.stages, args.warps):
+        for s, reduce, pdl, bn, st, w in itertools.product(splits, args.reduce, args.pdl, args.block_n, args.stages,
+                                                            args.warps):
             if s == 1 and reduce != args.reduce[0]:
                 continue   # not split: nothing to combine, one candidate
+            if pdl and (s == 1 or reduce != "separate"):
+                continue   # PDL launches the separate reduce: nothing to launch so otherwise
             reduce = reduce if s > 1 else None
             cfg = KernelConfig(block_m=16, block_n=bn, num_warps=w, num_stages=st)
-            entry = {"splits": s, "reduce": reduce or "-", "block_n": bn, "stages": st, "warps": w}
+            entry = {"splits": s, "reduce": reduce or "-", "pdl": pdl, "block_n": bn, "stages": st, "warps": w}
             try:
-                out = paged_forward(q, k, v, table, lens, params, num_splits=s, config=cfg, reduce=reduce)
+                out = paged_forward(q, k, v, table, lens, params, num_splits=s, config=cfg, reduce=reduce, pdl=pdl)
                 err = (out.float() - want).abs().max().item()
                 if not err < 2e-2:
                     entry["error"] = f"wrong: max |diff| {err:.3g}"
                 else:
                     entry["ms"] = time_ms(lambda: paged_forward(q, k, v, table, lens, params, num_splits=s,
-                                                                config=cfg, reduce=reduce))
+                                                                config=cfg, reduce=reduce, pdl=pdl))
             except Exception as e:  # noqa: BLE001 - a config that does not compile / fit: reported, skipped
                 entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             row["candidates"].append(entry)

@@ -215,6 +215,11 @@ _PAGED_MAX_SPLITS = 64
 # one after another while the separate kernel combines every row in parallel. Separate stays the default; fused is
 # kept selectable (paged_forward(reduce="fused")) for the next step: a combine spread over the tile's rows.
 PAGED_REDUCE = "separate"
+# Programmatic dependent launch of the separate reduce (sm_90+; kernels/paged_decode.py LAUNCH_DEPENDENTS): the reduce
+# kernel's programs are scheduled while the attention kernel finishes and wait on the device, saving the second
+# launch's latency (FlashAttention-3 launches its combine so). Off until timed: bench/paged_sweep.py --pdl off,on
+# (compiles for sm_90 with triton 3.6 and 3.9: tests/lowering/sm90_compile.py --quick).
+PAGED_PDL = False
 # The fused combine's tile counters: one int32 per (b, kvh, row tile), one buffer per device allocated once
 # (launch_paged.split_counters: 256 KiB). The default split rule splits only grids under
 # _PAGED_PROGRAMS_PER_SM * SM count programs (264 on 132 SMs); a larger grid split by an explicit num_splits takes the

@@ -35,6 +35,8 @@ from torch import Tensor
 ENABLED = os.environ.get("ATTNLOWER_FAST_LAUNCH", "1") != "0"
 DEVICE_TYPE = "cuda"          # tests point it at "cpu" with a stub kernel (tests/lowering/test_fastpath.py)
 CACHE_SIZE = 1024             # entries; bounded like the plan caches (plan.PLAN_CACHE_SIZE)
+# Launch keywords that are options of the compiled kernel (its launcher holds them), not kernel arguments
+LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "launch_pdl"})
 
 _recording = threading.local()
 
@@ -230,7 +232,7 @@ class CachedCall:
                 return None
             names = list(fn.arg_names)
             bound = dict(zip(names, args))
-            bound.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+            bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
             if set(bound) != set(names):
                 return None
             values = [bound[n] for n in names]

@@ -56,7 +56,7 @@ def split_counters(device: torch.device) -> Tensor | None:
 def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                   params: AttentionParams, *, alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
                   num_splits: int | None = None, config: KernelConfig | None = None,
-                  reduce: str | None = None) -> Tensor:
+                  reduce: str | None = None, pdl: bool | None = None) -> Tensor:
     """Paged attention (docs/INTERFACES.md, "Semantics (paged)") -> out [B, Hq, Tq, Dv] in q's layout.
 
     q [B, Hq, Tq, D]; k_cache [num_blocks, Hkv, block_size, D], v_cache [num_blocks, Hkv, block_size, Dv] (any
@@ -64,21 +64,22 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     [B, max_blocks] int32; seq_lens [B] int32; alibi_slopes None, fp32 [Hq] or [B, Hq]; sinks None or float
     [Hq] (split-KV: added once, by the combine). `params.short_sequences`: a sequence shorter than Tq is computed
     (else an error); rows with no visible key are 0, NaN with `params.empty_rows_nan` (split-KV: decided by the
-    combine). `num_splits`, `config` and `reduce` ("fused" / "separate": how split partials are combined, see
-    plan.paged_plan) override the heuristics (tests and benchmarks); None = choose.
+    combine). `num_splits`, `config`, `reduce` ("fused" / "separate": how split partials are combined) and `pdl`
+    (the separate reduce by programmatic dependent launch; see plan.paged_plan) override the heuristics (tests and
+    benchmarks); None = choose.
     Raises errors.PagedInputError for a bad table or lengths: at once on CPU; on CUDA at the next
     paged call or `attnlower.check_errors()` (no host sync here).
     """
     checks = errors.paged_checks_enabled()
     planned = (planning.Meta.of(q), planning.Meta.of(k_cache), planning.Meta.of(block_table), alibi_slopes is not None,
                planning.target_of(q.device), checks, num_splits, config, sinks is not None, v_cache.shape[3])
-    plan = planning.paged_plan(params, *planned, reduce)
+    plan = planning.paged_plan(params, *planned, reduce, pdl)
     counters = split_counters(q.device) if plan.fused else None
     if plan.fused and counters is None:
         log.warning("paged_attention: the first split call on %s runs inside a CUDA graph capture, where the fused "
                     "combine's counters cannot be allocated: this call takes the separate reduce (a second launch); "
                     "make one paged call on the device before capturing to get the fused one", q.device)
-        plan = planning.paged_plan(params, *planned, "separate")
+        plan = planning.paged_plan(params, *planned, "separate", pdl)
     batch, q_heads, tq, head_dim = q.shape
     num_blocks, kv_heads = k_cache.shape[0], k_cache.shape[1]
     out = out_like(q, v_cache.shape[3])   # q's layout (stride order): a [B, T, H, D] view in gives BSHD memory out

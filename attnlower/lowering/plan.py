@@ -67,10 +67,13 @@ class KernelLaunch:
     config: KernelConfig
     constexprs: tuple[tuple[str, Any], ...]
 
+    options: tuple[tuple[str, Any], ...] = ()   # other launch options (launch_pdl)
+
     @functools.cached_property
     def launch_kwargs(self) -> dict[str, Any]:
-        """The constexprs plus num_warps / num_stages, as the kernel's launch takes them (built once)."""
-        return dict(self.constexprs, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        """The constexprs plus num_warps / num_stages and `options`, as the kernel's launch takes them (built once)."""
+        return dict(self.constexprs, num_warps=self.config.num_warps, num_stages=self.config.num_stages,
+                    **dict(self.options))
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ PAGED_REDUCES = ("fused", "separate")
 # on the H200). "fused", asked per call, shares per-device counters (launch_paged.split_counters): not for a process
 # that runs split paged calls on several streams of one device at once.
 PAGED_REDUCE = configs.PAGED_REDUCE
+PAGED_PDL = configs.PAGED_PDL
 
 
 def cached_unless_symbolic(fn):
@@ -388,13 +392,14 @@ def paged_dot_mode(dtype: torch.dtype, target: Target) -> tuple[str, bool]:
 def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Meta, has_alibi: bool,
                target: Target, check_bounds: bool, num_splits: int | None = None,
                config: KernelConfig | None = None, has_sinks: bool = False,
-               v_head_dim: int | None = None, reduce: str | None = None) -> PagedPlan:
+               v_head_dim: int | None = None, reduce: str | None = None, pdl: bool | None = None) -> PagedPlan:
     """The plan of a paged call. num_splits / config / reduce: overrides (tests, benchmarks), None = choose.
     has_sinks: a sinks tensor is passed (the unsplit kernel or the combine adds it). v_head_dim: v_cache's head
     dim (None: the q/k head dim). reduce: how a split call combines its partials, "fused" (in the attention
     kernel, one launch) or "separate" (`_paged_reduce_kernel`); None: PAGED_REDUCE (configs.PAGED_REDUCE), separate
     for a grid of more than configs.PAGED_FUSED_MAX_TILES tiles (the counters one device holds). Ignored when not
-    split.
+    split. pdl: launch the separate reduce with programmatic dependent launch (sm_90+ CUDA targets only; None:
+    PAGED_PDL).
 
     The split count is bounded by the table's width (max_blocks * block_size), never by
     seq_lens.max(): reading it would synchronize the host with the GPU on every decode step.
@@ -428,6 +433,8 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
                          f"reduce='separate' or None")
     splits_pad = max(2, _next_power_of_2(num_splits))
     precision, fp32_inputs = paged_dot_mode(q.dtype, target)
+    # griddepcontrol is sm_90's: the interpreter and older GPUs launch the reduce after the attention kernel, plainly
+    pdl = reduce == "separate" and target.kind == "cuda" and target.arch >= 90 and (PAGED_PDL if pdl is None else pdl)
     attn = KernelLaunch("_paged_attn_kernel", (batch * kv_heads, m_tiles, num_splits), cfg, tuple(dict(
         GROUP=group, HEAD_DIM=head_dim, QK_CHUNK=qk_chunk, NUM_QK_CHUNKS=qk_chunks, HEAD_DIM_V=v_head_dim,
         HEAD_DIM_V_PAD=v_pad, BLOCK_SIZE=block_size,
@@ -436,14 +443,16 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
         FUSED_REDUCE=reduce == "fused", SPLITS_PAD=splits_pad if reduce == "fused" else 1,
         CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs,
         HAS_SINKS=has_sinks, SHORT_SEQUENCES=params.short_sequences,
-        EMPTY_ROWS_NAN=bool(params.empty_rows_nan), TABLE_AHEAD=cfg.num_stages >= 3).items()))
+        EMPTY_ROWS_NAN=bool(params.empty_rows_nan), TABLE_AHEAD=cfg.num_stages >= 3,
+        LAUNCH_DEPENDENTS=pdl).items()))
     if reduce != "separate":
         return PagedPlan((attn,), num_splits, reduce=reduce)
     # 4 warps cover a 128-wide row of the reduce; 8 for 256 and wider (unmeasured starting point, as before)
     reduce_cfg = KernelConfig(1, 1, 4 if v_pad <= 128 else 8, 1)
     combine = KernelLaunch("_paged_reduce_kernel", (batch * q_heads * tq, 1, 1), reduce_cfg, (
         ("HEAD_DIM_V", v_head_dim), ("HEAD_DIM_V_PAD", v_pad), ("SPLITS_PAD", splits_pad),
-        ("HAS_SINKS", has_sinks), ("EMPTY_ROWS_NAN", bool(params.empty_rows_nan))))
+        ("HAS_SINKS", has_sinks), ("EMPTY_ROWS_NAN", bool(params.empty_rows_nan)), ("WAIT_PRIOR", pdl)),
+        (("launch_pdl", True),) if pdl else ())
     return PagedPlan((attn, combine), num_splits, reduce=reduce)
 
 

@@ -168,6 +168,11 @@ def record_launches(quick: bool) -> None:
                     launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
                                                AttentionParams(d ** -0.5, True), num_splits=splits, sinks=sinks,
                                                reduce=reduce)
+                # the reduce by programmatic dependent launch (griddepcontrol in both kernels), and 3 stages: the block
+                # table read a tile ahead
+                launch_paged.paged_forward(torch.empty(2, 8, tq, d, dtype=dtype), caches, caches, table, lens,
+                                           AttentionParams(d ** -0.5, True), num_splits=splits, reduce="separate",
+                                           pdl=True, config=configs.KernelConfig(16, 64, 8, 3) if d <= 128 else None)
 
 
 def record_mla_launches(quick: bool) -> None:

@@ -360,6 +360,22 @@ def test_backward_with_trained_sinks_is_cached_and_sums_the_rows_each_call(monke
     fastpath.clear()
 
 
+def test_launch_options_are_not_kernel_arguments(monkeypatch):
+    """A launch with `launch_pdl` (the paged reduce by programmatic dependent launch) is cached like any other: the
+    option is the compiled kernel's (its launcher holds it), not an argument to bind."""
+    import types
+
+    _path_on_the_test_device(monkeypatch)
+    fn = types.SimpleNamespace(arg_names=["x_ptr", "n", "BLOCK"])
+    x = torch.empty(4)
+    compiled = _StubCompiled([x, 4, 16])
+    kwargs = {"BLOCK": 16, "num_warps": 4, "num_stages": 1, "launch_pdl": True}
+    call = fastpath.CachedCall.build([(fn, (2,), (x, 4), kwargs, compiled)], (x,), ())
+    assert call is not None, "a launch option made the launch uncacheable"
+    assert call([x.data_ptr()], x.device) == []
+    assert compiled.runs == [((2, 1, 1), 0, (x.data_ptr(), 4, 16))]
+
+
 def test_the_cache_is_bounded_and_keeps_the_newest(stub, monkeypatch):
     monkeypatch.setattr(fastpath, "CACHE_SIZE", 2)
     shapes = [_qkv(tq=t) for t in (5, 6, 7)]

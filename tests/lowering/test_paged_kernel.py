@@ -340,6 +340,35 @@ def test_fused_reduce_without_counters_takes_the_separate_reduce(monkeypatch, ca
     assert seen == [(8, 1, 1)] and "takes the separate reduce" in caplog.text
 
 
+def test_pdl_launches_the_separate_reduce_on_sm90_only_and_is_off_by_default():
+    """Programmatic dependent launch: asked (or configs.PAGED_PDL), a split call on an sm_90 CUDA target launches the
+    reduce with `launch_pdl`, the attention kernel letting it start (LAUNCH_DEPENDENTS) and the reduce waiting for it
+    (WAIT_PRIOR); not on the interpreter or an older GPU, not for a fused or an unsplit call."""
+    params = AttentionParams(0.1, True)
+    pool = plan.Meta((64, 8, 16, 128), torch.bfloat16)
+
+    def paged(target, splits=None, reduce=None, pdl=None):
+        return plan.paged_plan(params, plan.Meta((1, 32, 1, 128), torch.bfloat16), pool,
+                               plan.Meta((1, 256), torch.int32), False, target, True, splits, None, False, 128,
+                               reduce, pdl)
+
+    def pdl_of(planned):
+        attn = dict(planned.launches[0].constexprs)["LAUNCH_DEPENDENTS"]
+        if len(planned.launches) == 1:
+            return attn, None, None
+        reduce = planned.launches[1]
+        return attn, dict(reduce.constexprs)["WAIT_PRIOR"], reduce.launch_kwargs.get("launch_pdl", False)
+
+    hopper, ampere = plan.Target("cuda", 90, 132, False), plan.Target("cuda", 80, 108, False)
+    assert configs.PAGED_PDL is False and pdl_of(paged(hopper)) == (False, False, False)
+    assert pdl_of(paged(hopper, pdl=True)) == (True, True, True)
+    assert "launch_pdl" not in paged(hopper, pdl=True).launches[0].launch_kwargs
+    assert pdl_of(paged(ampere, pdl=True)) == (False, False, False)
+    assert pdl_of(paged(plan.Target("interpret", 0, 4, False), splits=4, pdl=True)) == (False, False, False)
+    assert pdl_of(paged(hopper, reduce="fused", pdl=True)) == (False, None, None)
+    assert pdl_of(paged(hopper, splits=1, pdl=True)) == (False, None, None)
+
+
 def test_reduce_is_the_measured_default_and_fused_on_request_within_the_counters():
     target = plan.Target("cuda", 90, 132, False)
     params = AttentionParams(0.1, True)

@@ -61,6 +61,10 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                (num_stages - 1) // 2: one K and one V buffer up to 4 stages (triton's AssignLatencies). The plan
                sets it from 3 stages on; at 2 it buys no buffer and costs registers (sm_90 compile, triton 3.6,
                128 keys, 8 warps: 166 registers against 106).
+  LAUNCH_DEPENDENTS  programmatic dependent launch (sm_90+, the separate reduce launched with `launch_pdl`): after its
+               key loop each program lets the reduce kernel be scheduled (`griddepcontrol.launch_dependents`); the
+               reduce's WAIT_PRIOR (`griddepcontrol.wait`) then waits for this whole grid and its memory. What it
+               saves: the second launch's latency (configs.PAGED_PDL says whether the plan uses it).
   DOT_FP32_INPUTS  upcast q, k, v (and P after its rounding to v's dtype) to fp32 before tl.dot:
                set on CPU, where Triton's interpreter computes bf16 x bf16 dots wrongly
                (triton 3.9 returns garbage); the products of the rounded values are the same.
@@ -70,6 +74,7 @@ Scores are fp32 and use exp2 (scores are scaled by LOG2E after softcap/alibi). A
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from attnlower.lowering.kernels.common import _as_fp32
 
@@ -138,6 +143,7 @@ def _paged_attn_kernel(
     SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, SPLITS_PAD: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr, HAS_SINKS: tl.constexpr,
     SHORT_SEQUENCES: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr, TABLE_AHEAD: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(HEAD_DIM <= QK_CHUNK * NUM_QK_CHUNKS, "the q·k chunks must cover HEAD_DIM")
@@ -275,6 +281,8 @@ def _paged_attn_kernel(
             acc = tl.dot(p_low, v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if LAUNCH_DEPENDENTS:   # the reduce kernel (launched with PDL) may start; it waits for this grid in gdc_wait
+        gdc_launch_dependents()
     if CHECK_BOUNDS:
         if (tl.max(bad_seen, axis=0) > 0) & len_ok & (pid_m == 0) & (kvh == 0):
             _flag(err_ptr, 1, b, num_blocks, capacity)
@@ -373,9 +381,13 @@ def _paged_reduce_kernel(
     Hq, Tq, rows_total, num_splits,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr,
 ):
     """The two-launch split-KV path (FUSED_REDUCE off): one program per output row combines its num_splits
-    partials, after `_paged_attn_kernel` has finished writing them (stream order)."""
+    partials, after `_paged_attn_kernel` has finished writing them (stream order; with WAIT_PRIOR, launched with
+    programmatic dependent launch: its programs may start before, and wait here for that grid and its stores)."""
+    if WAIT_PRIOR:
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)      # (b * Hq + h) * Tq + i
     _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, row // (Hq * Tq), (row // Tq) % Hq,
                  row % Tq, stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
