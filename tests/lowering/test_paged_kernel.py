@@ -497,6 +497,46 @@ def test_paged_gpu_fused_reduce(dtype, tq, splits):
     assert not launch_paged.split_counters(q.device).any()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_n, stages", [(128, 2), (64, 3), (64, 4), (128, 3)])
+def test_paged_gpu_table_ahead_and_pdl(dtype, block_n, stages):
+    """The block table read a tile ahead (3+ stages: K and V double-buffered) and the reduce by programmatic dependent
+    launch (its programs start early and wait in griddepcontrol.wait): against the reference, equal to the plain
+    launch of the same tiles, and bit for bit the same over repeated calls, eagerly and replayed from a CUDA graph
+    (the caching allocator hands each call the last one's workspaces: a reduce that read before the attention kernel
+    finished would see the other query's partials)."""
+    torch.manual_seed(4)
+    lens = torch.randint(1, 4096, (6,)).tolist() + [4096, 0]
+    inputs = make_paged_inputs(lens, 32, 8, 128, 1, 16, dtype, device="cuda")
+    q, k_cache, v_cache, block_table, seq_lens, _ = inputs
+    queries = (q, torch.randn_like(q))
+    params = AttentionParams(128 ** -0.5, True)
+    config = KernelConfig(16, block_n, 8, stages)
+
+    def call(query, pdl):
+        return paged_forward(query, k_cache, v_cache, block_table, seq_lens, params, num_splits=16, config=config,
+                             reduce="separate", pdl=pdl)
+
+    firsts = [call(query, True) for query in queries]
+    for query, first in zip(queries, firsts):
+        want = reference((query, *inputs[1:]), params, None)
+        torch.testing.assert_close(first.double(), want, atol=TOLERANCE[dtype][0], rtol=TOLERANCE[dtype][1])
+        atol, rtol = (1e-6, 1e-5) if dtype is torch.float32 else TOLERANCE[dtype]   # another compile of the same math
+        torch.testing.assert_close(first, call(query, False), atol=atol, rtol=rtol)
+    for i in range(100):
+        assert torch.equal(call(queries[i % 2], True), firsts[i % 2]), i
+    static_q = queries[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(static_q, True)
+    for i in range(100):
+        static_q.copy_(queries[i % 2])
+        captured.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(captured, firsts[i % 2]), f"replay {i}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad block tables and lengths (issue 9, items 8-11): never a read outside the tensors, always
 # a clear error, from the kernel (interpreter: at once) and from the reference alike
