@@ -111,6 +111,16 @@ PAGED_REDUCE = configs.PAGED_REDUCE
 PAGED_PDL = configs.PAGED_PDL
 
 
+@functools.cache
+def _grid_dependency_control() -> bool:
+    """Whether the installed Triton writes griddepcontrol (`triton.language.extra.cuda.gdc_wait`: triton >= 3.4)."""
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cached_unless_symbolic(fn):
     """An LRU cache of `fn` that runs it uncached when an argument is not hashable (symbolic sizes
     while tracing). Exceptions are never cached. Used for the plans here and validation in ops.py."""
@@ -433,8 +443,10 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
                          f"reduce='separate' or None")
     splits_pad = max(2, _next_power_of_2(num_splits))
     precision, fp32_inputs = paged_dot_mode(q.dtype, target)
-    # griddepcontrol is sm_90's: the interpreter and older GPUs launch the reduce after the attention kernel, plainly
-    pdl = reduce == "separate" and target.kind == "cuda" and target.arch >= 90 and (PAGED_PDL if pdl is None else pdl)
+    # griddepcontrol is sm_90's (NVIDIA; triton >= 3.4 writes it): the interpreter, older GPUs and ROCm launch the
+    # reduce after the attention kernel, plainly
+    pdl = (reduce == "separate" and target.kind == "cuda" and target.arch >= 90 and torch.version.hip is None
+           and (PAGED_PDL if pdl is None else pdl) and _grid_dependency_control())
     attn = KernelLaunch("_paged_attn_kernel", (batch * kv_heads, m_tiles, num_splits), cfg, tuple(dict(
         GROUP=group, HEAD_DIM=head_dim, QK_CHUNK=qk_chunk, NUM_QK_CHUNKS=qk_chunks, HEAD_DIM_V=v_head_dim,
         HEAD_DIM_V_PAD=v_pad, BLOCK_SIZE=block_size,

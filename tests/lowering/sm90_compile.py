@@ -585,6 +585,11 @@ def check_one(launch_: Launch, constant_scalars: bool = False) -> str:
     shared = compiled.metadata.shared
     if shared > SM90_SHARED_BYTES:  # the launch would fail with OutOfResources
         raise RuntimeError(f"needs {shared} bytes of shared memory, an sm_90 block gets at most {SM90_SHARED_BYTES}")
+    # programmatic dependent launch: the instruction each side's constexpr asks for is in the PTX
+    for flag, instruction in (("LAUNCH_DEPENDENTS", "griddepcontrol.launch_dependents"),
+                              ("WAIT_PRIOR", "griddepcontrol.wait")):
+        if launch_.constexprs.get(flag) and instruction not in compiled.asm["ptx"]:
+            raise RuntimeError(f"{flag}=True compiled without {instruction}")
     regs, stack = register_usage(compiled)
     threads = 32 * launch_.options.get("num_warps", 4)
     if regs is not None and regs * threads > SM90_REGISTERS_PER_BLOCK:

@@ -156,10 +156,10 @@ def test_paged_fp32_matches_oracle_split_and_not(block_size, q_heads, kv_heads, 
     split = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=3, config=config)
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
     # from 3 stages the kernel reads each tile's physical blocks one iteration ahead (TABLE_AHEAD), here over tiles of
-    # 16 keys (3 per sequence of 37, split or not): the same result
+    # 16 keys (3 per sequence of 37: unsplit, in two splits carrying the table into a second tile, in three): the same
     base = config or paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
     deep = KernelConfig(base.block_m, 16, base.num_warps, 3)
-    for splits in (1, 3):
+    for splits in (1, 2, 3):
         ahead = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=splits, config=deep)
         torch.testing.assert_close(ahead, whole, atol=1e-5, rtol=1e-5)
 
@@ -498,8 +498,10 @@ def test_paged_gpu_fused_reduce(dtype, tq, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("block_n, stages", [(128, 2), (64, 3), (64, 4), (128, 3)])
+@pytest.mark.parametrize("dtype, block_n, stages", [
+    (torch.bfloat16, 128, 2), (torch.bfloat16, 64, 3), (torch.bfloat16, 64, 4), (torch.bfloat16, 128, 3),
+    (torch.float32, 128, 2), (torch.float32, 64, 3),   # fp32 128 x 3: two 128x128 K and V buffers do not fit
+], ids=lambda x: str(x).replace("torch.", ""))
 def test_paged_gpu_table_ahead_and_pdl(dtype, block_n, stages):
     """The block table read a tile ahead (3+ stages: K and V double-buffered) and the reduce by programmatic dependent
     launch (its programs start early and wait in griddepcontrol.wait): against the reference, equal to the plain
@@ -595,7 +597,10 @@ BAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["kernel", "op-kernel", "op-reference"])
+_TABLE_AHEAD = KernelConfig(16, 16, 4, 3)   # 3 stages: the kernel reads each tile's block ids one tile ahead
+
+
+@pytest.mark.parametrize("path", ["kernel", "kernel-table-ahead", "op-kernel", "op-reference"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_the_call):
     """The bad call itself raises: on CPU always, on CUDA with the sync debug switch (the lazy report is
@@ -606,6 +611,8 @@ def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_t
     with pytest.raises(PagedInputError, match=BAD_CASES[case]) as error:
         if path == "kernel":
             paged_forward(*inputs, AttentionParams(0.25, True))
+        elif path == "kernel-table-ahead":
+            paged_forward(*inputs, AttentionParams(0.25, True), config=_TABLE_AHEAD)
         elif path == "op-kernel":  # CPU tensors run the kernel through the interpreter; CUDA tensors always do
             monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
             ops.paged_attention(*inputs)
@@ -618,8 +625,9 @@ def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_t
     assert torch.isfinite(paged_forward(*good, AttentionParams(0.25, True))).all()
 
 
+@pytest.mark.parametrize("config", [None, _TABLE_AHEAD], ids=["plan", "table-ahead"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_unchecked_kernel_clamps_its_reads(case):
+def test_unchecked_kernel_clamps_its_reads(case, config):
     """With the checks off, bad inputs still never make the kernel read outside its tensors (the
     interpreter would crash on such a read); rows come from the clamped reads, finite."""
     from attnlower.lowering import errors
@@ -627,7 +635,7 @@ def test_unchecked_kernel_clamps_its_reads(case):
     inputs, _, _ = _bad_inputs(case)
     errors.set_paged_checks(False)
     try:
-        out = paged_forward(*inputs, AttentionParams(0.25, True), num_splits=2)
+        out = paged_forward(*inputs, AttentionParams(0.25, True), num_splits=2, config=config)
     finally:
         errors.set_paged_checks(True)
     assert torch.isfinite(out).all()

@@ -38,6 +38,9 @@ def test_kernels_compile_for_sm90_with_triton_and_inductor_typing():
     # preprocess, dK/dV and dQ; the paged attention kernel split with its combine fused, split without it, and the
     # separate reduce; plus the document bounds' kernel once (it reads only the int ids: one compile for both dtypes)
     assert sum("TTIR" in line for line in inductor) == 15 and sum("shared=" in line for line in inductor) == 15
+    # the paged reduce by programmatic dependent launch compiled both sides (their PTX holds griddepcontrol)
+    assert any("'LAUNCH_DEPENDENTS': True" in line for line in lines), "no PDL attention kernel compiled"
+    assert any("'WAIT_PRIOR': True" in line for line in lines), "no PDL reduce kernel compiled"
 
 
 def test_every_planned_config_fits_sm90_shared_memory():

@@ -74,7 +74,17 @@ Scores are fp32 and use exp2 (scores are scaled by LOG2E after softcap/alibi). A
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:   # grid dependency control (PDL), triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:   # older triton: never launched with PDL (plan.paged_plan asks for it only where these exist)
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
 
 from attnlower.lowering.kernels.common import _as_fp32
 
