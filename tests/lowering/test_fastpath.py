@@ -48,7 +48,7 @@ class _StubJIT:
             self.fn[grid](*args, **kwargs)
             names = self.arg_names
             bound = dict(zip(names, args))
-            bound.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+            bound.update({k: v for k, v in kwargs.items() if k not in fastpath.LAUNCH_OPTIONS})
             compiled = _StubCompiled([bound[n] for n in names])
             self.compiled.append((grid, compiled))
             return compiled

@@ -109,6 +109,12 @@ def _flag(err_ptr, kinds, b, num_blocks, capacity):
 
 
 @triton.jit
+def _block_ids(bt_row, tok, seq_len, stride_btn, BLOCK_SIZE: tl.constexpr):
+    """The physical block of each token of `tok` (BLOCK_SIZE is constexpr: // is cheap); 0 at and past seq_len."""
+    return tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btn, mask=tok < seq_len, other=0)
+
+
+@triton.jit
 def _load_q_chunk(q_rows, offs_c, row_ok, stride_qd, c: tl.constexpr, HEAD_DIM: tl.constexpr,
                   QK_CHUNK: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr):
     """Dims [c * QK_CHUNK, (c + 1) * QK_CHUNK) of the tile's q rows, [BLOCK_M, QK_CHUNK] (0 past HEAD_DIM)."""
@@ -235,19 +241,16 @@ def _paged_attn_kernel(
 
     if CHECK_BOUNDS:
         bad_seen = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if TABLE_AHEAD:   # the physical blocks of the first tile's tokens (read one tile ahead: see TABLE_AHEAD above)
-        tok_next = start + offs_n
-        phys_next = tl.load(bt_row + (tok_next // BLOCK_SIZE) * stride_btn, mask=tok_next < seq_len, other=0)
+    if TABLE_AHEAD:   # the first tile's physical blocks (read one tile ahead: see TABLE_AHEAD above)
+        phys_next = _block_ids(bt_row, start + offs_n, seq_len, stride_btn, BLOCK_SIZE)
     for start_n in range(start, end, BLOCK_N):
         tok = start_n + offs_n                                 # [BLOCK_N] token positions
         tok_ok = tok < seq_len
-        # the physical block of every token (BLOCK_SIZE is constexpr: // and % are cheap)
         if TABLE_AHEAD:   # this tile's, read by the iteration before; the next tile's now (past the last: unused)
             phys = phys_next.to(tl.int64)
-            tok_next = tok + BLOCK_N
-            phys_next = tl.load(bt_row + (tok_next // BLOCK_SIZE) * stride_btn, mask=tok_next < seq_len, other=0)
+            phys_next = _block_ids(bt_row, tok + BLOCK_N, seq_len, stride_btn, BLOCK_SIZE)
         else:
-            phys = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0).to(tl.int64)
+            phys = _block_ids(bt_row, tok, seq_len, stride_btn, BLOCK_SIZE).to(tl.int64)
         bad_block = tok_ok & ((phys < 0) | (phys >= num_blocks))
         if CHECK_BOUNDS:
             bad_seen |= bad_block.to(tl.int32)                 # reported once, after the loop
