@@ -181,32 +181,32 @@ _PAGED_MAX_BLOCK_M = {128: 64, 256: 32, 512: 16}        # keyed by padded head d
 _PAGED_BLOCK_N = {128: 64, 256: 32, 512: 32}
 _PAGED_NUM_WARPS_SMALL = 4          # BLOCK_M * HEAD_DIM_PAD <= 8192; unmeasured starting point
 _PAGED_NUM_WARPS_LARGE = 8
-# 2 beat 3 at each batch size's best decode tile (the sweep below), measured before the kernel read the block table
-# one tile ahead from 3 stages on (TABLE_AHEAD, kernels/paged_decode.py): until then 3 and 4 stages kept one K and
-# one V buffer, as 2 does. With it, 64 keys x 3 stages x 8 warps double-buffers K and V at 2 CTAs per SM (sm_90
-# compile, triton 3.6: 71680 bytes, 116 registers; bench/RESULTS.md, 2026-12-04 night). Not yet timed: sweep again.
+# Stages of the paged tiles other than decode's (below): 2. Measured only for decode tiles.
 _PAGED_NUM_STAGES = 2
-# Decode tiles (16 rows) of heads up to 128 wide: bench/paged_sweep.py on the H200 (2026-12-04,
-# /work/gpu-logs/call17: bf16, Hq 32, Hkv 8, D 128, cache block 16, L 4096, under CUDA graphs; 72 candidates per
-# batch size, each checked against SDPA first): 128 keys and 8 warps was the fastest tile at B 8 and 32 for every
-# split count from 1 to 4, and within 3% of the fastest at B=1; 64 keys / 4 warps were 14-20% slower (B=32, one
-# split: 0.1737 -> 0.1445 ms).
-_PAGED_DECODE_BLOCK_N = 128
+# Decode tiles (16 rows) of heads up to 128 wide: 64 keys, 3 stages, 8 warps. From 3 stages on the kernel reads the
+# block table one tile ahead (TABLE_AHEAD, kernels/paged_decode.py), so K and V are double-buffered: 71680 bytes and
+# 116 registers on sm_90, 2 CTAs per SM (triton 3.6; bench/RESULTS.md, 2026-12-04 night). bench/paged_sweep.py on the
+# H200 (2026-12-04 late, /work/.device/2: torch 2.11, triton 3.6, bf16, Hq 32, Hkv 8, D 128, cache block 16, L 4096,
+# under CUDA graphs, 66 candidates per batch size, each checked against SDPA first), ms at the split counts below:
+#   B=1  16 splits: 64x3 0.0113, 128x2 0.0115, 128x3 0.0112 (32 splits: 0.0123, 0.0117, 0.0152)
+#   B=8   4 splits: 64x3 0.0455 (the best of all 66), 128x2 0.0470, 128x3 0.0528
+#   B=32  1 split:  64x3 0.1496, 128x2 0.1475 (the best), 128x3 0.2003 (one CTA per SM: 139264 bytes)
+# 64x3 is within 2% of each batch size's best candidate; the 2-stage tiles of before (one K and one V buffer) lose
+# 20-25% to it wherever a program walks more than a few tiles (B=8, 4 splits: 64x2 0.0525).
+_PAGED_DECODE_BLOCK_N = 64
+_PAGED_DECODE_NUM_STAGES = 3
 _PAGED_DECODE_NUM_WARPS = 8
 # A 512-wide accumulator (MLA decode): 8 warps. sm90_compile.py (triton 3.9, bf16, 576 / 512, 16x32 tiles, 2 stages,
 # 2026-12-04): 4 warps spill 560-632 bytes per thread, 8 warps 40-48; speed unmeasured (no GPU this session).
 _PAGED_WIDE_V = 512
-# The paged constants below were timed, not swept, on H100 (2026-11-23, bf16 Hq=32 Hkv=8 D=128,
-# block 16): decode at 0.95-0.98x cuDNN SDPA on a contiguous cache for B >= 8 (bench/RESULTS.md).
-# Split-KV: aim for this many programs per SM so latency of the gathers is hidden,
-# never give a split fewer than _PAGED_MIN_TOKENS_PER_SPLIT keys (the reduce pass and the
-# per-split q load must stay small next to the split's K/V traffic), and keep the split count
-# within what the reduce kernel's single tile holds.
-# _PAGED_PROGRAMS_PER_SM: unmeasured starting point. _PAGED_MIN_TOKENS_PER_SPLIT: the same sweep at B=1 (8 programs
-# on 132 SMs) timed 32 splits of 128 keys at 0.0103 ms against 16 of 256 at 0.0113 (the earlier bound of 256 chose
-# 16); at B=8 the rule's 5 splits sit between the sweep's best 4 (0.0463 ms) and 8 (0.0489).
+# Split-KV: split a grid that leaves SMs idle into as many partitions as fit in one wave of _PAGED_PROGRAMS_PER_SM
+# programs per SM (floor: a partial second wave costs a whole tile walk), never fewer than _PAGED_MIN_TOKENS_PER_SPLIT
+# keys per split (the reduce pass and each split's q load stay small next to its K/V traffic), and no more than the
+# reduce kernel's single tile holds. The same sweep (decode tiles above): B=8 (64 programs) timed 4 splits at 0.0455 ms,
+# 8 at 0.0496 and 2 at 0.0573 (the ceiling rule of before chose 5: 0.0549 with 128x2 tiles); B=1 (8 programs), 64x3:
+# 16 splits of 256 keys 0.0113, 32 of 128 0.0123, 8 of 512 0.0167.
 _PAGED_PROGRAMS_PER_SM = 2
-_PAGED_MIN_TOKENS_PER_SPLIT = 128
+_PAGED_MIN_TOKENS_PER_SPLIT = 256
 _PAGED_MAX_SPLITS = 64
 # How a split call combines its partials: "fused" (the last split program of each tile combines it: one launch) or
 # "separate" (`_paged_reduce_kernel`, a second launch). Measured on the H200 (torch 2.11, triton 3.6, 2026-12-04,
@@ -254,11 +254,12 @@ def paged_config(arch: int, head_dim: int, dtype, block_size: int, group: int, t
     block_m = min(max(_PAGED_MIN_BLOCK_M, _next_power_of_2(rows)), _by_head_dim(_PAGED_MAX_BLOCK_M, head_dim_pad))
     block_n = _by_head_dim(_PAGED_BLOCK_N, head_dim_pad)
     num_warps = _PAGED_NUM_WARPS_SMALL if block_m * head_dim_pad <= 8192 else _PAGED_NUM_WARPS_LARGE
+    num_stages = _PAGED_NUM_STAGES
     if block_m == _PAGED_MIN_BLOCK_M and head_dim_pad <= 128:   # a decode tile: the swept one
-        block_n, num_warps = _PAGED_DECODE_BLOCK_N, _PAGED_DECODE_NUM_WARPS
+        block_n, num_warps, num_stages = _PAGED_DECODE_BLOCK_N, _PAGED_DECODE_NUM_WARPS, _PAGED_DECODE_NUM_STAGES
     if head_dim_pad >= _PAGED_WIDE_V:
         num_warps = _PAGED_NUM_WARPS_LARGE
-    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=_PAGED_NUM_STAGES)
+    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def paged_num_splits(sm_count: int, programs: int, max_seq_len: int) -> int:
@@ -266,11 +267,11 @@ def paged_num_splits(sm_count: int, programs: int, max_seq_len: int) -> int:
 
     programs: B * Hkv * (row tiles), the grid without splitting. Splitting pays only when that
     leaves SMs idle; it is bounded by the longest sequence (so each split keeps enough keys)
-    and by _PAGED_MAX_SPLITS.
+    and by _PAGED_MAX_SPLITS; the split grid stays within one wave of _PAGED_PROGRAMS_PER_SM programs per SM.
     """
     if programs <= 0 or programs >= sm_count:
         return 1
-    for_occupancy = -(-_PAGED_PROGRAMS_PER_SM * sm_count // programs)
+    for_occupancy = _PAGED_PROGRAMS_PER_SM * sm_count // programs
     for_length = max_seq_len // _PAGED_MIN_TOKENS_PER_SPLIT
     splits = min(for_occupancy, for_length, _PAGED_MAX_SPLITS)
     return splits if splits >= 2 else 1
