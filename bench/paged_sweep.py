@@ -167,8 +167,15 @@ def main(argv=None) -> int:
             print(f"B={batch}: {len(wrong)} candidate(s) WRONG: {wrong[:3]}", flush=True)
         print(f"B={batch}: {len(timed)} of {len(row['candidates'])} candidates timed; " + summary(row), flush=True)
         if os.environ.get("OUT"):   # after every batch size: a run cut by its time limit keeps what it finished
-            Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps({"device": name, "rows": rows},
-                                                                              indent=1))
+            import triton
+
+            path = Path(os.environ["OUT"], "paged_sweep.json")
+            path.write_text(json.dumps({"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                                        "rows": rows}, indent=1))
+    if os.environ.get("OUT") and rows:
+        from bench.plots import plot_file
+
+        plot_file(Path(os.environ["OUT"], "paged_sweep.json"))
     print(f"{'B':>4} {'chosen':>26} {'best':>48} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
     for row in rows:
         print(summary(row, columns=True))

@@ -6,6 +6,7 @@
                                         flex; forward and forward+backward, causal and not
   sliding.json -> sliding.png           useful TFLOP/s (in-window pairs) against sequence length
   paged.json   -> paged.png             decode K/V bandwidth (GB/s) against batch, one panel per length
+  paged_sweep.json -> paged_sweep.png   ms against split count per tile, one panel per batch, cuDNN and the plan marked
   example_*.log -> speedups.png         end-to-end speed-up over eager, from the examples' `speed` lines
 
 The bench scripts call `plot_file(json_path)` after writing their JSON. matplotlib is imported only
@@ -201,6 +202,40 @@ def plot_gluon_probe(data: dict, out_dir: str | Path) -> list[Path]:
 
 
 _PLOTTERS["gluon_probe.json"] = plot_gluon_probe
+
+
+def plot_paged_sweep(data: dict, out_dir: str | Path) -> list[Path]:
+    """paged_sweep.json -> paged_sweep.png: ms against the split count, one line per tile (keys x stages, PDL or not),
+    one panel per batch size, with cuDNN on a contiguous cache and the plan's own choice marked."""
+    plt = _pyplot()
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.4 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        lines: dict[str, list] = {}
+        for c in row["candidates"]:
+            if c.get("ms"):
+                label = f"{c['block_n']} keys x {c['stages']}" + (" pdl" if c.get("pdl") else "")
+                lines.setdefault(label, []).append((c["splits"], c["ms"]))
+        for label, pts in sorted(lines.items()):
+            ax.plot(*zip(*sorted(pts)), marker=".", label=label, linestyle="--" if "pdl" in label else "-")
+        if row.get("cudnn_ms"):
+            ax.axhline(row["cudnn_ms"], color="black", linewidth=1, label="cuDNN, contiguous cache")
+        chosen = row.get("chosen") or {}
+        if chosen.get("ms"):
+            ax.plot([chosen["splits"]], [chosen["ms"]], marker="*", markersize=14, color="tab:red", linestyle="",
+                    label="the plan's choice")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"B={row['batch']}, L={row['length']}")
+        ax.set_xlabel("splits")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ms (CUDA graph replay)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(_title(data, "paged decode split-KV sweep, bf16, Hq 32, Hkv 8, D 128"), fontsize=10)
+    return [_save(fig, Path(out_dir) / "paged_sweep.png")]
+
+
+_PLOTTERS["paged_sweep.json"] = plot_paged_sweep
 
 
 def plot_file(path: str | Path) -> list[Path]:

@@ -20,3 +20,5 @@ def test_paged_sweep_smoke_checks_and_reports_every_candidate(tmp_path):
     assert row["best"] is not None and row["chosen"]["splits"] >= 1
     # split candidates both ways: the combine in the attention kernel and the separate reduce launch
     assert {(c["splits"], c["reduce"]) for c in row["candidates"]} == {(1, "-"), (2, "fused"), (2, "separate")}
+    # its chart (bench/plots.py), or the line saying why there is none
+    assert (tmp_path / "paged_sweep.png").is_file() or "no chart for paged_sweep.json" in r.stdout, r.stdout[-2000:]
