@@ -5,7 +5,9 @@ nanoGPT-124M training step (B=8, T=1024), a Llama-1B-shaped static-cache decode 
 the paged decode loop (B 1/8/32, one attention over a block-paged cache of 4096 tokens per
 sequence, as examples/paged_decode.py spells it: gather_blocks + length_mask + SDPA), and the host
 time of one op call against SDPA's. Columns: eager / Inductor / Inductor + CUDA graphs /
-attnlower / attnlower + CUDA graphs, in ms per call (CUDA events, median of `--iters`).
+attnlower / attnlower + CUDA graphs, in ms per call (CUDA events, median of `--iters`). The modes of a row are
+compiled and warmed first, then timed one call each in turn (`run_row`: the host's speed drifts within a process);
+`--sequential` times one mode after the other.
 
 CUDA graphs: both through `mode="reduce-overhead"`, the way PyTorch users turn them on
 (`torch.compile(fn, backend="attnlower", mode="reduce-overhead")`), each call preceded by
@@ -44,6 +46,7 @@ DTYPE = torch.bfloat16
 PROFILE = False   # --profile
 CPROFILE: str | None = None   # --cprofile MODE: where that mode's host time goes, per row
 SELECTED_MODES = list(MODES)   # --modes
+SEQUENTIAL = False             # --sequential: each mode timed alone, one after the other (run_row)
 
 
 def cuda_ms(fn, iters: int, rewind=None, warmup: int = 3) -> float:
@@ -66,9 +69,11 @@ def cuda_ms(fn, iters: int, rewind=None, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def compiled(fn, mode: str):
-    """fn as `mode` runs it: plain, or torch.compile'd by Inductor / attnlower, with CUDA graphs for "+cg"."""
-    torch._dynamo.reset()
+def compiled(fn, mode: str, reset: bool = True):
+    """fn as `mode` runs it: plain, or torch.compile'd by Inductor / attnlower, with CUDA graphs for "+cg".
+    `reset`: forget every earlier compile first (Dynamo's caches)."""
+    if reset:
+        torch._dynamo.reset()
     if mode == "eager":
         return fn
     backend = attnlower_backend if mode.startswith("attnlower") else "inductor"
@@ -137,24 +142,64 @@ def host_profile(fn, calls: int = 20, rewind=None, top: int = 25) -> list[str]:
 
 
 def run_row(name: str, make_fn, iters: int, results: list, rewind=None, warmup: int = 3) -> None:
-    """One row: make_fn() timed in every selected mode; `rewind` and `warmup` as cuda_ms takes them."""
+    """One row: make_fn() timed in every selected mode; `rewind` and `warmup` as cuda_ms takes them.
+
+    Interleaved (the default): every mode is compiled and warmed first, then the timed calls go round the modes one
+    call each, so a drift of the host's speed within the process hits every mode alike. On the H200 (2026-12-04,
+    bench/RESULTS.md) the host-bound rows drifted: GPT-2 eager B=2 T=1024 without graphs read 1.42x Inductor in one
+    run and 0.91x in another, attnlower's modes always timed after Inductor's, and nanoGPT's buffer-mask model
+    timed after the is_causal one read 1.50x it one after the other and 1.035x interleaved. Dynamo keeps one cache
+    entry per backend (its backend guard): going round the modes recompiles nothing. `--sequential` times each mode
+    alone after the previous one, as before."""
     row = {"row": name}
+    fns = {}
+    rewind_or_none = rewind or (lambda: None)
+    if not SEQUENTIAL:
+        torch._dynamo.reset()
     for mode in MODES:
         if mode not in SELECTED_MODES:
             continue
         try:
-            fn = compiled(make_fn(), mode)
-            row[mode] = cuda_ms(fn, iters, rewind, warmup)
-            if PROFILE and mode != "eager":
-                row.setdefault("profile", {})[mode] = profile_step(fn, rewind=rewind)
-            if mode == CPROFILE:
-                row["cprofile"] = {mode: host_profile(fn, rewind=rewind)}
-                print(f"  cProfile of {name} [{mode}], per call:", *row["cprofile"][mode], sep="\n    ", flush=True)
+            fn = compiled(make_fn(), mode, reset=SEQUENTIAL)
+            if SEQUENTIAL:
+                row[mode] = cuda_ms(fn, iters, rewind, warmup)
+                _profiles(row, name, mode, fn, rewind)
+            else:
+                for _ in range(warmup):
+                    rewind_or_none()
+                    fn()
+                fns[mode] = fn
         except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
-            row[mode] = None
-            row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            _failed(row, mode, error)
+    times: dict[str, list] = {mode: [] for mode in fns}
+    for _ in range(iters if fns else 0):
+        for mode, fn in list(fns.items()):
+            try:
+                times[mode].append(cuda_ms(fn, 1, rewind, warmup=0))
+            except Exception as error:  # noqa: BLE001
+                _failed(row, mode, error)
+                del fns[mode]
+    for mode, fn in fns.items():
+        row[mode] = statistics.median(times[mode])
+        try:
+            _profiles(row, name, mode, fn, rewind)
+        except Exception as error:  # noqa: BLE001
+            row.setdefault("errors", {})[mode] = f"profile: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
     results.append(row)
     print(format_row(row), flush=True)
+
+
+def _failed(row: dict, mode: str, error: Exception) -> None:
+    row[mode] = None
+    row.setdefault("errors", {})[mode] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def _profiles(row: dict, name: str, mode: str, fn, rewind) -> None:
+    if PROFILE and mode != "eager":
+        row.setdefault("profile", {})[mode] = profile_step(fn, rewind=rewind)
+    if mode == CPROFILE:
+        row["cprofile"] = {mode: host_profile(fn, rewind=rewind)}
+        print(f"  cProfile of {name} [{mode}], per call:", *row["cprofile"][mode], sep="\n    ", flush=True)
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -483,11 +528,13 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="the columns to run")
     p.add_argument("--gpt2-impl", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa"])
     p.add_argument("--gpt2-shapes", nargs="+", default=None, metavar="BxT", help="e.g. 2x1024 8x128")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each mode alone after the previous one (default: compile all, then go round the modes)")
     p.add_argument("--nanogpt-first", choices=["is_causal", "buffer"], default="is_causal",
                    help="which nanoGPT model the one-after-the-other rows time first")
     args = p.parse_args(argv)
-    global PROFILE, SELECTED_MODES, CPROFILE
-    PROFILE, SELECTED_MODES, CPROFILE = args.profile, args.modes, args.cprofile
+    global PROFILE, SELECTED_MODES, CPROFILE, SEQUENTIAL
+    PROFILE, SELECTED_MODES, CPROFILE, SEQUENTIAL = args.profile, args.modes, args.cprofile, args.sequential
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU")
         return 1
