@@ -587,8 +587,12 @@ def test_kernel_plan_uses_the_real_lengths():
                                  tq=1, tk=4096, head_dim=128, dtype=torch.bfloat16, target=h200, block_size=16)
     # split, then the separate reduce (configs.PAGED_REDUCE: timed faster than the fused combine on the H200)
     assert [launch["kernel"] for launch in paged["launches"]] == ["_paged_attn_kernel", "_paged_reduce_kernel"]
-    assert paged["launches"][0]["grid"] == [8, 1, 32] and not paged["launches"][0]["constexprs"]["FUSED_REDUCE"]
-    assert "split-KV into 32" in paged["note"]     # 8 programs on 132 SMs, >= 128 keys per split (configs.py)
+    # 8 programs on 132 SMs: as many splits as the length allows (configs._PAGED_MIN_TOKENS_PER_SPLIT keys each)
+    from attnlower.lowering import configs
+
+    splits = 4096 // configs._PAGED_MIN_TOKENS_PER_SPLIT
+    assert paged["launches"][0]["grid"] == [8, 1, splits] and not paged["launches"][0]["constexprs"]["FUSED_REDUCE"]
+    assert f"split-KV into {splits}" in paged["note"]
 
 
 def test_registry_kernel_table_is_what_the_seam_lists():
