@@ -45,7 +45,7 @@ for stage in $stages; do
         tail -1 "$OUT/gpu_tests.log" ;;
     e2e)
         timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py --profile --iters 10 --out "$OUT/e2e" ${E2E_ROWS:+--rows $E2E_ROWS} ${E2E_ARGS:-} \
-            >"$OUT/e2e.log" 2>&1; rc=$?; grep -E "x$|x,|fail|Error|target" "$OUT/e2e.log" | cut -c1-220 | tail -20 ;;
+            >"$OUT/e2e.log" 2>&1; rc=$?; grep -E "x$|x,|fail|Error|target|one after the other" "$OUT/e2e.log" | cut -c1-220 | tail -20 ;;
     serve)
         if [ -n "${WHEELS:-}" ]; then
             python3 -m pip install -q --no-deps --no-index --target /tmp/serve_site "$WHEELS"/*.whl >"$OUT/serve_pip.log" 2>&1

@@ -211,13 +211,23 @@ def plot_paged_sweep(data: dict, out_dir: str | Path) -> list[Path]:
     rows = data["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(4.4 * len(rows), 4), squeeze=False)
     for ax, row in zip(axes[0], rows):
-        lines: dict[str, list] = {}
+        lines: dict[tuple, list] = {}
         for c in row["candidates"]:
             if c.get("ms"):
-                label = f"{c['block_n']} keys x {c['stages']}" + (" pdl" if c.get("pdl") else "")
-                lines.setdefault(label, []).append((c["splits"], c["ms"]))
-        for label, pts in sorted(lines.items()):
-            ax.plot(*zip(*sorted(pts)), marker=".", label=label, linestyle="--" if "pdl" in label else "-")
+                tile = (c["block_n"], c["stages"], c["warps"])
+                # one line per tile and way of combining: the unsplit point (reduce "-") starts each of them
+                for reduce in ([c["reduce"]] if c["reduce"] != "-" else [None]):
+                    lines.setdefault((tile, reduce, bool(c.get("pdl"))), []).append((c["splits"], c["ms"]))
+        unsplit = {key[0]: pts for key, pts in lines.items() if key[1] is None}
+        tiles = sorted({key[0] for key in lines})
+        colours = plt.get_cmap("tab20")
+        for (tile, reduce, pdl), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
+            if reduce is None:
+                continue
+            pts = sorted(pts + unsplit.get(tile, []))
+            label = f"{tile[0]} keys x {tile[1]} st x {tile[2]} w, {reduce}" + (", pdl" if pdl else "")
+            ax.plot(*zip(*pts), marker=".", label=label, color=colours(tiles.index(tile) % 20),
+                    linestyle={("separate", False): "-", ("separate", True): "--"}.get((reduce, pdl), ":"))
         if row.get("cudnn_ms"):
             ax.axhline(row["cudnn_ms"], color="black", linewidth=1, label="cuDNN, contiguous cache")
         chosen = row.get("chosen") or {}
@@ -230,7 +240,7 @@ def plot_paged_sweep(data: dict, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("splits")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("ms (CUDA graph replay)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(_title(data, "paged decode split-KV sweep, bf16, Hq 32, Hkv 8, D 128"), fontsize=10)
     return [_save(fig, Path(out_dir) / "paged_sweep.png")]
 

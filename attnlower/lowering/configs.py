@@ -191,8 +191,10 @@ _PAGED_NUM_STAGES = 2
 #   B=1  16 splits: 64x3 0.0113, 128x2 0.0115, 128x3 0.0112 (32 splits: 0.0123, 0.0117, 0.0152)
 #   B=8   4 splits: 64x3 0.0455 (the best of all 66), 128x2 0.0470, 128x3 0.0528
 #   B=32  1 split:  64x3 0.1496, 128x2 0.1475 (the best), 128x3 0.2003 (one CTA per SM: 139264 bytes)
-# 64x3 is within 2% of each batch size's best candidate; the 2-stage tiles of before (one K and one V buffer) lose
-# 20-25% to it wherever a program walks more than a few tiles (B=8, 4 splits: 64x2 0.0525).
+# 64x3 is within 2% of the best candidate without PDL at each batch size (at B=1 the best of all, 128x3 with PDL, took
+# 0.0107: 5.6% less). Against the tile of before, 128x2: B=8 at 4 splits 3% faster, B=32 1.4% slower, B=1 at 16 splits
+# 2% faster (the plan's own B=1 call, 32 splits of 128x2 before, timed 0.0111 then and 0.0114 now: within noise). A
+# 64-key tile with 2 stages (one K and one V buffer) loses 15-37% to 64x3 wherever a program walks many tiles.
 _PAGED_DECODE_BLOCK_N = 64
 _PAGED_DECODE_NUM_STAGES = 3
 _PAGED_DECODE_NUM_WARPS = 8
@@ -211,7 +213,8 @@ _PAGED_MAX_SPLITS = 64
 # How a split call combines its partials: "fused" (the last split program of each tile combines it: one launch) or
 # "separate" (`_paged_reduce_kernel`, a second launch). Measured on the H200 (torch 2.11, triton 3.6, 2026-12-04,
 # bench/paged_sweep.py --reduce fused,separate, bf16 Hq 32 Hkv 8 D 128 L 4096, under CUDA graphs): fused is slower,
-# B=1 32 splits 0.0172 vs 0.0111 ms, B=8 0.0628 (5 splits) vs 0.0470 (4): the last program combines its tile's rows
+# B=1 32 splits 0.0172 vs 0.0111 ms, B=8 0.0628 (5 splits) vs 0.0470 (4), both with the 128x2 tiles and split rule of
+# then (the sweep of the decode tiles above timed only the separate reduce): the last program combines its tile's rows
 # one after another while the separate kernel combines every row in parallel. Separate stays the default; fused is
 # kept selectable (paged_forward(reduce="fused")) for the next step: a combine spread over the tile's rows.
 PAGED_REDUCE = "separate"
@@ -222,9 +225,9 @@ PAGED_REDUCE = "separate"
 # within the run's noise; correct on the H200 (test_paged_gpu_table_ahead_and_pdl, CUDA graphs included).
 PAGED_PDL = False
 # The fused combine's tile counters: one int32 per (b, kvh, row tile), one buffer per device allocated once
-# (launch_paged.split_counters: 256 KiB). The default split rule splits only grids under
-# _PAGED_PROGRAMS_PER_SM * SM count programs (264 on 132 SMs); a larger grid split by an explicit num_splits takes the
-# separate reduce.
+# (launch_paged.split_counters: 256 KiB). The default split rule splits only grids of fewer programs than SMs and keeps
+# the split grid within _PAGED_PROGRAMS_PER_SM * SM count programs (264 on 132 SMs), far under the counters; a larger
+# grid split by an explicit num_splits takes the separate reduce.
 PAGED_FUSED_MAX_TILES = 1 << 16
 
 

@@ -47,6 +47,21 @@ def fake_paged():
     return dict(META, results=results)
 
 
+def fake_paged_sweep():
+    rows = []
+    for batch in (1, 8):
+        candidates = [dict(splits=1, reduce="-", pdl=False, block_n=n, stages=st, warps=8, ms=0.1 * batch)
+                      for n in (64, 128) for st in (2, 3)]
+        candidates += [dict(splits=s, reduce=r, pdl=pdl, block_n=n, stages=st, warps=8, ms=0.1 * batch / s + 0.001 * n)
+                       for s in (2, 4) for r in ("fused", "separate") for pdl in (False, True) for n in (64, 128)
+                       for st in (2, 3) if not (pdl and r == "fused")]
+        candidates.append(dict(splits=8, reduce="separate", pdl=False, block_n=128, stages=5, warps=8,
+                               error="OutOfResources: shared memory"))
+        rows.append(dict(batch=batch, length=4096, candidates=candidates, cudnn_ms=0.01 * batch,
+                         chosen=dict(splits=4, reduce="separate", ms=0.03 * batch), best=candidates[-2]))
+    return dict(META, rows=rows)
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     import matplotlib.image
 
@@ -56,7 +71,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_every_chart_from_fake_results(tmp_path):
-    for name, data in (("flash.json", fake_flash()), ("sliding.json", fake_sliding()), ("paged.json", fake_paged())):
+    for name, data in (("flash.json", fake_flash()), ("sliding.json", fake_sliding()), ("paged.json", fake_paged()),
+                       ("paged_sweep.json", fake_paged_sweep())):
         (tmp_path / name).write_text(json.dumps(data))
     sys.path.insert(0, str(ROOT / "examples"))
     from _common import print_speed   # the examples' own `speed` line, which the parser reads
@@ -68,7 +84,7 @@ def test_every_chart_from_fake_results(tmp_path):
 
     written = plots.plot_dir(tmp_path)
     names = sorted(p.name for p in written)
-    assert names == ["flash_D128.png", "flash_D64.png", "paged.png", "sliding.png", "speedups.png"]
+    assert names == ["flash_D128.png", "flash_D64.png", "paged.png", "paged_sweep.png", "sliding.png", "speedups.png"]
     for p in written:
         w, h = _png_size(p)
         assert w > 400 and h > 300, (p, w, h)

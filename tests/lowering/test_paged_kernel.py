@@ -162,6 +162,12 @@ def test_paged_fp32_matches_oracle_split_and_not(block_size, q_heads, kv_heads, 
     for splits in (1, 2, 3):
         ahead = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=splits, config=deep)
         torch.testing.assert_close(ahead, whole, atol=1e-5, rtol=1e-5)
+    # and with 2 stages, the block ids read in each tile's own iteration (the plan's decode tiles take 3)
+    if base.num_stages != 2:
+        same = KernelConfig(base.block_m, base.block_n, base.num_warps, 2)
+        for splits in (1, 3):
+            out = run_and_check(inputs, scale, causal, window, softcap, torch.float32, num_splits=splits, config=same)
+            torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -599,9 +605,10 @@ BAD_CASES = {
 
 
 _TABLE_AHEAD = KernelConfig(16, 16, 4, 3)   # 3 stages: the kernel reads each tile's block ids one tile ahead
+_TABLE_SAME = KernelConfig(16, 16, 4, 2)    # 2 stages: in the tile's own iteration (the plan's decode tiles take 3)
 
 
-@pytest.mark.parametrize("path", ["kernel", "kernel-table-ahead", "op-kernel", "op-reference"])
+@pytest.mark.parametrize("path", ["kernel", "kernel-table-ahead", "kernel-table-same", "op-kernel", "op-reference"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_the_call):
     """The bad call itself raises: on CPU always, on CUDA with the sync debug switch (the lazy report is
@@ -614,6 +621,8 @@ def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_t
             paged_forward(*inputs, AttentionParams(0.25, True))
         elif path == "kernel-table-ahead":
             paged_forward(*inputs, AttentionParams(0.25, True), config=_TABLE_AHEAD)
+        elif path == "kernel-table-same":
+            paged_forward(*inputs, AttentionParams(0.25, True), config=_TABLE_SAME)
         elif path == "op-kernel":  # CPU tensors run the kernel through the interpreter; CUDA tensors always do
             monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")
             ops.paged_attention(*inputs)
@@ -626,7 +635,7 @@ def test_bad_tables_and_lengths_raise(case, path, monkeypatch, paged_checks_at_t
     assert torch.isfinite(paged_forward(*good, AttentionParams(0.25, True))).all()
 
 
-@pytest.mark.parametrize("config", [None, _TABLE_AHEAD], ids=["plan", "table-ahead"])
+@pytest.mark.parametrize("config", [None, _TABLE_AHEAD, _TABLE_SAME], ids=["plan", "table-ahead", "table-same"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_unchecked_kernel_clamps_its_reads(case, config):
     """With the checks off, bad inputs still never make the kernel read outside its tensors (the
