@@ -351,8 +351,8 @@ def choose_forward_kernel(params: AttentionParams, q: Meta, k: Meta, v: Meta, bi
         return triton("ATTNLOWER_GLUON=0")
     if tracing:
         return triton("traced: Inductor launches Triton kernels itself (wrap_triton takes no Gluon kernel)")
-    if target.kind != "cuda" or target.arch != GLUON_ARCH:
-        where = f"sm_{target.arch}" if target.kind == "cuda" else target.kind
+    if target.nvidia_arch != GLUON_ARCH:
+        where = "an AMD GPU" if target.rocm else f"sm_{target.arch}" if target.kind == "cuda" else target.kind
         return triton(f"the Gluon forward needs an sm_{GLUON_ARCH} GPU, this target is {where}")
     if not target.triton.startswith(GLUON_TRITON + "."):
         return triton(f"the Gluon forward is written for triton {GLUON_TRITON}.x, installed: "
@@ -445,8 +445,8 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
     precision, fp32_inputs = paged_dot_mode(q.dtype, target)
     # griddepcontrol is sm_90's (NVIDIA; triton >= 3.4 writes it): the interpreter, older GPUs and ROCm launch the
     # reduce after the attention kernel, plainly
-    pdl = (reduce == "separate" and target.kind == "cuda" and target.arch >= 90 and torch.version.hip is None
-           and (PAGED_PDL if pdl is None else pdl) and _grid_dependency_control())
+    pdl = (reduce == "separate" and target.nvidia_arch >= 90 and (PAGED_PDL if pdl is None else pdl)
+           and _grid_dependency_control())
     attn = KernelLaunch("_paged_attn_kernel", (batch * kv_heads, m_tiles, num_splits), cfg, tuple(dict(
         GROUP=group, HEAD_DIM=head_dim, QK_CHUNK=qk_chunk, NUM_QK_CHUNKS=qk_chunks, HEAD_DIM_V=v_head_dim,
         HEAD_DIM_V_PAD=v_pad, BLOCK_SIZE=block_size,

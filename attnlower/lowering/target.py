@@ -26,6 +26,8 @@ class Target(NamedTuple):
     name: the device's name, as `describe()` prints it.
     triton: the installed Triton's version on a CUDA target ("" elsewhere): the Gluon forward is written for
         one Triton release (plan.choose_forward_kernel reads it).
+    rocm: a "cuda" device of a ROCm build of torch (an AMD GPU): its `arch` is the gfx version read the CUDA way
+        (gfx90a is 90, gfx942 is 94), so an NVIDIA-only feature asks `nvidia_arch`, never `arch`.
     """
 
     kind: str
@@ -35,6 +37,12 @@ class Target(NamedTuple):
     shared_memory_per_block: int = 0
     name: str = "cpu"
     triton: str = ""
+    rocm: bool = False
+
+    @property
+    def nvidia_arch(self) -> int:
+        """The SM version of an NVIDIA GPU (90 = Hopper); 0 for AMD GPUs and off-GPU targets."""
+        return self.arch if self.kind == "cuda" and not self.rocm else 0
 
     @property
     def tensor_core_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -57,7 +65,8 @@ INTERPRET = Target("interpret", 0, 4, False, 0, "interpret")
 def _cuda_target(device: torch.device, allow_tf32: bool) -> Target:
     props = torch.cuda.get_device_properties(device)
     return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, allow_tf32,
-                  getattr(props, "shared_memory_per_block_optin", 0), props.name, _triton_version())
+                  getattr(props, "shared_memory_per_block_optin", 0), props.name, _triton_version(),
+                  torch.version.hip is not None)
 
 
 def _triton_version() -> str:

@@ -78,6 +78,8 @@ def test_every_optional_feature_keeps_triton_and_is_named(feature):
 
 @pytest.mark.parametrize("target, words", [
     (A100, "sm_90 GPU, this target is sm_80"),
+    # an AMD gfx90a reads as capability 9.0 through torch.cuda: arch 90, yet no Hopper
+    (Target("cuda", 90, 104, False, 65536, "AMD Instinct MI210", "3.6.0", rocm=True), "this target is an AMD GPU"),
     (Target("interpret", 0, 4, False, 0, "interpret"), "this target is interpret"),
     (Target("cpu"), "this target is cpu"),
     (H200._replace(triton="3.9.0"), "triton 3.6.x, installed: triton 3.9.0"),

@@ -370,6 +370,7 @@ def test_pdl_launches_the_separate_reduce_on_sm90_only_and_is_off_by_default():
     assert pdl_of(paged(hopper, pdl=True)) == (True, True, True)
     assert "launch_pdl" not in paged(hopper, pdl=True).launches[0].launch_kwargs
     assert pdl_of(paged(ampere, pdl=True)) == (False, False, False)
+    assert pdl_of(paged(plan.Target("cuda", 94, 304, False, rocm=True), pdl=True)) == (False, False, False)  # AMD
     assert pdl_of(paged(plan.Target("interpret", 0, 4, False), splits=4, pdl=True)) == (False, False, False)
     assert pdl_of(paged(hopper, reduce="fused", pdl=True)) == (False, None, None)
     assert pdl_of(paged(hopper, splits=1, pdl=True)) == (False, None, None)
