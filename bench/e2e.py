@@ -171,23 +171,34 @@ def run_row(name: str, make_fn, iters: int, results: list, rewind=None, warmup: 
                 fns[mode] = fn
         except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
             _failed(row, mode, error)
-    times: dict[str, list] = {mode: [] for mode in fns}
-    for _ in range(iters if fns else 0):
-        for mode, fn in list(fns.items()):
-            try:
-                times[mode].append(cuda_ms(fn, 1, rewind, warmup=0))
-            except Exception as error:  # noqa: BLE001
-                _failed(row, mode, error)
-                del fns[mode]
-    for mode, fn in fns.items():
-        row[mode] = statistics.median(times[mode])
+    times = in_turn(fns, iters, rewind, on_error=lambda mode, error: _failed(row, mode, error))
+    for mode, ms in times.items():
+        row[mode] = statistics.median(ms)
         try:
-            _profiles(row, name, mode, fn, rewind)
+            _profiles(row, name, mode, fns[mode], rewind)
         except Exception as error:  # noqa: BLE001
             row.setdefault("errors", {})[mode] = (f"profile: {type(error).__name__}: "
                                                   f"{(str(error).splitlines() or [''])[0][:160]}")
     results.append(row)
     print(format_row(row), flush=True)
+
+
+def in_turn(fns: dict, iters: int, rewind=None, alternate: bool = False, on_error=None) -> dict[str, list[float]]:
+    """ms of every call of each of `fns` (already warm), timed one call each in turn for `iters` rounds (cuda_ms);
+    with `alternate`, every other round goes the other way round. A call that raises goes to on_error(name, error)
+    and its fn is timed no more (without on_error it is raised)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(iters):
+        order = list(times) if not alternate or i % 2 == 0 else list(reversed(times))
+        for name in order:
+            try:
+                times[name].append(cuda_ms(fns[name], 1, rewind, warmup=0))
+            except Exception as error:  # noqa: BLE001 - a failing mode is reported in the table, not fatal
+                if on_error is None:
+                    raise
+                on_error(name, error)
+                del times[name]
+    return times
 
 
 def _failed(row: dict, mode: str, error: Exception) -> None:
@@ -321,10 +332,7 @@ def interleaved_ratio(idx, targets, iters: int, results: list) -> None:
         for step in steps.values():
             step()
     torch.cuda.synchronize()
-    times = {True: [], False: []}
-    for i in range(iters):
-        for flash in ((True, False) if i % 2 == 0 else (False, True)):
-            times[flash].append(cuda_ms(steps[flash], 1, warmup=0))
+    times = in_turn(steps, iters, alternate=True)
     flash_ms, mask_ms = statistics.median(times[True]), statistics.median(times[False])
     pairs = statistics.median(m / f for f, m in zip(times[True], times[False]))
     results.append({"row": "nanogpt-124M buffer mask / is_causal, interleaved", "ratio": mask_ms / flash_ms,

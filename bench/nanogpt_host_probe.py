@@ -8,10 +8,7 @@ Per model, compiled by attnlower, after 6 warm-up steps: per-step host time (unt
 over 20 steps, the busiest OS threads of the process meanwhile, Dynamo's compile counters, any synchronizing call
 (torch.cuda.set_sync_debug_mode), CUDA runtime calls per step (torch.profiler) and the host's top functions (cProfile).
 """
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -21,11 +18,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import DTYPE, NanoGPT, attnlower_backend  # noqa: E402
+from e2e import DTYPE, NanoGPT, attnlower_backend, host_profile  # noqa: E402
 
 idx = torch.randint(0, 50304, (8, 1024), device="cuda")
 targets = torch.randint(0, 50304, (8, 1024), device="cuda")
-rows = []
 
 
 def tasks():
@@ -98,22 +94,15 @@ for flash in order:
         torch.cuda.synchronize()
     counts = {}
     for e in prof.events():
-        if e.name.startswith("cuda") or e.name.startswith("cu"):
+        if e.name.startswith("cu"):   # the CUDA runtime's (cuda*) and driver's (cu*) calls
             c = counts.setdefault(e.name, [0, 0.0])
             c[0] += 1
             c[1] += e.cpu_time_total
     print(f"[{name}] CUDA runtime calls per step (count, host us): " + ", ".join(
         f"{k} {v[0] / 3:.0f} {v[1] / 3:.0f}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1][1])[:12]),
         flush=True)
-    # host functions
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
-    print(f"[{name}] cProfile, 5 steps, by own time:\n" + "\n".join(s.getvalue().splitlines()[:40]), flush=True)
+    # host functions (e2e.host_profile: after one warm-up step, per step)
+    print(f"[{name}] cProfile, 5 steps, by own time, per step:\n    " + "\n    ".join(host_profile(step, calls=5, top=18)),
+          flush=True)
     del cm, model
     torch.cuda.empty_cache()

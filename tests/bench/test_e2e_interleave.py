@@ -77,3 +77,21 @@ def test_sequential_times_each_mode_after_the_previous_one(monkeypatch):
     e2e.run_row("tiny", _make(), 3, results, warmup=1)
     assert order == ["eager"] * 3 + ["inductor"] * 3 + ["attnlower"] * 3
     assert all(isinstance(results[0][m], float) for m in ("eager", "inductor", "attnlower"))
+
+
+def test_in_turn_alternates_when_asked_and_drops_a_failing_call(monkeypatch):
+    order: list = []
+    e2e = _e2e(monkeypatch, order)
+
+    def named(name, fail=False):
+        def call():
+            if fail:
+                raise RuntimeError("boom")
+        call.mode = name
+        return call
+    times = e2e.in_turn({"a": named("a"), "b": named("b")}, 3, alternate=True)
+    assert order == ["a", "b", "b", "a", "a", "b"] and [len(t) for t in times.values()] == [3, 3]
+    failed = []
+    times = e2e.in_turn({"a": named("a"), "bad": named("bad", fail=True)}, 2,
+                        on_error=lambda name, error: failed.append((name, str(error))))
+    assert list(times) == ["a"] and len(times["a"]) == 2 and failed == [("bad", "boom")]
