@@ -118,8 +118,11 @@ def main(argv=None) -> int:
     time_ms = timer(args.smoke)
     scale = 1.0 / math.sqrt(HEAD_DIM)
     params = AttentionParams(scale, True)
+    import triton
+
     name = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
-    print(f"{name}  torch {torch.__version__}", flush=True)
+    print(f"{name}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
     rows = []
     for batch in args.batches:
         q, k, v, table, lens = make_inputs(batch, args.length, device, dtype)
@@ -167,11 +170,7 @@ def main(argv=None) -> int:
             print(f"B={batch}: {len(wrong)} candidate(s) WRONG: {wrong[:3]}", flush=True)
         print(f"B={batch}: {len(timed)} of {len(row['candidates'])} candidates timed; " + summary(row), flush=True)
         if os.environ.get("OUT"):   # after every batch size: a run cut by its time limit keeps what it finished
-            import triton
-
-            path = Path(os.environ["OUT"], "paged_sweep.json")
-            path.write_text(json.dumps({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                                        "rows": rows}, indent=1))
+            Path(os.environ["OUT"], "paged_sweep.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
     print(f"{'B':>4} {'chosen':>26} {'best':>48} {'cuDNN':>8} {'chosen/cuDNN':>12} {'best/cuDNN':>10}")
     for row in rows:
         print(summary(row, columns=True))
