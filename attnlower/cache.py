@@ -112,6 +112,37 @@ class PagedKVCache:
         self._free_blocks.extend(state.blocks)
         del self._sequences[seq_id]
 
+    def fork(self, seq_id: int) -> int:
+        """Start a sequence holding a copy of `seq_id`'s tokens (its own blocks: the two then grow apart, as
+        beams do); returns the new id. CacheFullError, with nothing changed, when the pool lacks the blocks."""
+        source = self._state(seq_id)
+        if len(source.blocks) > len(self._free_blocks):
+            raise CacheFullError(f"PagedKVCache.fork: sequence {seq_id} holds {len(source.blocks)} blocks, only "
+                                 f"{len(self._free_blocks)} of {self.num_blocks} are free; free_sequence() finished "
+                                 f"sequences or build a larger cache")
+        new_id = self.add_sequence()
+        state = self._sequences[new_id]
+        state.blocks = [self._free_blocks.popleft() for _ in source.blocks]
+        state.length = source.length
+        if state.blocks:
+            src = torch.tensor(source.blocks, dtype=torch.int64, device=self.device)
+            dst = torch.tensor(state.blocks, dtype=torch.int64, device=self.device)
+            self.k_pool[dst] = self.k_pool[src]
+            self.v_pool[dst] = self.v_pool[src]
+        return new_id
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep the first `length` tokens of a sequence (0 <= length <= its length); the blocks past them go back
+        to the free list."""
+        state = self._state(seq_id)
+        if not isinstance(length, int) or not 0 <= length <= state.length:
+            raise ValueError(f"PagedKVCache.truncate: expected a length in [0, {state.length}] (sequence {seq_id}'s "
+                             f"tokens), got {length!r}")
+        keep = -(-length // self.block_size)
+        self._free_blocks.extend(state.blocks[keep:])
+        del state.blocks[keep:]
+        state.length = length
+
     def seq_len(self, seq_id: int) -> int:
         """Tokens stored for one sequence."""
         return self._state(seq_id).length

@@ -131,6 +131,54 @@ def test_full_pool_raises_and_leaves_state_unchanged():
     assert cache.seq_len(b) == 12
 
 
+def test_fork_copies_into_blocks_of_its_own_and_the_two_grow_apart():
+    cache = make_cache(num_blocks=8)
+    a = cache.add_sequence()
+    cache.append(a, *tokens(6))                      # 2 blocks, the second half full
+    b = cache.fork(a)
+    assert cache.seq_len(b) == 6 and cache.num_free_blocks == 4
+    assert not set(cache.blocks_of(a)) & set(cache.blocks_of(b))
+    keys_a, values_a = cache.gather([a])
+    keys_b, values_b = cache.gather([b])
+    assert torch.equal(keys_a, keys_b) and torch.equal(values_a, values_b)
+    k_a, v_a = tokens(3)
+    k_b, v_b = tokens(3)
+    cache.append([a, b], torch.cat([k_a, k_b]), torch.cat([v_a, v_b]))   # the shared half block diverges
+    keys, values = cache.gather([a, b])
+    assert torch.equal(keys[0, :, :6], keys[1, :, :6]) and torch.equal(values[0, :, :6], values[1, :, :6])
+    assert torch.equal(keys[0, :, 6:], k_a[0]) and torch.equal(keys[1, :, 6:], k_b[0])
+    assert torch.equal(values[0, :, 6:], v_a[0]) and torch.equal(values[1, :, 6:], v_b[0])
+    empty = cache.fork(cache.add_sequence())          # an empty sequence forks into an empty one
+    assert cache.seq_len(empty) == 0 and cache.blocks_of(empty) == []
+
+
+def test_fork_of_a_pool_too_small_raises_and_changes_nothing():
+    cache = make_cache(num_blocks=3)
+    a = cache.add_sequence()
+    cache.append(a, *tokens(5))                       # 2 of 3 blocks
+    with pytest.raises(CacheFullError, match=r"fork: sequence 0 holds 2 blocks, only 1 of 3 are free"):
+        cache.fork(a)
+    assert cache.sequence_ids == [a] and cache.num_free_blocks == 1
+
+
+def test_truncate_frees_the_blocks_past_the_length_and_appends_after_it():
+    cache = make_cache(num_blocks=4)
+    seq = cache.add_sequence()
+    k, v = tokens(10)                                 # 3 blocks
+    cache.append(seq, k, v)
+    cache.truncate(seq, 5)                            # keeps 2 blocks
+    assert cache.seq_len(seq) == 5 and len(cache.blocks_of(seq)) == 2 and cache.num_free_blocks == 2
+    k2, v2 = tokens(4)
+    cache.append(seq, k2, v2)                         # overwrites slot 5 onwards
+    keys, values = cache.gather([seq])
+    assert torch.equal(keys[0], torch.cat([k[0, :, :5], k2[0]], dim=1))
+    assert torch.equal(values[0], torch.cat([v[0, :, :5], v2[0]], dim=1))
+    cache.truncate(seq, 0)
+    assert cache.seq_len(seq) == 0 and cache.num_free_blocks == 4
+    with pytest.raises(ValueError, match=r"truncate: expected a length in \[0, 0\] \(sequence 0's tokens\), got 1"):
+        cache.truncate(seq, 1)
+
+
 def test_errors():
     cache = make_cache(max_seqs=1)
     seq = cache.add_sequence()

@@ -239,11 +239,64 @@ class PagedLayer(DynamicLayer):
                              "without padding; for padded batches use transformers' DynamicCache")
         self.owner._checked_masks[key] = mask   # keeps the tensor alive, so its id is not reused
 
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("PagedCache does not reorder, crop or repeat rows (beam search, assisted or "
-                                  "contrastive decoding); use greedy or sampled generate(), or DynamicCache")
+    # generate()'s row operations: beam search reorders rows, assisted decoding crops them, contrastive search
+    # repeats and selects them. Each row is one pool sequence, so each is a change of which sequences the rows are.
 
-    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Row i becomes old row beam_idx[i] (beam search, once a step)."""
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row `repeats` times, in place: rows 0, 0, 1, 1, ... for repeats=2."""
+        self._select_rows([row for row in range(len(self.seq_ids)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Only the rows `indices` (an index or bool tensor over the rows), in that order."""
+        if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self._select_rows(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens of every row (transformers' sign: negative removes; a positive
+        value is the older spelling of the length to keep)."""
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
+        if keep < 0:
+            raise ValueError(f"PagedCache.crop: cannot remove {-tokens_to_remove} tokens from rows of {length}")
+        for seq_id in self.seq_ids:
+            self.pool.truncate(seq_id, keep)
+
+    def _select_rows(self, rows) -> None:
+        """Row i becomes old row rows[i]. A source's first use keeps its sequence (no copy), a repeat forks it;
+        sources nobody uses are freed first, so their blocks can hold the forks."""
+        if not self.is_initialized:
+            return
+        rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+        old = self.seq_ids
+        if any(not 0 <= r < len(old) for r in rows):
+            raise IndexError(f"PagedCache layer {self.layer_idx}: row indices {rows} out of range for "
+                             f"{len(old)} rows")
+        used = set(rows)
+        need = sum(len(self.pool.blocks_of(old[r])) for r in rows) - sum(len(self.pool.blocks_of(old[r])) for r in used)
+        free = self.pool.num_free_blocks + sum(len(self.pool.blocks_of(s)) for r, s in enumerate(old) if r not in used)
+        if need > free:
+            from attnlower.cache import CacheFullError
+
+            raise CacheFullError(
+                f"PagedCache(num_blocks={self.num_blocks}, block_size={self.block_size}) is full: {len(rows)} rows of "
+                f"{self.get_seq_length()} tokens need {need} more blocks per layer, {free} are free. Build it with "
+                f"num_blocks >= rows * ceil((prompt_len + max_new_tokens) / block_size), rows = batch * num_beams")
+        for row, seq_id in enumerate(old):
+            if row not in used:
+                self.pool.free_sequence(seq_id)
+        taken: set[int] = set()
+        new = []
+        for row in rows:
+            new.append(self.pool.fork(old[row]) if row in taken else old[row])
+            taken.add(row)
+        self.seq_ids = new
 
     def reset(self) -> None:
         if self.is_initialized:
@@ -262,7 +315,8 @@ class PagedCache(Cache):
             grows (`CacheFullError` when the pool is exhausted).
     One sequence per batch row, created at the first forward. Every token of a row is stored, so a
     row must not carry padding (equal-length prompts): a mask that hides keys the paged op would
-    show raises ValueError. Beam search and cropping (which reorder or cut rows) are not supported.
+    show raises ValueError. Beam search (rows reordered: a row used twice is copied into blocks of its own),
+    assisted decoding (rows cropped) and row repeats / selections work as on transformers' DynamicCache.
     """
 
     def __init__(self, config, num_blocks: int, block_size: int = 16):

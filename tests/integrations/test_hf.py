@@ -179,6 +179,106 @@ def test_paged_cache_generate_matches_eager(checkpoints, name, monkeypatch):
     assert layer.pool.num_free_blocks == 64 - B * per_seq
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_paged_cache_beam_search_matches_eager(checkpoints, name, monkeypatch):
+    """generate(num_beams=3) reorders the cache's rows every step (reorder_cache): each row a pool sequence, a
+    beam taken twice copied into blocks of its own. The tokens are eager beam search's, and no block leaks."""
+    ids, mask = _inputs(pad=False)
+    prompt, new, beams, block = 8, 6, 3, 4
+    eager = _load(checkpoints, name, "eager")
+    ours = _load(checkpoints, name, "attnlower")
+    cache = hf.PagedCache(ours.config, num_blocks=64, block_size=block)
+    reorders = []
+    real = hf.PagedLayer.reorder_cache
+    monkeypatch.setattr(hf.PagedLayer, "reorder_cache",
+                        lambda self, idx: reorders.append(idx.tolist()) or real(self, idx))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams, num_return_sequences=beams, do_sample=False)
+    with torch.no_grad():
+        want = eager.generate(ids[:, :prompt], attention_mask=mask[:, :prompt], **kw)
+        got = ours.generate(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, **kw)
+    assert torch.equal(got, want), (got, want)
+    assert reorders and any(len(set(r)) < len(r) for r in reorders), reorders   # some beam was taken twice
+    length = cache.get_seq_length()
+    per_seq = -(-length // block)
+    for layer in cache.layers:
+        assert len(layer.seq_ids) == B * beams and layer.pool.num_free_blocks == 64 - B * beams * per_seq
+
+
+def test_paged_cache_assisted_decoding_crops_and_matches_greedy(checkpoints, monkeypatch):
+    """Assisted decoding crops the rejected candidates off the cache each step (crop(-n)); the tokens are plain
+    greedy decoding's. The assistant is another random model, so most candidates are rejected."""
+    ids, mask = _inputs(pad=False)
+    prompt, new = 8, 10
+    eager = _load(checkpoints, "llama", "eager")
+    ours = _load(checkpoints, "llama", "attnlower")
+    torch.manual_seed(1)
+    assistant = transformers.LlamaForCausalLM(CONFIGS["llama"]).eval()
+    crops = []
+    real = hf.PagedLayer.crop
+    monkeypatch.setattr(hf.PagedLayer, "crop", lambda self, n: crops.append(n) or real(self, n))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    with torch.no_grad():
+        want = eager.generate(ids[:1, :prompt], attention_mask=mask[:1, :prompt], **kw)
+        got = ours.generate(ids[:1, :prompt], attention_mask=mask[:1, :prompt], assistant_model=assistant,
+                            past_key_values=hf.PagedCache(ours.config, num_blocks=16, block_size=4), **kw)
+    assert torch.equal(got, want), (got, want)
+    assert any(n < 0 for n in crops), crops
+
+
+def test_paged_cache_row_operations_match_dynamic_cache(checkpoints):
+    """batch_repeat_interleave, batch_select_indices (index and bool), reorder_cache and crop leave each row's K/V
+    as transformers' DynamicCache has them after the same calls."""
+    ids, _ = _inputs(pad=False)
+    ours = _load(checkpoints, "llama", "attnlower")
+    paged = hf.PagedCache(ours.config, num_blocks=64, block_size=4)
+    dynamic = transformers.DynamicCache(config=ours.config)
+    with torch.no_grad():
+        ours(ids[:, :9], past_key_values=paged)
+        ours(ids[:, :9], past_key_values=dynamic)
+
+    def same():
+        for p, d in zip(paged.layers, dynamic.layers):
+            keys, values = p.pool.gather(p.seq_ids)
+            torch.testing.assert_close(keys, d.keys, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(values, d.values, rtol=1e-5, atol=1e-6)
+
+    same()
+    for cache in (paged, dynamic):
+        cache.batch_repeat_interleave(3)                     # 6 rows
+    same()
+    for cache in (paged, dynamic):
+        cache.batch_select_indices(torch.tensor([5, 0, 2, 3]))
+    same()
+    for cache in (paged, dynamic):
+        cache.reorder_cache(torch.tensor([1, 1, 1, 0]))      # row 0's sequence freed, row 1's forked twice
+    same()
+    for cache in (paged, dynamic):
+        cache.batch_select_indices(torch.tensor([True, False, True, True]))
+    same()
+    for cache in (paged, dynamic):
+        cache.crop(-4)
+    same()
+    assert paged.get_seq_length() == 5
+    layer = paged.layers[0]
+    assert layer.pool.num_free_blocks == 64 - 3 * 2 and len(set(layer.seq_ids)) == 3
+    with pytest.raises(IndexError, match="row indices"):
+        paged.reorder_cache(torch.tensor([0, 3]))
+
+
+def test_paged_cache_reorder_too_big_for_the_pool_is_a_clear_error(checkpoints):
+    from attnlower.cache import CacheFullError
+
+    ids, _ = _inputs(pad=False)
+    ours = _load(checkpoints, "llama", "attnlower")
+    paged = hf.PagedCache(ours.config, num_blocks=6, block_size=4)
+    with torch.no_grad():
+        ours(ids[:, :9], past_key_values=paged)              # 2 rows x 3 blocks: the pool is full
+    before = [list(layer.seq_ids) for layer in paged.layers]
+    with pytest.raises(CacheFullError, match=r"need 6 more blocks per layer, 0 are free.*batch \* num_beams"):
+        paged.batch_repeat_interleave(2)
+    assert [list(layer.seq_ids) for layer in paged.layers] == before
+
+
 def test_paged_cache_refuses_padding_and_other_implementations(checkpoints):
     ids, mask = _inputs(pad=True)
     eager = _load(checkpoints, "llama", "eager")
