@@ -218,6 +218,26 @@ _PAGED_MAX_SPLITS = 64
 # one after another while the separate kernel combines every row in parallel. Separate stays the default; fused is
 # kept selectable (paged_forward(reduce="fused")) for the next step: a combine spread over the tile's rows.
 PAGED_REDUCE = "separate"
+# The fused combine (kernels/paged_decode.py COMBINE_ROWS) loads the partials of several of a tile's rows at once,
+# [rows, SPLITS_PAD, HEAD_DIM_V_PAD] fp32, instead of one row after another (why fused lost to separate above): at most
+# _PAGED_COMBINE_ELEMENTS elements, the tile the per-row combine already loads for one row at 16 splits of MLA's
+# 512-wide V. Compiled for sm_90 (triton 3.6, 2026-12-05, no spills; sm90_compile.py --fits checks every planned
+# launch), bf16 Hq 32 Hkv 8 decode, 32 splits: D 128 2 rows at once, 128 registers (114 one row at a time), D 64
+# 4 rows, 106-108 (106-109). Not yet timed (bench/paged_sweep.py --reduce fused,separate): PAGED_REDUCE stays
+# "separate" until it is.
+_PAGED_COMBINE_ELEMENTS = 16 * 512
+
+
+def paged_combine_rows(rows: int, block_m: int, splits_pad: int, v_head_dim_pad: int) -> int:
+    """COMBINE_ROWS of a fused split call: the power of two covering a tile's rows (min(rows, block_m)), as far as
+    _PAGED_COMBINE_ELEMENTS allows; at least 1."""
+    want = _next_power_of_2(min(rows, block_m))
+    fits = max(1, _PAGED_COMBINE_ELEMENTS // (splits_pad * v_head_dim_pad))
+    while want > fits:
+        want //= 2
+    return want
+
+
 # Programmatic dependent launch of the separate reduce (sm_90+; kernels/paged_decode.py LAUNCH_DEPENDENTS): the reduce
 # kernel's programs are scheduled while the attention kernel finishes and wait on the device, saving the second
 # launch's latency (FlashAttention-3 launches its combine so). Off: the sweep of the decode tiles above (--pdl off,on)

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import torch
 
 from attnlower.lowering import configs
-from attnlower.lowering.configs import PAGED_FUSED_MAX_TILES, KernelConfig, flash_config, paged_config, paged_num_splits
+from attnlower.lowering.configs import (PAGED_FUSED_MAX_TILES, KernelConfig, flash_config, paged_combine_rows,
+                                        paged_config, paged_num_splits)
 from attnlower.lowering.env import switch_from_env
 from attnlower.lowering.launch_gluon import GluonFwdConfig, default_config as gluon_default_config
 from attnlower.lowering.params import AttentionParams
@@ -453,6 +454,7 @@ def paged_plan(params: AttentionParams, q: Meta, k_cache: Meta, block_table: Met
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=params.causal, HAS_WINDOW=params.window > 0,
         HAS_SOFTCAP=params.softcap > 0, HAS_ALIBI=has_alibi, SPLIT=num_splits > 1,
         FUSED_REDUCE=reduce == "fused", SPLITS_PAD=splits_pad if reduce == "fused" else 1,
+        COMBINE_ROWS=paged_combine_rows(group * tq, cfg.block_m, splits_pad, v_pad) if reduce == "fused" else 1,
         CHECK_BOUNDS=check_bounds, DOT_PRECISION=precision, DOT_FP32_INPUTS=fp32_inputs,
         HAS_SINKS=has_sinks, SHORT_SEQUENCES=params.short_sequences,
         EMPTY_ROWS_NAN=bool(params.empty_rows_nan), TABLE_AHEAD=cfg.num_stages >= 3,

@@ -304,8 +304,10 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
     planned.update({flag: False for flag in _PLAIN_FLAGS if flag in planned})
     if launch_.kernel == "_paged_attn_kernel":
         planned.update(GROUP=4, BLOCK_SIZE=16, SPLIT=True)
-        if planned.get("FUSED_REDUCE"):   # the combine's tile after the loop: its widest, as below
-            planned["SPLITS_PAD"] = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
+        if planned.get("FUSED_REDUCE"):   # the combine's tile after the loop: the most splits, and its rows then
+            widest = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
+            planned.update(SPLITS_PAD=widest, COMBINE_ROWS=configs.paged_combine_rows(
+                planned["BLOCK_M"], planned["BLOCK_M"], widest, planned["HEAD_DIM_V_PAD"]))
     every_bias = bias_dtype
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
         c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
@@ -323,8 +325,12 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
         # GROUP, BLOCK_SIZE and SPLIT only enter index math (token -> block, slot; row -> head) and the stores
         c.update(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CHECK_BOUNDS=True, GROUP=4, BLOCK_SIZE=16,
                  SPLIT=True, HAS_SINKS=True)
-        if c["FUSED_REDUCE"]:   # the combine's [SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most splits the plan chooses
-            c["SPLITS_PAD"] = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
+        if c["FUSED_REDUCE"]:   # the combine's [COMBINE_ROWS, SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most rows at once
+            rows = configs.paged_combine_rows(c["BLOCK_M"], c["BLOCK_M"], 2, c["HEAD_DIM_V_PAD"])
+            splits_pad = 2
+            while rows * splits_pad * 2 * c["HEAD_DIM_V_PAD"] <= configs._PAGED_COMBINE_ELEMENTS:
+                splits_pad *= 2
+            c.update(COMBINE_ROWS=rows, SPLITS_PAD=splits_pad)   # ("as planned": the most splits)
     if launch_.kernel == "_paged_reduce_kernel":   # its one tile, [SPLITS_PAD, HEAD_DIM_V_PAD]: at its widest
         c.update(HAS_SINKS=True, SPLITS_PAD=1 << (configs._PAGED_MAX_SPLITS - 1).bit_length())
     if dtype == torch.float16:

@@ -245,7 +245,7 @@ def reference(inputs, params, sinks=None):
 
 
 def assert_same_combine(fused, separate):
-    """The fused and separate combines run one `_combine_row` on the same partials: bit for bit in the interpreter
+    """The fused and separate combines run one `_combine_rows` on the same partials: bit for bit in the interpreter
     (the same numpy sums); compiled, the two kernels (other warps, other layouts) may sum the splits in another
     order, so within fp32 rounding there."""
     exact = fused.device.type == "cpu"
@@ -285,7 +285,7 @@ def test_fused_reduce_matches_separate_and_reference(lens, q_heads, kv_heads, he
     """16-key tiles: 70 keys are 5 tiles, so 6 and 7 splits leave empty splits everywhere, and a sequence of 3 or
     5 keys leaves all but one split empty; a sequence of 0 keys (or a query before its sequence's first token) is
     an empty row: 0, or NaN with empty_rows_nan=True. The fused combine runs the separate one's math (one
-    `_combine_row`) on the same partials (assert_same_combine)."""
+    `_combine_rows`) on the same partials (assert_same_combine)."""
     inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, tq, block_size, torch.float32)
     base = paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
     config = KernelConfig(base.block_m, 16, base.num_warps, base.num_stages)
@@ -296,6 +296,54 @@ def test_fused_reduce_matches_separate_and_reference(lens, q_heads, kv_heads, he
     want = reference(inputs, params)
     assert torch.isnan(want).any() == bool(empty_rows_nan and (0 in lens or min(lens) < tq))
     torch.testing.assert_close(fused.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.usefixtures("poison_uninitialized")
+@pytest.mark.parametrize("rows_at_once", [1, 2, 4])
+@pytest.mark.parametrize("case", [CHUNK3, DECODE], ids=["chunk3-gqa4-12rows", "decode-gqa3-3rows"])
+def test_fused_combine_in_batches_of_rows(monkeypatch, case, rows_at_once):
+    """The fused combine loads COMBINE_ROWS of a tile's rows at once and loops over the tile's rows in such batches:
+    with the budget cut down to 1, 2 and 4 rows, 12 rows are 12, 6 and 3 batches and 3 rows 3, 2 (the last one
+    half masked) and 1; each gives the separate reduce's output bit for bit in the interpreter, with sinks."""
+    from attnlower.lowering import configs
+
+    lens, q_heads, kv_heads, head_dim, tq, block_size, window = case
+    splits = 3
+    v_pad = max(16, 1 << (head_dim - 1).bit_length())
+    monkeypatch.setattr(configs, "_PAGED_COMBINE_ELEMENTS", rows_at_once * 4 * v_pad)   # SPLITS_PAD of 3 splits: 4
+    plan.paged_plan.cache_clear()      # plans are cached: none made with another budget, none left with this one
+    try:
+        _check_combine_batches(lens, q_heads, kv_heads, head_dim, tq, block_size, window, splits, rows_at_once)
+    finally:
+        plan.paged_plan.cache_clear()
+
+
+def _check_combine_batches(lens, q_heads, kv_heads, head_dim, tq, block_size, window, splits, rows_at_once):
+    planned = plan.paged_plan(AttentionParams(0.3, True), plan.Meta((len(lens), q_heads, tq, head_dim), torch.float32),
+                              plan.Meta((64, kv_heads, block_size, head_dim), torch.float32),
+                              plan.Meta((len(lens), 16), torch.int32), False, plan.target_of(torch.device("cpu")),
+                              True, num_splits=splits, reduce="fused")
+    rows = q_heads // kv_heads * tq
+    assert dict(planned.launches[0].constexprs)["COMBINE_ROWS"] == min(rows_at_once, 1 << (rows - 1).bit_length())
+    inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, tq, block_size, torch.float32)
+    sinks = torch.randn(q_heads)
+    params = AttentionParams(head_dim ** -0.5, True, window=window, short_sequences=True)
+    fused, separate = fused_and_separate(inputs, params, splits, sinks=sinks)
+    assert_same_combine(fused, separate)
+    torch.testing.assert_close(fused.double(), reference(inputs, params, sinks), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_combine_rows_covers_the_tile_within_the_budget():
+    from attnlower.lowering.configs import _PAGED_COMBINE_ELEMENTS, paged_combine_rows
+
+    assert paged_combine_rows(4, 16, 16, 128) == 4          # decode, GQA 4, 16 splits: the tile's rows at once
+    assert paged_combine_rows(3, 16, 8, 64) == 4            # a power of two covering 3 rows (one masked)
+    assert paged_combine_rows(48, 16, 2, 128) == 16         # never more than the tile's BLOCK_M rows
+    assert paged_combine_rows(4, 16, 16, 512) == 1          # MLA's 512-wide V at 16 splits: the budget's one row
+    assert paged_combine_rows(8, 16, 64, 512) == 1          # past the budget: still one row (as the per-row combine)
+    for rows, splits_pad, v_pad in ((8, 4, 128), (16, 2, 256), (5, 32, 64)):
+        r = paged_combine_rows(rows, 16, splits_pad, v_pad)
+        assert r & (r - 1) == 0 and (r == 1 or r * splits_pad * v_pad <= _PAGED_COMBINE_ELEMENTS)
 
 
 @pytest.mark.usefixtures("poison_uninitialized")

@@ -33,13 +33,16 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                + 2^(sink - M). A row with no visible key then gives 0
   NUM_SPLITS   split-KV (flash-decoding): the key range of one program's rows is cut into
                num_splits contiguous, BLOCK_N-aligned chunks (grid axis 2); each writes its partial
-               (m, l, acc) to fp32 workspaces of R = B * Hq * Tq rows, combined by `_combine_row`
-               (once per output row) in one of two ways:
-  FUSED_REDUCE the last split program to finish a tile combines the tile's rows itself: one launch.
+               (m, l, acc) to fp32 workspaces of R = B * Hq * Tq rows, combined (`_combine_partials`) in one
+               of two ways:
+  FUSED_REDUCE the last split program to finish a tile combines the tile's rows itself, COMBINE_ROWS rows
+               at a time (their partials loaded together): one launch.
                Each split program counts itself done in Counters[tile] (int32, one per
                (b, kvh, pid_m) tile, zero between launches: the last one resets it; see
                `_last_split_combines` for the memory ordering). Else (False, split):
                `_paged_reduce_kernel`, a second launch, one program per output row.
+  COMBINE_ROWS power of two: the rows the fused combine loads and combines at once (1, unused, without
+               FUSED_REDUCE); the plan bounds COMBINE_ROWS * SPLITS_PAD * HEAD_DIM_V_PAD (configs.py)
   SPLITS_PAD   power of two >= num_splits (>= 2): the combine's split axis (1, unused, in an attention
                kernel without FUSED_REDUCE)
 
@@ -156,7 +159,8 @@ def _paged_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, SPLITS_PAD: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, SPLITS_PAD: tl.constexpr, COMBINE_ROWS: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32_INPUTS: tl.constexpr, HAS_SINKS: tl.constexpr,
     SHORT_SEQUENCES: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr, TABLE_AHEAD: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
@@ -311,11 +315,23 @@ def _paged_attn_kernel(
         if FUSED_REDUCE:
             counter = counters_ptr + pid_bh * tl.num_programs(1) + pid_m    # this tile's (b, kvh, pid_m)
             if _last_split_combines(counter, num_splits):
-                for r in range(pid_m * BLOCK_M, tl.minimum(rows_m, (pid_m + 1) * BLOCK_M)):
-                    _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
-                                 pid_bh.to(tl.int64) * rows_m + r, b, kvh * GROUP + r // Tq, r % Tq,
-                                 stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
-                                 HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD, HAS_SINKS, EMPTY_ROWS_NAN)
+                # the tile's rows COMBINE_ROWS at a time: each batch's partials are loaded together
+                tile_end = tl.minimum(rows_m, (pid_m + 1) * BLOCK_M)
+                if COMBINE_ROWS == 1:
+                    for r in range(pid_m * BLOCK_M, tile_end):
+                        _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+                                     pid_bh.to(tl.int64) * rows_m + r, b, kvh * GROUP + r // Tq, r % Tq,
+                                     stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
+                                     HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD, HAS_SINKS, EMPTY_ROWS_NAN)
+                else:
+                    offs_r = tl.arange(0, COMBINE_ROWS)
+                    for r0 in range(pid_m * BLOCK_M, tile_end, COMBINE_ROWS):
+                        r = r0 + offs_r
+                        _combine_rows(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+                                      pid_bh.to(tl.int64) * rows_m + r, r < tile_end, b + r * 0,
+                                      kvh * GROUP + r // Tq, r % Tq, stride_ob, stride_oh, stride_ot, stride_od,
+                                      stride_sink, rows_total, num_splits, HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD,
+                                      HAS_SINKS, EMPTY_ROWS_NAN)
                 # every split of this tile has counted itself: zero it for the next launch (graph-safe, no memset)
                 tl.store(counter, 0)
     else:
@@ -353,12 +369,35 @@ def _last_split_combines(counter_ptr, num_splits):
 
 
 @triton.jit
+def _combine_partials(m, l, acc, sink, SPLIT_AXIS: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      EMPTY_ROWS_NAN: tl.constexpr):
+    """softmax(s) @ v of rows from their splits' partials (m, l over the split axis SPLIT_AXIS; acc with the head dim
+    after it) and their sinks (log2 units, -inf: none), added once: M = max(max_s m_s, sink), L = sum_s l_s 2^(m_s - M)
+    + 2^(sink - M), out = sum_s acc_s 2^(m_s - M) / L. One row ([S], [S, D]: SPLIT_AXIS 0) or R rows ([R, S],
+    [R, S, D]: 1)."""
+    m_max = tl.max(m, axis=SPLIT_AXIS)
+    if HAS_SINKS:
+        m_max = tl.maximum(m_max, sink)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)    # all splits empty: weights 0
+    w = tl.exp2(m - tl.expand_dims(m_safe, SPLIT_AXIS))
+    l_sum = tl.sum(l * w, axis=SPLIT_AXIS)
+    if HAS_SINKS:
+        l_sum += tl.exp2(sink - m_safe)
+    out = tl.sum(acc * tl.expand_dims(w, SPLIT_AXIS + 1), axis=SPLIT_AXIS) \
+        / tl.expand_dims(tl.where(l_sum > 0.0, l_sum, 1.0), SPLIT_AXIS)
+    if EMPTY_ROWS_NAN:   # every split empty and no finite sink: the row saw no key
+        out = tl.where(tl.expand_dims(l_sum > 0.0, SPLIT_AXIS), out, float("nan"))
+    return out
+
+
+@triton.jit
 def _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, b, h, i,
                  stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
                  HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
                  HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr):
-    """Combine the num_splits partial (m, l, acc) of workspace row `row` = (b * Hq + h) * Tq + i (and the sink,
-    once) into softmax(s) @ v, written to out[b, h, i, :] through out's strides (q's layout).
+    """Combine the num_splits partials of workspace row `row` = (b * Hq + h) * Tq + i (and the sink, once), written
+    to out[b, h, i, :] through out's strides (q's layout): the separate reduce's program, and the fused combine one
+    row at a time (COMBINE_ROWS 1).
 
     The partials are loaded through L2 (".cg", bypassing L1): in the fused mode other SMs stored them during this
     launch (`_last_split_combines`); they are read once, so L1 would not help the separate reduce either."""
@@ -371,20 +410,39 @@ def _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, b, h, 
     l = tl.load(l_ws_ptr + ws_row, mask=s_ok, other=0.0, cache_modifier=".cg")
     acc = tl.load(acc_ws_ptr + ws_row[:, None] * HEAD_DIM_V + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=0)
+    sink = float("-inf")
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + h * stride_sink).to(tl.float32) * LOG2E
-        m_max = tl.maximum(m_max, sink)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)    # all splits empty: weights 0
-    w = tl.exp2(m - m_safe)
-    l_sum = tl.sum(l * w, axis=0)
-    if HAS_SINKS:
-        l_sum += tl.exp2(sink - m_safe)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
-    if EMPTY_ROWS_NAN:   # every split empty and no finite sink: the row saw no key
-        out = tl.where(l_sum > 0.0, out, float("nan"))
+    out = _combine_partials(m, l, acc, sink, 0, HAS_SINKS, EMPTY_ROWS_NAN)
     o_off = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_ot + offs_d * stride_od
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _combine_rows(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, row_ok, b, h, i,
+                  stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
+                  HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr):
+    """`_combine_row` of R rows at once (row, row_ok, b, h, i: [R]), their partials loaded together: [R, SPLITS_PAD]
+    m and l, [R, SPLITS_PAD, HEAD_DIM_V_PAD] acc (the fused combine, COMBINE_ROWS > 1). Not for one row: compiled
+    for sm_90 (triton 3.6), a [1, S, D] tile took more registers than `_combine_row`'s [S, D] (MLA's fused decode:
+    173 against 122)."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_V_PAD)
+    d_ok = offs_d < HEAD_DIM_V
+    ws_rows = offs_s.to(tl.int64)[None, :] * rows_total + row[:, None]              # [R, S]
+    rs_ok = row_ok[:, None] & (offs_s < num_splits)[None, :]
+    m = tl.load(m_ws_ptr + ws_rows, mask=rs_ok, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(l_ws_ptr + ws_rows, mask=rs_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(acc_ws_ptr + ws_rows[:, :, None] * HEAD_DIM_V + offs_d[None, None, :],
+                  mask=rs_ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+    sink = tl.full(row_ok.shape, float("-inf"), tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h * stride_sink, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
+    out = _combine_partials(m, l, acc, sink, 1, HAS_SINKS, EMPTY_ROWS_NAN)
+    o_off = (b.to(tl.int64)[:, None] * stride_ob + h.to(tl.int64)[:, None] * stride_oh
+             + i.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
