@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from ..lowering.errors import batched_reports
 from ..passes.canonicalize import checkpoint_bodies, fake_mode_for, to_aten
 from ..passes.pipeline import run_stages
 from ..passes.validate_first_call import FirstCallChecked, split_first_call_checks
@@ -79,6 +80,8 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
 
         with _checkpoint_remat_off(aten_gm):
             compiled = compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
+    if _paged_calls(aten_gm) > 1 and _reports_lazily(example_inputs):
+        compiled = OneReportPerCall(compiled)
     if first_call is None:
         return compiled
     tracing = torch._guards.TracingContext.try_get()
@@ -88,6 +91,29 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
             return attnlower_backend(gm, example_inputs, options)
 
     return FirstCallChecked(compiled, *first_call, report, strict=opts.strict, recompile=recompile)
+
+
+def _reports_lazily(example_inputs) -> bool:
+    """Whether the paged ops report bad inputs lazily, through host copies (CUDA; CPU raises at the call)."""
+    return _device_of(example_inputs).type == "cuda"
+
+
+def _paged_calls(gm: fx.GraphModule) -> int:
+    # by name: a graph without attnlower's ops may reach the backend before they are registered
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target.name() == "attnlower::paged_attention")
+
+
+class OneReportPerCall:
+    """A compiled graph holding several paged ops (one per layer): the bounds reports of one call's paged launches
+    are copied to the host once, when the call ends (lowering/errors.py, batched_reports), not once per launch."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args):   # unpacked, as Dynamo calls a backend's result (FirstCallChecked says why)
+        with batched_reports():
+            return self.compiled(*args)
 
 
 def _run_passes(aten_gm: fx.GraphModule, example_inputs, opts: Options, target, report: CompileReport):

@@ -9,7 +9,10 @@ step, so it is read lazily:
 
   - CUDA: after each launch the flags are copied asynchronously into a ring of pinned host slots, one
     per call; a later paged call (or `attnlower.check_errors()`) sees a set flag there and raises,
-    naming the first call whose copy shows it (its number on this device and its shapes). A captured
+    naming the first call whose copy shows it (its number on this device and its shapes). Within
+    `batched_reports()` (a compiled graph's call: `compiler/backend.py` wraps every graph that holds a
+    paged op) the calls copy nothing and the flags are copied once when it ends, into one slot naming
+    the batch's calls: one copy per decode step instead of one per layer. A captured
     CUDA graph holds no copy (it would slow every replay): the kernel still sets the flags, and
     `attnlower.check_errors()` (one sync) reads them where the serving loop can afford it.
   - CUDA with `ATTNLOWER_PAGED_CHECKS=sync` (or `set_paged_checks(True, sync=True)`): a debug switch
@@ -29,13 +32,16 @@ an error: its rows are 0 (NaN with `empty_rows_nan=True`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
 BAD_BLOCK_ID, LEN_TOO_LONG, LEN_NEGATIVE, SHORTER_THAN_TQ = 1, 2, 4, 8
 _NO_SEQUENCE = 2**31 - 1
-_RING = 64  # pinned host slots per device: a bad call is named if it is seen within 64 paged calls
+_RING = 64  # pinned host slots per device: a bad call is named if it is seen within 64 copies
+_batch = threading.local()   # depth of batched_reports() on this thread
 
 _MODES = {"1": "lazy", "on": "lazy", "true": "lazy", "lazy": "lazy", "0": "off", "off": "off", "false": "off",
           "sync": "sync"}
@@ -115,7 +121,9 @@ class _DeviceFlags:
         self.flags = torch.tensor([0, _NO_SEQUENCE, 0, 0], dtype=torch.int32, device=device)
         self.host = None
         self.calls = 0                       # paged calls launched on this device (with checks on)
-        self.slot_calls = [None] * _RING     # (call number, q shape) whose flags each host slot holds
+        self.slot_calls = [None] * _RING     # (first call, last call, their q shapes) each host slot's copy names
+        self.pending: list = []              # (call number, q shape) of a batch's calls not copied yet
+        self.copies = 0                      # copies into the ring so far: the next one's slot
         if device.type == "cuda":
             # device="cpu" explicitly: under torch.set_default_device("cuda") a bare zeros() is a CUDA tensor,
             # which cannot be pinned (seen on an H200 with ATTNLOWER_TEST_DEVICE=cuda)
@@ -136,10 +144,25 @@ class _DeviceFlags:
             # Not inside a captured graph: a copy node there costs each replay ~15 us (H200,
             # paged decode B=1 L=4096: 0.030 ms replayed with it, 2026-12-01); graphs rely on
             # check_errors(), which reads the device flags themselves.
-            slot = self.calls % _RING
-            self.slot_calls[slot] = (self.calls, q_shape)
-            self.host_slots[slot].copy_(self.flags, non_blocking=True)
-            self.last_slot = slot
+            if getattr(_batch, "depth", 0):
+                self.pending.append((self.calls, q_shape))
+            else:
+                self._copy((self.calls, self.calls, (q_shape,)))
+
+    def flush(self) -> None:
+        """Copy the flags of a batch's pending calls (batched_reports) into one host slot that names them."""
+        if self.pending:
+            entry = (self.pending[0][0], self.pending[-1][0], tuple(shape for _, shape in self.pending))
+            self.pending = []
+            self._copy(entry)
+
+    def _copy(self, entry) -> None:
+        """Copy the flags (asynchronously) into the next host slot; `entry` = (first call, last call, q shapes)."""
+        self.copies += 1
+        slot = self.copies % _RING
+        self.slot_calls[slot] = entry
+        self.host_slots[slot].copy_(self.flags, non_blocking=True)
+        self.last_slot = slot
 
     def before_launch(self) -> None:
         if self.host is not None and self.host_view[self.last_slot, 0] != 0:
@@ -151,12 +174,15 @@ class _DeviceFlags:
         for number, slot in order:
             if self.host_view[slot, 0] != 0:
                 values = [int(x) for x in self.host_view[slot]]
-                _, q_shape = self.slot_calls[slot]
-                call = (f"paged call #{number} on {self.device} (q {list(q_shape)})" if q_shape is not None
-                        else f"paged call #{number} on {self.device}")
-                if order and order[0][1] == slot and number > _RING:
-                    call += f" or one of the {_RING} before it"  # older copies were overwritten
-                self.raise_if_set(values, lazily=True, call=call, tq=None if q_shape is None else q_shape[2])
+                first, last, q_shapes = self.slot_calls[slot]
+                q_shapes = list(dict.fromkeys(tuple(shape) for shape in q_shapes if shape is not None))
+                shapes = f" (q {', '.join(str(list(shape)) for shape in q_shapes)})" if q_shapes else ""
+                call = (f"paged call #{first} on {self.device}{shapes}" if first == last else
+                        f"one of paged calls #{first}-#{last} on {self.device}, one compiled graph's call{shapes}")
+                if order and order[0][1] == slot and self.copies > _RING:
+                    call += " or a call before it"  # older copies were overwritten
+                tq = q_shapes[0][2] if len(q_shapes) == 1 else None
+                self.raise_if_set(values, lazily=True, call=call, tq=tq)
 
     def raise_if_set(self, values, *, lazily: bool, call: str = "", tq: int | None = None) -> None:
         kinds, seq, num_blocks, capacity = (int(x) for x in values)
@@ -172,6 +198,26 @@ class _DeviceFlags:
         if self.host is not None:
             self.host.zero_()
             self.slot_calls = [None] * _RING
+            self.pending = []
+            self.copies = 0
+
+
+@contextlib.contextmanager
+def batched_reports():
+    """Within (on this thread): the paged calls on CUDA record themselves but leave their flags on the device; at the
+    end each device that had calls copies its flags once, into one host slot that names those calls. A compiled
+    graph holds one paged call per layer: its call (compiler/backend.py) then costs one copy, not one per layer.
+    A bad call is still reported by the next paged call or check_errors(), named as one of the batch's calls."""
+    depth = getattr(_batch, "depth", 0)
+    _batch.depth = depth + 1
+    try:
+        yield
+    finally:
+        _batch.depth = depth
+        if depth == 0:
+            for flags in list(_FLAGS.values()):
+                if flags.pending:
+                    flags.flush()
 
 
 _FLAGS: dict[torch.device, _DeviceFlags] = {}  # one entry per device used: bounded by the device count

@@ -77,3 +77,46 @@ def test_graph_breaks_belong_to_the_graph_after_them():
     assert len(reports) == 2
     assert [len(r.graph_breaks) for r in reports] == [1, 0]
     assert "graph break" in str(reports[0]) and [r.count() for r in reports] == [1, 1]
+
+
+def test_a_cuda_graph_with_several_paged_calls_reports_once_per_call(monkeypatch):
+    """A graph holding two paged ops (two layers) is wrapped so that one call's bounds reports are copied once
+    (errors.batched_reports); one paged op, or a CPU graph, is returned as Inductor / eager compiled it."""
+    from attnlower import ops
+    from attnlower.lowering import errors
+
+    def layers(q, k_cache, v_cache, table, lens, n: int):
+        out = q
+        for _ in range(n):
+            out = ops.paged_attention(out, k_cache, v_cache, table, lens)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 1, 16, generator=g), torch.randn(8, 2, 4, 16, generator=g),
+            torch.randn(8, 2, 4, 16, generator=g), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+            torch.tensor([5, 8], dtype=torch.int32))
+    returned, depths = [], []
+    real = backend.attnlower_backend
+
+    def spy(gm, example_inputs, options=None, **kwargs):
+        fn = real(gm, example_inputs, options, **kwargs)
+        returned.append(fn)
+        return fn
+
+    monkeypatch.setattr(backend, "_reports_lazily", lambda inputs: True)   # as on CUDA
+    monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")                  # the kernel and its flags, interpreted
+    real_after = errors._DeviceFlags.after_launch
+    monkeypatch.setattr(errors._DeviceFlags, "after_launch",
+                        lambda self, q_shape=None: depths.append(getattr(errors._batch, "depth", 0))
+                        or real_after(self, q_shape))
+    for n, wrapped in ((2, True), (1, False)):
+        torch._dynamo.reset()
+        returned.clear()
+        compiled = torch.compile(lambda *a: layers(*a, n), backend=spy, options={"inner": "eager"})
+        for _ in range(2):   # a first call may run the graph with its first-call checks instead
+            depths.clear()
+            out = compiled(*args)
+        assert depths == ([1] * n if wrapped else [0] * n)
+        torch.testing.assert_close(out, layers(*args, n))
+        assert any(isinstance(fn, backend.OneReportPerCall) for fn in returned) == wrapped
+    assert backend._paged_calls(torch.fx.symbolic_trace(lambda x: x)) == 0

@@ -751,6 +751,39 @@ def test_lazy_report_names_the_first_bad_call(monkeypatch):
     assert int(flags.flags[0]) == 0
 
 
+def test_batched_reports_copy_once_and_name_the_batch(monkeypatch):
+    """Within errors.batched_reports() (a compiled graph's call) the paged calls copy nothing; the flags are copied
+    once at its end (the outermost one, when nested), into one slot naming the batch's calls and their shapes, and
+    the next call raises. Outside, each call copies as before."""
+    from attnlower.lowering import errors
+
+    flags = errors._DeviceFlags(torch.device("cpu"))
+    flags.attach_ring(torch.zeros((errors._RING, 4), dtype=torch.int32, device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setitem(errors._FLAGS, torch.device("cpu"), flags)
+    copies = []
+    real_copy = flags._copy
+    monkeypatch.setattr(flags, "_copy", lambda entry: copies.append(entry) or real_copy(entry))
+    flags.before_launch()
+    flags.after_launch((2, 4, 1, 16))                               # call 1, alone: its own copy
+    assert copies == [(1, 1, ((2, 4, 1, 16),))]
+    with errors.batched_reports():
+        with errors.batched_reports():                              # nested: one batch
+            for layer in range(3):                                  # calls 2-4, one per layer
+                flags.before_launch()
+                if layer == 1:                                      # the kernel sets the sticky bits
+                    flags.flags.copy_(torch.tensor([errors.BAD_BLOCK_ID, 0, 13, 40], dtype=torch.int32))
+                flags.after_launch((2, 4, 1, 16) if layer else (2, 4, 3, 16))
+        assert len(copies) == 1 and not flags.host[:, 0].any()      # nothing copied yet
+    assert copies[1] == (2, 4, ((2, 4, 3, 16), (2, 4, 1, 16), (2, 4, 1, 16)))
+    with pytest.raises(errors.PagedInputError, match=r"one of paged calls #2-#4 on cpu, one compiled graph's call "
+                                                     r"\(q \[2, 4, 3, 16\], \[2, 4, 1, 16\]\) \(reported lazily"):
+        flags.before_launch()
+    with errors.batched_reports():                                  # a batch without paged calls copies nothing
+        pass
+    assert len(copies) == 2
+
+
 def test_paged_checks_env_values_are_checked(monkeypatch):
     from attnlower.lowering import errors
 
