@@ -149,6 +149,20 @@ def _documents(kwargs: dict, q_len: int):
 # the paged cache
 
 
+def _row_list(indices, rows: int) -> list[int]:
+    """Row indices as a list of ints in [0, rows): an index tensor or sequence (negative ones count from the end, as
+    tensor indexing does) or a 1-D bool mask over the rows; IndexError otherwise (as DynamicCache's indexing)."""
+    if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
+        if indices.dim() != 1 or indices.numel() != rows:
+            raise IndexError(f"PagedCache: expected a bool mask of shape [{rows}] (one entry per row), got "
+                             f"{list(indices.shape)}")
+        indices = indices.nonzero().flatten()
+    values = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+    if any(not -rows <= i < rows for i in values):
+        raise IndexError(f"PagedCache: row indices {values} out of range for {rows} rows")
+    return [i % rows for i in values]
+
+
 class PagedLayer(DynamicLayer):
     """One layer's K/V in a PagedKVCache; `keys` / `values` are its pools, tagged for attention_forward."""
 
@@ -177,7 +191,7 @@ class PagedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != len(self.seq_ids):
             raise ValueError(f"PagedCache layer {self.layer_idx}: expected a batch of {len(self.seq_ids)} rows "
-                             f"(the first forward's), got {key_states.shape[0]}; build a new PagedCache per batch")
+                             f"(the cache's rows), got {key_states.shape[0]}; build a new PagedCache per batch")
         if self.layer_idx == 0:
             self.owner._checked_masks.clear()   # a new forward: its masks are new tensors
         from attnlower.cache import CacheFullError
@@ -198,7 +212,7 @@ class PagedLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self, *args, **kwargs) -> int:
-        return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized else 0
+        return self.pool.seq_len(self.seq_ids[0]) if self.is_initialized and self.seq_ids else 0
 
     def attend(self, module, query, value, attention_mask, scaling, sliding_window, softcap, dropout, sinks=None):
         """attention_forward on this layer's pools: paged_attention with the module's options (and its sinks)."""
@@ -241,10 +255,11 @@ class PagedLayer(DynamicLayer):
 
     # generate()'s row operations: beam search reorders rows, assisted decoding crops them, contrastive search
     # repeats and selects them. Each row is one pool sequence, so each is a change of which sequences the rows are.
+    # PagedCache runs them for all layers with the indices read once (_row_list: one host read, not one per layer).
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Row i becomes old row beam_idx[i] (beam search, once a step)."""
-        self._select_rows(beam_idx)
+        self._select_rows(_row_list(beam_idx, len(self.seq_ids)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row `repeats` times, in place: rows 0, 0, 1, 1, ... for repeats=2."""
@@ -252,32 +267,25 @@ class PagedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Only the rows `indices` (an index or bool tensor over the rows), in that order."""
-        if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool:
-            indices = indices.nonzero().flatten()
-        self._select_rows(indices)
+        self._select_rows(_row_list(indices, len(self.seq_ids)))
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last `-tokens_to_remove` tokens of every row (transformers' sign: negative removes; a positive
-        value is the older spelling of the length to keep)."""
+        """Drop the last `-tokens_to_remove` tokens of every row (all of them when there are fewer), as transformers'
+        DynamicCache; a positive value keeps that many tokens (transformers' older meaning, which 5.25 refuses)."""
         if not self.is_initialized or tokens_to_remove == 0:
             return
         length = self.get_seq_length()
-        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
-        if keep < 0:
-            raise ValueError(f"PagedCache.crop: cannot remove {-tokens_to_remove} tokens from rows of {length}")
+        keep = max(0, length + tokens_to_remove) if tokens_to_remove < 0 else min(tokens_to_remove, length)
         for seq_id in self.seq_ids:
             self.pool.truncate(seq_id, keep)
 
-    def _select_rows(self, rows) -> None:
-        """Row i becomes old row rows[i]. A source's first use keeps its sequence (no copy), a repeat forks it;
-        sources nobody uses are freed first, so their blocks can hold the forks."""
+    def _select_rows(self, rows: list[int]) -> None:
+        """Row i becomes old row rows[i] (valid indices, _row_list). A source's first use keeps its sequence (no
+        copy), a repeat forks it; sources nobody uses are freed first, so their blocks can hold the forks. Nothing
+        changes when the pool cannot hold the forks (CacheFullError)."""
         if not self.is_initialized:
             return
-        rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         old = self.seq_ids
-        if any(not 0 <= r < len(old) for r in rows):
-            raise IndexError(f"PagedCache layer {self.layer_idx}: row indices {rows} out of range for "
-                             f"{len(old)} rows")
         used = set(rows)
         need = sum(len(self.pool.blocks_of(old[r])) for r in rows) - sum(len(self.pool.blocks_of(old[r])) for r in used)
         free = self.pool.num_free_blocks + sum(len(self.pool.blocks_of(s)) for r, s in enumerate(old) if r not in used)
@@ -316,7 +324,8 @@ class PagedCache(Cache):
     One sequence per batch row, created at the first forward. Every token of a row is stored, so a
     row must not carry padding (equal-length prompts): a mask that hides keys the paged op would
     show raises ValueError. Beam search (rows reordered: a row used twice is copied into blocks of its own),
-    assisted decoding (rows cropped) and row repeats / selections work as on transformers' DynamicCache.
+    assisted decoding (rows cropped) and row repeats / selections keep each row's K/V as transformers'
+    DynamicCache does (`crop` with a positive value keeps that many tokens, where transformers 5.25 refuses it).
     """
 
     def __init__(self, config, num_blocks: int, block_size: int = 16):
@@ -327,3 +336,18 @@ class PagedCache(Cache):
                              f"{impl!r}; other implementations would read the block pools as dense K/V")
         self._checked_masks: dict = {}
         super().__init__(layers=[PagedLayer(self, i, num_blocks, block_size) for i in range(text.num_hidden_layers)])
+
+    # each layer holds the same rows: the indices are read (one host sync for a device tensor) once, not per layer
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def _select_rows(self, indices) -> None:
+        initialized = [layer for layer in self.layers if layer.is_initialized]
+        if initialized:   # before the first forward there are no rows yet
+            rows = _row_list(indices, len(initialized[0].seq_ids))
+            for layer in initialized:
+                layer._select_rows(rows)

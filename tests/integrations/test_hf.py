@@ -189,8 +189,8 @@ def test_paged_cache_beam_search_matches_eager(checkpoints, name, monkeypatch):
     ours = _load(checkpoints, name, "attnlower")
     cache = hf.PagedCache(ours.config, num_blocks=64, block_size=block)
     reorders = []
-    real = hf.PagedLayer.reorder_cache
-    monkeypatch.setattr(hf.PagedLayer, "reorder_cache",
+    real = hf.PagedCache.reorder_cache
+    monkeypatch.setattr(hf.PagedCache, "reorder_cache",
                         lambda self, idx: reorders.append(idx.tolist()) or real(self, idx))
     kw = dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams, num_return_sequences=beams, do_sample=False)
     with torch.no_grad():
@@ -261,8 +261,18 @@ def test_paged_cache_row_operations_match_dynamic_cache(checkpoints):
     assert paged.get_seq_length() == 5
     layer = paged.layers[0]
     assert layer.pool.num_free_blocks == 64 - 3 * 2 and len(set(layer.seq_ids)) == 3
+    for cache in (paged, dynamic):
+        cache.batch_select_indices(torch.tensor([-1, 0]))   # negative indices count from the end
+    same()
+    for cache in (paged, dynamic):
+        cache.crop(-9)                                      # more than the rows hold: empty, as DynamicCache
+    assert paged.get_seq_length() == dynamic.get_seq_length() == 0
     with pytest.raises(IndexError, match="row indices"):
         paged.reorder_cache(torch.tensor([0, 3]))
+    with pytest.raises(IndexError, match=r"bool mask of shape \[2\]"):
+        paged.batch_select_indices(torch.tensor([True, False, True]))
+    paged.batch_select_indices(torch.tensor([False, False]))
+    assert paged.get_seq_length() == 0 and layer.pool.num_free_blocks == 64   # no rows, every block back
 
 
 def test_paged_cache_reorder_too_big_for_the_pool_is_a_clear_error(checkpoints):
