@@ -80,7 +80,8 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
 
         with _checkpoint_remat_off(aten_gm):
             compiled = compile_with_inductor(aten_gm, example_inputs, opts.mode, dynamo_gm=gm)
-    if _paged_calls(aten_gm) > 1 and _reports_lazily(example_inputs):
+    paged = _paged_calls(aten_gm)
+    if len(paged) > 1 and _reports_lazily(paged, example_inputs):
         compiled = OneReportPerCall(compiled)
     if first_call is None:
         return compiled
@@ -93,15 +94,17 @@ def attnlower_backend(gm: fx.GraphModule, example_inputs: Sequence[object], opti
     return FirstCallChecked(compiled, *first_call, report, strict=opts.strict, recompile=recompile)
 
 
-def _reports_lazily(example_inputs) -> bool:
-    """Whether the paged ops report bad inputs lazily, through host copies (CUDA; CPU raises at the call)."""
-    return _device_of(example_inputs).type == "cuda"
+def _reports_lazily(paged: list[fx.Node], example_inputs) -> bool:
+    """Whether these paged ops report bad inputs lazily, through host copies: on CUDA (CPU raises at the call). Their
+    device is their output's (the example input's where a node carries no value)."""
+    devices = {n.meta["val"].device.type for n in paged if isinstance(n.meta.get("val"), torch.Tensor)}
+    return "cuda" in devices if devices else _device_of(example_inputs).type == "cuda"
 
 
-def _paged_calls(gm: fx.GraphModule) -> int:
+def _paged_calls(gm: fx.GraphModule) -> list[fx.Node]:
     # by name: a graph without attnlower's ops may reach the backend before they are registered
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-               and n.target.name() == "attnlower::paged_attention")
+    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target.name() == "attnlower::paged_attention"]
 
 
 class OneReportPerCall:

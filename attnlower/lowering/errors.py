@@ -10,9 +10,10 @@ step, so it is read lazily:
   - CUDA: after each launch the flags are copied asynchronously into a ring of pinned host slots, one
     per call; a later paged call (or `attnlower.check_errors()`) sees a set flag there and raises,
     naming the first call whose copy shows it (its number on this device and its shapes). Within
-    `batched_reports()` (a compiled graph's call: `compiler/backend.py` wraps every graph that holds a
-    paged op) the calls copy nothing and the flags are copied once when it ends, into one slot naming
-    the batch's calls: one copy per decode step instead of one per layer. A captured
+    `batched_reports()` the calls copy nothing and the flags are copied once when it ends, into one
+    slot naming the batch's calls: `compiler/backend.py` runs each call of a compiled CUDA graph that
+    holds more than one paged op so (after its first call), one copy per decode step instead of one
+    per layer; the calls of that batch are reported from its end on. A captured
     CUDA graph holds no copy (it would slow every replay): the kernel still sets the flags, and
     `attnlower.check_errors()` (one sync) reads them where the serving loop can afford it.
   - CUDA with `ATTNLOWER_PAGED_CHECKS=sync` (or `set_paged_checks(True, sync=True)`): a debug switch
@@ -41,7 +42,7 @@ import torch
 BAD_BLOCK_ID, LEN_TOO_LONG, LEN_NEGATIVE, SHORTER_THAN_TQ = 1, 2, 4, 8
 _NO_SEQUENCE = 2**31 - 1
 _RING = 64  # pinned host slots per device: a bad call is named if it is seen within 64 copies
-_batch = threading.local()   # depth of batched_reports() on this thread
+_batch = threading.local()   # .pending: {device flags: [(call number, q shape), ...]} within batched_reports()
 
 _MODES = {"1": "lazy", "on": "lazy", "true": "lazy", "lazy": "lazy", "0": "off", "off": "off", "false": "off",
           "sync": "sync"}
@@ -122,7 +123,6 @@ class _DeviceFlags:
         self.host = None
         self.calls = 0                       # paged calls launched on this device (with checks on)
         self.slot_calls = [None] * _RING     # (first call, last call, their q shapes) each host slot's copy names
-        self.pending: list = []              # (call number, q shape) of a batch's calls not copied yet
         self.copies = 0                      # copies into the ring so far: the next one's slot
         if device.type == "cuda":
             # device="cpu" explicitly: under torch.set_default_device("cuda") a bare zeros() is a CUDA tensor,
@@ -144,17 +144,15 @@ class _DeviceFlags:
             # Not inside a captured graph: a copy node there costs each replay ~15 us (H200,
             # paged decode B=1 L=4096: 0.030 ms replayed with it, 2026-12-01); graphs rely on
             # check_errors(), which reads the device flags themselves.
-            if getattr(_batch, "depth", 0):
-                self.pending.append((self.calls, q_shape))
+            pending = getattr(_batch, "pending", None)
+            if pending is not None:   # within batched_reports() on this thread: copied at its end
+                pending.setdefault(self, []).append((self.calls, q_shape))
             else:
                 self._copy((self.calls, self.calls, (q_shape,)))
 
-    def flush(self) -> None:
-        """Copy the flags of a batch's pending calls (batched_reports) into one host slot that names them."""
-        if self.pending:
-            entry = (self.pending[0][0], self.pending[-1][0], tuple(shape for _, shape in self.pending))
-            self.pending = []
-            self._copy(entry)
+    def flush(self, calls: list) -> None:
+        """Copy the flags once for a batch's calls [(call number, q shape), ...], into one slot naming them."""
+        self._copy((calls[0][0], calls[-1][0], tuple(shape for _, shape in calls)))
 
     def _copy(self, entry) -> None:
         """Copy the flags (asynchronously) into the next host slot; `entry` = (first call, last call, q shapes)."""
@@ -198,26 +196,32 @@ class _DeviceFlags:
         if self.host is not None:
             self.host.zero_()
             self.slot_calls = [None] * _RING
-            self.pending = []
             self.copies = 0
 
 
 @contextlib.contextmanager
 def batched_reports():
-    """Within (on this thread): the paged calls on CUDA record themselves but leave their flags on the device; at the
-    end each device that had calls copies its flags once, into one host slot that names those calls. A compiled
-    graph holds one paged call per layer: its call (compiler/backend.py) then costs one copy, not one per layer.
-    A bad call is still reported by the next paged call or check_errors(), named as one of the batch's calls."""
-    depth = getattr(_batch, "depth", 0)
-    _batch.depth = depth + 1
+    """Within (on this thread; nested: the outermost counts): the paged calls on CUDA record themselves but leave
+    their flags on the device; at the end each device that had calls copies its flags once, into one host slot that
+    names those calls. A compiled graph holds one paged call per layer: its call (compiler/backend.py) then costs one
+    copy, not one per layer. A bad call of the batch is reported by the first paged call (or check_errors()) after
+    the batch's end, named as one of the batch's calls."""
+    if getattr(_batch, "pending", None) is not None:
+        yield
+        return
+    _batch.pending = {}
+    raised = True
     try:
         yield
+        raised = False
     finally:
-        _batch.depth = depth
-        if depth == 0:
-            for flags in list(_FLAGS.values()):
-                if flags.pending:
-                    flags.flush()
+        pending, _batch.pending = _batch.pending, None
+        for flags, calls in pending.items():
+            try:
+                flags.flush(calls)
+            except Exception:  # noqa: BLE001 - a CUDA fault fails this copy too: the error to see is the batch's
+                if not raised:
+                    raise
 
 
 _FLAGS: dict[torch.device, _DeviceFlags] = {}  # one entry per device used: bounded by the device count

@@ -95,7 +95,7 @@ def test_a_cuda_graph_with_several_paged_calls_reports_once_per_call(monkeypatch
     args = (torch.randn(2, 4, 1, 16, generator=g), torch.randn(8, 2, 4, 16, generator=g),
             torch.randn(8, 2, 4, 16, generator=g), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
             torch.tensor([5, 8], dtype=torch.int32))
-    returned, depths = [], []
+    returned, batched = [], []
     real = backend.attnlower_backend
 
     def spy(gm, example_inputs, options=None, **kwargs):
@@ -103,20 +103,36 @@ def test_a_cuda_graph_with_several_paged_calls_reports_once_per_call(monkeypatch
         returned.append(fn)
         return fn
 
-    monkeypatch.setattr(backend, "_reports_lazily", lambda inputs: True)   # as on CUDA
+    monkeypatch.setattr(backend, "_reports_lazily", lambda paged, inputs: True)   # as on CUDA
     monkeypatch.setenv("ATTNLOWER_CPU_KERNELS", "triton")                  # the kernel and its flags, interpreted
     real_after = errors._DeviceFlags.after_launch
     monkeypatch.setattr(errors._DeviceFlags, "after_launch",
-                        lambda self, q_shape=None: depths.append(getattr(errors._batch, "depth", 0))
+                        lambda self, q_shape=None: batched.append(getattr(errors._batch, "pending", None) is not None)
                         or real_after(self, q_shape))
     for n, wrapped in ((2, True), (1, False)):
         torch._dynamo.reset()
         returned.clear()
         compiled = torch.compile(lambda *a: layers(*a, n), backend=spy, options={"inner": "eager"})
         for _ in range(2):   # a first call may run the graph with its first-call checks instead
-            depths.clear()
+            batched.clear()
             out = compiled(*args)
-        assert depths == ([1] * n if wrapped else [0] * n)
+        assert batched == [wrapped] * n
         torch.testing.assert_close(out, layers(*args, n))
         assert any(isinstance(fn, backend.OneReportPerCall) for fn in returned) == wrapped
-    assert backend._paged_calls(torch.fx.symbolic_trace(lambda x: x)) == 0
+    assert backend._paged_calls(torch.fx.symbolic_trace(lambda x: x)) == []
+
+
+def test_paged_reports_are_lazy_where_the_paged_ops_run_on_cuda():
+    """The batching wrapper is for CUDA paged ops: their device is read from the nodes' values (a CPU first input
+    does not hide them), else from the example inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.relu.default, (graph.placeholder("x"),))
+    cpu_inputs = [torch.zeros(1)]
+    assert not backend._reports_lazily([node], cpu_inputs)                  # no value: the inputs' device
+    with FakeTensorMode():
+        node.meta["val"] = torch.empty(2, device="cuda")
+    assert backend._reports_lazily([node], cpu_inputs)
+    node.meta["val"] = torch.empty(2)
+    assert not backend._reports_lazily([node], cpu_inputs)

@@ -245,7 +245,7 @@ def reference(inputs, params, sinks=None):
 
 
 def assert_same_combine(fused, separate):
-    """The fused and separate combines run one `_combine_rows` on the same partials: bit for bit in the interpreter
+    """The fused and separate combines run one `_combine_partials` on the same partials: bit for bit in the interpreter
     (the same numpy sums); compiled, the two kernels (other warps, other layouts) may sum the splits in another
     order, so within fp32 rounding there."""
     exact = fused.device.type == "cpu"
@@ -285,7 +285,7 @@ def test_fused_reduce_matches_separate_and_reference(lens, q_heads, kv_heads, he
     """16-key tiles: 70 keys are 5 tiles, so 6 and 7 splits leave empty splits everywhere, and a sequence of 3 or
     5 keys leaves all but one split empty; a sequence of 0 keys (or a query before its sequence's first token) is
     an empty row: 0, or NaN with empty_rows_nan=True. The fused combine runs the separate one's math (one
-    `_combine_rows`) on the same partials (assert_same_combine)."""
+    `_combine_partials`) on the same partials (assert_same_combine)."""
     inputs = make_paged_inputs(lens, q_heads, kv_heads, head_dim, tq, block_size, torch.float32)
     base = paged_config(0, head_dim, torch.float32, block_size, q_heads // kv_heads, tq)
     config = KernelConfig(base.block_m, 16, base.num_warps, base.num_stages)
@@ -782,6 +782,11 @@ def test_batched_reports_copy_once_and_name_the_batch(monkeypatch):
     with errors.batched_reports():                                  # a batch without paged calls copies nothing
         pass
     assert len(copies) == 2
+    with pytest.raises(RuntimeError, match="a layer failed"):      # a call that raises still copies its batch
+        with errors.batched_reports():
+            flags.after_launch((2, 4, 1, 16))
+            raise RuntimeError("a layer failed")
+    assert copies[2] == (5, 5, ((2, 4, 1, 16),)) and errors._batch.pending is None
 
 
 def test_paged_checks_env_values_are_checked(monkeypatch):
