@@ -223,8 +223,9 @@ PAGED_REDUCE = "separate"
 # _PAGED_COMBINE_ELEMENTS elements, the tile the per-row combine already loads for one row at 16 splits of MLA's
 # 512-wide V. Compiled for sm_90 (triton 3.6, 2026-12-05, no spills; sm90_compile.py --fits checks every planned
 # launch), bf16 Hq 32 Hkv 8 decode, 32 splits: D 128 2 rows at once, 128 registers (114 one row at a time), D 64
-# 4 rows, 106-108 (106-109). Not yet timed (bench/paged_sweep.py --reduce fused,separate): PAGED_REDUCE stays
-# "separate" until it is.
+# 4 rows, 106-108 (106-109). The budget counts elements, not registers per thread: it holds for the 8-warp decode
+# tiles compiled here, and --fits compiles every other planned launch. Not yet timed (bench/paged_sweep.py --reduce
+# fused,separate): PAGED_REDUCE stays "separate" until it is.
 _PAGED_COMBINE_ELEMENTS = 16 * 512
 
 

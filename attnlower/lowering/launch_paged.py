@@ -100,31 +100,29 @@ def paged_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tens
     rows_total = batch * q_heads * tq
     if counters is not None:
         fastpath.persistent(counters)
-    if plan.num_splits > 1:
-        m_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total), dtype=torch.float32, device=q.device))
-        l_ws = fastpath.scratch(torch.empty_like(m_ws))
-        acc_ws = fastpath.scratch(torch.empty((plan.num_splits, rows_total, v_cache.shape[3]), dtype=torch.float32,
-                                              device=q.device))
-    else:
-        m_ws = l_ws = acc_ws = None
+    # the split partials' one workspace (kernels/paged_decode.py, _workspaces): acc, then the m and l planes; one
+    # allocation a call, not three
+    ws_plane = -(-plan.num_splits * rows_total // 16) * 16
+    ws = fastpath.scratch(torch.empty(((v_cache.shape[3] + 2) * ws_plane,), dtype=torch.float32, device=q.device)) \
+        if plan.num_splits > 1 else None
 
     attn = plan.launches[0]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         fastpath.launch(_paged_attn_kernel, attn.grid, (
             q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, sinks_t,
-            out, m_ws, l_ws, acc_ws, counters, flags.flags if flags is not None else seq_lens,
+            out, ws, counters, flags.flags if flags is not None else seq_lens,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *block_table.stride(), seq_lens.stride(0),
             stride_ab, stride_ah, stride_sink,
             *out.stride(),
-            q_heads, kv_heads, tq, rows_total,
+            q_heads, kv_heads, tq, rows_total, ws_plane,
             params.scale, params.softcap, params.window, plan.num_splits, num_blocks, block_table.shape[1],
         ), attn.launch_kwargs)
         if len(plan.launches) > 1:   # the separate reduce
             combine = plan.launches[1]
             fastpath.launch(_paged_reduce_kernel, combine.grid, (
-                out, m_ws, l_ws, acc_ws, sinks_t, *out.stride(), stride_sink, q_heads, tq, rows_total,
+                out, ws, sinks_t, *out.stride(), stride_sink, q_heads, tq, rows_total, ws_plane,
                 plan.num_splits), combine.launch_kwargs)
         if flags is not None:
             flags.after_launch(q.shape)

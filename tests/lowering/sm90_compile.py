@@ -327,8 +327,10 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
                  SPLIT=True, HAS_SINKS=True)
         if c["FUSED_REDUCE"]:   # the combine's [COMBINE_ROWS, SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most rows at once
             rows = configs.paged_combine_rows(c["BLOCK_M"], c["BLOCK_M"], 2, c["HEAD_DIM_V_PAD"])
+            widest = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
             splits_pad = 2
-            while rows * splits_pad * 2 * c["HEAD_DIM_V_PAD"] <= configs._PAGED_COMBINE_ELEMENTS:
+            budget = configs._PAGED_COMBINE_ELEMENTS
+            while splits_pad < widest and rows * splits_pad * 2 * c["HEAD_DIM_V_PAD"] <= budget:
                 splits_pad *= 2
             c.update(COMBINE_ROWS=rows, SPLITS_PAD=splits_pad)   # ("as planned": the most splits)
     if launch_.kernel == "_paged_reduce_kernel":   # its one tile, [SPLITS_PAD, HEAD_DIM_V_PAD]: at its widest
@@ -397,7 +399,7 @@ def _synthetic_args(fn, constexprs: dict, dtype, bias_dtype, ones: set = frozens
                      "DSinks": torch.float32, "sinks_ptr": torch.float32, "DocIds": torch.int64,
                      "Bounds": torch.int32, "Verified": torch.bool, "Rng": torch.int64, "DS": torch.float32,
                      "block_table_ptr": torch.int32, "seq_lens_ptr": torch.int32, "alibi_ptr": torch.float32,
-                     "m_ws_ptr": torch.float32, "l_ws_ptr": torch.float32, "acc_ws_ptr": torch.float32,
+                     "ws_ptr": torch.float32,
                      "counters_ptr": torch.int32, "err_ptr": torch.int32}
     floats = {"sm_scale", "softcap", "dropout_p", "scale", "fill"}
     args = []
@@ -467,7 +469,7 @@ def ttir_with_constant_scalars(launch_: Launch) -> None:
 def expected_writes(launch_: Launch) -> set:
     c = launch_.constexprs
     if launch_.fn.__name__ == "_paged_attn_kernel":   # split: partial results to the workspaces, the combine writes out
-        writes = {"m_ws_ptr", "l_ws_ptr", "acc_ws_ptr"} if c.get("SPLIT") else {"out_ptr"}
+        writes = {"ws_ptr"} if c.get("SPLIT") else {"out_ptr"}
         if c.get("FUSED_REDUCE"):   # the last split of a tile writes out and counts in (then resets) its counter
             writes |= {"out_ptr", "counters_ptr"}
         return writes | ({"err_ptr"} if c.get("CHECK_BOUNDS") else set())

@@ -33,16 +33,17 @@ Symbols (see docs/INTERFACES.md, "Semantics (paged)"):
                + 2^(sink - M). A row with no visible key then gives 0
   NUM_SPLITS   split-KV (flash-decoding): the key range of one program's rows is cut into
                num_splits contiguous, BLOCK_N-aligned chunks (grid axis 2); each writes its partial
-               (m, l, acc) to fp32 workspaces of R = B * Hq * Tq rows, combined (`_combine_partials`) in one
-               of two ways:
+               (m, l, acc) of R = B * Hq * Tq rows to one fp32 workspace (`_workspaces`), combined
+               (`_combine_partials`) in one of two ways:
   FUSED_REDUCE the last split program to finish a tile combines the tile's rows itself, COMBINE_ROWS rows
                at a time (their partials loaded together): one launch.
                Each split program counts itself done in Counters[tile] (int32, one per
                (b, kvh, pid_m) tile, zero between launches: the last one resets it; see
                `_last_split_combines` for the memory ordering). Else (False, split):
                `_paged_reduce_kernel`, a second launch, one program per output row.
-  COMBINE_ROWS power of two: the rows the fused combine loads and combines at once (1, unused, without
-               FUSED_REDUCE); the plan bounds COMBINE_ROWS * SPLITS_PAD * HEAD_DIM_V_PAD (configs.py)
+  COMBINE_ROWS power of two: the rows the fused combine loads and combines at once (1 without FUSED_REDUCE);
+               the plan keeps COMBINE_ROWS * SPLITS_PAD * HEAD_DIM_V_PAD within a budget unless one row already
+               exceeds it (configs.paged_combine_rows)
   SPLITS_PAD   power of two >= num_splits (>= 2): the combine's split axis (1, unused, in an attention
                kernel without FUSED_REDUCE)
 
@@ -142,7 +143,7 @@ def _load_k_chunk(k_cols, offs_c, tok_ok, stride_kd, c: tl.constexpr, HEAD_DIM: 
 @triton.jit
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, counters_ptr, err_ptr,
+    out_ptr, ws_ptr, counters_ptr, err_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kh, stride_kt, stride_kd,
     stride_vn, stride_vh, stride_vt, stride_vd,
@@ -150,7 +151,7 @@ def _paged_attn_kernel(
     stride_sl,
     stride_ab, stride_ah, stride_sink,
     stride_ob, stride_oh, stride_ot, stride_od,
-    Hq, Hkv, Tq, rows_total,
+    Hq, Hkv, Tq, rows_total, ws_plane,
     scale, softcap, window, num_splits, num_blocks, max_blocks,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, QK_CHUNK: tl.constexpr, NUM_QK_CHUNKS: tl.constexpr,
@@ -307,6 +308,7 @@ def _paged_attn_kernel(
     # global row (b, h, i) = (b * Hkv + kvh) * M + r, contiguous in r
     row_global = pid_bh.to(tl.int64) * rows_m + offs_m
     if SPLIT:
+        m_ws_ptr, l_ws_ptr, acc_ws_ptr = _workspaces(ws_ptr, ws_plane, HEAD_DIM_V)
         ws_row = pid_s.to(tl.int64) * rows_total + row_global
         tl.store(m_ws_ptr + ws_row, m_i, mask=row_ok)
         tl.store(l_ws_ptr + ws_row, l_i, mask=row_ok)
@@ -342,6 +344,16 @@ def _paged_attn_kernel(
         o_off = (b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
                  + qi.to(tl.int64)[:, None] * stride_ot + offs_dv[None, :] * stride_od)
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _workspaces(ws_ptr, ws_plane, HEAD_DIM_V: tl.constexpr):
+    """(m, l, acc) of the split partials in the one fp32 workspace (lowering/launch_paged.py allocates it): acc
+    [num_splits * rows_total, HEAD_DIM_V] from its start, then m and l, one plane of ws_plane elements each (a
+    multiple of 16 >= num_splits * rows_total: each part starts 64-byte aligned)."""
+    acc_ws_ptr = ws_ptr
+    m_ws_ptr = ws_ptr + tl.cast(ws_plane, tl.int64) * HEAD_DIM_V   # tl.cast: Inductor may pass a constant
+    return m_ws_ptr, m_ws_ptr + ws_plane, acc_ws_ptr
 
 
 @triton.jit
@@ -447,9 +459,9 @@ def _combine_rows(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, row_o
 
 @triton.jit
 def _paged_reduce_kernel(
-    out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr,
+    out_ptr, ws_ptr, sinks_ptr,
     stride_ob, stride_oh, stride_ot, stride_od, stride_sink,
-    Hq, Tq, rows_total, num_splits,
+    Hq, Tq, rows_total, ws_plane, num_splits,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, EMPTY_ROWS_NAN: tl.constexpr,
     WAIT_PRIOR: tl.constexpr,
@@ -460,6 +472,7 @@ def _paged_reduce_kernel(
     if WAIT_PRIOR:
         gdc_wait()
     row = tl.program_id(0).to(tl.int64)      # (b * Hq + h) * Tq + i
+    m_ws_ptr, l_ws_ptr, acc_ws_ptr = _workspaces(ws_ptr, ws_plane, HEAD_DIM_V)
     _combine_row(out_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, sinks_ptr, row, row // (Hq * Tq), (row // Tq) % Hq,
                  row % Tq, stride_ob, stride_oh, stride_ot, stride_od, stride_sink, rows_total, num_splits,
                  HEAD_DIM_V, HEAD_DIM_V_PAD, SPLITS_PAD, HAS_SINKS, EMPTY_ROWS_NAN)
