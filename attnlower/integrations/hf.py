@@ -340,12 +340,12 @@ class PagedCache(Cache):
     # each layer holds the same rows: the indices are read (one host sync for a device tensor) once, not per layer
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        self._select_rows(beam_idx)
+        self._select_rows_of_every_layer(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
+        self._select_rows_of_every_layer(indices)
 
-    def _select_rows(self, indices) -> None:
+    def _select_rows_of_every_layer(self, indices) -> None:
         initialized = [layer for layer in self.layers if layer.is_initialized]
         if initialized:   # before the first forward there are no rows yet
             rows = _row_list(indices, len(initialized[0].seq_ids))

@@ -285,6 +285,10 @@ _PLAIN_FLAGS = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROP
                 "HAS_VERIFIED", "HAS_SINKS", "EMPTY_ROWS_NAN", "CHECK_BOUNDS", "SHORT_SEQUENCES", "MASK_EDGES")
 
 
+# the split-KV combine's widest split axis: the most splits the plan chooses, padded to a power of two
+WIDEST_SPLITS_PAD = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
+
+
 def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
     """The kernel compiles that stand for this launch, as [(key, constexprs, bias dtype)]: the same tiles, warps,
     stages, padded head dims, dtype and dot precision, compiled twice.
@@ -305,9 +309,8 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
     if launch_.kernel == "_paged_attn_kernel":
         planned.update(GROUP=4, BLOCK_SIZE=16, SPLIT=True)
         if planned.get("FUSED_REDUCE"):   # the combine's tile after the loop: the most splits, and its rows then
-            widest = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
-            planned.update(SPLITS_PAD=widest, COMBINE_ROWS=configs.paged_combine_rows(
-                planned["BLOCK_M"], planned["BLOCK_M"], widest, planned["HEAD_DIM_V_PAD"]))
+            planned.update(SPLITS_PAD=WIDEST_SPLITS_PAD, COMBINE_ROWS=configs.paged_combine_rows(
+                planned["BLOCK_M"], planned["BLOCK_M"], WIDEST_SPLITS_PAD, planned["HEAD_DIM_V_PAD"]))
     every_bias = bias_dtype
     if launch_.kernel in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"):
         c.update(IS_CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_ALIBI=True, BIAS_KIND=2, HAS_DROPOUT=True,
@@ -327,14 +330,13 @@ def _representatives(launch_: plan.KernelLaunch, dtype, bias_dtype):
                  SPLIT=True, HAS_SINKS=True)
         if c["FUSED_REDUCE"]:   # the combine's [COMBINE_ROWS, SPLITS_PAD, HEAD_DIM_V_PAD] tile: the most rows at once
             rows = configs.paged_combine_rows(c["BLOCK_M"], c["BLOCK_M"], 2, c["HEAD_DIM_V_PAD"])
-            widest = 1 << (configs._PAGED_MAX_SPLITS - 1).bit_length()
             splits_pad = 2
             budget = configs._PAGED_COMBINE_ELEMENTS
-            while splits_pad < widest and rows * splits_pad * 2 * c["HEAD_DIM_V_PAD"] <= budget:
+            while splits_pad < WIDEST_SPLITS_PAD and rows * splits_pad * 2 * c["HEAD_DIM_V_PAD"] <= budget:
                 splits_pad *= 2
             c.update(COMBINE_ROWS=rows, SPLITS_PAD=splits_pad)   # ("as planned": the most splits)
     if launch_.kernel == "_paged_reduce_kernel":   # its one tile, [SPLITS_PAD, HEAD_DIM_V_PAD]: at its widest
-        c.update(HAS_SINKS=True, SPLITS_PAD=1 << (configs._PAGED_MAX_SPLITS - 1).bit_length())
+        c.update(HAS_SINKS=True, SPLITS_PAD=WIDEST_SPLITS_PAD)
     if dtype == torch.float16:
         dtype = torch.bfloat16  # the same element size and tensor-core shapes: the same tiles in shared memory
     for dim, padded in (("HEAD_DIM", "HEAD_DIM_PAD"), ("HEAD_DIM_V", "HEAD_DIM_V_PAD"), ("HEAD_DIM", "QK_CHUNK")):
